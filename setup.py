@@ -1,0 +1,31 @@
+"""moba-train: Megatron-style continued pretraining with MoBA sparse attention."""
+from setuptools import find_packages, setup
+
+setup(
+    name="moba-train",
+    version="0.1.0",
+    description="Continued pretraining of long-context Llama models with MoBA (Mixture of Block Attention)",
+    python_requires=">=3.11",
+    packages=find_packages(include=["moba_train", "moba_train.*", "kernels", "kernels.*"]),
+    # torch is deliberately not pinned: install the build for your machine first (CPU or CUDA).
+    install_requires=[
+        "torch>=2.5",
+        "megatron-core>=0.16.1,<0.17",
+        "pyyaml",
+        "pydantic>=2",
+        "numpy",
+        "psutil",
+        "tqdm",
+        "safetensors",
+        "tokenizers",
+        "transformers>=4.45",
+        "datasets",
+        "wandb",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-timeout", "ruff"],
+        "triton": ["triton>=3.2"],
+        # Optional accelerations; never required, never pinned.
+        "gpu": ["flash-attn", "transformer-engine[pytorch]"],
+    },
+)
