@@ -1,0 +1,22 @@
+# Targets a newcomer needs; see README.md.
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+NPROC ?= 2
+
+.PHONY: install test demo bench lint data
+
+install:  ## torch first (a plain `torch` requirement would pull the multi-GB CUDA build), then the package
+	$(PYTHON) -m pip install -q "torch==$(TORCH_VERSION)" || $(PYTHON) -m pip install -q torch
+	$(PYTHON) -m pip install -q -e ".[dev,triton]"
+
+test:
+	$(PYTHON) -m pytest -q tests
+
+demo:
+	torchrun --standalone --nproc_per_node=$(NPROC) scripts/pretrain.py --config configs/tiny_moba.yaml
+
+bench:
+	$(PYTHON) scripts/bench_attention.py
+
+lint:
+	$(PYTHON) -m ruff check moba_train kernels scripts tests

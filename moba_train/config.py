@@ -1,0 +1,344 @@
+"""Typed recipe schema: every key a recipe (configs/*.yaml) may hold, documented where it is declared.
+
+A recipe is YAML with the sections below; `section.key=value` overrides on the command line are
+applied on top (values parsed as YAML, so `train.lr=1e-5`, `attention.layer_kinds=[moba,full]`).
+Every problem (missing file, unknown key, wrong type, bad value) raises `ConfigError` with one
+sentence naming the file and key; entry points print it and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A recipe or override is wrong; the message is one sentence for the user."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    name: str = "moba"
+    """Run name: used in log lines and as the W&B run name."""
+    output_dir: str = "runs/moba"
+    """Directory for checkpoints (`<output_dir>/checkpoints` unless checkpoint.dir is set) and logs."""
+    seed: int = 1234
+    """Seeds model init, data order and dropout; the same seed gives the same run."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when available (nccl), otherwise CPU (gloo)."""
+
+
+class RopeScalingConfig(_Section):
+    """Llama 3.1 style RoPE frequency scaling (rope_type "llama3" in Hugging Face configs)."""
+
+    factor: float = Field(8.0, gt=0)
+    low_freq_factor: float = Field(1.0, gt=0)
+    high_freq_factor: float = Field(4.0, gt=0)
+    original_max_position_embeddings: int = Field(8192, ge=1)
+
+
+class ModelConfig(_Section):
+    """Llama architecture: RMSNorm, SwiGLU, RoPE, GQA, no biases."""
+
+    num_layers: int = Field(2, ge=1)
+    hidden_size: int = Field(128, ge=1)
+    ffn_hidden_size: int = Field(352, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    num_query_groups: int = Field(4, ge=1)
+    """Number of KV heads (GQA); equal to num_attention_heads for MHA, 1 for MQA."""
+    kv_channels: Optional[int] = Field(None, ge=1)
+    """Head dimension; default hidden_size // num_attention_heads."""
+    vocab_size: int = Field(1024, ge=1)
+    """Tokenizer vocabulary; the embedding is padded to a multiple of make_vocab_size_divisible_by x TP."""
+    make_vocab_size_divisible_by: int = Field(128, ge=1)
+    max_position_embeddings: int = Field(131072, ge=1)
+    rope_theta: float = Field(500000.0, gt=0)
+    rope_scaling: Optional[RopeScalingConfig] = None
+    """Llama 3.1 RoPE scaling; null for none."""
+    norm_epsilon: float = Field(1e-5, gt=0)
+    tie_embeddings: bool = False
+    init_method_std: float = Field(0.02, gt=0)
+    transformer_impl: Literal["local", "te"] = "local"
+    """local: pure PyTorch layer spec (runs anywhere); te: Transformer Engine spec (must be installed)."""
+    init_from_hf: Optional[str] = None
+    """Hugging Face Llama directory to import weights from at start (instead of a separate conversion)."""
+
+    @model_validator(mode="after")
+    def _heads(self):
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_query_groups ({self.num_query_groups})"
+            )
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads}) unless kv_channels is set"
+            )
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+
+class AttentionConfig(_Section):
+    """Which layers use MoBA and how it routes."""
+
+    mode: Literal["moba", "full"] = "moba"
+    """moba: MoBA everywhere except the last `full_layers`; full: every layer full causal attention."""
+    block_size: int = Field(4096, ge=16)
+    """Tokens per key block."""
+    topk: int = Field(12, ge=1)
+    """Blocks each query attends, counting its own (current) block."""
+    full_layers: int = Field(0, ge=0)
+    """The last N layers keep full attention (helps sparse-gradient tasks such as SFT)."""
+    layer_kinds: Optional[list[Literal["moba", "full"]]] = None
+    """Explicit per-layer kinds (length num_layers); overrides full_layers when set."""
+    backend: Literal["auto", "naive", "torch", "varlen", "triton"] = "auto"
+    shared_gqa_selection: bool = False
+    """Heads of one KV group share one block selection (sum of their gate scores)."""
+
+
+class ParallelConfig(_Section):
+    """Model-parallel sizes; data parallel is world_size / (tensor * pipeline * context)."""
+
+    tensor: int = Field(1, ge=1)
+    pipeline: int = Field(1, ge=1)
+    context: int = Field(1, ge=1)
+    sequence_parallel: bool = False
+    distributed_optimizer: Optional[bool] = None
+    """Shard optimizer state over data-parallel ranks; default: on for CUDA, off on CPU."""
+
+
+class TrainConfig(_Section):
+    steps: int = Field(100, ge=1)
+    """Total optimizer steps."""
+    seq_length: int = Field(256, ge=1)
+    micro_batch_size: int = Field(1, ge=1)
+    global_batch_size: int = Field(8, ge=1)
+    """Sequences per optimizer step over all data-parallel ranks (gradient accumulation fills the gap)."""
+    lr: float = Field(3e-4, gt=0)
+    min_lr: float = Field(3e-5, ge=0)
+    lr_schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = Field(10, ge=0)
+    wsd_decay_fraction: float = Field(0.1, gt=0, le=1)
+    """WSD: fraction of steps (after warmup) spent in the final decay to min_lr."""
+    weight_decay: float = Field(0.1, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.95, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    clip_grad: float = Field(1.0, ge=0)
+    """Gradient-norm clipping threshold; 0 disables clipping."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 on CUDA, fp32 on CPU."""
+    recompute: Literal["none", "full", "selective"] = "none"
+    """Activation recomputation (Megatron-Core's recompute_granularity)."""
+    max_nonfinite_steps: int = Field(5, ge=1)
+    """Abort after this many consecutive steps with a non-finite loss or gradient norm (each is skipped)."""
+    log_interval: int = Field(1, ge=1)
+    eval_interval: int = Field(0, ge=0)
+    """Validation every N steps; 0 disables."""
+    eval_steps: int = Field(2, ge=1)
+
+
+class SyntheticDataConfig(_Section):
+    """Built-in long-context recall task: filler documents with key->value facts planted at random
+    depths and queried at the end."""
+
+    num_facts: int = Field(4, ge=1)
+    key_tokens: int = Field(2, ge=1)
+    value_tokens: int = Field(2, ge=1)
+    num_samples: int = Field(100000, ge=1)
+
+
+class DataConfig(_Section):
+    kind: Literal["synthetic", "indexed"] = "synthetic"
+    blend: list[str] = Field(default_factory=list)
+    """Indexed kind: "weight prefix" strings (or bare prefixes, equal weights), e.g. ["0.7 data/a", "0.3 data/b"]."""
+    split: str = "98,2,0"
+    """Train/valid/test split of each prefix's documents, Megatron-style."""
+    tokenizer: Optional[str] = None
+    """Hugging Face tokenizer (directory or tokenizer.json); its EOD id and vocabulary size are used."""
+    cache_dir: Optional[str] = None
+    """Where Megatron-Core caches the sample indices; default <output_dir>/data_cache."""
+    reset_position_ids: bool = False
+    """Restart positions at every document inside a packed sequence."""
+    reset_attention_mask: bool = False
+    """Keep attention within documents (per-document cu_seqlens: MoBA blocks restart at each document)."""
+    eod_mask_loss: bool = False
+    """Exclude EOD tokens from the loss."""
+    min_doc_length: int = Field(0, ge=0)
+    """Long-context recipes: keep only documents of at least this many tokens (0 keeps all)."""
+    num_workers: int = Field(0, ge=0)
+    synthetic: SyntheticDataConfig = Field(default_factory=SyntheticDataConfig)
+
+
+class CheckpointConfig(_Section):
+    dir: Optional[str] = None
+    """Default <run.output_dir>/checkpoints."""
+    interval: int = Field(100, ge=1)
+    keep_last: int = Field(3, ge=1)
+    resume: bool = True
+    """Resume from the newest complete checkpoint in dir when there is one."""
+    init_from: Optional[str] = None
+    """Start a new run from this checkpoint's model weights only (no optimizer, step or data state)."""
+
+
+class WandbConfig(_Section):
+    enabled: bool = False
+    project: str = "moba-train"
+    entity: Optional[str] = None
+    mode: Literal["online", "offline", "disabled"] = "offline"
+
+
+class LoggingConfig(_Section):
+    progress_bar: Literal["auto", "on", "off"] = "auto"
+    """auto: a progress bar only when stdout is a terminal."""
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+
+class Config(_Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    attention: AttentionConfig = Field(default_factory=AttentionConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _cross_section(self):
+        att, model, train = self.attention, self.model, self.train
+        if att.layer_kinds is not None and len(att.layer_kinds) != model.num_layers:
+            raise ValueError(
+                f"attention.layer_kinds has {len(att.layer_kinds)} entries but model.num_layers is {model.num_layers}"
+            )
+        if att.full_layers > model.num_layers:
+            raise ValueError(f"attention.full_layers ({att.full_layers}) exceeds model.num_layers ({model.num_layers})")
+        if att.mode == "moba" and train.seq_length < att.block_size:
+            raise ValueError(
+                f"train.seq_length ({train.seq_length}) is shorter than one MoBA block "
+                f"(attention.block_size={att.block_size}); lower the block size or use attention.mode=full"
+            )
+        if train.global_batch_size % train.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size ({train.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({train.micro_batch_size})"
+            )
+        if train.min_lr > train.lr:
+            raise ValueError(f"train.min_lr ({train.min_lr}) exceeds train.lr ({train.lr})")
+        if self.parallel.pipeline != 1:
+            raise ValueError("parallel.pipeline > 1 is not supported yet; set parallel.pipeline=1")
+        if model.num_attention_heads % self.parallel.tensor or model.num_query_groups % self.parallel.tensor:
+            raise ValueError(
+                f"parallel.tensor ({self.parallel.tensor}) must divide model.num_attention_heads "
+                f"({model.num_attention_heads}) and model.num_query_groups ({model.num_query_groups})"
+            )
+        if self.data.kind == "indexed" and not self.data.blend:
+            raise ValueError("data.kind is 'indexed' but data.blend is empty; list at least one dataset prefix")
+        return self
+
+    def layer_kinds(self) -> list[str]:
+        """The attention kind of every layer, first to last: the hybrid plan in one place."""
+        n = self.model.num_layers
+        if self.attention.mode == "full":
+            return ["full"] * n
+        if self.attention.layer_kinds is not None:
+            return list(self.attention.layer_kinds)
+        n_full = self.attention.full_layers
+        return ["moba"] * (n - n_full) + ["full"] * n_full
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _known_keys(model_cls: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model_cls.model_fields.items():
+        keys.append(prefix + name)
+        ann = field.annotation
+        for cand in getattr(ann, "__args__", (ann,)):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                keys.extend(_known_keys(cand, prefix + name + "."))
+    return keys
+
+
+def _suggest(key: str) -> str:
+    match = difflib.get_close_matches(key, _known_keys(Config), n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{loc}'{_suggest(loc)}"
+    msg = first["msg"].removeprefix("Value error, ")
+    value = first.get("input")
+    if loc and not isinstance(value, dict):
+        return f"{source}: invalid value for '{loc}' ({value!r}): {msg}"
+    if loc:
+        return f"{source}: invalid '{loc}': {msg}"
+    return f"{source}: {msg}"
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Apply one `section.key=value` override to a raw recipe dict in place (value parsed as YAML)."""
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' is not of the form section.key=value")
+    key, _, text = override.partition("=")
+    parts = key.strip().split(".")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{override}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a recipe, apply overrides, validate. Raises ConfigError with one sentence."""
+    raw: dict[str, Any] = {}
+    source = "command line"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist; pass a recipe such as configs/tiny_moba.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}: not valid YAML{where}; fix the syntax") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a recipe must be a mapping of sections (run, model, attention, ...)")
+    for override in overrides:
+        apply_override(raw, override)
+    if overrides:
+        source += " (with overrides)"
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def num_blocks(seq_length: int, block_size: int) -> int:
+    return math.ceil(seq_length / block_size)
