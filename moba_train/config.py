@@ -9,7 +9,6 @@ sentence naming the file and key; entry points print it and exit with code 2.
 from __future__ import annotations
 
 import difflib
-import math
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -22,7 +21,7 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class RunConfig(_Section):
@@ -49,9 +48,13 @@ class ModelConfig(_Section):
     """Llama architecture: RMSNorm, SwiGLU, RoPE, GQA, no biases."""
 
     num_layers: int = Field(2, ge=1)
+    """Transformer layers."""
     hidden_size: int = Field(128, ge=1)
+    """Model width."""
     ffn_hidden_size: int = Field(352, ge=1)
+    """SwiGLU inner width (intermediate_size in Hugging Face configs)."""
     num_attention_heads: int = Field(4, ge=1)
+    """Query heads."""
     num_query_groups: int = Field(4, ge=1)
     """Number of KV heads (GQA); equal to num_attention_heads for MHA, 1 for MQA."""
     kv_channels: Optional[int] = Field(None, ge=1)
@@ -59,13 +62,19 @@ class ModelConfig(_Section):
     vocab_size: int = Field(1024, ge=1)
     """Tokenizer vocabulary; the embedding is padded to a multiple of make_vocab_size_divisible_by x TP."""
     make_vocab_size_divisible_by: int = Field(128, ge=1)
+    """Embedding rows are padded to a multiple of this times the tensor-parallel size."""
     max_position_embeddings: int = Field(131072, ge=1)
+    """Longest sequence the RoPE tables are built for."""
     rope_theta: float = Field(500000.0, gt=0)
+    """RoPE base frequency."""
     rope_scaling: Optional[RopeScalingConfig] = None
     """Llama 3.1 RoPE scaling; null for none."""
     norm_epsilon: float = Field(1e-5, gt=0)
+    """RMSNorm epsilon."""
     tie_embeddings: bool = False
+    """Share the input embedding with the output layer."""
     init_method_std: float = Field(0.02, gt=0)
+    """Standard deviation of the normal weight initialisation (random init only)."""
     transformer_impl: Literal["local", "te"] = "local"
     """local: pure PyTorch layer spec (runs anywhere); te: Transformer Engine spec (must be installed)."""
     init_from_hf: Optional[str] = None
@@ -104,6 +113,7 @@ class AttentionConfig(_Section):
     layer_kinds: Optional[list[Literal["moba", "full"]]] = None
     """Explicit per-layer kinds (length num_layers); overrides full_layers when set."""
     backend: Literal["auto", "naive", "torch", "varlen", "triton"] = "auto"
+    """MoBA implementation (see moba_train.attention); auto picks the fastest for the device and shape."""
     shared_gqa_selection: bool = False
     """Heads of one KV group share one block selection (sum of their gate scores)."""
 
@@ -112,9 +122,13 @@ class ParallelConfig(_Section):
     """Model-parallel sizes; data parallel is world_size / (tensor * pipeline * context)."""
 
     tensor: int = Field(1, ge=1)
+    """Tensor-parallel size (splits heads and FFN columns)."""
     pipeline: int = Field(1, ge=1)
+    """Pipeline-parallel size (only 1 is supported for now)."""
     context: int = Field(1, ge=1)
+    """Context-parallel size (splits the sequence)."""
     sequence_parallel: bool = False
+    """Megatron sequence parallelism for norms/dropout (needs tensor > 1)."""
     distributed_optimizer: Optional[bool] = None
     """Shard optimizer state over data-parallel ranks; default: on for CUDA, off on CPU."""
 
@@ -122,20 +136,30 @@ class ParallelConfig(_Section):
 class TrainConfig(_Section):
     steps: int = Field(100, ge=1)
     """Total optimizer steps."""
-    seq_length: int = Field(256, ge=1)
+    seq_length: int = Field(32768, ge=1)
+    """Tokens per training sequence."""
     micro_batch_size: int = Field(1, ge=1)
+    """Sequences per forward/backward on one data-parallel rank."""
     global_batch_size: int = Field(8, ge=1)
     """Sequences per optimizer step over all data-parallel ranks (gradient accumulation fills the gap)."""
     lr: float = Field(3e-4, gt=0)
+    """Peak learning rate."""
     min_lr: float = Field(3e-5, ge=0)
+    """Learning rate at the end of the decay."""
     lr_schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """After warmup: cosine decay to min_lr, warmup-stable-decay, or constant."""
     warmup_steps: int = Field(10, ge=0)
+    """Linear warmup from 0 to lr."""
     wsd_decay_fraction: float = Field(0.1, gt=0, le=1)
     """WSD: fraction of steps (after warmup) spent in the final decay to min_lr."""
     weight_decay: float = Field(0.1, ge=0)
+    """AdamW decoupled weight decay (not applied to norms)."""
     adam_beta1: float = Field(0.9, ge=0, lt=1)
+    """AdamW beta1."""
     adam_beta2: float = Field(0.95, ge=0, lt=1)
+    """AdamW beta2."""
     adam_eps: float = Field(1e-8, gt=0)
+    """AdamW epsilon."""
     clip_grad: float = Field(1.0, ge=0)
     """Gradient-norm clipping threshold; 0 disables clipping."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -145,9 +169,11 @@ class TrainConfig(_Section):
     max_nonfinite_steps: int = Field(5, ge=1)
     """Abort after this many consecutive steps with a non-finite loss or gradient norm (each is skipped)."""
     log_interval: int = Field(1, ge=1)
+    """Print a log line every N steps."""
     eval_interval: int = Field(0, ge=0)
     """Validation every N steps; 0 disables."""
     eval_steps: int = Field(2, ge=1)
+    """Validation micro-batches per evaluation."""
 
 
 class SyntheticDataConfig(_Section):
@@ -186,7 +212,9 @@ class CheckpointConfig(_Section):
     dir: Optional[str] = None
     """Default <run.output_dir>/checkpoints."""
     interval: int = Field(100, ge=1)
+    """Save every N steps (and always at the end and on SIGTERM/SIGUSR1)."""
     keep_last: int = Field(3, ge=1)
+    """Keep the newest K complete checkpoints."""
     resume: bool = True
     """Resume from the newest complete checkpoint in dir when there is one."""
     init_from: Optional[str] = None
@@ -195,9 +223,13 @@ class CheckpointConfig(_Section):
 
 class WandbConfig(_Section):
     enabled: bool = False
+    """Log metrics to Weights & Biases."""
     project: str = "moba-train"
+    """W&B project."""
     entity: Optional[str] = None
+    """W&B entity (team); default your own."""
     mode: Literal["online", "offline", "disabled"] = "offline"
+    """offline writes runs locally (wandb sync uploads them later)."""
 
 
 class LoggingConfig(_Section):
@@ -340,5 +372,20 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         raise ConfigError(_format_error(err, source)) from None
 
 
-def num_blocks(seq_length: int, block_size: int) -> int:
-    return math.ceil(seq_length / block_size)
+def reference_markdown() -> str:
+    """The configuration reference (README): one table row per key, from the schema's docstrings."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+
+    def walk(cls: type[BaseModel], prefix: str) -> None:
+        for name, field in cls.model_fields.items():
+            ann = field.annotation
+            nested = [c for c in getattr(ann, "__args__", (ann,)) if isinstance(c, type) and issubclass(c, BaseModel)]
+            if nested and field.default_factory is not None:
+                walk(nested[0], f"{prefix}{name}.")
+                continue
+            default = field.get_default(call_default_factory=True)
+            text = (field.description or "").replace("\n", " ").replace("|", "\\|")
+            rows.append(f"| `{prefix}{name}` | `{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}` | {text} |")
+
+    walk(Config, "")
+    return "\n".join(rows)
