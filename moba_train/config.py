@@ -175,6 +175,12 @@ class TrainConfig(_Section):
     eval_steps: int = Field(2, ge=1)
     """Validation micro-batches per evaluation."""
 
+    @model_validator(mode="after")
+    def _warmup(self):
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be smaller than steps ({self.steps})")
+        return self
+
 
 class SyntheticDataConfig(_Section):
     """Built-in long-context recall task: filler documents with key->value facts planted at random

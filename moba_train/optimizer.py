@@ -1,0 +1,110 @@
+"""The optimizer and the learning-rate schedule.
+
+Megatron-Core's AdamW (`get_megatron_optimizer`): fp32 main parameters and gradients, bf16 model
+parameters when training in bf16, state sharded over data-parallel ranks with the distributed
+optimizer. Norm weights (1-D parameters) get no weight decay (Megatron's standard overrides).
+
+The schedule is Megatron-Core's `OptimizerParamScheduler`, advanced *before* each update so that
+update s (1-based, s = 1..T with T = train.steps, W = train.warmup_steps) uses
+
+    warmup    s <= W:            lr * s / W
+    cosine    W < s <= T:        min_lr + (lr - min_lr) * (1 + cos(pi * (s - W) / (T - W))) / 2
+    wsd       W < s <= T - D:    lr
+              T - D < s <= T:    min_lr + (lr - min_lr) * (1 - (s - (T - D)) / D)
+                                 with D = max(1, round(wsd_decay_fraction * (T - W)))
+    constant  W < s:             lr
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from torch.overrides import TorchFunctionMode
+
+from moba_train.config import Config
+
+_DECAY_STYLE = {"cosine": "cosine", "wsd": "WSD", "constant": "constant"}
+
+
+class _CpuStandsInForCuda(TorchFunctionMode):
+    """Megatron-Core's optimizer allocates flags with device='cuda' and asserts
+    `grad.type() == 'torch.cuda.FloatTensor'` (FP32Optimizer, clip_grads). On a CPU-only build
+    these factories get device='cpu' and Tensor.type() reports the CUDA name."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return func(*args).replace("torch.", "torch.cuda.", 1)
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def _optimizer_device_scope():
+    """The CPU accommodation above while Megatron's optimizer code runs; nothing on CUDA."""
+    if torch.cuda.is_available():
+        yield
+        return
+    with _CpuStandsInForCuda():
+        yield
+
+
+def build_optimizer(cfg: Config, model_chunks: list, *, bf16: bool, distributed: bool) -> MegatronOptimizer:
+    """AdamW over the DDP-wrapped model chunks (Megatron `DistributedDataParallel` modules)."""
+    train = cfg.train
+    opt_cfg = OptimizerConfig(
+        optimizer="adam",
+        lr=train.lr,
+        min_lr=train.min_lr,
+        weight_decay=train.weight_decay,
+        adam_beta1=train.adam_beta1,
+        adam_beta2=train.adam_beta2,
+        adam_eps=train.adam_eps,
+        clip_grad=train.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=distributed,
+    )
+    with _optimizer_device_scope():
+        return get_megatron_optimizer(opt_cfg, model_chunks)
+
+
+def build_scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:
+    """The schedule of the module docstring over `optimizer.param_groups` (any torch-style optimizer)."""
+    train = cfg.train
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if train.warmup_steps else train.lr,
+        max_lr=train.lr,
+        min_lr=train.min_lr,
+        lr_warmup_steps=train.warmup_steps,
+        lr_decay_steps=train.steps,
+        lr_decay_style=_DECAY_STYLE[train.lr_schedule],
+        start_wd=train.weight_decay,
+        end_wd=train.weight_decay,
+        wd_incr_steps=train.steps,
+        wd_incr_style="constant",
+        wsd_decay_steps=max(1, round(train.wsd_decay_fraction * (train.steps - train.warmup_steps))),
+        lr_wsd_decay_style="linear",
+    )
+
+
+def optimizer_step(optimizer: MegatronOptimizer) -> tuple[bool, float]:
+    """Clip and apply the accumulated gradients unless their norm is non-finite.
+
+    Returns (updated, grad_norm): a NaN/inf gradient norm leaves parameters and optimizer state
+    untouched (the caller zeroes the gradient buffers before the next step either way).
+    """
+    with _optimizer_device_scope():
+        found_inf = optimizer.prepare_grads()
+        grad_norm = float(optimizer.get_grad_norm())
+        if found_inf or not math.isfinite(grad_norm):
+            return False, grad_norm
+        updated, _, _ = optimizer.step()
+    return bool(updated), grad_norm
