@@ -1,0 +1,211 @@
+"""Checkpoints: Megatron-Core dist_checkpointing, published atomically, newest K kept.
+
+Layout of `checkpoint.dir`:
+
+    step_00000100/          a complete checkpoint (the only kind discovery returns)
+        COMPLETE            completion marker, written last, just before publishing
+        config.yaml         the resolved recipe of the run that wrote it
+        ...                 dist_checkpointing files (model, optimizer, scheduler, RNG, trainer state)
+    .tmp_step_00000200/     a save in progress (or one a crash interrupted): never read
+
+A save writes everything into the temporary directory, writes COMPLETE, renames the directory into
+place (an atomic rename on POSIX file systems) and only then prunes old checkpoints, so a crash at
+any point leaves the newest complete checkpoint untouched.
+
+What a training checkpoint holds: the model's and optimizer's sharded state dicts (resharding across
+tensor/data-parallel sizes is Megatron's), the LR scheduler, every RNG state (python, numpy, torch,
+CUDA, Megatron's tracker; one copy per model-parallel rank), the step and the consumed samples (the
+data position). A model-only checkpoint (`save_model_checkpoint`) holds the model and config.yaml.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from moba_train.config import Config, ConfigError
+
+COMPLETE = "COMPLETE"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+@dataclass
+class TrainState:
+    """What the trainer needs to continue exactly where a checkpoint left off."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    skipped_steps: int = 0
+
+
+def checkpoint_dir(cfg: Config) -> Path:
+    """`checkpoint.dir`, default `<run.output_dir>/checkpoints`."""
+    return Path(cfg.checkpoint.dir or Path(cfg.run.output_dir) / "checkpoints")
+
+
+def step_path(root: Path, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+def is_complete(path: Path) -> bool:
+    return (Path(path) / COMPLETE).is_file()
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first (unfinished and temporary ones ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and is_complete(p)]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under `root`, or None."""
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A complete checkpoint directory, or the newest one under a checkpoint root; ConfigError if neither."""
+    path = Path(path)
+    if is_complete(path):
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise ConfigError(f"'{path}' is neither a complete checkpoint nor a directory holding one; pass a step_* directory")
+    return latest
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers: checkpoint keys never depend on wrapping."""
+    while hasattr(model, "module") and not hasattr(model, "decoder"):
+        model = model.module
+    return model
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rng_state() -> ShardedObject:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    ps = parallel_state
+    return ShardedObject(
+        "rng_state",
+        state,
+        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+         ps.get_context_parallel_world_size()),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), ps.get_context_parallel_rank()),
+        replica_id=ps.get_data_parallel_rank(),
+    )
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _publish(state_dict: dict, target: Path, cfg: Config) -> None:
+    """Write `state_dict` to a temporary sibling of `target`, mark it complete, rename it into place."""
+    tmp = target.parent / f".tmp_{target.name}"
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(state_dict, str(tmp))
+    _barrier()
+    if dist.get_rank() == 0:
+        (tmp / "config.yaml").write_text(cfg.to_yaml())
+        with open(tmp / COMPLETE, "w") as marker:
+            marker.write("complete\n")
+            marker.flush()
+            os.fsync(marker.fileno())
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        os.fsync(dir_fd)
+        os.close(dir_fd)
+    _barrier()
+
+
+def prune(root: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints (rank 0's job); returns the deleted."""
+    doomed = complete_checkpoints(root)[:-keep_last]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+def _training_state_dict(model, optimizer, scheduler, state: TrainState, is_loading: bool) -> dict:
+    model_sd = unwrap_model(model).sharded_state_dict()
+    return {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading),
+        "scheduler": scheduler.state_dict(),
+        "rng_state": _rng_state(),
+        "trainer": {"step": state.step, "consumed_samples": state.consumed_samples, "skipped_steps": state.skipped_steps},
+    }
+
+
+def save_checkpoint(cfg: Config, model, optimizer, scheduler, state: TrainState) -> Path:
+    """Save a full training checkpoint of `state.step` (collective), then keep the newest K."""
+    root = checkpoint_dir(cfg)
+    target = step_path(root, state.step)
+    _publish(_training_state_dict(model, optimizer, scheduler, state, is_loading=False), target, cfg)
+    if dist.get_rank() == 0:
+        prune(root, cfg.checkpoint.keep_last)
+    _barrier()
+    return target
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
+    """Restore model, optimizer, scheduler and RNG states from a training checkpoint (collective)."""
+    template = _training_state_dict(model, optimizer, scheduler, TrainState(), is_loading=True)
+    loaded = dist_checkpointing.load(template, str(path))
+    unwrap_model(model).load_state_dict(loaded["model"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    _set_rng_state(loaded["rng_state"])
+    return TrainState(**loaded["trainer"])
+
+
+def save_model_checkpoint(path: str | Path, model, cfg: Config) -> Path:
+    """Write a model-only checkpoint directory at `path` (collective) that `checkpoint.init_from` accepts."""
+    target = Path(path)
+    _publish({"model": unwrap_model(model).sharded_state_dict()}, target, cfg)
+    return target
+
+
+def load_model_weights(path: str | Path, model) -> Path:
+    """Load only the model weights of a checkpoint (training or model-only) into `model` (collective).
+
+    `path` is a complete checkpoint or a checkpoint root (its newest). Returns the directory read.
+    """
+    path = resolve_checkpoint(path)
+    inner = unwrap_model(model)
+    loaded = dist_checkpointing.load({"model": inner.sharded_state_dict()}, str(path))
+    inner.load_state_dict(loaded["model"])
+    return path
