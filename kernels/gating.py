@@ -1,0 +1,175 @@
+"""Fused MoBA gating: block mean keys, then a streaming top-k over the blocks per (query, head).
+
+The [tokens, heads, blocks] score matrix is never written: one program holds a tile of queries of
+one block, streams the block means of its sequence, and keeps a running top-(topk-1) in registers.
+Semantics are those of moba_train/attention/naive.py: fp32, unscaled scores on mean keys; the
+current block always selected; candidates are the blocks strictly before it; ties to the lower index.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.layout import BlockLayout, block_layout
+
+NO_BLOCK = -1
+
+
+@triton.jit
+def _block_mean_kernel(
+    k_ptr, mean_ptr, start_ptr, length_ptr,
+    stride_kt, stride_kh, stride_mb, stride_mh,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
+):
+    """mean[b, h, :] = fp32 mean of the keys of block b, KV head h. Grid (NB, Hkv)."""
+    blk = tl.program_id(0)
+    head = tl.program_id(1)
+    start = tl.load(start_ptr + blk)
+    length = tl.load(length_ptr + blk)
+    dims = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for r0 in range(0, BLOCK_SIZE, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        ptrs = k_ptr + (start + rows)[:, None] * stride_kt + head * stride_kh + dims[None, :]
+        acc += tl.sum(tl.load(ptrs, mask=(rows < length)[:, None], other=0.0).to(tl.float32), 0)
+    tl.store(mean_ptr + blk * stride_mb + head * stride_mh + dims, acc / length.to(tl.float32))
+
+
+@triton.jit
+def _gate_topk_kernel(
+    q_ptr, mean_ptr, sel_ptr, start_ptr, length_ptr, local_ptr, first_ptr,
+    stride_qt, stride_qh, stride_mb, stride_mh, stride_st, stride_sh,
+    HEADS_PER_PROGRAM: tl.constexpr, GROUP: tl.constexpr,
+    TILES_PER_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Selection of a tile of BLOCK_M queries of one block. Grid (NB * TILES_PER_BLOCK, Hq / HEADS_PER_PROGRAM).
+
+    HEADS_PER_PROGRAM is 1 (one selection per query head) or GROUP (shared_gqa_selection: the
+    group's scores are summed and its heads share the selection). Writes sel[t, h, :TOPK] int32.
+    """
+    blk = tl.program_id(0) // TILES_PER_BLOCK
+    tile = tl.program_id(0) % TILES_PER_BLOCK
+    head0 = tl.program_id(1) * HEADS_PER_PROGRAM
+    kv_head = head0 // GROUP
+    start = tl.load(start_ptr + blk)
+    length = tl.load(length_ptr + blk)
+    current = tl.load(local_ptr + blk)  # this block's index in its sequence = number of candidates
+    first = tl.load(first_ptr + blk)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < length
+    dims = tl.arange(0, HEAD_DIM)
+    cols = tl.arange(0, KP)
+    NONE: tl.constexpr = 2147483647
+    best_s = tl.full([BLOCK_M, KP], float("-inf"), dtype=tl.float32)
+    best_i = tl.full([BLOCK_M, KP], NONE, dtype=tl.int32)
+    c0 = 0
+    while c0 < current:
+        cand = c0 + tl.arange(0, BLOCK_C)
+        cand_ok = cand < current
+        scores = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        for g in tl.static_range(HEADS_PER_PROGRAM):
+            q = tl.load(
+                q_ptr + (start + rows)[:, None] * stride_qt + (head0 + g) * stride_qh + dims[None, :],
+                mask=row_ok[:, None], other=0.0,
+            ).to(tl.float32)
+            means = tl.load(
+                mean_ptr + (first + cand)[:, None] * stride_mb + kv_head * stride_mh + dims[None, :],
+                mask=cand_ok[:, None], other=0.0,
+            )
+            scores += tl.dot(q, tl.trans(means), input_precision="ieee")
+        scores = tl.where(cand_ok[None, :], scores, float("-inf"))
+        # Merge the chunk into the running list: TOPK-1 rounds of max extraction over both. The
+        # running list holds only lower block indices than the chunk, so it wins ties.
+        old_s = best_s
+        new_s = tl.full([BLOCK_M, KP], float("-inf"), dtype=tl.float32)
+        new_i = tl.full([BLOCK_M, KP], NONE, dtype=tl.int32)
+        for r in tl.static_range(TOPK - 1):
+            chunk_max = tl.max(scores, 1)
+            chunk_arg = tl.min(tl.where(scores == chunk_max[:, None], cand[None, :], NONE), 1)
+            old_max = tl.max(old_s, 1)
+            old_pos = tl.min(tl.where(old_s == old_max[:, None], cols[None, :], KP), 1)
+            old_arg = tl.sum(tl.where(cols[None, :] == old_pos[:, None], best_i, 0), 1)
+            take_old = old_max >= chunk_max
+            value = tl.where(take_old, old_max, chunk_max)
+            index = tl.where(take_old, old_arg, chunk_arg)
+            index = tl.where(value == float("-inf"), NONE, index)
+            new_s = tl.where(cols[None, :] == r, value[:, None], new_s)
+            new_i = tl.where(cols[None, :] == r, index[:, None], new_i)
+            old_s = tl.where(take_old[:, None] & (cols[None, :] == old_pos[:, None]), float("-inf"), old_s)
+            scores = tl.where(~take_old[:, None] & (cand[None, :] == chunk_arg[:, None]), float("-inf"), scores)
+        best_s = new_s
+        best_i = new_i
+        c0 += BLOCK_C
+    # Output: the past picks ascending, then the current block, then NO_BLOCK padding.
+    past = tl.sort(best_i, 1)
+    num_past = tl.sum((best_i != NONE).to(tl.int32), 1)
+    out = tl.where(cols[None, :] < num_past[:, None], past, -1)
+    out = tl.where(cols[None, :] == num_past[:, None], current, out)
+    for g in tl.static_range(HEADS_PER_PROGRAM):
+        ptrs = sel_ptr + (start + rows)[:, None] * stride_st + (head0 + g) * stride_sh + cols[None, :]
+        tl.store(ptrs, out, mask=row_ok[:, None] & (cols[None, :] < TOPK))
+
+
+
+def block_means(k: torch.Tensor, layout: BlockLayout, block_size: int) -> torch.Tensor:
+    """fp32 [NB, Hkv, D] mean key of every block."""
+    hkv, dim = k.shape[1], k.shape[2]
+    means = torch.empty(layout.num_blocks, hkv, dim, dtype=torch.float32, device=k.device)
+    if layout.num_blocks:
+        _block_mean_kernel[(layout.num_blocks, hkv)](
+            k, means, layout.start, layout.length,
+            k.stride(0), k.stride(1), means.stride(0), means.stride(1),
+            BLOCK_SIZE=block_size, HEAD_DIM=dim, ROWS=min(block_size, 64),
+        )
+    return means
+
+
+def select_blocks(q, k, layout: BlockLayout, block_size: int, topk: int, shared_gqa_selection: bool) -> torch.Tensor:
+    """int32 [T, Hq, topk] selection (layout of moba_selection_naive) for a prepared block layout."""
+    total, hq, dim = q.shape
+    group = hq // k.shape[1]
+    sel = torch.empty(total, hq, topk, dtype=torch.int32, device=q.device)
+    if layout.num_blocks == 0:
+        return sel
+    means = block_means(k, layout, block_size)
+    block_m = min(block_size, 64)
+    heads_per_program = group if shared_gqa_selection else 1
+    tiles = triton.cdiv(block_size, block_m)
+    grid = (layout.num_blocks * tiles, hq // heads_per_program)
+    _gate_topk_kernel[grid](
+        q, means, sel, layout.start, layout.length, layout.local, layout.first,
+        q.stride(0), q.stride(1), means.stride(0), means.stride(1), sel.stride(0), sel.stride(1),
+        HEADS_PER_PROGRAM=heads_per_program, GROUP=group, TILES_PER_BLOCK=tiles,
+        HEAD_DIM=dim, TOPK=topk, KP=max(2, triton.next_power_of_2(topk)), BLOCK_M=block_m, BLOCK_C=32,
+        num_warps=4,
+    )
+    return sel
+
+
+def moba_selection_triton(q, k, cu_seqlens, block_size, topk, shared_gqa_selection=False) -> torch.Tensor:
+    """Selected key blocks per (query, head): int32 [T, Hq, topk], as moba_selection_naive.
+
+    q [T, Hq, D], k [T, Hkv, D] (bf16, fp16 or fp32), cu_seqlens int32 [N+1]. Block indices are local
+    to the query's sequence, ascending, NO_BLOCK (-1) padded.
+    """
+    check_inputs(q, k, block_size, topk)
+    q, k = q.contiguous(), k.contiguous()
+    return select_blocks(q, k, block_layout(cu_seqlens, block_size), block_size, topk, shared_gqa_selection)
+
+
+def check_inputs(q, k, block_size: int, topk: int) -> None:
+    """User errors on shapes and options, one sentence each."""
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"q must be [T, Hq, D] and k, v [T, Hkv, D] with the same T and D; got {tuple(q.shape)} and {tuple(k.shape)}.")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]}).")
+    dim = q.shape[2]
+    if dim < 16 or dim > 256 or dim & (dim - 1):
+        raise ValueError(f"the Triton MoBA kernels need a power-of-two head dim in [16, 256]; got {dim}, use the torch backend.")
+    if block_size < 16 or block_size % 16:
+        raise ValueError(f"block_size must be a positive multiple of 16 for the Triton MoBA kernels; got {block_size}.")
+    if topk < 1:
+        raise ValueError(f"topk must be at least 1 (the current block); got {topk}.")
