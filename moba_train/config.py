@@ -187,9 +187,15 @@ class SyntheticDataConfig(_Section):
     depths and queried at the end."""
 
     num_facts: int = Field(4, ge=1)
+    """Facts planted per document (each queried once at the end)."""
     key_tokens: int = Field(2, ge=1)
+    """Tokens per key."""
     value_tokens: int = Field(2, ge=1)
+    """Tokens per value (the answer to recall)."""
     num_samples: int = Field(100000, ge=1)
+    """Documents in the training split (the sampler wraps around after them)."""
+    loss: Literal["all", "answers"] = "all"
+    """all: full LM loss (filler pattern, facts, answers); answers: loss on the recalled value tokens only."""
 
 
 class DataConfig(_Section):

@@ -1,0 +1,38 @@
+"""Training data: the synthetic recall task, Megatron indexed datasets, the embedded corpus, batches.
+
+    build_datasets(cfg, env) -> (train, valid or None)   map-style; ds[i] -> dict of [s] tensors
+    build_dataloader(dataset, cfg, env, consumed_samples) -> iterator of micro-batches [b, s]
+    collate(samples, reset_attention_mask) -> micro-batch with cu_seqlens
+"""
+
+from __future__ import annotations
+
+from moba_train.data.batches import collate
+from moba_train.data.sampler import build_dataloader
+from moba_train.data.synthetic import SyntheticRecallDataset
+
+__all__ = ["build_datasets", "build_dataloader", "collate", "SyntheticRecallDataset"]
+
+
+def build_datasets(cfg, env):
+    """(train, valid or None) for `cfg.data.kind`; sample i is a pure function of (cfg.run.seed, i)."""
+    if cfg.data.kind == "indexed":
+        from moba_train.data.indexed import build_indexed_datasets
+
+        return build_indexed_datasets(cfg, env)
+    syn = cfg.data.synthetic
+
+    def split(index: int) -> SyntheticRecallDataset:
+        return SyntheticRecallDataset(
+            num_samples=syn.num_samples,
+            seq_length=cfg.train.seq_length,
+            vocab_size=cfg.model.vocab_size,
+            num_facts=syn.num_facts,
+            key_tokens=syn.key_tokens,
+            value_tokens=syn.value_tokens,
+            answers_only_loss=syn.loss == "answers",
+            seed=cfg.run.seed,
+            split=index,
+        )
+
+    return split(0), split(1)

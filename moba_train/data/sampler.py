@@ -1,0 +1,50 @@
+"""Megatron pretraining-sampler order: which samples each data-parallel rank reads, resumable exactly.
+
+The global order is the dataset index order (datasets shuffle internally, deterministically). Each
+group of `micro_batch_size * dp_size` consecutive samples is one micro-batch for every rank: rank r
+takes the r-th slice of `micro_batch_size`. Starting from `consumed_samples` (counted over all ranks)
+continues at the exact sample a stopped run would have read next. Indices wrap around the dataset.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterator
+
+import torch
+
+from moba_train.data.batches import collate
+
+
+class PretrainingSampler:
+    """Yields this rank's micro-batches of dataset indices forever (a `batch_sampler`)."""
+
+    def __init__(self, num_samples: int, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+        assert 0 <= dp_rank < dp_size and num_samples > 0 and consumed_samples >= 0
+        self.num_samples = num_samples
+        self.consumed_samples = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.micro_batch_size * self.dp_size
+        start = self.consumed_samples + self.dp_rank * self.micro_batch_size
+        while True:
+            yield [(start + j) % self.num_samples for j in range(self.micro_batch_size)]
+            start += step
+
+
+def build_dataloader(dataset, cfg, env, consumed_samples: int) -> Iterator[dict[str, torch.Tensor]]:
+    """This data-parallel rank's micro-batches (see `collate`), starting after `consumed_samples`."""
+    sampler = PretrainingSampler(
+        len(dataset), consumed_samples, cfg.train.micro_batch_size, env.dp_rank, env.dp
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=functools.partial(collate, reset_attention_mask=cfg.data.reset_attention_mask),
+        num_workers=cfg.data.num_workers,
+        persistent_workers=cfg.data.num_workers > 0,
+    )
+    return iter(loader)
