@@ -1,0 +1,172 @@
+"""MoBA, the reference algorithm on FA2 variable-length kernels (CUDA, fp16/bf16).
+
+Two kinds of flash calls, merged exactly by log-sum-exp:
+  self: causal attention inside every block, the blocks passed as varlen sequences (GQA native);
+  past: one non-causal varlen call over the queries grouped by (head, selected earlier block): group
+        (h, c) holds the query rows [t, h] that selected block c and attends that block's keys of KV
+        head kv(h). Rows are single-head [M, 1, D].
+Backward: the gradient of a merged softmax. Running each part's flash backward with the MERGED output
+and log-sum-exp gives exactly that part's share of the full gradient (P = exp(S - lse_merged) is the
+global probability restricted to the part, and rowsum(dO * O_merged) is the global softmax term).
+
+The kernels are PyTorch's own FA2 (`torch.ops.aten._flash_attention_forward/_backward`, what
+`torch.nn.attention.varlen.varlen_attn` wraps); flash-attn is not needed. Their log-sum-exp is
+[heads, total_q] fp32 (checked in tests/attention/test_varlen.py).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from moba_train.attention.torch_backend import BlockLayout, select_blocks
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
+
+def available(device: torch.device, dtype: torch.dtype) -> bool:
+    """FA2 varlen kernels can run here: CUDA, fp16/bf16, PyTorch built with them."""
+    return (
+        device.type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and varlen_attn is not None
+        and hasattr(torch.ops.aten, "_flash_attention_forward")
+    )
+
+
+def causal_varlen_attn(q, k, v, cu_seqlens, max_seqlen: int, scale: float) -> torch.Tensor:
+    """Causal attention per sequence with `varlen_attn` (differentiable): [T, Hq, D]."""
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in inspect.signature(varlen_attn).parameters:
+            return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale,
+                               window_size=(-1, 0), enable_gqa=True)
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, window_size=(-1, 0))
+
+
+def _flash_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    """(out [Tq, H, D], lse fp32 [H, Tq], rng state) of one FA2 varlen forward."""
+    out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale
+    )
+    return out, lse, (seed, offset)
+
+
+def _flash_backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale, rng):
+    return torch.ops.aten._flash_attention_backward(
+        grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, 0.0, causal, rng[0], rng[1], scale=scale
+    )
+
+
+class _PastGroups:
+    """Queries grouped by (head, selected earlier block): the inputs of the `past` varlen call."""
+
+    def __init__(self, selection, layout: BlockLayout, hkv: int):
+        total, hq, _ = selection.shape
+        past = (selection >= 0) & (selection != layout.token_block[:, None, None])
+        token, head, slot = past.nonzero(as_tuple=True)
+        block = selection[token, head, slot]
+        key = head * layout.num_blocks + block
+        order = torch.argsort(key, stable=True)
+        self.token, self.head, key = token[order], head[order], key[order]
+        group_key, counts = torch.unique_consecutive(key, return_counts=True)
+        self.num_rows = self.token.numel()
+        self.cu_q = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=selection.device)
+        self.cu_q[1:] = counts.cumsum(0)
+        self.max_q = int(counts.max()) if counts.numel() else 0
+        bsz = layout.block_size
+        self.cu_k = torch.arange(counts.numel() + 1, dtype=torch.int32, device=selection.device) * bsz
+        group_head, group_block = group_key // layout.num_blocks, group_key % layout.num_blocks
+        self.kv_rows = group_block * hkv + group_head // (hq // hkv)  # rows of layout.pad_blocks(k)
+        self.rows = self.token * hq + self.head  # rows of [T * Hq] flattened outputs
+
+    def gather(self, x_thd):
+        """[T, Hq, D] -> [M, 1, D]: the query-side rows of the groups."""
+        return x_thd[self.token, self.head][:, None]
+
+    def gather_kv(self, x_blocks):
+        """pad_blocks(k or v) [num_blocks * Hkv, B, D] -> [groups * B, 1, D]."""
+        return x_blocks[self.kv_rows].reshape(-1, 1, x_blocks.shape[-1])
+
+
+def _block_cu(layout: BlockLayout, total: int) -> torch.Tensor:
+    cu = torch.empty(layout.num_blocks + 1, dtype=torch.int32, device=layout.block_start.device)
+    cu[:-1] = layout.block_start
+    cu[-1] = total
+    return cu
+
+
+class MobaVarlenFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, selection, layout: BlockLayout, scale: float):
+        total, hq, dim = q.shape
+        hkv = k.shape[1]
+        bsz = layout.block_size
+        cu_blocks = _block_cu(layout, total)
+        out_self, lse_self, rng_self = _flash_forward(q, k, v, cu_blocks, cu_blocks, bsz, bsz, True, scale)
+        assert lse_self.shape == (hq, total), f"unexpected FA2 lse layout {tuple(lse_self.shape)}"
+        lse = lse_self.t().reshape(-1)  # [T * Hq]
+        out = out_self.float().reshape(total * hq, dim)
+        groups = _PastGroups(selection, layout, hkv)
+        rng_past = None
+        if groups.num_rows:
+            k_blocks, v_blocks = layout.pad_blocks(k), layout.pad_blocks(v)
+            out_past, lse_past, rng_past = _flash_forward(
+                groups.gather(q), groups.gather_kv(k_blocks), groups.gather_kv(v_blocks),
+                groups.cu_q, groups.cu_k, groups.max_q, bsz, False, scale,
+            )
+            lse_past = lse_past.reshape(-1)
+            row_max = lse.clone().scatter_reduce_(0, groups.rows, lse_past, "amax")
+            row_sum = torch.exp(lse - row_max).index_add_(0, groups.rows, torch.exp(lse_past - row_max[groups.rows]))
+            merged = row_max + torch.log(row_sum)
+            out = out * torch.exp(lse - merged)[:, None]
+            out.index_add_(0, groups.rows, out_past[:, 0].float() * torch.exp(lse_past - merged[groups.rows])[:, None])
+            lse = merged
+        out = out.view(total, hq, dim).to(q.dtype)
+        ctx.save_for_backward(q, k, v, selection, out, lse)
+        ctx.layout, ctx.scale, ctx.rng = layout, scale, (rng_self, rng_past)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, selection, out, lse = ctx.saved_tensors
+        layout, scale = ctx.layout, ctx.scale
+        total, hq, dim = q.shape
+        hkv = k.shape[1]
+        bsz = layout.block_size
+        grad_out = grad_out.contiguous()
+        cu_blocks = _block_cu(layout, total)
+        lse_hq = lse.view(total, hq).t().contiguous()
+        grad_q, grad_k, grad_v = _flash_backward(
+            grad_out, q, k, v, out, lse_hq, cu_blocks, cu_blocks, bsz, bsz, True, scale, ctx.rng[0]
+        )
+        groups = _PastGroups(selection, layout, hkv)
+        if groups.num_rows:
+            k_blocks, v_blocks = layout.pad_blocks(k), layout.pad_blocks(v)
+            dq_past, dk_past, dv_past = _flash_backward(
+                groups.gather(grad_out), groups.gather(q), groups.gather_kv(k_blocks), groups.gather_kv(v_blocks),
+                groups.gather(out), lse[groups.rows][None].contiguous(),
+                groups.cu_q, groups.cu_k, groups.max_q, bsz, False, scale, ctx.rng[1],
+            )
+            grad_q = grad_q.float().view(total * hq, dim).index_add_(0, groups.rows, dq_past[:, 0].float())
+            grad_q = grad_q.view(total, hq, dim).to(q.dtype)
+            grad_k_blocks = torch.zeros(k_blocks.shape, dtype=torch.float32, device=q.device)
+            grad_v_blocks = torch.zeros_like(grad_k_blocks)
+            grad_k_blocks.index_add_(0, groups.kv_rows, dk_past.float().view(-1, bsz, dim))
+            grad_v_blocks.index_add_(0, groups.kv_rows, dv_past.float().view(-1, bsz, dim))
+            grad_k = (grad_k.float() + layout.unpad_blocks(grad_k_blocks, hkv)).to(k.dtype)
+            grad_v = (grad_v.float() + layout.unpad_blocks(grad_v_blocks, hkv)).to(v.dtype)
+        return grad_q, grad_k, grad_v, None, None, None
+
+
+def moba_attention_varlen(q, k, v, *, bounds, block_size, topk, softmax_scale, shared_gqa_selection):
+    """MoBA on [T, H, D] CUDA fp16/bf16 tensors (validated by the caller); bounds is cu_seqlens as ints."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    layout = BlockLayout.build(bounds, block_size, q.device)
+    selection = select_blocks(q, k, layout, topk, shared_gqa_selection)
+    return MobaVarlenFunction.apply(q, k, v, selection, layout, softmax_scale)
