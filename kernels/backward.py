@@ -1,0 +1,216 @@
+"""MoBA attention backward, deterministic (no atomics).
+
+- dK, dV: one program owns BLOCK_N keys of one (KV head, block) and loops over every query that
+  attends them: the causal queries of the block itself (all heads of the KV group), then the
+  gathered queries of all past slots (one contiguous run of the routing rows).
+- dQ: a causal pass over the current block writes fp32 dQ; one gathered pass per past slot adds
+  into it in place (a (query, head) appears once per slot, so no two programs touch the same row).
+Probabilities are recomputed from the saved base-2 log-sum-exp; delta = rowsum(dO * O).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.forward import LOG2E, QUERY_TILE, key_tile
+from kernels.layout import BlockLayout
+from kernels.routing import Routing
+
+
+@triton.jit
+def _delta_kernel(o_ptr, do_ptr, delta_ptr, num_rows, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
+    """delta[r] = sum_d O[r, d] * dO[r, d] over rows r of contiguous [T * Hq, D]. Grid (cdiv(rows, ROWS),)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    ok = rows < num_rows
+    offs = rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
+    o = tl.load(o_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(delta_ptr + rows, tl.sum(o * do, 1), mask=ok)
+
+
+@triton.jit
+def _dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    start_ptr, length_ptr, rows_ptr, seg_start_ptr, seg_count_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh,
+    qk_scale, scale, num_q_heads, num_blocks,
+    GROUP: tl.constexpr, SLOTS: tl.constexpr, SLOTS_P2: tl.constexpr, TILES_PER_BLOCK: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK, dV of BLOCK_N keys of one (block, KV head). Grid (NB * TILES_PER_BLOCK, Hkv).
+
+    q, dO and dQ share q's strides; lse and delta are contiguous [T, Hq]; dK, dV share k's strides.
+    """
+    blk = tl.program_id(0) // TILES_PER_BLOCK
+    ktile = tl.program_id(0) % TILES_PER_BLOCK
+    kv_head = tl.program_id(1)
+    start = tl.load(start_ptr + blk)
+    length = tl.load(length_ptr + blk)
+    cols = ktile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < length
+    dims = tl.arange(0, HEAD_DIM)
+    kv_off = (start + cols)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
+    k = tl.load(k_ptr + kv_off, mask=col_ok[:, None], other=0.0)
+    v = tl.load(v_ptr + kv_off, mask=col_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    if ktile * BLOCK_N < length:
+        for g in tl.static_range(GROUP):
+            head = kv_head * GROUP + g
+            for m0 in range(0, BLOCK_SIZE, BLOCK_M):
+                if (m0 + BLOCK_M > ktile * BLOCK_N) & (m0 < length):
+                    rows = m0 + tl.arange(0, BLOCK_M)
+                    row_ok = rows < length
+                    q_off = (start + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :]
+                    q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
+                    do = tl.load(do_ptr + q_off, mask=row_ok[:, None], other=0.0)
+                    lse = tl.load(lse_ptr + (start + rows) * num_q_heads + head, mask=row_ok, other=0.0)
+                    delta = tl.load(delta_ptr + (start + rows) * num_q_heads + head, mask=row_ok, other=0.0)
+                    p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
+                    p_t = tl.where((cols[:, None] <= rows[None, :]) & row_ok[None, :], p_t, 0.0)
+                    dv += tl.dot(p_t.to(do.dtype), do)
+                    ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
+                    dk += tl.dot(ds_t.to(q.dtype), q)
+    if SLOTS > 0:
+        seg = (kv_head * num_blocks + blk) * SLOTS
+        first = tl.load(seg_start_ptr + seg)
+        count = tl.sum(tl.load(seg_count_ptr + seg + tl.arange(0, SLOTS_P2), mask=tl.arange(0, SLOTS_P2) < SLOTS, other=0), 0)
+        i = 0
+        while i < count:
+            r = i + tl.arange(0, BLOCK_M)
+            row_ok = r < count
+            flat = tl.load(rows_ptr + first + r, mask=row_ok, other=0)
+            t = flat // num_q_heads
+            h = flat % num_q_heads
+            q_off = t[:, None] * stride_qt + h[:, None] * stride_qh + dims[None, :]
+            q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_ptr + q_off, mask=row_ok[:, None], other=0.0)
+            lse = tl.load(lse_ptr + flat, mask=row_ok, other=0.0)
+            delta = tl.load(delta_ptr + flat, mask=row_ok, other=0.0)
+            p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
+            p_t = tl.where(row_ok[None, :], p_t, 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do)
+            ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q)
+            i += BLOCK_M
+    tl.store(dk_ptr + kv_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(dv_ptr + kv_off, dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _current_block_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, start_ptr, length_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, scale, qk_scale, num_q_heads,
+    GROUP: tl.constexpr, TILES_PER_BLOCK: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ (fp32, written) of a query tile from its own block, causal. Grid (NB * TILES_PER_BLOCK, Hq).
+    dq is contiguous [T, Hq, D]."""
+    blk = tl.program_id(0) // TILES_PER_BLOCK
+    tile = tl.program_id(0) % TILES_PER_BLOCK
+    head = tl.program_id(1)
+    kv_head = head // GROUP
+    start = tl.load(start_ptr + blk)
+    length = tl.load(length_ptr + blk)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < length
+    dims = tl.arange(0, HEAD_DIM)
+    q_off = (start + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :]
+    q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_ptr + q_off, mask=row_ok[:, None], other=0.0)
+    lse = tl.load(lse_ptr + (start + rows) * num_q_heads + head, mask=row_ok, other=0.0)
+    delta = tl.load(delta_ptr + (start + rows) * num_q_heads + head, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for n0 in range(0, BLOCK_SIZE, BLOCK_N):
+        if (n0 < tile * BLOCK_M + BLOCK_M) & (n0 < length):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            kv_off = (start + cols)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
+            k = tl.load(k_ptr + kv_off, mask=(cols < length)[:, None], other=0.0)
+            v = tl.load(v_ptr + kv_off, mask=(cols < length)[:, None], other=0.0)
+            p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+            p = tl.where(cols[None, :] <= rows[:, None], p, 0.0)
+            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)
+    dq_off = ((start + rows) * num_q_heads + head)[:, None] * HEAD_DIM + dims[None, :]
+    tl.store(dq_ptr + dq_off, dq * scale, mask=row_ok[:, None])
+
+
+@triton.jit
+def _past_slot_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, start_ptr,
+    rows_ptr, tile_seg_ptr, tile_start_ptr, tile_count_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, scale, qk_scale, num_q_heads, num_blocks,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ contribution of one gathered tile's past block in this slot, added in place. Grid (max_tiles,)."""
+    pid = tl.program_id(0)
+    count = tl.load(tile_count_ptr + pid)
+    if count > 0:
+        seg = tl.load(tile_seg_ptr + pid)
+        kv_head = seg // num_blocks
+        kstart = tl.load(start_ptr + seg % num_blocks)
+        r = tl.arange(0, BLOCK_M)
+        row_ok = r < count
+        flat = tl.load(rows_ptr + tl.load(tile_start_ptr + pid) + r, mask=row_ok, other=0)
+        t = flat // num_q_heads
+        h = flat % num_q_heads
+        dims = tl.arange(0, HEAD_DIM)
+        q_off = t[:, None] * stride_qt + h[:, None] * stride_qh + dims[None, :]
+        q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_ptr + q_off, mask=row_ok[:, None], other=0.0)
+        lse = tl.load(lse_ptr + flat, mask=row_ok, other=0.0)
+        delta = tl.load(delta_ptr + flat, mask=row_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        for n0 in range(0, BLOCK_SIZE, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            kv_off = (kstart + cols)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
+            k = tl.load(k_ptr + kv_off)
+            v = tl.load(v_ptr + kv_off)
+            p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)
+        dq_ptrs = dq_ptr + flat[:, None] * HEAD_DIM + dims[None, :]
+        dq_old = tl.load(dq_ptrs, mask=row_ok[:, None], other=0.0)
+        tl.store(dq_ptrs, dq_old + dq * scale, mask=row_ok[:, None])
+
+
+def attention_backward(dout, q, k, v, out, lse, layout: BlockLayout, routing: Routing, block_size: int, scale: float):
+    """dq, dk, dv for contiguous q [T, Hq, D], k, v [T, Hkv, D], out/dout [T, Hq, D], lse2 fp32 [T, Hq]."""
+    total, hq, dim = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    dq = torch.empty(total, hq, dim, dtype=torch.float32, device=q.device)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    if layout.num_blocks == 0:
+        return dq.to(q.dtype), dk, dv
+    delta = torch.empty(total, hq, dtype=torch.float32, device=q.device)
+    _delta_kernel[(triton.cdiv(total * hq, 64),)](out, dout, delta, total * hq, HEAD_DIM=dim, ROWS=64)
+    block_n = key_tile(block_size)
+    warps = 8 if dim >= 128 else 4
+    slots = routing.tile_seg.shape[0]
+    ktiles = block_size // block_n
+    _dkdv_kernel[(layout.num_blocks * ktiles, hkv)](
+        q, k, v, dout, lse, delta, dk, dv, layout.start, layout.length, routing.rows, routing.seg_start, routing.seg_count,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), scale * LOG2E, scale, hq, layout.num_blocks,
+        GROUP=group, SLOTS=slots, SLOTS_P2=max(2, triton.next_power_of_2(slots)), TILES_PER_BLOCK=ktiles,
+        BLOCK_SIZE=block_size, HEAD_DIM=dim, BLOCK_M=QUERY_TILE, BLOCK_N=block_n, num_warps=warps, num_stages=2,
+    )
+    block_m = min(64, triton.next_power_of_2(block_size))
+    tiles = triton.cdiv(block_size, block_m)
+    _current_block_dq_kernel[(layout.num_blocks * tiles, hq)](
+        q, k, v, dout, lse, delta, dq, layout.start, layout.length,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), scale, scale * LOG2E, hq,
+        GROUP=group, TILES_PER_BLOCK=tiles,
+        BLOCK_SIZE=block_size, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2,
+    )
+    for slot in range(slots):
+        _past_slot_dq_kernel[(routing.tile_seg.shape[1],)](
+            q, k, v, dout, lse, delta, dq, layout.start,
+            routing.rows, routing.tile_seg[slot], routing.tile_start[slot], routing.tile_count[slot],
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), scale, scale * LOG2E, hq, layout.num_blocks,
+            BLOCK_SIZE=block_size, HEAD_DIM=dim, BLOCK_M=QUERY_TILE, BLOCK_N=block_n, num_warps=warps, num_stages=2,
+        )
+    return dq.to(q.dtype), dk, dv

@@ -1,0 +1,58 @@
+"""Public entry points of the Triton MoBA kernels (the thin layer over gating, routing, forward, backward)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kernels.backward import attention_backward
+from kernels.forward import QUERY_TILE, attention_forward
+from kernels.gating import check_inputs, select_blocks
+from kernels.layout import BlockLayout, block_layout
+from kernels.routing import Routing, route
+
+
+class MobaAttentionFunction(torch.autograd.Function):
+    """out = MoBA(q, k, v); gradients for q, k, v. Selection is not differentiated (as in the definition)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, block_size, topk, softmax_scale, shared_gqa_selection):
+        layout = block_layout(cu_seqlens, block_size)
+        selection = select_blocks(q, k, layout, block_size, topk, shared_gqa_selection)
+        routing = route(selection, layout, k.shape[1], QUERY_TILE)
+        del selection
+        out, lse = attention_forward(q, k, v, layout, routing, block_size, softmax_scale)
+        ctx.save_for_backward(q, k, v, out, lse, layout.start, layout.length, layout.local, layout.first, *routing)
+        ctx.num_blocks = layout.num_blocks
+        ctx.block_size = block_size
+        ctx.softmax_scale = softmax_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, start, length, local, first, *routing = ctx.saved_tensors
+        layout = BlockLayout(start, length, local, first, ctx.num_blocks)
+        dq, dk, dv = attention_backward(
+            dout.contiguous(), q, k, v, out, lse, layout, Routing(*routing), ctx.block_size, ctx.softmax_scale
+        )
+        return dq, dk, dv, None, None, None, None, None
+
+
+def moba_attention_triton(q, k, v, cu_seqlens, block_size, topk, softmax_scale=None, shared_gqa_selection=False):
+    """MoBA attention (semantics of moba_train/attention/naive.py), differentiable w.r.t. q, k, v.
+
+    q [T, Hq, D], k and v [T, Hkv, D] (Hq % Hkv == 0, GQA without repeating K/V), bf16 or fp16, on one
+    CUDA device (or under TRITON_INTERPRET=1); cu_seqlens int32 [N+1] (flash-attn varlen layout);
+    D a power of two in [16, 256]; block_size a multiple of 16. Returns out [T, Hq, D] in q's dtype.
+    Deterministic: no atomics, fixed reduction orders.
+    """
+    check_inputs(q, k, block_size, topk)
+    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"the Triton MoBA attention takes bf16 or fp16 q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}: cast them first.")
+    if v.shape != k.shape:
+        raise ValueError(f"k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}.")
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return MobaAttentionFunction.apply(
+        q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, block_size, topk, scale, shared_gqa_selection
+    )
