@@ -33,6 +33,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from moba_train.config import Config, ConfigError
 from moba_train.core_attention import FullCoreAttention, MoBACoreAttention
+from moba_train.distributed import resolve_device
 
 
 def padded_vocab_size(cfg: Config, tp: int) -> int:
@@ -48,10 +49,6 @@ def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
 
 
-def _current_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 def transformer_config(cfg: Config) -> TransformerConfig:
     """Megatron-Core TransformerConfig for the Llama architecture in `cfg` (uses the parallel state)."""
     m, par = cfg.model, cfg.parallel
@@ -62,7 +59,7 @@ def transformer_config(cfg: Config) -> TransformerConfig:
             "parallel.sequence_parallel needs model.transformer_impl=te (the local RMSNorm does not support it); "
             "set parallel.sequence_parallel=false"
         )
-    bf16 = compute_dtype(cfg, _current_device()) == torch.bfloat16
+    bf16 = compute_dtype(cfg, resolve_device(cfg)) == torch.bfloat16
     recompute = {
         "none": {},
         "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
