@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from moba_train.attention import naive, torch_backend, varlen
 
-__all__ = ["moba_attention", "moba_selection", "full_attention", "auto_backend", "BACKENDS"]
+__all__ = ["moba_attention", "moba_selection", "full_attention", "auto_backend", "backend_available", "BACKENDS"]
 
 BACKENDS = ("auto", "naive", "torch", "varlen", "triton")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -63,8 +63,14 @@ def _triton_kernel():
         return None
 
 
-def _triton_runs_on(device: torch.device) -> bool:
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+def backend_available(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `backend` can run for inputs of this device and dtype."""
+    if backend == "varlen":
+        return varlen.available(device, dtype)
+    if backend == "triton":
+        on_device = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+        return on_device and _triton_kernel() is not None
+    return backend in BACKENDS
 
 
 def auto_backend(device: torch.device, dtype: torch.dtype, max_seqlen: int, num_heads: int) -> str:
@@ -74,7 +80,7 @@ def auto_backend(device: torch.device, dtype: torch.dtype, max_seqlen: int, num_
     if device.type == "cuda":
         if _triton_kernel() is not None:
             return "triton"
-        if varlen.available(device, dtype):
+        if backend_available("varlen", device, dtype):
             return "varlen"
         return "torch"
     return "naive" if max_seqlen * max_seqlen * num_heads < NAIVE_MAX_WORK else "torch"
@@ -129,7 +135,7 @@ def _resolve_backend(backend: str, q: torch.Tensor, bounds: list[int]) -> str:
     if backend == "auto":
         max_seqlen = max((b - a for a, b in zip(bounds[:-1], bounds[1:])), default=0)
         return auto_backend(q.device, q.dtype, max_seqlen, q.shape[1])
-    if backend == "varlen" and not varlen.available(q.device, q.dtype):
+    if backend == "varlen" and not backend_available("varlen", q.device, q.dtype):
         raise ValueError(
             f"backend 'varlen' is not available for {q.dtype} on {q.device}: it needs CUDA, fp16/bf16 and "
             "PyTorch's FA2 kernels; use backend='torch'."
@@ -137,7 +143,7 @@ def _resolve_backend(backend: str, q: torch.Tensor, bounds: list[int]) -> str:
     if backend == "triton":
         if _triton_kernel() is None:
             raise ValueError("backend 'triton' is not available: the `kernels` package does not import; use backend='torch'.")
-        if not _triton_runs_on(q.device):
+        if not backend_available("triton", q.device, q.dtype):
             raise ValueError(f"backend 'triton' cannot run on {q.device}; use CUDA, or set TRITON_INTERPRET=1 for small CPU runs.")
     return backend
 

@@ -32,6 +32,7 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
     """FA2 varlen kernels can run here: CUDA, fp16/bf16, PyTorch built with them."""
     return (
         device.type == "cuda"
+        and torch.cuda.is_available()
         and dtype in (torch.float16, torch.bfloat16)
         and varlen_attn is not None
         and hasattr(torch.ops.aten, "_flash_attention_forward")

@@ -1,0 +1,288 @@
+"""Attention benchmark: SDPA causal, FA2 varlen causal and every available MoBA backend.
+
+Protocol (../shared/BENCH.md): random normal bf16 inputs per shape, correctness of every backend
+against a reference before timing (MoBA: the `torch` backend, or `naive` for tiny shapes; FA2: SDPA),
+CUDA events, warm-up, median of >= 10 repetitions (3 at 1M tokens), peak memory per measurement,
+effective TFLOP/s from moba_train.flops (backward = 2.5 x forward). Prints one table, writes JSON under
+bench/results/.
+
+    python scripts/bench_attention.py                      # standard shapes on CUDA (about 6 minutes on an H100)
+    python scripts/bench_attention.py --shapes s32k-b128 --backends sdpa,moba-varlen --passes fwd
+    python scripts/bench_attention.py --tiny               # CPU smoke run (the test suite runs this)
+
+The `moba-torch` backend is timed only up to 64K tokens per sequence (it reads each selected key
+block once per query: about 2 s per forward at s64k-b128) and recorded as skipped above.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moba_train import flops
+from moba_train.attention import backend_available, full_attention, moba_attention, varlen
+from moba_train.attention.naive import moba_attention_naive
+
+K = 1024
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    batch: int
+    heads: int
+    seqlen: int
+    block: int
+    topk: int
+    passes: tuple[str, ...]
+    head_dim: int = 128
+
+
+STANDARD = [
+    Shape("s32k-b128", 2, 16, 32 * K, 128, 8, ("fwd", "fwdbwd")),
+    Shape("s64k-b128", 2, 16, 64 * K, 128, 8, ("fwd", "fwdbwd")),
+    Shape("s128k-b128", 2, 16, 128 * K, 128, 8, ("fwdbwd",)),
+    Shape("s32k-b512", 2, 16, 32 * K, 512, 3, ("fwd", "fwdbwd")),
+    Shape("s128k-b4096", 1, 32, 128 * K, 4096, 12, ("fwd",)),
+    Shape("s1m-b4096", 1, 2, 1024 * K, 4096, 12, ("fwd",)),
+]
+TINY = [
+    Shape("tiny-b32", 2, 4, 256, 32, 3, ("fwd", "fwdbwd"), head_dim=32),
+    Shape("tiny-b16", 1, 2, 200, 16, 8, ("fwd",), head_dim=32),
+]
+BACKENDS = ("sdpa", "fa2-varlen", "moba-torch", "moba-varlen", "moba-triton")
+TORCH_BACKEND_MAX_SEQLEN = 64 * K
+CHECK_TOKENS = 16 * K
+"""Correctness is checked on each sequence's first CHECK_TOKENS tokens (a prefix is a valid input)..."""
+CHECK_TOKENS_NAIVE = 2 * K
+"""... or its first CHECK_TOKENS_NAIVE tokens where the reference is the O(S^2) naive backend."""
+
+
+def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
+    names = ["sdpa"]
+    if varlen.available(device, dtype):
+        names.append("fa2-varlen")
+    names.append("moba-torch")
+    names += [f"moba-{b}" for b in ("varlen", "triton") if backend_available(b, device, dtype)]
+    return names
+
+
+def attention_fn(backend: str, shape: Shape):
+    """fn(q, k, v, cu_seqlens) -> out, all [T, H, D]."""
+    moba = dict(block_size=shape.block, topk=shape.topk)
+    if backend == "sdpa":
+        def sdpa(q, k, v, cu):
+            b = cu.numel() - 1
+            q_b, k_b, v_b = (x.view(b, -1, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
+            return F.scaled_dot_product_attention(q_b, k_b, v_b, is_causal=True).transpose(1, 2).reshape(q.shape)
+        return sdpa
+    if backend == "fa2-varlen":
+        return lambda q, k, v, cu: varlen.causal_varlen_attn(q, k, v, cu, shape.seqlen, 1 / math.sqrt(q.shape[-1]))
+    if backend == "moba-naive":
+        return lambda q, k, v, cu: moba_attention_naive(q, k, v, cu_seqlens=cu, **moba)
+    name = backend.removeprefix("moba-")
+    return lambda q, k, v, cu: moba_attention(q, k, v, cu_seqlens=cu, backend=name, **moba)
+
+
+def reference_fn(backend: str, shape: Shape, device: torch.device):
+    if backend == "sdpa":
+        return None
+    if backend == "fa2-varlen":
+        return lambda q, k, v, cu: full_attention(q.float(), k.float(), v.float(), cu_seqlens=cu)
+    if device.type == "cpu" or backend == "moba-torch":
+        return attention_fn("moba-naive", shape)
+    return attention_fn("moba-torch", shape)
+
+
+def inputs(batch: int, seqlen: int, shape: Shape, device, dtype, grad: bool):
+    total = batch * seqlen
+    q, k, v = (torch.randn(total, shape.heads, shape.head_dim, device=device, dtype=dtype, requires_grad=grad)
+               for _ in range(3))
+    cu = torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
+    return q, k, v, cu
+
+
+def max_rel_error(backend: str, shape: Shape, passes: str, device, dtype) -> float | None:
+    """Max relative error (max |x - ref| / max |ref|) of out (and q/k/v grads for fwdbwd) on a prefix."""
+    ref = reference_fn(backend, shape, device)
+    if ref is None:
+        return None
+    fn = attention_fn(backend, shape)
+    grad = passes == "fwdbwd"
+    limit = CHECK_TOKENS_NAIVE if backend == "moba-torch" else CHECK_TOKENS
+    q, k, v, cu = inputs(shape.batch, min(shape.seqlen, limit), shape, device, dtype, grad)
+    results = []
+    for f in (fn, ref):
+        out = f(q, k, v, cu)
+        tensors = [out.float()]
+        if grad:
+            tensors += [g.float() for g in torch.autograd.grad(out, (q, k, v), torch.ones_like(out))]
+        results.append(tensors)
+    err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(*results))
+    return float("nan") if math.isnan(err) else err
+
+
+def time_ms(step, reps: int, device) -> list[float]:
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def measure(backend: str, shape: Shape, passes: str, device, dtype) -> dict:
+    row = dict(shape=shape.name, backend=backend, passes=passes, status="ok", ms=None, tflops=None,
+               peak_mem_gib=None, max_rel_err=None, reps=0)
+    if backend == "moba-torch" and shape.seqlen > TORCH_BACKEND_MAX_SEQLEN:
+        row["status"] = "skipped"
+        return row
+    try:
+        err = max_rel_error(backend, shape, passes, device, dtype)
+        row["max_rel_err"] = err
+        tolerance = 2e-2 if dtype != torch.float32 else 1e-4
+        if err is not None and not err <= tolerance:
+            row["status"] = "fail"
+            return row
+        fn = attention_fn(backend, shape)
+        grad = passes == "fwdbwd"
+        q, k, v, cu = inputs(shape.batch, shape.seqlen, shape, device, dtype, grad)
+        grad_out = torch.randn_like(q) if grad else None
+
+        def step():
+            if grad:
+                fn(q, k, v, cu).backward(grad_out)
+                q.grad = k.grad = v.grad = None
+            else:
+                with torch.no_grad():
+                    fn(q, k, v, cu)
+
+        tokens = shape.batch * shape.seqlen
+        slow = backend == "moba-torch" and device.type == "cuda"
+        reps = 3 if tokens >= 1024 * K or slow else 10
+        time_ms(step, 1, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        row["ms"] = statistics.median(time_ms(step, reps, device))
+        row["reps"] = reps
+        if device.type == "cuda":
+            row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        moba = backend.startswith("moba")
+        fwd = flops.attention_forward_flops([shape.seqlen] * shape.batch, shape.heads, shape.head_dim,
+                                            shape.block if moba else None, shape.topk if moba else None)
+        total = fwd * (1 + flops.BACKWARD_FACTOR) if grad else fwd
+        row["tflops"] = total / (row["ms"] * 1e-3) / 1e12
+    except torch.OutOfMemoryError:
+        row["status"] = "oom"
+    except (RuntimeError, ValueError) as error:
+        row["status"] = "error"
+        row["error"] = f"{type(error).__name__}: {error}"
+        print(f"{shape.name} {backend} {passes}: {row['error']}", flush=True)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def environment(device) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return dict(
+        commit=commit,
+        gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        torch=torch.__version__,
+        triton=triton_version,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+HEADER = f"{'shape':<12} {'backend':<12} {'pass':<7} {'status':<8} {'ms':>10} {'TFLOP/s':>8} {'peak GiB':>9} {'max rel err':>12}"
+
+
+def format_row(r: dict) -> str:
+    ms = f"{r['ms']:.2f}" if r["ms"] is not None else "-"
+    tf = f"{r['tflops']:.1f}" if r["tflops"] is not None else "-"
+    mem = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "-"
+    err = f"{r['max_rel_err']:.2e}" if r["max_rel_err"] is not None else "-"
+    return f"{r['shape']:<12} {r['backend']:<12} {r['passes']:<7} {r['status']:<8} {ms:>10} {tf:>8} {mem:>9} {err:>12}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", help="comma-separated shape names (default: all of the chosen set)")
+    parser.add_argument("--backends", help=f"comma-separated subset of {', '.join(BACKENDS)} (default: all available)")
+    parser.add_argument("--passes", help="comma-separated subset of fwd,fwdbwd (default: each shape's own)")
+    parser.add_argument("--tiny", action="store_true", help="tiny fp32 shapes on CPU: a smoke test, not a benchmark")
+    parser.add_argument("--out", help="JSON output path (default: bench/results/attention-<gpu>-<time>.json)")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cpu" if args.tiny else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("CUDA is not available; run on a GPU, or use --tiny for a CPU smoke run.")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    catalog = TINY if args.tiny else STANDARD
+    shapes = catalog
+    if args.shapes:
+        by_name = {s.name: s for s in catalog}
+        unknown = [n for n in args.shapes.split(",") if n not in by_name]
+        if unknown:
+            parser.error(f"unknown shape(s) {', '.join(unknown)}; choose from {', '.join(by_name)}.")
+        shapes = [by_name[n] for n in args.shapes.split(",")]
+    backends = available_backends(device, dtype)
+    if args.backends:
+        wanted = args.backends.split(",")
+        unknown = [b for b in wanted if b not in BACKENDS]
+        if unknown:
+            parser.error(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}.")
+        backends = [b for b in wanted if b in backends]
+    rows = []
+    print(HEADER, flush=True)
+    for shape in shapes:
+        torch.manual_seed(0)
+        passes = [p for p in shape.passes if not args.passes or p in args.passes.split(",")]
+        for p in passes:
+            for backend in backends:
+                rows.append(measure(backend, shape, p, device, dtype))
+                print(format_row(rows[-1]), flush=True)
+    meta = environment(device)
+    print()
+    print(f"{meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}  commit {meta['commit'][:10]}")
+    print(HEADER)
+    print("-" * len(HEADER))
+    print("\n".join(format_row(r) for r in rows))
+    out = Path(args.out) if args.out else Path("bench/results") / (
+        f"attention-{meta['gpu'].replace(' ', '_')}-{meta['date'].replace(':', '')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(meta=meta, dtype=str(dtype), results=rows), indent=1))
+    print(f"wrote {out}")
+    return 1 if any(r["status"] in ("fail", "error") for r in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
