@@ -1,0 +1,156 @@
+"""Training input from Megatron-Core indexed datasets: `BlendedMegatronDatasetBuilder` + `GPTDataset`.
+
+`data.blend` names `<prefix>.bin/.idx` pairs written by scripts/preprocess_data.py or
+scripts/build_corpus.py, with optional weights. Documents are concatenated (packed) into sequences of
+`train.seq_length` tokens, shuffled deterministically from `run.seed`; Megatron-Core caches the sample
+indices under `data.cache_dir` (default `<run.output_dir>/data_cache`). With torch.distributed
+initialised, rank 0 builds the caches first and the other ranks read them after a barrier, so every
+rank must call `build_indexed_datasets`.
+
+`data.min_doc_length > 0` keeps only documents of at least that many tokens (long-context recipes);
+0 packs every document. Samples gain per-document `cu_seqlens` from their EOD tokens instead of
+Megatron's dense attention mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import _IndexReader
+
+from moba_train.data.batches import document_cu_seqlens
+from moba_train.data.preprocess import DataError, eod_id, load_tokenizer
+
+
+def parse_blend(blend: list[str]) -> tuple[list[str], list[float] | None]:
+    """["0.7 data/a", "0.3 data/b"] -> (prefixes, weights); bare prefixes (all of them) -> weights None."""
+    prefixes, weights = [], []
+    for entry in blend:
+        parts = entry.split()
+        if len(parts) == 1:
+            prefixes.append(parts[0])
+            continue
+        try:
+            weight = float(parts[0])
+        except ValueError:
+            weight = None
+        if len(parts) != 2 or weight is None or not weight > 0 or not np.isfinite(weight):
+            raise DataError(f"data.blend entry '{entry}' is not 'WEIGHT PREFIX' with a positive weight; "
+                            "write e.g. '0.7 data/corpus/python'")
+        weights.append(weight)
+        prefixes.append(parts[1])
+    if weights and len(weights) != len(prefixes):
+        raise DataError("data.blend mixes weighted and bare prefixes; give every entry a weight or none")
+    return prefixes, weights or None
+
+
+def check_split(split: str) -> None:
+    """Raise DataError unless `split` is 1-3 comma-separated non-negative numbers with a positive sum."""
+    try:
+        shares = [float(x) for x in split.split(",")]
+    except ValueError:
+        shares = []
+    if not 1 <= len(shares) <= 3 or min(shares) < 0 or sum(shares) <= 0:
+        raise DataError(f"data.split '{split}' is not train,valid,test shares; write e.g. '98,2,0'")
+
+
+def check_indexed_dataset(prefix: str) -> None:
+    """Raise DataError unless `<prefix>.idx` reads and `<prefix>.bin` has exactly the bytes it indexes."""
+    idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    if not idx.is_file() or not bin_.is_file():
+        raise DataError(f"indexed dataset '{prefix}' is missing ({idx.name} and {bin_.name} must both exist); "
+                        "build it with scripts/preprocess_data.py or scripts/build_corpus.py")
+    try:
+        index = _IndexReader(str(idx), multimodal=False)
+        count = index.sequence_count
+        lengths, pointers = index.sequence_lengths, index.sequence_pointers
+        ok = len(lengths) == count and len(pointers) == count and count > 0
+        expected = int(pointers[-1]) + int(lengths[-1]) * index.dtype_size if ok else -1
+        del index
+    except Exception:  # a truncated or foreign .idx fails in numpy/struct with various errors
+        ok = False
+    if not ok:
+        raise DataError(f"'{idx}' is truncated or not a Megatron index; rebuild the dataset with --overwrite")
+    if bin_.stat().st_size != expected:
+        raise DataError(f"'{bin_}' has {bin_.stat().st_size} bytes but its index expects {expected}; "
+                        "the .bin/.idx pair is truncated or mismatched, rebuild it with --overwrite")
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What GPTDataset needs from a tokenizer: the EOD id and the vocabulary size."""
+
+    eod: int
+    vocab_size: int
+
+    @property
+    def unique_identifiers(self) -> dict:
+        return {"eod": self.eod, "vocab_size": self.vocab_size}
+
+
+@dataclass
+class LongContextGPTDatasetConfig(GPTDatasetConfig):
+    min_doc_length: int = 0
+    """Keep only documents with at least this many tokens (0 keeps all)."""
+
+
+class LongContextGPTDataset(GPTDataset):
+    """GPTDataset over the documents of at least `min_doc_length` tokens; samples carry cu_seqlens."""
+
+    def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config):
+        if config.min_doc_length:
+            lengths = indexed_dataset.sequence_lengths[indexed_indices]
+            indexed_indices = indexed_indices[lengths >= config.min_doc_length]
+            if len(indexed_indices) == 0:
+                raise DataError(f"no document of '{dataset_path}' ({index_split.name} split) has "
+                                f"data.min_doc_length={config.min_doc_length} tokens; lower it")
+        super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config)
+
+    @staticmethod
+    def _key_config_attributes() -> list[str]:
+        return GPTDataset._key_config_attributes() + ["min_doc_length"]
+
+    def __getitem__(self, idx):
+        sample = super().__getitem__(idx)
+        sample["cu_seqlens"] = document_cu_seqlens(sample["tokens"], self.config.tokenizer.eod)
+        return sample
+
+
+def build_indexed_datasets(cfg, env):
+    """(train, valid or None) over `cfg.data.blend`; call on every rank (rank 0 builds the index caches)."""
+    data, train = cfg.data, cfg.train
+    if data.tokenizer is None:
+        raise DataError("data.kind is 'indexed' but data.tokenizer is not set; name the tokenizer the data was built with")
+    prefixes, weights = parse_blend(data.blend)
+    for prefix in prefixes:
+        check_indexed_dataset(prefix)
+    tokenizer = load_tokenizer(data.tokenizer)
+    info = TokenizerInfo(eod=eod_id(tokenizer), vocab_size=len(tokenizer))
+    if info.vocab_size > cfg.model.vocab_size:
+        raise DataError(f"tokenizer '{data.tokenizer}' has {info.vocab_size} tokens but model.vocab_size is "
+                        f"{cfg.model.vocab_size}; set model.vocab_size to at least {info.vocab_size}")
+    check_split(data.split)
+    config = LongContextGPTDatasetConfig(
+        random_seed=cfg.run.seed,
+        sequence_length=train.seq_length,
+        blend=(prefixes, weights),
+        split=data.split,
+        path_to_cache=data.cache_dir or str(Path(cfg.run.output_dir) / "data_cache"),
+        tokenizer=info,
+        reset_position_ids=data.reset_position_ids,
+        reset_attention_mask=data.reset_attention_mask,
+        eod_mask_loss=data.eod_mask_loss,
+        create_attention_mask=False,
+        min_doc_length=data.min_doc_length,
+    )
+    evals = train.steps // train.eval_interval + 1 if train.eval_interval else 1
+    sizes = [train.steps * train.global_batch_size, evals * train.eval_steps * train.global_batch_size,
+             train.eval_steps * train.global_batch_size]
+    train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(LongContextGPTDataset, sizes, lambda: True, config).build()
+    if train_ds is None or len(train_ds) == 0:
+        raise DataError(f"data.split '{data.split}' leaves no training documents; give the train split a share")
+    return train_ds, valid_ds

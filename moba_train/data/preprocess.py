@@ -1,0 +1,198 @@
+"""Text -> token ids -> Megatron-Core indexed dataset (`<prefix>.bin` + `<prefix>.idx`).
+
+Input is read with Hugging Face `datasets`: local json/jsonl/parquet/txt files or directories of them
+(a .txt file is one document), or a hub dataset name. Each non-empty document is tokenized by worker
+processes, EOS is appended, and the ids are written with `IndexedDatasetBuilder` to temporary files
+that are renamed only when complete: the `.idx` is published last, so an interrupted run never leaves
+a prefix that opens. Re-running skips a prefix that is already complete unless `overwrite`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from moba_train.config import ConfigError
+
+FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
+BATCH_DOCUMENTS = 64
+LONG_CONTEXT_LENGTHS = (8192, 32768, 131072)
+
+
+class DataError(ConfigError):
+    """Input data, tokenizer or dataset files are wrong; the message is one sentence for the user."""
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """A Hugging Face fast tokenizer from a model directory or a tokenizer.json file."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(path)
+    try:
+        if path.is_file():
+            return PreTrainedTokenizerFast(tokenizer_file=str(path))
+        if path.is_dir():
+            return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # transformers raises many types for unreadable tokenizers
+        raise DataError(f"tokenizer '{path}' cannot be loaded ({type(exc).__name__}: {exc}); "
+                        "pass a tokenizer directory or a valid tokenizer.json") from None
+    raise DataError(f"tokenizer '{path}' does not exist; pass a tokenizer directory or a tokenizer.json file")
+
+
+def eod_id(tokenizer) -> int:
+    """The end-of-document id: the tokenizer's EOS, else a conventional end-of-text special token."""
+    if tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id
+    vocab = tokenizer.get_vocab()
+    for token in EOS_CANDIDATES:
+        if token in vocab:
+            return vocab[token]
+    raise DataError(f"tokenizer '{tokenizer.name_or_path}' has no EOS token; "
+                    f"use one that defines eos_token or contains one of {', '.join(EOS_CANDIDATES)}")
+
+
+def input_files(path: Path) -> list[Path]:
+    """The data files of a file or directory (recursive, sorted), all of one format."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in FORMATS and p.is_file())
+    if not files:
+        raise DataError(f"input '{path}' holds no {'/'.join(sorted(FORMATS))} files; point it at your data")
+    kinds = {FORMATS.get(p.suffix) for p in files}
+    if None in kinds:
+        raise DataError(f"input '{path}' is not a {'/'.join(sorted(FORMATS))} file; convert it or pass a directory")
+    if len(kinds) > 1:
+        raise DataError(f"input '{path}' mixes formats ({', '.join(sorted(kinds))}); preprocess each format separately")
+    if all(p.stat().st_size == 0 for p in files):
+        raise DataError(f"input '{path}' is empty; it holds no documents")
+    return files
+
+
+def load_documents(source: str, text_field: str = "text"):
+    """A `datasets.Dataset` of documents from local files/directories or a hub dataset name."""
+    import datasets
+
+    path = Path(source)
+    try:
+        if path.exists():
+            files = input_files(path)
+            builder = FORMATS[files[0].suffix]
+            extra = {"sample_by": "document"} if builder == "text" else {}
+            ds = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **extra)
+        else:
+            ds = datasets.load_dataset(source, split="train")
+    except DataError:
+        raise
+    except Exception as exc:  # datasets raises many types for unreadable or unreachable input
+        raise DataError(f"input '{source}' cannot be read ({type(exc).__name__}: {exc}); "
+                        "pass existing json/jsonl/parquet/txt files or a reachable hub dataset") from None
+    if text_field not in ds.column_names:
+        raise DataError(f"input '{source}' has no field '{text_field}' (fields: {', '.join(ds.column_names)}); "
+                        "pass --text-field with one of them")
+    if len(ds) == 0:
+        raise DataError(f"input '{source}' is empty; it holds no documents")
+    return ds
+
+
+@dataclass
+class DocumentStats:
+    """Token counts per written document (EOS included)."""
+
+    lengths: np.ndarray
+
+    def summary(self) -> str:
+        n, lengths = len(self.lengths), self.lengths
+        p50, p90, p99 = np.percentile(lengths, [50, 90, 99]).astype(int)
+        long = ", ".join(f">={k // 1024}K: {(lengths >= k).sum()}" for k in LONG_CONTEXT_LENGTHS)
+        return (f"{n} documents, {int(lengths.sum())} tokens; length min {lengths.min()} / p50 {p50} / "
+                f"p90 {p90} / p99 {p99} / max {lengths.max()}; documents {long}")
+
+
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = load_tokenizer(tokenizer_path)
+
+
+def _encode(texts: list[str]) -> list[list[int]]:
+    return _worker_tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _batches(texts: Iterable[str]) -> Iterator[list[str]]:
+    batch = []
+    for text in texts:
+        if text:
+            batch.append(text)
+        if len(batch) == BATCH_DOCUMENTS:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def is_complete(prefix: str | os.PathLike) -> bool:
+    return Path(f"{prefix}.idx").is_file() and Path(f"{prefix}.bin").is_file()
+
+
+def write_indexed_dataset(
+    texts: Iterable[str], tokenizer_path: str | os.PathLike, prefix: str | os.PathLike,
+    *, workers: int = 1, total: int | None = None, progress: bool = True,
+) -> DocumentStats:
+    """Tokenize `texts` (EOS appended, empty texts skipped) into `<prefix>.bin/.idx`, atomically."""
+    import torch
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    from tqdm import tqdm
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    eod = eod_id(tokenizer)
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    tmp = prefix.with_name(f".{prefix.name}.tmp{os.getpid()}")
+    builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=DType.optimal_dtype(len(tokenizer)))
+    lengths = []
+    pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (str(tokenizer_path),)) if workers > 1 else None
+    try:
+        if pool is None:
+            _init_worker(str(tokenizer_path))
+        encoded = pool.imap(_encode, _batches(texts)) if pool else map(_encode, _batches(texts))
+        with tqdm(total=total, unit="doc", disable=not progress, desc=f"tokenizing -> {prefix.name}") as bar:
+            for ids_batch in encoded:
+                for ids in ids_batch:
+                    ids.append(eod)
+                    builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
+                    lengths.append(len(ids))
+                bar.update(len(ids_batch))
+        if not lengths:
+            raise DataError("the input holds only empty documents; nothing to write")
+        builder.finalize(f"{tmp}.idx")
+        Path(f"{prefix}.idx").unlink(missing_ok=True)  # the .idx marks completeness: drop a stale one first
+        os.replace(f"{tmp}.bin", f"{prefix}.bin")
+        os.replace(f"{tmp}.idx", f"{prefix}.idx")
+    finally:
+        builder.data_file.close()
+        if pool is not None:
+            pool.terminate()
+        for suffix in (".bin", ".idx"):
+            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+    return DocumentStats(np.asarray(lengths, dtype=np.int64))
+
+
+def preprocess(
+    source: str, tokenizer_path: str, prefix: str, *, text_field: str = "text", workers: int = 1,
+    overwrite: bool = False, progress: bool = True,
+) -> DocumentStats | None:
+    """Tokenize a text collection into an indexed dataset; None when `prefix` is complete and kept."""
+    if is_complete(prefix) and not overwrite:
+        return None
+    load_tokenizer(tokenizer_path)  # fail on the tokenizer before reading any data
+    docs = load_documents(source, text_field)
+    return write_indexed_dataset(
+        (row[text_field] or "" for row in docs), tokenizer_path, prefix,
+        workers=workers, total=len(docs), progress=progress,
+    )
