@@ -122,7 +122,7 @@ def block_means(k: torch.Tensor, layout: BlockLayout, block_size: int) -> torch.
         _block_mean_kernel[(layout.num_blocks, hkv)](
             k, means, layout.start, layout.length,
             k.stride(0), k.stride(1), means.stride(0), means.stride(1),
-            BLOCK_SIZE=block_size, HEAD_DIM=dim, ROWS=min(block_size, 64),
+            BLOCK_SIZE=block_size, HEAD_DIM=dim, ROWS=next(n for n in (64, 32, 16) if block_size % n == 0),
         )
     return means
 
@@ -135,7 +135,7 @@ def select_blocks(q, k, layout: BlockLayout, block_size: int, topk: int, shared_
     if layout.num_blocks == 0:
         return sel
     means = block_means(k, layout, block_size)
-    block_m = min(block_size, 64)
+    block_m = min(64, triton.next_power_of_2(block_size))
     heads_per_program = group if shared_gqa_selection else 1
     tiles = triton.cdiv(block_size, block_m)
     grid = (layout.num_blocks * tiles, hq // heads_per_program)

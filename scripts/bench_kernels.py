@@ -1,0 +1,193 @@
+"""Quick GPU check and timing of the Triton MoBA kernels against dense SDPA and FA2 varlen (one process).
+
+Usage (on a CUDA machine, repo root): PYTHONPATH=$PWD python3 scripts/bench_kernels.py [--out DIR]
+Checks correctness (bf16, against the naive definition at a moderate shape), then times the
+BENCH.md shapes (median of CUDA-event timings via triton.testing.do_bench), prints a table and writes
+triton_dev.json. The official table is scripts/bench_attention.py; this is the kernel author's loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from kernels import moba_attention_triton, moba_selection_triton
+
+
+def load_naive():
+    """moba_train/attention/naive.py by path: it needs torch only, the package needs the whole framework."""
+    path = Path(__file__).resolve().parents[1] / "moba_train" / "attention" / "naive.py"
+    spec = importlib.util.spec_from_file_location("moba_naive", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def moba_flops(seq_len: int, block: int, topk: int, dim: int) -> float:
+    """Forward attention FLOPs of one head of one sequence (BENCH.md): 4 * D * sum_t n_t."""
+    t = torch.arange(seq_len, dtype=torch.float64)
+    n = (t % block) + 1 + block * torch.clamp(torch.div(t, block, rounding_mode="floor"), max=topk - 1)
+    return 4.0 * dim * float(n.sum())
+
+
+def dense_flops(seq_len: int, dim: int) -> float:
+    return 4.0 * dim * seq_len * (seq_len + 1) / 2
+
+
+def rel_err(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def check_correctness(naive) -> dict:
+    """bf16 out/grads vs the fp32 naive definition; selection vs naive on identical inputs."""
+    results = {}
+    torch.manual_seed(0)
+    cases = [
+        ("mha_b128_top8", [0, 4096, 8192], 16, 16, 128, 128, 8, False),
+        ("gqa_varlen_b64_top4_shared", [0, 1000, 1017, 3000], 8, 2, 64, 64, 4, True),
+        ("gqa_b48_top3", [0, 2000], 4, 2, 128, 48, 3, False),
+    ]
+    for name, cu, hq, hkv, dim, block, topk, shared in cases:
+        cu_t = torch.tensor(cu, dtype=torch.int32, device="cuda")
+        total = cu[-1]
+        q = torch.randn(total, hq, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(total, hkv, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(total, hkv, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        sel = moba_selection_triton(q, k, cu_t, block, topk, shared)
+        sel_ref = naive.moba_selection_naive(q, k, cu_seqlens=cu_t, block_size=block, topk=topk, shared_gqa_selection=shared)
+        out = moba_attention_triton(q, k, v, cu_t, block, topk, shared_gqa_selection=shared)
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        out2 = moba_attention_triton(q, k, v, cu_t, block, topk, shared_gqa_selection=shared)
+        grads2 = torch.autograd.grad(out2, (q, k, v), dout)
+        ref = naive.moba_attention_naive(q.float(), k.float(), v.float(), cu_seqlens=cu_t, block_size=block, topk=topk, shared_gqa_selection=shared)
+        ref_grads = torch.autograd.grad(ref, (q, k, v), dout.float())
+        row = {
+            "selection_mismatch_frac": float((sel != sel_ref).any(-1).float().mean()),
+            "out_rel_err": rel_err(out, ref),
+            "dq_rel_err": rel_err(grads[0], ref_grads[0]),
+            "dk_rel_err": rel_err(grads[1], ref_grads[1]),
+            "dv_rel_err": rel_err(grads[2], ref_grads[2]),
+            "deterministic": bool(torch.equal(out, out2) and all(torch.equal(a, b) for a, b in zip(grads, grads2))),
+            "nan": bool(torch.isnan(out).any() or any(torch.isnan(g).any() for g in grads)),
+        }
+        results[name] = row
+        print(name, json.dumps(row), flush=True)
+        del ref, ref_grads
+        torch.cuda.empty_cache()
+    return results
+
+
+def sdpa_causal(q, k, v, batch):
+    """q [b*s, H, D] -> SDPA causal on [b, H, s, D]."""
+    def split(x):
+        return x.view(batch, -1, x.shape[1], x.shape[2]).transpose(1, 2)
+    return F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=True)
+
+
+def fa2_causal(q, k, v, cu, max_len):
+    from torch.nn.attention.varlen import varlen_attn
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=(-1, 0))
+
+
+def measure(fn, backward: bool, reps_ms: int):
+    """(median ms, peak memory GiB above the inputs) of fn() or fn() + backward."""
+    def step():
+        out = fn()
+        if backward:
+            out.backward(grad)
+    out = fn()
+    grad = torch.randn_like(out)
+    del out
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    ms = do_bench(step, warmup=max(reps_ms // 4, 1), rep=reps_ms, return_mode="median")
+    return ms, peak
+
+
+def bench_shape(name, batch, heads, seq_len, block, topk, passes, dense: bool, dim=128):
+    total = batch * seq_len
+    cu = torch.arange(0, total + 1, seq_len, dtype=torch.int32, device="cuda")
+    q = torch.randn(total, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(total, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(total, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    rows = []
+    fwd_flops = moba_flops(seq_len, block, topk, dim) * batch * heads
+    dense_fwd = dense_flops(seq_len, dim) * batch * heads
+    reps = 300 if seq_len <= 65536 else 1500
+    backends = [("triton", lambda: moba_attention_triton(q, k, v, cu, block, topk), fwd_flops)]
+    if dense:
+        backends += [
+            ("sdpa", lambda: sdpa_causal(q, k, v, batch), dense_fwd),
+            ("fa2_varlen", lambda: fa2_causal(q, k, v, cu, seq_len), dense_fwd),
+        ]
+    for backend, fn, flops in backends:
+        for pas in passes:
+            try:
+                ms, peak = measure(fn, pas == "fwd+bwd", reps)
+                mult = 3.5 if pas == "fwd+bwd" else 1.0
+                row = dict(shape=name, backend=backend, pass_=pas, ms=ms, tflops=flops * mult / ms / 1e9, peak_gib=peak)
+            except Exception as exc:  # noqa: BLE001 - a failing baseline must not hide the others
+                row = dict(shape=name, backend=backend, pass_=pas, error=repr(exc)[:300])
+            q.grad = k.grad = v.grad = None
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument("--shapes", default="s32k-b128,s64k-b128,s32k-b512,s128k-b128,s1m-b4096")
+    args = parser.parse_args()
+    t0 = time.time()
+    meta = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+    }
+    result = {"meta": meta}
+    if not args.skip_check:
+        result["correctness"] = check_correctness(load_naive())
+        print(f"correctness done at {time.time() - t0:.0f}s", flush=True)
+    shapes = {
+        "s32k-b128": (2, 16, 32768, 128, 8, ("fwd", "fwd+bwd"), True),
+        "s64k-b128": (2, 16, 65536, 128, 8, ("fwd", "fwd+bwd"), True),
+        "s32k-b512": (2, 16, 32768, 512, 3, ("fwd", "fwd+bwd"), True),
+        "s128k-b128": (2, 16, 131072, 128, 8, ("fwd+bwd",), False),
+        "s1m-b4096": (1, 2, 1048576, 4096, 12, ("fwd",), True),
+    }
+    result["timings"] = []
+    for name in args.shapes.split(","):
+        result["timings"] += bench_shape(name, *shapes[name])
+        print(f"{name} done at {time.time() - t0:.0f}s", flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "triton_dev.json").write_text(json.dumps(result, indent=1))
+    print(f"\n{'shape':12} {'backend':11} {'pass':8} {'ms':>9} {'TFLOP/s':>8} {'peakGiB':>8}")
+    for row in result["timings"]:
+        if "error" in row:
+            print(f"{row['shape']:12} {row['backend']:11} {row['pass_']:8} ERROR {row['error'][:80]}")
+        else:
+            print(f"{row['shape']:12} {row['backend']:11} {row['pass_']:8} {row['ms']:9.2f} {row['tflops']:8.1f} {row['peak_gib']:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
