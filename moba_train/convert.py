@@ -1,0 +1,481 @@
+"""Hugging Face Llama <-> our Megatron-Core checkpoints.
+
+    import_hf(hf_dir, out_dir)          HF LlamaForCausalLM directory -> model-only checkpoint
+    export_hf(ckpt_dir, hf_out_dir)     our checkpoint -> HF LlamaForCausalLM directory
+    load_hf_weights(model, hf_dir, cfg) HF weights straight into a built (tensor-parallel) GPTModel
+
+Weight layout (HF name -> GPTModel name, per layer i; "L" = model.layers.i, "D" = decoder.layers.i):
+    model.embed_tokens.weight            embedding.word_embeddings.weight      rows padded to the padded vocab
+    L.input_layernorm.weight             D.input_layernorm.weight
+    L.self_attn.{q,k,v}_proj.weight      D.self_attention.linear_qkv.weight    fused, see `fuse_qkv`
+    L.self_attn.o_proj.weight            D.self_attention.linear_proj.weight
+    L.post_attention_layernorm.weight    D.pre_mlp_layernorm.weight
+    L.mlp.{gate,up}_proj.weight          D.mlp.linear_fc1.weight               [gate; up] along dim 0
+    L.mlp.down_proj.weight               D.mlp.linear_fc2.weight
+    model.norm.weight                    decoder.final_layernorm.weight
+    lm_head.weight                       output_layer.weight                   absent when embeddings are tied
+Both use the same (non-interleaved, "rotate half") RoPE convention, so q and k rows need no permutation.
+
+HF checkpoints are read tensor by tensor, one safetensors shard at a time: host memory holds one
+shard's worth of pending tensors at most, plus the model being filled. The model itself is fp32
+(build_model), so import_hf / export_hf of an 8B model need about 32 GB of host memory.
+An imported checkpoint keeps the source's config.json, generation config and tokenizer files under
+`<checkpoint>/hf/`; export_hf starts from them, so an import -> export round trip is lossless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from moba_train.config import Config, ConfigError, ModelConfig, RopeScalingConfig, load_config
+
+HF_ARCHITECTURE = "LlamaForCausalLM"
+HF_SIDECAR = "hf"
+"""Subdirectory of an imported checkpoint holding the source's config and tokenizer files."""
+HF_SIDECAR_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
+MAX_SHARD_BYTES = 5 * 1024**3
+"""export_hf splits the weights into safetensors shards of at most this many bytes (plus an index)."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+
+def read_hf_config(hf_dir: str | Path) -> dict:
+    """config.json of a HF Llama directory as a dict; ValueError if absent or not a Llama."""
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"'{hf_dir}' has no config.json; pass a Hugging Face model directory")
+    hf = json.loads(path.read_text())
+    architectures = hf.get("architectures") or []
+    if hf.get("model_type") != "llama" or (architectures and architectures != [HF_ARCHITECTURE]):
+        found = architectures[0] if architectures else hf.get("model_type")
+        raise ValueError(f"'{hf_dir}' holds a {found} model, not {HF_ARCHITECTURE}; only Llama checkpoints convert")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise ValueError(f"'{hf_dir}' sets {key}=true; our Llama has no biases, so it cannot be converted")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"'{hf_dir}' uses hidden_act={hf['hidden_act']!r}; only SwiGLU (silu) Llamas convert")
+    return hf
+
+
+def _rope(hf: dict) -> tuple[float, dict | None]:
+    """(rope theta, llama3 scaling dict or None) from transformers 5.x `rope_parameters` or the
+    published `rope_theta` + `rope_scaling` keys."""
+    params = hf.get("rope_parameters")
+    if params is not None:
+        theta, scaling = params.get("rope_theta", hf.get("rope_theta", 10000.0)), params
+    else:
+        theta, scaling = hf.get("rope_theta", 10000.0), hf.get("rope_scaling")
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type != "llama3":
+        raise ValueError(f"RoPE type {rope_type!r} is not supported; only default and llama3 (Llama 3.1) RoPE convert")
+    return float(theta), scaling
+
+
+def model_config_from_hf(hf: dict) -> ModelConfig:
+    """Our model section for a HF Llama config dict (read_hf_config)."""
+    theta, scaling = _rope(hf)
+    hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hidden // heads
+    return ModelConfig(
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hidden,
+        ffn_hidden_size=hf["intermediate_size"],
+        num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        kv_channels=None if head_dim * heads == hidden else head_dim,
+        vocab_size=hf["vocab_size"],
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        rope_theta=theta,
+        rope_scaling=None if scaling is None else RopeScalingConfig(
+            factor=scaling["factor"],
+            low_freq_factor=scaling["low_freq_factor"],
+            high_freq_factor=scaling["high_freq_factor"],
+            original_max_position_embeddings=scaling["original_max_position_embeddings"],
+        ),
+        norm_epsilon=hf.get("rms_norm_eps", 1e-6),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+
+
+def _plain(value):
+    return value.model_dump() if isinstance(value, RopeScalingConfig) else value
+
+
+_COMPARED = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "head_dim",
+    "vocab_size", "rope_theta", "rope_scaling", "norm_epsilon", "tie_embeddings",
+)
+
+
+def check_recipe_matches(recipe: ModelConfig, hf_dir: str | Path) -> dict:
+    """The HF config dict of `hf_dir`; ValueError naming the first model field where the recipe disagrees."""
+    hf = read_hf_config(hf_dir)
+    source = model_config_from_hf(hf)
+    for field in _COMPARED:
+        ours, theirs = (_plain(getattr(m, field)) for m in (recipe, source))
+        if ours != theirs:
+            raise ValueError(
+                f"recipe model.{field} is {ours!r} but the Hugging Face checkpoint '{hf_dir}' has {theirs!r}; "
+                f"set model.{field}={theirs!r} (or convert with scripts/convert_hf.py import)"
+            )
+    return hf
+
+
+def hf_config_from_model(model: ModelConfig, dtype: torch.dtype, base: dict | None = None) -> dict:
+    """config.json for LlamaForCausalLM: `base` (the imported source's, when known) updated with our fields."""
+    hf = dict(base or {})
+    modern_rope = "rope_parameters" in hf
+    for key in ("rope_parameters", "rope_scaling", "rope_theta", "torch_dtype"):
+        hf.pop(key, None)
+    hf.update(
+        architectures=[HF_ARCHITECTURE],
+        model_type="llama",
+        hidden_size=model.hidden_size,
+        intermediate_size=model.ffn_hidden_size,
+        num_hidden_layers=model.num_layers,
+        num_attention_heads=model.num_attention_heads,
+        num_key_value_heads=model.num_query_groups,
+        head_dim=model.head_dim,
+        vocab_size=model.vocab_size,
+        max_position_embeddings=model.max_position_embeddings,
+        rms_norm_eps=model.norm_epsilon,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=model.tie_embeddings,
+        dtype=str(dtype).removeprefix("torch."),
+    )
+    # The source's RoPE form; by default the published one (rope_theta + rope_scaling), which
+    # transformers 4.x and 5.x both read.
+    scaling = {"rope_type": "llama3", **model.rope_scaling.model_dump()} if model.rope_scaling else None
+    if modern_rope:
+        hf["rope_parameters"] = {"rope_type": "default", **(scaling or {}), "rope_theta": model.rope_theta}
+    else:
+        hf["rope_theta"] = model.rope_theta
+        if scaling:
+            hf["rope_scaling"] = scaling
+    return hf
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight layouts
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
+    """HF q [Hq*D, h], k/v [G*D, h] -> Megatron linear_qkv [G*(Hq/G + 2)*D, h]: per KV group its
+    query heads, then its key head, then its value head."""
+    hidden = q.shape[1]
+    q_g = q.reshape(groups, -1, hidden)
+    k_g, v_g = k.reshape(groups, -1, hidden), v.reshape(groups, -1, hidden)
+    return torch.cat([q_g, k_g, v_g], dim=1).reshape(-1, hidden)
+
+
+def split_qkv(qkv: torch.Tensor, groups: int, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of `fuse_qkv`."""
+    hidden = qkv.shape[1]
+    per_group = qkv.reshape(groups, -1, hidden)
+    head_dim = per_group.shape[1] // (heads // groups + 2)
+    q_rows = heads // groups * head_dim
+    q, k, v = per_group.split([q_rows, head_dim, head_dim], dim=1)
+    return q.reshape(-1, hidden), k.reshape(-1, hidden), v.reshape(-1, hidden)
+
+
+def pad_vocab(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """[V, h] -> [rows, h], zero rows appended (they are never produced by the tokenizer)."""
+    assert rows >= weight.shape[0]
+    return torch.cat([weight, weight.new_zeros(rows - weight.shape[0], weight.shape[1])])
+
+
+_DIRECT = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
+    "post_attention_layernorm.weight": "pre_mlp_layernorm.weight",
+    "mlp.down_proj.weight": "mlp.linear_fc2.weight",
+}
+_QKV = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
+_FC1 = ("mlp.gate_proj.weight", "mlp.up_proj.weight")
+
+
+def megatron_tensors(
+    hf_tensors: Iterator[tuple[str, torch.Tensor]], model: ModelConfig, vocab_rows: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full (unsharded) GPTModel tensors from a stream of HF tensors, each yielded as soon as its
+    inputs have arrived. Raises ValueError on an unexpected name or when a tensor is missing."""
+    pending: dict[int, dict[str, torch.Tensor]] = {}
+    expected = set(hf_names(model))
+    for name, tensor in hf_tensors:
+        if _IGNORED.search(name) or (name == "lm_head.weight" and model.tie_embeddings):
+            continue
+        if name not in expected:
+            raise ValueError(f"unexpected tensor '{name}' in the Hugging Face checkpoint; it is not a plain Llama")
+        expected.discard(name)
+        if name == "model.embed_tokens.weight":
+            yield "embedding.word_embeddings.weight", pad_vocab(tensor, vocab_rows)
+        elif name == "lm_head.weight":
+            yield "output_layer.weight", pad_vocab(tensor, vocab_rows)
+        elif name == "model.norm.weight":
+            yield "decoder.final_layernorm.weight", tensor
+        else:
+            match = _LAYER.match(name)
+            layer, rest = int(match.group(1)), match.group(2)
+            prefix = f"decoder.layers.{layer}."
+            if rest in _DIRECT:
+                yield prefix + _DIRECT[rest], tensor
+                continue
+            parts = pending.setdefault(layer, {})
+            parts[rest] = tensor
+            if all(p in parts for p in _QKV):
+                qkv = fuse_qkv(*(parts.pop(p) for p in _QKV), groups=model.num_query_groups)
+                yield prefix + "self_attention.linear_qkv.weight", qkv
+            if all(p in parts for p in _FC1):
+                yield prefix + "mlp.linear_fc1.weight", torch.cat([parts.pop(p) for p in _FC1])
+    if expected:
+        raise ValueError(
+            f"the Hugging Face checkpoint lacks tensor '{sorted(expected)[0]}' ({len(expected)} missing); "
+            "check that every shard was downloaded completely"
+        )
+
+
+def hf_names(model: ModelConfig) -> list[str]:
+    """Every tensor name of a HF LlamaForCausalLM with this architecture."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    for i in range(model.num_layers):
+        names += [f"model.layers.{i}.{rest}" for rest in (*_DIRECT, *_QKV, *_FC1)]
+    if not model.tie_embeddings:
+        names.append("lm_head.weight")
+    return names
+
+
+def hf_tensors_from_megatron(state: dict[str, torch.Tensor], model: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF tensors from a full (unsharded) GPTModel state dict, vocab padding removed."""
+    vocab = model.vocab_size
+    yield "model.embed_tokens.weight", state["embedding.word_embeddings.weight"][:vocab]
+    for i in range(model.num_layers):
+        prefix, hf_prefix = f"decoder.layers.{i}.", f"model.layers.{i}."
+        for hf_rest, rest in _DIRECT.items():
+            yield hf_prefix + hf_rest, state[prefix + rest]
+        qkv = split_qkv(state[prefix + "self_attention.linear_qkv.weight"], model.num_query_groups, model.num_attention_heads)
+        for hf_rest, tensor in zip(_QKV, qkv):
+            yield hf_prefix + hf_rest, tensor
+        for hf_rest, tensor in zip(_FC1, state[prefix + "mlp.linear_fc1.weight"].chunk(2)):
+            yield hf_prefix + hf_rest, tensor
+    yield "model.norm.weight", state["decoder.final_layernorm.weight"]
+    if not model.tie_embeddings:
+        yield "lm_head.weight", state["output_layer.weight"][:vocab]
+
+
+def tensor_parallel_shard(name: str, full: torch.Tensor, param: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """This tensor-parallel rank's part of a full tensor, following Megatron's partitioning of `param`.
+
+    Column-parallel weights (qkv, fc1, embedding, output layer) split dim 0, row-parallel ones dim 1.
+    The fused QKV splits whole KV groups; fc1 splits gate and up separately ([gate_r; up_r]).
+    """
+    if size == 1 or not getattr(param, "tensor_model_parallel", False):
+        return full
+    if name.endswith("mlp.linear_fc1.weight"):
+        gate, up = full.chunk(2)
+        return torch.cat([gate.chunk(size)[rank], up.chunk(size)[rank]])
+    return full.chunk(size, dim=param.partition_dim)[rank]
+
+
+# ---------------------------------------------------------------------------------------------
+# Safetensors
+
+
+def safetensors_files(hf_dir: str | Path) -> list[Path]:
+    """The safetensors files of a HF directory (sharded with an index, or one model.safetensors)."""
+    hf_dir = Path(hf_dir)
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        for shard in shards:
+            if not (hf_dir / shard).is_file():
+                raise ValueError(
+                    f"shard '{shard}' listed in {index} is missing; download all {len(shards)} shards"
+                )
+        return [hf_dir / shard for shard in shards]
+    single = hf_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise ValueError(
+        f"'{hf_dir}' has no model.safetensors or model.safetensors.index.json; save the model with "
+        "save_pretrained(..., safe_serialization=True)"
+    )
+
+
+def read_safetensors(files: list[Path], progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor in `files`, file by file, in the stored dtype, with a progress bar."""
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    total = sum(len(h.keys()) for h in handles)
+    with tqdm(total=total, desc="reading Hugging Face weights", unit="tensor", disable=not progress) as bar:
+        for handle in handles:
+            for name in handle.keys():
+                yield name, handle.get_tensor(name)
+                bar.update()
+
+
+def write_safetensors(tensors: Iterator[tuple[str, torch.Tensor]], out_dir: Path, max_shard_bytes: int) -> None:
+    """Write tensors as model.safetensors, or as model-0000i-of-0000n.safetensors shards + index when
+    they exceed `max_shard_bytes`."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = total = 0
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.contiguous()
+        size += nbytes
+        total += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out_dir / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, cfg: Config) -> None:
+    """Fill a built GPTModel (possibly tensor-parallel; DDP/Float16Module wrappers are unwrapped) with
+    the weights of a HF Llama directory. ValueError when the recipe's model section disagrees with
+    the HF config, or the checkpoint is incomplete. Call on every rank (each reads what it needs)."""
+    from megatron.core import parallel_state
+
+    from moba_train.checkpointing import unwrap_model
+
+    check_recipe_matches(cfg.model, hf_dir)
+    files = safetensors_files(hf_dir)
+    inner = unwrap_model(model)
+    params = dict(inner.named_parameters())
+    rank, size = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+    vocab_rows = params["embedding.word_embeddings.weight"].shape[0] * size
+    filled = set()
+    progress = not dist.is_initialized() or dist.get_rank() == 0
+    with torch.no_grad():
+        for name, full in megatron_tensors(read_safetensors(files, progress), cfg.model, vocab_rows):
+            param = params[name]
+            part = tensor_parallel_shard(name, full, param, rank, size)
+            assert part.shape == param.shape, (name, part.shape, param.shape)
+            param.copy_(part)
+            filled.add(name)
+    assert filled == set(params), set(params) - filled
+
+
+@contextlib.contextmanager
+def _single_process(cfg: Config):
+    """A world-size-1 Megatron set-up for conversion (reusing one that already exists)."""
+    from moba_train.distributed import destroy_distributed, init_distributed, set_seed
+
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise ValueError("checkpoint conversion runs in one process; run it outside torchrun")
+        yield
+        return
+    init_distributed(cfg)
+    set_seed(cfg.run.seed)
+    try:
+        yield
+    finally:
+        destroy_distributed()
+
+
+def _conversion_config(model: ModelConfig) -> Config:
+    """The recipe a conversion builds the model with: our model section, full attention, TP 1, CPU."""
+    return Config.model_validate(
+        {"model": model.model_dump(), "attention": {"mode": "full"}, "run": {"device": "cpu"}}
+    )
+
+
+def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
+    """Convert a HF Llama directory into a model-only checkpoint at `out_dir` (config.yaml + weights,
+    loadable under any TP layout via `checkpoint.init_from`). Returns `out_dir`."""
+    from moba_train.checkpointing import save_model_checkpoint
+    from moba_train.model import build_model
+
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    cfg = _conversion_config(model_config_from_hf(read_hf_config(hf_dir)))
+    with _single_process(cfg):
+        model = build_model(cfg)
+        load_hf_weights(model, hf_dir, cfg)
+        recorded = cfg.model_copy(update={"run": cfg.run.model_copy(update={"device": "auto"})})
+        save_model_checkpoint(out_dir, model, recorded)
+    sidecar = out_dir / HF_SIDECAR
+    sidecar.mkdir(exist_ok=True)
+    for file in HF_SIDECAR_FILES:
+        if (hf_dir / file).is_file():
+            shutil.copy2(hf_dir / file, sidecar / file)
+    return out_dir
+
+
+def _source_dtype(hf: dict) -> torch.dtype:
+    name = hf.get("dtype") or hf.get("torch_dtype") or "bfloat16"
+    return DTYPES.get(name, torch.bfloat16)
+
+
+def export_hf(ckpt_dir: str | Path, hf_out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write our checkpoint (a complete checkpoint or a checkpoint root: its newest) as a HF
+    LlamaForCausalLM directory: config.json, safetensors (sharded with an index when large), and the
+    tokenizer files of the imported source or of `data.tokenizer`. dtype defaults to the imported
+    source's, else bf16. Returns `hf_out_dir`."""
+    from moba_train.checkpointing import load_model_weights, resolve_checkpoint
+    from moba_train.model import build_model
+
+    try:
+        ckpt = resolve_checkpoint(ckpt_dir)
+        recipe = load_config(ckpt / "config.yaml")
+    except ConfigError as err:
+        raise ValueError(str(err)) from None
+    sidecar = ckpt / HF_SIDECAR
+    base = json.loads((sidecar / "config.json").read_text()) if (sidecar / "config.json").is_file() else None
+    dtype = dtype or _source_dtype(base or {})
+    cfg = _conversion_config(recipe.model)
+    with _single_process(cfg):
+        model = build_model(cfg)
+        load_model_weights(ckpt, model)
+        state = {name: p.detach() for name, p in model.named_parameters()}
+    out = Path(hf_out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = ((name, t.to(dtype)) for name, t in hf_tensors_from_megatron(state, cfg.model))
+    write_safetensors(tensors, out, MAX_SHARD_BYTES)
+    config = hf_config_from_model(cfg.model, dtype, base)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tokenizer_dir = sidecar if sidecar.is_dir() else Path(recipe.data.tokenizer) if recipe.data.tokenizer else None
+    if tokenizer_dir is not None and tokenizer_dir.is_dir():
+        for file in HF_SIDECAR_FILES[1:]:
+            if (tokenizer_dir / file).is_file():
+                shutil.copy2(tokenizer_dir / file, out / file)
+    return out
