@@ -1,0 +1,83 @@
+"""Triton MoBA kernels under the Triton interpreter (CPU) against the naive definition.
+
+TRITON_INTERPRET is read when a kernel is decorated, so it is set before `kernels` is imported (and a
+`kernels` imported earlier in the session without it is dropped). The interpreter's bf16 tl.dot is
+wrong (triton 3.6), so attention is checked in fp16 here and in bf16 on the GPU
+(scripts/bench_kernels.py); gating casts to fp32 and is checked in bf16 too.
+"""
+
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+for _name in [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]:
+    del sys.modules[_name]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kernels import moba_attention_triton, moba_selection_triton  # noqa: E402
+from moba_train.attention.naive import moba_attention_naive, moba_selection_naive  # noqa: E402
+
+# (cu_seqlens, Hq, Hkv, D, block, topk, shared_gqa_selection): varlen with a 7-token sequence and
+# partial last blocks, GQA, a block size that is not a power of two, topk larger than the blocks.
+CASES = [
+    ([0, 100, 107, 200], 4, 2, 32, 16, 3, False),
+    ([0, 150], 2, 1, 64, 48, 2, False),
+    ([0, 90, 170], 4, 2, 16, 16, 8, True),
+]
+
+
+def inputs(cu, hq, hkv, dim, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    total = cu[-1]
+    q = torch.randn(total, hq, dim, generator=gen).to(dtype)
+    k = torch.randn(total, hkv, dim, generator=gen).to(dtype)
+    v = torch.randn(total, hkv, dim, generator=gen).to(dtype)
+    return q, k, v, torch.tensor(cu, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", CASES)
+def test_selection_equals_naive_exactly(case, dtype):
+    cu, hq, hkv, dim, block, topk, shared = case
+    q, k, _, cu_t = inputs(cu, hq, hkv, dim, dtype)
+    got = moba_selection_triton(q, k, cu_t, block, topk, shared)
+    want = moba_selection_naive(q, k, cu_seqlens=cu_t, block_size=block, topk=topk, shared_gqa_selection=shared)
+    assert got.dtype == torch.int32 and torch.equal(got, want)
+
+
+def test_selection_ties_go_to_lower_block_index():
+    # Identical keys everywhere: every earlier block scores the same, so the lowest indices win.
+    cu, hq, hkv, dim, block, topk = [0, 96], 2, 1, 16, 16, 3
+    q, _, _, cu_t = inputs(cu, hq, hkv, dim, torch.float32)
+    k = torch.ones(cu[-1], hkv, dim)
+    got = moba_selection_triton(q, k, cu_t, block, topk)
+    want = moba_selection_naive(q, k, cu_seqlens=cu_t, block_size=block, topk=topk)
+    assert torch.equal(got, want)
+    assert got[95, 0].tolist() == [0, 1, 5]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_attention_output_and_gradients_match_naive(case):
+    cu, hq, hkv, dim, block, topk, shared = case
+    q, k, v, cu_t = inputs(cu, hq, hkv, dim, torch.float16)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out = moba_attention_triton(q, k, v, cu_t, block, topk, shared_gqa_selection=shared)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref = moba_attention_naive(
+        q.float(), k.float(), v.float(), cu_seqlens=cu_t, block_size=block, topk=topk, shared_gqa_selection=shared
+    )
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout.float())
+    assert out.dtype == torch.float16 and out.shape == ref.shape
+    # fp16 inputs, fp32 accumulation, fp16 running output: a few fp16 ulps relative to the scale.
+    for name, got, want in [("out", out, ref), *zip(("dq", "dk", "dv"), grads, ref_grads)]:
+        err = (got.float() - want).abs().max() / want.abs().max()
+        assert err < 4e-3, f"{name}: max error {err:.2e} relative to the largest value"
+
+
+def test_attention_rejects_fp32_with_a_clear_error():
+    q, k, v, cu_t = inputs([0, 32], 2, 2, 16, torch.float32)
+    with pytest.raises(TypeError, match="bf16 or fp16"):
+        moba_attention_triton(q, k, v, cu_t, 16, 2)
