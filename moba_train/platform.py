@@ -16,14 +16,21 @@ What is patched on CPU, and why:
   tracker's named states (data-parallel, model-parallel, expert) are CPU generator states.
 - the `megatron.core.tensor_parallel.random` logger -> disabled: its tracker warns "CPU RNG state
   changed within GPU RNG context" on every fork, which is expected when the device RNG is the CPU's.
+
+One scoped accommodation, `cuda_stand_in()`, is a context manager rather than a patch: Megatron's
+optimizer (FP32Optimizer, DistributedOptimizer, clip_grads) allocates with `device="cuda"` and
+asserts `grad.type() == "torch.cuda.FloatTensor"`. Inside the context, on CPU only, such factories
+get the CPU and `Tensor.type()` reports the CUDA name; wrap exactly the Megatron calls that need it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 PATCHES = (
     "torch.cuda.current_device",
@@ -93,3 +100,26 @@ def apply_cpu_accommodations(device: torch.device) -> None:
 def cpu_accommodations_applied() -> bool:
     """Whether this process runs with the CPU accommodations."""
     return _applied
+
+
+class _CudaStandIn(TorchFunctionMode):
+    """device="cuda" factories -> CPU; Tensor.type() -> "torch.cuda.<Type>" (see module docstring)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cuda":
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return func(*args).replace("torch.", "torch.cuda.", 1)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def cuda_stand_in():
+    """Run CUDA-assuming Megatron code (its optimizer) on CPU; a no-op unless the accommodations are applied."""
+    if not _applied:
+        yield
+        return
+    with _CudaStandIn():
+        yield
