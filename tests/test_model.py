@@ -181,3 +181,18 @@ def test_transformer_engine_spec_without_transformer_engine_is_a_config_error():
             build(tiny(model={"transformer_impl": "te"}))
     else:
         pytest.skip("transformer_engine is installed")
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_activation_recomputation_keeps_loss_and_gradients(recompute):
+    batch = make_batch(2, SEQ)
+    results = []
+    for mode in ("none", recompute):
+        model = build(tiny(train={"recompute": mode}, attention={"full_layers": 1}))
+        loss_sum, count = forward_step(model, batch)
+        (loss_sum / count).backward()
+        results.append((loss_sum.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (reference_loss, reference_grads), (loss, grads) = results
+    torch.testing.assert_close(loss, reference_loss, rtol=0, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], rtol=1e-6, atol=1e-7)
