@@ -76,7 +76,11 @@ def build_optimizer(cfg: Config, model_chunks: list, *, bf16: bool, distributed:
 
 
 def build_scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:
-    """The schedule of the module docstring over `optimizer.param_groups` (any torch-style optimizer)."""
+    """The schedule of the module docstring over `optimizer.param_groups` (any torch-style optimizer).
+
+    The recipe is the source of truth: a resumed run takes only the step count from its checkpoint,
+    so raising train.steps on relaunch extends the schedule.
+    """
     train = cfg.train
     return OptimizerParamScheduler(
         optimizer,
@@ -92,6 +96,8 @@ def build_scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:
         wd_incr_style="constant",
         wsd_decay_steps=max(1, round(train.wsd_decay_fraction * (train.steps - train.warmup_steps))),
         lr_wsd_decay_style="linear",
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )
 
 

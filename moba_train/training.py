@@ -1,0 +1,228 @@
+"""The trainer. `train(cfg)` reads top to bottom as the story of a run: set up, build, load, loop
+(accumulate micro-batches, step, log, checkpoint), finish.
+
+Batching. One optimizer step consumes `train.global_batch_size` sequences: each data-parallel rank
+runs `num_microbatches = global_batch_size / (micro_batch_size * dp)` forward/backward passes,
+gradients accumulate in Megatron DDP's fp32 buffers and are reduced once per step. The loss is the
+mean over every counted (loss_mask) token of the global batch: each micro-batch backpropagates
+`loss_sum * dp / global_tokens` (DDP averages over the dp ranks).
+
+Robustness. A step whose loss or gradient norm is NaN/inf changes nothing (no update; its data is
+consumed and it counts as a step); after `train.max_nonfinite_steps` such steps in a row training
+aborts. SIGTERM / SIGUSR1 set a flag: the current step finishes, a checkpoint is saved, the run
+exits cleanly; relaunching the same command resumes from the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.transformer.module import Float16Module
+
+from moba_train import checkpointing, data
+from moba_train.checkpointing import TrainState
+from moba_train.config import Config, ConfigError
+from moba_train.distributed import DistEnv, destroy_distributed, init_distributed, set_seed
+from moba_train.flops import training_step_flops
+from moba_train.metrics import MetricsLogger
+from moba_train.model import build_model, compute_dtype, forward_step, matrix_params
+from moba_train.optimizer import build_optimizer, build_scheduler, optimizer_step
+
+
+class TrainingAborted(RuntimeError):
+    """Training cannot continue (e.g. repeated non-finite losses); the message says why and what to do."""
+
+
+class StopSignal:
+    """Remembers that SIGTERM or SIGUSR1 arrived; the trainer checks it once per step."""
+
+    def __init__(self):
+        self.received = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank as soon as any rank got a signal (ranks must save together)."""
+        flag = torch.tensor([float(self.received)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def num_microbatches(cfg: Config, env: DistEnv) -> int:
+    """Micro-batches per step on each data-parallel rank."""
+    per_pass = cfg.train.micro_batch_size * env.dp
+    if cfg.train.global_batch_size % per_pass:
+        raise ConfigError(
+            f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of micro_batch_size x "
+            f"data-parallel size ({cfg.train.micro_batch_size} x {env.dp}); change the batch sizes or the process count"
+        )
+    return cfg.train.global_batch_size // per_pass
+
+
+def wrap_model(cfg: Config, model: torch.nn.Module, env: DistEnv) -> DistributedDataParallel:
+    """bf16 compute (Float16Module) when the precision resolves to bf16, then Megatron DDP."""
+    config = model.config
+    if compute_dtype(cfg, env.device) == torch.bfloat16:
+        model = Float16Module(config, model)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer(cfg, env),
+    )
+    return DistributedDataParallel(config, ddp_config, model)
+
+
+def use_distributed_optimizer(cfg: Config, env: DistEnv) -> bool:
+    """parallel.distributed_optimizer, default on CUDA and off on CPU."""
+    if cfg.parallel.distributed_optimizer is None:
+        return env.device.type == "cuda"
+    return cfg.parallel.distributed_optimizer
+
+
+def _step_flops(cfg: Config, seqlens: list[int]) -> float:
+    m, att = cfg.model, cfg.attention
+    return float(training_step_flops(matrix_params(cfg), seqlens, cfg.layer_kinds(), m.num_attention_heads,
+                                     m.head_dim, att.block_size, att.topk))
+
+
+def train_step(model, optimizer, batches: list[dict], env: DistEnv) -> tuple[float, float, bool]:
+    """Forward/backward over this rank's micro-batches and one optimizer update.
+
+    Returns (loss, grad_norm, updated); loss is the mean per counted token of the global batch.
+    """
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    replicas = env.dp * env.cp
+    global_tokens = torch.tensor([sum(float(b["loss_mask"].sum()) for b in batches)], device=env.device)
+    dist.all_reduce(global_tokens, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    loss_sum = torch.zeros(1, device=env.device)
+    for batch in batches:
+        batch_loss, _ = forward_step(model, batch)
+        (batch_loss * replicas / global_tokens).backward()
+        loss_sum += batch_loss.detach()
+    finalize_model_grads([model])
+    dist.all_reduce(loss_sum, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    loss = float(loss_sum / global_tokens)
+    if not math.isfinite(loss):
+        return loss, float("nan"), False
+    updated, grad_norm = optimizer_step(optimizer)
+    return loss, grad_norm, updated
+
+
+@torch.no_grad()
+def evaluate(model, dataset, cfg: Config, env: DistEnv) -> float:
+    """Mean per-token loss over the first `train.eval_steps` global micro-batches of `dataset`."""
+    model.eval()
+    batches = data.build_dataloader(dataset, cfg, env, consumed_samples=0)
+    sums = torch.zeros(2, device=env.device)
+    for _ in range(cfg.train.eval_steps):
+        loss_sum, tokens = forward_step(model, next(batches))
+        sums += torch.stack([loss_sum, tokens])
+    dist.all_reduce(sums, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    model.train()
+    return float(sums[0] / sums[1])
+
+
+def train(cfg: Config) -> None:
+    """Run (or resume) the training described by `cfg`; torchrun or a single process."""
+    env = init_distributed(cfg)
+    try:
+        _train(cfg, env)
+    finally:
+        destroy_distributed()
+
+
+def _train(cfg: Config, env: DistEnv) -> None:
+    output_dir = Path(cfg.run.output_dir)
+    if env.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        print(f"# resolved config ({env.world_size} process(es), {env.device.type}, tp={env.tp} cp={env.cp} "
+              f"dp={env.dp})\n{cfg.to_yaml()}", flush=True)
+    n_micro = num_microbatches(cfg, env)
+    set_seed(cfg.run.seed)
+
+    # Build: the fp32 model, its initial weights, then bf16/DDP wrapping, optimizer and schedule.
+    ckpt_root = checkpointing.checkpoint_dir(cfg)
+    resume_from = checkpointing.latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
+    model = build_model(cfg)
+    if resume_from is None and cfg.model.init_from_hf:
+        from moba_train.convert import load_hf_weights
+
+        load_hf_weights(model, cfg.model.init_from_hf, cfg)
+    if resume_from is None and cfg.checkpoint.init_from:
+        source = checkpointing.load_model_weights(cfg.checkpoint.init_from, model)
+        if env.is_main:
+            print(f"initialised model weights from {source}", flush=True)
+    model = wrap_model(cfg, model, env)
+    optimizer = build_optimizer(cfg, [model], bf16=compute_dtype(cfg, env.device) == torch.bfloat16,
+                                distributed=use_distributed_optimizer(cfg, env))
+    scheduler = build_scheduler(cfg, optimizer)
+
+    # Load: the newest complete checkpoint of this run, if any.
+    state = TrainState()
+    if resume_from is not None:
+        state = checkpointing.load_checkpoint(resume_from, model, optimizer, scheduler)
+        if env.is_main:
+            print(f"resumed from {resume_from} at step {state.step} ({state.consumed_samples} samples consumed)",
+                  flush=True)
+
+    train_dataset, valid_dataset = data.build_datasets(cfg, env)
+    batches = data.build_dataloader(train_dataset, cfg, env, state.consumed_samples)
+    stop = StopSignal()
+    metrics = None
+    if env.is_main:
+        metrics = MetricsLogger(output_dir / "metrics.jsonl", cfg.train.steps, state.step, cfg.train.log_interval,
+                                env.world_size, env.device.type == "cuda", cfg.logging.progress_bar)
+
+    # Loop.
+    nonfinite_in_a_row = 0
+    model.train()
+    while state.step < cfg.train.steps:
+        state.step += 1
+        scheduler.step(1)
+        micro_batches = [next(batches) for _ in range(n_micro)]
+        loss, grad_norm, updated = train_step(model, optimizer, micro_batches, env)
+        state.consumed_samples += cfg.train.global_batch_size
+        if not updated:
+            state.skipped_steps += 1
+            nonfinite_in_a_row += 1
+        else:
+            nonfinite_in_a_row = 0
+
+        if metrics is not None:
+            seqlens = [int(n) for b in micro_batches for n in b["cu_seqlens"].diff()]
+            tokens = cfg.train.global_batch_size * cfg.train.seq_length
+            metrics.log_step(state.step, loss, optimizer.param_groups[0]["lr"], grad_norm, tokens,
+                             _step_flops(cfg, seqlens) * env.dp, skipped=not updated)
+        if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+            raise TrainingAborted(
+                f"{nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient norm (last at step "
+                f"{state.step}); lower train.lr or check the data, then relaunch to resume from the last checkpoint"
+            )
+
+        if valid_dataset is not None and cfg.train.eval_interval and state.step % cfg.train.eval_interval == 0:
+            eval_loss = evaluate(model, valid_dataset, cfg, env)
+            if metrics is not None:
+                metrics.print(f"step {state.step}/{cfg.train.steps} | eval loss {eval_loss:.4f}")
+
+        stopping = stop.agreed(env.device)
+        if state.step % cfg.checkpoint.interval == 0 or state.step == cfg.train.steps or stopping:
+            path = checkpointing.save_checkpoint(cfg, model, optimizer, scheduler, state)
+            if metrics is not None:
+                metrics.print(f"saved checkpoint {path}")
+        if stopping:
+            if metrics is not None:
+                metrics.print(f"stopped by signal after step {state.step}; relaunch the same command to resume")
+            break
+
+    if metrics is not None:
+        metrics.close()

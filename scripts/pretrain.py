@@ -1,0 +1,21 @@
+"""Pretrain (or continue pretraining) a Llama model with MoBA attention.
+
+    torchrun --standalone --nproc_per_node=2 scripts/pretrain.py --config configs/tiny_moba.yaml [section.key=value ...]
+
+Relaunching the same command resumes from the newest complete checkpoint.
+"""
+
+import sys
+
+from moba_train.cli import parse_recipe, run_entry
+
+
+def main(argv=None) -> None:
+    cfg = parse_recipe(argv, description=__doc__.splitlines()[0])
+    from moba_train.training import train  # after the recipe is valid: importing Megatron takes seconds
+
+    train(cfg)
+
+
+if __name__ == "__main__":
+    run_entry(lambda: main(sys.argv[1:]))

@@ -1,0 +1,67 @@
+"""Recipe validation: every shipped recipe loads with the shapes it promises; each kind of mistake is
+one ConfigError sentence naming the key (the CLI's exit code 2 is tested in tests/scripts)."""
+
+from pathlib import Path
+
+import pytest
+
+from moba_train.config import ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["tiny_moba", "llama1b_moba_32k", "llama8b_moba"])
+def test_shipped_recipes_validate(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    assert cfg.train.warmup_steps < cfg.train.steps
+
+
+def test_llama8b_recipe_has_the_llama31_8b_shape_and_hybrid_plan():
+    cfg = load_config(CONFIGS / "llama8b_moba.yaml")
+    m = cfg.model
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, m.ffn_hidden_size, m.vocab_size) == (
+        32, 4096, 32, 8, 14336, 128256)
+    assert m.rope_theta == 500000.0
+    assert (m.rope_scaling.factor, m.rope_scaling.low_freq_factor, m.rope_scaling.high_freq_factor,
+            m.rope_scaling.original_max_position_embeddings) == (8.0, 1.0, 4.0, 8192)
+    assert (cfg.attention.block_size, cfg.attention.topk) == (4096, 12)
+    assert cfg.layer_kinds() == ["moba"] * 29 + ["full"] * 3
+    assert (cfg.parallel.tensor, cfg.parallel.context) == (8, 4)
+
+
+def test_llama1b_recipe_has_the_notes_shape_at_32k():
+    cfg = load_config(CONFIGS / "llama1b_moba_32k.yaml")
+    m = cfg.model
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, m.ffn_hidden_size, m.vocab_size) == (
+        16, 2048, 32, 8, 8192, 32768)
+    assert cfg.train.seq_length == 32768 and cfg.train.seq_length % cfg.attention.block_size == 0
+
+
+def test_overrides_apply_on_top_of_the_recipe():
+    cfg = load_config(CONFIGS / "tiny_moba.yaml", ["train.lr=1e-5", "train.min_lr=0", "attention.topk=8", "attention.layer_kinds=[full,moba,full]"])
+    assert cfg.train.lr == 1e-5 and cfg.attention.topk == 8
+    assert cfg.layer_kinds() == ["full", "moba", "full"]
+
+
+@pytest.mark.parametrize(
+    "overrides, fragments",
+    [
+        (["train.lrr=1e-5"], ["unknown key 'train.lrr'", "did you mean 'train.lr'"]),
+        (["train.steps=many"], ["'train.steps'", "'many'"]),
+        (["attention.block_size=8"], ["'attention.block_size'", "greater than or equal to 16"]),
+        (["train.warmup_steps=100", "train.steps=100"], ["warmup_steps (100) must be smaller than steps (100)"]),
+        (["train.lr"], ["not of the form section.key=value"]),
+    ],
+)
+def test_each_mistake_is_one_sentence_naming_the_key(overrides, fragments):
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "tiny_moba.yaml", overrides)
+    message = str(err.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
