@@ -1,0 +1,34 @@
+"""Convert between Hugging Face Llama directories and our checkpoints.
+
+    python scripts/convert_hf.py import HF_DIR OUT_DIR      # HF LlamaForCausalLM -> model-only checkpoint
+    python scripts/convert_hf.py export CKPT_DIR HF_OUT_DIR # our checkpoint (or a checkpoint root: its newest) -> HF
+
+The imported checkpoint starts training with `checkpoint.init_from=OUT_DIR` under any tensor-parallel
+size. Bad input (missing shards, a non-Llama model, ...) prints one line and exits with code 2.
+"""
+
+import argparse
+import sys
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("direction", choices=["import", "export"])
+    parser.add_argument("source", help="import: HF model directory; export: checkpoint directory")
+    parser.add_argument("target", help="import: checkpoint directory to write; export: HF directory to write")
+    args = parser.parse_args(argv)
+    from moba_train import convert  # after argument parsing: importing Megatron takes seconds
+
+    try:
+        if args.direction == "import":
+            convert.import_hf(args.source, args.target)
+        else:
+            convert.export_hf(args.source, args.target)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    print(f"wrote {args.target}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,234 @@
+"""HF Llama <-> our checkpoints: logits match transformers after import (MHA, GQA, MQA, tied,
+Llama 3.1 RoPE scaling, explicit head_dim), import -> export is lossless, tensor-parallel loading and
+resharding match, every bad input gets one clear error."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from moba_train import convert, distributed
+from moba_train.checkpointing import load_model_weights
+from moba_train.config import Config
+from moba_train.model import build_model
+
+VOCAB = 250
+SEQ = 40
+REPO = Path(__file__).resolve().parents[1]
+
+VARIANTS = {
+    "mha": dict(num_attention_heads=4, num_key_value_heads=4),
+    "gqa": dict(num_attention_heads=4, num_key_value_heads=2),
+    "mqa": dict(num_attention_heads=4, num_key_value_heads=1),
+    "tied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "llama31_rope": dict(
+        num_attention_heads=4, num_key_value_heads=2,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 50000.0, "factor": 4.0, "low_freq_factor": 2.0,
+                         "high_freq_factor": 8.0, "original_max_position_embeddings": 16},
+    ),
+    "head_dim_24": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24),
+}
+
+
+def save_llama(path: Path, dtype: torch.dtype = torch.float32, max_shard_size: str | None = None, **overrides) -> LlamaForCausalLM:
+    """A random 2-layer Llama saved with save_pretrained; weights large enough for peaked attention."""
+    fields = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2, rms_norm_eps=1e-5,
+                  tie_word_embeddings=False)
+    fields.update(overrides)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**fields)).to(dtype).eval()
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return model
+
+
+def tokens(batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def recipe(hf_dir: Path, tp: int = 1) -> Config:
+    model = convert.model_config_from_hf(convert.read_hf_config(hf_dir))
+    return Config.model_validate({"model": model.model_dump(), "attention": {"mode": "full"}, "parallel": {"tensor": tp}})
+
+
+def megatron_logits(model, toks: torch.Tensor) -> torch.Tensor:
+    """Logits [b, s, VOCAB], gathered over tensor-parallel ranks (the output layer splits the vocabulary)."""
+    position_ids = torch.arange(toks.shape[1]).expand_as(toks)
+    with torch.no_grad():
+        logits = model(toks, position_ids, attention_mask=None)
+    return gather_from_tensor_model_parallel_region(logits)[..., :VOCAB]
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    distributed.init_distributed(Config.model_validate({"attention": {"mode": "full"}}))
+    distributed.set_seed(1)
+    yield
+    distributed.destroy_distributed()
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_imported_model_logits_match_transformers(tmp_path, single_process, variant):
+    hf = save_llama(tmp_path, **VARIANTS[variant])
+    cfg = recipe(tmp_path)
+    model = build_model(cfg).eval()
+    convert.load_hf_weights(model, tmp_path, cfg)
+    with torch.no_grad():
+        expected = hf(tokens()).logits
+    assert expected.std() > 0.5
+    torch.testing.assert_close(megatron_logits(model, tokens()), expected, rtol=0, atol=1e-4)
+
+
+def test_config_mapping_reads_published_rope_scaling_form():
+    published = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+        "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
+        "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    }
+    ours = convert.model_config_from_hf(published)
+    theirs = LlamaConfig.from_dict(published)
+    assert ours.rope_theta == theirs.rope_parameters["rope_theta"] == 500000.0
+    assert ours.rope_scaling.model_dump() == {k: theirs.rope_parameters[k] for k in ours.rope_scaling.model_dump()}
+    assert (ours.num_query_groups, ours.head_dim, ours.ffn_hidden_size) == (8, 128, 14336)
+    assert convert.model_config_from_hf(convert.hf_config_from_model(ours, torch.bfloat16)) == ours
+
+
+def test_import_then_export_returns_identical_tensors_and_config(tmp_path):
+    source = tmp_path / "hf"
+    save_llama(source, dtype=torch.bfloat16, max_shard_size="100KB", **VARIANTS["llama31_rope"])
+    assert (source / "model.safetensors.index.json").is_file()
+    (source / "tokenizer_config.json").write_text('{"model_max_length": 128}')
+    convert.import_hf(source, tmp_path / "ckpt")
+    convert.export_hf(tmp_path / "ckpt", tmp_path / "out")
+
+    def tensors(path: Path) -> dict[str, torch.Tensor]:
+        return {k: v for f in convert.safetensors_files(path) for k, v in load_file(f).items()}
+
+    before, after = tensors(source), tensors(tmp_path / "out")
+    assert before.keys() == after.keys()
+    for name in before:
+        assert after[name].dtype == torch.bfloat16 and torch.equal(before[name], after[name]), name
+    assert json.loads((tmp_path / "out/config.json").read_text()) == json.loads((source / "config.json").read_text())
+    assert (tmp_path / "out/tokenizer_config.json").read_text() == '{"model_max_length": 128}'
+
+
+def test_export_writes_sharded_safetensors_that_transformers_loads(tmp_path, monkeypatch):
+    hf = save_llama(tmp_path / "hf", tie_word_embeddings=True)
+    convert.import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    monkeypatch.setattr(convert, "MAX_SHARD_BYTES", 60_000)
+    convert.export_hf(tmp_path / "ckpt", tmp_path / "out")
+    index = json.loads((tmp_path / "out/model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(tokens()).logits, hf(tokens()).logits, rtol=0, atol=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tp2_worker(rank: int, port: int, hf_dir: Path, ckpt: Path, expected: torch.Tensor) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cfg = recipe(hf_dir, tp=2)
+    distributed.init_distributed(cfg)
+    try:
+        distributed.set_seed(cfg.run.seed)
+        from_hf = build_model(cfg).eval()
+        convert.load_hf_weights(from_hf, hf_dir, cfg)
+        resharded = build_model(cfg).eval()
+        load_model_weights(ckpt, resharded)
+        for model in (from_hf, resharded):
+            torch.testing.assert_close(megatron_logits(model, tokens()), expected, rtol=0, atol=1e-4)
+    finally:
+        distributed.destroy_distributed()
+
+
+def test_tensor_parallel_2_loads_hf_weights_and_reshards_the_import(tmp_path):
+    hf = save_llama(tmp_path / "hf", **VARIANTS["gqa"])
+    convert.import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    with torch.no_grad():
+        expected = hf(tokens()).logits
+    mp.spawn(_tp2_worker, args=(_free_port(), tmp_path / "hf", tmp_path / "ckpt", expected), nprocs=2, join=True)
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+def test_missing_shard_is_named(tmp_path):
+    save_llama(tmp_path, max_shard_size="100KB")
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(ValueError, match=f"shard '{shard.name}'.*missing"):
+        convert.import_hf(tmp_path, tmp_path / "ckpt")
+
+
+def test_missing_tensor_is_named(tmp_path, single_process):
+    save_llama(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, tmp_path / "model.safetensors")
+    cfg = recipe(tmp_path)
+    with pytest.raises(ValueError, match="lacks tensor 'model.layers.1.mlp.up_proj.weight'"):
+        convert.load_hf_weights(build_model(cfg), tmp_path, cfg)
+
+
+def test_directory_without_safetensors_is_refused(tmp_path):
+    save_llama(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        convert.import_hf(tmp_path, tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}, "MistralForCausalLM model, not LlamaForCausalLM"),
+        ({"attention_bias": True}, "attention_bias=true"),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "RoPE type 'yarn'"),
+    ],
+)
+def test_non_llama_configs_are_refused(tmp_path, edit, message):
+    save_llama(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(ValueError, match=message):
+        convert.import_hf(tmp_path, tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("hidden_size", 128), ("num_attention_heads", 8), ("num_query_groups", 4), ("vocab_size", 256), ("num_layers", 3)],
+)
+def test_recipe_disagreeing_with_hf_config_names_the_field(tmp_path, field, value):
+    save_llama(tmp_path)
+    cfg = recipe(tmp_path)
+    bad = cfg.model.model_copy(update={field: value})
+    with pytest.raises(ValueError, match=f"recipe model.{field} is {value} but the Hugging Face checkpoint"):
+        convert.check_recipe_matches(bad, tmp_path)
+
+
+def test_script_exits_2_with_one_line_on_bad_input(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts/convert_hf.py"), "import", str(tmp_path), str(tmp_path / "ckpt")],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == f"error: '{tmp_path}' has no config.json; pass a Hugging Face model directory"
