@@ -18,41 +18,15 @@ update s (1-based, s = 1..T with T = train.steps, W = train.warmup_steps) uses
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import torch
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from torch.overrides import TorchFunctionMode
 
+from moba_train import platform
 from moba_train.config import Config
 
 _DECAY_STYLE = {"cosine": "cosine", "wsd": "WSD", "constant": "constant"}
-
-
-class _CpuStandsInForCuda(TorchFunctionMode):
-    """Megatron-Core's optimizer allocates flags with device='cuda' and asserts
-    `grad.type() == 'torch.cuda.FloatTensor'` (FP32Optimizer, clip_grads). On a CPU-only build
-    these factories get device='cpu' and Tensor.type() reports the CUDA name."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        device = kwargs.get("device")
-        if device is not None and torch.device(device).type == "cuda":
-            kwargs["device"] = "cpu"
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            return func(*args).replace("torch.", "torch.cuda.", 1)
-        return func(*args, **kwargs)
-
-
-@contextmanager
-def _optimizer_device_scope():
-    """The CPU accommodation above while Megatron's optimizer code runs; nothing on CUDA."""
-    if torch.cuda.is_available():
-        yield
-        return
-    with _CpuStandsInForCuda():
-        yield
 
 
 def build_optimizer(cfg: Config, model_chunks: list, *, bf16: bool, distributed: bool) -> MegatronOptimizer:
@@ -71,7 +45,7 @@ def build_optimizer(cfg: Config, model_chunks: list, *, bf16: bool, distributed:
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=distributed,
     )
-    with _optimizer_device_scope():
+    with platform.cuda_stand_in():
         return get_megatron_optimizer(opt_cfg, model_chunks)
 
 
@@ -107,7 +81,7 @@ def optimizer_step(optimizer: MegatronOptimizer) -> tuple[bool, float]:
     Returns (updated, grad_norm): a NaN/inf gradient norm leaves parameters and optimizer state
     untouched (the caller zeroes the gradient buffers before the next step either way).
     """
-    with _optimizer_device_scope():
+    with platform.cuda_stand_in():
         found_inf = optimizer.prepare_grads()
         grad_norm = float(optimizer.get_grad_norm())
         if found_inf or not math.isfinite(grad_norm):
