@@ -3,6 +3,8 @@ packed documents, the forward-step contract and the matrix-parameter count."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,7 @@ from moba_train.config import Config, ConfigError
 from moba_train.core_attention import FullCoreAttention, MoBACoreAttention
 from moba_train.model import (
     build_model,
+    layer_specs,
     forward_step,
     matrix_params,
     packed_seq_params,
@@ -84,6 +87,19 @@ def test_built_model_puts_moba_core_attention_on_the_planned_layers(attention, e
         core = layer.self_attention.core_attention
         if isinstance(core, MoBACoreAttention):
             assert (core.block_size, core.topk, core.backend) == (BLOCK, 3, "auto")
+
+
+def test_layer_specs_differ_only_in_the_core_attention_slot():
+    specs = layer_specs(tiny(attention={"layer_kinds": ["moba", "full"]}))
+    assert [spec.submodules.self_attention.submodules.core_attention.module for spec in specs] == [
+        MoBACoreAttention, FullCoreAttention
+    ]
+    stripped = []
+    for spec in specs:
+        spec = copy.deepcopy(spec)
+        spec.submodules.self_attention.submodules.core_attention = None
+        stripped.append(spec)
+    assert stripped[0] == stripped[1]
 
 
 def test_moba_with_topk_covering_every_block_has_the_full_attention_loss():
