@@ -68,7 +68,6 @@ class _CoreAttention(MegatronModule):
         assert config.context_parallel_size == 1, "context parallelism is not implemented yet"
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         assert dropout == 0.0, "Llama attention has no dropout"
-        self.layer_number = layer_number
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
 
     def forward(
