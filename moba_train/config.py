@@ -249,6 +249,14 @@ class LoggingConfig(_Section):
     """auto: a progress bar only when stdout is a terminal."""
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on_off(cls, data):
+        # YAML 1.1 reads a bare on/off as true/false.
+        if isinstance(data, dict) and isinstance(data.get("progress_bar"), bool):
+            data = {**data, "progress_bar": "on" if data["progress_bar"] else "off"}
+        return data
+
 
 class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)

@@ -65,3 +65,8 @@ def test_each_mistake_is_one_sentence_naming_the_key(overrides, fragments):
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_progress_bar_accepts_yaml_on_off_words():
+    assert load_config(CONFIGS / "tiny_moba.yaml", ["logging.progress_bar=off"]).logging.progress_bar == "off"
+    assert load_config(CONFIGS / "tiny_moba.yaml", ["logging.progress_bar=on"]).logging.progress_bar == "on"
