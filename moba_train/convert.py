@@ -40,6 +40,11 @@ from tqdm import tqdm
 
 from moba_train.config import Config, ConfigError, ModelConfig, RopeScalingConfig, load_config
 
+class ConversionError(ConfigError):
+    """A Hugging Face checkpoint cannot be converted or disagrees with the recipe: one sentence for the
+    user. A ConfigError (hence a ValueError), so entry points print it and exit with code 2."""
+
+
 HF_ARCHITECTURE = "LlamaForCausalLM"
 HF_SIDECAR = "hf"
 """Subdirectory of an imported checkpoint holding the source's config and tokenizer files."""
@@ -64,20 +69,20 @@ _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
 
 def read_hf_config(hf_dir: str | Path) -> dict:
-    """config.json of a HF Llama directory as a dict; ValueError if absent or not a Llama."""
+    """config.json of a HF Llama directory as a dict; ConversionError if absent or not a Llama."""
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
-        raise ValueError(f"'{hf_dir}' has no config.json; pass a Hugging Face model directory")
+        raise ConversionError(f"'{hf_dir}' has no config.json; pass a Hugging Face model directory")
     hf = json.loads(path.read_text())
     architectures = hf.get("architectures") or []
     if hf.get("model_type") != "llama" or (architectures and architectures != [HF_ARCHITECTURE]):
         found = architectures[0] if architectures else hf.get("model_type")
-        raise ValueError(f"'{hf_dir}' holds a {found} model, not {HF_ARCHITECTURE}; only Llama checkpoints convert")
+        raise ConversionError(f"'{hf_dir}' holds a {found} model, not {HF_ARCHITECTURE}; only Llama checkpoints convert")
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
-            raise ValueError(f"'{hf_dir}' sets {key}=true; our Llama has no biases, so it cannot be converted")
+            raise ConversionError(f"'{hf_dir}' sets {key}=true; our Llama has no biases, so it cannot be converted")
     if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"'{hf_dir}' uses hidden_act={hf['hidden_act']!r}; only SwiGLU (silu) Llamas convert")
+        raise ConversionError(f"'{hf_dir}' uses hidden_act={hf['hidden_act']!r}; only SwiGLU (silu) Llamas convert")
     return hf
 
 
@@ -93,7 +98,7 @@ def _rope(hf: dict) -> tuple[float, dict | None]:
     if rope_type == "default":
         return float(theta), None
     if rope_type != "llama3":
-        raise ValueError(f"RoPE type {rope_type!r} is not supported; only default and llama3 (Llama 3.1) RoPE convert")
+        raise ConversionError(f"RoPE type {rope_type!r} is not supported; only default and llama3 (Llama 3.1) RoPE convert")
     return float(theta), scaling
 
 
@@ -134,13 +139,13 @@ _COMPARED = (
 
 
 def check_recipe_matches(recipe: ModelConfig, hf_dir: str | Path) -> dict:
-    """The HF config dict of `hf_dir`; ValueError naming the first model field where the recipe disagrees."""
+    """The HF config dict of `hf_dir`; ConversionError naming the first model field where the recipe disagrees."""
     hf = read_hf_config(hf_dir)
     source = model_config_from_hf(hf)
     for field in _COMPARED:
         ours, theirs = (_plain(getattr(m, field)) for m in (recipe, source))
         if ours != theirs:
-            raise ValueError(
+            raise ConversionError(
                 f"recipe model.{field} is {ours!r} but the Hugging Face checkpoint '{hf_dir}' has {theirs!r}; "
                 f"set model.{field}={theirs!r} (or convert with scripts/convert_hf.py import)"
             )
@@ -226,14 +231,14 @@ def megatron_tensors(
     hf_tensors: Iterator[tuple[str, torch.Tensor]], model: ModelConfig, vocab_rows: int
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Full (unsharded) GPTModel tensors from a stream of HF tensors, each yielded as soon as its
-    inputs have arrived. Raises ValueError on an unexpected name or when a tensor is missing."""
+    inputs have arrived. Raises ConversionError on an unexpected name or when a tensor is missing."""
     pending: dict[int, dict[str, torch.Tensor]] = {}
     expected = set(hf_names(model))
     for name, tensor in hf_tensors:
         if _IGNORED.search(name) or (name == "lm_head.weight" and model.tie_embeddings):
             continue
         if name not in expected:
-            raise ValueError(f"unexpected tensor '{name}' in the Hugging Face checkpoint; it is not a plain Llama")
+            raise ConversionError(f"unexpected tensor '{name}' in the Hugging Face checkpoint; it is not a plain Llama")
         expected.discard(name)
         if name == "model.embed_tokens.weight":
             yield "embedding.word_embeddings.weight", pad_vocab(tensor, vocab_rows)
@@ -256,7 +261,7 @@ def megatron_tensors(
             if all(p in parts for p in _FC1):
                 yield prefix + "mlp.linear_fc1.weight", torch.cat([parts.pop(p) for p in _FC1])
     if expected:
-        raise ValueError(
+        raise ConversionError(
             f"the Hugging Face checkpoint lacks tensor '{sorted(expected)[0]}' ({len(expected)} missing); "
             "check that every shard was downloaded completely"
         )
@@ -316,14 +321,14 @@ def safetensors_files(hf_dir: str | Path) -> list[Path]:
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         for shard in shards:
             if not (hf_dir / shard).is_file():
-                raise ValueError(
+                raise ConversionError(
                     f"shard '{shard}' listed in {index} is missing; download all {len(shards)} shards"
                 )
         return [hf_dir / shard for shard in shards]
     single = hf_dir / "model.safetensors"
     if single.is_file():
         return [single]
-    raise ValueError(
+    raise ConversionError(
         f"'{hf_dir}' has no model.safetensors or model.safetensors.index.json; save the model with "
         "save_pretrained(..., safe_serialization=True)"
     )
@@ -371,7 +376,7 @@ def write_safetensors(tensors: Iterator[tuple[str, torch.Tensor]], out_dir: Path
 
 def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, cfg: Config) -> None:
     """Fill a built GPTModel (possibly tensor-parallel; DDP/Float16Module wrappers are unwrapped) with
-    the weights of a HF Llama directory. ValueError when the recipe's model section disagrees with
+    the weights of a HF Llama directory. ConversionError when the recipe's model section disagrees with
     the HF config, or the checkpoint is incomplete. Call on every rank (each reads what it needs)."""
     from megatron.core import parallel_state
 
@@ -402,7 +407,7 @@ def _single_process(cfg: Config):
 
     if dist.is_initialized():
         if dist.get_world_size() != 1:
-            raise ValueError("checkpoint conversion runs in one process; run it outside torchrun")
+            raise ConversionError("checkpoint conversion runs in one process; run it outside torchrun")
         yield
         return
     init_distributed(cfg)
@@ -454,11 +459,8 @@ def export_hf(ckpt_dir: str | Path, hf_out_dir: str | Path, dtype: torch.dtype |
     from moba_train.checkpointing import load_model_weights, resolve_checkpoint
     from moba_train.model import build_model
 
-    try:
-        ckpt = resolve_checkpoint(ckpt_dir)
-        recipe = load_config(ckpt / "config.yaml")
-    except ConfigError as err:
-        raise ValueError(str(err)) from None
+    ckpt = resolve_checkpoint(ckpt_dir)
+    recipe = load_config(ckpt / "config.yaml")
     sidecar = ckpt / HF_SIDECAR
     base = json.loads((sidecar / "config.json").read_text()) if (sidecar / "config.json").is_file() else None
     dtype = dtype or _source_dtype(base or {})

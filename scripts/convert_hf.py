@@ -10,6 +10,8 @@ size. Bad input (missing shards, a non-Llama model, ...) prints one line and exi
 import argparse
 import sys
 
+from moba_train.cli import run_entry
+
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -19,16 +21,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     from moba_train import convert  # after argument parsing: importing Megatron takes seconds
 
-    try:
-        if args.direction == "import":
-            convert.import_hf(args.source, args.target)
-        else:
-            convert.export_hf(args.source, args.target)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    if args.direction == "import":
+        convert.import_hf(args.source, args.target)
+    else:
+        convert.export_hf(args.source, args.target)
     print(f"wrote {args.target}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_entry(lambda: main(sys.argv[1:]))

@@ -225,6 +225,11 @@ def test_recipe_disagreeing_with_hf_config_names_the_field(tmp_path, field, valu
         convert.check_recipe_matches(bad, tmp_path)
 
 
+def test_export_of_a_directory_without_a_checkpoint_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="neither a complete checkpoint nor a directory holding one"):
+        convert.export_hf(tmp_path, tmp_path / "out")
+
+
 def test_script_exits_2_with_one_line_on_bad_input(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts/convert_hf.py"), "import", str(tmp_path), str(tmp_path / "ckpt")],
