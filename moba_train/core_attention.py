@@ -90,7 +90,9 @@ class MoBACoreAttention(_CoreAttention):
     """MoBA (moba_train.attention.moba_attention); block_size, topk, backend and
     shared_gqa_selection come from the layer spec's params."""
 
-    def __init__(self, *args, block_size: int, topk: int, backend: str = "auto", shared_gqa_selection: bool = False, **kwargs):
+    def __init__(
+        self, *args, block_size: int, topk: int, backend: str = "auto", shared_gqa_selection: bool = False, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.block_size = block_size
         self.topk = topk

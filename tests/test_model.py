@@ -14,8 +14,8 @@ from moba_train.config import Config, ConfigError
 from moba_train.core_attention import FullCoreAttention, MoBACoreAttention
 from moba_train.model import (
     build_model,
-    layer_specs,
     forward_step,
+    layer_specs,
     matrix_params,
     packed_seq_params,
     rope_inv_freq,
@@ -128,7 +128,8 @@ def test_rope_inv_freq_matches_transformers_llama3_with_non_default_scaling():
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    scaling = {"factor": 32.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0, "original_max_position_embeddings": 2048}
+    scaling = {"factor": 32.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+               "original_max_position_embeddings": 2048}
     cfg = tiny(model={"hidden_size": 256, "num_attention_heads": 2, "num_query_groups": 2,
                       "rope_theta": 500000.0, "rope_scaling": scaling})
     hf = LlamaConfig(hidden_size=256, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=131072,

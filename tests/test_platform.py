@@ -23,13 +23,15 @@ from moba_train import platform
 
 def snapshot():
     values = {}
-    for prefix, module in (("torch", torch), ("torch.cuda", torch.cuda), ("megatron.core.tensor_parallel.random", mrandom)):
+    modules = {"torch": torch, "torch.cuda": torch.cuda, "megatron.core.tensor_parallel.random": mrandom}
+    for prefix, module in modules.items():
         values.update({f"{prefix}.{name}": value for name, value in vars(module).items()})
     values["logging:megatron.core.tensor_parallel.random.disabled"] = logging.getLogger(mrandom.__name__).disabled
     return values
 
 def changed(before, after):
-    return sorted(k for k in before.keys() | after.keys() if before.get(k) is not after.get(k) and before.get(k) != after.get(k))
+    keys = before.keys() | after.keys()
+    return sorted(k for k in keys if before.get(k) is not after.get(k) and before.get(k) != after.get(k))
 
 before = snapshot()
 with platform.cuda_stand_in():
@@ -40,8 +42,8 @@ platform.apply_cpu_accommodations(torch.device("cpu"))
 on_cpu = changed(before, snapshot())
 again = snapshot()
 platform.apply_cpu_accommodations(torch.device("cpu"))
-print(json.dumps({"stand_in_before_applying": stand_in_before_applying, "on_cuda": on_cuda, "on_cpu": on_cpu, "second_call": changed(again, snapshot()),
-                  "current_device": str(torch.cuda.current_device())}))
+print(json.dumps({"stand_in_before_applying": stand_in_before_applying, "on_cuda": on_cuda, "on_cpu": on_cpu,
+                  "second_call": changed(again, snapshot()), "current_device": str(torch.cuda.current_device())}))
 """
 
 
@@ -65,9 +67,10 @@ def test_no_module_besides_platform_patches_torch_or_megatron():
         if path.name == "platform.py":
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
-            if patching.search(line) and not (path.name == "distributed.py" and "platform.apply_cpu_accommodations" in line):
+            applies = path.name == "distributed.py" and "platform.apply_cpu_accommodations" in line
+            if patching.search(line) and not applies:
                 offenders.append(f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}")
-    assert offenders == [], "CPU accommodations belong in moba_train/platform.py (for Megatron's optimizer: platform.cuda_stand_in())"
+    assert offenders == [], "CPU accommodations belong in moba_train/platform.py (optimizer: platform.cuda_stand_in())"
     calls = (PACKAGE / "distributed.py").read_text().count("platform.apply_cpu_accommodations(device)")
     assert calls == 1, "init_distributed is the one place that applies the accommodations"
 

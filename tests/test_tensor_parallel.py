@@ -62,7 +62,8 @@ def shard(param: torch.nn.Parameter, full: torch.Tensor, rank: int, tp: int, nam
 
 
 def _tp2_worker(rank: int, port: int, state: dict, expected_losses: list, expected_grads: dict) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cfg = Config.model_validate(recipe(tp=2))
     env = distributed.init_distributed(cfg)
     try:
