@@ -4,11 +4,16 @@ padding, decodes with full attention over the KV cache, and refuses masks it can
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, decoders
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import WhitespaceSplit
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from moba_train import convert, distributed
 from moba_train.config import Config
@@ -29,6 +34,11 @@ def exported(tmp_path_factory):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          initializer_range=0.2, tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(root / "source")
+    words = WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0")
+    tokenizer = Tokenizer(words)
+    tokenizer.pre_tokenizer = WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="w0").save_pretrained(root / "source")
     convert.import_hf(root / "source", root / "ckpt")
     convert.export_hf(root / "ckpt", root / "exported")
     return root
@@ -124,3 +134,14 @@ def test_masks_other_than_causal_with_padding_are_refused(exported):
 def test_register_moba_rejects_nonpositive_settings():
     with pytest.raises(ValueError, match="must be positive"):
         register_moba(block_size=0, topk=2)
+
+
+def test_example_generates_the_same_text_with_moba_covering_topk_as_with_full_attention(exported):
+    spec = importlib.util.spec_from_file_location("llama_example", Path(__file__).parents[1] / "examples/llama.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    prompt = " ".join(f"w{i}" for i in tokens(batch=1, length=40)[0].tolist())
+    texts = {attn: example.generate(str(exported / "exported"), attn, prompt, block_size=BLOCK, topk=4, max_new_tokens=8)
+             for attn in ("moba", "full")}
+    assert texts["moba"].startswith(prompt) and len(texts["moba"].split()) > 40  # stops early at eos (w2)
+    assert texts["moba"] == texts["full"]
