@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from moba_train import distributed, platform
@@ -75,6 +76,10 @@ def test_no_module_besides_platform_patches_torch_or_megatron():
     assert calls == 1, "init_distributed is the one place that applies the accommodations"
 
 
+on_cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU accommodations")
+
+
+@on_cpu_only
 def test_rng_tracker_on_cpu_follows_megatron_seeding():
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
@@ -99,6 +104,7 @@ def test_rng_tracker_on_cpu_follows_megatron_seeding():
         distributed.destroy_distributed()
 
 
+@on_cpu_only
 def test_cuda_stand_in_moves_cuda_factories_to_the_cpu_only_inside_the_context():
     distributed.init_distributed(Config())
     try:
