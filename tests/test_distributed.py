@@ -10,14 +10,17 @@ from moba_train import distributed
 from moba_train.config import Config, ConfigError
 
 
-def test_single_process_without_torchrun_is_a_world_of_one_on_gloo(monkeypatch):
+def test_single_process_without_torchrun_is_a_world_of_one(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
-    env = distributed.init_distributed(Config.model_validate({"run": {"device": "cpu"}}))
+    cfg = Config()
+    device = distributed.resolve_device(cfg)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    env = distributed.init_distributed(cfg)
     try:
-        assert env == distributed.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
-                                          backend="gloo", tp=1, pp=1, cp=1, dp=1, dp_rank=0)
-        assert torch.distributed.get_backend() == "gloo"
+        assert env == distributed.DistEnv(rank=0, world_size=1, local_rank=0, device=device,
+                                          backend=backend, tp=1, pp=1, cp=1, dp=1, dp_rank=0)
+        assert torch.distributed.get_backend() == backend
         assert parallel_state.get_tensor_model_parallel_world_size() == 1
     finally:
         distributed.destroy_distributed()
