@@ -16,6 +16,10 @@ from kernels.layout import BlockLayout, block_layout
 
 NO_BLOCK = -1
 
+GATE_PRECISION = "tf32x3"
+"""fp32 gate products on tensor cores as three TF32 products: fp32-level accuracy (the plain "ieee"
+FMA dot made gating the forward's bottleneck, bench/NOTES.md)."""
+
 
 @triton.jit
 def _block_mean_kernel(
@@ -43,7 +47,7 @@ def _gate_topk_kernel(
     stride_qt, stride_qh, stride_mb, stride_mh, stride_st, stride_sh,
     HEADS_PER_PROGRAM: tl.constexpr, GROUP: tl.constexpr,
     TILES_PER_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Selection of a tile of BLOCK_M queries of one block. Grid (NB * TILES_PER_BLOCK, Hq / HEADS_PER_PROGRAM).
 
@@ -63,45 +67,41 @@ def _gate_topk_kernel(
     dims = tl.arange(0, HEAD_DIM)
     cols = tl.arange(0, KP)
     NONE: tl.constexpr = 2147483647
-    best_s = tl.full([BLOCK_M, KP], float("-inf"), dtype=tl.float32)
+    # Running top-(TOPK-1) per row; empty entries are (-inf, NONE). `floor` is the score an
+    # earlier-scanned entry must be beaten by strictly (earlier = lower index = wins ties).
+    best_s = tl.where(cols[None, :] < TOPK - 1, tl.full([BLOCK_M, KP], float("-inf"), dtype=tl.float32), float("inf"))
     best_i = tl.full([BLOCK_M, KP], NONE, dtype=tl.int32)
+    q_ptrs = q_ptr + (start + rows)[:, None] * stride_qt + dims[None, :]
+    q0 = tl.load(q_ptrs + head0 * stride_qh, mask=row_ok[:, None], other=0.0).to(tl.float32)
     c0 = 0
     while c0 < current:
         cand = c0 + tl.arange(0, BLOCK_C)
         cand_ok = cand < current
-        scores = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-        for g in tl.static_range(HEADS_PER_PROGRAM):
-            q = tl.load(
-                q_ptr + (start + rows)[:, None] * stride_qt + (head0 + g) * stride_qh + dims[None, :],
-                mask=row_ok[:, None], other=0.0,
-            ).to(tl.float32)
-            means = tl.load(
-                mean_ptr + (first + cand)[:, None] * stride_mb + kv_head * stride_mh + dims[None, :],
-                mask=cand_ok[:, None], other=0.0,
-            )
-            scores += tl.dot(q, tl.trans(means), input_precision="ieee")
+        means = tl.load(
+            mean_ptr + (first + cand)[:, None] * stride_mb + kv_head * stride_mh + dims[None, :],
+            mask=cand_ok[:, None], other=0.0,
+        )
+        scores = tl.dot(q0, tl.trans(means), input_precision=PRECISION)
+        for g in tl.static_range(1, HEADS_PER_PROGRAM):
+            q = tl.load(q_ptrs + (head0 + g) * stride_qh, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            scores += tl.dot(q, tl.trans(means), input_precision=PRECISION)
         scores = tl.where(cand_ok[None, :], scores, float("-inf"))
-        # Merge the chunk into the running list: TOPK-1 rounds of max extraction over both. The
-        # running list holds only lower block indices than the chunk, so it wins ties.
-        old_s = best_s
-        new_s = tl.full([BLOCK_M, KP], float("-inf"), dtype=tl.float32)
-        new_i = tl.full([BLOCK_M, KP], NONE, dtype=tl.int32)
-        for r in tl.static_range(TOPK - 1):
-            chunk_max = tl.max(scores, 1)
+        # Insert chunk entries that beat the row's weakest kept entry, best first (lowest index on
+        # ties), each evicting the weakest (highest index among equals). After the first chunks few
+        # entries qualify, so this loop usually runs a couple of times, not TOPK-1.
+        floor = tl.min(best_s, 1)
+        chunk_max = tl.max(scores, 1)
+        while tl.max((chunk_max > floor).to(tl.int32), 0) > 0:
+            take = chunk_max > floor
             chunk_arg = tl.min(tl.where(scores == chunk_max[:, None], cand[None, :], NONE), 1)
-            old_max = tl.max(old_s, 1)
-            old_pos = tl.min(tl.where(old_s == old_max[:, None], cols[None, :], KP), 1)
-            old_arg = tl.sum(tl.where(cols[None, :] == old_pos[:, None], best_i, 0), 1)
-            take_old = old_max >= chunk_max
-            value = tl.where(take_old, old_max, chunk_max)
-            index = tl.where(take_old, old_arg, chunk_arg)
-            index = tl.where(value == float("-inf"), NONE, index)
-            new_s = tl.where(cols[None, :] == r, value[:, None], new_s)
-            new_i = tl.where(cols[None, :] == r, index[:, None], new_i)
-            old_s = tl.where(take_old[:, None] & (cols[None, :] == old_pos[:, None]), float("-inf"), old_s)
-            scores = tl.where(~take_old[:, None] & (cand[None, :] == chunk_arg[:, None]), float("-inf"), scores)
-        best_s = new_s
-        best_i = new_i
+            weakest = tl.max(tl.where(best_s == floor[:, None], best_i, -1), 1)
+            slot = tl.min(tl.where((best_s == floor[:, None]) & (best_i == weakest[:, None]), cols[None, :], KP), 1)
+            put = take[:, None] & (cols[None, :] == slot[:, None])
+            best_s = tl.where(put, chunk_max[:, None], best_s)
+            best_i = tl.where(put, chunk_arg[:, None], best_i)
+            scores = tl.where(take[:, None] & (cand[None, :] == chunk_arg[:, None]), float("-inf"), scores)
+            floor = tl.min(best_s, 1)
+            chunk_max = tl.max(scores, 1)
         c0 += BLOCK_C
     # Output: the past picks ascending, then the current block, then NO_BLOCK padding.
     past = tl.sort(best_i, 1)
@@ -111,7 +111,6 @@ def _gate_topk_kernel(
     for g in tl.static_range(HEADS_PER_PROGRAM):
         ptrs = sel_ptr + (start + rows)[:, None] * stride_st + (head0 + g) * stride_sh + cols[None, :]
         tl.store(ptrs, out, mask=row_ok[:, None] & (cols[None, :] < TOPK))
-
 
 
 def block_means(k: torch.Tensor, layout: BlockLayout, block_size: int) -> torch.Tensor:
@@ -143,7 +142,7 @@ def select_blocks(q, k, layout: BlockLayout, block_size: int, topk: int, shared_
         q, means, sel, layout.start, layout.length, layout.local, layout.first,
         q.stride(0), q.stride(1), means.stride(0), means.stride(1), sel.stride(0), sel.stride(1),
         HEADS_PER_PROGRAM=heads_per_program, GROUP=group, TILES_PER_BLOCK=tiles,
-        HEAD_DIM=dim, TOPK=topk, KP=max(2, triton.next_power_of_2(topk)), BLOCK_M=block_m, BLOCK_C=32,
+        HEAD_DIM=dim, TOPK=topk, KP=max(2, triton.next_power_of_2(topk)), BLOCK_M=block_m, BLOCK_C=64, PRECISION=GATE_PRECISION,
         num_warps=4,
     )
     return sel

@@ -19,9 +19,7 @@ class MobaAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, block_size, topk, softmax_scale, shared_gqa_selection):
         layout = block_layout(cu_seqlens, block_size)
-        selection = select_blocks(q, k, layout, block_size, topk, shared_gqa_selection)
-        routing = route(selection, layout, k.shape[1], QUERY_TILE)
-        del selection
+        routing = route(select_blocks(q, k, layout, block_size, topk, shared_gqa_selection), layout, k.shape[1], QUERY_TILE)
         out, lse = attention_forward(q, k, v, layout, routing, block_size, softmax_scale)
         ctx.save_for_backward(q, k, v, out, lse, layout.start, layout.length, layout.local, layout.first, *routing)
         ctx.num_blocks = layout.num_blocks

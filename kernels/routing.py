@@ -36,7 +36,10 @@ def token_blocks(layout: BlockLayout, total_tokens: int) -> torch.Tensor:
 
 
 def route(selection: torch.Tensor, layout: BlockLayout, num_kv_heads: int, block_m: int) -> Routing:
-    """Routing of selection int32 [T, Hq, topk] into query tiles of block_m rows (no host sync)."""
+    """Routing of selection int32 [T, Hq, topk] into query tiles of block_m rows (no host sync).
+
+    Pass the selection without keeping another reference: it is freed before the sort.
+    """
     total, hq, topk = selection.shape
     slots = topk - 1
     group = hq // num_kv_heads
@@ -47,19 +50,22 @@ def route(selection: torch.Tensor, layout: BlockLayout, num_kv_heads: int, block
         empty = torch.empty(num_kv_heads, nb, 0, dtype=torch.int32, device=device)
         return Routing(none.view(-1), empty, empty, none, none, none)
     tok_block = token_blocks(layout, total)
-    current = layout.local[tok_block].long()[:, None, None]
-    past = selection[:, :, :slots].long()  # the past picks all sit in the first topk-1 columns
-    valid = (past >= 0) & (past != current)
-    head = torch.arange(hq, device=device)[None, :, None]
-    slot = torch.arange(slots, device=device)[None, None, :]
-    gblock = layout.first[tok_block].long()[:, None, None] + past
+    # int32 throughout: at 1M tokens these [T, Hq, S] temporaries set the peak memory.
+    current = layout.local[tok_block][:, None, None]
+    first = layout.first[tok_block][:, None, None]
+    del tok_block
+    past = selection[:, :, :slots]  # the past picks all sit in the first topk-1 columns
     num_keys = hq * nb * slots
-    keys = (((head // group) * nb + gblock) * slots + slot) * group + head % group
-    keys = torch.where(valid, keys, num_keys).to(torch.int32).view(-1)
+    head = torch.arange(hq, device=device, dtype=torch.int32)[None, :, None]
+    slot = torch.arange(slots, device=device, dtype=torch.int32)[None, None, :]
+    keys = ((((head // group) * nb + first + past) * slots + slot) * group + head % group)
+    keys.masked_fill_((past < 0) | (past == current), num_keys)
+    del selection, past
+    keys = keys.view(-1)
     counts = torch.bincount(keys, minlength=num_keys + 1)[:num_keys]
     order = torch.sort(keys, stable=True).indices
     del keys
-    rows = (order // slots).to(torch.int32)
+    rows = torch.div(order, slots, rounding_mode="floor").to(torch.int32)
     del order
     seg_count = counts.view(num_kv_heads, nb, slots, group).sum(-1)
     seg_start = (torch.cumsum(seg_count.view(-1), 0) - seg_count.view(-1)).view(num_kv_heads, nb, slots)

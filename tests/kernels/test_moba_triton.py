@@ -37,8 +37,14 @@ def inputs(cu, hq, hkv, dim, dtype, seed=0):
     return q, k, v, torch.tensor(cu, dtype=torch.int32)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("case", CASES)
+# More than one chunk of 64 candidate blocks: the running top-k merges across chunks.
+MANY_BLOCKS = ([0, 1056], 1, 1, 16, 16, 4, False)
+
+
+@pytest.mark.parametrize(
+    "case, dtype",
+    [(case, dtype) for case in CASES for dtype in (torch.bfloat16, torch.float32)] + [(MANY_BLOCKS, torch.float32)],
+)
 def test_selection_equals_naive_exactly(case, dtype):
     cu, hq, hkv, dim, block, topk, shared = case
     q, k, _, cu_t = inputs(cu, hq, hkv, dim, dtype)
@@ -49,13 +55,13 @@ def test_selection_equals_naive_exactly(case, dtype):
 
 def test_selection_ties_go_to_lower_block_index():
     # Identical keys everywhere: every earlier block scores the same, so the lowest indices win.
-    cu, hq, hkv, dim, block, topk = [0, 96], 2, 1, 16, 16, 3
+    cu, hq, hkv, dim, block, topk = [0, 1056], 1, 1, 16, 16, 3
     q, _, _, cu_t = inputs(cu, hq, hkv, dim, torch.float32)
     k = torch.ones(cu[-1], hkv, dim)
     got = moba_selection_triton(q, k, cu_t, block, topk)
     want = moba_selection_naive(q, k, cu_seqlens=cu_t, block_size=block, topk=topk)
     assert torch.equal(got, want)
-    assert got[95, 0].tolist() == [0, 1, 5]
+    assert got[1055, 0].tolist() == [0, 1, 65]
 
 
 @pytest.mark.parametrize("case", CASES)
