@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from moba_train.config import Config, ConfigError, ModelConfig, RopeScalingConfig, load_config
 
+
 class ConversionError(ConfigError):
     """A Hugging Face checkpoint cannot be converted or disagrees with the recipe: one sentence for the
     user. A ConfigError (hence a ValueError), so entry points print it and exit with code 2."""
@@ -77,7 +78,9 @@ def read_hf_config(hf_dir: str | Path) -> dict:
     architectures = hf.get("architectures") or []
     if hf.get("model_type") != "llama" or (architectures and architectures != [HF_ARCHITECTURE]):
         found = architectures[0] if architectures else hf.get("model_type")
-        raise ConversionError(f"'{hf_dir}' holds a {found} model, not {HF_ARCHITECTURE}; only Llama checkpoints convert")
+        raise ConversionError(
+            f"'{hf_dir}' holds a {found} model, not {HF_ARCHITECTURE}; only Llama checkpoints convert"
+        )
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
             raise ConversionError(f"'{hf_dir}' sets {key}=true; our Llama has no biases, so it cannot be converted")
@@ -98,7 +101,9 @@ def _rope(hf: dict) -> tuple[float, dict | None]:
     if rope_type == "default":
         return float(theta), None
     if rope_type != "llama3":
-        raise ConversionError(f"RoPE type {rope_type!r} is not supported; only default and llama3 (Llama 3.1) RoPE convert")
+        raise ConversionError(
+            f"RoPE type {rope_type!r} is not supported; only default and llama3 (Llama 3.1) RoPE convert"
+        )
     return float(theta), scaling
 
 
@@ -285,7 +290,8 @@ def hf_tensors_from_megatron(state: dict[str, torch.Tensor], model: ModelConfig)
         prefix, hf_prefix = f"decoder.layers.{i}.", f"model.layers.{i}."
         for hf_rest, rest in _DIRECT.items():
             yield hf_prefix + hf_rest, state[prefix + rest]
-        qkv = split_qkv(state[prefix + "self_attention.linear_qkv.weight"], model.num_query_groups, model.num_attention_heads)
+        qkv = state[prefix + "self_attention.linear_qkv.weight"]
+        qkv = split_qkv(qkv, model.num_query_groups, model.num_attention_heads)
         for hf_rest, tensor in zip(_QKV, qkv):
             yield hf_prefix + hf_rest, tensor
         for hf_rest, tensor in zip(_FC1, state[prefix + "mlp.linear_fc1.weight"].chunk(2)):

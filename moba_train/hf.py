@@ -78,7 +78,9 @@ def moba_attention_forward(
         raise ValueError("MoBA attention has no attention dropout; set config.attention_dropout=0 or call model.eval()")
     batch, _, length, _ = query.shape
     if key.shape[2] != length:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     valid = _prefill_rows(attention_mask, batch, length, query.device)
     q_thd, k_thd, v_thd = (x.transpose(1, 2)[valid] for x in (query, key, value))
     lengths = valid.sum(1, dtype=torch.int32)

@@ -41,7 +41,9 @@ VARIANTS = {
 }
 
 
-def save_llama(path: Path, dtype: torch.dtype = torch.float32, max_shard_size: str | None = None, **overrides) -> LlamaForCausalLM:
+def save_llama(
+    path: Path, dtype: torch.dtype = torch.float32, max_shard_size: str | None = None, **overrides
+) -> LlamaForCausalLM:
     """A random 2-layer Llama saved with save_pretrained; weights large enough for peaked attention."""
     fields = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2, rms_norm_eps=1e-5,
@@ -60,7 +62,8 @@ def tokens(batch: int = 2, seed: int = 1) -> torch.Tensor:
 
 def recipe(hf_dir: Path, tp: int = 1) -> Config:
     model = convert.model_config_from_hf(convert.read_hf_config(hf_dir))
-    return Config.model_validate({"model": model.model_dump(), "attention": {"mode": "full"}, "parallel": {"tensor": tp}})
+    raw = {"model": model.model_dump(), "attention": {"mode": "full"}, "parallel": {"tensor": tp}}
+    return Config.model_validate(raw)
 
 
 def megatron_logits(model, toks: torch.Tensor) -> torch.Tensor:
@@ -145,7 +148,9 @@ def _free_port() -> int:
 
 
 def _tp2_worker(rank: int, port: int, hf_dir: Path, ckpt: Path, expected: torch.Tensor) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     cfg = recipe(hf_dir, tp=2)
     distributed.init_distributed(cfg)
     try:
@@ -199,7 +204,7 @@ def test_directory_without_safetensors_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        ({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}, "MistralForCausalLM model, not LlamaForCausalLM"),
+        ({"architectures": ["MistralForCausalLM"], "model_type": "mistral"}, "MistralForCausalLM model, not Llama"),
         ({"attention_bias": True}, "attention_bias=true"),
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
         ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "RoPE type 'yarn'"),
@@ -236,4 +241,5 @@ def test_script_exits_2_with_one_line_on_bad_input(tmp_path):
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == f"error: '{tmp_path}' has no config.json; pass a Hugging Face model directory"
+    expected = f"error: '{tmp_path}' has no config.json; pass a Hugging Face model directory"
+    assert result.stderr.strip().splitlines()[-1] == expected

@@ -141,7 +141,9 @@ def test_example_generates_the_same_text_with_moba_covering_topk_as_with_full_at
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     prompt = " ".join(f"w{i}" for i in tokens(batch=1, length=40)[0].tolist())
-    texts = {attn: example.generate(str(exported / "exported"), attn, prompt, block_size=BLOCK, topk=4, max_new_tokens=8)
-             for attn in ("moba", "full")}
+    texts = {
+        attn: example.generate(str(exported / "exported"), attn, prompt, block_size=BLOCK, topk=4, max_new_tokens=8)
+        for attn in ("moba", "full")
+    }
     assert texts["moba"].startswith(prompt) and len(texts["moba"].split()) > 40  # stops early at eos (w2)
     assert texts["moba"] == texts["full"]
