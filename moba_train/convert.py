@@ -152,7 +152,7 @@ def check_recipe_matches(recipe: ModelConfig, hf_dir: str | Path) -> dict:
         if ours != theirs:
             raise ConversionError(
                 f"recipe model.{field} is {ours!r} but the Hugging Face checkpoint '{hf_dir}' has {theirs!r}; "
-                f"set model.{field}={theirs!r} (or convert with scripts/convert_hf.py import)"
+                f"set model.{field}={theirs!r} to match it"
             )
     return hf
 
@@ -353,25 +353,34 @@ def read_safetensors(files: list[Path], progress: bool = True) -> Iterator[tuple
 
 def write_safetensors(tensors: Iterator[tuple[str, torch.Tensor]], out_dir: Path, max_shard_bytes: int) -> None:
     """Write tensors as model.safetensors, or as model-0000i-of-0000n.safetensors shards + index when
-    they exceed `max_shard_bytes`."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    they exceed `max_shard_bytes`. Each shard is written as soon as it is full (one shard in memory)."""
+    written: list[tuple[Path, list[str]]] = []
+    shard: dict[str, torch.Tensor] = {}
     size = total = 0
+
+    def flush() -> None:
+        path = out_dir / f".shard-{len(written) + 1:05d}.safetensors"
+        save_file(shard, str(path), metadata={"format": "pt"})
+        written.append((path, list(shard)))
+        shard.clear()
+
     for name, tensor in tensors:
         nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
             size = 0
-        shards[-1][name] = tensor.contiguous()
+        shard[name] = tensor.contiguous()
         size += nbytes
         total += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    flush()
+    if len(written) == 1:
+        written[0][0].rename(out_dir / "model.safetensors")
         return
     weight_map = {}
-    for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, file))
+    for i, (path, names) in enumerate(written):
+        file = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+        path.rename(out_dir / file)
+        weight_map.update(dict.fromkeys(names, file))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
