@@ -40,12 +40,23 @@ class TrainingAborted(RuntimeError):
 
 
 class StopSignal:
-    """Remembers that SIGTERM or SIGUSR1 arrived; the trainer checks it once per step."""
+    """While active (a context manager), remembers that SIGTERM or SIGUSR1 arrived; the trainer
+    checks once per step. Previous handlers come back on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
         self.received = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignal":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
         self.received = True
@@ -136,12 +147,13 @@ def train(cfg: Config) -> None:
     """Run (or resume) the training described by `cfg`; torchrun or a single process."""
     env = init_distributed(cfg)
     try:
-        _train(cfg, env)
+        with StopSignal() as stop:
+            _train(cfg, env, stop)
     finally:
         destroy_distributed()
 
 
-def _train(cfg: Config, env: DistEnv) -> None:
+def _train(cfg: Config, env: DistEnv, stop: StopSignal) -> None:
     output_dir = Path(cfg.run.output_dir)
     if env.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -177,7 +189,6 @@ def _train(cfg: Config, env: DistEnv) -> None:
 
     train_dataset, valid_dataset = data.build_datasets(cfg, env)
     batches = data.build_dataloader(train_dataset, cfg, env, state.consumed_samples)
-    stop = StopSignal()
     metrics = None
     if env.is_main:
         metrics = MetricsLogger(output_dir / "metrics.jsonl", cfg.train.steps, state.step, cfg.train.log_interval,
