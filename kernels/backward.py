@@ -37,7 +37,7 @@ def _dkdv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh,
     qk_scale, scale, num_q_heads, num_blocks,
     GROUP: tl.constexpr, SLOTS: tl.constexpr, SLOTS_P2: tl.constexpr, TILES_PER_BLOCK: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV of BLOCK_N keys of one (block, KV head). Grid (NB * TILES_PER_BLOCK, Hkv).
 
@@ -56,29 +56,28 @@ def _dkdv_kernel(
     v = tl.load(v_ptr + kv_off, mask=col_ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    if ktile * BLOCK_N < length:
-        for g in tl.static_range(GROUP):
-            head = kv_head * GROUP + g
-            for m0 in range(0, BLOCK_SIZE, BLOCK_M):
-                if (m0 + BLOCK_M > ktile * BLOCK_N) & (m0 < length):
-                    rows = m0 + tl.arange(0, BLOCK_M)
-                    row_ok = rows < length
-                    q_off = (start + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :]
-                    q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
-                    do = tl.load(do_ptr + q_off, mask=row_ok[:, None], other=0.0)
-                    lse = tl.load(lse_ptr + (start + rows) * num_q_heads + head, mask=row_ok, other=0.0)
-                    delta = tl.load(delta_ptr + (start + rows) * num_q_heads + head, mask=row_ok, other=0.0)
-                    p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
-                    p_t = tl.where((cols[:, None] <= rows[None, :]) & row_ok[None, :], p_t, 0.0)
-                    dv += tl.dot(p_t.to(do.dtype), do)
-                    ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
-                    dk += tl.dot(ds_t.to(q.dtype), q)
+    # Causal queries of the block itself: rows from the first query tile that reaches these keys.
+    first_row = (ktile * BLOCK_N // BLOCK_M) * BLOCK_M
+    for g in tl.static_range(GROUP):
+        head = kv_head * GROUP + g
+        for m0 in range(first_row, length, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < length
+            q_off = (start + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :]
+            q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_ptr + q_off, mask=row_ok[:, None], other=0.0)
+            lse = tl.load(lse_ptr + (start + rows) * num_q_heads + head, mask=row_ok, other=0.0)
+            delta = tl.load(delta_ptr + (start + rows) * num_q_heads + head, mask=row_ok, other=0.0)
+            p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
+            p_t = tl.where((cols[:, None] <= rows[None, :]) & row_ok[None, :], p_t, 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do)
+            ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q)
     if SLOTS > 0:
         seg = (kv_head * num_blocks + blk) * SLOTS
         first = tl.load(seg_start_ptr + seg)
         count = tl.sum(tl.load(seg_count_ptr + seg + tl.arange(0, SLOTS_P2), mask=tl.arange(0, SLOTS_P2) < SLOTS, other=0), 0)
-        i = 0
-        while i < count:
+        for i in range(0, count, BLOCK_M):
             r = i + tl.arange(0, BLOCK_M)
             row_ok = r < count
             flat = tl.load(rows_ptr + first + r, mask=row_ok, other=0)
@@ -94,7 +93,6 @@ def _dkdv_kernel(
             dv += tl.dot(p_t.to(do.dtype), do)
             ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q)
-            i += BLOCK_M
     tl.store(dk_ptr + kv_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=col_ok[:, None])
     tl.store(dv_ptr + kv_off, dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None])
 
@@ -104,7 +102,7 @@ def _current_block_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, start_ptr, length_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, scale, qk_scale, num_q_heads,
     GROUP: tl.constexpr, TILES_PER_BLOCK: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ (fp32, written) of a query tile from its own block, causal. Grid (NB * TILES_PER_BLOCK, Hq).
     dq is contiguous [T, Hq, D]."""
@@ -123,16 +121,15 @@ def _current_block_dq_kernel(
     lse = tl.load(lse_ptr + (start + rows) * num_q_heads + head, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + (start + rows) * num_q_heads + head, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for n0 in range(0, BLOCK_SIZE, BLOCK_N):
-        if (n0 < tile * BLOCK_M + BLOCK_M) & (n0 < length):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            kv_off = (start + cols)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
-            k = tl.load(k_ptr + kv_off, mask=(cols < length)[:, None], other=0.0)
-            v = tl.load(v_ptr + kv_off, mask=(cols < length)[:, None], other=0.0)
-            p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
-            p = tl.where(cols[None, :] <= rows[:, None], p, 0.0)
-            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k)
+    for n0 in range(0, tl.minimum(length, tile * BLOCK_M + BLOCK_M), BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        kv_off = (start + cols)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
+        k = tl.load(k_ptr + kv_off, mask=(cols < length)[:, None], other=0.0)
+        v = tl.load(v_ptr + kv_off, mask=(cols < length)[:, None], other=0.0)
+        p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+        p = tl.where(cols[None, :] <= rows[:, None], p, 0.0)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
     dq_off = ((start + rows) * num_q_heads + head)[:, None] * HEAD_DIM + dims[None, :]
     tl.store(dq_ptr + dq_off, dq * scale, mask=row_ok[:, None])
 
@@ -196,7 +193,7 @@ def attention_backward(dout, q, k, v, out, lse, layout: BlockLayout, routing: Ro
         q, k, v, dout, lse, delta, dk, dv, layout.start, layout.length, routing.rows, routing.seg_start, routing.seg_count,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), scale * LOG2E, scale, hq, layout.num_blocks,
         GROUP=group, SLOTS=slots, SLOTS_P2=max(2, triton.next_power_of_2(slots)), TILES_PER_BLOCK=ktiles,
-        BLOCK_SIZE=block_size, HEAD_DIM=dim, BLOCK_M=QUERY_TILE, BLOCK_N=block_n, num_warps=warps, num_stages=2,
+        HEAD_DIM=dim, BLOCK_M=QUERY_TILE, BLOCK_N=block_n, num_warps=warps, num_stages=2,
     )
     block_m = min(64, triton.next_power_of_2(block_size))
     tiles = triton.cdiv(block_size, block_m)
@@ -204,7 +201,7 @@ def attention_backward(dout, q, k, v, out, lse, layout: BlockLayout, routing: Ro
         q, k, v, dout, lse, delta, dq, layout.start, layout.length,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), scale, scale * LOG2E, hq,
         GROUP=group, TILES_PER_BLOCK=tiles,
-        BLOCK_SIZE=block_size, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2,
+        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2,
     )
     for slot in range(slots):
         _past_slot_dq_kernel[(routing.tile_seg.shape[1],)](

@@ -23,7 +23,7 @@ def _current_block_fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, start_ptr, length_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_lt,
     qk_scale, GROUP: tl.constexpr, TILES_PER_BLOCK: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Causal attention of a BLOCK_M query tile to its own block. Grid (NB * TILES_PER_BLOCK, Hq)."""
     blk = tl.program_id(0) // TILES_PER_BLOCK
@@ -39,21 +39,20 @@ def _current_block_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for n0 in range(0, BLOCK_SIZE, BLOCK_N):
-        if (n0 < tile * BLOCK_M + BLOCK_M) & (n0 < length):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            kv_off = (start + cols)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
-            col_ok = (cols < length)[:, None]
-            k = tl.load(k_ptr + kv_off, mask=col_ok, other=0.0)
-            v = tl.load(v_ptr + kv_off, mask=col_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+    for n0 in range(0, tl.minimum(length, tile * BLOCK_M + BLOCK_M), BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        kv_off = (start + cols)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
+        col_ok = (cols < length)[:, None]
+        k = tl.load(k_ptr + kv_off, mask=col_ok, other=0.0)
+        v = tl.load(v_ptr + kv_off, mask=col_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
     out = acc / l_i[:, None]
     tl.store(out_ptr + (start + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     tl.store(lse_ptr + (start + rows) * stride_lt + head, m_i + tl.log2(l_i), mask=row_ok)
@@ -135,7 +134,7 @@ def attention_forward(q, k, v, layout: BlockLayout, routing: Routing, block_size
         q, k, v, out, lse, layout.start, layout.length,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1), lse.stride(0),
         scale * LOG2E, GROUP=group, TILES_PER_BLOCK=tiles,
-        BLOCK_SIZE=block_size, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2,
+        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2,
     )
     for slot in range(routing.tile_seg.shape[0]):
         _past_slot_fwd_kernel[(routing.tile_seg.shape[1],)](

@@ -73,8 +73,7 @@ def _gate_topk_kernel(
     best_i = tl.full([BLOCK_M, KP], NONE, dtype=tl.int32)
     q_ptrs = q_ptr + (start + rows)[:, None] * stride_qt + dims[None, :]
     q0 = tl.load(q_ptrs + head0 * stride_qh, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    c0 = 0
-    while c0 < current:
+    for c0 in range(0, current, BLOCK_C):
         cand = c0 + tl.arange(0, BLOCK_C)
         cand_ok = cand < current
         means = tl.load(
@@ -102,7 +101,6 @@ def _gate_topk_kernel(
             scores = tl.where(take[:, None] & (cand[None, :] == chunk_arg[:, None]), float("-inf"), scores)
             floor = tl.min(best_s, 1)
             chunk_max = tl.max(scores, 1)
-        c0 += BLOCK_C
     # Output: the past picks ascending, then the current block, then NO_BLOCK padding.
     past = tl.sort(best_i, 1)
     num_past = tl.sum((best_i != NONE).to(tl.int32), 1)

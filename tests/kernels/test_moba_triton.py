@@ -1,23 +1,14 @@
-"""Triton MoBA kernels under the Triton interpreter (CPU) against the naive definition.
+"""Triton MoBA kernels under the Triton interpreter (CPU; conftest.py sets it up) against the naive definition.
 
-TRITON_INTERPRET is read when a kernel is decorated, so it is set before `kernels` is imported (and a
-`kernels` imported earlier in the session without it is dropped). The interpreter's bf16 tl.dot is
-wrong (triton 3.6), so attention is checked in fp16 here and in bf16 on the GPU
-(scripts/bench_kernels.py); gating casts to fp32 and is checked in bf16 too.
+The interpreter's bf16 tl.dot is wrong (triton 3.6), so attention is checked in fp16 here and in bf16
+on the GPU (scripts/bench_kernels.py); gating casts to fp32 and is checked in bf16 too.
 """
 
-import os
-import sys
+import pytest
+import torch
 
-os.environ["TRITON_INTERPRET"] = "1"
-for _name in [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]:
-    del sys.modules[_name]
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from kernels import moba_attention_triton, moba_selection_triton  # noqa: E402
-from moba_train.attention.naive import moba_attention_naive, moba_selection_naive  # noqa: E402
+from kernels import moba_attention_triton, moba_selection_triton
+from moba_train.attention.naive import moba_attention_naive, moba_selection_naive
 
 # (cu_seqlens, Hq, Hkv, D, block, topk, shared_gqa_selection): varlen with a 7-token sequence and
 # partial last blocks, GQA, a block size that is not a power of two, topk larger than the blocks.
