@@ -466,18 +466,30 @@ def _source_dtype(hf: dict) -> torch.dtype:
     return DTYPES.get(name, torch.bfloat16)
 
 
+def hf_source(ckpt: Path, recipe: Config) -> Path | None:
+    """The HF directory a checkpoint's model came from (its config.json is the base of the export):
+    the imported source's copy `<ckpt>/hf`, the run's `model.init_from_hf`, or the `hf/` copy of the
+    imported checkpoint the run started from (`checkpoint.init_from`). None when unknown."""
+    candidates = [ckpt / HF_SIDECAR]
+    if recipe.model.init_from_hf:
+        candidates.append(Path(recipe.model.init_from_hf))
+    if recipe.checkpoint.init_from:
+        candidates.append(Path(recipe.checkpoint.init_from) / HF_SIDECAR)
+    return next((path for path in candidates if (path / "config.json").is_file()), None)
+
+
 def export_hf(ckpt_dir: str | Path, hf_out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write our checkpoint (a complete checkpoint or a checkpoint root: its newest) as a HF
     LlamaForCausalLM directory: config.json, safetensors (sharded with an index when large), and the
-    tokenizer files of the imported source or of `data.tokenizer`. dtype defaults to the imported
+    tokenizer files of the HF source (`hf_source`) or of `data.tokenizer`. dtype defaults to the
     source's, else bf16. Returns `hf_out_dir`."""
     from moba_train.checkpointing import load_model_weights, resolve_checkpoint
     from moba_train.model import build_model
 
     ckpt = resolve_checkpoint(ckpt_dir)
     recipe = load_config(ckpt / "config.yaml")
-    sidecar = ckpt / HF_SIDECAR
-    base = json.loads((sidecar / "config.json").read_text()) if (sidecar / "config.json").is_file() else None
+    source = hf_source(ckpt, recipe)
+    base = json.loads((source / "config.json").read_text()) if source else None
     dtype = dtype or _source_dtype(base or {})
     cfg = _conversion_config(recipe.model)
     with _single_process(cfg):
@@ -490,9 +502,9 @@ def export_hf(ckpt_dir: str | Path, hf_out_dir: str | Path, dtype: torch.dtype |
     write_safetensors(tensors, out, MAX_SHARD_BYTES)
     config = hf_config_from_model(cfg.model, dtype, base)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    tokenizer_dir = sidecar if sidecar.is_dir() else Path(recipe.data.tokenizer) if recipe.data.tokenizer else None
-    if tokenizer_dir is not None and tokenizer_dir.is_dir():
-        for file in HF_SIDECAR_FILES[1:]:
-            if (tokenizer_dir / file).is_file():
-                shutil.copy2(tokenizer_dir / file, out / file)
+    tokenizer_dirs = [d for d in (source, recipe.data.tokenizer and Path(recipe.data.tokenizer)) if d and d.is_dir()]
+    for file in HF_SIDECAR_FILES[1:]:
+        found = next((d / file for d in tokenizer_dirs if (d / file).is_file()), None)
+        if found:
+            shutil.copy2(found, out / file)
     return out

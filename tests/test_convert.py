@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+import yaml
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -127,6 +129,20 @@ def test_import_then_export_returns_identical_tensors_and_config(tmp_path):
         assert after[name].dtype == torch.bfloat16 and torch.equal(before[name], after[name]), name
     assert json.loads((tmp_path / "out/config.json").read_text()) == json.loads((source / "config.json").read_text())
     assert (tmp_path / "out/tokenizer_config.json").read_text() == '{"model_max_length": 128}'
+
+
+def test_export_of_a_run_started_with_init_from_hf_keeps_the_source_config_and_tokenizer(tmp_path):
+    save_llama(tmp_path / "hf", **VARIANTS["mqa"])
+    (tmp_path / "hf/tokenizer.json").write_text("{}")
+    convert.import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    shutil.rmtree(tmp_path / "ckpt/hf")  # now like a training run's checkpoint: config.yaml + weights
+    recorded = Config.model_validate(yaml.safe_load((tmp_path / "ckpt/config.yaml").read_text()))
+    recorded.model.init_from_hf = str(tmp_path / "hf")
+    (tmp_path / "ckpt/config.yaml").write_text(recorded.to_yaml())
+    convert.export_hf(tmp_path / "ckpt", tmp_path / "out")
+    exported, source = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("out", "hf"))
+    assert exported == source
+    assert (tmp_path / "out/tokenizer.json").read_text() == "{}"
 
 
 def test_export_writes_sharded_safetensors_that_transformers_loads(tmp_path, monkeypatch):
