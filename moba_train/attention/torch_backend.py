@@ -2,8 +2,9 @@
 
 Work is O(T * Hq * topk * block_size * D) and memory O(T * H * D) plus one bounded chunk: no
 S x S tensor exists. Queries are processed in chunks of tokens; for every chunk and every selection
-slot the selected key block of each (query, head) is gathered ([Q, Hq, block_size, D]) and merged into
-a running output by online softmax (log-sum-exp), never by plain sums. The backward recomputes the
+slot, the logits of each (query, head) against its selected key block come from one sparse sampled
+product (SDDMM) and P @ V from one sparse-dense product (see `_Slot`); the slots are merged into a
+running output by online softmax (log-sum-exp), never by plain sums. The backward recomputes the
 probabilities from the saved output and log-sum-exp, as flash attention does; no autograd graph of the
 forward is kept.
 
@@ -16,11 +17,15 @@ from __future__ import annotations
 
 import bisect
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from moba_train.attention.naive import NO_BLOCK
+
+# The CSR tensors below are internal scratch matrices; PyTorch's "beta" notice would only confuse users.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
 
 CHUNK_ELEMENTS_CPU = 1 << 22
 """Elements of the largest per-chunk intermediate on CPU (fp32: 16 MiB; cache-friendly)."""
@@ -162,21 +167,68 @@ def select_blocks(q_thd, k_thd, layout: BlockLayout, topk: int, shared_gqa_selec
     return selection
 
 
-def _slot_logits(q_c, k_blocks, flat, allowed, scale):
-    """Logits of one slot: fp32 [Q, Hq, block_size], -inf where not allowed."""
-    keys = k_blocks[flat].float()  # [Q, Hq, B, D]
-    logits = torch.einsum("qhd,qhbd->qhb", q_c, keys) * scale
-    return logits.masked_fill(~allowed, float("-inf")), keys
+class _Slot:
+    """One selection slot of a query chunk as sparse matrices over the rows r = (t, h) of the chunk.
+
+    Row r reads the `block_size` consecutive rows of the padded key matrix [num_blocks * Hkv * B, D]
+    that hold its selected block (for KV head kv(h)). Logits are a sampled dense-dense product (SDDMM)
+    and P @ V a sparse-dense product, so nothing of size [rows, B, D] is ever materialised.
+    """
+
+    def __init__(self, selection_c, current_c, pos_c, kv_head, hkv, block_size, slot, num_key_rows):
+        block = selection_c[:, :, slot]  # [Q, Hq]
+        key_pos = torch.arange(block_size, device=block.device)
+        causal_ok = (block != current_c[:, None])[..., None] | (key_pos <= pos_c[:, None, None])
+        self.allowed = ((block >= 0)[..., None] & causal_ok).view(-1, block_size)  # [R, B]
+        rows = block.numel()
+        self.block_size = block_size
+        self.target = (block.clamp(min=0) * hkv + kv_head).view(-1)  # [R]: padded (block, KV head)
+        self.cols = (self.target[:, None] * block_size + key_pos).view(-1)
+        self.crow = torch.arange(rows + 1, device=block.device) * block_size
+        self.shape = (rows, num_key_rows)
+        self._transpose = None
+
+    def matrix(self, values_rb):
+        """CSR [R, key rows] with values [R, B] at this slot's positions."""
+        return torch.sparse_csr_tensor(self.crow, self.cols, values_rb.reshape(-1), self.shape, check_invariants=False)
+
+    def transposed(self, values_rb):
+        """CSR [key rows, R]: the transpose of matrix(values_rb). Key row (g, b) of target g lists the
+        rows r that selected g, ascending; its pattern is built once per slot."""
+        if self._transpose is None:
+            rows, bsz = self.shape[0], self.block_size
+            device = self.target.device
+            order = torch.argsort(self.target, stable=True)
+            counts = torch.bincount(self.target, minlength=self.shape[1] // bsz)
+            starts = counts.cumsum(0) - counts
+            target = self.target[order]
+            rank = torch.arange(rows, device=device) - starts[target]
+            key_pos = torch.arange(bsz, device=device)
+            position = (starts[target, None] * bsz + key_pos * counts[target, None] + rank[:, None]).view(-1)
+            cols = torch.empty(rows * bsz, dtype=torch.int64, device=device)
+            cols[position] = order.repeat_interleave(bsz)
+            crow = torch.empty(self.shape[1] + 1, dtype=torch.int64, device=device)
+            crow[:-1] = (starts[:, None] * bsz + key_pos * counts[:, None]).view(-1)
+            crow[-1] = rows * bsz
+            self._transpose = (order, position, crow, cols)
+        order, position, crow, cols = self._transpose
+        values = torch.empty_like(values_rb.view(-1))
+        values[position] = values_rb[order].view(-1)
+        return torch.sparse_csr_tensor(crow, cols, values, self.shape[::-1], check_invariants=False)
+
+    def sampled_products(self, rows_rd, keys_nd):
+        """[R, B]: rows_rd[r] . keys_nd[key] for this slot's (row, key) pairs."""
+        pattern = self.matrix(torch.zeros(self.cols.numel(), dtype=rows_rd.dtype, device=rows_rd.device))
+        return torch.sparse.sampled_addmm(pattern, rows_rd, keys_nd.t(), beta=0.0).values().view(self.shape[0], -1)
+
+    def logits(self, q_rd, k_nd, scale):
+        """fp32 [R, B] scaled logits, -inf where the key is not allowed (causal / no block)."""
+        return (self.sampled_products(q_rd, k_nd) * scale).masked_fill(~self.allowed, float("-inf"))
 
 
-def _slot_indices(selection_c, current_c, pos_c, kv_head, hkv, block_size, slot):
-    """Flat gather index [Q, Hq] into the padded blocks and the allowed-key mask [Q, Hq, B] of one slot."""
-    block = selection_c[:, :, slot]
-    valid = block >= 0
-    flat = block.clamp(min=0) * hkv + kv_head
-    key_pos = torch.arange(block_size, device=block.device)
-    causal_ok = (block != current_c[:, None])[..., None] | (key_pos <= pos_c[:, None, None])
-    return flat, valid[..., None] & causal_ok
+def _keys_matrix(x_thd, layout: BlockLayout) -> torch.Tensor:
+    """fp32 [num_blocks * H * block_size, D]: padded blocks, block-major then head, as rows."""
+    return layout.pad_blocks(x_thd.float()).view(-1, x_thd.shape[-1])
 
 
 class MobaAttentionFunction(torch.autograd.Function):
@@ -189,30 +241,31 @@ class MobaAttentionFunction(torch.autograd.Function):
         topk = selection.shape[-1]
         bsz = layout.block_size
         kv_head = torch.arange(hq, device=q_thd.device) // (hq // hkv)
-        k_blocks, v_blocks = layout.pad_blocks(k_thd), layout.pad_blocks(v_thd)
-        out = torch.empty(total, hq, dim, dtype=torch.float32, device=q_thd.device)
-        lse = torch.empty(total, hq, dtype=torch.float32, device=q_thd.device)
-        chunk = max(1, chunk_elements(q_thd.device) // (hq * bsz * dim))
+        keys, values = _keys_matrix(k_thd, layout), _keys_matrix(v_thd, layout)
+        out = torch.empty(total * hq, dim, dtype=torch.float32, device=q_thd.device)
+        lse = torch.empty(total * hq, dtype=torch.float32, device=q_thd.device)
+        chunk = max(1, chunk_elements(q_thd.device) // (hq * bsz))
         for start in range(0, total, chunk):
             end = min(start + chunk, total)
-            q_c = q_thd[start:end].float()
+            rows = slice(start * hq, end * hq)
+            q_rd = q_thd[start:end].float().reshape(-1, dim)
             current, pos = layout.token_block[start:end], layout.token_pos[start:end]
-            row_max = torch.full((end - start, hq), float("-inf"), device=q_thd.device)
-            row_sum = torch.zeros(end - start, hq, device=q_thd.device)
-            acc = torch.zeros(end - start, hq, dim, device=q_thd.device)
+            row_max = torch.full((q_rd.shape[0],), float("-inf"), device=q_thd.device)
+            row_sum = torch.zeros(q_rd.shape[0], device=q_thd.device)
+            acc = torch.zeros(q_rd.shape[0], dim, device=q_thd.device)
             for slot in range(topk):
-                flat, allowed = _slot_indices(selection[start:end], current, pos, kv_head, hkv, bsz, slot)
-                logits, _ = _slot_logits(q_c, k_blocks, flat, allowed, scale)
+                part = _Slot(selection[start:end], current, pos, kv_head, hkv, bsz, slot, keys.shape[0])
+                logits = part.logits(q_rd, keys, scale)
                 # Slot 0 always holds a real block, so row_max is finite from the first slot on.
                 new_max = torch.maximum(row_max, logits.amax(-1))
                 correction = torch.exp(row_max - new_max)
-                probs = torch.exp(logits - new_max[..., None])
+                probs = torch.exp(logits - new_max[:, None])
                 row_sum = row_sum * correction + probs.sum(-1)
-                acc = acc * correction[..., None] + torch.einsum("qhb,qhbd->qhd", probs, v_blocks[flat].float())
+                acc = acc * correction[:, None] + part.matrix(probs) @ values
                 row_max = new_max
-            out[start:end] = acc / row_sum[..., None]
-            lse[start:end] = row_max + torch.log(row_sum)
-        out = out.to(q_thd.dtype)
+            out[rows] = acc / row_sum[:, None]
+            lse[rows] = row_max + torch.log(row_sum)
+        out = out.view(total, hq, dim).to(q_thd.dtype)
         ctx.save_for_backward(q_thd, k_thd, v_thd, selection, out, lse)
         ctx.layout, ctx.scale = layout, scale
         return out
@@ -226,34 +279,31 @@ class MobaAttentionFunction(torch.autograd.Function):
         topk = selection.shape[-1]
         bsz = layout.block_size
         kv_head = torch.arange(hq, device=q_thd.device) // (hq // hkv)
-        k_blocks, v_blocks = layout.pad_blocks(k_thd), layout.pad_blocks(v_thd)
-        grad_q = torch.empty(total, hq, dim, dtype=torch.float32, device=q_thd.device)
-        grad_k_blocks = torch.zeros(k_blocks.shape, dtype=torch.float32, device=q_thd.device)
-        grad_v_blocks = torch.zeros(v_blocks.shape, dtype=torch.float32, device=q_thd.device)
-        chunk = max(1, chunk_elements(q_thd.device) // (hq * bsz * dim))
+        keys, values = _keys_matrix(k_thd, layout), _keys_matrix(v_thd, layout)
+        grad_q = torch.empty(total * hq, dim, dtype=torch.float32, device=q_thd.device)
+        grad_keys = torch.zeros_like(keys)
+        grad_values = torch.zeros_like(values)
+        chunk = max(1, chunk_elements(q_thd.device) // (hq * bsz))
         for start in range(0, total, chunk):
             end = min(start + chunk, total)
-            q_c = q_thd[start:end].float()
-            do_c = grad_out[start:end].float()
-            delta = (do_c * out[start:end].float()).sum(-1)  # [Q, Hq]
-            lse_c = lse[start:end]
+            rows = slice(start * hq, end * hq)
+            q_rd = q_thd[start:end].float().reshape(-1, dim)
+            do_rd = grad_out[start:end].float().reshape(-1, dim)
+            delta = (do_rd * out[start:end].float().reshape(-1, dim)).sum(-1)  # [R]
             current, pos = layout.token_block[start:end], layout.token_pos[start:end]
-            grad_q_c = torch.zeros_like(q_c)
+            grad_q_rd = torch.zeros_like(q_rd)
             for slot in range(topk):
-                flat, allowed = _slot_indices(selection[start:end], current, pos, kv_head, hkv, bsz, slot)
-                logits, keys = _slot_logits(q_c, k_blocks, flat, allowed, scale)
-                probs = torch.exp(logits - lse_c[..., None])  # [Q, Hq, B]
-                values = v_blocks[flat].float()
-                grad_probs = torch.einsum("qhd,qhbd->qhb", do_c, values)
-                grad_logits = probs * (grad_probs - delta[..., None]) * scale
-                grad_q_c += torch.einsum("qhb,qhbd->qhd", grad_logits, keys)
-                index = flat.reshape(-1)
-                grad_k_blocks.index_add_(0, index, (grad_logits[..., None] * q_c[:, :, None, :]).reshape(-1, bsz, dim))
-                grad_v_blocks.index_add_(0, index, (probs[..., None] * do_c[:, :, None, :]).reshape(-1, bsz, dim))
-            grad_q[start:end] = grad_q_c
-        grad_k = layout.unpad_blocks(grad_k_blocks, hkv).to(k_thd.dtype)
-        grad_v = layout.unpad_blocks(grad_v_blocks, hkv).to(v_thd.dtype)
-        return grad_q.to(q_thd.dtype), grad_k, grad_v, None, None, None
+                part = _Slot(selection[start:end], current, pos, kv_head, hkv, bsz, slot, keys.shape[0])
+                probs = torch.exp(part.logits(q_rd, keys, scale) - lse[rows, None])  # [R, B]
+                grad_probs = part.sampled_products(do_rd, values)
+                grad_logits = probs * (grad_probs - delta[:, None]) * scale
+                grad_q_rd += part.matrix(grad_logits) @ keys
+                grad_keys += part.transposed(grad_logits) @ q_rd
+                grad_values += part.transposed(probs) @ do_rd
+            grad_q[rows] = grad_q_rd
+        grad_k = layout.unpad_blocks(grad_keys.view(-1, bsz, dim), hkv).to(k_thd.dtype)
+        grad_v = layout.unpad_blocks(grad_values.view(-1, bsz, dim), hkv).to(v_thd.dtype)
+        return grad_q.view(total, hq, dim).to(q_thd.dtype), grad_k, grad_v, None, None, None
 
 
 def moba_attention_torch(q, k, v, *, bounds, block_size, topk, softmax_scale, shared_gqa_selection):

@@ -64,6 +64,19 @@ def _flash_backward(grad_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causa
     )
 
 
+ROWS_PER_ADD = 1 << 22
+"""Rows converted to fp32 at a time when accumulating [M, D] partial results (bounds temporary memory)."""
+
+
+def _add_rows(target_f32, rows, source, weight=None):
+    """target_f32[rows[i]] += weight[i] * source[i] in fp32, in chunks of rows."""
+    for start in range(0, rows.numel(), ROWS_PER_ADD):
+        part = source[start : start + ROWS_PER_ADD].float()
+        if weight is not None:
+            part = part * weight[start : start + ROWS_PER_ADD, None]
+        target_f32.index_add_(0, rows[start : start + ROWS_PER_ADD], part)
+
+
 class _PastGroups:
     """Queries grouped by (head, selected earlier block): the inputs of the `past` varlen call."""
 
@@ -126,7 +139,7 @@ class MobaVarlenFunction(torch.autograd.Function):
             row_sum = torch.exp(lse - row_max).index_add_(0, groups.rows, torch.exp(lse_past - row_max[groups.rows]))
             merged = row_max + torch.log(row_sum)
             out = out * torch.exp(lse - merged)[:, None]
-            out.index_add_(0, groups.rows, out_past[:, 0].float() * torch.exp(lse_past - merged[groups.rows])[:, None])
+            _add_rows(out, groups.rows, out_past[:, 0], torch.exp(lse_past - merged[groups.rows]))
             lse = merged
         out = out.view(total, hq, dim).to(q.dtype)
         ctx.save_for_backward(q, k, v, selection, out, lse)
@@ -154,12 +167,13 @@ class MobaVarlenFunction(torch.autograd.Function):
                 groups.gather(out), lse[groups.rows][None].contiguous(),
                 groups.cu_q, groups.cu_k, groups.max_q, bsz, False, scale, ctx.rng[1],
             )
-            grad_q = grad_q.float().view(total * hq, dim).index_add_(0, groups.rows, dq_past[:, 0].float())
-            grad_q = grad_q.view(total, hq, dim).to(q.dtype)
+            grad_q_f32 = grad_q.float().view(total * hq, dim)
+            _add_rows(grad_q_f32, groups.rows, dq_past[:, 0])
+            grad_q = grad_q_f32.view(total, hq, dim).to(q.dtype)
             grad_k_blocks = torch.zeros(k_blocks.shape, dtype=torch.float32, device=q.device)
             grad_v_blocks = torch.zeros_like(grad_k_blocks)
-            grad_k_blocks.index_add_(0, groups.kv_rows, dk_past.float().view(-1, bsz, dim))
-            grad_v_blocks.index_add_(0, groups.kv_rows, dv_past.float().view(-1, bsz, dim))
+            _add_rows(grad_k_blocks, groups.kv_rows, dk_past.view(-1, bsz, dim))
+            _add_rows(grad_v_blocks, groups.kv_rows, dv_past.view(-1, bsz, dim))
             grad_k = (grad_k.float() + layout.unpad_blocks(grad_k_blocks, hkv)).to(k.dtype)
             grad_v = (grad_v.float() + layout.unpad_blocks(grad_v_blocks, hkv)).to(v.dtype)
         return grad_q, grad_k, grad_v, None, None, None
