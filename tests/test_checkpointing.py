@@ -1,0 +1,133 @@
+"""Checkpoints in one process with real Megatron-Core dist_checkpointing: a full checkpoint restores
+model, optimizer, scheduler, RNG and trainer state exactly; keep-last-K; a crash between writing
+and publishing leaves the newest complete checkpoint loadable and discovery ignores the debris;
+model-only checkpoints load weights only."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from moba_train import checkpointing
+from moba_train.checkpointing import TrainState
+from moba_train.config import ConfigError, load_config
+from moba_train.distributed import destroy_distributed, init_distributed, set_seed
+from moba_train.model import build_model, forward_step
+from moba_train.data import build_datasets, build_dataloader
+from moba_train.optimizer import build_optimizer, build_scheduler, optimizer_step
+from moba_train.training import use_distributed_optimizer, wrap_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return load_config(ROOT / "configs" / "tiny_moba.yaml",
+                       [f"run.output_dir={tmp_path}", "train.seq_length=128", "checkpoint.keep_last=2"])
+
+
+@pytest.fixture
+def env(cfg):
+    yield init_distributed(cfg)
+    destroy_distributed()
+
+
+def _build(cfg, env, seed: int):
+    set_seed(seed)
+    model = wrap_model(cfg, build_model(cfg), env)
+    optimizer = build_optimizer(cfg, [model], bf16=False, distributed=use_distributed_optimizer(cfg, env))
+    return model, optimizer, build_scheduler(cfg, optimizer)
+
+
+def _train_one_step(cfg, env, model, optimizer, scheduler):
+    batch = next(build_dataloader(build_datasets(cfg, env)[0], cfg, env, 0))
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    loss_sum, tokens = forward_step(model, batch)
+    (loss_sum / tokens).backward()
+    model.finish_grad_sync()
+    scheduler.step(1)
+    assert optimizer_step(optimizer)[0]
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in checkpointing.unwrap_model(model).state_dict().items() if "_extra_state" not in k}
+
+
+def _assert_same(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_full_checkpoint_restores_model_optimizer_scheduler_rng_and_position(cfg, env):
+    model, optimizer, scheduler = _build(cfg, env, seed=1)
+    _train_one_step(cfg, env, model, optimizer, scheduler)
+    path = checkpointing.save_checkpoint(cfg, model, optimizer, scheduler, TrainState(step=1, consumed_samples=4, skipped_steps=0))
+    saved_params, saved_rng = _params(model), torch.get_rng_state()
+
+    other, other_opt, other_sched = _build(cfg, env, seed=2)
+    torch.manual_seed(99)
+    state = checkpointing.load_checkpoint(path, other, other_opt, other_sched)
+    assert state == TrainState(step=1, consumed_samples=4, skipped_steps=0)
+    _assert_same(_params(other), saved_params)
+    assert other_sched.num_steps == 1 and other_opt.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+    assert torch.equal(torch.get_rng_state(), saved_rng)
+    # The next update from the restored state equals the next update from the original.
+    _train_one_step(cfg, env, model, optimizer, scheduler)
+    _train_one_step(cfg, env, other, other_opt, other_sched)
+    _assert_same(_params(other), _params(model))
+
+
+def test_keep_last_k_prunes_oldest_complete_checkpoints_with_their_config(cfg, env):
+    model, optimizer, scheduler = _build(cfg, env, seed=1)
+    _train_one_step(cfg, env, model, optimizer, scheduler)
+    root = checkpointing.checkpoint_dir(cfg)
+    for step in (1, 2, 3, 4):
+        checkpointing.save_checkpoint(cfg, model, optimizer, scheduler, TrainState(step=step))
+    assert [p.name for p in checkpointing.complete_checkpoints(root)] == ["step_00000003", "step_00000004"]
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000003", "step_00000004"]
+    assert load_config(root / "step_00000004" / "config.yaml") == cfg
+
+
+def test_crash_between_write_and_publish_keeps_the_previous_checkpoint(cfg, env, monkeypatch):
+    model, optimizer, scheduler = _build(cfg, env, seed=1)
+    _train_one_step(cfg, env, model, optimizer, scheduler)
+    root = checkpointing.checkpoint_dir(cfg)
+    checkpointing.save_checkpoint(cfg, model, optimizer, scheduler, TrainState(step=1))
+    good = _params(model)
+    _train_one_step(cfg, env, model, optimizer, scheduler)
+
+    rename = checkpointing.os.rename
+
+    def crash(src, dst):
+        if Path(src).name == ".tmp_step_00000002":
+            raise OSError("simulated crash while publishing")
+        rename(src, dst)  # dist_checkpointing's own file renames
+
+    monkeypatch.setattr(checkpointing.os, "rename", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        checkpointing.save_checkpoint(cfg, model, optimizer, scheduler, TrainState(step=2))
+    monkeypatch.undo()
+    (root / "step_00000003").mkdir()  # a directory without completion marker (e.g. copied by hand, half done)
+    assert (root / ".tmp_step_00000002" / "metadata.json").exists()  # the fully written but unpublished save
+
+    assert checkpointing.latest_checkpoint(root) == root / "step_00000001"
+    fresh, fresh_opt, fresh_sched = _build(cfg, env, seed=3)
+    assert checkpointing.load_checkpoint(checkpointing.latest_checkpoint(root), fresh, fresh_opt, fresh_sched).step == 1
+    _assert_same(_params(fresh), good)
+    # The next save of that step replaces the debris.
+    checkpointing.save_checkpoint(cfg, model, optimizer, scheduler, TrainState(step=2))
+    assert checkpointing.latest_checkpoint(root) == root / "step_00000002"
+    assert not (root / ".tmp_step_00000002").exists()
+
+
+def test_model_only_checkpoint_loads_weights_into_a_fresh_model(cfg, env, tmp_path):
+    model, optimizer, scheduler = _build(cfg, env, seed=1)
+    _train_one_step(cfg, env, model, optimizer, scheduler)
+    checkpointing.save_model_checkpoint(tmp_path / "exported", model, cfg)
+    fresh, _, _ = _build(cfg, env, seed=2)
+    assert checkpointing.load_model_weights(tmp_path / "exported", fresh) == tmp_path / "exported"
+    _assert_same(_params(fresh), _params(model))
+    with pytest.raises(ConfigError, match="neither a complete checkpoint"):
+        checkpointing.load_model_weights(tmp_path / "nothing_here", fresh)
