@@ -31,7 +31,7 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          initializer_range=0.2, tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(root / "source")
     words = WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0")
@@ -80,6 +80,16 @@ def test_moba_with_small_topk_matches_our_megatron_moba_model(exported):
     finally:
         distributed.destroy_distributed()
     torch.testing.assert_close(got, ours, rtol=0, atol=1e-4)
+
+
+def test_moba_auto_backend_on_long_prompts_equals_the_naive_definition(exported):
+    """300 tokens x 4 heads is past the naive backend's size on CPU: "moba" runs the torch backend."""
+    register_moba(block_size=BLOCK, topk=3)
+    long = tokens(batch=1, length=300)
+    with torch.no_grad():
+        got = load(exported, "moba")(long).logits
+        expected = load(exported, "moba_naive")(long).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
