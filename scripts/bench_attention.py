@@ -179,8 +179,8 @@ def measure(backend: str, shape: Shape, passes: str, device, dtype) -> dict:
                     fn(q, k, v, cu)
 
         tokens = shape.batch * shape.seqlen
-        slow = backend == "moba-torch" and device.type == "cuda"
-        reps = 3 if tokens >= 1024 * K or slow else 10
+        few = tokens >= 1024 * K or backend == "moba-torch" or device.type == "cpu"
+        reps = 3 if few else 10
         time_ms(step, 1, device)
         if device.type == "cuda":
             torch.cuda.synchronize()
