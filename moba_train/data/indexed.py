@@ -14,10 +14,12 @@ Megatron's dense attention mask.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import _IndexReader
@@ -120,6 +122,20 @@ class LongContextGPTDataset(GPTDataset):
         return sample
 
 
+@contextlib.contextmanager
+def _single_process_group():
+    """Megatron-Core's BlendedDataset asks torch.distributed for the rank before writing its cache, even in a
+    single process; a run without a process group gets a one-process in-memory group for the build."""
+    if torch.distributed.is_initialized():
+        yield
+        return
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def build_indexed_datasets(cfg, env):
     """(train, valid or None) over `cfg.data.blend`; call on every rank (rank 0 builds the index caches)."""
     data, train = cfg.data, cfg.train
@@ -150,7 +166,8 @@ def build_indexed_datasets(cfg, env):
     evals = train.steps // train.eval_interval + 1 if train.eval_interval else 1
     sizes = [train.steps * train.global_batch_size, evals * train.eval_steps * train.global_batch_size,
              train.eval_steps * train.global_batch_size]
-    train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(LongContextGPTDataset, sizes, lambda: True, config).build()
+    with _single_process_group():
+        train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(LongContextGPTDataset, sizes, lambda: True, config).build()
     if train_ds is None or len(train_ds) == 0:
         raise DataError(f"data.split '{data.split}' leaves no training documents; give the train split a share")
     return train_ds, valid_ds

@@ -9,6 +9,7 @@ a prefix that opens. Re-running skips a prefix that is already complete unless `
 
 from __future__ import annotations
 
+import collections
 import multiprocessing
 import os
 from dataclasses import dataclass
@@ -136,6 +137,18 @@ def _batches(texts: Iterable[str]) -> Iterator[list[str]]:
         yield batch
 
 
+def _encoded_in_pool(texts: Iterable[str], pool, workers: int) -> Iterator[list[list[int]]]:
+    """Batches encoded by the pool, in order. `texts` is read here, in the calling thread (not in the pool's
+    feeder thread), so that an error or ^C while reading surfaces at once instead of stalling the pool."""
+    pending = collections.deque()
+    for batch in _batches(texts):
+        pending.append(pool.apply_async(_encode, (batch,)))
+        if len(pending) > 2 * workers:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
 def is_complete(prefix: str | os.PathLike) -> bool:
     return Path(f"{prefix}.idx").is_file() and Path(f"{prefix}.bin").is_file()
 
@@ -156,11 +169,11 @@ def write_indexed_dataset(
     tmp = prefix.with_name(f".{prefix.name}.tmp{os.getpid()}")
     builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=DType.optimal_dtype(len(tokenizer)))
     lengths = []
-    pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (str(tokenizer_path),)) if workers > 1 else None
+    pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_path),)) if workers > 1 else None
     try:
         if pool is None:
             _init_worker(str(tokenizer_path))
-        encoded = pool.imap(_encode, _batches(texts)) if pool else map(_encode, _batches(texts))
+        encoded = _encoded_in_pool(texts, pool, workers) if pool else map(_encode, _batches(texts))
         with tqdm(total=total, unit="doc", disable=not progress, desc=f"tokenizing -> {prefix.name}") as bar:
             for ids_batch in encoded:
                 for ids in ids_batch:

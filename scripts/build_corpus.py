@@ -1,0 +1,40 @@
+"""Build the embedded default corpus from this machine's Python sources (no network needed).
+
+    python scripts/build_corpus.py                 # data/corpus/{tokenizer/, python.bin, python.idx}
+    python scripts/build_corpus.py --out-dir data/corpus_big --max-mb 64 --site-packages
+"""
+
+import argparse
+import os
+import sys
+
+from moba_train.data.corpus import DEFAULT_MAX_BYTES, build_corpus
+from moba_train.data.preprocess import DataError
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-dir", default="data/corpus", help="output directory (default: data/corpus)")
+    parser.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary, EOS included (default: 1024)")
+    parser.add_argument("--max-mb", type=float, default=DEFAULT_MAX_BYTES / 2**20,
+                        help=f"source text to use, in MiB (default: {DEFAULT_MAX_BYTES / 2**20:g})")
+    parser.add_argument("--site-packages", action="store_true", help="also use installed packages' sources")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
+    parser.add_argument("--overwrite", action="store_true", help="rebuild even if the corpus is complete")
+    args = parser.parse_args()
+    try:
+        stats = build_corpus(args.out_dir, vocab_size=args.vocab_size, max_bytes=int(args.max_mb * 2**20),
+                             include_site_packages=args.site_packages, workers=max(1, args.workers),
+                             overwrite=args.overwrite, progress=sys.stderr.isatty())
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if stats is None:
+        print(f"{args.out_dir} already complete; pass --overwrite to rebuild")
+    else:
+        print(f"wrote {args.out_dir}: {stats.summary()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+from moba_train.config import Config
+from moba_train.data import build_datasets
+from moba_train.data.indexed import check_indexed_dataset, parse_blend
+from moba_train.data.preprocess import DataError
+
+EOD = 0  # the conftest tokenizer's <|endoftext|>
+
+
+def write_ids(prefix: Path, docs: list[list[int]]) -> str:
+    """An indexed dataset straight from token ids (each document ends with EOD)."""
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    for doc in docs:
+        builder.add_document(torch.tensor(doc + [EOD]), [len(doc) + 1])
+    builder.finalize(f"{prefix}.idx")
+    return str(prefix)
+
+
+def recipe(tmp_path, tokenizer_dir, blend, **data):
+    return Config.model_validate({
+        "run": {"output_dir": str(tmp_path / "run"), "seed": 5},
+        "train": {"seq_length": 64, "micro_batch_size": 2, "global_batch_size": 8, "steps": 50},
+        "attention": {"block_size": 16},
+        "data": {"kind": "indexed", "blend": blend, "tokenizer": str(tokenizer_dir), "split": "90,10,0", **data},
+    })
+
+
+def docs_in_range(rng, lo, hi, count, length=(5, 40)):
+    return [rng.integers(lo, hi, size=int(rng.integers(*length))).tolist() for _ in range(count)]
+
+
+def test_blend_draws_each_dataset_in_proportion_to_its_weight(tmp_path, tokenizer_dir):
+    rng = np.random.default_rng(0)
+    a = write_ids(tmp_path / "a", docs_in_range(rng, 10, 20, 300))
+    b = write_ids(tmp_path / "b", docs_in_range(rng, 20, 30, 300))
+    train, valid = build_datasets(recipe(tmp_path, tokenizer_dir, [f"0.7 {a}", f"0.3 {b}"]), None)
+    n = 400
+    from_a = sum(int(train[i]["tokens"].max()) < 20 for i in range(n))  # a sample holds one dataset's tokens only
+    assert abs(from_a / n - 0.7) < 0.03
+    assert valid is not None and len(valid) > 0
+
+
+def test_samples_carry_per_document_boundaries_and_reset_positions(tmp_path, tokenizer_dir):
+    rng = np.random.default_rng(1)
+    a = write_ids(tmp_path / "a", docs_in_range(rng, 10, 200, 200))
+    cfg = recipe(tmp_path, tokenizer_dir, [a], reset_position_ids=True, reset_attention_mask=True, eod_mask_loss=True)
+    train, _ = build_datasets(cfg, None)
+    for i in range(20):
+        x = train[i]
+        _, loss_mask, positions = _get_ltor_masks_and_position_ids(x["tokens"], EOD, True, True, True, False)
+        cu = x["cu_seqlens"].tolist()
+        assert cu[0] == 0 and cu[-1] == 64
+        assert all(x["tokens"][c - 1] == EOD for c in cu[1:-1]) and (x["tokens"][:-1] == EOD).sum() == len(cu) - 2
+        assert torch.equal(x["position_ids"], positions) and torch.equal(x["loss_mask"], loss_mask)
+
+
+def test_sample_order_is_identical_when_rebuilt_from_the_index_cache(tmp_path, tokenizer_dir):
+    rng = np.random.default_rng(2)
+    a = write_ids(tmp_path / "a", docs_in_range(rng, 10, 200, 200))
+    cfg = recipe(tmp_path, tokenizer_dir, [a])
+    first = [build_datasets(cfg, None)[0][i]["tokens"] for i in range(10)]
+    assert any(Path(cfg.run.output_dir, "data_cache").iterdir())
+    again = [build_datasets(cfg, None)[0][i]["tokens"] for i in range(10)]
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
+
+
+def test_min_doc_length_keeps_only_long_documents(tmp_path, tokenizer_dir):
+    rng = np.random.default_rng(3)
+    docs = docs_in_range(rng, 10, 20, 100, length=(3, 10)) + docs_in_range(rng, 100, 110, 100, length=(100, 120))
+    a = write_ids(tmp_path / "a", [docs[i] for i in rng.permutation(len(docs))])
+    train, _ = build_datasets(recipe(tmp_path, tokenizer_dir, [a], min_doc_length=50), None)
+    tokens = torch.cat([train[i]["tokens"] for i in range(50)])
+    assert (((tokens >= 100) & (tokens < 110)) | (tokens == EOD)).all()
+    unfiltered, _ = build_datasets(recipe(tmp_path, tokenizer_dir, [a]), None)
+    tokens = torch.cat([unfiltered[i]["tokens"] for i in range(50)])
+    assert ((tokens >= 10) & (tokens < 20)).any()
+
+
+@pytest.mark.parametrize("blend,match", [
+    (["abc data/x"], "not 'WEIGHT PREFIX'"),
+    (["-1 data/x"], "positive weight"),
+    (["0.5 data/x extra"], "not 'WEIGHT PREFIX'"),
+    (["0.5 data/x", "data/y"], "mixes weighted and bare"),
+])
+def test_blend_that_does_not_parse_is_one_clear_error(blend, match):
+    with pytest.raises(DataError, match=match):
+        parse_blend(blend)
+
+
+def test_blend_parses_weights_and_bare_prefixes():
+    assert parse_blend(["0.7 data/a", "3e-1 data/b"]) == (["data/a", "data/b"], [0.7, 0.3])
+    assert parse_blend(["data/a", "data/b"]) == (["data/a", "data/b"], None)
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("truncate bin", "has .* bytes but its index expects"),
+    ("truncate idx", "truncated or not a Megatron index"),
+    ("swap bin", "has .* bytes but its index expects"),
+    ("remove idx", "is missing"),
+])
+def test_damaged_indexed_dataset_is_one_clear_error(tmp_path, tokenizer_dir, damage, match):
+    a = write_ids(tmp_path / "a", [[11, 12, 13]] * 20)
+    b = write_ids(tmp_path / "b", [[11, 12]] * 20)
+    if damage == "truncate bin":
+        Path(a + ".bin").write_bytes(Path(a + ".bin").read_bytes()[:-4])
+    elif damage == "truncate idx":
+        Path(a + ".idx").write_bytes(Path(a + ".idx").read_bytes()[:30])
+    elif damage == "swap bin":
+        shutil.copy(b + ".bin", a + ".bin")
+    else:
+        Path(a + ".idx").unlink()
+    with pytest.raises(DataError, match=match):
+        check_indexed_dataset(a)
+    with pytest.raises(DataError, match=match):
+        build_datasets(recipe(tmp_path, tokenizer_dir, [a]), None)
+
+
+def test_tokenizer_larger_than_the_model_vocabulary_is_one_clear_error(tmp_path, tokenizer_dir):
+    a = write_ids(tmp_path / "a", [[11, 12, 13]] * 20)
+    cfg = recipe(tmp_path, tokenizer_dir, [a])
+    cfg.model.vocab_size = 128
+    with pytest.raises(DataError, match="set model.vocab_size to at least 300"):
+        build_datasets(cfg, None)
