@@ -34,11 +34,15 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from moba_train.checkpointing import load_model_weights, resolve_checkpoint, save_model_checkpoint, unwrap_model
 from moba_train.config import Config, ConfigError, ModelConfig, RopeScalingConfig, load_config
+from moba_train.distributed import destroy_distributed, init_distributed, set_seed
+from moba_train.model import build_model
 
 
 class ConversionError(ConfigError):
@@ -393,10 +397,6 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, cfg: Config) -> 
     """Fill a built GPTModel (possibly tensor-parallel; DDP/Float16Module wrappers are unwrapped) with
     the weights of a HF Llama directory. ConversionError when the recipe's model section disagrees with
     the HF config, or the checkpoint is incomplete. Call on every rank (each reads what it needs)."""
-    from megatron.core import parallel_state
-
-    from moba_train.checkpointing import unwrap_model
-
     check_recipe_matches(cfg.model, hf_dir)
     files = safetensors_files(hf_dir)
     inner = unwrap_model(model)
@@ -418,8 +418,6 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, cfg: Config) -> 
 @contextlib.contextmanager
 def _single_process(cfg: Config):
     """A world-size-1 Megatron set-up for conversion (reusing one that already exists)."""
-    from moba_train.distributed import destroy_distributed, init_distributed, set_seed
-
     if dist.is_initialized():
         if dist.get_world_size() != 1:
             raise ConversionError("checkpoint conversion runs in one process; run it outside torchrun")
@@ -443,9 +441,6 @@ def _conversion_config(model: ModelConfig) -> Config:
 def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     """Convert a HF Llama directory into a model-only checkpoint at `out_dir` (config.yaml + weights,
     loadable under any TP layout via `checkpoint.init_from`). Returns `out_dir`."""
-    from moba_train.checkpointing import save_model_checkpoint
-    from moba_train.model import build_model
-
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     cfg = _conversion_config(model_config_from_hf(read_hf_config(hf_dir)))
     with _single_process(cfg):
@@ -483,9 +478,6 @@ def export_hf(ckpt_dir: str | Path, hf_out_dir: str | Path, dtype: torch.dtype |
     LlamaForCausalLM directory: config.json, safetensors (sharded with an index when large), and the
     tokenizer files of the HF source (`hf_source`) or of `data.tokenizer`. dtype defaults to the
     source's, else bf16. Returns `hf_out_dir`."""
-    from moba_train.checkpointing import load_model_weights, resolve_checkpoint
-    from moba_train.model import build_model
-
     ckpt = resolve_checkpoint(ckpt_dir)
     recipe = load_config(ckpt / "config.yaml")
     source = hf_source(ckpt, recipe)
