@@ -20,6 +20,7 @@ data position). A model-only checkpoint (`save_model_checkpoint`) holds the mode
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import re
@@ -83,7 +84,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     latest = latest_checkpoint(path)
     if latest is None:
-        raise ConfigError(f"'{path}' is neither a complete checkpoint nor a directory holding one; pass a step_* directory")
+        raise ConfigError(
+            f"'{path}' is neither a complete checkpoint nor a directory holding one; pass a step_* directory"
+        )
     return latest
 
 
@@ -166,7 +169,7 @@ def _training_state_dict(model, optimizer, scheduler, state: TrainState, is_load
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading),
         "scheduler": scheduler.state_dict(),
         "rng_state": _rng_state(),
-        "trainer": {"step": state.step, "consumed_samples": state.consumed_samples, "skipped_steps": state.skipped_steps},
+        "trainer": dataclasses.asdict(state),
     }
 
 

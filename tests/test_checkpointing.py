@@ -11,9 +11,9 @@ import torch
 from moba_train import checkpointing
 from moba_train.checkpointing import TrainState
 from moba_train.config import ConfigError, load_config
+from moba_train.data import build_dataloader, build_datasets
 from moba_train.distributed import destroy_distributed, init_distributed, set_seed
 from moba_train.model import build_model, forward_step
-from moba_train.data import build_datasets, build_dataloader
 from moba_train.optimizer import build_optimizer, build_scheduler, optimizer_step
 from moba_train.training import use_distributed_optimizer, wrap_model
 
@@ -51,7 +51,8 @@ def _train_one_step(cfg, env, model, optimizer, scheduler):
 
 
 def _params(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in checkpointing.unwrap_model(model).state_dict().items() if "_extra_state" not in k}
+    state = checkpointing.unwrap_model(model).state_dict()
+    return {k: v.detach().clone() for k, v in state.items() if "_extra_state" not in k}
 
 
 def _assert_same(a: dict, b: dict):
@@ -63,13 +64,13 @@ def _assert_same(a: dict, b: dict):
 def test_full_checkpoint_restores_model_optimizer_scheduler_rng_and_position(cfg, env):
     model, optimizer, scheduler = _build(cfg, env, seed=1)
     _train_one_step(cfg, env, model, optimizer, scheduler)
-    path = checkpointing.save_checkpoint(cfg, model, optimizer, scheduler, TrainState(step=1, consumed_samples=4, skipped_steps=0))
+    state = TrainState(step=1, consumed_samples=4, skipped_steps=0)
+    path = checkpointing.save_checkpoint(cfg, model, optimizer, scheduler, state)
     saved_params, saved_rng = _params(model), torch.get_rng_state()
 
     other, other_opt, other_sched = _build(cfg, env, seed=2)
     torch.manual_seed(99)
-    state = checkpointing.load_checkpoint(path, other, other_opt, other_sched)
-    assert state == TrainState(step=1, consumed_samples=4, skipped_steps=0)
+    assert checkpointing.load_checkpoint(path, other, other_opt, other_sched) == state
     _assert_same(_params(other), saved_params)
     assert other_sched.num_steps == 1 and other_opt.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
     assert torch.equal(torch.get_rng_state(), saved_rng)

@@ -19,8 +19,8 @@ def test_shipped_recipes_validate(name):
 def test_llama8b_recipe_has_the_llama31_8b_shape_and_hybrid_plan():
     cfg = load_config(CONFIGS / "llama8b_moba.yaml")
     m = cfg.model
-    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, m.ffn_hidden_size, m.vocab_size) == (
-        32, 4096, 32, 8, 14336, 128256)
+    shape = (m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, m.ffn_hidden_size, m.vocab_size)
+    assert shape == (32, 4096, 32, 8, 14336, 128256)
     assert m.rope_theta == 500000.0
     assert (m.rope_scaling.factor, m.rope_scaling.low_freq_factor, m.rope_scaling.high_freq_factor,
             m.rope_scaling.original_max_position_embeddings) == (8.0, 1.0, 4.0, 8192)
@@ -32,13 +32,14 @@ def test_llama8b_recipe_has_the_llama31_8b_shape_and_hybrid_plan():
 def test_llama1b_recipe_has_the_notes_shape_at_32k():
     cfg = load_config(CONFIGS / "llama1b_moba_32k.yaml")
     m = cfg.model
-    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, m.ffn_hidden_size, m.vocab_size) == (
-        16, 2048, 32, 8, 8192, 32768)
+    shape = (m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, m.ffn_hidden_size, m.vocab_size)
+    assert shape == (16, 2048, 32, 8, 8192, 32768)
     assert cfg.train.seq_length == 32768 and cfg.train.seq_length % cfg.attention.block_size == 0
 
 
 def test_overrides_apply_on_top_of_the_recipe():
-    cfg = load_config(CONFIGS / "tiny_moba.yaml", ["train.lr=1e-5", "train.min_lr=0", "attention.topk=8", "attention.layer_kinds=[full,moba,full]"])
+    overrides = ["train.lr=1e-5", "train.min_lr=0", "attention.topk=8", "attention.layer_kinds=[full,moba,full]"]
+    cfg = load_config(CONFIGS / "tiny_moba.yaml", overrides)
     assert cfg.train.lr == 1e-5 and cfg.attention.topk == 8
     assert cfg.layer_kinds() == ["full", "moba", "full"]
 

@@ -81,7 +81,8 @@ def test_reference_run_keeps_the_last_two_checkpoints_with_config(reference):
 
 def test_init_from_starts_at_step_one_from_the_trained_weights(reference, tmp_path, capsys):
     _train(tmp_path, f"checkpoint.init_from={reference / 'checkpoints'}", "train.steps=3")
-    assert f"initialised model weights from {reference / 'checkpoints' / f'step_{STEPS:08d}'}" in capsys.readouterr().out
+    source = reference / "checkpoints" / f"step_{STEPS:08d}"
+    assert f"initialised model weights from {source}" in capsys.readouterr().out
     got, trained = _metrics(tmp_path), _metrics(reference)
     assert [m["step"] for m in got] == [1, 2, 3]
     # Step 1 is evaluated before any update: the trained model's loss level, far below a fresh model's.

@@ -52,7 +52,9 @@ def test_unknown_key_in_the_recipe_file_names_the_file(tmp_path):
 def test_demo_command_trains_two_processes_with_falling_loss_and_final_checkpoint(tmp_path):
     steps = 12
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone",  # = torchrun, whatever PATH holds "--nproc_per_node=2", str(SCRIPT), "--config", str(TINY),
+        # `python -m torch.distributed.run` is torchrun, whatever PATH holds
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
+         "--config", str(TINY),
          f"run.output_dir={tmp_path}", f"train.steps={steps}", "train.warmup_steps=2", "train.log_interval=4",
          "logging.progress_bar=off"],
         capture_output=True, text=True, env=_env(), timeout=600,
