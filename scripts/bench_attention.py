@@ -225,7 +225,10 @@ def environment(device) -> dict:
     )
 
 
-HEADER = f"{'shape':<12} {'backend':<12} {'pass':<7} {'status':<8} {'ms':>10} {'TFLOP/s':>8} {'peak GiB':>9} {'max rel err':>12}"
+HEADER = (
+    f"{'shape':<12} {'backend':<12} {'pass':<7} {'status':<8} {'ms':>10} {'TFLOP/s':>8} {'peak GiB':>9} "
+    f"{'max rel err':>12}"
+)
 
 
 def format_row(r: dict) -> str:

@@ -90,11 +90,14 @@ def _check_qkv(q, k, v, cu_seqlens) -> list[int]:
     """Validate layouts, dtypes and devices; return cu_seqlens as a list of ints."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 3:
-            raise ValueError(f"{name} must be 3-D [tokens, heads, head_dim], got shape {tuple(x.shape)}; flatten batches into packed tokens.")
+            raise ValueError(
+                f"{name} must be 3-D [tokens, heads, head_dim], got shape {tuple(x.shape)}; "
+                "flatten batches into packed tokens."
+            )
         if x.dtype not in DTYPES:
             raise ValueError(f"{name} has unsupported dtype {x.dtype}; use float32, bfloat16 or float16.")
     if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them to the same dtype.")
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them to one dtype.")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}.")
     if q.shape[0] != k.shape[0]:
@@ -142,9 +145,13 @@ def _resolve_backend(backend: str, q: torch.Tensor, bounds: list[int]) -> str:
         )
     if backend == "triton":
         if _triton_kernel() is None:
-            raise ValueError("backend 'triton' is not available: the `kernels` package does not import; use backend='torch'.")
+            raise ValueError(
+                "backend 'triton' is not available: the `kernels` package does not import; use backend='torch'."
+            )
         if not backend_available("triton", q.device, q.dtype):
-            raise ValueError(f"backend 'triton' cannot run on {q.device}; use CUDA, or set TRITON_INTERPRET=1 for small CPU runs.")
+            raise ValueError(
+                f"backend 'triton' cannot run on {q.device}; use CUDA, or set TRITON_INTERPRET=1 for small CPU runs."
+            )
     return backend
 
 

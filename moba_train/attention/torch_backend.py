@@ -75,7 +75,8 @@ class BlockLayout:
         lengths = torch.tensor(lengths_host, dtype=torch.int64, device=device)
         starts = torch.tensor(bounds[:-1], dtype=torch.int64, device=device)
         firsts = torch.tensor(first_block[:-1], dtype=torch.int64, device=device)
-        seq_of_token = torch.repeat_interleave(torch.arange(len(lengths_host), device=device), lengths, output_size=total)
+        seq_ids = torch.arange(len(lengths_host), device=device)
+        seq_of_token = torch.repeat_interleave(seq_ids, lengths, output_size=total)
         local = torch.arange(total, device=device) - starts[seq_of_token]
         token_first = firsts[seq_of_token]
         token_block = token_first + local // block_size
@@ -102,7 +103,8 @@ class BlockLayout:
         _, heads, dim = x_thd.shape
         padded = x_thd.new_zeros(self.num_blocks * self.block_size, heads, dim)
         padded[self.token_block * self.block_size + self.token_pos] = x_thd
-        return padded.view(self.num_blocks, self.block_size, heads, dim).transpose(1, 2).reshape(-1, self.block_size, dim)
+        padded = padded.view(self.num_blocks, self.block_size, heads, dim).transpose(1, 2)
+        return padded.reshape(-1, self.block_size, dim)
 
     def unpad_blocks(self, x_bhd: torch.Tensor, heads: int) -> torch.Tensor:
         """Inverse of pad_blocks: [num_blocks * H, block_size, D] -> [T, H, D]."""

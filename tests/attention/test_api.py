@@ -165,7 +165,10 @@ def test_moba_attention_rejects_bad_input_with_a_value_error_naming_the_rule(mat
         moba_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
 
 
-@pytest.mark.parametrize("match,change", BAD_INPUTS[:3] + BAD_INPUTS[7:13], ids=[m for m, _ in BAD_INPUTS[:3] + BAD_INPUTS[7:13]])
+BAD_SELECTION_INPUTS = BAD_INPUTS[:3] + BAD_INPUTS[7:13]
+
+
+@pytest.mark.parametrize("match,change", BAD_SELECTION_INPUTS, ids=[m for m, _ in BAD_SELECTION_INPUTS])
 def test_moba_selection_rejects_bad_input_with_a_value_error_naming_the_rule(match, change):
     args = {**_good(), **change}
     del args["v"]

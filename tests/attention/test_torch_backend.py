@@ -2,9 +2,9 @@
 
 Grid: every (Hq, Hkv) in {(1,1),(4,4),(8,2),(8,1)} with every topk in {1,2,3,8} (16 cases, fp32); head dim
 {32,64,128} and block size {16,32,64} cycle through those cases so that each value meets every head
-layout and several top-k values. Each case packs four sequences: 9 blocks + 5 tokens (top-8 is a real
-choice for blocks 16 and 32; 5 blocks + 5 tokens for block 64), half a block (shorter than one block), exactly 2 blocks, and 1 block + 1 token. bf16 and fp16
-run a smaller sample of the same grid.
+layout and several top-k values. Each case packs four sequences: 9 blocks + 5 tokens (5 blocks + 5 tokens
+for block 64; top-8 is a real choice for blocks 16 and 32), half a block (shorter than one block), exactly
+2 blocks, and 1 block + 1 token. bf16 and fp16 run a smaller sample of the same grid.
 """
 
 import itertools
