@@ -19,7 +19,8 @@ What runs when:
 - Padding masks are honoured: the non-padded tokens of each row (left or right padding) form one
   sequence whose MoBA blocks start at its first real token (the row's result equals running it
   alone); padded query positions return zeros. Masks that are not causal + padding (packed
-  sequences, sliding windows, custom 4D masks) are refused with a ValueError.
+  sequences, sliding windows, custom 4D masks) are refused with a ValueError. A padded batch
+  carries transformers' [b, 1, L, L] boolean mask (as under SDPA); an unpadded one carries none.
 """
 
 from __future__ import annotations
