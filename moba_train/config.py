@@ -200,8 +200,9 @@ class SyntheticDataConfig(_Section):
 
 class DataConfig(_Section):
     kind: Literal["synthetic", "indexed"] = "synthetic"
+    """synthetic: the built-in recall task (data.synthetic); indexed: Megatron .bin/.idx datasets (data.blend)."""
     blend: list[str] = Field(default_factory=list)
-    """Indexed kind: "weight prefix" strings (or bare prefixes, equal weights), e.g. ["0.7 data/a", "0.3 data/b"]."""
+    """Indexed kind: "weight prefix" strings, e.g. ["0.7 data/a", "0.3 data/b"], or bare prefixes (weighted by size)."""
     split: str = "98,2,0"
     """Train/valid/test split of each prefix's documents, Megatron-style."""
     tokenizer: Optional[str] = None
@@ -215,8 +216,9 @@ class DataConfig(_Section):
     eod_mask_loss: bool = False
     """Exclude EOD tokens from the loss."""
     min_doc_length: int = Field(0, ge=0)
-    """Long-context recipes: keep only documents of at least this many tokens (0 keeps all)."""
+    """Keep only documents of at least this many tokens (0 keeps all); kept documents are packed into sequences."""
     num_workers: int = Field(0, ge=0)
+    """DataLoader worker processes per rank (0 loads in the training process)."""
     synthetic: SyntheticDataConfig = Field(default_factory=SyntheticDataConfig)
 
 

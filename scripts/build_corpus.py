@@ -8,14 +8,15 @@ import argparse
 import os
 import sys
 
-from moba_train.data.corpus import DEFAULT_MAX_BYTES, build_corpus
+from moba_train.data.corpus import DEFAULT_MAX_BYTES, DEFAULT_VOCAB_SIZE, build_corpus
 from moba_train.data.preprocess import DataError
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", default="data/corpus", help="output directory (default: data/corpus)")
-    parser.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary, EOS included (default: 1024)")
+    parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
+                        help=f"BPE vocabulary, EOS included (default: {DEFAULT_VOCAB_SIZE})")
     parser.add_argument("--max-mb", type=float, default=DEFAULT_MAX_BYTES / 2**20,
                         help=f"source text to use, in MiB (default: {DEFAULT_MAX_BYTES / 2**20:g})")
     parser.add_argument("--site-packages", action="store_true", help="also use installed packages' sources")
