@@ -69,16 +69,20 @@ def backend_available(backend: str, device: torch.device, dtype: torch.dtype) ->
         return varlen.available(device, dtype)
     if backend == "triton":
         on_device = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-        return on_device and _triton_kernel() is not None
+        return on_device and dtype in (torch.float16, torch.bfloat16) and _triton_kernel() is not None
     return backend in BACKENDS
 
 
-def auto_backend(device: torch.device, dtype: torch.dtype, max_seqlen: int, num_heads: int) -> str:
-    """The backend `auto` picks. CUDA: triton if `kernels` imports, else varlen for fp16/bf16 when the
-    FA2 varlen kernels exist, else torch. CPU: naive while max_seqlen^2 * heads < NAIVE_MAX_WORK (dense
-    is fastest on tiny inputs), else torch."""
+def auto_backend(
+    device: torch.device, dtype: torch.dtype, max_seqlen: int, num_heads: int, head_dim: int, block_size: int
+) -> str:
+    """The backend `auto` picks. CUDA: triton if `kernels` imports and the kernels take the input (fp16/bf16,
+    head_dim a power of two in [16, 256], block_size a multiple of 16), else varlen for fp16/bf16 when
+    the FA2 varlen kernels exist, else torch. CPU: naive while max_seqlen^2 * heads < NAIVE_MAX_WORK
+    (dense is fastest on tiny inputs), else torch."""
     if device.type == "cuda":
-        if _triton_kernel() is not None:
+        triton_shape = head_dim in (16, 32, 64, 128, 256) and block_size % 16 == 0
+        if triton_shape and backend_available("triton", device, dtype):
             return "triton"
         if backend_available("varlen", device, dtype):
             return "varlen"
@@ -132,12 +136,12 @@ def _check_blocks(block_size: int, topk: int) -> None:
         raise ValueError(f"topk must be >= 1 (it counts the current block), got {topk}.")
 
 
-def _resolve_backend(backend: str, q: torch.Tensor, bounds: list[int]) -> str:
+def _resolve_backend(backend: str, q: torch.Tensor, bounds: list[int], block_size: int) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}.")
     if backend == "auto":
         max_seqlen = max((b - a for a, b in zip(bounds[:-1], bounds[1:])), default=0)
-        return auto_backend(q.device, q.dtype, max_seqlen, q.shape[1])
+        return auto_backend(q.device, q.dtype, max_seqlen, q.shape[1], q.shape[2], block_size)
     if backend == "varlen" and not backend_available("varlen", q.device, q.dtype):
         raise ValueError(
             f"backend 'varlen' is not available for {q.dtype} on {q.device}: it needs CUDA, fp16/bf16 and "
@@ -150,7 +154,8 @@ def _resolve_backend(backend: str, q: torch.Tensor, bounds: list[int]) -> str:
             )
         if not backend_available("triton", q.device, q.dtype):
             raise ValueError(
-                f"backend 'triton' cannot run on {q.device}; use CUDA, or set TRITON_INTERPRET=1 for small CPU runs."
+                f"backend 'triton' cannot run {q.dtype} on {q.device}; use fp16/bf16 on CUDA (or under "
+                "TRITON_INTERPRET=1 for small CPU runs)."
             )
     return backend
 
@@ -161,7 +166,7 @@ def moba_attention(
     """MoBA attention: q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens int32 [N+1] -> [T, Hq, D] (q's dtype)."""
     bounds = _check_qkv(q, k, v, cu_seqlens)
     _check_blocks(block_size, topk)
-    backend = _resolve_backend(backend, q, bounds)
+    backend = _resolve_backend(backend, q, bounds, block_size)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if backend == "naive":
         return naive.moba_attention_naive(

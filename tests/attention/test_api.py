@@ -116,8 +116,8 @@ def test_selection_ties_go_to_the_lower_block_index():
 
 
 def test_auto_backend_uses_naive_for_tiny_cpu_inputs_and_torch_otherwise():
-    assert auto_backend(torch.device("cpu"), torch.float32, 128, 4) == "naive"
-    assert auto_backend(torch.device("cpu"), torch.float32, 4096, 4) == "torch"
+    assert auto_backend(torch.device("cpu"), torch.float32, 128, 4, 64, 64) == "naive"
+    assert auto_backend(torch.device("cpu"), torch.float32, 4096, 4, 64, 64) == "torch"
     q, k, v, cu = packed([300], 4, 4, 32)
     auto = moba_attention(q, k, v, cu_seqlens=cu, block_size=32, topk=3)
     assert rel_err(auto, moba_attention_naive(q, k, v, cu_seqlens=cu, block_size=32, topk=3)) < 1e-5
