@@ -32,12 +32,34 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, num_rows, HEAD_DIM: tl.constexpr, RO
 
 @triton.jit
 def _dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    start_ptr, length_ptr, rows_ptr, seg_start_ptr, seg_count_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh,
-    qk_scale, scale, num_q_heads, num_blocks,
-    GROUP: tl.constexpr, SLOTS: tl.constexpr, SLOTS_P2: tl.constexpr, TILES_PER_BLOCK: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dk_ptr,
+    dv_ptr,
+    start_ptr,
+    length_ptr,
+    rows_ptr,
+    seg_start_ptr,
+    seg_count_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    qk_scale,
+    scale,
+    num_q_heads,
+    num_blocks,
+    GROUP: tl.constexpr,
+    SLOTS: tl.constexpr,
+    SLOTS_P2: tl.constexpr,
+    TILES_PER_BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """dK, dV of BLOCK_N keys of one (block, KV head). Grid (NB * TILES_PER_BLOCK, Hkv).
 
@@ -76,7 +98,9 @@ def _dkdv_kernel(
     if SLOTS > 0:
         seg = (kv_head * num_blocks + blk) * SLOTS
         first = tl.load(seg_start_ptr + seg)
-        count = tl.sum(tl.load(seg_count_ptr + seg + tl.arange(0, SLOTS_P2), mask=tl.arange(0, SLOTS_P2) < SLOTS, other=0), 0)
+        count = tl.sum(
+            tl.load(seg_count_ptr + seg + tl.arange(0, SLOTS_P2), mask=tl.arange(0, SLOTS_P2) < SLOTS, other=0), 0
+        )
         for i in range(0, count, BLOCK_M):
             r = i + tl.arange(0, BLOCK_M)
             row_ok = r < count
@@ -99,10 +123,27 @@ def _dkdv_kernel(
 
 @triton.jit
 def _current_block_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, start_ptr, length_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, scale, qk_scale, num_q_heads,
-    GROUP: tl.constexpr, TILES_PER_BLOCK: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dq_ptr,
+    start_ptr,
+    length_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    scale,
+    qk_scale,
+    num_q_heads,
+    GROUP: tl.constexpr,
+    TILES_PER_BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """dQ (fp32, written) of a query tile from its own block, causal. Grid (NB * TILES_PER_BLOCK, Hq).
     dq is contiguous [T, Hq, D]."""
@@ -136,10 +177,30 @@ def _current_block_dq_kernel(
 
 @triton.jit
 def _past_slot_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, start_ptr,
-    rows_ptr, tile_seg_ptr, tile_start_ptr, tile_count_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, scale, qk_scale, num_q_heads, num_blocks,
-    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dq_ptr,
+    start_ptr,
+    rows_ptr,
+    tile_seg_ptr,
+    tile_start_ptr,
+    tile_count_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    scale,
+    qk_scale,
+    num_q_heads,
+    num_blocks,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """dQ contribution of one gathered tile's past block in this slot, added in place. Grid (max_tiles,)."""
     pid = tl.program_id(0)
@@ -190,24 +251,91 @@ def attention_backward(dout, q, k, v, out, lse, layout: BlockLayout, routing: Ro
     slots = routing.tile_seg.shape[0]
     ktiles = block_size // block_n
     _dkdv_kernel[(layout.num_blocks * ktiles, hkv)](
-        q, k, v, dout, lse, delta, dk, dv, layout.start, layout.length, routing.rows, routing.seg_start, routing.seg_count,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), scale * LOG2E, scale, hq, layout.num_blocks,
-        GROUP=group, SLOTS=slots, SLOTS_P2=max(2, triton.next_power_of_2(slots)), TILES_PER_BLOCK=ktiles,
-        HEAD_DIM=dim, BLOCK_M=QUERY_TILE, BLOCK_N=block_n, num_warps=warps, num_stages=2,
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        dk,
+        dv,
+        layout.start,
+        layout.length,
+        routing.rows,
+        routing.seg_start,
+        routing.seg_count,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        scale * LOG2E,
+        scale,
+        hq,
+        layout.num_blocks,
+        GROUP=group,
+        SLOTS=slots,
+        SLOTS_P2=max(2, triton.next_power_of_2(slots)),
+        TILES_PER_BLOCK=ktiles,
+        HEAD_DIM=dim,
+        BLOCK_M=QUERY_TILE,
+        BLOCK_N=block_n,
+        num_warps=warps,
+        num_stages=2,
     )
     block_m = min(64, triton.next_power_of_2(block_size))
     tiles = triton.cdiv(block_size, block_m)
     _current_block_dq_kernel[(layout.num_blocks * tiles, hq)](
-        q, k, v, dout, lse, delta, dq, layout.start, layout.length,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), scale, scale * LOG2E, hq,
-        GROUP=group, TILES_PER_BLOCK=tiles,
-        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2,
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        dq,
+        layout.start,
+        layout.length,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        scale,
+        scale * LOG2E,
+        hq,
+        GROUP=group,
+        TILES_PER_BLOCK=tiles,
+        HEAD_DIM=dim,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=warps,
+        num_stages=2,
     )
     for slot in range(slots):
         _past_slot_dq_kernel[(routing.tile_seg.shape[1],)](
-            q, k, v, dout, lse, delta, dq, layout.start,
-            routing.rows, routing.tile_seg[slot], routing.tile_start[slot], routing.tile_count[slot],
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), scale, scale * LOG2E, hq, layout.num_blocks,
-            BLOCK_SIZE=block_size, HEAD_DIM=dim, BLOCK_M=QUERY_TILE, BLOCK_N=block_n, num_warps=warps, num_stages=2,
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta,
+            dq,
+            layout.start,
+            routing.rows,
+            routing.tile_seg[slot],
+            routing.tile_start[slot],
+            routing.tile_count[slot],
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            scale,
+            scale * LOG2E,
+            hq,
+            layout.num_blocks,
+            BLOCK_SIZE=block_size,
+            HEAD_DIM=dim,
+            BLOCK_M=QUERY_TILE,
+            BLOCK_N=block_n,
+            num_warps=warps,
+            num_stages=2,
         )
     return dq.to(q.dtype), dk, dv

@@ -20,10 +20,26 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _current_block_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, start_ptr, length_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_lt,
-    qk_scale, GROUP: tl.constexpr, TILES_PER_BLOCK: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    lse_ptr,
+    start_ptr,
+    length_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_ot,
+    stride_oh,
+    stride_lt,
+    qk_scale,
+    GROUP: tl.constexpr,
+    TILES_PER_BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Causal attention of a BLOCK_M query tile to its own block. Grid (NB * TILES_PER_BLOCK, Hq)."""
     blk = tl.program_id(0) // TILES_PER_BLOCK
@@ -35,7 +51,9 @@ def _current_block_fwd_kernel(
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < length
     dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + (start + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0)
+    q = tl.load(
+        q_ptr + (start + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0
+    )
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -54,16 +72,40 @@ def _current_block_fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     out = acc / l_i[:, None]
-    tl.store(out_ptr + (start + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(
+        out_ptr + (start + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
     tl.store(lse_ptr + (start + rows) * stride_lt + head, m_i + tl.log2(l_i), mask=row_ok)
 
 
 @triton.jit
 def _past_slot_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, start_ptr, rows_ptr, tile_seg_ptr, tile_start_ptr, tile_count_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_lt,
-    qk_scale, num_q_heads, num_blocks,
-    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    lse_ptr,
+    start_ptr,
+    rows_ptr,
+    tile_seg_ptr,
+    tile_start_ptr,
+    tile_count_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_ot,
+    stride_oh,
+    stride_lt,
+    qk_scale,
+    num_q_heads,
+    num_blocks,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """One gathered tile of queries that picked one (KV head, past block) in this slot: attend the
     whole block, merge into the queries' running (out, lse). Grid (max_tiles,)."""
@@ -79,7 +121,9 @@ def _past_slot_fwd_kernel(
         t = flat // num_q_heads
         h = flat % num_q_heads
         dims = tl.arange(0, HEAD_DIM)
-        q = tl.load(q_ptr + t[:, None] * stride_qt + h[:, None] * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0)
+        q = tl.load(
+            q_ptr + t[:, None] * stride_qt + h[:, None] * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0
+        )
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -131,17 +175,56 @@ def attention_forward(q, k, v, layout: BlockLayout, routing: Routing, block_size
     block_m = min(64, triton.next_power_of_2(block_size))
     tiles = triton.cdiv(block_size, block_m)
     _current_block_fwd_kernel[(layout.num_blocks * tiles, hq)](
-        q, k, v, out, lse, layout.start, layout.length,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1), lse.stride(0),
-        scale * LOG2E, GROUP=group, TILES_PER_BLOCK=tiles,
-        HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=2,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        layout.start,
+        layout.length,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
+        scale * LOG2E,
+        GROUP=group,
+        TILES_PER_BLOCK=tiles,
+        HEAD_DIM=dim,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=warps,
+        num_stages=2,
     )
     for slot in range(routing.tile_seg.shape[0]):
         _past_slot_fwd_kernel[(routing.tile_seg.shape[1],)](
-            q, k, v, out, lse, layout.start, routing.rows,
-            routing.tile_seg[slot], routing.tile_start[slot], routing.tile_count[slot],
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1), lse.stride(0),
-            scale * LOG2E, hq, layout.num_blocks,
-            BLOCK_SIZE=block_size, HEAD_DIM=dim, BLOCK_M=QUERY_TILE, BLOCK_N=block_n, num_warps=warps, num_stages=3,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            layout.start,
+            routing.rows,
+            routing.tile_seg[slot],
+            routing.tile_start[slot],
+            routing.tile_count[slot],
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            out.stride(0),
+            out.stride(1),
+            lse.stride(0),
+            scale * LOG2E,
+            hq,
+            layout.num_blocks,
+            BLOCK_SIZE=block_size,
+            HEAD_DIM=dim,
+            BLOCK_M=QUERY_TILE,
+            BLOCK_N=block_n,
+            num_warps=warps,
+            num_stages=3,
         )
     return out, lse

@@ -23,9 +23,17 @@ FMA dot made gating the forward's bottleneck, bench/NOTES.md)."""
 
 @triton.jit
 def _block_mean_kernel(
-    k_ptr, mean_ptr, start_ptr, length_ptr,
-    stride_kt, stride_kh, stride_mb, stride_mh,
-    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
+    k_ptr,
+    mean_ptr,
+    start_ptr,
+    length_ptr,
+    stride_kt,
+    stride_kh,
+    stride_mb,
+    stride_mh,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     """mean[b, h, :] = fp32 mean of the keys of block b, KV head h. Grid (NB, Hkv)."""
     blk = tl.program_id(0)
@@ -43,11 +51,28 @@ def _block_mean_kernel(
 
 @triton.jit
 def _gate_topk_kernel(
-    q_ptr, mean_ptr, sel_ptr, start_ptr, length_ptr, local_ptr, first_ptr,
-    stride_qt, stride_qh, stride_mb, stride_mh, stride_st, stride_sh,
-    HEADS_PER_PROGRAM: tl.constexpr, GROUP: tl.constexpr,
-    TILES_PER_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr,
+    q_ptr,
+    mean_ptr,
+    sel_ptr,
+    start_ptr,
+    length_ptr,
+    local_ptr,
+    first_ptr,
+    stride_qt,
+    stride_qh,
+    stride_mb,
+    stride_mh,
+    stride_st,
+    stride_sh,
+    HEADS_PER_PROGRAM: tl.constexpr,
+    GROUP: tl.constexpr,
+    TILES_PER_BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    TOPK: tl.constexpr,
+    KP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Selection of a tile of BLOCK_M queries of one block. Grid (NB * TILES_PER_BLOCK, Hq / HEADS_PER_PROGRAM).
 
@@ -78,7 +103,8 @@ def _gate_topk_kernel(
         cand_ok = cand < current
         means = tl.load(
             mean_ptr + (first + cand)[:, None] * stride_mb + kv_head * stride_mh + dims[None, :],
-            mask=cand_ok[:, None], other=0.0,
+            mask=cand_ok[:, None],
+            other=0.0,
         )
         scores = tl.dot(q0, tl.trans(means), input_precision=PRECISION)
         for g in tl.static_range(1, HEADS_PER_PROGRAM):
@@ -117,9 +143,17 @@ def block_means(k: torch.Tensor, layout: BlockLayout, block_size: int) -> torch.
     means = torch.empty(layout.num_blocks, hkv, dim, dtype=torch.float32, device=k.device)
     if layout.num_blocks:
         _block_mean_kernel[(layout.num_blocks, hkv)](
-            k, means, layout.start, layout.length,
-            k.stride(0), k.stride(1), means.stride(0), means.stride(1),
-            BLOCK_SIZE=block_size, HEAD_DIM=dim, ROWS=next(n for n in (64, 32, 16) if block_size % n == 0),
+            k,
+            means,
+            layout.start,
+            layout.length,
+            k.stride(0),
+            k.stride(1),
+            means.stride(0),
+            means.stride(1),
+            BLOCK_SIZE=block_size,
+            HEAD_DIM=dim,
+            ROWS=next(n for n in (64, 32, 16) if block_size % n == 0),
         )
     return means
 
@@ -137,10 +171,28 @@ def select_blocks(q, k, layout: BlockLayout, block_size: int, topk: int, shared_
     tiles = triton.cdiv(block_size, block_m)
     grid = (layout.num_blocks * tiles, hq // heads_per_program)
     _gate_topk_kernel[grid](
-        q, means, sel, layout.start, layout.length, layout.local, layout.first,
-        q.stride(0), q.stride(1), means.stride(0), means.stride(1), sel.stride(0), sel.stride(1),
-        HEADS_PER_PROGRAM=heads_per_program, GROUP=group, TILES_PER_BLOCK=tiles,
-        HEAD_DIM=dim, TOPK=topk, KP=max(2, triton.next_power_of_2(topk)), BLOCK_M=block_m, BLOCK_C=64, PRECISION=GATE_PRECISION,
+        q,
+        means,
+        sel,
+        layout.start,
+        layout.length,
+        layout.local,
+        layout.first,
+        q.stride(0),
+        q.stride(1),
+        means.stride(0),
+        means.stride(1),
+        sel.stride(0),
+        sel.stride(1),
+        HEADS_PER_PROGRAM=heads_per_program,
+        GROUP=group,
+        TILES_PER_BLOCK=tiles,
+        HEAD_DIM=dim,
+        TOPK=topk,
+        KP=max(2, triton.next_power_of_2(topk)),
+        BLOCK_M=block_m,
+        BLOCK_C=64,
+        PRECISION=GATE_PRECISION,
         num_warps=4,
     )
     return sel
@@ -160,12 +212,17 @@ def moba_selection_triton(q, k, cu_seqlens, block_size, topk, shared_gqa_selecti
 def check_inputs(q, k, block_size: int, topk: int) -> None:
     """User errors on shapes and options, one sentence each."""
     if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
-        raise ValueError(f"q must be [T, Hq, D] and k, v [T, Hkv, D] with the same T and D; got {tuple(q.shape)} and {tuple(k.shape)}.")
+        raise ValueError(
+            "q must be [T, Hq, D] and k, v [T, Hkv, D] with the same T and D; "
+            f"got {tuple(q.shape)} and {tuple(k.shape)}."
+        )
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]}).")
     dim = q.shape[2]
     if dim < 16 or dim > 256 or dim & (dim - 1):
-        raise ValueError(f"the Triton MoBA kernels need a power-of-two head dim in [16, 256]; got {dim}, use the torch backend.")
+        raise ValueError(
+            f"the Triton MoBA kernels need a power-of-two head dim in [16, 256]; got {dim}, use the torch backend."
+        )
     if block_size < 16 or block_size % 16:
         raise ValueError(f"block_size must be a positive multiple of 16 for the Triton MoBA kernels; got {block_size}.")
     if topk < 1:

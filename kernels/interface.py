@@ -19,7 +19,9 @@ class MobaAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, block_size, topk, softmax_scale, shared_gqa_selection):
         layout = block_layout(cu_seqlens, block_size)
-        routing = route(select_blocks(q, k, layout, block_size, topk, shared_gqa_selection), layout, k.shape[1], QUERY_TILE)
+        routing = route(
+            select_blocks(q, k, layout, block_size, topk, shared_gqa_selection), layout, k.shape[1], QUERY_TILE
+        )
         out, lse = attention_forward(q, k, v, layout, routing, block_size, softmax_scale)
         ctx.save_for_backward(q, k, v, out, lse, layout.start, layout.length, layout.local, layout.first, *routing)
         ctx.num_blocks = layout.num_blocks
@@ -47,7 +49,10 @@ def moba_attention_triton(q, k, v, cu_seqlens, block_size, topk, softmax_scale=N
     """
     check_inputs(q, k, block_size, topk)
     if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"the Triton MoBA attention takes bf16 or fp16 q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}: cast them first.")
+        raise TypeError(
+            "the Triton MoBA attention takes bf16 or fp16 q, k, v of one dtype; "
+            f"got {q.dtype}, {k.dtype}, {v.dtype}: cast them first."
+        )
     if v.shape != k.shape:
         raise ValueError(f"k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}.")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])

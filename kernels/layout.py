@@ -33,6 +33,4 @@ def block_layout(cu_seqlens: torch.Tensor, block_size: int) -> BlockLayout:
     local = torch.arange(num_blocks, device=cu.device) - first_of_seq[seq]
     start = cu[seq] + local * block_size
     length = torch.clamp(lengths[seq] - local * block_size, max=block_size)
-    return BlockLayout(
-        start.int(), length.int(), local.int(), first_of_seq[seq].int(), num_blocks
-    )
+    return BlockLayout(start.int(), length.int(), local.int(), first_of_seq[seq].int(), num_blocks)

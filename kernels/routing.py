@@ -58,7 +58,7 @@ def route(selection: torch.Tensor, layout: BlockLayout, num_kv_heads: int, block
     num_keys = hq * nb * slots
     head = torch.arange(hq, device=device, dtype=torch.int32)[None, :, None]
     slot = torch.arange(slots, device=device, dtype=torch.int32)[None, None, :]
-    keys = ((((head // group) * nb + first + past) * slots + slot) * group + head % group)
+    keys = (((head // group) * nb + first + past) * slots + slot) * group + head % group
     keys.masked_fill_((past < 0) | (past == current), num_keys)
     del selection, past
     keys = keys.view(-1)

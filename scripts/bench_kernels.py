@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import subprocess
 import time
@@ -65,13 +64,17 @@ def check_correctness(naive) -> dict:
         k = torch.randn(total, hkv, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         v = torch.randn(total, hkv, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         sel = moba_selection_triton(q, k, cu_t, block, topk, shared)
-        sel_ref = naive.moba_selection_naive(q, k, cu_seqlens=cu_t, block_size=block, topk=topk, shared_gqa_selection=shared)
+        sel_ref = naive.moba_selection_naive(
+            q, k, cu_seqlens=cu_t, block_size=block, topk=topk, shared_gqa_selection=shared
+        )
         out = moba_attention_triton(q, k, v, cu_t, block, topk, shared_gqa_selection=shared)
         dout = torch.randn_like(out)
         grads = torch.autograd.grad(out, (q, k, v), dout)
         out2 = moba_attention_triton(q, k, v, cu_t, block, topk, shared_gqa_selection=shared)
         grads2 = torch.autograd.grad(out2, (q, k, v), dout)
-        ref = naive.moba_attention_naive(q.float(), k.float(), v.float(), cu_seqlens=cu_t, block_size=block, topk=topk, shared_gqa_selection=shared)
+        ref = naive.moba_attention_naive(
+            q.float(), k.float(), v.float(), cu_seqlens=cu_t, block_size=block, topk=topk, shared_gqa_selection=shared
+        )
         ref_grads = torch.autograd.grad(ref, (q, k, v), dout.float())
         row = {
             "selection_mismatch_frac": float((sel != sel_ref).any(-1).float().mean()),
@@ -91,22 +94,27 @@ def check_correctness(naive) -> dict:
 
 def sdpa_causal(q, k, v, batch):
     """q [b*s, H, D] -> SDPA causal on [b, H, s, D]."""
+
     def split(x):
         return x.view(batch, -1, x.shape[1], x.shape[2]).transpose(1, 2)
+
     return F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=True)
 
 
 def fa2_causal(q, k, v, cu, max_len):
     from torch.nn.attention.varlen import varlen_attn
+
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=(-1, 0))
 
 
 def measure(fn, backward: bool, reps_ms: int):
     """(median ms, peak memory GiB above the inputs) of fn() or fn() + backward."""
+
     def step():
         out = fn()
         if backward:
             out.backward(grad)
+
     out = fn()
     grad = torch.randn_like(out)
     del out
@@ -155,8 +163,15 @@ def bench_shape(name, batch, heads, seq_len, block, topk, passes, dense: bool, d
             try:
                 ms, peak, peak_total = measure(fn, pas == "fwd+bwd", reps)
                 mult = 3.5 if pas == "fwd+bwd" else 1.0
-                row = dict(shape=name, backend=backend, pass_=pas, ms=ms, tflops=flops * mult / ms / 1e9,
-                           peak_gib=peak, peak_total_gib=peak_total)
+                row = dict(
+                    shape=name,
+                    backend=backend,
+                    pass_=pas,
+                    ms=ms,
+                    tflops=flops * mult / ms / 1e9,
+                    peak_gib=peak,
+                    peak_total_gib=peak_total,
+                )
             except Exception as exc:  # noqa: BLE001 - a failing baseline must not hide the others
                 row = dict(shape=name, backend=backend, pass_=pas, error=repr(exc)[:300])
             q.grad = k.grad = v.grad = None
@@ -170,7 +185,9 @@ def kernel_breakdown(name, batch, heads, seq_len, block, topk, passes, dense, di
     """Per-kernel device time of one Triton MoBA call (torch.profiler), to see where the time goes."""
     total = batch * seq_len
     cu = torch.arange(0, total + 1, seq_len, dtype=torch.int32, device="cuda")
-    q, k, v = (torch.randn(total, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    q, k, v = (
+        torch.randn(total, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+    )
     backward = "fwd+bwd" in passes
 
     def step():
@@ -189,7 +206,9 @@ def kernel_breakdown(name, batch, heads, seq_len, block, topk, passes, dense, di
         if dev_us > 0:
             rows.append({"kernel": evt.key[:60], "calls": evt.count, "ms": dev_us / 1e3})
     rows.sort(key=lambda r: -r["ms"])
-    print(f"--- {name} kernel breakdown ({'fwd+bwd' if backward else 'fwd'}), total {sum(r['ms'] for r in rows):.2f} ms")
+    print(
+        f"--- {name} kernel breakdown ({'fwd+bwd' if backward else 'fwd'}), total {sum(r['ms'] for r in rows):.2f} ms"
+    )
     for r in rows[:14]:
         print(f"{r['ms']:9.3f} ms {r['calls']:4d}x  {r['kernel']}")
     return {"shape": name, "pass_": "fwd+bwd" if backward else "fwd", "kernels": rows}
@@ -199,6 +218,10 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--skip-check", action="store_true")
+    head = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True).stdout.strip()
+    parser.add_argument(
+        "--commit", default=head or "unknown", help="commit of the kernels (the device copy has no .git)"
+    )
     parser.add_argument("--shapes", default="s32k-b128,s64k-b128,s32k-b512,s128k-b128,s1m-b4096")
     args = parser.parse_args()
     t0 = time.time()
@@ -206,7 +229,7 @@ def main():
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "commit": args.commit,
     }
     result = {"meta": meta}
     out_file = Path(args.out) / "triton_dev.json"
@@ -245,7 +268,10 @@ def main():
         if "error" in row:
             print(f"{row['shape']:12} {row['backend']:11} {row['pass_']:8} ERROR {row['error'][:80]}")
         else:
-            print(f"{row['shape']:12} {row['backend']:11} {row['pass_']:8} {row['ms']:9.2f} {row['tflops']:8.1f} {row['peak_gib']:8.2f} {row['peak_total_gib']:8.2f}")
+            print(
+                f"{row['shape']:12} {row['backend']:11} {row['pass_']:8} {row['ms']:9.2f} {row['tflops']:8.1f} "
+                f"{row['peak_gib']:8.2f} {row['peak_total_gib']:8.2f}"
+            )
 
 
 if __name__ == "__main__":
