@@ -30,6 +30,10 @@ class DataError(ConfigError):
     """Input data, tokenizer or dataset files are wrong; the message is one sentence for the user."""
 
 
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
 def load_tokenizer(path: str | os.PathLike):
     """A Hugging Face fast tokenizer from a model directory or a tokenizer.json file."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -41,7 +45,7 @@ def load_tokenizer(path: str | os.PathLike):
         if path.is_dir():
             return AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:  # transformers raises many types for unreadable tokenizers
-        raise DataError(f"tokenizer '{path}' cannot be loaded ({type(exc).__name__}: {exc}); "
+        raise DataError(f"tokenizer '{path}' cannot be loaded ({type(exc).__name__}: {_first_line(exc)}); "
                         "pass a tokenizer directory or a valid tokenizer.json") from None
     raise DataError(f"tokenizer '{path}' does not exist; pass a tokenizer directory or a tokenizer.json file")
 
@@ -89,7 +93,7 @@ def load_documents(source: str, text_field: str = "text"):
     except DataError:
         raise
     except Exception as exc:  # datasets raises many types for unreadable or unreachable input
-        raise DataError(f"input '{source}' cannot be read ({type(exc).__name__}: {exc}); "
+        raise DataError(f"input '{source}' cannot be read ({type(exc).__name__}: {_first_line(exc)}); "
                         "pass existing json/jsonl/parquet/txt files or a reachable hub dataset") from None
     if text_field not in ds.column_names:
         raise DataError(f"input '{source}' has no field '{text_field}' (fields: {', '.join(ds.column_names)}); "
