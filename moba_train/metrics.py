@@ -9,7 +9,8 @@ tokens plus 3 x the attention forward FLOPs of every layer at its own kind (MoBA
 keys each query really attends, plus gating), recomputation not counted.
 Memory: peak allocated CUDA memory on GPU, resident set size of the process on CPU.
 
-Only rank 0 builds a MetricsLogger.
+Every rank builds a MetricsLogger; only rank 0's writes, prints and (with logging.wandb.enabled) logs
+to Weights & Biases.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import psutil
 import torch
+
+from moba_train.config import Config
 
 PEAK_BF16_TFLOPS = 989.0
 """H100/H200 SXM dense bf16 peak (datasheet), the MFU denominator."""
@@ -43,12 +46,11 @@ def memory_gib() -> float:
 class MetricsLogger:
     """Writes one JSON line per step and prints a summary line every `log_interval` steps."""
 
-    def __init__(self, path: Path, total_steps: int, start_step: int, log_interval: int, world_size: int,
-                 cuda: bool, progress_bar: str):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.total_steps = total_steps
-        self.log_interval = log_interval
+    def __init__(self, cfg: Config, start_step: int, world_size: int, cuda: bool, enabled: bool):
+        self.enabled = enabled
+        self.path = Path(cfg.run.output_dir) / "metrics.jsonl"
+        self.total_steps = cfg.train.steps
+        self.log_interval = cfg.train.log_interval
         self.world_size = world_size
         self.cuda = cuda
         self.start_step = start_step
@@ -56,15 +58,27 @@ class MetricsLogger:
         self.window_start = self.start_time
         self.window_tokens = 0
         self.window_flops = 0.0
-        show_bar = progress_bar == "on" or (progress_bar == "auto" and sys.stdout.isatty())
         self.bar = None
-        if show_bar:
+        self.wandb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        bar = cfg.logging.progress_bar
+        if bar == "on" or (bar == "auto" and sys.stdout.isatty()):
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=self.total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        wb = cfg.logging.wandb
+        if wb.enabled:
+            import wandb
+
+            self.wandb = wandb.init(project=wb.project, entity=wb.entity, name=cfg.run.name, mode=wb.mode,
+                                    dir=cfg.run.output_dir, config=cfg.model_dump(mode="json"))
 
     def print(self, line: str) -> None:
-        """A console line that does not break the progress bar."""
+        """A console line (rank 0) that does not break the progress bar."""
+        if not self.enabled:
+            return
         if self.bar is not None:
             self.bar.write(line)
         else:
@@ -73,9 +87,13 @@ class MetricsLogger:
     def log_step(self, step: int, loss: float, lr: float, grad_norm: float, tokens: int, flops: float,
                  skipped: bool) -> None:
         """Record step `step` (1-based) of `tokens` global tokens and `flops` model FLOPs."""
+        if not self.enabled:
+            return
+        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "skipped": skipped}
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                "tokens": tokens, "skipped": skipped}) + "\n")
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({f"train/{key}": value for key, value in record.items() if key != "step"}, step=step)
         self.window_tokens += tokens
         self.window_flops += flops
         if self.bar is not None:
@@ -107,3 +125,5 @@ class MetricsLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
 from megatron.core.transformer.module import Float16Module
 
 from moba_train import checkpointing, data
@@ -189,10 +190,7 @@ def _train(cfg: Config, env: DistEnv, stop: StopSignal) -> None:
 
     train_dataset, valid_dataset = data.build_datasets(cfg, env)
     batches = data.build_dataloader(train_dataset, cfg, env, state.consumed_samples)
-    metrics = None
-    if env.is_main:
-        metrics = MetricsLogger(output_dir / "metrics.jsonl", cfg.train.steps, state.step, cfg.train.log_interval,
-                                env.world_size, env.device.type == "cuda", cfg.logging.progress_bar)
+    metrics = MetricsLogger(cfg, state.step, env.world_size, cuda=env.device.type == "cuda", enabled=env.is_main)
 
     # Loop.
     nonfinite_in_a_row = 0
@@ -209,11 +207,10 @@ def _train(cfg: Config, env: DistEnv, stop: StopSignal) -> None:
         else:
             nonfinite_in_a_row = 0
 
-        if metrics is not None:
-            seqlens = [int(n) for b in micro_batches for n in b["cu_seqlens"].diff()]
-            tokens = cfg.train.global_batch_size * cfg.train.seq_length
-            metrics.log_step(state.step, loss, optimizer.param_groups[0]["lr"], grad_norm, tokens,
-                             _step_flops(cfg, seqlens) * env.dp, skipped=not updated)
+        seqlens = [int(n) for b in micro_batches for n in b["cu_seqlens"].diff()]
+        metrics.log_step(state.step, loss, get_canonical_lr_for_logging(optimizer.param_groups), grad_norm,
+                         cfg.train.global_batch_size * cfg.train.seq_length, _step_flops(cfg, seqlens) * env.dp,
+                         skipped=not updated)
         if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
             raise TrainingAborted(
                 f"{nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient norm (last at step "
@@ -222,18 +219,13 @@ def _train(cfg: Config, env: DistEnv, stop: StopSignal) -> None:
 
         if valid_dataset is not None and cfg.train.eval_interval and state.step % cfg.train.eval_interval == 0:
             eval_loss = evaluate(model, valid_dataset, cfg, env)
-            if metrics is not None:
-                metrics.print(f"step {state.step}/{cfg.train.steps} | eval loss {eval_loss:.4f}")
+            metrics.print(f"step {state.step}/{cfg.train.steps} | eval loss {eval_loss:.4f}")
 
         stopping = stop.agreed(env.device)
         if state.step % cfg.checkpoint.interval == 0 or state.step == cfg.train.steps or stopping:
             path = checkpointing.save_checkpoint(cfg, model, optimizer, scheduler, state)
-            if metrics is not None:
-                metrics.print(f"saved checkpoint {path}")
+            metrics.print(f"saved checkpoint {path}")
         if stopping:
-            if metrics is not None:
-                metrics.print(f"stopped by signal after step {state.step}; relaunch the same command to resume")
+            metrics.print(f"stopped by signal after step {state.step}; relaunch the same command to resume")
             break
-
-    if metrics is not None:
-        metrics.close()
+    metrics.close()
