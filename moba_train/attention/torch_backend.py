@@ -1,12 +1,12 @@
 """MoBA in memory-efficient pure PyTorch: chunked block selection and a flash-style autograd Function.
 
 Attention work is O(T * Hq * topk * block_size * D) (gating adds O(T * Hq * blocks * D), as in MoBA
-itself) and memory O(T * H * (D + topk)) plus one bounded chunk: no S x S tensor exists. Queries are processed in chunks of tokens; for every chunk and every selection
-slot, the logits of each (query, head) against its selected key block come from one sparse sampled
-product (SDDMM) and P @ V from one sparse-dense product (see `_Slot`); the slots are merged into a
-running output by online softmax (log-sum-exp), never by plain sums. The backward recomputes the
-probabilities from the saved output and log-sum-exp, as flash attention does; no autograd graph of the
-forward is kept.
+itself) and memory O(T * H * (D + topk)) plus one bounded chunk: no S x S tensor exists. Queries are
+processed in chunks of tokens; for every chunk and every selection slot, the logits of each (query,
+head) against its selected key block come from one sparse sampled product (SDDMM) and P @ V from one
+sparse-dense product (see `_Slot`); the slots are merged into a running output by online softmax
+(log-sum-exp), never by plain sums. The backward recomputes the probabilities from the saved output
+and log-sum-exp, as flash attention does; no autograd graph of the forward is kept.
 
 Blocks are numbered globally over the packed batch (sequence 0's blocks first, then sequence 1's, ...),
 which turns "a block of the query's own sequence, before its current block" into the index range
