@@ -13,7 +13,7 @@ from moba_train.data.preprocess import DataError, preprocess
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, help="json/jsonl/parquet/txt file or directory, or a hub dataset name")
+    parser.add_argument("--input", required=True, help="json/jsonl/parquet/txt file or directory, or hub dataset")
     parser.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer directory or tokenizer.json")
     parser.add_argument("--output-prefix", required=True, help="writes <prefix>.bin and <prefix>.idx")
     parser.add_argument("--text-field", default="text", help="column holding the document text (default: text)")

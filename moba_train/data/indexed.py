@@ -140,7 +140,8 @@ def build_indexed_datasets(cfg, env):
     """(train, valid or None) over `cfg.data.blend`; call on every rank (rank 0 builds the index caches)."""
     data, train = cfg.data, cfg.train
     if data.tokenizer is None:
-        raise DataError("data.kind is 'indexed' but data.tokenizer is not set; name the tokenizer the data was built with")
+        raise DataError("data.kind is 'indexed' but data.tokenizer is not set; "
+                        "name the tokenizer the data was built with")
     prefixes, weights = parse_blend(data.blend)
     for prefix in prefixes:
         check_indexed_dataset(prefix)
@@ -167,7 +168,8 @@ def build_indexed_datasets(cfg, env):
     sizes = [train.steps * train.global_batch_size, evals * train.eval_steps * train.global_batch_size,
              train.eval_steps * train.global_batch_size]
     with _single_process_group():
-        train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(LongContextGPTDataset, sizes, lambda: True, config).build()
+        builder = BlendedMegatronDatasetBuilder(LongContextGPTDataset, sizes, lambda: True, config)
+        train_ds, valid_ds, _ = builder.build()
     if train_ds is None or len(train_ds) == 0:
         raise DataError(f"data.split '{data.split}' leaves no training documents; give the train split a share")
     return train_ds, valid_ds

@@ -173,7 +173,9 @@ def write_indexed_dataset(
     tmp = prefix.with_name(f".{prefix.name}.tmp{os.getpid()}")
     builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=DType.optimal_dtype(len(tokenizer)))
     lengths = []
-    pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_path),)) if workers > 1 else None
+    pool = None
+    if workers > 1:  # spawn, not fork: the parent may hold tokenizer/arrow threads
+        pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_path),))
     try:
         if pool is None:
             _init_worker(str(tokenizer_path))

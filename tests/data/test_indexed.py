@@ -129,3 +129,14 @@ def test_tokenizer_larger_than_the_model_vocabulary_is_one_clear_error(tmp_path,
     cfg.model.vocab_size = 128
     with pytest.raises(DataError, match="set model.vocab_size to at least 300"):
         build_datasets(cfg, None)
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"split": "90;10"}, "is not train,valid,test shares"),
+    ({"split": "0,0,0"}, "is not train,valid,test shares"),
+    ({"tokenizer": None}, "data.tokenizer is not set"),
+])
+def test_bad_split_or_missing_tokenizer_is_one_clear_error(tmp_path, tokenizer_dir, data, match):
+    a = write_ids(tmp_path / "a", [[11, 12, 13]] * 20)
+    with pytest.raises(DataError, match=match):
+        build_datasets(recipe(tmp_path, tokenizer_dir, [a], **data), None)
