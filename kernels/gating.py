@@ -206,7 +206,8 @@ def moba_selection_triton(q, k, cu_seqlens, block_size, topk, shared_gqa_selecti
     """
     check_inputs(q, k, block_size, topk)
     q, k = q.contiguous(), k.contiguous()
-    return select_blocks(q, k, block_layout(cu_seqlens, block_size), block_size, topk, shared_gqa_selection)
+    layout = block_layout(cu_seqlens, block_size, q.shape[0], q.device)
+    return select_blocks(q, k, layout, block_size, topk, shared_gqa_selection)
 
 
 def check_inputs(q, k, block_size: int, topk: int) -> None:

@@ -18,7 +18,7 @@ class MobaAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, block_size, topk, softmax_scale, shared_gqa_selection):
-        layout = block_layout(cu_seqlens, block_size)
+        layout = block_layout(cu_seqlens, block_size, q.shape[0], q.device)
         routing = route(
             select_blocks(q, k, layout, block_size, topk, shared_gqa_selection), layout, k.shape[1], QUERY_TILE
         )

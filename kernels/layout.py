@@ -22,13 +22,15 @@ class BlockLayout(NamedTuple):
     num_blocks: int
 
 
-def block_layout(cu_seqlens: torch.Tensor, block_size: int) -> BlockLayout:
-    """Block tables from cu_seqlens int32 [N+1]; one host sync (the number of blocks)."""
-    cu = cu_seqlens.long()
+def block_layout(cu_seqlens: torch.Tensor, block_size: int, total_tokens: int, device: torch.device) -> BlockLayout:
+    """Block tables on `device` from cu_seqlens int32 [N+1]; one host sync (block and token counts)."""
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
     lengths = cu[1:] - cu[:-1]
     blocks_per_seq = (lengths + block_size - 1) // block_size
     first_of_seq = torch.cumsum(blocks_per_seq, 0) - blocks_per_seq
-    num_blocks = int(blocks_per_seq.sum())
+    num_blocks, last = torch.stack([blocks_per_seq.sum(), cu[-1]]).tolist()
+    if last != total_tokens:
+        raise ValueError(f"cu_seqlens must end at the token count {total_tokens}; it ends at {last}.")
     seq = torch.repeat_interleave(torch.arange(len(lengths), device=cu.device), blocks_per_seq, output_size=num_blocks)
     local = torch.arange(num_blocks, device=cu.device) - first_of_seq[seq]
     start = cu[seq] + local * block_size

@@ -78,3 +78,9 @@ def test_attention_rejects_fp32_with_a_clear_error():
     q, k, v, cu_t = inputs([0, 32], 2, 2, 16, torch.float32)
     with pytest.raises(TypeError, match="bf16 or fp16"):
         moba_attention_triton(q, k, v, cu_t, 16, 2)
+
+
+def test_attention_rejects_cu_seqlens_not_covering_all_tokens():
+    q, k, v, _ = inputs([0, 32], 2, 2, 16, torch.float16)
+    with pytest.raises(ValueError, match="cu_seqlens must end at the token count 32"):
+        moba_attention_triton(q, k, v, torch.tensor([0, 16], dtype=torch.int32), 16, 2)
