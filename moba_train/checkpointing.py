@@ -34,7 +34,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from moba_train.config import Config, ConfigError
+from moba_train.config import Config, ConfigError, load_config
 
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -114,8 +114,7 @@ def _rng_state() -> ShardedObject:
     return ShardedObject(
         "rng_state",
         state,
-        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
-         ps.get_context_parallel_world_size()),
+        _model_parallel_sizes(),
         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(), ps.get_context_parallel_rank()),
         replica_id=ps.get_data_parallel_rank(),
     )
@@ -184,14 +183,29 @@ def save_checkpoint(cfg: Config, model, optimizer, scheduler, state: TrainState)
     return target
 
 
+def _model_parallel_sizes() -> tuple[int, int, int]:
+    ps = parallel_state
+    return (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+            ps.get_context_parallel_world_size())
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
-    """Restore model, optimizer, scheduler and RNG states from a training checkpoint (collective)."""
+    """Restore model, optimizer, scheduler and RNG states from a training checkpoint (collective).
+
+    Model and optimizer reshard to the current parallel sizes (Megatron's sharded tensors); the RNG
+    states exist per model-parallel rank, so they are restored only when pipeline/tensor/context
+    sizes are unchanged (otherwise the RNGs stay as seeded).
+    """
     template = _training_state_dict(model, optimizer, scheduler, TrainState(), is_loading=True)
+    saved = load_config(Path(path) / "config.yaml").parallel
+    if (saved.pipeline, saved.tensor, saved.context) != _model_parallel_sizes():
+        del template["rng_state"]
     loaded = dist_checkpointing.load(template, str(path))
     unwrap_model(model).load_state_dict(loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
-    _set_rng_state(loaded["rng_state"])
+    if "rng_state" in loaded:
+        _set_rng_state(loaded["rng_state"])
     return TrainState(**loaded["trainer"])
 
 
