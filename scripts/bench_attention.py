@@ -116,7 +116,11 @@ def inputs(batch: int, seqlen: int, shape: Shape, device, dtype, grad: bool):
 
 
 def max_rel_error(backend: str, shape: Shape, passes: str, device, dtype) -> float | None:
-    """Max relative error (max |x - ref| / max |ref|) of out (and q/k/v grads for fwdbwd) on a prefix."""
+    """Max relative error (max |x - ref| / max |ref|) of out (and q/k/v grads for fwdbwd) on a prefix.
+
+    The reference runs in fp32 on the same (upcast) inputs, with the same random upstream gradient,
+    so the error measures the backend under test rather than the reference's own rounding.
+    """
     ref = reference_fn(backend, shape, device)
     if ref is None:
         return None
@@ -124,12 +128,14 @@ def max_rel_error(backend: str, shape: Shape, passes: str, device, dtype) -> flo
     grad = passes == "fwdbwd"
     limit = CHECK_TOKENS_NAIVE if backend == "moba-torch" else CHECK_TOKENS
     q, k, v, cu = inputs(shape.batch, min(shape.seqlen, limit), shape, device, dtype, grad)
+    q32, k32, v32 = (x.detach().float().requires_grad_(grad) for x in (q, k, v))
+    grad_out = torch.randn_like(q32)
     results = []
-    for f in (fn, ref):
-        out = f(q, k, v, cu)
+    for f, args in ((fn, (q, k, v)), (ref, (q32, k32, v32))):
+        out = f(*args, cu)
         tensors = [out.float()]
         if grad:
-            tensors += [g.float() for g in torch.autograd.grad(out, (q, k, v), torch.ones_like(out))]
+            tensors += [g.float() for g in torch.autograd.grad(out, args, grad_out.to(out.dtype))]
         results.append(tensors)
     err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(*results))
     return float("nan") if math.isnan(err) else err
