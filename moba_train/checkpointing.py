@@ -37,6 +37,10 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from moba_train.config import Config, ConfigError, load_config
 
 COMPLETE = "COMPLETE"
+_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+"""Distributed-optimizer state layout (Megatron-LM's default): parallel save and load, reshardable
+over data-parallel sizes only. Megatron-Core 0.16.1's implicit default (fully_sharded_model_space)
+fails to save ("ShardedTensor.flattened_range is not supported")."""
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -165,7 +169,7 @@ def _training_state_dict(model, optimizer, scheduler, state: TrainState, is_load
     model_sd = unwrap_model(model).sharded_state_dict()
     return {
         "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading),
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_OPTIMIZER_FORMAT),
         "scheduler": scheduler.state_dict(),
         "rng_state": _rng_state(),
         "trainer": dataclasses.asdict(state),
@@ -189,6 +193,34 @@ def _model_parallel_sizes() -> tuple[int, int, int]:
             ps.get_context_parallel_world_size())
 
 
+def _inner_adam_states(optimizer):
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        yield from chained.optimizer.state.values()
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """Megatron-Core 0.16.1's DistributedOptimizer.load_state_dict (torch's Adam) gives every
+    parameter the same 'step' tensor; Adam increments it in place once per parameter, which would
+    break bias correction after a resume."""
+    for state in _inner_adam_states(optimizer):
+        state["step"] = state["step"].clone()
+
+
+def _materialize_optimizer_state(optimizer, adam_step: int) -> None:
+    """Give every parameter of a fresh optimizer an Adam state (the checkpoint's update count, zero
+    moments) for loading to overwrite. Megatron-Core 0.16.1's DistributedOptimizer on torch's Adam
+    (no Apex or Transformer Engine) needs it twice: state_dict() reads each parameter's 'step' and
+    fails on an optimizer that never stepped, and the dp_reshardable load copies the moments but
+    keeps the 'step' tensors already there."""
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = chained.optimizer
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if not inner.state[param]:
+                    inner.state[param] = {"step": torch.tensor(float(adam_step)), "exp_avg": torch.zeros_like(param),
+                                          "exp_avg_sq": torch.zeros_like(param)}
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
     """Restore model, optimizer, scheduler and RNG states from a training checkpoint (collective).
 
@@ -196,6 +228,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
     states exist per model-parallel rank, so they are restored only when pipeline/tensor/context
     sizes are unchanged (otherwise the RNGs stay as seeded).
     """
+    saved_state = TrainState(**dist_checkpointing.load_common_state_dict(str(path))["trainer"])
+    _materialize_optimizer_state(optimizer, adam_step=saved_state.step - saved_state.skipped_steps)
     template = _training_state_dict(model, optimizer, scheduler, TrainState(), is_loading=True)
     saved = load_config(Path(path) / "config.yaml").parallel
     if (saved.pipeline, saved.tensor, saved.context) != _model_parallel_sizes():
@@ -203,10 +237,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
     loaded = dist_checkpointing.load(template, str(path))
     unwrap_model(model).load_state_dict(loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
+    _unshare_adam_steps(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
     if "rng_state" in loaded:
         _set_rng_state(loaded["rng_state"])
-    return TrainState(**loaded["trainer"])
+    return saved_state
 
 
 def save_model_checkpoint(path: str | Path, model, cfg: Config) -> Path:

@@ -13,17 +13,22 @@ from moba_train.checkpointing import TrainState
 from moba_train.config import ConfigError, load_config
 from moba_train.data import build_dataloader, build_datasets
 from moba_train.distributed import destroy_distributed, init_distributed, set_seed
-from moba_train.model import build_model, forward_step
+from moba_train.model import build_model, compute_dtype, forward_step
 from moba_train.optimizer import build_optimizer, build_scheduler, optimizer_step
 from moba_train.training import use_distributed_optimizer, wrap_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# fp32 + plain optimizer (the CPU default) and bf16 + distributed optimizer (the CUDA default).
+GPU_RECIPE = ["train.precision=bf16", "parallel.distributed_optimizer=true"]
+
+
 @pytest.fixture
-def cfg(tmp_path):
+def cfg(tmp_path, request):
+    extra = getattr(request, "param", [])
     return load_config(ROOT / "configs" / "tiny_moba.yaml",
-                       [f"run.output_dir={tmp_path}", "train.seq_length=128", "checkpoint.keep_last=2"])
+                       [f"run.output_dir={tmp_path}", "train.seq_length=128", "checkpoint.keep_last=2", *extra])
 
 
 @pytest.fixture
@@ -35,7 +40,8 @@ def env(cfg):
 def _build(cfg, env, seed: int):
     set_seed(seed)
     model = wrap_model(cfg, build_model(cfg), env)
-    optimizer = build_optimizer(cfg, [model], bf16=False, distributed=use_distributed_optimizer(cfg, env))
+    bf16 = compute_dtype(cfg, env.device) == torch.bfloat16
+    optimizer = build_optimizer(cfg, [model], bf16=bf16, distributed=use_distributed_optimizer(cfg, env))
     return model, optimizer, build_scheduler(cfg, optimizer)
 
 
@@ -61,6 +67,7 @@ def _assert_same(a: dict, b: dict):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.parametrize("cfg", [[], GPU_RECIPE], ids=["fp32", "bf16-distributed-optimizer"], indirect=True)
 def test_full_checkpoint_restores_model_optimizer_scheduler_rng_and_position(cfg, env):
     model, optimizer, scheduler = _build(cfg, env, seed=1)
     _train_one_step(cfg, env, model, optimizer, scheduler)
