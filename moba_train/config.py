@@ -298,6 +298,11 @@ class Config(_Section):
                 f"parallel.tensor ({self.parallel.tensor}) must divide model.num_attention_heads "
                 f"({model.num_attention_heads}) and model.num_query_groups ({model.num_query_groups})"
             )
+        if self.data.reset_position_ids != self.data.reset_attention_mask:
+            raise ValueError(
+                "data.reset_position_ids and data.reset_attention_mask must be equal: with per-document attention "
+                "RoPE positions restart at every document, and without it they cannot; set both true or both false"
+            )
         if self.data.kind == "indexed" and not self.data.blend:
             raise ValueError("data.kind is 'indexed' but data.blend is empty; list at least one dataset prefix")
         return self
