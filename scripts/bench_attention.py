@@ -116,10 +116,14 @@ def inputs(batch: int, seqlen: int, shape: Shape, device, dtype, grad: bool):
 
 
 def max_rel_error(backend: str, shape: Shape, passes: str, device, dtype) -> float | None:
-    """Max relative error (max |x - ref| / max |ref|) of out (and q/k/v grads for fwdbwd) on a prefix.
+    """Largest relative error ||x - ref|| / ||ref|| over out (and the q/k/v grads for fwdbwd), on a prefix.
 
     The reference runs in fp32 on the same (upcast) inputs, with the same random upstream gradient,
-    so the error measures the backend under test rather than the reference's own rounding.
+    so the error measures the backend under test rather than the reference's own rounding. A norm,
+    not an elementwise maximum: on random inputs a few of the ~10^6 (query, head) rows have gate
+    scores tied to within fp32 rounding, and a backend that sums the block means in another order
+    may route such a row to the other block, a legitimate difference that an elementwise maximum
+    would report as a large error.
     """
     ref = reference_fn(backend, shape, device)
     if ref is None:
@@ -137,7 +141,7 @@ def max_rel_error(backend: str, shape: Shape, passes: str, device, dtype) -> flo
         if grad:
             tensors += [g.float() for g in torch.autograd.grad(out, args, grad_out.to(out.dtype))]
         results.append(tensors)
-    err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(*results))
+    err = max((torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b)).item() for a, b in zip(*results))
     return float("nan") if math.isnan(err) else err
 
 

@@ -16,6 +16,7 @@ The kernels are PyTorch's own FA2 (`torch.ops.aten._flash_attention_forward/_bac
 
 from __future__ import annotations
 
+import bisect
 import inspect
 
 import torch
@@ -77,8 +78,13 @@ def _add_rows(target_f32, rows, source, weight=None):
         target_f32.index_add_(0, rows[start : start + ROWS_PER_ADD], part)
 
 
+MAX_CALL_ELEMENTS = 1 << 30
+"""FA2 computes row offsets in 32 bits: one `past` call's gathered query rows x D stay below this
+(at s128k-b128, 2 x 128K tokens x 16 heads x 7 slots x D 128 would be 3.8e9 elements)."""
+
+
 class _PastGroups:
-    """Queries grouped by (head, selected earlier block): the inputs of the `past` varlen call."""
+    """Queries grouped by (head, selected earlier block): the inputs of the `past` varlen call(s)."""
 
     def __init__(self, selection, layout: BlockLayout, hkv: int):
         total, hq, _ = selection.shape
@@ -98,6 +104,31 @@ class _PastGroups:
         group_head, group_block = group_key // layout.num_blocks, group_key % layout.num_blocks
         self.kv_rows = group_block * hkv + group_head // (hq // hkv)  # rows of layout.pad_blocks(k)
         self.rows = self.token * hq + self.head  # rows of [T * Hq] flattened outputs
+        self.block_size = bsz
+
+    def split(self, dim: int) -> list["_PastGroups"]:
+        """Consecutive runs of whole groups, each small enough for one FA2 call (MAX_CALL_ELEMENTS)."""
+        max_rows = MAX_CALL_ELEMENTS // dim
+        if self.num_rows <= max_rows:
+            return [self]
+        cu = self.cu_q.tolist()
+        parts, g0 = [], 0
+        while g0 < len(cu) - 1:
+            g1 = max(bisect.bisect_right(cu, cu[g0] + max_rows, lo=g0 + 1) - 1, g0 + 1)
+            parts.append(self._slice(g0, g1, cu))
+            g0 = g1
+        return parts
+
+    def _slice(self, g0: int, g1: int, cu: list[int]) -> "_PastGroups":
+        part = object.__new__(_PastGroups)
+        r0, r1 = cu[g0], cu[g1]
+        part.token, part.head, part.rows = self.token[r0:r1], self.head[r0:r1], self.rows[r0:r1]
+        part.kv_rows = self.kv_rows[g0:g1]
+        part.cu_q = self.cu_q[g0 : g1 + 1] - r0
+        part.cu_k = self.cu_k[: g1 - g0 + 1]
+        part.max_q = max(b - a for a, b in zip(cu[g0:g1], cu[g0 + 1 : g1 + 1]))
+        part.num_rows, part.block_size = r1 - r0, self.block_size
+        return part
 
     def gather(self, x_thd):
         """[T, Hq, D] -> [M, 1, D]: the query-side rows of the groups."""
@@ -127,20 +158,22 @@ class MobaVarlenFunction(torch.autograd.Function):
         lse = lse_self.t().reshape(-1)  # [T * Hq]
         out = out_self.float().reshape(total * hq, dim)
         groups = _PastGroups(selection, layout, hkv)
-        rng_past = None
+        rng_past = []
         if groups.num_rows:
             k_blocks, v_blocks = layout.pad_blocks(k), layout.pad_blocks(v)
-            out_past, lse_past, rng_past = _flash_forward(
-                groups.gather(q), groups.gather_kv(k_blocks), groups.gather_kv(v_blocks),
-                groups.cu_q, groups.cu_k, groups.max_q, bsz, False, scale,
-            )
-            lse_past = lse_past.reshape(-1)
-            row_max = lse.clone().scatter_reduce_(0, groups.rows, lse_past, "amax")
-            row_sum = torch.exp(lse - row_max).index_add_(0, groups.rows, torch.exp(lse_past - row_max[groups.rows]))
-            merged = row_max + torch.log(row_sum)
-            out = out * torch.exp(lse - merged)[:, None]
-            _add_rows(out, groups.rows, out_past[:, 0], torch.exp(lse_past - merged[groups.rows]))
-            lse = merged
+            for part in groups.split(dim):
+                out_past, lse_past, rng = _flash_forward(
+                    part.gather(q), part.gather_kv(k_blocks), part.gather_kv(v_blocks),
+                    part.cu_q, part.cu_k, part.max_q, bsz, False, scale,
+                )
+                rng_past.append(rng)
+                lse_past = lse_past.reshape(-1)
+                row_max = lse.clone().scatter_reduce_(0, part.rows, lse_past, "amax")
+                row_sum = torch.exp(lse - row_max).index_add_(0, part.rows, torch.exp(lse_past - row_max[part.rows]))
+                merged = row_max + torch.log(row_sum)
+                out = out * torch.exp(lse - merged)[:, None]
+                _add_rows(out, part.rows, out_past[:, 0], torch.exp(lse_past - merged[part.rows]))
+                lse = merged
         out = out.view(total, hq, dim).to(q.dtype)
         ctx.save_for_backward(q, k, v, selection, out, lse)
         ctx.layout, ctx.scale, ctx.rng = layout, scale, (rng_self, rng_past)
@@ -162,18 +195,19 @@ class MobaVarlenFunction(torch.autograd.Function):
         groups = _PastGroups(selection, layout, hkv)
         if groups.num_rows:
             k_blocks, v_blocks = layout.pad_blocks(k), layout.pad_blocks(v)
-            dq_past, dk_past, dv_past = _flash_backward(
-                groups.gather(grad_out), groups.gather(q), groups.gather_kv(k_blocks), groups.gather_kv(v_blocks),
-                groups.gather(out), lse[groups.rows][None].contiguous(),
-                groups.cu_q, groups.cu_k, groups.max_q, bsz, False, scale, ctx.rng[1],
-            )
             grad_q_f32 = grad_q.float().view(total * hq, dim)
-            _add_rows(grad_q_f32, groups.rows, dq_past[:, 0])
-            grad_q = grad_q_f32.view(total, hq, dim).to(q.dtype)
             grad_k_blocks = torch.zeros(k_blocks.shape, dtype=torch.float32, device=q.device)
             grad_v_blocks = torch.zeros_like(grad_k_blocks)
-            _add_rows(grad_k_blocks, groups.kv_rows, dk_past.view(-1, bsz, dim))
-            _add_rows(grad_v_blocks, groups.kv_rows, dv_past.view(-1, bsz, dim))
+            for part, rng in zip(groups.split(dim), ctx.rng[1]):
+                dq_past, dk_past, dv_past = _flash_backward(
+                    part.gather(grad_out), part.gather(q), part.gather_kv(k_blocks), part.gather_kv(v_blocks),
+                    part.gather(out), lse[part.rows][None].contiguous(),
+                    part.cu_q, part.cu_k, part.max_q, bsz, False, scale, rng,
+                )
+                _add_rows(grad_q_f32, part.rows, dq_past[:, 0])
+                _add_rows(grad_k_blocks, part.kv_rows, dk_past.view(-1, bsz, dim))
+                _add_rows(grad_v_blocks, part.kv_rows, dv_past.view(-1, bsz, dim))
+            grad_q = grad_q_f32.view(total, hq, dim).to(q.dtype)
             grad_k = (grad_k.float() + layout.unpad_blocks(grad_k_blocks, hkv)).to(k.dtype)
             grad_v = (grad_v.float() + layout.unpad_blocks(grad_v_blocks, hkv)).to(v.dtype)
         return grad_q, grad_k, grad_v, None, None, None
