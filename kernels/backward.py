@@ -5,16 +5,20 @@
   gathered queries of all past slots (one contiguous run of the routing rows).
 - dQ: a causal pass over the current block writes fp32 dQ; one gathered pass per past slot adds
   into it in place (a (query, head) appears once per slot, so no two programs touch the same row).
+  A slot program walks its routing tile (64 or 128 rows, `SlotTiles`) in 64-row sub-tiles: a
+  128-row fp32 dQ accumulator next to q and dO would not fit the registers.
 Probabilities are recomputed from the saved base-2 log-sum-exp; delta = rowsum(dO * O).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-from kernels.forward import LOG2E, QUERY_TILE, key_tile
+from kernels.forward import LOG2E, SlotTiles, key_tile
 from kernels.layout import BlockLayout
 from kernels.routing import Routing
 
@@ -200,42 +204,69 @@ def _past_slot_dq_kernel(
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    SUB_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """dQ contribution of one gathered tile's past block in this slot, added in place. Grid (max_tiles,)."""
+    """dQ contribution of one gathered tile's past block in this slot, added in place, SUB_M rows at a
+    time. Grid (max_tiles,)."""
     pid = tl.program_id(0)
     count = tl.load(tile_count_ptr + pid)
     if count > 0:
         seg = tl.load(tile_seg_ptr + pid)
         kv_head = seg // num_blocks
         kstart = tl.load(start_ptr + seg % num_blocks)
-        r = tl.arange(0, BLOCK_M)
-        row_ok = r < count
-        flat = tl.load(rows_ptr + tl.load(tile_start_ptr + pid) + r, mask=row_ok, other=0)
-        t = flat // num_q_heads
-        h = flat % num_q_heads
+        first = tl.load(tile_start_ptr + pid)
         dims = tl.arange(0, HEAD_DIM)
-        q_off = t[:, None] * stride_qt + h[:, None] * stride_qh + dims[None, :]
-        q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_ptr + q_off, mask=row_ok[:, None], other=0.0)
-        lse = tl.load(lse_ptr + flat, mask=row_ok, other=0.0)
-        delta = tl.load(delta_ptr + flat, mask=row_ok, other=0.0)
-        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        for n0 in range(0, BLOCK_SIZE, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            kv_off = (kstart + cols)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
-            k = tl.load(k_ptr + kv_off)
-            v = tl.load(v_ptr + kv_off)
-            p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
-            ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k)
-        dq_ptrs = dq_ptr + flat[:, None] * HEAD_DIM + dims[None, :]
-        dq_old = tl.load(dq_ptrs, mask=row_ok[:, None], other=0.0)
-        tl.store(dq_ptrs, dq_old + dq * scale, mask=row_ok[:, None])
+        for sub in tl.static_range(BLOCK_M // SUB_M):
+            r = sub * SUB_M + tl.arange(0, SUB_M)
+            row_ok = r < count
+            flat = tl.load(rows_ptr + first + r, mask=row_ok, other=0)
+            t = flat // num_q_heads
+            h = flat % num_q_heads
+            q_off = t[:, None] * stride_qt + h[:, None] * stride_qh + dims[None, :]
+            q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_ptr + q_off, mask=row_ok[:, None], other=0.0)
+            lse = tl.load(lse_ptr + flat, mask=row_ok, other=0.0)
+            delta = tl.load(delta_ptr + flat, mask=row_ok, other=0.0)
+            dq = tl.zeros([SUB_M, HEAD_DIM], dtype=tl.float32)
+            for n0 in range(0, BLOCK_SIZE, BLOCK_N):
+                cols = n0 + tl.arange(0, BLOCK_N)
+                kv_off = (kstart + cols)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
+                k = tl.load(k_ptr + kv_off)
+                v = tl.load(v_ptr + kv_off)
+                p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+                ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+                dq += tl.dot(ds.to(k.dtype), k)
+            dq_ptrs = dq_ptr + flat[:, None] * HEAD_DIM + dims[None, :]
+            dq_old = tl.load(dq_ptrs, mask=row_ok[:, None], other=0.0)
+            tl.store(dq_ptrs, dq_old + dq * scale, mask=row_ok[:, None])
 
 
-def attention_backward(dout, q, k, v, out, lse, layout: BlockLayout, routing: Routing, block_size: int, scale: float):
-    """dq, dk, dv for contiguous q [T, Hq, D], k, v [T, Hkv, D], out/dout [T, Hq, D], lse2 fp32 [T, Hq]."""
+class DkdvTiles(NamedTuple):
+    """Tiling of the dK/dV kernel."""
+
+    key_tile: int  # keys owned by one program
+    query_step: int  # queries per inner-loop step
+    warps: int
+    stages: int
+
+
+def dkdv_tiles(block_size: int, dim: int) -> DkdvTiles:
+    """One program owns up to 128 keys of a block: every program re-gathers all queries of its
+    (KV head, block), so fewer, wider key tiles cut the gathers (block 128: 1 program instead of 2,
+    block 512: 4 instead of 8). With 128 keys the query step is 32 rows (the flash-attention
+    tutorial's 128 x 32 dK/dV tile) so the two fp32 [128, D] accumulators keep their registers."""
+    keys = next(n for n in (128, 64, 32, 16) if block_size % n == 0)
+    if keys == 128 and dim <= 128:
+        return DkdvTiles(128, 32, 8, 3)
+    return DkdvTiles(keys, 64, 8 if dim >= 128 else 4, 2)
+
+
+def attention_backward(
+    dout, q, k, v, out, lse, layout: BlockLayout, routing: Routing, block_size: int, scale: float, tiles: SlotTiles
+):
+    """dq, dk, dv for contiguous q [T, Hq, D], k, v [T, Hkv, D], out/dout [T, Hq, D], lse2 fp32 [T, Hq];
+    `routing` was built with `tiles.query_tile` rows per tile."""
     total, hq, dim = q.shape
     hkv = k.shape[1]
     group = hq // hkv
@@ -249,7 +280,8 @@ def attention_backward(dout, q, k, v, out, lse, layout: BlockLayout, routing: Ro
     block_n = key_tile(block_size)
     warps = 8 if dim >= 128 else 4
     slots = routing.tile_seg.shape[0]
-    ktiles = block_size // block_n
+    kv_tiles = dkdv_tiles(block_size, dim)
+    ktiles = block_size // kv_tiles.key_tile
     _dkdv_kernel[(layout.num_blocks * ktiles, hkv)](
         q,
         k,
@@ -277,14 +309,14 @@ def attention_backward(dout, q, k, v, out, lse, layout: BlockLayout, routing: Ro
         SLOTS_P2=max(2, triton.next_power_of_2(slots)),
         TILES_PER_BLOCK=ktiles,
         HEAD_DIM=dim,
-        BLOCK_M=QUERY_TILE,
-        BLOCK_N=block_n,
-        num_warps=warps,
-        num_stages=2,
+        BLOCK_M=kv_tiles.query_step,
+        BLOCK_N=kv_tiles.key_tile,
+        num_warps=kv_tiles.warps,
+        num_stages=kv_tiles.stages,
     )
     block_m = min(64, triton.next_power_of_2(block_size))
-    tiles = triton.cdiv(block_size, block_m)
-    _current_block_dq_kernel[(layout.num_blocks * tiles, hq)](
+    per_block = triton.cdiv(block_size, block_m)
+    _current_block_dq_kernel[(layout.num_blocks * per_block, hq)](
         q,
         k,
         v,
@@ -302,7 +334,7 @@ def attention_backward(dout, q, k, v, out, lse, layout: BlockLayout, routing: Ro
         scale * LOG2E,
         hq,
         GROUP=group,
-        TILES_PER_BLOCK=tiles,
+        TILES_PER_BLOCK=per_block,
         HEAD_DIM=dim,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
@@ -333,7 +365,8 @@ def attention_backward(dout, q, k, v, out, lse, layout: BlockLayout, routing: Ro
             layout.num_blocks,
             BLOCK_SIZE=block_size,
             HEAD_DIM=dim,
-            BLOCK_M=QUERY_TILE,
+            BLOCK_M=tiles.query_tile,
+            SUB_M=min(64, tiles.query_tile),
             BLOCK_N=block_n,
             num_warps=warps,
             num_stages=2,

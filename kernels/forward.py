@@ -8,6 +8,8 @@ combination weighted by the two partial sums.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -158,23 +160,37 @@ def key_tile(block_size: int) -> int:
     return next(n for n in (64, 32, 16) if block_size % n == 0)
 
 
-QUERY_TILE = 64
-"""Rows of a gathered query tile (forward past slots and the dQ past slots share the routing tiles)."""
+class SlotTiles(NamedTuple):
+    """Tiling of the query-tile kernels (current block and past slots, forward and dQ)."""
+
+    query_tile: int  # rows of a gathered query tile (routing, forward and dQ slot passes)
+    key_tile: int  # keys per inner-loop step of the forward
+    warps: int
+    stages: int  # software-pipelining depth of the forward key loop
 
 
-def attention_forward(q, k, v, layout: BlockLayout, routing: Routing, block_size: int, scale: float):
-    """out [T, Hq, D] (q's dtype) and lse2 fp32 [T, Hq] for contiguous q [T, Hq, D], k, v [T, Hkv, D]."""
+def slot_tiles(block_size: int, dim: int) -> SlotTiles:
+    """Blocks >= 512 keys give segments of thousands of queries per (KV head, block, slot), so tiles
+    of 128 gathered queries stay full; they halve the K/V re-reads per query and give wgmma 128-row
+    operands (the flash-attention tutorial tile, 128 x 64, 8 warps, 3 stages). Smaller blocks keep
+    64-row tiles: their segments are short and a half-empty 128-row tile wastes its matmuls."""
+    if block_size >= 512 and dim <= 128:
+        return SlotTiles(128, 64, 8, 3)
+    return SlotTiles(64, key_tile(block_size), 8 if dim >= 128 else 4, 3)
+
+
+def attention_forward(q, k, v, layout: BlockLayout, routing: Routing, block_size: int, scale: float, tiles: SlotTiles):
+    """out [T, Hq, D] (q's dtype) and lse2 fp32 [T, Hq] for contiguous q [T, Hq, D], k, v [T, Hkv, D];
+    `routing` was built with `tiles.query_tile` rows per tile."""
     total, hq, dim = q.shape
     group = hq // k.shape[1]
     out = torch.empty_like(q)
     lse = torch.empty(total, hq, dtype=torch.float32, device=q.device)
     if layout.num_blocks == 0:
         return out, lse
-    block_n = key_tile(block_size)
-    warps = 8 if dim >= 128 else 4
-    block_m = min(64, triton.next_power_of_2(block_size))
-    tiles = triton.cdiv(block_size, block_m)
-    _current_block_fwd_kernel[(layout.num_blocks * tiles, hq)](
+    block_m = min(tiles.query_tile, triton.next_power_of_2(block_size))
+    per_block = triton.cdiv(block_size, block_m)
+    _current_block_fwd_kernel[(layout.num_blocks * per_block, hq)](
         q,
         k,
         v,
@@ -191,11 +207,11 @@ def attention_forward(q, k, v, layout: BlockLayout, routing: Routing, block_size
         lse.stride(0),
         scale * LOG2E,
         GROUP=group,
-        TILES_PER_BLOCK=tiles,
+        TILES_PER_BLOCK=per_block,
         HEAD_DIM=dim,
         BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        num_warps=warps,
+        BLOCK_N=tiles.key_tile,
+        num_warps=tiles.warps,
         num_stages=2,
     )
     for slot in range(routing.tile_seg.shape[0]):
@@ -222,9 +238,9 @@ def attention_forward(q, k, v, layout: BlockLayout, routing: Routing, block_size
             layout.num_blocks,
             BLOCK_SIZE=block_size,
             HEAD_DIM=dim,
-            BLOCK_M=QUERY_TILE,
-            BLOCK_N=block_n,
-            num_warps=warps,
-            num_stages=3,
+            BLOCK_M=tiles.query_tile,
+            BLOCK_N=tiles.key_tile,
+            num_warps=tiles.warps,
+            num_stages=tiles.stages,
         )
     return out, lse

@@ -7,7 +7,7 @@ import math
 import torch
 
 from kernels.backward import attention_backward
-from kernels.forward import QUERY_TILE, attention_forward
+from kernels.forward import attention_forward, slot_tiles
 from kernels.gating import check_inputs, select_blocks
 from kernels.layout import BlockLayout, block_layout
 from kernels.routing import Routing, route
@@ -19,14 +19,16 @@ class MobaAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, block_size, topk, softmax_scale, shared_gqa_selection):
         layout = block_layout(cu_seqlens, block_size, q.shape[0], q.device)
+        tiles = slot_tiles(block_size, q.shape[-1])
         routing = route(
-            select_blocks(q, k, layout, block_size, topk, shared_gqa_selection), layout, k.shape[1], QUERY_TILE
+            select_blocks(q, k, layout, block_size, topk, shared_gqa_selection), layout, k.shape[1], tiles.query_tile
         )
-        out, lse = attention_forward(q, k, v, layout, routing, block_size, softmax_scale)
+        out, lse = attention_forward(q, k, v, layout, routing, block_size, softmax_scale, tiles)
         ctx.save_for_backward(q, k, v, out, lse, layout.start, layout.length, layout.local, layout.first, *routing)
         ctx.num_blocks = layout.num_blocks
         ctx.block_size = block_size
         ctx.softmax_scale = softmax_scale
+        ctx.tiles = tiles
         return out
 
     @staticmethod
@@ -34,7 +36,17 @@ class MobaAttentionFunction(torch.autograd.Function):
         q, k, v, out, lse, start, length, local, first, *routing = ctx.saved_tensors
         layout = BlockLayout(start, length, local, first, ctx.num_blocks)
         dq, dk, dv = attention_backward(
-            dout.contiguous(), q, k, v, out, lse, layout, Routing(*routing), ctx.block_size, ctx.softmax_scale
+            dout.contiguous(),
+            q,
+            k,
+            v,
+            out,
+            lse,
+            layout,
+            Routing(*routing),
+            ctx.block_size,
+            ctx.softmax_scale,
+            ctx.tiles,
         )
         return dq, dk, dv, None, None, None, None, None
 

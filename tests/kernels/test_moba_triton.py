@@ -17,6 +17,9 @@ CASES = [
     ([0, 150], 2, 1, 64, 48, 2, False),
     ([0, 90, 170], 4, 2, 16, 16, 8, True),
 ]
+# Block 512: 128-row gathered query tiles (forward, dQ in 64-row sub-tiles) and 128-key dK/dV tiles;
+# a partial last block and more than 128 queries per past-block segment (two query tiles).
+LARGE_BLOCKS = ([0, 1100], 1, 1, 16, 512, 2, False)
 
 
 def inputs(cu, hq, hkv, dim, dtype, seed=0):
@@ -55,7 +58,7 @@ def test_selection_ties_go_to_lower_block_index():
     assert got[1055, 0].tolist() == [0, 1, 65]
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", CASES + [LARGE_BLOCKS])
 def test_attention_output_and_gradients_match_naive(case):
     cu, hq, hkv, dim, block, topk, shared = case
     q, k, v, cu_t = inputs(cu, hq, hkv, dim, torch.float16)
