@@ -12,8 +12,11 @@ install:  ## torch first (a plain `torch` requirement would pull the multi-GB CU
 test:
 	$(PYTHON) -m pytest -q tests
 
-demo:
-	torchrun --standalone --nproc_per_node=$(NPROC) scripts/pretrain.py --config configs/tiny_moba.yaml
+data:  ## the embedded default corpus from this machine's Python sources (skipped when already complete)
+	$(PYTHON) scripts/build_corpus.py --out-dir data/corpus
+
+demo: data
+	$(PYTHON) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) scripts/pretrain.py --config configs/tiny_moba.yaml
 
 bench:
 	$(PYTHON) scripts/bench_attention.py

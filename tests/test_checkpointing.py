@@ -28,7 +28,8 @@ GPU_RECIPE = ["train.precision=bf16", "parallel.distributed_optimizer=true"]
 def cfg(tmp_path, request):
     extra = getattr(request, "param", [])
     return load_config(ROOT / "configs" / "tiny_moba.yaml",
-                       [f"run.output_dir={tmp_path}", "train.seq_length=128", "checkpoint.keep_last=2", *extra])
+                       [f"run.output_dir={tmp_path}", "train.seq_length=128", "checkpoint.keep_last=2",
+                        "data.kind=synthetic", *extra])
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ SMALL = [
     f"train.steps={STEPS}", "train.warmup_steps=2", "train.log_interval=1", "train.seq_length=256",
     "train.micro_batch_size=1", "train.global_batch_size=2",  # 2 accumulation steps on one process
     "checkpoint.interval=5", "checkpoint.keep_last=2", "logging.progress_bar=off",
+    "data.kind=synthetic",  # self-contained: no corpus build needed
 ]
 
 

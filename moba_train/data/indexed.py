@@ -65,7 +65,7 @@ def check_indexed_dataset(prefix: str) -> None:
     idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
     if not idx.is_file() or not bin_.is_file():
         raise DataError(f"indexed dataset '{prefix}' is missing ({idx.name} and {bin_.name} must both exist); "
-                        "build it with scripts/preprocess_data.py or scripts/build_corpus.py")
+                        "build it with scripts/preprocess_data.py, or `make data` for the embedded corpus")
     try:
         index = _IndexReader(str(idx), multimodal=False)
         count = index.sequence_count
@@ -110,6 +110,11 @@ class LongContextGPTDataset(GPTDataset):
             if len(indexed_indices) == 0:
                 raise DataError(f"no document of '{dataset_path}' ({index_split.name} split) has "
                                 f"data.min_doc_length={config.min_doc_length} tokens; lower it")
+        if num_samples and indexed_dataset.sequence_lengths[indexed_indices].sum() == 0:
+            # Megatron's epoch count would loop forever looking for tokens.
+            raise DataError(f"the {index_split.name} split of '{dataset_path}' holds no tokens "
+                            f"({len(indexed_indices)} documents under data.split='{config.split}'); "
+                            f"give that split a larger share or use more data")
         super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config)
 
     @staticmethod
@@ -164,9 +169,12 @@ def build_indexed_datasets(cfg, env):
         create_attention_mask=False,
         min_doc_length=data.min_doc_length,
     )
-    evals = train.steps // train.eval_interval + 1 if train.eval_interval else 1
-    sizes = [train.steps * train.global_batch_size, evals * train.eval_steps * train.global_batch_size,
-             train.eval_steps * train.global_batch_size]
+    # Without evaluation the valid/test splits get no sample count (None: one epoch, whatever its size).
+    eval_samples = None
+    if train.eval_interval:
+        eval_samples = (train.steps // train.eval_interval + 1) * train.eval_steps * train.global_batch_size
+    sizes = [train.steps * train.global_batch_size, eval_samples,
+             train.eval_steps * train.global_batch_size if train.eval_interval else None]
     with _single_process_group():
         builder = BlendedMegatronDatasetBuilder(LongContextGPTDataset, sizes, lambda: True, config)
         train_ds, valid_ds, _ = builder.build()
