@@ -416,3 +416,7 @@ def reference_markdown() -> str:
 
     walk(Config, "")
     return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(reference_markdown())  # regenerates the README's configuration reference

@@ -169,12 +169,9 @@ def build_indexed_datasets(cfg, env):
         create_attention_mask=False,
         min_doc_length=data.min_doc_length,
     )
-    # Without evaluation the valid/test splits get no sample count (None: one epoch, whatever its size).
-    eval_samples = None
-    if train.eval_interval:
-        eval_samples = (train.steps // train.eval_interval + 1) * train.eval_steps * train.global_batch_size
-    sizes = [train.steps * train.global_batch_size, eval_samples,
-             train.eval_steps * train.global_batch_size if train.eval_interval else None]
+    evals = train.steps // train.eval_interval + 1 if train.eval_interval else 1
+    sizes = [train.steps * train.global_batch_size, evals * train.eval_steps * train.global_batch_size,
+             train.eval_steps * train.global_batch_size]
     with _single_process_group():
         builder = BlendedMegatronDatasetBuilder(LongContextGPTDataset, sizes, lambda: True, config)
         train_ds, valid_ds, _ = builder.build()

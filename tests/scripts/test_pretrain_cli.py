@@ -50,10 +50,10 @@ def test_unknown_key_in_the_recipe_file_names_the_file(tmp_path):
 
 
 def test_demo_command_trains_two_processes_with_falling_loss_and_final_checkpoint(tmp_path):
-    # `make demo`, shortened: build the embedded corpus (a smaller slice), then torchrun the recipe on it.
+    # `make demo`, shortened: build the embedded corpus as `make data` does, then torchrun the recipe on it.
     corpus = tmp_path / "corpus"
-    built = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_corpus.py"), "--out-dir", str(corpus),
-                            "--max-mb", "0.5"], capture_output=True, text=True, env=_env(), timeout=300)
+    built = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_corpus.py"), "--out-dir", str(corpus)],
+                           capture_output=True, text=True, env=_env(), timeout=300)
     assert built.returncode == 0, built.stderr[-3000:]
     steps = 12
     result = subprocess.run(
