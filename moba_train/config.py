@@ -412,7 +412,8 @@ def reference_markdown() -> str:
                 continue
             default = field.get_default(call_default_factory=True)
             text = (field.description or "").replace("\n", " ").replace("|", "\\|")
-            rows.append(f"| `{prefix}{name}` | `{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}` | {text} |")
+            shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+            rows.append(f"| `{prefix}{name}` | `{shown}` | {text} |")
 
     walk(Config, "")
     return "\n".join(rows)

@@ -145,5 +145,6 @@ def test_bad_split_or_missing_tokenizer_is_one_clear_error(tmp_path, tokenizer_d
 def test_a_split_left_without_documents_is_a_clear_error_not_an_endless_epoch_search(tmp_path, tokenizer_dir):
     rng = np.random.default_rng(4)
     a = write_ids(tmp_path / "a", docs_in_range(rng, 10, 200, 20))  # 2% of 20 documents rounds to none
-    with pytest.raises(DataError, match=r"the valid split of .* holds no tokens \(0 documents under data.split='98,2,0'\)"):
+    expected = r"the valid split of .* holds no tokens \(0 documents under data.split='98,2,0'\)"
+    with pytest.raises(DataError, match=expected):
         build_datasets(recipe(tmp_path, tokenizer_dir, [a], split="98,2,0"), None)
