@@ -4,7 +4,8 @@ Grid: every (Hq, Hkv) in {(1,1),(4,4),(8,2),(8,1)} with every topk in {1,2,3,8} 
 {32,64,128} and block size {16,32,64} cycle through those cases so that each value meets every head
 layout and several top-k values. Each case packs four sequences: 9 blocks + 5 tokens (5 blocks + 5 tokens
 for block 64; top-8 is a real choice for blocks 16 and 32), half a block (shorter than one block), exactly
-2 blocks, and 1 block + 1 token. bf16 and fp16 run a smaller sample of the same grid.
+2 blocks, and 1 block + 1 token. bf16 and fp16 run a smaller sample of the same grid. The full cross
+product of the four axes (144 cases) runs in fp32 on shorter packed sequences.
 """
 
 import itertools
@@ -109,3 +110,14 @@ def test_many_small_chunks_give_the_same_selection_and_output(monkeypatch):
     assert torch.equal(moba_selection(q, k, **kwargs), ref_sel)
     got = forward_backward(moba_attention, q, k, v, grad_out, backend="torch", **kwargs)
     assert_rel_close(got, ref, 1e-5, "small chunks")
+
+
+FULL_GRID = list(itertools.product(HEADS, DIMS, BLOCKS, TOPKS))
+FULL_GRID_IDS = [f"{h[0]}-{h[1]}-{d}-{b}-{t}" for h, d, b, t in FULL_GRID]
+
+
+@pytest.mark.parametrize("heads,dim,block,topk", FULL_GRID, ids=FULL_GRID_IDS)
+def test_torch_backend_matches_naive_on_the_full_grid_fp32(heads, dim, block, topk):
+    # Every combination of the issue's grid, on shorter packed sequences: 4 blocks + 3 tokens (a partial
+    # last block), half a block, exactly one block.
+    check_against_naive([4 * block + 3, block // 2, block], *heads, dim, block, topk, torch.float32, 1e-5)
