@@ -18,13 +18,6 @@ def document_cu_seqlens(tokens_s: torch.Tensor, eod: int) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dtype=torch.int32), starts, torch.tensor([s], dtype=torch.int32)])
 
 
-def document_position_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Positions restarting at every document: int64 [cu[-1]]."""
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)
-    return torch.arange(int(cu_seqlens[-1]), dtype=torch.int64) - starts
-
-
 def collate(samples: list[dict[str, torch.Tensor]], reset_attention_mask: bool) -> dict[str, torch.Tensor]:
     """Stack b samples into a micro-batch: tokens/labels/position_ids int64 [b, s], loss_mask float32 [b, s],
     cu_seqlens int32 [n + 1] over the flattened b*s tokens.

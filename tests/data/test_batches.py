@@ -2,15 +2,15 @@ import pytest
 import torch
 from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
 
-from moba_train.data.batches import collate, document_cu_seqlens, document_position_ids
+from moba_train.data.batches import collate, document_cu_seqlens
 
 EOD = 0
 
 
 def sample(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    cu = document_cu_seqlens(tokens, EOD)
+    _, _, positions = _get_ltor_masks_and_position_ids(tokens, EOD, True, False, False, False)
     return {"tokens": tokens, "labels": tokens.roll(-1), "loss_mask": torch.ones(len(tokens)),
-            "position_ids": document_position_ids(cu), "cu_seqlens": cu}
+            "position_ids": positions, "cu_seqlens": document_cu_seqlens(tokens, EOD)}
 
 
 def block_diagonal_causal(cu: torch.Tensor, total: int) -> torch.Tensor:
@@ -19,13 +19,12 @@ def block_diagonal_causal(cu: torch.Tensor, total: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("eod_positions", [[], [0], [5, 6, 20], [31], [3, 31], list(range(0, 32, 4))])
-def test_document_boundaries_match_megatron_masks_and_positions(eod_positions):
+def test_document_boundaries_match_megatron_masks(eod_positions):
     tokens = torch.randint(1, 50, (32,))
     tokens[eod_positions] = EOD
-    mask, _, positions = _get_ltor_masks_and_position_ids(tokens, EOD, True, True, False, True)
+    mask, _, _ = _get_ltor_masks_and_position_ids(tokens, EOD, True, True, False, True)
     cu = document_cu_seqlens(tokens, EOD)
     assert torch.equal(block_diagonal_causal(cu, 32), ~mask[0])  # Megatron: True = masked out
-    assert torch.equal(document_position_ids(cu), positions)
 
 
 def test_collate_offsets_per_document_cu_seqlens_over_the_flattened_batch():
