@@ -8,11 +8,11 @@ import argparse
 import os
 import sys
 
+from moba_train.cli import run_entry
 from moba_train.data.corpus import DEFAULT_MAX_BYTES, DEFAULT_VOCAB_SIZE, build_corpus
-from moba_train.data.preprocess import DataError
 
 
-def main() -> int:
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", default="data/corpus", help="output directory (default: data/corpus)")
     parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
@@ -23,19 +23,14 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
     parser.add_argument("--overwrite", action="store_true", help="rebuild even if the corpus is complete")
     args = parser.parse_args()
-    try:
-        stats = build_corpus(args.out_dir, vocab_size=args.vocab_size, max_bytes=int(args.max_mb * 2**20),
-                             include_site_packages=args.site_packages, workers=max(1, args.workers),
-                             overwrite=args.overwrite, progress=sys.stderr.isatty())
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    stats = build_corpus(args.out_dir, vocab_size=args.vocab_size, max_bytes=int(args.max_mb * 2**20),
+                         include_site_packages=args.site_packages, workers=max(1, args.workers),
+                         overwrite=args.overwrite, progress=sys.stderr.isatty())
     if stats is None:
         print(f"{args.out_dir} already complete; pass --overwrite to rebuild")
     else:
         print(f"wrote {args.out_dir}: {stats.summary()}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_entry(main)  # a DataError (a ConfigError) prints one line and exits with code 2
