@@ -1,12 +1,16 @@
 """MoBA attention backward, deterministic (no atomics).
 
-- dK, dV: one program owns BLOCK_N keys of one (KV head, block) and loops over every query that
+- dK, dV: one program owns up to 128 keys of one (KV head, block) and loops over every query that
   attends them: the causal queries of the block itself (all heads of the KV group), then the
   gathered queries of all past slots (one contiguous run of the routing rows).
-- dQ: a causal pass over the current block writes fp32 dQ; one gathered pass per past slot adds
-  into it in place (a (query, head) appears once per slot, so no two programs touch the same row).
-  A slot program walks its routing tile (64 or 128 rows, `SlotTiles`) in 64-row sub-tiles: a
-  128-row fp32 dQ accumulator next to q and dO would not fit the registers.
+- dQ, workspace passes (kernels/workspace.py): the past picks' dQ partials go into the workspace,
+  one row per pick, written by the dK/dV program itself when it owns the whole block (blocks up to
+  128 keys: dS is already in its registers) or by a gathered-tile pass over the runs; the causal
+  current-block kernel then adds each query's partials and writes dQ once, in q's dtype.
+- dQ, slot passes: the current-block kernel writes fp32 dQ and one gathered pass per slot adds into
+  it in place (a (query, head) appears once per slot, so no two programs touch the same row).
+Gathered dQ programs walk their tile (64 or 128 rows, `SlotTiles`) in 64-row sub-tiles: a 128-row
+fp32 dQ accumulator next to q and dO would not fit the registers.
 Probabilities are recomputed from the saved base-2 log-sum-exp; delta = rowsum(dO * O).
 """
 
@@ -18,9 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import workspace
 from kernels.forward import LOG2E, SlotTiles, key_tile
 from kernels.layout import BlockLayout
 from kernels.routing import Routing
+from kernels.workspace import Workspace
 
 
 @triton.jit
@@ -49,6 +55,8 @@ def _dkdv_kernel(
     rows_ptr,
     seg_start_ptr,
     seg_count_ptr,
+    part_dq_ptr,
+    row_base_ptr,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -57,6 +65,7 @@ def _dkdv_kernel(
     scale,
     num_q_heads,
     num_blocks,
+    kv_head0,
     GROUP: tl.constexpr,
     SLOTS: tl.constexpr,
     SLOTS_P2: tl.constexpr,
@@ -64,14 +73,17 @@ def _dkdv_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    DQ_WORKSPACE: tl.constexpr,
 ):
-    """dK, dV of BLOCK_N keys of one (block, KV head). Grid (NB * TILES_PER_BLOCK, Hkv).
+    """dK, dV of BLOCK_N keys of one (block, KV head). Grid (NB * TILES_PER_BLOCK, KV heads), KV head
+    kv_head0 + axis 1. DQ_WORKSPACE (only with BLOCK_N = the block): also write the dQ partial of
+    every gathered row at its rows position minus row_base in part_dq [rows, D].
 
-    q, dO and dQ share q's strides; lse and delta are contiguous [T, Hq]; dK, dV share k's strides.
+    q and dO share q's strides; lse and delta are contiguous [T, Hq]; dK, dV share k's strides.
     """
     blk = tl.program_id(0) // TILES_PER_BLOCK
     ktile = tl.program_id(0) % TILES_PER_BLOCK
-    kv_head = tl.program_id(1)
+    kv_head = kv_head0 + tl.program_id(1)
     start = tl.load(start_ptr + blk)
     length = tl.load(length_ptr + blk)
     cols = ktile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -102,6 +114,8 @@ def _dkdv_kernel(
     if SLOTS > 0:
         seg = (kv_head * num_blocks + blk) * SLOTS
         first = tl.load(seg_start_ptr + seg)
+        if DQ_WORKSPACE:
+            row_base = tl.load(row_base_ptr)
         count = tl.sum(
             tl.load(seg_count_ptr + seg + tl.arange(0, SLOTS_P2), mask=tl.arange(0, SLOTS_P2) < SLOTS, other=0), 0
         )
@@ -119,8 +133,16 @@ def _dkdv_kernel(
             p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
             p_t = tl.where(row_ok[None, :], p_t, 0.0)
             dv += tl.dot(p_t.to(do.dtype), do)
-            ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q)
+            ds_t = (p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])).to(q.dtype)
+            dk += tl.dot(ds_t, q)
+            if DQ_WORKSPACE:
+                dq = tl.dot(tl.trans(ds_t), k) * scale
+                idx = first - row_base + r
+                tl.store(
+                    part_dq_ptr + idx[:, None] * HEAD_DIM + dims[None, :],
+                    dq.to(part_dq_ptr.dtype.element_ty),
+                    mask=row_ok[:, None],
+                )
     tl.store(dk_ptr + kv_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=col_ok[:, None])
     tl.store(dv_ptr + kv_off, dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None])
 
@@ -136,6 +158,9 @@ def _current_block_dq_kernel(
     dq_ptr,
     start_ptr,
     length_ptr,
+    pos_ptr,
+    part_dq_ptr,
+    row_base_ptr,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -143,17 +168,20 @@ def _current_block_dq_kernel(
     scale,
     qk_scale,
     num_q_heads,
+    head0,
     GROUP: tl.constexpr,
     TILES_PER_BLOCK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SLOTS: tl.constexpr,
 ):
-    """dQ (fp32, written) of a query tile from its own block, causal. Grid (NB * TILES_PER_BLOCK, Hq).
-    dq is contiguous [T, Hq, D]."""
+    """dQ of a query tile from its own block (causal) plus its SLOTS past partials from the workspace
+    (SLOTS = 0: none), written in dq's dtype. Grid (NB * TILES_PER_BLOCK, heads), head = head0 + axis 1.
+    dq is contiguous [T, Hq, D]; pos [T * Hq, SLOTS] as in the forward's current-block kernel."""
     blk = tl.program_id(0) // TILES_PER_BLOCK
     tile = tl.program_id(0) % TILES_PER_BLOCK
-    head = tl.program_id(1)
+    head = head0 + tl.program_id(1)
     kv_head = head // GROUP
     start = tl.load(start_ptr + blk)
     length = tl.load(length_ptr + blk)
@@ -175,12 +203,22 @@ def _current_block_dq_kernel(
         p = tl.where(cols[None, :] <= rows[:, None], p, 0.0)
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
-    dq_off = ((start + rows) * num_q_heads + head)[:, None] * HEAD_DIM + dims[None, :]
-    tl.store(dq_ptr + dq_off, dq * scale, mask=row_ok[:, None])
+    dq = dq * scale
+    flat = (start + rows) * num_q_heads + head
+    if SLOTS > 0:
+        row_base = tl.load(row_base_ptr)
+        for j in tl.static_range(SLOTS):
+            p_pos = tl.load(pos_ptr + flat * SLOTS + j, mask=row_ok, other=-1)
+            has = p_pos >= 0
+            idx = tl.where(has, p_pos - row_base, 0)
+            dq += tl.load(part_dq_ptr + idx[:, None] * HEAD_DIM + dims[None, :], mask=has[:, None], other=0.0).to(
+                tl.float32
+            )
+    tl.store(dq_ptr + flat[:, None] * HEAD_DIM + dims[None, :], dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
-def _past_slot_dq_kernel(
+def _past_dq_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
@@ -193,6 +231,8 @@ def _past_slot_dq_kernel(
     tile_seg_ptr,
     tile_start_ptr,
     tile_count_ptr,
+    row_base_ptr,
+    tile_stride,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -206,10 +246,12 @@ def _past_slot_dq_kernel(
     BLOCK_M: tl.constexpr,
     SUB_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    WORKSPACE: tl.constexpr,
 ):
-    """dQ contribution of one gathered tile's past block in this slot, added in place, SUB_M rows at a
-    time. Grid (max_tiles,)."""
-    pid = tl.program_id(0)
+    """dQ contribution of one gathered tile's past block, SUB_M rows at a time. WORKSPACE: written at
+    each row's rows position minus row_base in dq_ptr = the workspace [rows, D]; otherwise added in
+    place into fp32 dQ [T * Hq, D] (slot passes). Grid (tiles, tables) as `_past_fwd_kernel`."""
+    pid = tl.program_id(1) * tile_stride + tl.program_id(0)
     count = tl.load(tile_count_ptr + pid)
     if count > 0:
         seg = tl.load(tile_seg_ptr + pid)
@@ -237,9 +279,17 @@ def _past_slot_dq_kernel(
                 p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
                 ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
                 dq += tl.dot(ds.to(k.dtype), k)
-            dq_ptrs = dq_ptr + flat[:, None] * HEAD_DIM + dims[None, :]
-            dq_old = tl.load(dq_ptrs, mask=row_ok[:, None], other=0.0)
-            tl.store(dq_ptrs, dq_old + dq * scale, mask=row_ok[:, None])
+            if WORKSPACE:
+                idx = first - tl.load(row_base_ptr) + r
+                tl.store(
+                    dq_ptr + idx[:, None] * HEAD_DIM + dims[None, :],
+                    (dq * scale).to(dq_ptr.dtype.element_ty),
+                    mask=row_ok[:, None],
+                )
+            else:
+                dq_ptrs = dq_ptr + flat[:, None] * HEAD_DIM + dims[None, :]
+                dq_old = tl.load(dq_ptrs, mask=row_ok[:, None], other=0.0)
+                tl.store(dq_ptrs, dq_old + dq * scale, mask=row_ok[:, None])
 
 
 class DkdvTiles(NamedTuple):
@@ -263,86 +313,82 @@ def dkdv_tiles(block_size: int, dim: int) -> DkdvTiles:
 
 
 def attention_backward(
-    dout, q, k, v, out, lse, layout: BlockLayout, routing: Routing, block_size: int, scale: float, tiles: SlotTiles
+    dout,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    layout: BlockLayout,
+    routing: Routing,
+    block_size: int,
+    scale: float,
+    tiles: SlotTiles,
+    work: Workspace,
 ):
     """dq, dk, dv for contiguous q [T, Hq, D], k, v [T, Hkv, D], out/dout [T, Hq, D], lse2 fp32 [T, Hq];
-    `routing` was built with `tiles.query_tile` rows per tile."""
+    `routing` was built with `tiles.query_tile` rows per tile, with run tiles if work.kv_heads > 0,
+    slot tiles otherwise."""
     total, hq, dim = q.shape
     hkv = k.shape[1]
     group = hq // hkv
-    dq = torch.empty(total, hq, dim, dtype=torch.float32, device=q.device)
+    nb = layout.num_blocks
+    slots = routing.pos.shape[1] if routing.pos.numel() else 0
+    use_workspace = slots > 0 and work.kv_heads > 0
+    dq = torch.empty(total, hq, dim, dtype=q.dtype if use_workspace else torch.float32, device=q.device)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    if layout.num_blocks == 0:
+    if nb == 0:
         return dq.to(q.dtype), dk, dv
     delta = torch.empty(total, hq, dtype=torch.float32, device=q.device)
     _delta_kernel[(triton.cdiv(total * hq, 64),)](out, dout, delta, total * hq, HEAD_DIM=dim, ROWS=64)
     block_n = key_tile(block_size)
     warps = 8 if dim >= 128 else 4
-    slots = routing.tile_seg.shape[0]
     kv_tiles = dkdv_tiles(block_size, dim)
     ktiles = block_size // kv_tiles.key_tile
-    _dkdv_kernel[(layout.num_blocks * ktiles, hkv)](
-        q,
-        k,
-        v,
-        dout,
-        lse,
-        delta,
-        dk,
-        dv,
-        layout.start,
-        layout.length,
-        routing.rows,
-        routing.seg_start,
-        routing.seg_count,
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        scale * LOG2E,
-        scale,
-        hq,
-        layout.num_blocks,
-        GROUP=group,
-        SLOTS=slots,
-        SLOTS_P2=max(2, triton.next_power_of_2(slots)),
-        TILES_PER_BLOCK=ktiles,
-        HEAD_DIM=dim,
-        BLOCK_M=kv_tiles.query_step,
-        BLOCK_N=kv_tiles.key_tile,
-        num_warps=kv_tiles.warps,
-        num_stages=kv_tiles.stages,
-    )
     block_m = min(64, triton.next_power_of_2(block_size))
     per_block = triton.cdiv(block_size, block_m)
-    _current_block_dq_kernel[(layout.num_blocks * per_block, hq)](
-        q,
-        k,
-        v,
-        dout,
-        lse,
-        delta,
-        dq,
-        layout.start,
-        layout.length,
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        scale,
-        scale * LOG2E,
-        hq,
-        GROUP=group,
-        TILES_PER_BLOCK=per_block,
-        HEAD_DIM=dim,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        num_warps=warps,
-        num_stages=2,
-    )
-    for slot in range(slots):
-        _past_slot_dq_kernel[(routing.tile_seg.shape[1],)](
+
+    def dkdv(kv_head0, heads, part_dq, row_base, dq_workspace):
+        _dkdv_kernel[(nb * ktiles, heads)](
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta,
+            dk,
+            dv,
+            layout.start,
+            layout.length,
+            routing.rows,
+            routing.seg_start,
+            routing.seg_count,
+            part_dq,
+            row_base,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            scale * LOG2E,
+            scale,
+            hq,
+            nb,
+            kv_head0,
+            GROUP=group,
+            SLOTS=slots,
+            SLOTS_P2=max(2, triton.next_power_of_2(slots)),
+            TILES_PER_BLOCK=ktiles,
+            HEAD_DIM=dim,
+            BLOCK_M=kv_tiles.query_step,
+            BLOCK_N=kv_tiles.key_tile,
+            DQ_WORKSPACE=dq_workspace,
+            num_warps=kv_tiles.warps,
+            num_stages=kv_tiles.stages,
+        )
+
+    def current(head0, heads, part_dq, row_base, reduce):
+        _current_block_dq_kernel[(nb * per_block, heads)](
             q,
             k,
             v,
@@ -351,10 +397,10 @@ def attention_backward(
             delta,
             dq,
             layout.start,
-            routing.rows,
-            routing.tile_seg[slot],
-            routing.tile_start[slot],
-            routing.tile_count[slot],
+            layout.length,
+            routing.pos,
+            part_dq,
+            row_base,
             q.stride(0),
             q.stride(1),
             k.stride(0),
@@ -362,13 +408,76 @@ def attention_backward(
             scale,
             scale * LOG2E,
             hq,
-            layout.num_blocks,
+            head0,
+            GROUP=group,
+            TILES_PER_BLOCK=per_block,
+            HEAD_DIM=dim,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            SLOTS=slots if reduce else 0,
+            num_warps=warps,
+            num_stages=2,
+        )
+
+    def past_dq(dq_t, seg, start_, count, row_base, grid, workspace):
+        _past_dq_kernel[grid](
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta,
+            dq_t,
+            layout.start,
+            routing.rows,
+            seg,
+            start_,
+            count,
+            row_base,
+            seg.stride(0) if seg.dim() == 2 else 0,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            scale,
+            scale * LOG2E,
+            hq,
+            nb,
             BLOCK_SIZE=block_size,
             HEAD_DIM=dim,
             BLOCK_M=tiles.query_tile,
             SUB_M=min(64, tiles.query_tile),
             BLOCK_N=block_n,
+            WORKSPACE=workspace,
             num_warps=warps,
             num_stages=2,
         )
-    return dq.to(q.dtype), dk, dv
+
+    if not use_workspace:
+        dkdv(0, hkv, dq, dq, False)
+        current(0, hq, dq, dq, False)
+        for slot in range(slots):
+            seg = routing.tile_seg[slot]
+            past_dq(dq, seg, routing.tile_start[slot], routing.tile_count[slot], dq, (seg.shape[0], 1), False)
+        return dq.to(q.dtype), dk, dv
+    chunk = work.kv_heads
+    part_dq = torch.empty(chunk * work.capacity, dim, dtype=workspace.DQ_PARTIAL_DTYPE, device=q.device)
+    seg_start = routing.seg_start.view(-1)
+    fused = ktiles == 1
+    for h0 in range(0, hkv, chunk):
+        heads = min(chunk, hkv - h0)
+        row_base = seg_start[h0 * nb * slots :]
+        dkdv(h0, heads, part_dq, row_base, fused)
+        if not fused:
+            seg = routing.run_seg[h0 : h0 + heads]
+            past_dq(
+                part_dq,
+                seg,
+                routing.run_start[h0 : h0 + heads],
+                routing.run_count[h0 : h0 + heads],
+                row_base,
+                (seg.shape[1], heads),
+                True,
+            )
+        current(h0 * group, heads * group, part_dq, row_base, True)
+    return dq, dk, dv

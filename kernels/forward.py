@@ -1,9 +1,15 @@
-"""MoBA attention forward: a causal flash kernel over the current block, then one key-block-centric
-pass per past slot that merges its partial softmax into the running (out, lse) of each query.
+"""MoBA attention forward: a causal flash kernel over the current block, plus key-block-centric
+passes over the past picks (see kernels/workspace.py for the two ways they run).
+
+- Workspace passes: `_past_fwd_kernel` writes each pick's normalised partial output and log-sum-exp
+  into the workspace; the current-block kernel then merges every query's picks in registers and
+  writes (out, lse) once.
+- Slot passes: the current-block kernel writes (out, lse); one `_past_fwd_kernel` launch per slot
+  merges into them in place (a (query, head) appears at most once per slot: no races).
 
 Internal log-sum-exp is in base 2 of the scaled logits: lse2 = log2(sum_j 2^(q.k_j * scale * log2 e)).
-The running output is kept in the output dtype (no fp32 [T, H, D] buffer); every merge is a convex
-combination weighted by the two partial sums.
+No fp32 [T, H, D] buffer: partials and the running output are in the output dtype; every merge is
+a convex combination weighted by the partial sums.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import triton.language as tl
 
 from kernels.layout import BlockLayout
 from kernels.routing import Routing
+from kernels.workspace import Workspace
 
 LOG2E = 1.4426950408889634
 
@@ -29,6 +36,10 @@ def _current_block_fwd_kernel(
     lse_ptr,
     start_ptr,
     length_ptr,
+    pos_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    row_base_ptr,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -37,16 +48,23 @@ def _current_block_fwd_kernel(
     stride_oh,
     stride_lt,
     qk_scale,
+    head0,
+    num_q_heads,
     GROUP: tl.constexpr,
     TILES_PER_BLOCK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SLOTS: tl.constexpr,
 ):
-    """Causal attention of a BLOCK_M query tile to its own block. Grid (NB * TILES_PER_BLOCK, Hq)."""
+    """Causal attention of a BLOCK_M query tile to its own block, merged with the tile's SLOTS past
+    partials from the workspace (SLOTS = 0: none). Grid (NB * TILES_PER_BLOCK, heads), head = head0 + axis 1.
+
+    pos is [T * Hq, SLOTS]; a pick at rows position p has its partial at p - row_base in the
+    contiguous part_out [rows, D] and part_lse [rows]."""
     blk = tl.program_id(0) // TILES_PER_BLOCK
     tile = tl.program_id(0) % TILES_PER_BLOCK
-    head = tl.program_id(1)
+    head = head0 + tl.program_id(1)
     kv_head = head // GROUP
     start = tl.load(start_ptr + blk)
     length = tl.load(length_ptr + blk)
@@ -73,6 +91,22 @@ def _current_block_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+    if SLOTS > 0:
+        # A partial (o_p, lse_p) is a normalised output: it adds 2^(lse_p - m) * (o_p, 1) to (acc, l).
+        row_base = tl.load(row_base_ptr)
+        flat = (start + rows) * num_q_heads + head
+        for j in tl.static_range(SLOTS):
+            p_pos = tl.load(pos_ptr + flat * SLOTS + j, mask=row_ok, other=-1)
+            has = p_pos >= 0
+            idx = tl.where(has, p_pos - row_base, 0)
+            lse_p = tl.load(part_lse_ptr + idx, mask=has, other=float("-inf"))
+            o_p = tl.load(part_out_ptr + idx[:, None] * HEAD_DIM + dims[None, :], mask=has[:, None], other=0.0)
+            m_new = tl.maximum(m_i, lse_p)
+            alpha = tl.exp2(m_i - m_new)
+            w = tl.exp2(lse_p - m_new)
+            l_i = l_i * alpha + w
+            acc = acc * alpha[:, None] + o_p.to(tl.float32) * w[:, None]
+            m_i = m_new
     out = acc / l_i[:, None]
     tl.store(
         out_ptr + (start + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :],
@@ -83,7 +117,7 @@ def _current_block_fwd_kernel(
 
 
 @triton.jit
-def _past_slot_fwd_kernel(
+def _past_fwd_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
@@ -94,6 +128,8 @@ def _past_slot_fwd_kernel(
     tile_seg_ptr,
     tile_start_ptr,
     tile_count_ptr,
+    row_base_ptr,
+    tile_stride,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -108,10 +144,14 @@ def _past_slot_fwd_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    WORKSPACE: tl.constexpr,
 ):
-    """One gathered tile of queries that picked one (KV head, past block) in this slot: attend the
-    whole block, merge into the queries' running (out, lse). Grid (max_tiles,)."""
-    pid = tl.program_id(0)
+    """One gathered tile of queries that picked one (KV head, past block): attend the whole block.
+    WORKSPACE: write the normalised partial (out, lse) of each row at its position in rows minus
+    row_base (out_ptr/lse_ptr are the workspace [rows, D] / [rows]); otherwise merge into the
+    queries' running (out, lse) in place (slot passes). Grid (tiles, tables): table tile_stride *
+    axis 1, tile axis 0."""
+    pid = tl.program_id(1) * tile_stride + tl.program_id(0)
     count = tl.load(tile_count_ptr + pid)
     if count > 0:
         seg = tl.load(tile_seg_ptr + pid)
@@ -119,7 +159,8 @@ def _past_slot_fwd_kernel(
         kstart = tl.load(start_ptr + seg % num_blocks)
         r = tl.arange(0, BLOCK_M)
         row_ok = r < count
-        flat = tl.load(rows_ptr + tl.load(tile_start_ptr + pid) + r, mask=row_ok, other=0)
+        first = tl.load(tile_start_ptr + pid)
+        flat = tl.load(rows_ptr + first + r, mask=row_ok, other=0)
         t = flat // num_q_heads
         h = flat % num_q_heads
         dims = tl.arange(0, HEAD_DIM)
@@ -142,17 +183,26 @@ def _past_slot_fwd_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         lse_part = m_i + tl.log2(l_i)
-        o_ptrs = out_ptr + t[:, None] * stride_ot + h[:, None] * stride_oh + dims[None, :]
-        lse_ptrs = lse_ptr + t * stride_lt + h
-        o_old = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        lse_old = tl.load(lse_ptrs, mask=row_ok, other=0.0)
-        top = tl.maximum(lse_old, lse_part)
-        w_old = tl.exp2(lse_old - top)
-        w_part = tl.exp2(lse_part - top)
-        total = w_old + w_part
-        out = (o_old * w_old[:, None] + acc * (w_part / l_i)[:, None]) / total[:, None]
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-        tl.store(lse_ptrs, top + tl.log2(total), mask=row_ok)
+        if WORKSPACE:
+            idx = first - tl.load(row_base_ptr) + r
+            tl.store(
+                out_ptr + idx[:, None] * HEAD_DIM + dims[None, :],
+                (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
+                mask=row_ok[:, None],
+            )
+            tl.store(lse_ptr + idx, lse_part, mask=row_ok)
+        else:
+            o_ptrs = out_ptr + t[:, None] * stride_ot + h[:, None] * stride_oh + dims[None, :]
+            lse_ptrs = lse_ptr + t * stride_lt + h
+            o_old = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            lse_old = tl.load(lse_ptrs, mask=row_ok, other=0.0)
+            top = tl.maximum(lse_old, lse_part)
+            w_old = tl.exp2(lse_old - top)
+            w_part = tl.exp2(lse_part - top)
+            total = w_old + w_part
+            out = (o_old * w_old[:, None] + acc * (w_part / l_i)[:, None]) / total[:, None]
+            tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(lse_ptrs, top + tl.log2(total), mask=row_ok)
 
 
 def key_tile(block_size: int) -> int:
@@ -179,53 +229,37 @@ def slot_tiles(block_size: int, dim: int) -> SlotTiles:
     return SlotTiles(64, key_tile(block_size), 8 if dim >= 128 else 4, 3)
 
 
-def attention_forward(q, k, v, layout: BlockLayout, routing: Routing, block_size: int, scale: float, tiles: SlotTiles):
+def attention_forward(
+    q, k, v, layout: BlockLayout, routing: Routing, block_size: int, scale: float, tiles: SlotTiles, work: Workspace
+):
     """out [T, Hq, D] (q's dtype) and lse2 fp32 [T, Hq] for contiguous q [T, Hq, D], k, v [T, Hkv, D];
-    `routing` was built with `tiles.query_tile` rows per tile."""
+    `routing` was built with `tiles.query_tile` rows per tile, with run tiles if work.kv_heads > 0,
+    slot tiles otherwise."""
     total, hq, dim = q.shape
-    group = hq // k.shape[1]
+    hkv = k.shape[1]
+    group = hq // hkv
+    slots = routing.pos.shape[1] if routing.pos.numel() else 0
     out = torch.empty_like(q)
     lse = torch.empty(total, hq, dtype=torch.float32, device=q.device)
     if layout.num_blocks == 0:
         return out, lse
     block_m = min(tiles.query_tile, triton.next_power_of_2(block_size))
     per_block = triton.cdiv(block_size, block_m)
-    _current_block_fwd_kernel[(layout.num_blocks * per_block, hq)](
-        q,
-        k,
-        v,
-        out,
-        lse,
-        layout.start,
-        layout.length,
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        out.stride(0),
-        out.stride(1),
-        lse.stride(0),
-        scale * LOG2E,
-        GROUP=group,
-        TILES_PER_BLOCK=per_block,
-        HEAD_DIM=dim,
-        BLOCK_M=block_m,
-        BLOCK_N=tiles.key_tile,
-        num_warps=tiles.warps,
-        num_stages=2,
-    )
-    for slot in range(routing.tile_seg.shape[0]):
-        _past_slot_fwd_kernel[(routing.tile_seg.shape[1],)](
+
+    def past(out_t, lse_t, seg, start_, count, row_base, grid, workspace):
+        _past_fwd_kernel[grid](
             q,
             k,
             v,
-            out,
-            lse,
+            out_t,
+            lse_t,
             layout.start,
             routing.rows,
-            routing.tile_seg[slot],
-            routing.tile_start[slot],
-            routing.tile_count[slot],
+            seg,
+            start_,
+            count,
+            row_base,
+            seg.stride(0) if seg.dim() == 2 else 0,
             q.stride(0),
             q.stride(1),
             k.stride(0),
@@ -240,7 +274,67 @@ def attention_forward(q, k, v, layout: BlockLayout, routing: Routing, block_size
             HEAD_DIM=dim,
             BLOCK_M=tiles.query_tile,
             BLOCK_N=tiles.key_tile,
+            WORKSPACE=workspace,
             num_warps=tiles.warps,
             num_stages=tiles.stages,
         )
+
+    def current(head0, heads, combine, part_out, part_lse, row_base):
+        _current_block_fwd_kernel[(layout.num_blocks * per_block, heads)](
+            q,
+            k,
+            v,
+            out,
+            lse,
+            layout.start,
+            layout.length,
+            routing.pos,
+            part_out,
+            part_lse,
+            row_base,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            out.stride(0),
+            out.stride(1),
+            lse.stride(0),
+            scale * LOG2E,
+            head0,
+            hq,
+            GROUP=group,
+            TILES_PER_BLOCK=per_block,
+            HEAD_DIM=dim,
+            BLOCK_M=block_m,
+            BLOCK_N=tiles.key_tile,
+            SLOTS=slots if combine else 0,
+            num_warps=tiles.warps,
+            num_stages=2,
+        )
+
+    if slots == 0 or work.kv_heads == 0:
+        current(0, hq, False, out, lse, lse)
+        for slot in range(slots):
+            seg = routing.tile_seg[slot]
+            past(out, lse, seg, routing.tile_start[slot], routing.tile_count[slot], lse, (seg.shape[0], 1), False)
+        return out, lse
+    chunk = work.kv_heads
+    part_out = torch.empty(chunk * work.capacity, dim, dtype=q.dtype, device=q.device)
+    part_lse = torch.empty(chunk * work.capacity, dtype=torch.float32, device=q.device)
+    seg_start = routing.seg_start.view(-1)
+    for h0 in range(0, hkv, chunk):
+        heads = min(chunk, hkv - h0)
+        row_base = seg_start[h0 * layout.num_blocks * slots :]
+        seg = routing.run_seg[h0 : h0 + heads]
+        past(
+            part_out,
+            part_lse,
+            seg,
+            routing.run_start[h0 : h0 + heads],
+            routing.run_count[h0 : h0 + heads],
+            row_base,
+            (seg.shape[1], heads),
+            True,
+        )
+        current(h0 * group, heads * group, True, part_out, part_lse, row_base)
     return out, lse

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from kernels import workspace
 from kernels.backward import attention_backward
 from kernels.forward import attention_forward, slot_tiles
 from kernels.gating import check_inputs, select_blocks
@@ -20,15 +21,24 @@ class MobaAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, cu_seqlens, block_size, topk, softmax_scale, shared_gqa_selection):
         layout = block_layout(cu_seqlens, block_size, q.shape[0], q.device)
         tiles = slot_tiles(block_size, q.shape[-1])
+        fwd_work = workspace.forward_plan(q, k.shape[1], topk - 1)
+        bwd_work = workspace.backward_plan(q, k.shape[1], topk - 1)
+        grads = any(ctx.needs_input_grad[:3])
         routing = route(
-            select_blocks(q, k, layout, block_size, topk, shared_gqa_selection), layout, k.shape[1], tiles.query_tile
+            select_blocks(q, k, layout, block_size, topk, shared_gqa_selection),
+            layout,
+            k.shape[1],
+            tiles.query_tile,
+            slot_tiles=fwd_work.kv_heads == 0 or (grads and bwd_work.kv_heads == 0),
+            run_tiles=fwd_work.kv_heads > 0 or (grads and bwd_work.kv_heads > 0),
         )
-        out, lse = attention_forward(q, k, v, layout, routing, block_size, softmax_scale, tiles)
+        out, lse = attention_forward(q, k, v, layout, routing, block_size, softmax_scale, tiles, fwd_work)
         ctx.save_for_backward(q, k, v, out, lse, layout.start, layout.length, layout.local, layout.first, *routing)
         ctx.num_blocks = layout.num_blocks
         ctx.block_size = block_size
         ctx.softmax_scale = softmax_scale
         ctx.tiles = tiles
+        ctx.work = bwd_work
         return out
 
     @staticmethod
@@ -47,6 +57,7 @@ class MobaAttentionFunction(torch.autograd.Function):
             ctx.block_size,
             ctx.softmax_scale,
             ctx.tiles,
+            ctx.work,
         )
         return dq, dk, dv, None, None, None, None, None
 

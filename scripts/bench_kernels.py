@@ -5,9 +5,9 @@ Checks correctness (bf16, against the naive definition at a moderate shape), the
 BENCH.md shapes (median of CUDA-event timings via triton.testing.do_bench), prints a table and writes
 triton_dev.json. The official table is scripts/bench_attention.py; this is the kernel author's loop.
 
---variants: compare tilings instead (kernels.interface.slot_tiles / kernels.backward.dkdv_tiles
-replaced per variant): correctness of every variant first, then timings and per-kernel breakdowns,
-written to variants.json.
+--variants: compare variants instead (module attributes of kernels.workspace / kernels.interface /
+kernels.backward replaced per variant: workspace or slot passes, dQ partial dtype, tilings):
+correctness of every variant first, then timings and per-kernel breakdowns, written to variants.json.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from triton.testing import do_bench
 
 import kernels.backward
 import kernels.interface
+import kernels.workspace
 from kernels import moba_attention_triton, moba_selection_triton
-from kernels.backward import DkdvTiles, dkdv_tiles
 from kernels.forward import SlotTiles, key_tile, slot_tiles
 
 
@@ -223,75 +223,76 @@ def kernel_breakdown(name, batch, heads, seq_len, block, topk, passes, dense, di
     return {"shape": name, "pass_": "fwd+bwd" if backward else "fwd", "kernels": rows}
 
 
-def old_slot_tiles(block_size, dim):
-    return SlotTiles(64, key_tile(block_size), 8 if dim >= 128 else 4, 3)
+def query_tiles(rows):
+    """slot_tiles override: `rows`-row gathered query tiles below block 512, the defaults above."""
+    return lambda block_size, dim: (
+        slot_tiles(block_size, dim) if block_size >= 512 else SlotTiles(rows, key_tile(block_size), 8, 3)
+    )
 
 
-def old_dkdv_tiles(block_size, dim):
-    return DkdvTiles(key_tile(block_size), 64, 8 if dim >= 128 else 4, 2)
-
-
-def large_blocks(tiles):
-    """slot_tiles override: `tiles` for blocks >= 512, the old 64-row tiling below."""
-    return lambda block_size, dim: tiles if block_size >= 512 else old_slot_tiles(block_size, dim)
-
-
-def whole_block_keys(tiles):
-    """dkdv_tiles override: `tiles` where 128 keys divide the block, the old 64-key tiling otherwise."""
-    return lambda block_size, dim: tiles if block_size % 128 == 0 else old_dkdv_tiles(block_size, dim)
-
-
-VARIANTS = {  # name: (slot_tiles, dkdv_tiles, shapes to time)
-    "old": (old_slot_tiles, old_dkdv_tiles, "all"),
-    "fwd_q128_k64_s3": (large_blocks(SlotTiles(128, 64, 8, 3)), old_dkdv_tiles, "fwd"),
-    "fwd_q128_k128_s2": (large_blocks(SlotTiles(128, 128, 8, 2)), old_dkdv_tiles, "fwd"),
-    "fwd_q128_k32_s4": (large_blocks(SlotTiles(128, 32, 8, 4)), old_dkdv_tiles, "fwd"),
-    "dkdv_k128_q32_w8_s3": (old_slot_tiles, whole_block_keys(DkdvTiles(128, 32, 8, 3)), "bwd"),
-    "dkdv_k128_q64_w8_s2": (old_slot_tiles, whole_block_keys(DkdvTiles(128, 64, 8, 2)), "bwd"),
-    "dkdv_k128_q32_w4_s3": (old_slot_tiles, whole_block_keys(DkdvTiles(128, 32, 4, 3)), "bwd"),
-    "new_defaults": (slot_tiles, dkdv_tiles, "all"),
+# name: module attribute overrides (kernels.workspace budgets and dQ partial dtype, tilings), shapes
+SLOTS = {"workspace.FORWARD_BUDGET": 0.0, "workspace.BACKWARD_BUDGET": 0.0}
+VARIANTS = {
+    "slots": (SLOTS, "all"),
+    "workspace": ({}, "all"),
+    "workspace_bf16_dq": ({"workspace.DQ_PARTIAL_DTYPE": torch.bfloat16}, "bwd"),
+    "workspace_q128": ({"interface.slot_tiles": query_tiles(128)}, "small"),
+    "workspace_1head": ({"workspace.MAX_CHUNK_KV_HEADS": 1}, "small"),
 }
 VARIANT_SHAPES = {
-    "s1m-b4096": ((1, 2, 1048576, 4096, 12, ("fwd",), False), "fwd"),
-    "s128k-b4096": ((1, 32, 131072, 4096, 12, ("fwd",), False), "fwd"),
-    "s32k-b512": ((2, 16, 32768, 512, 3, ("fwd", "fwd+bwd"), False), "both"),
-    "s32k-b128": ((2, 16, 32768, 128, 8, ("fwd+bwd",), False), "bwd"),
+    "s32k-b128": ((2, 16, 32768, 128, 8, ("fwd", "fwd+bwd"), False), "small"),
+    "s64k-b128": ((2, 16, 65536, 128, 8, ("fwd+bwd",), False), "small"),
+    "s32k-b512": ((2, 16, 32768, 512, 3, ("fwd", "fwd+bwd"), False), "bwd"),
+    "s128k-b4096": ((1, 32, 131072, 4096, 12, ("fwd",), False), "all"),
+    "s1m-b4096": ((1, 2, 1048576, 4096, 12, ("fwd",), False), "all"),
 }
+MODULES = {"workspace": kernels.workspace, "interface": kernels.interface, "backward": kernels.backward}
+
+
+def apply_variant(overrides: dict) -> dict:
+    """Set the overrides; returns the previous values (to restore)."""
+    previous = {}
+    for key, value in overrides.items():
+        module, attr = key.split(".")
+        previous[key] = getattr(MODULES[module], attr)
+        setattr(MODULES[module], attr, value)
+    return previous
 
 
 def compare_variants(result: dict, save) -> None:
-    """Correctness of every variant (selection, out, dq, dk, dv vs the fp32 naive definition), then timings."""
+    """Correctness of every variant (selection, out, dq, dk, dv vs the fp32 naive definition), then
+    timings ("all" variants time every shape; others the shapes of their kind and "all")."""
     naive = load_naive()
     result.update(correctness={}, timings=[], breakdown=[])
-    for name, (slot_fn, dkdv_fn, _) in VARIANTS.items():
-        kernels.interface.slot_tiles, kernels.backward.dkdv_tiles = slot_fn, dkdv_fn
+    for name, (overrides, _) in VARIANTS.items():
+        previous = apply_variant(overrides)
         print("== correctness", name, flush=True)
         result["correctness"][name] = check_correctness(naive)
+        apply_variant(previous)
         save()
-    for name, (slot_fn, dkdv_fn, which) in VARIANTS.items():
-        kernels.interface.slot_tiles, kernels.backward.dkdv_tiles = slot_fn, dkdv_fn
+    for name, (overrides, which) in VARIANTS.items():
+        previous = apply_variant(overrides)
         for shape, (args, kind) in VARIANT_SHAPES.items():
-            if which == "all" or kind in (which, "both"):
+            if which == "all" or kind == which:
                 for row in bench_shape(shape, *args):
                     result["timings"].append(dict(row, variant=name))
                 print(f"{name} {shape} done", flush=True)
                 save()
         if which == "all":
-            for shape in ("s32k-b512", "s128k-b4096"):
+            for shape in ("s32k-b128", "s32k-b512"):
                 args = VARIANT_SHAPES[shape][0]
-                result["breakdown"].append(
-                    dict(
-                        kernel_breakdown(shape, *args[:5], ("fwd+bwd",) if shape == "s32k-b512" else ("fwd",), False),
-                        variant=name,
-                    )
-                )
+                result["breakdown"].append(dict(kernel_breakdown(shape, *args[:5], ("fwd+bwd",), False), variant=name))
             save()
-    print(f"\n{'variant':22} {'shape':12} {'pass':8} {'ms':>9} {'TFLOP/s':>8}")
+        apply_variant(previous)
+    print(f"\n{'variant':22} {'shape':12} {'pass':8} {'ms':>9} {'TFLOP/s':>8} {'peakGiB':>8}")
     for row in result["timings"]:
         if "error" in row:
             print(f"{row['variant']:22} {row['shape']:12} {row['pass_']:8} ERROR {row['error'][:80]}")
         else:
-            print(f"{row['variant']:22} {row['shape']:12} {row['pass_']:8} {row['ms']:9.2f} {row['tflops']:8.1f}")
+            print(
+                f"{row['variant']:22} {row['shape']:12} {row['pass_']:8} {row['ms']:9.2f} {row['tflops']:8.1f}"
+                f" {row['peak_total_gib']:8.2f}"
+            )
     for name, cases in result["correctness"].items():
         worst = max(max(v for key, v in row.items() if key.endswith("rel_err")) for row in cases.values())
         ok = all(
@@ -304,7 +305,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--skip-check", action="store_true")
-    parser.add_argument("--variants", action="store_true", help="compare tilings (writes variants.json)")
+    parser.add_argument("--variants", action="store_true", help="compare variants (writes variants.json)")
     head = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True).stdout.strip()
     parser.add_argument(
         "--commit", default=head or "unknown", help="commit of the kernels (the device copy has no .git)"

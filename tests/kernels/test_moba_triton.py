@@ -7,7 +7,7 @@ on the GPU (scripts/bench_kernels.py); gating casts to fp32 and is checked in bf
 import pytest
 import torch
 
-from kernels import moba_attention_triton, moba_selection_triton
+from kernels import moba_attention_triton, moba_selection_triton, workspace
 from moba_train.attention.naive import moba_attention_naive, moba_selection_naive
 
 # (cu_seqlens, Hq, Hkv, D, block, topk, shared_gqa_selection): varlen with a 7-token sequence and
@@ -58,8 +58,18 @@ def test_selection_ties_go_to_lower_block_index():
     assert got[1055, 0].tolist() == [0, 1, 65]
 
 
+# How the past picks run (kernels/workspace.py): all KV heads in one workspace chunk, one KV head
+# per chunk, or slot passes without a workspace.
+PASSES = {"workspace": (1e9, None), "workspace_per_kv_head": (1e9, 1), "slots": (0.0, None)}
+
+
+@pytest.mark.parametrize("passes", list(PASSES))
 @pytest.mark.parametrize("case", CASES + [LARGE_BLOCKS])
-def test_attention_output_and_gradients_match_naive(case):
+def test_attention_output_and_gradients_match_naive(case, passes, monkeypatch):
+    budget, max_heads = PASSES[passes]
+    for name in ("FORWARD_BUDGET", "BACKWARD_BUDGET"):
+        monkeypatch.setattr(workspace, name, budget)
+    monkeypatch.setattr(workspace, "MAX_CHUNK_KV_HEADS", max_heads)
     cu, hq, hkv, dim, block, topk, shared = case
     q, k, v, cu_t = inputs(cu, hq, hkv, dim, torch.float16)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
