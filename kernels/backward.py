@@ -22,7 +22,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import workspace
 from kernels.forward import LOG2E, SlotTiles, key_tile
 from kernels.layout import BlockLayout
 from kernels.routing import Routing
@@ -52,6 +51,7 @@ def _dkdv_kernel(
     dv_ptr,
     start_ptr,
     length_ptr,
+    order_ptr,
     rows_ptr,
     seg_start_ptr,
     seg_count_ptr,
@@ -66,6 +66,7 @@ def _dkdv_kernel(
     num_q_heads,
     num_blocks,
     kv_head0,
+    kv_heads,
     GROUP: tl.constexpr,
     SLOTS: tl.constexpr,
     SLOTS_P2: tl.constexpr,
@@ -75,15 +76,18 @@ def _dkdv_kernel(
     BLOCK_N: tl.constexpr,
     DQ_WORKSPACE: tl.constexpr,
 ):
-    """dK, dV of BLOCK_N keys of one (block, KV head). Grid (NB * TILES_PER_BLOCK, KV heads), KV head
-    kv_head0 + axis 1. DQ_WORKSPACE (only with BLOCK_N = the block): also write the dQ partial of
-    every gathered row at its rows position minus row_base in part_dq [rows, D].
+    """dK, dV of BLOCK_N keys of one (block, KV head). Grid (NB * TILES_PER_BLOCK * kv_heads,): blocks
+    in the order of order_ptr (heaviest first: a sequence's first blocks are picked by most of its
+    queries), then KV heads kv_head0.., then key tiles. DQ_WORKSPACE: also write this key tile's dQ
+    partial of every gathered row into part_dq [rows, TILES_PER_BLOCK, D] at row (rows position
+    minus row_base).
 
     q and dO share q's strides; lse and delta are contiguous [T, Hq]; dK, dV share k's strides.
     """
-    blk = tl.program_id(0) // TILES_PER_BLOCK
-    ktile = tl.program_id(0) % TILES_PER_BLOCK
-    kv_head = kv_head0 + tl.program_id(1)
+    pid = tl.program_id(0)
+    blk = tl.load(order_ptr + pid // (TILES_PER_BLOCK * kv_heads))
+    kv_head = kv_head0 + (pid // TILES_PER_BLOCK) % kv_heads
+    ktile = pid % TILES_PER_BLOCK
     start = tl.load(start_ptr + blk)
     length = tl.load(length_ptr + blk)
     cols = ktile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -137,7 +141,7 @@ def _dkdv_kernel(
             dk += tl.dot(ds_t, q)
             if DQ_WORKSPACE:
                 dq = tl.dot(tl.trans(ds_t), k) * scale
-                idx = first - row_base + r
+                idx = (first - row_base + r) * TILES_PER_BLOCK + ktile
                 tl.store(
                     part_dq_ptr + idx[:, None] * HEAD_DIM + dims[None, :],
                     dq.to(part_dq_ptr.dtype.element_ty),
@@ -175,10 +179,13 @@ def _current_block_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SLOTS: tl.constexpr,
+    SLOTS_P2: tl.constexpr,
+    KTILES: tl.constexpr,
 ):
-    """dQ of a query tile from its own block (causal) plus its SLOTS past partials from the workspace
-    (SLOTS = 0: none), written in dq's dtype. Grid (NB * TILES_PER_BLOCK, heads), head = head0 + axis 1.
-    dq is contiguous [T, Hq, D]; pos [T * Hq, SLOTS] as in the forward's current-block kernel."""
+    """dQ of a query tile from its own block (causal) plus its SLOTS past picks' partials from the
+    workspace (KTILES per pick, one per key tile of the dK/dV programs; SLOTS = 0: none), written in
+    dq's dtype. Grid (NB * TILES_PER_BLOCK, heads), head = head0 + axis 1. dq is contiguous
+    [T, Hq, D]; pos [T * Hq, SLOTS] as in the forward's current-block kernel; workspace [rows, KTILES, D]."""
     blk = tl.program_id(0) // TILES_PER_BLOCK
     tile = tl.program_id(0) % TILES_PER_BLOCK
     head = head0 + tl.program_id(1)
@@ -193,6 +200,14 @@ def _current_block_dq_kernel(
     do = tl.load(do_ptr + q_off, mask=row_ok[:, None], other=0.0)
     lse = tl.load(lse_ptr + (start + rows) * num_q_heads + head, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + (start + rows) * num_q_heads + head, mask=row_ok, other=0.0)
+    flat = (start + rows) * num_q_heads + head
+    if SLOTS > 0:  # the picks' positions, loaded early to hide their latency
+        js = tl.arange(0, SLOTS_P2)
+        pos_t = tl.load(
+            pos_ptr + flat[:, None] * SLOTS + js[None, :], mask=row_ok[:, None] & (js < SLOTS)[None, :], other=-1
+        )
+        has_t = pos_t >= 0
+        idx_t = tl.where(has_t, pos_t - tl.load(row_base_ptr), 0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for n0 in range(0, tl.minimum(length, tile * BLOCK_M + BLOCK_M), BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
@@ -204,21 +219,22 @@ def _current_block_dq_kernel(
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
     dq = dq * scale
-    flat = (start + rows) * num_q_heads + head
     if SLOTS > 0:
-        row_base = tl.load(row_base_ptr)
         for j in tl.static_range(SLOTS):
-            p_pos = tl.load(pos_ptr + flat * SLOTS + j, mask=row_ok, other=-1)
-            has = p_pos >= 0
-            idx = tl.where(has, p_pos - row_base, 0)
-            dq += tl.load(part_dq_ptr + idx[:, None] * HEAD_DIM + dims[None, :], mask=has[:, None], other=0.0).to(
-                tl.float32
-            )
+            pick = js[None, :] == j
+            idx_j = tl.sum(tl.where(pick, idx_t, 0), 1)
+            has_j = tl.sum(tl.where(pick & has_t, 1, 0), 1) > 0
+            for kt in tl.static_range(KTILES):
+                dq += tl.load(
+                    part_dq_ptr + (idx_j * KTILES + kt)[:, None] * HEAD_DIM + dims[None, :],
+                    mask=has_j[:, None],
+                    other=0.0,
+                ).to(tl.float32)
     tl.store(dq_ptr + flat[:, None] * HEAD_DIM + dims[None, :], dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
-def _past_dq_kernel(
+def _past_slot_dq_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
@@ -231,8 +247,6 @@ def _past_dq_kernel(
     tile_seg_ptr,
     tile_start_ptr,
     tile_count_ptr,
-    row_base_ptr,
-    tile_stride,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -246,12 +260,10 @@ def _past_dq_kernel(
     BLOCK_M: tl.constexpr,
     SUB_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    WORKSPACE: tl.constexpr,
 ):
-    """dQ contribution of one gathered tile's past block, SUB_M rows at a time. WORKSPACE: written at
-    each row's rows position minus row_base in dq_ptr = the workspace [rows, D]; otherwise added in
-    place into fp32 dQ [T * Hq, D] (slot passes). Grid (tiles, tables) as `_past_fwd_kernel`."""
-    pid = tl.program_id(1) * tile_stride + tl.program_id(0)
+    """dQ contribution of one gathered tile's past block in this slot, added in place into fp32 dQ
+    [T * Hq, D], SUB_M rows at a time. Grid (max_tiles,)."""
+    pid = tl.program_id(0)
     count = tl.load(tile_count_ptr + pid)
     if count > 0:
         seg = tl.load(tile_seg_ptr + pid)
@@ -279,17 +291,9 @@ def _past_dq_kernel(
                 p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
                 ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
                 dq += tl.dot(ds.to(k.dtype), k)
-            if WORKSPACE:
-                idx = first - tl.load(row_base_ptr) + r
-                tl.store(
-                    dq_ptr + idx[:, None] * HEAD_DIM + dims[None, :],
-                    (dq * scale).to(dq_ptr.dtype.element_ty),
-                    mask=row_ok[:, None],
-                )
-            else:
-                dq_ptrs = dq_ptr + flat[:, None] * HEAD_DIM + dims[None, :]
-                dq_old = tl.load(dq_ptrs, mask=row_ok[:, None], other=0.0)
-                tl.store(dq_ptrs, dq_old + dq * scale, mask=row_ok[:, None])
+            dq_ptrs = dq_ptr + flat[:, None] * HEAD_DIM + dims[None, :]
+            dq_old = tl.load(dq_ptrs, mask=row_ok[:, None], other=0.0)
+            tl.store(dq_ptrs, dq_old + dq * scale, mask=row_ok[:, None])
 
 
 class DkdvTiles(NamedTuple):
@@ -328,7 +332,7 @@ def attention_backward(
 ):
     """dq, dk, dv for contiguous q [T, Hq, D], k, v [T, Hkv, D], out/dout [T, Hq, D], lse2 fp32 [T, Hq];
     `routing` was built with `tiles.query_tile` rows per tile, with run tiles if work.kv_heads > 0,
-    slot tiles otherwise."""
+    slot tiles otherwise; `work` from kernels.workspace.backward_plan."""
     total, hq, dim = q.shape
     hkv = k.shape[1]
     group = hq // hkv
@@ -348,9 +352,10 @@ def attention_backward(
     ktiles = block_size // kv_tiles.key_tile
     block_m = min(64, triton.next_power_of_2(block_size))
     per_block = triton.cdiv(block_size, block_m)
+    order = torch.sort(layout.local, stable=True).indices.int()  # heaviest blocks first
 
-    def dkdv(kv_head0, heads, part_dq, row_base, dq_workspace):
-        _dkdv_kernel[(nb * ktiles, heads)](
+    def dkdv(kv_head0, heads, part_dq, row_base):
+        _dkdv_kernel[(nb * ktiles * heads,)](
             q,
             k,
             v,
@@ -361,10 +366,11 @@ def attention_backward(
             dv,
             layout.start,
             layout.length,
+            order,
             routing.rows,
             routing.seg_start,
             routing.seg_count,
-            part_dq,
+            dq if part_dq is None else part_dq,
             row_base,
             q.stride(0),
             q.stride(1),
@@ -375,6 +381,7 @@ def attention_backward(
             hq,
             nb,
             kv_head0,
+            heads,
             GROUP=group,
             SLOTS=slots,
             SLOTS_P2=max(2, triton.next_power_of_2(slots)),
@@ -382,12 +389,12 @@ def attention_backward(
             HEAD_DIM=dim,
             BLOCK_M=kv_tiles.query_step,
             BLOCK_N=kv_tiles.key_tile,
-            DQ_WORKSPACE=dq_workspace,
+            DQ_WORKSPACE=part_dq is not None,
             num_warps=kv_tiles.warps,
             num_stages=kv_tiles.stages,
         )
 
-    def current(head0, heads, part_dq, row_base, reduce):
+    def current(head0, heads, part_dq, row_base):
         _current_block_dq_kernel[(nb * per_block, heads)](
             q,
             k,
@@ -399,7 +406,7 @@ def attention_backward(
             layout.start,
             layout.length,
             routing.pos,
-            part_dq,
+            dq if part_dq is None else part_dq,
             row_base,
             q.stride(0),
             q.stride(1),
@@ -414,70 +421,52 @@ def attention_backward(
             HEAD_DIM=dim,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
-            SLOTS=slots if reduce else 0,
-            num_warps=warps,
-            num_stages=2,
-        )
-
-    def past_dq(dq_t, seg, start_, count, row_base, grid, workspace):
-        _past_dq_kernel[grid](
-            q,
-            k,
-            v,
-            dout,
-            lse,
-            delta,
-            dq_t,
-            layout.start,
-            routing.rows,
-            seg,
-            start_,
-            count,
-            row_base,
-            seg.stride(0) if seg.dim() == 2 else 0,
-            q.stride(0),
-            q.stride(1),
-            k.stride(0),
-            k.stride(1),
-            scale,
-            scale * LOG2E,
-            hq,
-            nb,
-            BLOCK_SIZE=block_size,
-            HEAD_DIM=dim,
-            BLOCK_M=tiles.query_tile,
-            SUB_M=min(64, tiles.query_tile),
-            BLOCK_N=block_n,
-            WORKSPACE=workspace,
+            SLOTS=slots if part_dq is not None else 0,
+            SLOTS_P2=max(2, triton.next_power_of_2(slots)),
+            KTILES=ktiles,
             num_warps=warps,
             num_stages=2,
         )
 
     if not use_workspace:
-        dkdv(0, hkv, dq, dq, False)
-        current(0, hq, dq, dq, False)
+        dkdv(0, hkv, None, dq)
+        current(0, hq, None, dq)
         for slot in range(slots):
-            seg = routing.tile_seg[slot]
-            past_dq(dq, seg, routing.tile_start[slot], routing.tile_count[slot], dq, (seg.shape[0], 1), False)
-        return dq.to(q.dtype), dk, dv
-    chunk = work.kv_heads
-    part_dq = torch.empty(chunk * work.capacity, dim, dtype=workspace.DQ_PARTIAL_DTYPE, device=q.device)
-    seg_start = routing.seg_start.view(-1)
-    fused = ktiles == 1
-    for h0 in range(0, hkv, chunk):
-        heads = min(chunk, hkv - h0)
-        row_base = seg_start[h0 * nb * slots :]
-        dkdv(h0, heads, part_dq, row_base, fused)
-        if not fused:
-            seg = routing.run_seg[h0 : h0 + heads]
-            past_dq(
-                part_dq,
-                seg,
-                routing.run_start[h0 : h0 + heads],
-                routing.run_count[h0 : h0 + heads],
-                row_base,
-                (seg.shape[1], heads),
-                True,
+            _past_slot_dq_kernel[(routing.tile_seg.shape[1],)](
+                q,
+                k,
+                v,
+                dout,
+                lse,
+                delta,
+                dq,
+                layout.start,
+                routing.rows,
+                routing.tile_seg[slot],
+                routing.tile_start[slot],
+                routing.tile_count[slot],
+                q.stride(0),
+                q.stride(1),
+                k.stride(0),
+                k.stride(1),
+                scale,
+                scale * LOG2E,
+                hq,
+                nb,
+                BLOCK_SIZE=block_size,
+                HEAD_DIM=dim,
+                BLOCK_M=tiles.query_tile,
+                SUB_M=min(64, tiles.query_tile),
+                BLOCK_N=block_n,
+                num_warps=warps,
+                num_stages=2,
             )
-        current(h0 * group, heads * group, part_dq, row_base, True)
+        return dq.to(q.dtype), dk, dv
+    part_dq = torch.empty(work.kv_heads * work.capacity * ktiles, dim, dtype=work.dtype, device=q.device)
+    seg_start = routing.seg_start.view(-1)
+    for h0 in range(0, hkv, work.kv_heads):
+        heads = min(work.kv_heads, hkv - h0)
+        row_base = seg_start[h0 * nb * slots :]
+        dkdv(h0, heads, part_dq, row_base)
+        current(h0 * group, heads * group, part_dq, row_base)
     return dq, dk, dv

@@ -56,6 +56,7 @@ def _current_block_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SLOTS: tl.constexpr,
+    SLOTS_P2: tl.constexpr,
 ):
     """Causal attention of a BLOCK_M query tile to its own block, merged with the tile's SLOTS past
     partials from the workspace (SLOTS = 0: none). Grid (NB * TILES_PER_BLOCK, heads), head = head0 + axis 1.
@@ -74,6 +75,15 @@ def _current_block_fwd_kernel(
     q = tl.load(
         q_ptr + (start + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0
     )
+    if SLOTS > 0:  # the picks' positions and log-sum-exps, loaded early to hide their latency
+        js = tl.arange(0, SLOTS_P2)
+        flat = (start + rows) * num_q_heads + head
+        pos_t = tl.load(
+            pos_ptr + flat[:, None] * SLOTS + js[None, :], mask=row_ok[:, None] & (js < SLOTS)[None, :], other=-1
+        )
+        has_t = pos_t >= 0
+        idx_t = tl.where(has_t, pos_t - tl.load(row_base_ptr), 0)
+        lse_t = tl.load(part_lse_ptr + idx_t, mask=has_t, other=float("-inf"))
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -92,21 +102,23 @@ def _current_block_fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     if SLOTS > 0:
-        # A partial (o_p, lse_p) is a normalised output: it adds 2^(lse_p - m) * (o_p, 1) to (acc, l).
-        row_base = tl.load(row_base_ptr)
-        flat = (start + rows) * num_q_heads + head
+        # A partial (o_j, lse_j) is a normalised output: the merge is the convex combination of
+        # acc / l and the o_j with weights 2^(lse - top) (top: the largest lse of the row).
+        lse_cur = m_i + tl.log2(l_i)
+        top = tl.maximum(lse_cur, tl.max(lse_t, 1))
+        w_t = tl.exp2(lse_t - top[:, None])
+        w_cur = tl.exp2(lse_cur - top)
+        total = w_cur + tl.sum(w_t, 1)
+        acc = acc * (w_cur / l_i)[:, None]
         for j in tl.static_range(SLOTS):
-            p_pos = tl.load(pos_ptr + flat * SLOTS + j, mask=row_ok, other=-1)
-            has = p_pos >= 0
-            idx = tl.where(has, p_pos - row_base, 0)
-            lse_p = tl.load(part_lse_ptr + idx, mask=has, other=float("-inf"))
-            o_p = tl.load(part_out_ptr + idx[:, None] * HEAD_DIM + dims[None, :], mask=has[:, None], other=0.0)
-            m_new = tl.maximum(m_i, lse_p)
-            alpha = tl.exp2(m_i - m_new)
-            w = tl.exp2(lse_p - m_new)
-            l_i = l_i * alpha + w
-            acc = acc * alpha[:, None] + o_p.to(tl.float32) * w[:, None]
-            m_i = m_new
+            pick = js[None, :] == j
+            idx_j = tl.sum(tl.where(pick, idx_t, 0), 1)
+            w_j = tl.sum(tl.where(pick, w_t, 0.0), 1)
+            has_j = tl.sum(tl.where(pick & has_t, 1, 0), 1) > 0
+            o_j = tl.load(part_out_ptr + idx_j[:, None] * HEAD_DIM + dims[None, :], mask=has_j[:, None], other=0.0)
+            acc += o_j.to(tl.float32) * w_j[:, None]
+        m_i = top
+        l_i = total
     out = acc / l_i[:, None]
     tl.store(
         out_ptr + (start + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :],
@@ -308,6 +320,7 @@ def attention_forward(
             BLOCK_M=block_m,
             BLOCK_N=tiles.key_tile,
             SLOTS=slots if combine else 0,
+            SLOTS_P2=max(2, triton.next_power_of_2(slots)),
             num_warps=tiles.warps,
             num_stages=2,
         )

@@ -7,7 +7,7 @@ import math
 import torch
 
 from kernels import workspace
-from kernels.backward import attention_backward
+from kernels.backward import attention_backward, dkdv_tiles
 from kernels.forward import attention_forward, slot_tiles
 from kernels.gating import check_inputs, select_blocks
 from kernels.layout import BlockLayout, block_layout
@@ -22,7 +22,8 @@ class MobaAttentionFunction(torch.autograd.Function):
         layout = block_layout(cu_seqlens, block_size, q.shape[0], q.device)
         tiles = slot_tiles(block_size, q.shape[-1])
         fwd_work = workspace.forward_plan(q, k.shape[1], topk - 1)
-        bwd_work = workspace.backward_plan(q, k.shape[1], topk - 1)
+        key_tiles = block_size // dkdv_tiles(block_size, q.shape[-1]).key_tile
+        bwd_work = workspace.backward_plan(q, k.shape[1], topk - 1, key_tiles)
         grads = any(ctx.needs_input_grad[:3])
         routing = route(
             select_blocks(q, k, layout, block_size, topk, shared_gqa_selection),
