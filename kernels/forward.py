@@ -332,7 +332,7 @@ def attention_forward(
             past(out, lse, seg, routing.tile_start[slot], routing.tile_count[slot], lse, (seg.shape[0], 1), False)
         return out, lse
     chunk = work.kv_heads
-    part_out = torch.empty(chunk * work.capacity, dim, dtype=q.dtype, device=q.device)
+    part_out = torch.empty(chunk * work.capacity, dim, dtype=work.dtype, device=q.device)
     part_lse = torch.empty(chunk * work.capacity, dtype=torch.float32, device=q.device)
     seg_start = routing.seg_start.view(-1)
     for h0 in range(0, hkv, chunk):

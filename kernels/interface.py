@@ -21,10 +21,10 @@ class MobaAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, cu_seqlens, block_size, topk, softmax_scale, shared_gqa_selection):
         layout = block_layout(cu_seqlens, block_size, q.shape[0], q.device)
         tiles = slot_tiles(block_size, q.shape[-1])
-        fwd_work = workspace.forward_plan(q, k.shape[1], topk - 1)
+        grads = any(ctx.needs_input_grad[:3])
+        fwd_work = workspace.forward_plan(q, k.shape[1], topk - 1, block_size, grads)
         key_tiles = block_size // dkdv_tiles(block_size, q.shape[-1]).key_tile
         bwd_work = workspace.backward_plan(q, k.shape[1], topk - 1, key_tiles)
-        grads = any(ctx.needs_input_grad[:3])
         routing = route(
             select_blocks(q, k, layout, block_size, topk, shared_gqa_selection),
             layout,

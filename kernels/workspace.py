@@ -11,13 +11,17 @@ no workspace, so they serve shapes where even one KV head's partials would not f
 (1M tokens with top-12: 3 GB per head).
 
 In the backward the dK/dV program (up to 128 keys of a block) computes the dQ partials of its
-keys from the dS already in its registers, so a pick has one partial per key tile (1 for blocks up
-to 128 keys, 4 for 512): no pass recomputes the scores for dQ. Blocks of more than MAX_KEY_TILES
-key tiles use slot passes.
+keys from the dS already in its registers, for the picks of the block and for the block's own
+causal queries, so a query's dQ comes in (picks + 1) x key tiles partials (key tiles: 1 for blocks
+up to 128 keys, 4 for 512) and no pass recomputes scores for dQ. Blocks of more than MAX_KEY_TILES
+key tiles use slot passes. dQ partials are in q's dtype (the dtype of the dQ they sum to).
 
-Budgets, in bytes of q: the forward's partials may take half of q (at 32K with top-8 one KV head of
-16 takes 0.44x q); the backward's may take as much as the fp32 dQ accumulator that the slot passes
-needed (2x q for bf16), so the backward's peak does not grow.
+Budgets, in bytes of q. The backward's partials may take as much as the fp32 dQ accumulator that
+the slot passes needed (2x q for bf16), so the backward's peak does not grow. A forward followed by
+a backward may take the same: its partials are freed before the backward allocates dQ, dK, dV and
+its own workspace. A forward alone (inference, evaluation) may take a quarter of q. Forward
+workspace passes are used for blocks below 512 keys only: from 512 keys on, the slot passes'
+tiles are long enough and they measured faster (bench/NOTES.md).
 """
 
 from __future__ import annotations
@@ -26,38 +30,45 @@ from typing import NamedTuple
 
 import torch
 
-FORWARD_BUDGET = 0.5
-BACKWARD_BUDGET = 2.0
-DQ_PARTIAL_DTYPE = torch.float32
-MAX_KEY_TILES = 4  # blocks of up to 512 keys: the dQ of a pick comes in at most 4 partials
+INFERENCE_BUDGET = 0.25
+TRAINING_BUDGET = 2.0
+FORWARD_MAX_BLOCK = 256
+DQ_PARTIAL_DTYPE = None  # None: q's dtype (benchmarks compare torch.float32)
+MAX_KEY_TILES = 4  # blocks of up to 512 keys: at most 4 dQ partials per pick
 MAX_CHUNK_KV_HEADS = None  # cap on KV heads per chunk (tests and benchmarks force chunking with it)
 
 
 class Workspace(NamedTuple):
     kv_heads: int  # KV heads per chunk; 0: slot passes
-    capacity: int  # picks per KV head (T * group * slots)
-    dtype: torch.dtype  # of the backward's dQ partials
+    capacity: int  # partial rows per KV head
+    dtype: torch.dtype  # of the partials (forward: of the output rows; their lse is fp32)
 
 
-def plan(q: torch.Tensor, num_kv_heads: int, slots: int, pick_bytes: int, budget: float) -> Workspace:
-    """KV heads per workspace chunk so that chunk * capacity * pick_bytes <= budget * bytes of q."""
-    total, hq, _ = q.shape
+SLOT_PASSES = Workspace(0, 0, torch.float32)
+
+
+def plan(q: torch.Tensor, num_kv_heads: int, capacity: int, row_bytes: int, budget: float, dtype) -> Workspace:
+    """KV heads per workspace chunk so that chunk * capacity * row_bytes <= budget * bytes of q."""
+    heads = int(budget * q.numel() * q.element_size()) // max(capacity * row_bytes, 1)
+    return Workspace(min(heads, num_kv_heads, MAX_CHUNK_KV_HEADS or num_kv_heads), capacity, dtype)
+
+
+def forward_plan(q: torch.Tensor, num_kv_heads: int, slots: int, block_size: int, training: bool) -> Workspace:
+    """One partial per pick: an output row in q's dtype and an fp32 log-sum-exp."""
+    if slots == 0 or block_size > FORWARD_MAX_BLOCK:
+        return SLOT_PASSES
+    total, hq, dim = q.shape
     capacity = total * (hq // num_kv_heads) * slots
-    if slots == 0:
-        return Workspace(0, 0, DQ_PARTIAL_DTYPE)
-    heads = int(budget * q.numel() * q.element_size()) // max(capacity * pick_bytes, 1)
-    return Workspace(min(heads, num_kv_heads, MAX_CHUNK_KV_HEADS or num_kv_heads), capacity, DQ_PARTIAL_DTYPE)
-
-
-def forward_plan(q: torch.Tensor, num_kv_heads: int, slots: int) -> Workspace:
-    """Partials: output row in q's dtype plus an fp32 log-sum-exp."""
-    return plan(q, num_kv_heads, slots, q.shape[-1] * q.element_size() + 4, FORWARD_BUDGET)
+    budget = TRAINING_BUDGET if training else INFERENCE_BUDGET
+    return plan(q, num_kv_heads, capacity, dim * q.element_size() + 4, budget, q.dtype)
 
 
 def backward_plan(q: torch.Tensor, num_kv_heads: int, slots: int, key_tiles: int) -> Workspace:
-    """Partials: one dQ row in DQ_PARTIAL_DTYPE per pick and key tile of the dK/dV programs (each
-    program owns up to 128 keys and writes the dQ of its keys); slot passes above MAX_KEY_TILES."""
-    if key_tiles > MAX_KEY_TILES:
-        return Workspace(0, 0, DQ_PARTIAL_DTYPE)
-    itemsize = torch.empty(0, dtype=DQ_PARTIAL_DTYPE).element_size()
-    return plan(q, num_kv_heads, slots, q.shape[-1] * itemsize * key_tiles, BACKWARD_BUDGET)
+    """key_tiles dQ rows per pick and per own-block query."""
+    if slots == 0 or key_tiles > MAX_KEY_TILES:
+        return SLOT_PASSES
+    total, hq, dim = q.shape
+    dtype = DQ_PARTIAL_DTYPE or q.dtype
+    capacity = total * (hq // num_kv_heads) * (slots + 1) * key_tiles
+    row_bytes = dim * torch.empty(0, dtype=dtype).element_size()
+    return plan(q, num_kv_heads, capacity, row_bytes, TRAINING_BUDGET, dtype)

@@ -231,11 +231,13 @@ def query_tiles(rows):
 
 
 # name: module attribute overrides (kernels.workspace budgets and dQ partial dtype, tilings), shapes
-SLOTS = {"workspace.FORWARD_BUDGET": 0.0, "workspace.BACKWARD_BUDGET": 0.0}
+SLOTS = {"workspace.INFERENCE_BUDGET": 0.0, "workspace.TRAINING_BUDGET": 0.0}
 VARIANTS = {
     "slots": (SLOTS, "all"),
     "workspace": ({}, "all"),
-    "workspace_bf16_dq": ({"workspace.DQ_PARTIAL_DTYPE": torch.bfloat16}, ("small", "bwd")),
+    "workspace_fp32_dq": ({"workspace.DQ_PARTIAL_DTYPE": torch.float32}, ("small", "bwd")),
+    "workspace_fwd_b512": ({"workspace.FORWARD_MAX_BLOCK": 512}, ("bwd",)),
+    "workspace_budget4": ({"workspace.TRAINING_BUDGET": 4.0}, ("small", "bwd")),
 }
 VARIANT_SHAPES = {
     "s32k-b128": ((2, 16, 32768, 128, 8, ("fwd", "fwd+bwd"), False), "small"),

@@ -67,8 +67,9 @@ PASSES = {"workspace": (1e9, None), "workspace_per_kv_head": (1e9, 1), "slots": 
 @pytest.mark.parametrize("case", CASES + [LARGE_BLOCKS])
 def test_attention_output_and_gradients_match_naive(case, passes, monkeypatch):
     budget, max_heads = PASSES[passes]
-    for name in ("FORWARD_BUDGET", "BACKWARD_BUDGET"):
+    for name in ("INFERENCE_BUDGET", "TRAINING_BUDGET"):
         monkeypatch.setattr(workspace, name, budget)
+    monkeypatch.setattr(workspace, "FORWARD_MAX_BLOCK", 1 << 30)
     monkeypatch.setattr(workspace, "MAX_CHUNK_KV_HEADS", max_heads)
     cu, hq, hkv, dim, block, topk, shared = case
     q, k, v, cu_t = inputs(cu, hq, hkv, dim, torch.float16)
@@ -97,3 +98,32 @@ def test_attention_rejects_cu_seqlens_not_covering_all_tokens():
     q, k, v, _ = inputs([0, 32], 2, 2, 16, torch.float16)
     with pytest.raises(ValueError, match="cu_seqlens must end at the token count 32"):
         moba_attention_triton(q, k, v, torch.tensor([0, 16], dtype=torch.int32), 16, 2)
+
+
+def test_inference_forward_matches_naive_in_every_pass_mode(monkeypatch):
+    # No gradients: the forward plans with the inference budget (kernels/workspace.py).
+    cu, hq, hkv, dim, block, topk, shared = CASES[0]
+    q, k, v, cu_t = inputs(cu, hq, hkv, dim, torch.float16)
+    ref = moba_attention_naive(q.float(), k.float(), v.float(), cu_seqlens=cu_t, block_size=block, topk=topk)
+    for budget in (1e9, 0.0):
+        monkeypatch.setattr(workspace, "INFERENCE_BUDGET", budget)
+        with torch.no_grad():
+            out = moba_attention_triton(q, k, v, cu_t, block, topk)
+        assert (out.float() - ref).abs().max() / ref.abs().max() < 4e-3
+
+
+def test_workspace_plans_follow_budgets_and_fall_back_to_slot_passes():
+    # 32K tokens, 16 heads, D 128, top-8 (the s32k-b128 shape): one KV head's forward partials are
+    # 32768 * 7 * (256 + 4) bytes = 0.44x q, its backward partials (8 rows per query) 0.5x q; the
+    # training budget is 2x q, the inference budget 0.25x q.
+    q = torch.empty(32768, 16, 128, dtype=torch.bfloat16, device="meta")
+    assert workspace.forward_plan(q, 16, 7, 128, training=True).kv_heads == 4
+    assert workspace.forward_plan(q, 16, 7, 128, training=False).kv_heads == 0  # 0.25x q: slot passes
+    assert workspace.forward_plan(q, 16, 7, 512, training=True).kv_heads == 0  # blocks >= 512: slot passes
+    assert workspace.forward_plan(q, 16, 0, 128, training=True).kv_heads == 0  # top-1: nothing past
+    bwd = workspace.backward_plan(q, 16, 7, 1)
+    assert (bwd.kv_heads, bwd.capacity, bwd.dtype) == (4, 32768 * 8, torch.bfloat16)
+    assert workspace.backward_plan(q, 16, 2, 4).kv_heads == 2  # block 512, top-3: 3 * 4 rows per query
+    assert workspace.backward_plan(q, 16, 11, 32).kv_heads == 0  # block 4096: slot passes
+    gqa = torch.empty(32768, 32, 128, dtype=torch.bfloat16, device="meta")
+    assert workspace.backward_plan(gqa, 8, 7, 1).kv_heads == 2  # a KV head's capacity counts its 4 query heads
