@@ -67,8 +67,6 @@ def _dkdv_kernel(
     num_blocks,
     kv_head0,
     kv_heads,
-    own_base,
-    total_tokens,
     GROUP: tl.constexpr,
     SLOTS: tl.constexpr,
     SLOTS_P2: tl.constexpr,
@@ -81,7 +79,8 @@ def _dkdv_kernel(
     """dK, dV of BLOCK_N keys of one (block, KV head). Grid (NB * TILES_PER_BLOCK * kv_heads,): blocks
     in the order of order_ptr (heaviest first: a sequence's first blocks are picked by most of its
     queries), then KV heads kv_head0.., then key tiles. DQ_WORKSPACE: also write this key tile's dQ
-    partials into part_dq [rows, TILES_PER_BLOCK, D], rows as in `_dq_reduce_kernel`.
+    partial of every gathered row into part_dq [rows, TILES_PER_BLOCK, D] at row (rows position
+    minus row_base).
 
     q and dO share q's strides; lse and delta are contiguous [T, Hq]; dK, dV share k's strides.
     """
@@ -114,15 +113,8 @@ def _dkdv_kernel(
             p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
             p_t = tl.where((cols[:, None] <= rows[None, :]) & row_ok[None, :], p_t, 0.0)
             dv += tl.dot(p_t.to(do.dtype), do)
-            ds_t = (p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])).to(q.dtype)
-            dk += tl.dot(ds_t, q)
-            if DQ_WORKSPACE:
-                own = own_base + (head - kv_head0 * GROUP) * total_tokens + start + rows
-                tl.store(
-                    part_dq_ptr + (own * TILES_PER_BLOCK + ktile)[:, None] * HEAD_DIM + dims[None, :],
-                    (tl.dot(tl.trans(ds_t), k) * scale).to(part_dq_ptr.dtype.element_ty),
-                    mask=row_ok[:, None],
-                )
+            ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q)
     if SLOTS > 0:
         seg = (kv_head * num_blocks + blk) * SLOTS
         first = tl.load(seg_start_ptr + seg)
@@ -170,6 +162,9 @@ def _current_block_dq_kernel(
     dq_ptr,
     start_ptr,
     length_ptr,
+    pos_ptr,
+    part_dq_ptr,
+    row_base_ptr,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -177,17 +172,23 @@ def _current_block_dq_kernel(
     scale,
     qk_scale,
     num_q_heads,
+    head0,
     GROUP: tl.constexpr,
     TILES_PER_BLOCK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SLOTS: tl.constexpr,
+    SLOTS_P2: tl.constexpr,
+    KTILES: tl.constexpr,
 ):
-    """Slot passes: dQ (fp32, written) of a query tile from its own block, causal. Grid
-    (NB * TILES_PER_BLOCK, Hq). dq is contiguous [T, Hq, D]."""
+    """dQ of a query tile from its own block (causal) plus its SLOTS past picks' partials from the
+    workspace (KTILES per pick, one per key tile of the dK/dV programs; SLOTS = 0: none), written in
+    dq's dtype. Grid (NB * TILES_PER_BLOCK, heads), head = head0 + axis 1. dq is contiguous
+    [T, Hq, D]; pos [T * Hq, SLOTS] as in the forward's current-block kernel; workspace [rows, KTILES, D]."""
     blk = tl.program_id(0) // TILES_PER_BLOCK
     tile = tl.program_id(0) % TILES_PER_BLOCK
-    head = tl.program_id(1)
+    head = head0 + tl.program_id(1)
     kv_head = head // GROUP
     start = tl.load(start_ptr + blk)
     length = tl.load(length_ptr + blk)
@@ -199,6 +200,14 @@ def _current_block_dq_kernel(
     do = tl.load(do_ptr + q_off, mask=row_ok[:, None], other=0.0)
     lse = tl.load(lse_ptr + (start + rows) * num_q_heads + head, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + (start + rows) * num_q_heads + head, mask=row_ok, other=0.0)
+    flat = (start + rows) * num_q_heads + head
+    if SLOTS > 0:  # the picks' positions, loaded early to hide their latency
+        js = tl.arange(0, SLOTS_P2)
+        pos_t = tl.load(
+            pos_ptr + flat[:, None] * SLOTS + js[None, :], mask=row_ok[:, None] & (js < SLOTS)[None, :], other=-1
+        )
+        has_t = pos_t >= 0
+        idx_t = tl.where(has_t, pos_t - tl.load(row_base_ptr), 0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for n0 in range(0, tl.minimum(length, tile * BLOCK_M + BLOCK_M), BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
@@ -209,69 +218,18 @@ def _current_block_dq_kernel(
         p = tl.where(cols[None, :] <= rows[:, None], p, 0.0)
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
-    flat = (start + rows) * num_q_heads + head
-    tl.store(dq_ptr + flat[:, None] * HEAD_DIM + dims[None, :], dq * scale, mask=row_ok[:, None])
-
-
-@triton.jit
-def _dq_reduce_kernel(
-    dq_ptr,
-    part_dq_ptr,
-    start_ptr,
-    length_ptr,
-    pos_ptr,
-    row_base_ptr,
-    own_base,
-    total_tokens,
-    num_q_heads,
-    head0,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    TILES_PER_BLOCK: tl.constexpr,
-    SLOTS: tl.constexpr,
-    SLOTS_P2: tl.constexpr,
-    KTILES: tl.constexpr,
-    KEY_TILE: tl.constexpr,
-):
-    """Workspace passes: dQ of a query tile = the sum of its partials, written in dq's dtype. Grid
-    (NB * TILES_PER_BLOCK, heads of the chunk), head = head0 + axis 1.
-
-    part_dq is [rows, KTILES, D]: a past pick at rows position p has row p - row_base; the query
-    (t, head) of its own block has row own_base + (head - head0) * total_tokens + t, written by the
-    key tiles kt with kt * KEY_TILE <= its index in the block (the others hold no causal keys).
-    pos is [T * Hq, SLOTS] (-1: no pick)."""
-    blk = tl.program_id(0) // TILES_PER_BLOCK
-    tile = tl.program_id(0) % TILES_PER_BLOCK
-    head = head0 + tl.program_id(1)
-    start = tl.load(start_ptr + blk)
-    length = tl.load(length_ptr + blk)
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < length
-    dims = tl.arange(0, HEAD_DIM)
-    flat = (start + rows) * num_q_heads + head
-    js = tl.arange(0, SLOTS_P2)
-    pos_t = tl.load(
-        pos_ptr + flat[:, None] * SLOTS + js[None, :], mask=row_ok[:, None] & (js < SLOTS)[None, :], other=-1
-    )
-    has_t = pos_t >= 0
-    idx_t = tl.where(has_t, pos_t - tl.load(row_base_ptr), 0)
-    own = own_base + (head - head0) * total_tokens + start + rows
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for kt in tl.static_range(KTILES):
-        ok = row_ok & (kt * KEY_TILE <= rows)
-        dq += tl.load(
-            part_dq_ptr + (own * KTILES + kt)[:, None] * HEAD_DIM + dims[None, :], mask=ok[:, None], other=0.0
-        ).to(tl.float32)
-    for j in tl.static_range(SLOTS):
-        pick = js[None, :] == j
-        idx_j = tl.sum(tl.where(pick, idx_t, 0), 1)
-        has_j = tl.sum(tl.where(pick & has_t, 1, 0), 1) > 0
-        for kt in tl.static_range(KTILES):
-            dq += tl.load(
-                part_dq_ptr + (idx_j * KTILES + kt)[:, None] * HEAD_DIM + dims[None, :],
-                mask=has_j[:, None],
-                other=0.0,
-            ).to(tl.float32)
+    dq = dq * scale
+    if SLOTS > 0:
+        for j in tl.static_range(SLOTS):
+            pick = js[None, :] == j
+            idx_j = tl.sum(tl.where(pick, idx_t, 0), 1)
+            has_j = tl.sum(tl.where(pick & has_t, 1, 0), 1) > 0
+            for kt in tl.static_range(KTILES):
+                dq += tl.load(
+                    part_dq_ptr + (idx_j * KTILES + kt)[:, None] * HEAD_DIM + dims[None, :],
+                    mask=has_j[:, None],
+                    other=0.0,
+                ).to(tl.float32)
     tl.store(dq_ptr + flat[:, None] * HEAD_DIM + dims[None, :], dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -396,7 +354,7 @@ def attention_backward(
     per_block = triton.cdiv(block_size, block_m)
     order = torch.sort(layout.local, stable=True).indices.int()  # heaviest blocks first
 
-    def dkdv(kv_head0, heads, part_dq, row_base, own_base=0):
+    def dkdv(kv_head0, heads, part_dq, row_base):
         _dkdv_kernel[(nb * ktiles * heads,)](
             q,
             k,
@@ -424,8 +382,6 @@ def attention_backward(
             nb,
             kv_head0,
             heads,
-            own_base,
-            total,
             GROUP=group,
             SLOTS=slots,
             SLOTS_P2=max(2, triton.next_power_of_2(slots)),
@@ -438,8 +394,8 @@ def attention_backward(
             num_stages=kv_tiles.stages,
         )
 
-    def current():
-        _current_block_dq_kernel[(nb * per_block, hq)](
+    def current(head0, heads, part_dq, row_base):
+        _current_block_dq_kernel[(nb * per_block, heads)](
             q,
             k,
             v,
@@ -449,6 +405,9 @@ def attention_backward(
             dq,
             layout.start,
             layout.length,
+            routing.pos,
+            dq if part_dq is None else part_dq,
+            row_base,
             q.stride(0),
             q.stride(1),
             k.stride(0),
@@ -456,18 +415,22 @@ def attention_backward(
             scale,
             scale * LOG2E,
             hq,
+            head0,
             GROUP=group,
             TILES_PER_BLOCK=per_block,
             HEAD_DIM=dim,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
+            SLOTS=slots if part_dq is not None else 0,
+            SLOTS_P2=max(2, triton.next_power_of_2(slots)),
+            KTILES=ktiles,
             num_warps=warps,
             num_stages=2,
         )
 
     if not use_workspace:
         dkdv(0, hkv, None, dq)
-        current()
+        current(0, hq, None, dq)
         for slot in range(slots):
             _past_slot_dq_kernel[(routing.tile_seg.shape[1],)](
                 q,
@@ -499,32 +462,11 @@ def attention_backward(
                 num_stages=2,
             )
         return dq.to(q.dtype), dk, dv
-    # [rows, ktiles, D]: the chunk's picks (at most T * group * slots per KV head), then its own-block queries
-    part_dq = torch.empty(work.kv_heads * work.capacity, dim, dtype=work.dtype, device=q.device)
-    own_base = work.kv_heads * total * group * slots
+    part_dq = torch.empty(work.kv_heads * work.capacity, dim, dtype=work.dtype, device=q.device)  # [rows, ktiles, D]
     seg_start = routing.seg_start.view(-1)
     for h0 in range(0, hkv, work.kv_heads):
         heads = min(work.kv_heads, hkv - h0)
         row_base = seg_start[h0 * nb * slots :]
-        dkdv(h0, heads, part_dq, row_base, own_base)
-        _dq_reduce_kernel[(nb * per_block, heads * group)](
-            dq,
-            part_dq,
-            layout.start,
-            layout.length,
-            routing.pos,
-            row_base,
-            own_base,
-            total,
-            hq,
-            h0 * group,
-            HEAD_DIM=dim,
-            BLOCK_M=block_m,
-            TILES_PER_BLOCK=per_block,
-            SLOTS=slots,
-            SLOTS_P2=max(2, triton.next_power_of_2(slots)),
-            KTILES=ktiles,
-            KEY_TILE=kv_tiles.key_tile,
-            num_warps=4,
-        )
+        dkdv(h0, heads, part_dq, row_base)
+        current(h0 * group, heads * group, part_dq, row_base)
     return dq, dk, dv

@@ -11,17 +11,18 @@ no workspace, so they serve shapes where even one KV head's partials would not f
 (1M tokens with top-12: 3 GB per head).
 
 In the backward the dK/dV program (up to 128 keys of a block) computes the dQ partials of its
-keys from the dS already in its registers, for the picks of the block and for the block's own
-causal queries, so a query's dQ comes in (picks + 1) x key tiles partials (key tiles: 1 for blocks
-up to 128 keys, 4 for 512) and no pass recomputes scores for dQ. Blocks of more than MAX_KEY_TILES
-key tiles use slot passes. dQ partials are in q's dtype (the dtype of the dQ they sum to).
+keys for the block's picks from the dS already in its registers, so a pick's dQ comes in key-tiles
+partials (1 for blocks up to 128 keys, 4 for 512) and no pass recomputes scores for past dQ; the
+current-block dQ kernel adds them to the causal part it computes. Blocks of more than
+MAX_KEY_TILES key tiles use slot passes. dQ partials are in q's dtype (the dtype of the dQ they
+sum to; fp32 partials measured slower for no gain that matters, bench/NOTES.md).
 
-Budgets, in bytes of q. The backward's partials may take as much as the fp32 dQ accumulator that
-the slot passes needed (2x q for bf16), so the backward's peak does not grow. A forward followed by
-a backward may take the same: its partials are freed before the backward allocates dQ, dK, dV and
-its own workspace. A forward alone (inference, evaluation) may take a quarter of q. Forward
-workspace passes are used for blocks below 512 keys only: from 512 keys on, the slot passes'
-tiles are long enough and they measured faster (bench/NOTES.md).
+Budgets, in bytes of q. Training: 3x q for the backward's partials (the slot passes needed an fp32
+dQ accumulator of 2x q; fewer, larger chunks measured faster, and 3x keeps the benchmark's peak
+within 1.2x of SDPA's), and the same for a forward followed by a backward: its partials are freed
+before the backward allocates dQ, dK, dV and its own workspace. A forward alone (inference,
+evaluation) may take a quarter of q. Forward workspace passes are used for blocks up to
+FORWARD_MAX_BLOCK keys only (see bench/NOTES.md).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import NamedTuple
 import torch
 
 INFERENCE_BUDGET = 0.25
-TRAINING_BUDGET = 2.0
+TRAINING_BUDGET = 3.0
 FORWARD_MAX_BLOCK = 256
 DQ_PARTIAL_DTYPE = None  # None: q's dtype (benchmarks compare torch.float32)
 MAX_KEY_TILES = 4  # blocks of up to 512 keys: at most 4 dQ partials per pick
@@ -64,11 +65,11 @@ def forward_plan(q: torch.Tensor, num_kv_heads: int, slots: int, block_size: int
 
 
 def backward_plan(q: torch.Tensor, num_kv_heads: int, slots: int, key_tiles: int) -> Workspace:
-    """key_tiles dQ rows per pick and per own-block query."""
+    """key_tiles dQ rows per pick."""
     if slots == 0 or key_tiles > MAX_KEY_TILES:
         return SLOT_PASSES
     total, hq, dim = q.shape
     dtype = DQ_PARTIAL_DTYPE or q.dtype
-    capacity = total * (hq // num_kv_heads) * (slots + 1) * key_tiles
+    capacity = total * (hq // num_kv_heads) * slots * key_tiles
     row_bytes = dim * torch.empty(0, dtype=dtype).element_size()
     return plan(q, num_kv_heads, capacity, row_bytes, TRAINING_BUDGET, dtype)

@@ -235,9 +235,8 @@ SLOTS = {"workspace.INFERENCE_BUDGET": 0.0, "workspace.TRAINING_BUDGET": 0.0}
 VARIANTS = {
     "slots": (SLOTS, "all"),
     "workspace": ({}, "all"),
-    "workspace_fp32_dq": ({"workspace.DQ_PARTIAL_DTYPE": torch.float32}, ("small", "bwd")),
-    "workspace_fwd_b512": ({"workspace.FORWARD_MAX_BLOCK": 512}, ("bwd",)),
-    "workspace_budget4": ({"workspace.TRAINING_BUDGET": 4.0}, ("small", "bwd")),
+    "workspace_fwd_max512": ({"workspace.FORWARD_MAX_BLOCK": 512}, ("bwd",)),
+    "workspace_budget2": ({"workspace.TRAINING_BUDGET": 2.0}, ("small", "bwd")),
 }
 VARIANT_SHAPES = {
     "s32k-b128": ((2, 16, 32768, 128, 8, ("fwd", "fwd+bwd"), False), "small"),

@@ -114,16 +114,16 @@ def test_inference_forward_matches_naive_in_every_pass_mode(monkeypatch):
 
 def test_workspace_plans_follow_budgets_and_fall_back_to_slot_passes():
     # 32K tokens, 16 heads, D 128, top-8 (the s32k-b128 shape): one KV head's forward partials are
-    # 32768 * 7 * (256 + 4) bytes = 0.44x q, its backward partials (8 rows per query) 0.5x q; the
-    # training budget is 2x q, the inference budget 0.25x q.
+    # 32768 * 7 * (256 + 4) bytes = 0.44x q, its backward partials (7 rows per query) 0.44x q; the
+    # training budget is 3x q, the inference budget 0.25x q.
     q = torch.empty(32768, 16, 128, dtype=torch.bfloat16, device="meta")
-    assert workspace.forward_plan(q, 16, 7, 128, training=True).kv_heads == 4
+    assert workspace.forward_plan(q, 16, 7, 128, training=True).kv_heads == 6
     assert workspace.forward_plan(q, 16, 7, 128, training=False).kv_heads == 0  # 0.25x q: slot passes
     assert workspace.forward_plan(q, 16, 7, 512, training=True).kv_heads == 0  # blocks >= 512: slot passes
     assert workspace.forward_plan(q, 16, 0, 128, training=True).kv_heads == 0  # top-1: nothing past
     bwd = workspace.backward_plan(q, 16, 7, 1)
-    assert (bwd.kv_heads, bwd.capacity, bwd.dtype) == (4, 32768 * 8, torch.bfloat16)
-    assert workspace.backward_plan(q, 16, 2, 4).kv_heads == 2  # block 512, top-3: 3 * 4 rows per query
+    assert (bwd.kv_heads, bwd.capacity, bwd.dtype) == (6, 32768 * 7, torch.bfloat16)
+    assert workspace.backward_plan(q, 16, 2, 4).kv_heads == 6  # block 512, top-3: 2 * 4 rows per query
     assert workspace.backward_plan(q, 16, 11, 32).kv_heads == 0  # block 4096: slot passes
     gqa = torch.empty(32768, 32, 128, dtype=torch.bfloat16, device="meta")
-    assert workspace.backward_plan(gqa, 8, 7, 1).kv_heads == 2  # a KV head's capacity counts its 4 query heads
+    assert workspace.backward_plan(gqa, 8, 7, 1).kv_heads == 3  # a KV head's capacity counts its 4 query heads
