@@ -13,7 +13,8 @@ bench/results/.
 The `moba-torch` backend is timed only up to 32K tokens per sequence (it gathers each selected key
 block once per query and is memory-bound: 1.8 s forward, 6.1 s forward+backward at s32k-b128 on an
 H100) and recorded as skipped above, to keep the standard run within about 6 minutes.
-On the GPU machine (no .git there) pass the commit: GIT_COMMIT=<sha> python scripts/bench_attention.py
+On the GPU machine pass the commit (its copy of the tree may have no or a stale .git):
+GIT_COMMIT=<sha> python scripts/bench_attention.py
 """
 
 from __future__ import annotations
@@ -217,10 +218,14 @@ def measure(backend: str, shape: Shape, passes: str, device, dtype) -> dict:
 
 
 def environment(device) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = os.environ.get("GIT_COMMIT", "unknown")
+    commit = os.environ.get("GIT_COMMIT")  # first: a copied tree may carry a stale .git
+    if not commit:
+        try:
+            commit = subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+            ).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
     try:
         import triton
         triton_version = triton.__version__
