@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.forward import LOG2E, SlotTiles, key_tile
+from kernels.forward import LOG2E, SlotTiles, column, key_tile, load_picks
 from kernels.layout import BlockLayout
 from kernels.routing import Routing
 from kernels.workspace import Workspace
@@ -201,13 +201,8 @@ def _current_block_dq_kernel(
     lse = tl.load(lse_ptr + (start + rows) * num_q_heads + head, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + (start + rows) * num_q_heads + head, mask=row_ok, other=0.0)
     flat = (start + rows) * num_q_heads + head
-    if SLOTS > 0:  # the picks' positions, loaded early to hide their latency
-        js = tl.arange(0, SLOTS_P2)
-        pos_t = tl.load(
-            pos_ptr + flat[:, None] * SLOTS + js[None, :], mask=row_ok[:, None] & (js < SLOTS)[None, :], other=-1
-        )
-        has_t = pos_t >= 0
-        idx_t = tl.where(has_t, pos_t - tl.load(row_base_ptr), 0)
+    if SLOTS > 0:  # the picks' rows, loaded early to hide their latency
+        idx_t, has_t = load_picks(pos_ptr, row_base_ptr, flat, row_ok, SLOTS, SLOTS_P2)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for n0 in range(0, tl.minimum(length, tile * BLOCK_M + BLOCK_M), BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
@@ -221,9 +216,8 @@ def _current_block_dq_kernel(
     dq = dq * scale
     if SLOTS > 0:
         for j in tl.static_range(SLOTS):
-            pick = js[None, :] == j
-            idx_j = tl.sum(tl.where(pick, idx_t, 0), 1)
-            has_j = tl.sum(tl.where(pick & has_t, 1, 0), 1) > 0
+            idx_j = column(idx_t, j, SLOTS_P2)
+            has_j = column(has_t.to(tl.int32), j, SLOTS_P2) > 0
             for kt in tl.static_range(KTILES):
                 dq += tl.load(
                     part_dq_ptr + (idx_j * KTILES + kt)[:, None] * HEAD_DIM + dims[None, :],
@@ -337,8 +331,8 @@ def attention_backward(
     hkv = k.shape[1]
     group = hq // hkv
     nb = layout.num_blocks
-    slots = routing.pos.shape[1] if routing.pos.numel() else 0
-    use_workspace = slots > 0 and work.kv_heads > 0
+    slots = routing.seg_start.shape[2]
+    use_workspace = work.kv_heads > 0  # the plan gives slot passes when nothing is past (top-1)
     dq = torch.empty(total, hq, dim, dtype=q.dtype if use_workspace else torch.float32, device=q.device)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)

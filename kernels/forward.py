@@ -28,6 +28,25 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def load_picks(pos_ptr, row_base_ptr, flat, row_ok, SLOTS: tl.constexpr, SLOTS_P2: tl.constexpr):
+    """Workspace rows [BLOCK_M, SLOTS_P2] of the past picks of the query rows `flat` (0 where there is
+    no pick) and which picks exist: pos is [T * Hq, SLOTS] (-1: none), a pick at rows position p has
+    workspace row p - row_base."""
+    js = tl.arange(0, SLOTS_P2)
+    pos_t = tl.load(
+        pos_ptr + flat[:, None] * SLOTS + js[None, :], mask=row_ok[:, None] & (js < SLOTS)[None, :], other=-1
+    )
+    has_t = pos_t >= 0
+    return tl.where(has_t, pos_t - tl.load(row_base_ptr), 0), has_t
+
+
+@triton.jit
+def column(tile, j: tl.constexpr, SLOTS_P2: tl.constexpr):
+    """Column j of a [BLOCK_M, SLOTS_P2] tile of the picks."""
+    return tl.sum(tl.where(tl.arange(0, SLOTS_P2)[None, :] == j, tile, 0), 1)
+
+
+@triton.jit
 def _current_block_fwd_kernel(
     q_ptr,
     k_ptr,
@@ -75,14 +94,8 @@ def _current_block_fwd_kernel(
     q = tl.load(
         q_ptr + (start + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0
     )
-    if SLOTS > 0:  # the picks' positions and log-sum-exps, loaded early to hide their latency
-        js = tl.arange(0, SLOTS_P2)
-        flat = (start + rows) * num_q_heads + head
-        pos_t = tl.load(
-            pos_ptr + flat[:, None] * SLOTS + js[None, :], mask=row_ok[:, None] & (js < SLOTS)[None, :], other=-1
-        )
-        has_t = pos_t >= 0
-        idx_t = tl.where(has_t, pos_t - tl.load(row_base_ptr), 0)
+    if SLOTS > 0:  # the picks' rows and log-sum-exps, loaded early to hide their latency
+        idx_t, has_t = load_picks(pos_ptr, row_base_ptr, (start + rows) * num_q_heads + head, row_ok, SLOTS, SLOTS_P2)
         lse_t = tl.load(part_lse_ptr + idx_t, mask=has_t, other=float("-inf"))
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -111,12 +124,13 @@ def _current_block_fwd_kernel(
         total = w_cur + tl.sum(w_t, 1)
         acc = acc * (w_cur / l_i)[:, None]
         for j in tl.static_range(SLOTS):
-            pick = js[None, :] == j
-            idx_j = tl.sum(tl.where(pick, idx_t, 0), 1)
-            w_j = tl.sum(tl.where(pick, w_t, 0.0), 1)
-            has_j = tl.sum(tl.where(pick & has_t, 1, 0), 1) > 0
-            o_j = tl.load(part_out_ptr + idx_j[:, None] * HEAD_DIM + dims[None, :], mask=has_j[:, None], other=0.0)
-            acc += o_j.to(tl.float32) * w_j[:, None]
+            has_j = column(has_t.to(tl.int32), j, SLOTS_P2) > 0
+            o_j = tl.load(
+                part_out_ptr + column(idx_t, j, SLOTS_P2)[:, None] * HEAD_DIM + dims[None, :],
+                mask=has_j[:, None],
+                other=0.0,
+            )
+            acc += o_j.to(tl.float32) * column(w_t, j, SLOTS_P2)[:, None]
         m_i = top
         l_i = total
     out = acc / l_i[:, None]
@@ -250,7 +264,7 @@ def attention_forward(
     total, hq, dim = q.shape
     hkv = k.shape[1]
     group = hq // hkv
-    slots = routing.pos.shape[1] if routing.pos.numel() else 0
+    slots = routing.seg_start.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty(total, hq, dtype=torch.float32, device=q.device)
     if layout.num_blocks == 0:
@@ -325,7 +339,7 @@ def attention_forward(
             num_stages=2,
         )
 
-    if slots == 0 or work.kv_heads == 0:
+    if work.kv_heads == 0:  # slot passes (also when nothing is past: top-1)
         current(0, hq, False, out, lse, lse)
         for slot in range(slots):
             seg = routing.tile_seg[slot]

@@ -28,7 +28,7 @@ from kernels.layout import BlockLayout
 
 class Routing(NamedTuple):
     rows: torch.Tensor  # int32 [S * T * Hq] flat query indices, sorted (entries past the valid ones unused)
-    pos: torch.Tensor  # int32 [T * Hq, S] position in rows of each past pick, -1 where the pick is empty
+    pos: torch.Tensor  # int32 [T * Hq, S] position in rows of each past pick, -1 where empty (run tiles only)
     seg_start: torch.Tensor  # int32 [Hkv, NB, S] first position in rows of each slot segment
     seg_count: torch.Tensor  # int32 [Hkv, NB, S] length of each slot segment
     tile_seg: torch.Tensor  # int32 [S, max_tiles] segment of a slot tile, -1 if none
@@ -101,9 +101,11 @@ def route(
     keys = keys.view(-1)
     counts = torch.bincount(keys, minlength=num_keys + 1)[:num_keys]
     order = torch.sort(keys, stable=True).indices
-    pos = torch.empty(keys.shape[0], dtype=torch.int32, device=device)
-    pos.scatter_(0, order, torch.arange(keys.shape[0], dtype=torch.int32, device=device))
-    pos.masked_fill_(keys == num_keys, -1)
+    pos = none
+    if run_tiles:  # the inverse of the sort: only the workspace passes look picks up by query
+        pos = torch.empty(keys.shape[0], dtype=torch.int32, device=device)
+        pos.scatter_(0, order, torch.arange(keys.shape[0], dtype=torch.int32, device=device))
+        pos = pos.masked_fill_(keys == num_keys, -1).view(total * hq, slots)
     del keys
     rows = torch.div(order, slots, rounding_mode="floor").to(torch.int32)
     del order
@@ -125,4 +127,4 @@ def route(
     if run_tiles:
         max_run_tiles = triton.cdiv(total * group * slots, block_m) + nb
         run_tables = tile_segments(seg_count.sum(-1), seg_start[:, :, 0], block_m, max_run_tiles, seg_ids)
-    return Routing(rows, pos.view(total * hq, slots), seg_start.int(), seg_count.int(), *slot_tables, *run_tables)
+    return Routing(rows, pos, seg_start.int(), seg_count.int(), *slot_tables, *run_tables)

@@ -29,7 +29,6 @@ import kernels.backward
 import kernels.interface
 import kernels.workspace
 from kernels import moba_attention_triton, moba_selection_triton
-from kernels.forward import SlotTiles, key_tile, slot_tiles
 
 
 def load_naive():
@@ -221,13 +220,6 @@ def kernel_breakdown(name, batch, heads, seq_len, block, topk, passes, dense, di
     for r in rows[:14]:
         print(f"{r['ms']:9.3f} ms {r['calls']:4d}x  {r['kernel']}")
     return {"shape": name, "pass_": "fwd+bwd" if backward else "fwd", "kernels": rows}
-
-
-def query_tiles(rows):
-    """slot_tiles override: `rows`-row gathered query tiles below block 512, the defaults above."""
-    return lambda block_size, dim: (
-        slot_tiles(block_size, dim) if block_size >= 512 else SlotTiles(rows, key_tile(block_size), 8, 3)
-    )
 
 
 # name: module attribute overrides (kernels.workspace budgets and dQ partial dtype, tilings), shapes
