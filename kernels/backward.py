@@ -3,10 +3,10 @@
 - dK, dV: one program owns up to 128 keys of one (KV head, block) and loops over every query that
   attends them: the causal queries of the block itself (all heads of the KV group), then the
   gathered queries of all past slots (one contiguous run of the routing rows).
-- dQ, workspace passes (kernels/workspace.py): the past picks' dQ partials go into the workspace,
-  one row per pick, written by the dK/dV program itself when it owns the whole block (blocks up to
-  128 keys: dS is already in its registers) or by a gathered-tile pass over the runs; the causal
-  current-block kernel then adds each query's partials and writes dQ once, in q's dtype.
+- dQ, workspace passes (kernels/workspace.py): every dK/dV program writes the dQ partials of its
+  keys for its block's picks from the dS already in its registers (one row per pick and key tile, at
+  the pick's (query head, token, slot) row); the causal current-block kernel then adds each query's
+  partials, contiguous, and writes dQ once, in q's dtype.
 - dQ, slot passes: the current-block kernel writes fp32 dQ and one gathered pass per slot adds into
   it in place (a (query, head) appears once per slot, so no two programs touch the same row).
 Gathered dQ programs walk their tile (64 or 128 rows, `SlotTiles`) in 64-row sub-tiles: a 128-row
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.forward import LOG2E, SlotTiles, column, key_tile, load_picks
+from kernels.forward import LOG2E, SlotTiles, key_tile, workspace_rows
 from kernels.layout import BlockLayout
 from kernels.routing import Routing
 from kernels.workspace import Workspace
@@ -56,7 +56,6 @@ def _dkdv_kernel(
     seg_start_ptr,
     seg_count_ptr,
     part_dq_ptr,
-    row_base_ptr,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -65,6 +64,7 @@ def _dkdv_kernel(
     scale,
     num_q_heads,
     num_blocks,
+    num_tokens,
     kv_head0,
     kv_heads,
     GROUP: tl.constexpr,
@@ -75,12 +75,13 @@ def _dkdv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DQ_WORKSPACE: tl.constexpr,
+    DQ_TRANSPOSED: tl.constexpr,
 ):
     """dK, dV of BLOCK_N keys of one (block, KV head). Grid (NB * TILES_PER_BLOCK * kv_heads,): blocks
     in the order of order_ptr (heaviest first: a sequence's first blocks are picked by most of its
     queries), then KV heads kv_head0.., then key tiles. DQ_WORKSPACE: also write this key tile's dQ
-    partial of every gathered row into part_dq [rows, TILES_PER_BLOCK, D] at row (rows position
-    minus row_base).
+    partial of every gathered pick into part_dq [rows, TILES_PER_BLOCK, D] at the pick's row
+    (forward.workspace_rows + slot).
 
     q and dO share q's strides; lse and delta are contiguous [T, Hq]; dK, dV share k's strides.
     """
@@ -118,15 +119,14 @@ def _dkdv_kernel(
     if SLOTS > 0:
         seg = (kv_head * num_blocks + blk) * SLOTS
         first = tl.load(seg_start_ptr + seg)
-        if DQ_WORKSPACE:
-            row_base = tl.load(row_base_ptr)
         count = tl.sum(
             tl.load(seg_count_ptr + seg + tl.arange(0, SLOTS_P2), mask=tl.arange(0, SLOTS_P2) < SLOTS, other=0), 0
         )
         for i in range(0, count, BLOCK_M):
             r = i + tl.arange(0, BLOCK_M)
             row_ok = r < count
-            flat = tl.load(rows_ptr + first + r, mask=row_ok, other=0)
+            pick = tl.load(rows_ptr + first + r, mask=row_ok, other=0)
+            flat = pick // SLOTS
             t = flat // num_q_heads
             h = flat % num_q_heads
             q_off = t[:, None] * stride_qt + h[:, None] * stride_qh + dims[None, :]
@@ -140,8 +140,12 @@ def _dkdv_kernel(
             ds_t = (p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])).to(q.dtype)
             dk += tl.dot(ds_t, q)
             if DQ_WORKSPACE:
-                dq = tl.dot(tl.trans(ds_t), k) * scale
-                idx = (first - row_base + r) * TILES_PER_BLOCK + ktile
+                if DQ_TRANSPOSED:  # K^T dS^T: M = head dim, a warpgroup-sized (wgmma) operand
+                    dq = tl.trans(tl.dot(tl.trans(k), ds_t)) * scale
+                else:
+                    dq = tl.dot(tl.trans(ds_t), k) * scale
+                idx = workspace_rows(t, h, kv_head0 * GROUP, num_tokens, SLOTS) + pick % SLOTS
+                idx = idx * TILES_PER_BLOCK + ktile
                 tl.store(
                     part_dq_ptr + idx[:, None] * HEAD_DIM + dims[None, :],
                     dq.to(part_dq_ptr.dtype.element_ty),
@@ -162,9 +166,8 @@ def _current_block_dq_kernel(
     dq_ptr,
     start_ptr,
     length_ptr,
-    pos_ptr,
+    num_past_ptr,
     part_dq_ptr,
-    row_base_ptr,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -172,6 +175,7 @@ def _current_block_dq_kernel(
     scale,
     qk_scale,
     num_q_heads,
+    num_tokens,
     head0,
     GROUP: tl.constexpr,
     TILES_PER_BLOCK: tl.constexpr,
@@ -179,13 +183,13 @@ def _current_block_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SLOTS: tl.constexpr,
-    SLOTS_P2: tl.constexpr,
     KTILES: tl.constexpr,
+    MERGE: tl.constexpr,
 ):
-    """dQ of a query tile from its own block (causal) plus its SLOTS past picks' partials from the
-    workspace (KTILES per pick, one per key tile of the dK/dV programs; SLOTS = 0: none), written in
-    dq's dtype. Grid (NB * TILES_PER_BLOCK, heads), head = head0 + axis 1. dq is contiguous
-    [T, Hq, D]; pos [T * Hq, SLOTS] as in the forward's current-block kernel; workspace [rows, KTILES, D]."""
+    """dQ of a query tile from its own block (causal); MERGE: plus its past picks' partials from the
+    workspace ([rows, KTILES, D], KTILES per pick, one per key tile of the dK/dV programs; rows from
+    forward.workspace_rows; valid slots 0 .. num_past - 1), written in dq's dtype. Grid
+    (NB * TILES_PER_BLOCK, heads), head = head0 + axis 1. dq is contiguous [T, Hq, D]."""
     blk = tl.program_id(0) // TILES_PER_BLOCK
     tile = tl.program_id(0) % TILES_PER_BLOCK
     head = head0 + tl.program_id(1)
@@ -201,8 +205,6 @@ def _current_block_dq_kernel(
     lse = tl.load(lse_ptr + (start + rows) * num_q_heads + head, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + (start + rows) * num_q_heads + head, mask=row_ok, other=0.0)
     flat = (start + rows) * num_q_heads + head
-    if SLOTS > 0:  # the picks' rows, loaded early to hide their latency
-        idx_t, has_t = load_picks(pos_ptr, row_base_ptr, flat, row_ok, SLOTS, SLOTS_P2)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for n0 in range(0, tl.minimum(length, tile * BLOCK_M + BLOCK_M), BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
@@ -214,16 +216,15 @@ def _current_block_dq_kernel(
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
     dq = dq * scale
-    if SLOTS > 0:
-        for j in tl.static_range(SLOTS):
-            idx_j = column(idx_t, j, SLOTS_P2)
-            has_j = column(has_t.to(tl.int32), j, SLOTS_P2) > 0
-            for kt in tl.static_range(KTILES):
-                dq += tl.load(
-                    part_dq_ptr + (idx_j * KTILES + kt)[:, None] * HEAD_DIM + dims[None, :],
-                    mask=has_j[:, None],
-                    other=0.0,
-                ).to(tl.float32)
+    if MERGE:
+        base = workspace_rows(start + rows, head, head0, num_tokens, SLOTS) * KTILES
+        num_past = tl.load(num_past_ptr + flat, mask=row_ok, other=0)
+        for j in tl.static_range(SLOTS * KTILES):
+            dq += tl.load(
+                part_dq_ptr + (base + j)[:, None] * HEAD_DIM + dims[None, :],
+                mask=(j // KTILES < num_past)[:, None],
+                other=0.0,
+            ).to(tl.float32)
     tl.store(dq_ptr + flat[:, None] * HEAD_DIM + dims[None, :], dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -249,6 +250,7 @@ def _past_slot_dq_kernel(
     qk_scale,
     num_q_heads,
     num_blocks,
+    num_slots,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -268,7 +270,7 @@ def _past_slot_dq_kernel(
         for sub in tl.static_range(BLOCK_M // SUB_M):
             r = sub * SUB_M + tl.arange(0, SUB_M)
             row_ok = r < count
-            flat = tl.load(rows_ptr + first + r, mask=row_ok, other=0)
+            flat = tl.load(rows_ptr + first + r, mask=row_ok, other=0) // num_slots
             t = flat // num_q_heads
             h = flat % num_q_heads
             q_off = t[:, None] * stride_qt + h[:, None] * stride_qh + dims[None, :]
@@ -299,6 +301,11 @@ class DkdvTiles(NamedTuple):
     stages: int
 
 
+DKDV_TILES_128 = DkdvTiles(128, 32, 8, 3)
+DQ_TRANSPOSED = True  # dQ partials as (K^T dS^T)^T: a 32-row dS^T operand is too small for wgmma
+MERGE_WARPS = 4  # warps of the current-block dQ kernel when it merges partials: more programs in flight
+
+
 def dkdv_tiles(block_size: int, dim: int) -> DkdvTiles:
     """One program owns up to 128 keys of a block: every program re-gathers all queries of its
     (KV head, block), so fewer, wider key tiles cut the gathers (block 128: 1 program instead of 2,
@@ -306,7 +313,7 @@ def dkdv_tiles(block_size: int, dim: int) -> DkdvTiles:
     tutorial's 128 x 32 dK/dV tile) so the two fp32 [128, D] accumulators keep their registers."""
     keys = next(n for n in (128, 64, 32, 16) if block_size % n == 0)
     if keys == 128 and dim <= 128:
-        return DkdvTiles(128, 32, 8, 3)
+        return DKDV_TILES_128
     return DkdvTiles(keys, 64, 8 if dim >= 128 else 4, 2)
 
 
@@ -346,9 +353,8 @@ def attention_backward(
     ktiles = block_size // kv_tiles.key_tile
     block_m = min(64, triton.next_power_of_2(block_size))
     per_block = triton.cdiv(block_size, block_m)
-    order = torch.sort(layout.local, stable=True).indices.int()  # heaviest blocks first
 
-    def dkdv(kv_head0, heads, part_dq, row_base):
+    def dkdv(kv_head0, heads, part_dq):
         _dkdv_kernel[(nb * ktiles * heads,)](
             q,
             k,
@@ -360,12 +366,11 @@ def attention_backward(
             dv,
             layout.start,
             layout.length,
-            order,
+            layout.order,
             routing.rows,
             routing.seg_start,
             routing.seg_count,
             dq if part_dq is None else part_dq,
-            row_base,
             q.stride(0),
             q.stride(1),
             k.stride(0),
@@ -374,6 +379,7 @@ def attention_backward(
             scale,
             hq,
             nb,
+            total,
             kv_head0,
             heads,
             GROUP=group,
@@ -384,11 +390,12 @@ def attention_backward(
             BLOCK_M=kv_tiles.query_step,
             BLOCK_N=kv_tiles.key_tile,
             DQ_WORKSPACE=part_dq is not None,
+            DQ_TRANSPOSED=DQ_TRANSPOSED,
             num_warps=kv_tiles.warps,
             num_stages=kv_tiles.stages,
         )
 
-    def current(head0, heads, part_dq, row_base):
+    def current(head0, heads, part_dq):
         _current_block_dq_kernel[(nb * per_block, heads)](
             q,
             k,
@@ -399,9 +406,8 @@ def attention_backward(
             dq,
             layout.start,
             layout.length,
-            routing.pos,
+            routing.num_past,
             dq if part_dq is None else part_dq,
-            row_base,
             q.stride(0),
             q.stride(1),
             k.stride(0),
@@ -409,22 +415,23 @@ def attention_backward(
             scale,
             scale * LOG2E,
             hq,
+            total,
             head0,
             GROUP=group,
             TILES_PER_BLOCK=per_block,
             HEAD_DIM=dim,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
-            SLOTS=slots if part_dq is not None else 0,
-            SLOTS_P2=max(2, triton.next_power_of_2(slots)),
+            SLOTS=slots,
             KTILES=ktiles,
-            num_warps=warps,
+            MERGE=part_dq is not None,
+            num_warps=MERGE_WARPS if part_dq is not None else warps,
             num_stages=2,
         )
 
     if not use_workspace:
-        dkdv(0, hkv, None, dq)
-        current(0, hq, None, dq)
+        dkdv(0, hkv, None)
+        current(0, hq, None)
         for slot in range(slots):
             _past_slot_dq_kernel[(routing.tile_seg.shape[1],)](
                 q,
@@ -447,6 +454,7 @@ def attention_backward(
                 scale * LOG2E,
                 hq,
                 nb,
+                slots,
                 BLOCK_SIZE=block_size,
                 HEAD_DIM=dim,
                 BLOCK_M=tiles.query_tile,
@@ -457,10 +465,8 @@ def attention_backward(
             )
         return dq.to(q.dtype), dk, dv
     part_dq = torch.empty(work.kv_heads * work.capacity, dim, dtype=work.dtype, device=q.device)  # [rows, ktiles, D]
-    seg_start = routing.seg_start.view(-1)
     for h0 in range(0, hkv, work.kv_heads):
         heads = min(work.kv_heads, hkv - h0)
-        row_base = seg_start[h0 * nb * slots :]
-        dkdv(h0, heads, part_dq, row_base)
-        current(h0 * group, heads * group, part_dq, row_base)
+        dkdv(h0, heads, part_dq)
+        current(h0 * group, heads * group, part_dq)
     return dq, dk, dv

@@ -1,9 +1,10 @@
 """MoBA attention forward: a causal flash kernel over the current block, plus key-block-centric
 passes over the past picks (see kernels/workspace.py for the two ways they run).
 
-- Workspace passes: `_past_fwd_kernel` writes each pick's normalised partial output and log-sum-exp
-  into the workspace; the current-block kernel then merges every query's picks in registers and
-  writes (out, lse) once.
+- Workspace passes: `_past_run_fwd_kernel` (one program per (KV head, past block), walking all the
+  picks of that block) writes each pick's normalised partial output and log-sum-exp into the
+  workspace at (query head, token, slot); the current-block kernel then reads each query's
+  partials, contiguous, merges them in registers and writes (out, lse) once.
 - Slot passes: the current-block kernel writes (out, lse); one `_past_fwd_kernel` launch per slot
   merges into them in place (a (query, head) appears at most once per slot: no races).
 
@@ -28,16 +29,10 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def load_picks(pos_ptr, row_base_ptr, flat, row_ok, SLOTS: tl.constexpr, SLOTS_P2: tl.constexpr):
-    """Workspace rows [BLOCK_M, SLOTS_P2] of the past picks of the query rows `flat` (0 where there is
-    no pick) and which picks exist: pos is [T * Hq, SLOTS] (-1: none), a pick at rows position p has
-    workspace row p - row_base."""
-    js = tl.arange(0, SLOTS_P2)
-    pos_t = tl.load(
-        pos_ptr + flat[:, None] * SLOTS + js[None, :], mask=row_ok[:, None] & (js < SLOTS)[None, :], other=-1
-    )
-    has_t = pos_t >= 0
-    return tl.where(has_t, pos_t - tl.load(row_base_ptr), 0), has_t
+def workspace_rows(tokens, head, head0, num_tokens, SLOTS: tl.constexpr):
+    """int64 workspace row of slot 0 of each (token, query head): a chunk's workspace holds its
+    query heads head0.. as [heads, T, SLOTS] rows, so one query's picks are contiguous."""
+    return ((head - head0) * num_tokens + tokens).to(tl.int64) * SLOTS
 
 
 @triton.jit
@@ -55,10 +50,9 @@ def _current_block_fwd_kernel(
     lse_ptr,
     start_ptr,
     length_ptr,
-    pos_ptr,
+    num_past_ptr,
     part_out_ptr,
     part_lse_ptr,
-    row_base_ptr,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -69,6 +63,7 @@ def _current_block_fwd_kernel(
     qk_scale,
     head0,
     num_q_heads,
+    num_tokens,
     GROUP: tl.constexpr,
     TILES_PER_BLOCK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -76,12 +71,11 @@ def _current_block_fwd_kernel(
     BLOCK_N: tl.constexpr,
     SLOTS: tl.constexpr,
     SLOTS_P2: tl.constexpr,
+    MERGE: tl.constexpr,
 ):
-    """Causal attention of a BLOCK_M query tile to its own block, merged with the tile's SLOTS past
-    partials from the workspace (SLOTS = 0: none). Grid (NB * TILES_PER_BLOCK, heads), head = head0 + axis 1.
-
-    pos is [T * Hq, SLOTS]; a pick at rows position p has its partial at p - row_base in the
-    contiguous part_out [rows, D] and part_lse [rows]."""
+    """Causal attention of a BLOCK_M query tile to its own block; MERGE: merged with the tile's past
+    partials from the workspace (part_out [rows, D], part_lse [rows], rows from `workspace_rows`; a
+    query's valid slots are 0 .. num_past - 1). Grid (NB * TILES_PER_BLOCK, heads), head = head0 + axis 1."""
     blk = tl.program_id(0) // TILES_PER_BLOCK
     tile = tl.program_id(0) % TILES_PER_BLOCK
     head = head0 + tl.program_id(1)
@@ -94,9 +88,13 @@ def _current_block_fwd_kernel(
     q = tl.load(
         q_ptr + (start + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0
     )
-    if SLOTS > 0:  # the picks' rows and log-sum-exps, loaded early to hide their latency
-        idx_t, has_t = load_picks(pos_ptr, row_base_ptr, (start + rows) * num_q_heads + head, row_ok, SLOTS, SLOTS_P2)
-        lse_t = tl.load(part_lse_ptr + idx_t, mask=has_t, other=float("-inf"))
+    if MERGE:  # the picks' log-sum-exps, loaded early to hide their latency
+        base = workspace_rows(start + rows, head, head0, num_tokens, SLOTS)
+        num_past = tl.load(num_past_ptr + (start + rows) * num_q_heads + head, mask=row_ok, other=0)
+        js = tl.arange(0, SLOTS_P2)
+        lse_t = tl.load(
+            part_lse_ptr + base[:, None] + js[None, :], mask=js[None, :] < num_past[:, None], other=float("-inf")
+        )
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -114,7 +112,7 @@ def _current_block_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    if SLOTS > 0:
+    if MERGE:
         # A partial (o_j, lse_j) is a normalised output: the merge is the convex combination of
         # acc / l and the o_j with weights 2^(lse - top) (top: the largest lse of the row).
         lse_cur = m_i + tl.log2(l_i)
@@ -124,10 +122,9 @@ def _current_block_fwd_kernel(
         total = w_cur + tl.sum(w_t, 1)
         acc = acc * (w_cur / l_i)[:, None]
         for j in tl.static_range(SLOTS):
-            has_j = column(has_t.to(tl.int32), j, SLOTS_P2) > 0
             o_j = tl.load(
-                part_out_ptr + column(idx_t, j, SLOTS_P2)[:, None] * HEAD_DIM + dims[None, :],
-                mask=has_j[:, None],
+                part_out_ptr + (base + j)[:, None] * HEAD_DIM + dims[None, :],
+                mask=(j < num_past)[:, None],
                 other=0.0,
             )
             acc += o_j.to(tl.float32) * column(w_t, j, SLOTS_P2)[:, None]
@@ -143,7 +140,99 @@ def _current_block_fwd_kernel(
 
 
 @triton.jit
-def _past_fwd_kernel(
+def _past_run_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    start_ptr,
+    order_ptr,
+    rows_ptr,
+    seg_start_ptr,
+    seg_count_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    qk_scale,
+    num_q_heads,
+    num_blocks,
+    num_tokens,
+    kv_head0,
+    kv_heads,
+    GROUP: tl.constexpr,
+    SLOTS: tl.constexpr,
+    SLOTS_P2: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Every pick of one (KV head, past block): BLOCK_M gathered picks at a time attend the whole
+    block and write their normalised partial (out, lse) at `workspace_rows` + slot. BLOCK_N >=
+    BLOCK_SIZE: the block's K and V are loaded once and stay on chip for all its picks (a past
+    block is always full; keys past BLOCK_SIZE are padding); otherwise an online softmax over key
+    tiles of BLOCK_N. Grid (NB * kv_heads,): blocks in order_ptr's order (heaviest first), KV heads
+    kv_head0.. fastest."""
+    pid = tl.program_id(0)
+    blk = tl.load(order_ptr + pid // kv_heads)
+    kv_head = kv_head0 + pid % kv_heads
+    kstart = tl.load(start_ptr + blk)
+    seg = (kv_head * num_blocks + blk) * SLOTS
+    first = tl.load(seg_start_ptr + seg)
+    js = tl.arange(0, SLOTS_P2)
+    count = tl.sum(tl.load(seg_count_ptr + seg + js, mask=js < SLOTS, other=0), 0)
+    dims = tl.arange(0, HEAD_DIM)
+    cols = tl.arange(0, BLOCK_N)
+    if BLOCK_N >= BLOCK_SIZE:
+        kv_off = (kstart + cols)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
+        k = tl.load(k_ptr + kv_off, mask=(cols < BLOCK_SIZE)[:, None], other=0.0)
+        v = tl.load(v_ptr + kv_off, mask=(cols < BLOCK_SIZE)[:, None], other=0.0)
+    for i in range(0, count, BLOCK_M):
+        r = i + tl.arange(0, BLOCK_M)
+        row_ok = r < count
+        pick = tl.load(rows_ptr + first + r, mask=row_ok, other=0)
+        flat = pick // SLOTS
+        t = flat // num_q_heads
+        h = flat % num_q_heads
+        q = tl.load(
+            q_ptr + t[:, None] * stride_qt + h[:, None] * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0
+        )
+        if BLOCK_N >= BLOCK_SIZE:
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            if BLOCK_N > BLOCK_SIZE:
+                s = tl.where(cols[None, :] < BLOCK_SIZE, s, float("-inf"))
+            m_i = tl.max(s, 1)
+            p = tl.exp2(s - m_i[:, None])
+            l_i = tl.sum(p, 1)
+            acc = tl.dot(p.to(v.dtype), v)
+        else:
+            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+            for n0 in range(0, BLOCK_SIZE, BLOCK_N):
+                kv_off = (kstart + n0 + cols)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
+                kt = tl.load(k_ptr + kv_off)
+                vt = tl.load(v_ptr + kv_off)
+                s = tl.dot(q, tl.trans(kt)) * qk_scale
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                p = tl.exp2(s - m_new[:, None])
+                alpha = tl.exp2(m_i - m_new)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+                m_i = m_new
+        idx = workspace_rows(t, h, kv_head0 * GROUP, num_tokens, SLOTS) + pick % SLOTS
+        tl.store(
+            part_out_ptr + idx[:, None] * HEAD_DIM + dims[None, :],
+            (acc / l_i[:, None]).to(part_out_ptr.dtype.element_ty),
+            mask=row_ok[:, None],
+        )
+        tl.store(part_lse_ptr + idx, m_i + tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _past_slot_fwd_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
@@ -154,8 +243,6 @@ def _past_fwd_kernel(
     tile_seg_ptr,
     tile_start_ptr,
     tile_count_ptr,
-    row_base_ptr,
-    tile_stride,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -166,18 +253,15 @@ def _past_fwd_kernel(
     qk_scale,
     num_q_heads,
     num_blocks,
+    num_slots,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    WORKSPACE: tl.constexpr,
 ):
-    """One gathered tile of queries that picked one (KV head, past block): attend the whole block.
-    WORKSPACE: write the normalised partial (out, lse) of each row at its position in rows minus
-    row_base (out_ptr/lse_ptr are the workspace [rows, D] / [rows]); otherwise merge into the
-    queries' running (out, lse) in place (slot passes). Grid (tiles, tables): table tile_stride *
-    axis 1, tile axis 0."""
-    pid = tl.program_id(1) * tile_stride + tl.program_id(0)
+    """One gathered tile of picks of one (KV head, past block) in one slot: attend the whole block and
+    merge into the queries' running (out, lse) in place. Grid (max_tiles,)."""
+    pid = tl.program_id(0)
     count = tl.load(tile_count_ptr + pid)
     if count > 0:
         seg = tl.load(tile_seg_ptr + pid)
@@ -186,7 +270,7 @@ def _past_fwd_kernel(
         r = tl.arange(0, BLOCK_M)
         row_ok = r < count
         first = tl.load(tile_start_ptr + pid)
-        flat = tl.load(rows_ptr + first + r, mask=row_ok, other=0)
+        flat = tl.load(rows_ptr + first + r, mask=row_ok, other=0) // num_slots
         t = flat // num_q_heads
         h = flat % num_q_heads
         dims = tl.arange(0, HEAD_DIM)
@@ -209,26 +293,17 @@ def _past_fwd_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         lse_part = m_i + tl.log2(l_i)
-        if WORKSPACE:
-            idx = first - tl.load(row_base_ptr) + r
-            tl.store(
-                out_ptr + idx[:, None] * HEAD_DIM + dims[None, :],
-                (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
-                mask=row_ok[:, None],
-            )
-            tl.store(lse_ptr + idx, lse_part, mask=row_ok)
-        else:
-            o_ptrs = out_ptr + t[:, None] * stride_ot + h[:, None] * stride_oh + dims[None, :]
-            lse_ptrs = lse_ptr + t * stride_lt + h
-            o_old = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-            lse_old = tl.load(lse_ptrs, mask=row_ok, other=0.0)
-            top = tl.maximum(lse_old, lse_part)
-            w_old = tl.exp2(lse_old - top)
-            w_part = tl.exp2(lse_part - top)
-            total = w_old + w_part
-            out = (o_old * w_old[:, None] + acc * (w_part / l_i)[:, None]) / total[:, None]
-            tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-            tl.store(lse_ptrs, top + tl.log2(total), mask=row_ok)
+        o_ptrs = out_ptr + t[:, None] * stride_ot + h[:, None] * stride_oh + dims[None, :]
+        lse_ptrs = lse_ptr + t * stride_lt + h
+        o_old = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        lse_old = tl.load(lse_ptrs, mask=row_ok, other=0.0)
+        top = tl.maximum(lse_old, lse_part)
+        w_old = tl.exp2(lse_old - top)
+        w_part = tl.exp2(lse_part - top)
+        total = w_old + w_part
+        out = (o_old * w_old[:, None] + acc * (w_part / l_i)[:, None]) / total[:, None]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(lse_ptrs, top + tl.log2(total), mask=row_ok)
 
 
 def key_tile(block_size: int) -> int:
@@ -255,12 +330,25 @@ def slot_tiles(block_size: int, dim: int) -> SlotTiles:
     return SlotTiles(64, key_tile(block_size), 8 if dim >= 128 else 4, 3)
 
 
+class RunTiles(NamedTuple):
+    """Tiling of the workspace passes' per-block programs (`_past_run_fwd_kernel`)."""
+
+    query_step: int  # gathered picks per inner-loop step
+    max_resident: int  # blocks of up to this many keys (at D 128; scaled by 128 / D) keep K and V on chip
+    warps: int
+    stages: int
+
+
+RUN_TILES = RunTiles(64, 128, 4, 3)
+MERGE_WARPS = 4  # warps of the current-block kernel when it merges partials: more programs in flight
+
+
 def attention_forward(
     q, k, v, layout: BlockLayout, routing: Routing, block_size: int, scale: float, tiles: SlotTiles, work: Workspace
 ):
     """out [T, Hq, D] (q's dtype) and lse2 fp32 [T, Hq] for contiguous q [T, Hq, D], k, v [T, Hkv, D];
-    `routing` was built with `tiles.query_tile` rows per tile, with run tiles if work.kv_heads > 0,
-    slot tiles otherwise."""
+    `routing` was built with `tiles.query_tile` rows per slot tile and slot tiles if work.kv_heads == 0
+    (slot passes), with num_past otherwise."""
     total, hq, dim = q.shape
     hkv = k.shape[1]
     group = hq // hkv
@@ -271,41 +359,9 @@ def attention_forward(
         return out, lse
     block_m = min(tiles.query_tile, triton.next_power_of_2(block_size))
     per_block = triton.cdiv(block_size, block_m)
+    slots_p2 = max(2, triton.next_power_of_2(slots))
 
-    def past(out_t, lse_t, seg, start_, count, row_base, grid, workspace):
-        _past_fwd_kernel[grid](
-            q,
-            k,
-            v,
-            out_t,
-            lse_t,
-            layout.start,
-            routing.rows,
-            seg,
-            start_,
-            count,
-            row_base,
-            seg.stride(0) if seg.dim() == 2 else 0,
-            q.stride(0),
-            q.stride(1),
-            k.stride(0),
-            k.stride(1),
-            out.stride(0),
-            out.stride(1),
-            lse.stride(0),
-            scale * LOG2E,
-            hq,
-            layout.num_blocks,
-            BLOCK_SIZE=block_size,
-            HEAD_DIM=dim,
-            BLOCK_M=tiles.query_tile,
-            BLOCK_N=tiles.key_tile,
-            WORKSPACE=workspace,
-            num_warps=tiles.warps,
-            num_stages=tiles.stages,
-        )
-
-    def current(head0, heads, combine, part_out, part_lse, row_base):
+    def current(head0, heads, part_out, part_lse):
         _current_block_fwd_kernel[(layout.num_blocks * per_block, heads)](
             q,
             k,
@@ -314,10 +370,9 @@ def attention_forward(
             lse,
             layout.start,
             layout.length,
-            routing.pos,
+            routing.num_past,
             part_out,
             part_lse,
-            row_base,
             q.stride(0),
             q.stride(1),
             k.stride(0),
@@ -328,40 +383,89 @@ def attention_forward(
             scale * LOG2E,
             head0,
             hq,
+            total,
             GROUP=group,
             TILES_PER_BLOCK=per_block,
             HEAD_DIM=dim,
             BLOCK_M=block_m,
             BLOCK_N=tiles.key_tile,
-            SLOTS=slots if combine else 0,
-            SLOTS_P2=max(2, triton.next_power_of_2(slots)),
-            num_warps=tiles.warps,
+            SLOTS=slots,
+            SLOTS_P2=slots_p2,
+            MERGE=part_out is not out,
+            num_warps=MERGE_WARPS if part_out is not out else tiles.warps,
             num_stages=2,
         )
 
     if work.kv_heads == 0:  # slot passes (also when nothing is past: top-1)
-        current(0, hq, False, out, lse, lse)
+        current(0, hq, out, lse)
         for slot in range(slots):
-            seg = routing.tile_seg[slot]
-            past(out, lse, seg, routing.tile_start[slot], routing.tile_count[slot], lse, (seg.shape[0], 1), False)
+            _past_slot_fwd_kernel[(routing.tile_seg.shape[1],)](
+                q,
+                k,
+                v,
+                out,
+                lse,
+                layout.start,
+                routing.rows,
+                routing.tile_seg[slot],
+                routing.tile_start[slot],
+                routing.tile_count[slot],
+                q.stride(0),
+                q.stride(1),
+                k.stride(0),
+                k.stride(1),
+                out.stride(0),
+                out.stride(1),
+                lse.stride(0),
+                scale * LOG2E,
+                hq,
+                layout.num_blocks,
+                slots,
+                BLOCK_SIZE=block_size,
+                HEAD_DIM=dim,
+                BLOCK_M=tiles.query_tile,
+                BLOCK_N=tiles.key_tile,
+                num_warps=tiles.warps,
+                num_stages=tiles.stages,
+            )
         return out, lse
     chunk = work.kv_heads
     part_out = torch.empty(chunk * work.capacity, dim, dtype=work.dtype, device=q.device)
     part_lse = torch.empty(chunk * work.capacity, dtype=torch.float32, device=q.device)
-    seg_start = routing.seg_start.view(-1)
+    run = RUN_TILES
+    resident = triton.next_power_of_2(block_size) * dim <= run.max_resident * 128
     for h0 in range(0, hkv, chunk):
         heads = min(chunk, hkv - h0)
-        row_base = seg_start[h0 * layout.num_blocks * slots :]
-        seg = routing.run_seg[h0 : h0 + heads]
-        past(
+        _past_run_fwd_kernel[(layout.num_blocks * heads,)](
+            q,
+            k,
+            v,
             part_out,
             part_lse,
-            seg,
-            routing.run_start[h0 : h0 + heads],
-            routing.run_count[h0 : h0 + heads],
-            row_base,
-            (seg.shape[1], heads),
-            True,
+            layout.start,
+            layout.order,
+            routing.rows,
+            routing.seg_start,
+            routing.seg_count,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            scale * LOG2E,
+            hq,
+            layout.num_blocks,
+            total,
+            h0,
+            heads,
+            GROUP=group,
+            SLOTS=slots,
+            SLOTS_P2=slots_p2,
+            BLOCK_SIZE=block_size,
+            HEAD_DIM=dim,
+            BLOCK_M=run.query_step,
+            BLOCK_N=triton.next_power_of_2(block_size) if resident else tiles.key_tile,
+            num_warps=run.warps,
+            num_stages=run.stages,
         )
-        current(h0 * group, heads * group, True, part_out, part_lse, row_base)
+        current(h0 * group, heads * group, part_out, part_lse)
     return out, lse

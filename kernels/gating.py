@@ -20,6 +20,10 @@ GATE_PRECISION = "tf32x3"
 """fp32 gate products on tensor cores as three TF32 products: fp32-level accuracy (the plain "ieee"
 FMA dot made gating the forward's bottleneck, bench/NOTES.md)."""
 
+GATE_WARPS = 4
+GATE_ROWS = 64  # queries per program
+GATE_CHUNK = 32  # candidate blocks per step of the streaming top-k (smaller chunks: fewer insertion rounds)
+
 
 @triton.jit
 def _block_mean_kernel(
@@ -166,7 +170,7 @@ def select_blocks(q, k, layout: BlockLayout, block_size: int, topk: int, shared_
     if layout.num_blocks == 0:
         return sel
     means = block_means(k, layout, block_size)
-    block_m = min(64, triton.next_power_of_2(block_size))
+    block_m = min(GATE_ROWS, triton.next_power_of_2(block_size))
     heads_per_program = group if shared_gqa_selection else 1
     tiles = triton.cdiv(block_size, block_m)
     grid = (layout.num_blocks * tiles, hq // heads_per_program)
@@ -191,9 +195,9 @@ def select_blocks(q, k, layout: BlockLayout, block_size: int, topk: int, shared_
         TOPK=topk,
         KP=max(2, triton.next_power_of_2(topk)),
         BLOCK_M=block_m,
-        BLOCK_C=64,
+        BLOCK_C=GATE_CHUNK,
         PRECISION=GATE_PRECISION,
-        num_warps=4,
+        num_warps=GATE_WARPS,
     )
     return sel
 

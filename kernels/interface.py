@@ -29,12 +29,12 @@ class MobaAttentionFunction(torch.autograd.Function):
             select_blocks(q, k, layout, block_size, topk, shared_gqa_selection),
             layout,
             k.shape[1],
+            block_size,
             tiles.query_tile,
             slot_tiles=fwd_work.kv_heads == 0 or (grads and bwd_work.kv_heads == 0),
-            run_tiles=fwd_work.kv_heads > 0 or (grads and bwd_work.kv_heads > 0),
         )
         out, lse = attention_forward(q, k, v, layout, routing, block_size, softmax_scale, tiles, fwd_work)
-        ctx.save_for_backward(q, k, v, out, lse, layout.start, layout.length, layout.local, layout.first, *routing)
+        ctx.save_for_backward(q, k, v, out, lse, *layout[:5], *routing)
         ctx.num_blocks = layout.num_blocks
         ctx.block_size = block_size
         ctx.softmax_scale = softmax_scale
@@ -44,8 +44,9 @@ class MobaAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, start, length, local, first, *routing = ctx.saved_tensors
-        layout = BlockLayout(start, length, local, first, ctx.num_blocks)
+        q, k, v, out, lse, *tensors = ctx.saved_tensors
+        layout = BlockLayout(*tensors[:5], ctx.num_blocks)
+        routing = tensors[5:]
         dq, dk, dv = attention_backward(
             dout.contiguous(),
             q,

@@ -3,12 +3,17 @@
 Blocks are `block_size` consecutive tokens restarting at each sequence start (the last block of a
 sequence may be partial). Blocks are numbered globally over the batch, sequence by sequence, so a
 sequence's local block c is global block `first[seq] + c`.
+
+The tables are computed on the host from cu_seqlens (one small copy each way): the kernels' grids
+need the block count on the host anyway, and a dozen tiny device ops would leave the GPU waiting on
+their launches at the start of every call.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 
@@ -19,20 +24,29 @@ class BlockLayout(NamedTuple):
     length: torch.Tensor  # [NB] tokens in the block (block_size except a sequence's last block)
     local: torch.Tensor  # [NB] index of the block within its sequence
     first: torch.Tensor  # [NB] global index of local block 0 of the block's sequence
+    order: torch.Tensor  # [NB] blocks in ascending local index (heaviest first, see below)
     num_blocks: int
 
 
 def block_layout(cu_seqlens: torch.Tensor, block_size: int, total_tokens: int, device: torch.device) -> BlockLayout:
-    """Block tables on `device` from cu_seqlens int32 [N+1]; one host sync (block and token counts)."""
-    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    """Block tables on `device` from cu_seqlens int32 [N+1].
+
+    `order` lists the blocks by ascending local index: a sequence's first blocks are picked by most
+    of its queries, so the key-block-centric kernels start their longest programs first.
+    """
+    # numpy on the host: a few microseconds per op, where torch's CPU ops measured milliseconds in all
+    # (thread-pool wake-ups) while the GPU waited.
+    cu = cu_seqlens.to(device="cpu", dtype=torch.int64).numpy()
+    if int(cu[-1]) != total_tokens:
+        raise ValueError(f"cu_seqlens must end at the token count {total_tokens}; it ends at {int(cu[-1])}.")
     lengths = cu[1:] - cu[:-1]
     blocks_per_seq = (lengths + block_size - 1) // block_size
-    first_of_seq = torch.cumsum(blocks_per_seq, 0) - blocks_per_seq
-    num_blocks, last = torch.stack([blocks_per_seq.sum(), cu[-1]]).tolist()
-    if last != total_tokens:
-        raise ValueError(f"cu_seqlens must end at the token count {total_tokens}; it ends at {last}.")
-    seq = torch.repeat_interleave(torch.arange(len(lengths), device=cu.device), blocks_per_seq, output_size=num_blocks)
-    local = torch.arange(num_blocks, device=cu.device) - first_of_seq[seq]
-    start = cu[seq] + local * block_size
-    length = torch.clamp(lengths[seq] - local * block_size, max=block_size)
-    return BlockLayout(start.int(), length.int(), local.int(), first_of_seq[seq].int(), num_blocks)
+    first_of_seq = np.cumsum(blocks_per_seq) - blocks_per_seq
+    num_blocks = int(blocks_per_seq.sum())
+    seq = np.repeat(np.arange(len(lengths)), blocks_per_seq)
+    local = np.arange(num_blocks) - first_of_seq[seq]
+    start = cu[:-1][seq] + local * block_size
+    length = np.minimum(lengths[seq] - local * block_size, block_size)
+    order = np.argsort(local, kind="stable")
+    tables = np.stack([start, length, local, first_of_seq[seq], order]).astype(np.int32)
+    return BlockLayout(*torch.from_numpy(tables).to(device).unbind(0), num_blocks)

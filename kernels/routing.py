@@ -1,19 +1,20 @@
 """Inverse index of a MoBA selection: for every (KV head, key block), the queries that selected it.
 
 The attention kernels are key-block-centric: a program loads one key block and the gathered queries
-that chose it as a dense tile, so uncorrelated routing costs no more than correlated routing. Past
+that chose it as dense tiles, so uncorrelated routing costs no more than correlated routing. Past
 selections are split into topk-1 slots (column j of the selection); within one slot a (query, head)
 appears at most once.
 
-`rows` lists flat query indices (t * Hq + h) sorted by (KV head, global block, slot, group head):
-the queries of one (KV head, block, slot) are contiguous (a slot segment), and so are all the
-queries of one (KV head, block) across slots and group heads (a run), and all the rows of one KV
-head. Two tilings of `rows` into gathered query tiles:
-- slot tiles [S, max_tiles]: per slot, tiles that never cross a slot segment (slot passes, which
-  merge in place into per-query state);
-- run tiles [Hkv, max_run_tiles]: per KV head, tiles that never cross a run (workspace passes,
-  which write one partial result per row; `pos` finds a pick's row again).
-A tile's `seg` is its global segment kv_head * NB + block (slot tiles: of its slot).
+`rows` lists pick ids (flat * S + slot, flat = t * Hq + h: the pick's index in the [T, Hq, S] past
+columns of the selection) sorted by (KV head, global block, slot, group head): the picks of one (KV
+head, block, slot) are contiguous (a slot segment), and so are all the picks of one (KV head, block)
+across slots and group heads (a run, which the workspace passes and dK/dV walk), and all the picks of
+one KV head. Slot passes walk slot tiles [S, max_tiles]: per slot, tiles of block_m picks that never
+cross a slot segment (they merge in place into per-query state). A tile's `seg` is its global
+segment kv_head * NB + block.
+
+The gating writes a query's past picks first, ascending, so its valid slots are 0 .. num_past - 1:
+the workspace passes find a pick's partial result by (query, head, slot) with no inverse index.
 """
 
 from __future__ import annotations
@@ -22,58 +23,96 @@ from typing import NamedTuple
 
 import torch
 import triton
+import triton.language as tl
 
 from kernels.layout import BlockLayout
 
 
 class Routing(NamedTuple):
-    rows: torch.Tensor  # int32 [S * T * Hq] flat query indices, sorted (entries past the valid ones unused)
-    pos: torch.Tensor  # int32 [T * Hq, S] position in rows of each past pick, -1 where empty (run tiles only)
+    rows: torch.Tensor  # int32 [S * T * Hq] pick ids flat * S + slot, sorted (entries past the valid ones unused)
+    num_past: torch.Tensor  # int32 [T * Hq] past picks of each (query, head)
     seg_start: torch.Tensor  # int32 [Hkv, NB, S] first position in rows of each slot segment
     seg_count: torch.Tensor  # int32 [Hkv, NB, S] length of each slot segment
-    tile_seg: torch.Tensor  # int32 [S, max_tiles] segment of a slot tile, -1 if none
-    tile_start: torch.Tensor  # int32 [S, max_tiles] first position in rows of the tile
+    tile_seg: torch.Tensor  # int32 [S, max_tiles] segment of a slot tile (set where tile_count > 0)
+    tile_start: torch.Tensor  # int32 [S, max_tiles] first position in rows of the tile (where tile_count > 0)
     tile_count: torch.Tensor  # int32 [S, max_tiles] valid rows in the tile (0 for no tile)
-    run_seg: torch.Tensor  # int32 [Hkv, max_run_tiles] segment of a run tile, -1 if none
-    run_start: torch.Tensor  # int32 [Hkv, max_run_tiles]
-    run_count: torch.Tensor  # int32 [Hkv, max_run_tiles]
 
 
-def token_blocks(layout: BlockLayout, total_tokens: int) -> torch.Tensor:
-    """int64 [T] global block holding each token."""
-    blocks = torch.arange(layout.num_blocks, device=layout.start.device)
-    return torch.repeat_interleave(blocks, layout.length.long(), output_size=total_tokens)
+@triton.jit
+def _pick_keys_kernel(
+    sel_ptr,
+    keys_ptr,
+    num_past_ptr,
+    start_ptr,
+    length_ptr,
+    local_ptr,
+    first_ptr,
+    num_q_heads,
+    num_blocks,
+    GROUP: tl.constexpr,
+    TOPK: tl.constexpr,
+    SLOTS: tl.constexpr,
+    SLOTS_P2: tl.constexpr,
+    ROWS: tl.constexpr,
+    TILES_PER_BLOCK: tl.constexpr,
+):
+    """Sort key of every past pick of ROWS queries of one block and one head (the empty key
+    num_keys = Hq * NB * SLOTS where a slot holds no past pick) and each query's number of past
+    picks. Grid (NB * TILES_PER_BLOCK, Hq); sel is contiguous [T, Hq, TOPK]."""
+    blk = tl.program_id(0) // TILES_PER_BLOCK
+    head = tl.program_id(1)
+    start = tl.load(start_ptr + blk)
+    length = tl.load(length_ptr + blk)
+    current = tl.load(local_ptr + blk)
+    first = tl.load(first_ptr + blk)
+    rows = (tl.program_id(0) % TILES_PER_BLOCK) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < length
+    flat = (start + rows) * num_q_heads + head
+    js = tl.arange(0, SLOTS_P2)
+    ok = row_ok[:, None] & (js < SLOTS)[None, :]
+    past = tl.load(sel_ptr + flat[:, None] * TOPK + js[None, :], mask=ok, other=-1)
+    valid = (past >= 0) & (past != current)
+    key = (((head // GROUP) * num_blocks + first + past) * SLOTS + js[None, :]) * GROUP + head % GROUP
+    key = tl.where(valid, key, num_q_heads * num_blocks * SLOTS)
+    tl.store(keys_ptr + flat[:, None] * SLOTS + js[None, :], key, mask=ok)
+    tl.store(num_past_ptr + flat, tl.sum(valid.to(tl.int32), 1), mask=row_ok)
 
 
-def tile_segments(counts: torch.Tensor, starts: torch.Tensor, block_m: int, max_tiles: int, seg_ids: torch.Tensor):
-    """Tiles of at most block_m rows over the segments of each row of counts/starts [R, n] (int64):
-    (seg [R, max_tiles] = seg_ids[r, segment] or -1, tile start, tile count), int32, no host sync."""
-    tiles = (counts + block_m - 1) // block_m
-    tiles_end = torch.cumsum(tiles, 1)
-    ids = torch.arange(max_tiles, device=counts.device).expand(counts.shape[0], -1).contiguous()
-    seg = torch.searchsorted(tiles_end, ids, right=True)
-    has = seg < counts.shape[1]
-    seg = seg.clamp(max=counts.shape[1] - 1)
-    tile_in_seg = ids - (tiles_end.gather(1, seg) - tiles.gather(1, seg))
-    start = starts.gather(1, seg) + tile_in_seg * block_m
-    count = torch.clamp(counts.gather(1, seg) - tile_in_seg * block_m, 0, block_m)
-    return (
-        torch.where(has, seg_ids.gather(1, seg), -1).int(),
-        start.int(),
-        torch.where(has, count, 0).int(),
-    )
+@triton.jit
+def _slot_tiles_kernel(
+    seg_start_ptr,
+    seg_count_ptr,
+    tiles_end_ptr,
+    tile_seg_ptr,
+    tile_start_ptr,
+    tile_count_ptr,
+    num_segs,
+    max_tiles,
+    SLOTS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    STEP: tl.constexpr,
+):
+    """Slot tiles of one slot segment: tiles of BLOCK_M picks at positions tiles_end - tiles .. of its
+    slot's table (tiles_end: inclusive cumsum over the slot's segments). Grid (num_segs, SLOTS)."""
+    seg = tl.program_id(0)
+    slot = tl.program_id(1)
+    count = tl.load(seg_count_ptr + seg * SLOTS + slot)
+    first = tl.load(seg_start_ptr + seg * SLOTS + slot)
+    tiles = (count + BLOCK_M - 1) // BLOCK_M
+    base = slot * max_tiles + tl.load(tiles_end_ptr + slot * num_segs + seg) - tiles
+    for j0 in range(0, tiles, STEP):
+        j = j0 + tl.arange(0, STEP)
+        ok = j < tiles
+        tl.store(tile_seg_ptr + base + j, tl.zeros([STEP], dtype=tl.int32) + seg, mask=ok)
+        tl.store(tile_start_ptr + base + j, first + j * BLOCK_M, mask=ok)
+        tl.store(tile_count_ptr + base + j, tl.minimum(count - j * BLOCK_M, BLOCK_M), mask=ok)
 
 
 def route(
-    selection: torch.Tensor,
-    layout: BlockLayout,
-    num_kv_heads: int,
-    block_m: int,
-    slot_tiles: bool = True,
-    run_tiles: bool = True,
+    selection: torch.Tensor, layout: BlockLayout, num_kv_heads: int, block_size: int, block_m: int, slot_tiles: bool
 ) -> Routing:
-    """Routing of selection int32 [T, Hq, topk] into query tiles of block_m rows (no host sync);
-    `slot_tiles` / `run_tiles` say which tilings to build (the other is left empty).
+    """Routing of selection int32 [T, Hq, topk] (contiguous; no host sync); `slot_tiles`: build the slot
+    tiles of block_m picks (slot passes only).
 
     Pass the selection without keeping another reference: it is freed before the sort.
     """
@@ -83,48 +122,51 @@ def route(
     nb = layout.num_blocks
     device = selection.device
     none = torch.empty(0, 0, dtype=torch.int32, device=device)
-    if slots == 0:
-        empty = torch.empty(num_kv_heads, nb, 0, dtype=torch.int32, device=device)
-        return Routing(none.view(-1), none, empty, empty, none, none, none, none, none, none)
-    tok_block = token_blocks(layout, total)
-    # int32 throughout: at 1M tokens these [T, Hq, S] temporaries set the peak memory.
-    current = layout.local[tok_block][:, None, None]
-    first = layout.first[tok_block][:, None, None]
-    del tok_block
-    past = selection[:, :, :slots]  # the past picks all sit in the first topk-1 columns
-    num_keys = hq * nb * slots
-    head = torch.arange(hq, device=device, dtype=torch.int32)[None, :, None]
-    slot = torch.arange(slots, device=device, dtype=torch.int32)[None, None, :]
-    keys = (((head // group) * nb + first + past) * slots + slot) * group + head % group
-    keys.masked_fill_((past < 0) | (past == current), num_keys)
-    del selection, past
-    keys = keys.view(-1)
-    counts = torch.bincount(keys, minlength=num_keys + 1)[:num_keys]
-    order = torch.sort(keys, stable=True).indices
-    pos = none
-    if run_tiles:  # the inverse of the sort: only the workspace passes look picks up by query
-        pos = torch.empty(keys.shape[0], dtype=torch.int32, device=device)
-        pos.scatter_(0, order, torch.arange(keys.shape[0], dtype=torch.int32, device=device))
-        pos = pos.masked_fill_(keys == num_keys, -1).view(total * hq, slots)
-    del keys
-    rows = torch.div(order, slots, rounding_mode="floor").to(torch.int32)
+    if slots == 0 or nb == 0:
+        empty = torch.empty(num_kv_heads, nb, slots, dtype=torch.int32, device=device)
+        return Routing(none.view(-1), none.view(-1), empty, empty, none, none, none)
+    keys = torch.empty(total * hq * slots, dtype=torch.int32, device=device)
+    num_past = torch.empty(total * hq, dtype=torch.int32, device=device)
+    rows_per_program = 64
+    tiles = triton.cdiv(block_size, rows_per_program)
+    _pick_keys_kernel[(nb * tiles, hq)](
+        selection,
+        keys,
+        num_past,
+        layout.start,
+        layout.length,
+        layout.local,
+        layout.first,
+        hq,
+        nb,
+        GROUP=group,
+        TOPK=topk,
+        SLOTS=slots,
+        SLOTS_P2=max(2, triton.next_power_of_2(slots)),
+        ROWS=rows_per_program,
+        TILES_PER_BLOCK=tiles,
+    )
+    del selection
+    keys, order = torch.sort(keys, stable=True)
+    rows = order.to(torch.int32)  # a key's index is its pick id
     del order
-    seg_count = counts.view(num_kv_heads, nb, slots, group).sum(-1)
-    seg_start = (torch.cumsum(seg_count.view(-1), 0) - seg_count.view(-1)).view(num_kv_heads, nb, slots)
-    seg_ids = torch.arange(num_kv_heads * nb, device=device).view(num_kv_heads, nb)
-
+    # Segment bounds by binary search in the sorted keys: torch.bincount syncs with the host (it
+    # reads the input's min and max) and its atomics contend when few segments hold many picks.
+    bounds = torch.searchsorted(keys, torch.arange(0, hq * nb * slots + 1, group, device=device, dtype=keys.dtype))
+    del keys
+    seg_start = bounds[:-1].int().view(num_kv_heads, nb, slots)
+    seg_count = (bounds[1:] - bounds[:-1]).int().view(num_kv_heads, nb, slots)
     slot_tables = (none, none, none)
     if slot_tiles:
-        max_tiles = triton.cdiv(total * hq, block_m) + num_kv_heads * nb
-        slot_tables = tile_segments(
-            seg_count.view(-1, slots).t(),
-            seg_start.view(-1, slots).t(),
-            block_m,
-            max_tiles,
-            seg_ids.view(1, -1).expand(slots, -1),
+        num_segs = num_kv_heads * nb
+        max_tiles = triton.cdiv(total * hq, block_m) + num_segs
+        tiles_end = torch.cumsum(((seg_count + block_m - 1) // block_m).view(num_segs, slots).t(), 1)
+        slot_tables = (
+            torch.empty(slots, max_tiles, dtype=torch.int32, device=device),
+            torch.empty(slots, max_tiles, dtype=torch.int32, device=device),
+            torch.zeros(slots, max_tiles, dtype=torch.int32, device=device),
         )
-    run_tables = (none, none, none)
-    if run_tiles:
-        max_run_tiles = triton.cdiv(total * group * slots, block_m) + nb
-        run_tables = tile_segments(seg_count.sum(-1), seg_start[:, :, 0], block_m, max_run_tiles, seg_ids)
-    return Routing(rows, pos, seg_start.int(), seg_count.int(), *slot_tables, *run_tables)
+        _slot_tiles_kernel[(num_segs, slots)](
+            seg_start, seg_count, tiles_end, *slot_tables, num_segs, max_tiles, SLOTS=slots, BLOCK_M=block_m, STEP=64
+        )
+    return Routing(rows, num_past, seg_start, seg_count, *slot_tables)

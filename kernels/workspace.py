@@ -1,10 +1,11 @@
 """How the past-block passes run: through a bounded workspace of per-pick partials, or slot by slot.
 
-Workspace passes: one launch covers every pick of a chunk of KV heads; a program owns one gathered
-tile of a (KV head, block) run across all slots and writes one partial per row (forward: output
-and log-sum-exp; backward: dQ), and the current-block kernel of each query then merges its picks'
-partials in registers (found through `Routing.pos`). Each query's state is read and written once
-instead of once per slot, and K/V are read once per block instead of once per slot.
+Workspace passes: one launch covers every pick of a chunk of KV heads; a program owns one (KV head,
+block), walks all its picks across slots in gathered tiles and writes one partial per pick
+(forward: output and log-sum-exp; backward: dQ) at the pick's (query head, token, slot) row, and the
+current-block kernel of each query then reads its picks' partials (contiguous) and merges them in
+registers. Each query's state is read and written once instead of once per slot, and K/V are read
+once per block instead of once per slot.
 
 Slot passes (the fallback): one launch per slot merges into every query's state in place. They need
 no workspace, so they serve shapes where even one KV head's partials would not fit the budget

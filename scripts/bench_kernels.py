@@ -5,8 +5,8 @@ Checks correctness (bf16, against the naive definition at a moderate shape), the
 BENCH.md shapes (median of CUDA-event timings via triton.testing.do_bench), prints a table and writes
 triton_dev.json. The official table is scripts/bench_attention.py; this is the kernel author's loop.
 
---variants: compare variants instead (module attributes of kernels.workspace / kernels.interface /
-kernels.backward replaced per variant: workspace or slot passes, dQ partial dtype, tilings):
+--variants: compare variants instead (module attributes of kernels.workspace / interface / backward /
+forward / gating replaced per variant: workspace or slot passes, budgets, tilings, gating):
 correctness of every variant first, then timings and per-kernel breakdowns, written to variants.json.
 """
 
@@ -26,6 +26,8 @@ import triton
 from triton.testing import do_bench
 
 import kernels.backward
+import kernels.forward
+import kernels.gating
 import kernels.interface
 import kernels.workspace
 from kernels import moba_attention_triton, moba_selection_triton
@@ -115,13 +117,16 @@ def fa2_causal(q, k, v, cu, max_len):
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=(-1, 0))
 
 
-def measure(fn, backward: bool, reps_ms: int):
-    """(median ms, peak memory GiB above the inputs) of fn() or fn() + backward."""
+def measure(fn, backward: bool, reps_ms: int, params=()):
+    """(median ms, peak memory GiB above the inputs) of fn() or fn() + backward (params' grads reset
+    after each backward, as scripts/bench_attention.py does: no accumulation kernels in the timing)."""
 
     def step():
         out = fn()
         if backward:
             out.backward(grad)
+            for p in params:
+                p.grad = None
 
     out = fn()
     grad = torch.randn_like(out)
@@ -146,8 +151,16 @@ def measure(fn, backward: bool, reps_ms: int):
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end))
-        return sorted(times)[1], peak, peak_total
-    return do_bench(step, warmup=max(reps_ms // 4, 1), rep=reps_ms, return_mode="median"), peak, peak_total
+        return sorted(times)[1], peak, peak_total, sorted(times)[1]
+    ms = do_bench(step, warmup=max(reps_ms // 4, 1), rep=reps_ms, return_mode="median")
+    synced = []  # as scripts/bench_attention.py times: each step from an idle GPU, host overhead included
+    for _ in range(10):
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        synced.append(start.elapsed_time(end))
+    return ms, peak, peak_total, sorted(synced)[5]
 
 
 def bench_shape(name, batch, heads, seq_len, block, topk, passes, dense: bool, dim=128):
@@ -169,13 +182,14 @@ def bench_shape(name, batch, heads, seq_len, block, topk, passes, dense: bool, d
     for backend, fn, flops in backends:
         for pas in passes:
             try:
-                ms, peak, peak_total = measure(fn, pas == "fwd+bwd", reps)
+                ms, peak, peak_total, ms_synced = measure(fn, pas == "fwd+bwd", reps, (q, k, v))
                 mult = 3.5 if pas == "fwd+bwd" else 1.0
                 row = dict(
                     shape=name,
                     backend=backend,
                     pass_=pas,
                     ms=ms,
+                    ms_synced=ms_synced,
                     tflops=flops * mult / ms / 1e9,
                     peak_gib=peak,
                     peak_total_gib=peak_total,
@@ -202,6 +216,7 @@ def kernel_breakdown(name, batch, heads, seq_len, block, topk, passes, dense, di
         out = moba_attention_triton(q, k, v, cu, block, topk)
         if backward:
             out.backward(torch.ones_like(out))
+            q.grad = k.grad = v.grad = None
 
     step()
     torch.cuda.synchronize()
@@ -222,13 +237,12 @@ def kernel_breakdown(name, batch, heads, seq_len, block, topk, passes, dense, di
     return {"shape": name, "pass_": "fwd+bwd" if backward else "fwd", "kernels": rows}
 
 
-# name: module attribute overrides (kernels.workspace budgets and dQ partial dtype, tilings), shapes
+# name: module attribute overrides (kernels.workspace budgets, tilings, gating), shapes
 SLOTS = {"workspace.INFERENCE_BUDGET": 0.0, "workspace.TRAINING_BUDGET": 0.0}
+RUN = kernels.forward.RunTiles
 VARIANTS = {
-    "slots": (SLOTS, "all"),
     "workspace": ({}, "all"),
-    "workspace_fwd_max512": ({"workspace.FORWARD_MAX_BLOCK": 512}, ("bwd",)),
-    "workspace_budget2": ({"workspace.TRAINING_BUDGET": 2.0}, ("small", "bwd")),
+    "slots": (SLOTS, ("small", "bwd")),
 }
 VARIANT_SHAPES = {
     "s32k-b128": ((2, 16, 32768, 128, 8, ("fwd", "fwd+bwd"), False), "small"),
@@ -237,7 +251,13 @@ VARIANT_SHAPES = {
     "s128k-b4096": ((1, 32, 131072, 4096, 12, ("fwd",), False), "all"),
     "s1m-b4096": ((1, 2, 1048576, 4096, 12, ("fwd",), False), "all"),
 }
-MODULES = {"workspace": kernels.workspace, "interface": kernels.interface, "backward": kernels.backward}
+MODULES = {
+    "workspace": kernels.workspace,
+    "interface": kernels.interface,
+    "backward": kernels.backward,
+    "forward": kernels.forward,
+    "gating": kernels.gating,
+}
 
 
 def apply_variant(overrides: dict) -> dict:
@@ -269,19 +289,20 @@ def compare_variants(result: dict, save) -> None:
                     result["timings"].append(dict(row, variant=name))
                 print(f"{name} {shape} done", flush=True)
                 save()
-        if which == "all":
-            for shape in ("s32k-b128", "s32k-b512"):
-                args = VARIANT_SHAPES[shape][0]
+        for shape in ("s32k-b128", "s32k-b512"):
+            args, kind = VARIANT_SHAPES[shape]
+            if which == "all" or kind in which:
                 result["breakdown"].append(dict(kernel_breakdown(shape, *args[:5], ("fwd+bwd",), False), variant=name))
-            save()
+        save()
         apply_variant(previous)
-    print(f"\n{'variant':22} {'shape':12} {'pass':8} {'ms':>9} {'TFLOP/s':>8} {'peakGiB':>8}")
+    print(f"\n{'variant':22} {'shape':12} {'pass':8} {'ms':>9} {'synced':>9} {'TFLOP/s':>8} {'peakGiB':>8}")
     for row in result["timings"]:
         if "error" in row:
             print(f"{row['variant']:22} {row['shape']:12} {row['pass_']:8} ERROR {row['error'][:80]}")
         else:
             print(
-                f"{row['variant']:22} {row['shape']:12} {row['pass_']:8} {row['ms']:9.2f} {row['tflops']:8.1f}"
+                f"{row['variant']:22} {row['shape']:12} {row['pass_']:8} {row['ms']:9.2f} {row['ms_synced']:9.2f}"
+                f" {row['tflops']:8.1f}"
                 f" {row['peak_total_gib']:8.2f}"
             )
     for name, cases in result["correctness"].items():
