@@ -6,11 +6,15 @@ sequence's local block c is global block `first[seq] + c`.
 
 The tables are computed on the host from cu_seqlens (one small copy each way): the kernels' grids
 need the block count on the host anyway, and a dozen tiny device ops would leave the GPU waiting on
-their launches at the start of every call.
+their launches at the start of every call. Reading a device cu_seqlens is a host sync, which drains
+the GPU's queue; every MoBA layer of a training step gets the same cu_seqlens, so layouts are cached
+per cu_seqlens tensor (while it is alive and not modified in place: its version counter) and only the
+first layer pays the sync.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import numpy as np
@@ -28,7 +32,24 @@ class BlockLayout(NamedTuple):
     num_blocks: int
 
 
+_CACHE: dict = {}  # (id(cu_seqlens), block_size, total_tokens, device) -> (weakref, version, layout)
+
+
 def block_layout(cu_seqlens: torch.Tensor, block_size: int, total_tokens: int, device: torch.device) -> BlockLayout:
+    """Block tables on `device` from cu_seqlens int32 [N+1], cached per cu_seqlens tensor (see above;
+    a write that bypasses the version counter, e.g. through `.data`, is not seen)."""
+    key = (id(cu_seqlens), block_size, total_tokens, str(device))
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
+        return hit[2]
+    layout = _build_layout(cu_seqlens, block_size, total_tokens, device)
+    for dead in [k for k, (ref, _, _) in _CACHE.items() if ref() is None]:
+        del _CACHE[dead]
+    _CACHE[key] = (weakref.ref(cu_seqlens), cu_seqlens._version, layout)
+    return layout
+
+
+def _build_layout(cu_seqlens: torch.Tensor, block_size: int, total_tokens: int, device: torch.device) -> BlockLayout:
     """Block tables on `device` from cu_seqlens int32 [N+1].
 
     `order` lists the blocks by ascending local index: a sequence's first blocks are picked by most
@@ -49,4 +70,7 @@ def block_layout(cu_seqlens: torch.Tensor, block_size: int, total_tokens: int, d
     length = np.minimum(lengths[seq] - local * block_size, block_size)
     order = np.argsort(local, kind="stable")
     tables = np.stack([start, length, local, first_of_seq[seq], order]).astype(np.int32)
-    return BlockLayout(*torch.from_numpy(tables).to(device).unbind(0), num_blocks)
+    tables = torch.from_numpy(tables)
+    if torch.device(device).type == "cuda":  # pinned: the copy does not wait for the GPU's queue
+        tables = tables.pin_memory().to(device, non_blocking=True)
+    return BlockLayout(*tables.to(device).unbind(0), num_blocks)

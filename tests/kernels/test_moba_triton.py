@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kernels import moba_attention_triton, moba_selection_triton, workspace
+from kernels.layout import block_layout
 from moba_train.attention.naive import moba_attention_naive, moba_selection_naive
 
 # (cu_seqlens, Hq, Hkv, D, block, topk, shared_gqa_selection): varlen with a 7-token sequence and
@@ -127,3 +128,26 @@ def test_workspace_plans_follow_budgets_and_fall_back_to_slot_passes():
     assert workspace.backward_plan(q, 16, 11, 32).kv_heads == 0  # block 4096: slot passes
     gqa = torch.empty(32768, 32, 128, dtype=torch.bfloat16, device="meta")
     assert workspace.backward_plan(gqa, 8, 7, 1).kv_heads == 3  # a KV head's capacity counts its 4 query heads
+
+
+def naive_layout(cu, block):
+    """(start, length, local, first) of every block, by walking the sequences."""
+    rows, first = [], 0
+    for a, b in zip(cu[:-1], cu[1:]):
+        blocks = list(range(a, b, block))
+        rows += [(s, min(block, b - s), i, first) for i, s in enumerate(blocks)]
+        first += len(blocks)
+    return rows
+
+
+def test_block_layout_matches_a_walk_and_is_cached_per_tensor_version():
+    cu = torch.tensor([0, 100, 107, 107, 200], dtype=torch.int32)  # an empty sequence too
+    layout = block_layout(cu, 16, 200, torch.device("cpu"))
+    got = list(zip(*(t.tolist() for t in layout[:4])))
+    assert got == naive_layout(cu.tolist(), 16) and layout.num_blocks == len(got)
+    local = layout.local.tolist()
+    assert sorted(range(len(local)), key=lambda b: (local[b], b)) == layout.order.tolist()
+    assert block_layout(cu, 16, 200, torch.device("cpu")) is layout  # same tensor, same version: cached
+    cu[1] = 90  # in place: the version counter moves, the layout is rebuilt
+    rebuilt = block_layout(cu, 16, 200, torch.device("cpu"))
+    assert list(zip(*(t.tolist() for t in rebuilt[:4]))) == naive_layout(cu.tolist(), 16)
