@@ -332,8 +332,8 @@ def attention_backward(
     work: Workspace,
 ):
     """dq, dk, dv for contiguous q [T, Hq, D], k, v [T, Hkv, D], out/dout [T, Hq, D], lse2 fp32 [T, Hq];
-    `routing` was built with `tiles.query_tile` rows per tile, with run tiles if work.kv_heads > 0,
-    slot tiles otherwise; `work` from kernels.workspace.backward_plan."""
+    `routing` was built with `tiles.query_tile` rows per slot tile, with slot tiles if work.kv_heads == 0
+    (slot passes); `work` from kernels.workspace.backward_plan."""
     total, hq, dim = q.shape
     hkv = k.shape[1]
     group = hq // hkv

@@ -239,10 +239,10 @@ def kernel_breakdown(name, batch, heads, seq_len, block, topk, passes, dense, di
 
 # name: module attribute overrides (kernels.workspace budgets, tilings, gating), shapes
 SLOTS = {"workspace.INFERENCE_BUDGET": 0.0, "workspace.TRAINING_BUDGET": 0.0}
-RUN = kernels.forward.RunTiles
-VARIANTS = {
+VARIANTS = {  # the variants measured in each session are in bench/NOTES.md and bench/results/triton_variants_*.json
     "workspace": ({}, "all"),
     "slots": (SLOTS, ("small", "bwd")),
+    "gate_chunk64": ({"gating.GATE_CHUNK": 64}, ("small", "bwd")),
 }
 VARIANT_SHAPES = {
     "s32k-b128": ((2, 16, 32768, 128, 8, ("fwd", "fwd+bwd"), False), "small"),
