@@ -303,6 +303,7 @@ class DkdvTiles(NamedTuple):
 
 DKDV_TILES_128 = DkdvTiles(128, 32, 8, 3)
 DQ_TRANSPOSED = True  # dQ partials as (K^T dS^T)^T: a 32-row dS^T operand is too small for wgmma
+MERGE_ROWS = 32  # query rows of a merging current-block program: more, shorter programs hide the gathers better
 MERGE_WARPS = 4  # warps of the current-block dQ kernel when it merges partials: more programs in flight
 
 
@@ -351,7 +352,7 @@ def attention_backward(
     warps = 8 if dim >= 128 else 4
     kv_tiles = dkdv_tiles(block_size, dim)
     ktiles = block_size // kv_tiles.key_tile
-    block_m = min(64, triton.next_power_of_2(block_size))
+    block_m = min(MERGE_ROWS if use_workspace else 64, triton.next_power_of_2(block_size))
     per_block = triton.cdiv(block_size, block_m)
 
     def dkdv(kv_head0, heads, part_dq):

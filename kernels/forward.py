@@ -340,6 +340,7 @@ class RunTiles(NamedTuple):
 
 
 RUN_TILES = RunTiles(64, 128, 4, 3)
+MERGE_ROWS = 32  # query rows of a merging current-block program: more, shorter programs hide the gathers better
 MERGE_WARPS = 4  # warps of the current-block kernel when it merges partials: more programs in flight
 
 
@@ -357,7 +358,7 @@ def attention_forward(
     lse = torch.empty(total, hq, dtype=torch.float32, device=q.device)
     if layout.num_blocks == 0:
         return out, lse
-    block_m = min(tiles.query_tile, triton.next_power_of_2(block_size))
+    block_m = min(MERGE_ROWS if work.kv_heads else tiles.query_tile, triton.next_power_of_2(block_size))
     per_block = triton.cdiv(block_size, block_m)
     slots_p2 = max(2, triton.next_power_of_2(slots))
 

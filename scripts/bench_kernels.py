@@ -242,7 +242,7 @@ SLOTS = {"workspace.INFERENCE_BUDGET": 0.0, "workspace.TRAINING_BUDGET": 0.0}
 VARIANTS = {  # the variants measured in each session are in bench/NOTES.md and bench/results/triton_variants_*.json
     "workspace": ({}, "all"),
     "slots": (SLOTS, ("small", "bwd")),
-    "gate_chunk64": ({"gating.GATE_CHUNK": 64}, ("small", "bwd")),
+    "merge_rows64": ({"forward.MERGE_ROWS": 64, "backward.MERGE_ROWS": 64}, ("small", "bwd")),
 }
 VARIANT_SHAPES = {
     "s32k-b128": ((2, 16, 32768, 128, 8, ("fwd", "fwd+bwd"), False), "small"),
