@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.forward import LOG2E, SlotTiles, key_tile, workspace_rows
+from kernels.forward import LOG2E, SlotTiles, block_run, key_tile, load_picks, workspace_rows
 from kernels.layout import BlockLayout
 from kernels.routing import Routing
 from kernels.workspace import Workspace
@@ -117,18 +117,11 @@ def _dkdv_kernel(
             ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q)
     if SLOTS > 0:
-        seg = (kv_head * num_blocks + blk) * SLOTS
-        first = tl.load(seg_start_ptr + seg)
-        count = tl.sum(
-            tl.load(seg_count_ptr + seg + tl.arange(0, SLOTS_P2), mask=tl.arange(0, SLOTS_P2) < SLOTS, other=0), 0
-        )
+        first, count = block_run(seg_start_ptr, seg_count_ptr, kv_head, blk, num_blocks, SLOTS, SLOTS_P2)
         for i in range(0, count, BLOCK_M):
             r = i + tl.arange(0, BLOCK_M)
             row_ok = r < count
-            pick = tl.load(rows_ptr + first + r, mask=row_ok, other=0)
-            flat = pick // SLOTS
-            t = flat // num_q_heads
-            h = flat % num_q_heads
+            pick, flat, t, h = load_picks(rows_ptr, first + r, row_ok, SLOTS, num_q_heads)
             q_off = t[:, None] * stride_qt + h[:, None] * stride_qh + dims[None, :]
             q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
             do = tl.load(do_ptr + q_off, mask=row_ok[:, None], other=0.0)
@@ -270,9 +263,7 @@ def _past_slot_dq_kernel(
         for sub in tl.static_range(BLOCK_M // SUB_M):
             r = sub * SUB_M + tl.arange(0, SUB_M)
             row_ok = r < count
-            flat = tl.load(rows_ptr + first + r, mask=row_ok, other=0) // num_slots
-            t = flat // num_q_heads
-            h = flat % num_q_heads
+            _, flat, t, h = load_picks(rows_ptr, first + r, row_ok, num_slots, num_q_heads)
             q_off = t[:, None] * stride_qt + h[:, None] * stride_qh + dims[None, :]
             q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
             do = tl.load(do_ptr + q_off, mask=row_ok[:, None], other=0.0)

@@ -36,6 +36,48 @@ def workspace_rows(tokens, head, head0, num_tokens, SLOTS: tl.constexpr):
 
 
 @triton.jit
+def block_run(seg_start_ptr, seg_count_ptr, kv_head, blk, num_blocks, SLOTS: tl.constexpr, SLOTS_P2: tl.constexpr):
+    """(first position in rows, number of picks) of the run of (KV head, global block): its SLOTS slot
+    segments are contiguous in rows."""
+    seg = (kv_head * num_blocks + blk) * SLOTS
+    js = tl.arange(0, SLOTS_P2)
+    return tl.load(seg_start_ptr + seg), tl.sum(tl.load(seg_count_ptr + seg + js, mask=js < SLOTS, other=0), 0)
+
+
+@triton.jit
+def load_picks(rows_ptr, at, row_ok, num_slots, num_q_heads):
+    """Pick ids at rows positions `at` and their (flat query row, token, query head)."""
+    pick = tl.load(rows_ptr + at, mask=row_ok, other=0)
+    flat = pick // num_slots
+    return pick, flat, flat // num_q_heads, flat % num_q_heads
+
+
+@triton.jit
+def attend_block(
+    q, k_ptr, v_ptr, kstart, kv_head, stride_kt, stride_kh, qk_scale, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    """Online softmax of q [BLOCK_M, D] over the BLOCK_SIZE keys of a full block starting at token
+    kstart, BLOCK_N keys per step: (running max m, sum l, unnormalised output acc), base-2 logits."""
+    dims = tl.arange(0, q.shape[1])
+    m_i = tl.full([q.shape[0]], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([q.shape[0]], dtype=tl.float32)
+    acc = tl.zeros([q.shape[0], q.shape[1]], dtype=tl.float32)
+    for n0 in range(0, BLOCK_SIZE, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        kv_off = (kstart + cols)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
+        k = tl.load(k_ptr + kv_off)
+        v = tl.load(v_ptr + kv_off)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def column(tile, j: tl.constexpr, SLOTS_P2: tl.constexpr):
     """Column j of a [BLOCK_M, SLOTS_P2] tile of the picks."""
     return tl.sum(tl.where(tl.arange(0, SLOTS_P2)[None, :] == j, tile, 0), 1)
@@ -179,10 +221,7 @@ def _past_run_fwd_kernel(
     blk = tl.load(order_ptr + pid // kv_heads)
     kv_head = kv_head0 + pid % kv_heads
     kstart = tl.load(start_ptr + blk)
-    seg = (kv_head * num_blocks + blk) * SLOTS
-    first = tl.load(seg_start_ptr + seg)
-    js = tl.arange(0, SLOTS_P2)
-    count = tl.sum(tl.load(seg_count_ptr + seg + js, mask=js < SLOTS, other=0), 0)
+    first, count = block_run(seg_start_ptr, seg_count_ptr, kv_head, blk, num_blocks, SLOTS, SLOTS_P2)
     dims = tl.arange(0, HEAD_DIM)
     cols = tl.arange(0, BLOCK_N)
     if BLOCK_N >= BLOCK_SIZE:
@@ -192,10 +231,7 @@ def _past_run_fwd_kernel(
     for i in range(0, count, BLOCK_M):
         r = i + tl.arange(0, BLOCK_M)
         row_ok = r < count
-        pick = tl.load(rows_ptr + first + r, mask=row_ok, other=0)
-        flat = pick // SLOTS
-        t = flat // num_q_heads
-        h = flat % num_q_heads
+        pick, flat, t, h = load_picks(rows_ptr, first + r, row_ok, SLOTS, num_q_heads)
         q = tl.load(
             q_ptr + t[:, None] * stride_qt + h[:, None] * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0
         )
@@ -208,20 +244,9 @@ def _past_run_fwd_kernel(
             l_i = tl.sum(p, 1)
             acc = tl.dot(p.to(v.dtype), v)
         else:
-            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-            acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-            for n0 in range(0, BLOCK_SIZE, BLOCK_N):
-                kv_off = (kstart + n0 + cols)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
-                kt = tl.load(k_ptr + kv_off)
-                vt = tl.load(v_ptr + kv_off)
-                s = tl.dot(q, tl.trans(kt)) * qk_scale
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                p = tl.exp2(s - m_new[:, None])
-                alpha = tl.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-                m_i = m_new
+            m_i, l_i, acc = attend_block(
+                q, k_ptr, v_ptr, kstart, kv_head, stride_kt, stride_kh, qk_scale, BLOCK_SIZE, BLOCK_N
+            )
         idx = workspace_rows(t, h, kv_head0 * GROUP, num_tokens, SLOTS) + pick % SLOTS
         tl.store(
             part_out_ptr + idx[:, None] * HEAD_DIM + dims[None, :],
@@ -270,28 +295,14 @@ def _past_slot_fwd_kernel(
         r = tl.arange(0, BLOCK_M)
         row_ok = r < count
         first = tl.load(tile_start_ptr + pid)
-        flat = tl.load(rows_ptr + first + r, mask=row_ok, other=0) // num_slots
-        t = flat // num_q_heads
-        h = flat % num_q_heads
+        _, _, t, h = load_picks(rows_ptr, first + r, row_ok, num_slots, num_q_heads)
         dims = tl.arange(0, HEAD_DIM)
         q = tl.load(
             q_ptr + t[:, None] * stride_qt + h[:, None] * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0
         )
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        for n0 in range(0, BLOCK_SIZE, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            kv_off = (kstart + cols)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
-            k = tl.load(k_ptr + kv_off)
-            v = tl.load(v_ptr + kv_off)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        m_i, l_i, acc = attend_block(
+            q, k_ptr, v_ptr, kstart, kv_head, stride_kt, stride_kh, qk_scale, BLOCK_SIZE, BLOCK_N
+        )
         lse_part = m_i + tl.log2(l_i)
         o_ptrs = out_ptr + t[:, None] * stride_ot + h[:, None] * stride_oh + dims[None, :]
         lse_ptrs = lse_ptr + t * stride_lt + h

@@ -72,5 +72,5 @@ def _build_layout(cu_seqlens: torch.Tensor, block_size: int, total_tokens: int, 
     tables = np.stack([start, length, local, first_of_seq[seq], order]).astype(np.int32)
     tables = torch.from_numpy(tables)
     if torch.device(device).type == "cuda":  # pinned: the copy does not wait for the GPU's queue
-        tables = tables.pin_memory().to(device, non_blocking=True)
-    return BlockLayout(*tables.to(device).unbind(0), num_blocks)
+        tables = tables.pin_memory()
+    return BlockLayout(*tables.to(device, non_blocking=True).unbind(0), num_blocks)
