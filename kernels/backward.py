@@ -5,8 +5,10 @@
   gathered queries of all past slots (one contiguous run of the routing rows).
 - dQ, workspace passes (kernels/workspace.py): every dK/dV program writes the dQ partials of its
   keys for its block's picks from the dS already in its registers (one row per pick and key tile, at
-  the pick's (query head, token, slot) row); the causal current-block kernel then adds each query's
-  partials, contiguous, and writes dQ once, in q's dtype.
+  the pick's (query head, token, slot) row). Blocks of one key tile (up to 128 keys): the program
+  holds all the keys of its block, so it also writes the complete causal dQ of the block's own
+  queries into dq, and `_dq_merge_kernel` adds each query's partials (a pure read of contiguous
+  rows); larger blocks: the causal current-block kernel computes that part and adds the partials.
 - dQ, slot passes: the current-block kernel writes fp32 dQ and one gathered pass per slot adds into
   it in place (a (query, head) appears once per slot, so no two programs touch the same row).
 Gathered dQ programs walk their tile (64 or 128 rows, `SlotTiles`) in 64-row sub-tiles: a 128-row
@@ -56,6 +58,7 @@ def _dkdv_kernel(
     seg_start_ptr,
     seg_count_ptr,
     part_dq_ptr,
+    dq_ptr,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -69,19 +72,22 @@ def _dkdv_kernel(
     kv_heads,
     GROUP: tl.constexpr,
     SLOTS: tl.constexpr,
-    SLOTS_P2: tl.constexpr,
+    SEGS: tl.constexpr,
+    SEGS_P2: tl.constexpr,
     TILES_PER_BLOCK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DQ_WORKSPACE: tl.constexpr,
     DQ_TRANSPOSED: tl.constexpr,
+    CURRENT_DQ: tl.constexpr,
 ):
     """dK, dV of BLOCK_N keys of one (block, KV head). Grid (NB * TILES_PER_BLOCK * kv_heads,): blocks
     in the order of order_ptr (heaviest first: a sequence's first blocks are picked by most of its
     queries), then KV heads kv_head0.., then key tiles. DQ_WORKSPACE: also write this key tile's dQ
     partial of every gathered pick into part_dq [rows, TILES_PER_BLOCK, D] at the pick's row
-    (forward.workspace_rows + slot).
+    (forward.workspace_rows + slot). CURRENT_DQ (one key tile per block): also write the dQ of the
+    block's own queries from their causal dS, complete, into dq (contiguous [T, Hq, D]).
 
     q and dO share q's strides; lse and delta are contiguous [T, Hq]; dK, dV share k's strides.
     """
@@ -114,10 +120,14 @@ def _dkdv_kernel(
             p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
             p_t = tl.where((cols[:, None] <= rows[None, :]) & row_ok[None, :], p_t, 0.0)
             dv += tl.dot(p_t.to(do.dtype), do)
-            ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
-            dk += tl.dot(ds_t.to(q.dtype), q)
+            ds_t = (p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])).to(q.dtype)
+            dk += tl.dot(ds_t, q)
+            if CURRENT_DQ:
+                dq = tl.trans(tl.dot(tl.trans(k), ds_t)) * scale
+                dq_off = ((start + rows) * num_q_heads + head)[:, None] * HEAD_DIM + dims[None, :]
+                tl.store(dq_ptr + dq_off, dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
     if SLOTS > 0:
-        first, count = block_run(seg_start_ptr, seg_count_ptr, kv_head, blk, num_blocks, SLOTS, SLOTS_P2)
+        first, count = block_run(seg_start_ptr, seg_count_ptr, kv_head, blk, num_blocks, SEGS, SEGS_P2)
         for i in range(0, count, BLOCK_M):
             r = i + tl.arange(0, BLOCK_M)
             row_ok = r < count
@@ -222,6 +232,37 @@ def _current_block_dq_kernel(
 
 
 @triton.jit
+def _dq_merge_kernel(
+    dq_ptr,
+    part_dq_ptr,
+    num_past_ptr,
+    num_q_heads,
+    num_tokens,
+    head0,
+    HEAD_DIM: tl.constexpr,
+    ROWS: tl.constexpr,
+    SLOTS: tl.constexpr,
+):
+    """dq[t, h] += the dQ partials of (t, h)'s past picks (workspace rows from forward.workspace_rows,
+    valid slots 0 .. num_past - 1), for ROWS tokens of head head0 + axis 1: a pure read of contiguous
+    partials (the causal part is already in dq, from the dK/dV programs). Grid (cdiv(T, ROWS), heads)."""
+    head = head0 + tl.program_id(1)
+    tokens = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    ok = tokens < num_tokens
+    dims = tl.arange(0, HEAD_DIM)
+    flat = tokens * num_q_heads + head
+    num_past = tl.load(num_past_ptr + flat, mask=ok, other=0)
+    base = workspace_rows(tokens, head, head0, num_tokens, SLOTS)
+    dq_ptrs = dq_ptr + flat[:, None] * HEAD_DIM + dims[None, :]
+    dq = tl.load(dq_ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
+    for j in tl.static_range(SLOTS):
+        dq += tl.load(
+            part_dq_ptr + (base + j)[:, None] * HEAD_DIM + dims[None, :], mask=(j < num_past)[:, None], other=0.0
+        ).to(tl.float32)
+    tl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit
 def _past_slot_dq_kernel(
     q_ptr,
     k_ptr,
@@ -296,6 +337,9 @@ DKDV_TILES_128 = DkdvTiles(128, 32, 8, 3)
 DQ_TRANSPOSED = True  # dQ partials as (K^T dS^T)^T: a 32-row dS^T operand is too small for wgmma
 MERGE_ROWS = 32  # query rows of a merging current-block program: more, shorter programs hide the gathers better
 MERGE_WARPS = 4  # warps of the current-block dQ kernel when it merges partials: more programs in flight
+CURRENT_DQ_IN_DKDV = True  # blocks of one key tile: the dK/dV programs write the causal dQ, a pure merge adds partials
+DQ_MERGE_ROWS = 64  # tokens per program of the pure dQ merge
+DQ_MERGE_WARPS = 4
 
 
 def dkdv_tiles(block_size: int, dim: int) -> DkdvTiles:
@@ -318,19 +362,20 @@ def attention_backward(
     lse,
     layout: BlockLayout,
     routing: Routing,
+    slots: int,
     block_size: int,
     scale: float,
     tiles: SlotTiles,
     work: Workspace,
 ):
     """dq, dk, dv for contiguous q [T, Hq, D], k, v [T, Hkv, D], out/dout [T, Hq, D], lse2 fp32 [T, Hq];
-    `routing` was built with `tiles.query_tile` rows per slot tile, with slot tiles if work.kv_heads == 0
-    (slot passes); `work` from kernels.workspace.backward_plan."""
+    `routing` of `slots` past picks per query was built with `tiles.query_tile` rows per slot tile,
+    with slot tiles if work.kv_heads == 0 (slot passes); `work` from kernels.workspace.backward_plan."""
     total, hq, dim = q.shape
     hkv = k.shape[1]
     group = hq // hkv
     nb = layout.num_blocks
-    slots = routing.seg_start.shape[2]
+    segs = routing.seg_start.shape[2]
     use_workspace = work.kv_heads > 0  # the plan gives slot passes when nothing is past (top-1)
     dq = torch.empty(total, hq, dim, dtype=q.dtype if use_workspace else torch.float32, device=q.device)
     dk = torch.empty_like(k)
@@ -345,6 +390,7 @@ def attention_backward(
     ktiles = block_size // kv_tiles.key_tile
     block_m = min(MERGE_ROWS if use_workspace else 64, triton.next_power_of_2(block_size))
     per_block = triton.cdiv(block_size, block_m)
+    current_dq = use_workspace and ktiles == 1 and CURRENT_DQ_IN_DKDV
 
     def dkdv(kv_head0, heads, part_dq):
         _dkdv_kernel[(nb * ktiles * heads,)](
@@ -363,6 +409,7 @@ def attention_backward(
             routing.seg_start,
             routing.seg_count,
             dq if part_dq is None else part_dq,
+            dq,
             q.stride(0),
             q.stride(1),
             k.stride(0),
@@ -376,13 +423,15 @@ def attention_backward(
             heads,
             GROUP=group,
             SLOTS=slots,
-            SLOTS_P2=max(2, triton.next_power_of_2(slots)),
+            SEGS=segs,
+            SEGS_P2=max(2, triton.next_power_of_2(segs)),
             TILES_PER_BLOCK=ktiles,
             HEAD_DIM=dim,
             BLOCK_M=kv_tiles.query_step,
             BLOCK_N=kv_tiles.key_tile,
             DQ_WORKSPACE=part_dq is not None,
             DQ_TRANSPOSED=DQ_TRANSPOSED,
+            CURRENT_DQ=current_dq,
             num_warps=kv_tiles.warps,
             num_stages=kv_tiles.stages,
         )
@@ -460,5 +509,19 @@ def attention_backward(
     for h0 in range(0, hkv, work.kv_heads):
         heads = min(work.kv_heads, hkv - h0)
         dkdv(h0, heads, part_dq)
-        current(h0 * group, heads * group, part_dq)
+        if current_dq:
+            _dq_merge_kernel[(triton.cdiv(total, DQ_MERGE_ROWS), heads * group)](
+                dq,
+                part_dq,
+                routing.num_past,
+                hq,
+                total,
+                h0 * group,
+                HEAD_DIM=dim,
+                ROWS=DQ_MERGE_ROWS,
+                SLOTS=slots,
+                num_warps=DQ_MERGE_WARPS,
+            )
+        else:
+            current(h0 * group, heads * group, part_dq)
     return dq, dk, dv

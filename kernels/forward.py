@@ -36,12 +36,12 @@ def workspace_rows(tokens, head, head0, num_tokens, SLOTS: tl.constexpr):
 
 
 @triton.jit
-def block_run(seg_start_ptr, seg_count_ptr, kv_head, blk, num_blocks, SLOTS: tl.constexpr, SLOTS_P2: tl.constexpr):
-    """(first position in rows, number of picks) of the run of (KV head, global block): its SLOTS slot
-    segments are contiguous in rows."""
-    seg = (kv_head * num_blocks + blk) * SLOTS
-    js = tl.arange(0, SLOTS_P2)
-    return tl.load(seg_start_ptr + seg), tl.sum(tl.load(seg_count_ptr + seg + js, mask=js < SLOTS, other=0), 0)
+def block_run(seg_start_ptr, seg_count_ptr, kv_head, blk, num_blocks, SEGS: tl.constexpr, SEGS_P2: tl.constexpr):
+    """(first position in rows, number of picks) of the run of (KV head, global block): its SEGS
+    segments (1 for run keys, one per slot for slot keys) are contiguous in rows."""
+    seg = (kv_head * num_blocks + blk) * SEGS
+    js = tl.arange(0, SEGS_P2)
+    return tl.load(seg_start_ptr + seg), tl.sum(tl.load(seg_count_ptr + seg + js, mask=js < SEGS, other=0), 0)
 
 
 @triton.jit
@@ -205,7 +205,8 @@ def _past_run_fwd_kernel(
     kv_heads,
     GROUP: tl.constexpr,
     SLOTS: tl.constexpr,
-    SLOTS_P2: tl.constexpr,
+    SEGS: tl.constexpr,
+    SEGS_P2: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -221,7 +222,7 @@ def _past_run_fwd_kernel(
     blk = tl.load(order_ptr + pid // kv_heads)
     kv_head = kv_head0 + pid % kv_heads
     kstart = tl.load(start_ptr + blk)
-    first, count = block_run(seg_start_ptr, seg_count_ptr, kv_head, blk, num_blocks, SLOTS, SLOTS_P2)
+    first, count = block_run(seg_start_ptr, seg_count_ptr, kv_head, blk, num_blocks, SEGS, SEGS_P2)
     dims = tl.arange(0, HEAD_DIM)
     cols = tl.arange(0, BLOCK_N)
     if BLOCK_N >= BLOCK_SIZE:
@@ -356,15 +357,24 @@ MERGE_WARPS = 4  # warps of the current-block kernel when it merges partials: mo
 
 
 def attention_forward(
-    q, k, v, layout: BlockLayout, routing: Routing, block_size: int, scale: float, tiles: SlotTiles, work: Workspace
+    q,
+    k,
+    v,
+    layout: BlockLayout,
+    routing: Routing,
+    slots: int,
+    block_size: int,
+    scale: float,
+    tiles: SlotTiles,
+    work: Workspace,
 ):
     """out [T, Hq, D] (q's dtype) and lse2 fp32 [T, Hq] for contiguous q [T, Hq, D], k, v [T, Hkv, D];
-    `routing` was built with `tiles.query_tile` rows per slot tile and slot tiles if work.kv_heads == 0
-    (slot passes), with num_past otherwise."""
+    `routing` of `slots` past picks per query was built with `tiles.query_tile` rows per slot tile and
+    slot tiles if work.kv_heads == 0 (slot passes)."""
     total, hq, dim = q.shape
     hkv = k.shape[1]
     group = hq // hkv
-    slots = routing.seg_start.shape[2]
+    segs = routing.seg_start.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty(total, hq, dtype=torch.float32, device=q.device)
     if layout.num_blocks == 0:
@@ -471,7 +481,8 @@ def attention_forward(
             heads,
             GROUP=group,
             SLOTS=slots,
-            SLOTS_P2=slots_p2,
+            SEGS=segs,
+            SEGS_P2=max(2, triton.next_power_of_2(segs)),
             BLOCK_SIZE=block_size,
             HEAD_DIM=dim,
             BLOCK_M=run.query_step,

@@ -33,10 +33,11 @@ class MobaAttentionFunction(torch.autograd.Function):
             tiles.query_tile,
             slot_tiles=fwd_work.kv_heads == 0 or (grads and bwd_work.kv_heads == 0),
         )
-        out, lse = attention_forward(q, k, v, layout, routing, block_size, softmax_scale, tiles, fwd_work)
+        out, lse = attention_forward(q, k, v, layout, routing, topk - 1, block_size, softmax_scale, tiles, fwd_work)
         ctx.save_for_backward(q, k, v, out, lse, *layout[:5], *routing)
         ctx.num_blocks = layout.num_blocks
         ctx.block_size = block_size
+        ctx.slots = topk - 1
         ctx.softmax_scale = softmax_scale
         ctx.tiles = tiles
         ctx.work = bwd_work
@@ -56,6 +57,7 @@ class MobaAttentionFunction(torch.autograd.Function):
             lse,
             layout,
             Routing(*routing),
+            ctx.slots,
             ctx.block_size,
             ctx.softmax_scale,
             ctx.tiles,

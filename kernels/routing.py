@@ -6,12 +6,16 @@ selections are split into topk-1 slots (column j of the selection); within one s
 appears at most once.
 
 `rows` lists pick ids (flat * S + slot, flat = t * Hq + h: the pick's index in the [T, Hq, S] past
-columns of the selection) sorted by (KV head, global block, slot, group head): the picks of one (KV
-head, block, slot) are contiguous (a slot segment), and so are all the picks of one (KV head, block)
-across slots and group heads (a run, which the workspace passes and dK/dV walk), and all the picks of
-one KV head. Slot passes walk slot tiles [S, max_tiles]: per slot, tiles of block_m picks that never
-cross a slot segment (they merge in place into per-query state). A tile's `seg` is its global
-segment kv_head * NB + block.
+columns of the selection) grouped by (KV head, global block): all the picks of one (KV head, block)
+across slots and group heads are contiguous (a run, which the workspace passes and dK/dV walk), and
+so are all the picks of one KV head. Two orders:
+- run keys (workspace passes): within a run, picks in ascending pick id (token-major). The sort key
+  is the run id kv_head * NB + block alone, int16 where it fits: a 2-pass radix sort instead of 4;
+- slot keys (slot passes): within a run, by (slot, group head), so the picks of one (KV head, block,
+  slot) are contiguous too (a slot segment). Slot passes walk slot tiles [S, max_tiles]: per slot,
+  tiles of block_m picks that never cross a slot segment (they merge in place into per-query
+  state). A tile's `seg` is its global segment kv_head * NB + block.
+`seg_start` and `seg_count` bound the segments: [Hkv, NB, 1] (runs) or [Hkv, NB, S] (slot segments).
 
 The gating writes a query's past picks first, ascending, so its valid slots are 0 .. num_past - 1:
 the workspace passes find a pick's partial result by (query, head, slot) with no inverse index.
@@ -29,10 +33,10 @@ from kernels.layout import BlockLayout
 
 
 class Routing(NamedTuple):
-    rows: torch.Tensor  # int32 [S * T * Hq] pick ids flat * S + slot, sorted (entries past the valid ones unused)
+    rows: torch.Tensor  # int64 [S * T * Hq] pick ids flat * S + slot, grouped (entries past the valid ones unused)
     num_past: torch.Tensor  # int32 [T * Hq] past picks of each (query, head)
-    seg_start: torch.Tensor  # int32 [Hkv, NB, S] first position in rows of each slot segment
-    seg_count: torch.Tensor  # int32 [Hkv, NB, S] length of each slot segment
+    seg_start: torch.Tensor  # int32 [Hkv, NB, 1 or S] first position in rows of each run or slot segment
+    seg_count: torch.Tensor  # int32 [Hkv, NB, 1 or S] length of each run or slot segment
     tile_seg: torch.Tensor  # int32 [S, max_tiles] segment of a slot tile (set where tile_count > 0)
     tile_start: torch.Tensor  # int32 [S, max_tiles] first position in rows of the tile (where tile_count > 0)
     tile_count: torch.Tensor  # int32 [S, max_tiles] valid rows in the tile (0 for no tile)
@@ -55,10 +59,12 @@ def _pick_keys_kernel(
     SLOTS_P2: tl.constexpr,
     ROWS: tl.constexpr,
     TILES_PER_BLOCK: tl.constexpr,
+    RUN_KEYS: tl.constexpr,
 ):
-    """Sort key of every past pick of ROWS queries of one block and one head (the empty key
-    num_keys = Hq * NB * SLOTS where a slot holds no past pick) and each query's number of past
-    picks. Grid (NB * TILES_PER_BLOCK, Hq); sel is contiguous [T, Hq, TOPK]."""
+    """Sort key of every past pick of ROWS queries of one block and one head, and each query's number
+    of past picks. RUN_KEYS: the run id kv_head * NB + block (empty slots -1, sorted first); else the
+    slot segment key (empty slots Hq * NB * SLOTS, sorted last). Grid (NB * TILES_PER_BLOCK, Hq); sel
+    is contiguous [T, Hq, TOPK]; keys in keys_ptr's dtype."""
     blk = tl.program_id(0) // TILES_PER_BLOCK
     head = tl.program_id(1)
     start = tl.load(start_ptr + blk)
@@ -72,9 +78,12 @@ def _pick_keys_kernel(
     ok = row_ok[:, None] & (js < SLOTS)[None, :]
     past = tl.load(sel_ptr + flat[:, None] * TOPK + js[None, :], mask=ok, other=-1)
     valid = (past >= 0) & (past != current)
-    key = (((head // GROUP) * num_blocks + first + past) * SLOTS + js[None, :]) * GROUP + head % GROUP
-    key = tl.where(valid, key, num_q_heads * num_blocks * SLOTS)
-    tl.store(keys_ptr + flat[:, None] * SLOTS + js[None, :], key, mask=ok)
+    run = (head // GROUP) * num_blocks + first + past
+    if RUN_KEYS:
+        key = tl.where(valid, run, -1)
+    else:
+        key = tl.where(valid, (run * SLOTS + js[None, :]) * GROUP + head % GROUP, num_q_heads * num_blocks * SLOTS)
+    tl.store(keys_ptr + flat[:, None] * SLOTS + js[None, :], key.to(keys_ptr.dtype.element_ty), mask=ok)
     tl.store(num_past_ptr + flat, tl.sum(valid.to(tl.int32), 1), mask=row_ok)
 
 
@@ -108,11 +117,14 @@ def _slot_tiles_kernel(
         tl.store(tile_count_ptr + base + j, tl.minimum(count - j * BLOCK_M, BLOCK_M), mask=ok)
 
 
+SHORT_KEYS_MAX = 32766  # run keys are int16 while every run id and its bound fit (Hkv * NB <= this)
+
+
 def route(
     selection: torch.Tensor, layout: BlockLayout, num_kv_heads: int, block_size: int, block_m: int, slot_tiles: bool
 ) -> Routing:
-    """Routing of selection int32 [T, Hq, topk] (contiguous; no host sync); `slot_tiles`: build the slot
-    tiles of block_m picks (slot passes only).
+    """Routing of selection int32 [T, Hq, topk] (contiguous; no host sync). `slot_tiles` (slot passes):
+    slot keys and the slot tiles of block_m picks; otherwise run keys.
 
     Pass the selection without keeping another reference: it is freed before the sort.
     """
@@ -124,8 +136,13 @@ def route(
     none = torch.empty(0, 0, dtype=torch.int32, device=device)
     if slots == 0 or nb == 0:
         empty = torch.empty(num_kv_heads, nb, slots, dtype=torch.int32, device=device)
-        return Routing(none.view(-1), none.view(-1), empty, empty, none, none, none)
-    keys = torch.empty(total * hq * slots, dtype=torch.int32, device=device)
+        return Routing(none.view(-1).long(), none.view(-1), empty, empty, none, none, none)
+    num_runs = num_kv_heads * nb
+    if slot_tiles:
+        segs, key_dtype = slots * group, torch.int32  # one key per (run, slot, group head)
+    else:
+        segs, key_dtype = 1, torch.int16 if num_runs <= SHORT_KEYS_MAX else torch.int32
+    keys = torch.empty(total * hq * slots, dtype=key_dtype, device=device)
     num_past = torch.empty(total * hq, dtype=torch.int32, device=device)
     rows_per_program = 64
     tiles = triton.cdiv(block_size, rows_per_program)
@@ -145,28 +162,27 @@ def route(
         SLOTS_P2=max(2, triton.next_power_of_2(slots)),
         ROWS=rows_per_program,
         TILES_PER_BLOCK=tiles,
+        RUN_KEYS=not slot_tiles,
     )
     del selection
-    keys, order = torch.sort(keys, stable=True)
-    rows = order.to(torch.int32)  # a key's index is its pick id
-    del order
+    keys, rows = torch.sort(keys, stable=True)  # a key's index is its pick id; int64 rows (no conversion pass)
     # Segment bounds by binary search in the sorted keys: torch.bincount syncs with the host (it
     # reads the input's min and max) and its atomics contend when few segments hold many picks.
-    bounds = torch.searchsorted(keys, torch.arange(0, hq * nb * slots + 1, group, device=device, dtype=keys.dtype))
+    step = group if slot_tiles else 1  # slot keys count group heads apart; a slot segment spans them
+    bounds = torch.searchsorted(keys, torch.arange(0, num_runs * segs + 1, step, device=device, dtype=keys.dtype))
     del keys
-    seg_start = bounds[:-1].int().view(num_kv_heads, nb, slots)
-    seg_count = (bounds[1:] - bounds[:-1]).int().view(num_kv_heads, nb, slots)
+    seg_start = bounds[:-1].int().view(num_kv_heads, nb, segs // step)
+    seg_count = (bounds[1:] - bounds[:-1]).int().view(num_kv_heads, nb, segs // step)
     slot_tables = (none, none, none)
     if slot_tiles:
-        num_segs = num_kv_heads * nb
-        max_tiles = triton.cdiv(total * hq, block_m) + num_segs
-        tiles_end = torch.cumsum(((seg_count + block_m - 1) // block_m).view(num_segs, slots).t(), 1)
+        max_tiles = triton.cdiv(total * hq, block_m) + num_runs
+        tiles_end = torch.cumsum(((seg_count + block_m - 1) // block_m).view(num_runs, slots).t(), 1)
         slot_tables = (
             torch.empty(slots, max_tiles, dtype=torch.int32, device=device),
             torch.empty(slots, max_tiles, dtype=torch.int32, device=device),
             torch.zeros(slots, max_tiles, dtype=torch.int32, device=device),
         )
-        _slot_tiles_kernel[(num_segs, slots)](
-            seg_start, seg_count, tiles_end, *slot_tables, num_segs, max_tiles, SLOTS=slots, BLOCK_M=block_m, STEP=64
+        _slot_tiles_kernel[(num_runs, slots)](
+            seg_start, seg_count, tiles_end, *slot_tables, num_runs, max_tiles, SLOTS=slots, BLOCK_M=block_m, STEP=64
         )
     return Routing(rows, num_past, seg_start, seg_count, *slot_tables)

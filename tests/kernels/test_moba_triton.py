@@ -151,3 +151,48 @@ def test_block_layout_matches_a_walk_and_is_cached_per_tensor_version():
     cu[1] = 90  # in place: the version counter moves, the layout is rebuilt
     rebuilt = block_layout(cu, 16, 200, torch.device("cpu"))
     assert list(zip(*(t.tolist() for t in rebuilt[:4]))) == naive_layout(cu.tolist(), 16)
+
+
+@pytest.mark.parametrize("keys", ["run_int16", "run_int32", "slot"])
+def test_routing_groups_every_past_pick_under_its_block(keys, monkeypatch):
+    # Routing against a direct walk of the selection: every (KV head, block) run holds exactly the
+    # picks of that block (run keys: ascending pick ids; slot keys: one segment per slot, in order).
+    from kernels import routing
+
+    if keys == "run_int32":
+        monkeypatch.setattr(routing, "SHORT_KEYS_MAX", 0)
+    cu, hq, hkv, dim, block, topk, _ = CASES[0]
+    q, k, _, cu_t = inputs(cu, hq, hkv, dim, torch.float32)
+    layout = block_layout(cu_t, block, cu[-1], q.device)
+    sel = moba_selection_naive(q, k, cu_seqlens=cu_t, block_size=block, topk=topk)
+    slots, group, nb = topk - 1, hq // hkv, layout.num_blocks
+    r = routing.route(sel.clone(), layout, hkv, block, 64, slot_tiles=keys == "slot")
+    assert r.rows.dtype == torch.int64
+    expected = {}  # (kv head, global block, slot) -> pick ids, ascending
+    block_of = {}
+    for b in range(nb):
+        for t in range(layout.start[b], layout.start[b] + layout.length[b]):
+            block_of[t] = b
+    num_past = torch.zeros(cu[-1] * hq, dtype=torch.int32)
+    for t in range(cu[-1]):
+        b = block_of[t]
+        for h in range(hq):
+            for j in range(slots):
+                past = int(sel[t, h, j])
+                if past >= 0 and past != int(layout.local[b]):
+                    flat = t * hq + h
+                    num_past[flat] += 1
+                    expected.setdefault((h // group, int(layout.first[b]) + past, j), []).append(flat * slots + j)
+    assert torch.equal(r.num_past, num_past)
+    segs = r.seg_start.shape[2]
+    assert segs == (slots if keys == "slot" else 1)
+    for kv in range(hkv):
+        for b in range(nb):
+            picks = [r.rows[r.seg_start[kv, b, s] : r.seg_start[kv, b, s] + r.seg_count[kv, b, s]] for s in range(segs)]
+            want = [sorted(expected.get((kv, b, j), [])) for j in range(slots)]
+            if keys == "slot":  # within a slot segment: by group head, then token
+                assert [sorted(p.tolist()) for p in picks] == want
+                assert all(r.seg_start[kv, b, s] + r.seg_count[kv, b, s] == r.seg_start[kv, b, s + 1]
+                           for s in range(segs - 1))
+            else:
+                assert picks[0].tolist() == sorted(sum(want, []))
