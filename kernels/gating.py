@@ -23,6 +23,7 @@ FMA dot made gating the forward's bottleneck, bench/NOTES.md)."""
 GATE_WARPS = 4
 GATE_ROWS = 64  # queries per program
 GATE_CHUNK = 32  # candidate blocks per step of the streaming top-k (smaller chunks: fewer insertion rounds)
+GATE_FIXED_ROUNDS = True  # insertion rounds per chunk bounded up front instead of a while loop
 
 
 @triton.jit
@@ -54,6 +55,23 @@ def _block_mean_kernel(
 
 
 @triton.jit
+def _insert_best(scores, cand, best_s, best_i, floor, chunk_max, cols, KP: tl.constexpr):
+    """One insertion round: in every row whose best remaining chunk entry (chunk_max, lowest index on
+    ties) beats its weakest kept entry (floor), that entry replaces the weakest kept one (the highest
+    index among equals) and leaves the chunk. Returns the updated (scores, best_s, best_i, floor, chunk_max)."""
+    NONE: tl.constexpr = 2147483647
+    take = chunk_max > floor
+    chunk_arg = tl.min(tl.where(scores == chunk_max[:, None], cand[None, :], NONE), 1)
+    weakest = tl.max(tl.where(best_s == floor[:, None], best_i, -1), 1)
+    slot = tl.min(tl.where((best_s == floor[:, None]) & (best_i == weakest[:, None]), cols[None, :], KP), 1)
+    put = take[:, None] & (cols[None, :] == slot[:, None])
+    best_s = tl.where(put, chunk_max[:, None], best_s)
+    best_i = tl.where(put, chunk_arg[:, None], best_i)
+    scores = tl.where(take[:, None] & (cand[None, :] == chunk_arg[:, None]), float("-inf"), scores)
+    return scores, best_s, best_i, tl.min(best_s, 1), tl.max(scores, 1)
+
+
+@triton.jit
 def _gate_topk_kernel(
     q_ptr,
     mean_ptr,
@@ -77,6 +95,7 @@ def _gate_topk_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
     PRECISION: tl.constexpr,
+    FIXED_ROUNDS: tl.constexpr,
 ):
     """Selection of a tile of BLOCK_M queries of one block. Grid (NB * TILES_PER_BLOCK, Hq / HEADS_PER_PROGRAM).
 
@@ -120,17 +139,17 @@ def _gate_topk_kernel(
         # entries qualify, so this loop usually runs a couple of times, not TOPK-1.
         floor = tl.min(best_s, 1)
         chunk_max = tl.max(scores, 1)
-        while tl.max((chunk_max > floor).to(tl.int32), 0) > 0:
-            take = chunk_max > floor
-            chunk_arg = tl.min(tl.where(scores == chunk_max[:, None], cand[None, :], NONE), 1)
-            weakest = tl.max(tl.where(best_s == floor[:, None], best_i, -1), 1)
-            slot = tl.min(tl.where((best_s == floor[:, None]) & (best_i == weakest[:, None]), cols[None, :], KP), 1)
-            put = take[:, None] & (cols[None, :] == slot[:, None])
-            best_s = tl.where(put, chunk_max[:, None], best_s)
-            best_i = tl.where(put, chunk_arg[:, None], best_i)
-            scores = tl.where(take[:, None] & (cand[None, :] == chunk_arg[:, None]), float("-inf"), scores)
-            floor = tl.min(best_s, 1)
-            chunk_max = tl.max(scores, 1)
+        if FIXED_ROUNDS:  # rounds bounded once per chunk: no block-wide reduction per round
+            rounds = tl.minimum(tl.max(tl.sum((scores > floor[:, None]).to(tl.int32), 1), 0), TOPK - 1)
+            for _ in range(rounds):
+                scores, best_s, best_i, floor, chunk_max = _insert_best(
+                    scores, cand, best_s, best_i, floor, chunk_max, cols, KP
+                )
+        else:
+            while tl.max((chunk_max > floor).to(tl.int32), 0) > 0:
+                scores, best_s, best_i, floor, chunk_max = _insert_best(
+                    scores, cand, best_s, best_i, floor, chunk_max, cols, KP
+                )
     # Output: the past picks ascending, then the current block, then NO_BLOCK padding.
     past = tl.sort(best_i, 1)
     num_past = tl.sum((best_i != NONE).to(tl.int32), 1)
@@ -197,6 +216,7 @@ def select_blocks(q, k, layout: BlockLayout, block_size: int, topk: int, shared_
         BLOCK_M=block_m,
         BLOCK_C=GATE_CHUNK,
         PRECISION=GATE_PRECISION,
+        FIXED_ROUNDS=GATE_FIXED_ROUNDS,
         num_warps=GATE_WARPS,
     )
     return sel
