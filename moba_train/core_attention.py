@@ -14,6 +14,7 @@ Context parallelism will sit between these conversions and the attention call.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -37,8 +38,15 @@ def to_thd(query, key, value, packed_seq_params: Optional[PackedSeqParams]):
     assert packed_seq_params is None, "packed sequences reach the core attention only in thd format"
     sq, b = query.shape[:2]
     q, k, v = (x.transpose(0, 1).reshape(b * sq, *x.shape[2:]) for x in (query, key, value))
-    cu_seqlens = torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32, device=query.device)
-    return q, k, v, cu_seqlens
+    return q, k, v, sbhd_cu_seqlens(b, sq, query.device)
+
+
+@functools.lru_cache(maxsize=16)
+def sbhd_cu_seqlens(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
+    """int32 [0, s, 2s, ..., b*s], one tensor per shape: every layer of every step passes the same
+    object, so the attention's host-side tables (bounds, block layouts) are built once, not once per
+    layer (each build reads the tensor: a host sync). Never modify it in place."""
+    return torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
 
 
 def from_thd(out_thd: torch.Tensor, query: torch.Tensor, packed_seq_params: Optional[PackedSeqParams]):

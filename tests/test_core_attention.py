@@ -57,3 +57,16 @@ def test_moba_core_attention_on_sbhd_equals_the_definition_per_sample():
         cu = torch.tensor([0, sq], dtype=torch.int32)
         expected = moba_attention_naive(q[:, i], k[:, i], v[:, i], cu_seqlens=cu, block_size=16, topk=2)
         torch.testing.assert_close(out[:, i], expected.reshape(sq, HQ * D), rtol=1e-5, atol=1e-5)
+
+
+def test_sbhd_layers_share_one_cu_seqlens_tensor():
+    # The attention's host tables are cached per cu_seqlens tensor: sbhd calls of the same shape must
+    # pass the same object (one host read per shape, not one per layer).
+    from moba_train.core_attention import to_thd
+
+    x = torch.randn(16, 2, 4, 8)  # [s, b, heads, D]
+    *_, cu1 = to_thd(x, x, x, None)
+    *_, cu2 = to_thd(x.clone(), x, x, None)
+    assert cu1 is cu2 and cu1.tolist() == [0, 16, 32] and cu1.dtype == torch.int32
+    *_, cu3 = to_thd(torch.randn(8, 3, 4, 8), torch.randn(8, 3, 4, 8), torch.randn(8, 3, 4, 8), None)
+    assert cu3.tolist() == [0, 8, 16, 24]

@@ -41,6 +41,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +91,23 @@ def auto_backend(
     return "naive" if max_seqlen * max_seqlen * num_heads < NAIVE_MAX_WORK else "torch"
 
 
+_BOUNDS: dict = {}  # id(cu_seqlens) -> (weakref, version, bounds)
+
+
+def _host_bounds(cu_seqlens: torch.Tensor) -> list[int]:
+    """cu_seqlens as a list of ints, cached per tensor and version: reading a CUDA tensor syncs with the
+    host and drains the GPU's queue, and every attention layer of a step gets the same cu_seqlens
+    (a write that bypasses the version counter, e.g. through `.data`, is not seen)."""
+    hit = _BOUNDS.get(id(cu_seqlens))
+    if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
+        return hit[2]
+    bounds = cu_seqlens.tolist()
+    for dead in [key for key, (ref, _, _) in _BOUNDS.items() if ref() is None]:
+        del _BOUNDS[dead]
+    _BOUNDS[id(cu_seqlens)] = (weakref.ref(cu_seqlens), cu_seqlens._version, bounds)
+    return bounds
+
+
 def _check_qkv(q, k, v, cu_seqlens) -> list[int]:
     """Validate layouts, dtypes and devices; return cu_seqlens as a list of ints."""
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -119,7 +137,7 @@ def _check_qkv(q, k, v, cu_seqlens) -> list[int]:
         raise ValueError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}; use cu_seqlens.to(torch.int32).")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError(f"cu_seqlens must be 1-D [num_seqs + 1], got shape {tuple(cu_seqlens.shape)}.")
-    bounds = cu_seqlens.tolist()
+    bounds = _host_bounds(cu_seqlens)
     if bounds[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}.")
     if any(b < a for a, b in zip(bounds[:-1], bounds[1:])):

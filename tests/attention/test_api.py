@@ -181,3 +181,28 @@ def test_triton_backend_on_cpu_without_interpreter_is_rejected(monkeypatch):
     args = _good()
     with pytest.raises(ValueError, match="triton"):
         moba_attention(args.pop("q"), args.pop("k"), args.pop("v"), backend="triton", **args)
+
+
+def test_cu_seqlens_are_read_once_per_tensor_and_again_after_an_in_place_write(monkeypatch):
+    # Reading a CUDA cu_seqlens is a host sync: every layer of a step passes the same tensor, so only
+    # the first read may happen; an in-place write (a new version) must be seen, and still validated.
+    reads = []
+    real = torch.Tensor.tolist
+
+    def counting_tolist(self):
+        reads.append(self)
+        return real(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+    q, k, v = (torch.randn(32, 2, 8) for _ in range(3))
+    cu = torch.tensor([0, 20, 32], dtype=torch.int32)
+    first = moba_attention(q, k, v, cu_seqlens=cu, block_size=8, topk=2, backend="torch")
+    again = moba_attention(q, k, v, cu_seqlens=cu, block_size=8, topk=2, backend="torch")
+    assert len([r for r in reads if r is cu]) == 1 and torch.equal(first, again)
+    cu[1] = 12
+    moved = moba_attention(q, k, v, cu_seqlens=cu, block_size=8, topk=2, backend="torch")
+    want = moba_attention_naive(q, k, v, cu_seqlens=torch.tensor([0, 12, 32], dtype=torch.int32), block_size=8, topk=2)
+    assert len([r for r in reads if r is cu]) == 2 and torch.allclose(moved, want, atol=1e-5)
+    cu[1] = 40
+    with pytest.raises(ValueError, match="monotonic"):
+        moba_attention(q, k, v, cu_seqlens=cu, block_size=8, topk=2, backend="torch")
