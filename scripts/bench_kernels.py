@@ -29,6 +29,7 @@ import kernels.backward
 import kernels.forward
 import kernels.gating
 import kernels.interface
+import kernels.routing
 import kernels.workspace
 from kernels import moba_attention_triton, moba_selection_triton
 
@@ -241,8 +242,12 @@ def kernel_breakdown(name, batch, heads, seq_len, block, topk, passes, dense, di
 SLOTS = {"workspace.INFERENCE_BUDGET": 0.0, "workspace.TRAINING_BUDGET": 0.0}
 VARIANTS = {  # the variants measured in each session are in bench/NOTES.md and bench/results/triton_variants_*.json
     "workspace": ({}, "all"),
-    "slots": (SLOTS, ("small", "bwd")),
-    "merge_rows64": ({"forward.MERGE_ROWS": 64, "backward.MERGE_ROWS": 64}, ("small", "bwd")),
+    "gate_while": ({"gating.GATE_FIXED_ROUNDS": False}, ("small",)),
+    "current_dq_kernel": ({"backward.CURRENT_DQ_IN_DKDV": False}, ("small",)),
+    "int32_run_keys": ({"routing.SHORT_KEYS_MAX": 0}, ("small",)),
+    "dq_merge_rows32": ({"backward.DQ_MERGE_ROWS": 32}, ("small",)),
+    "dq_merge_w8": ({"backward.DQ_MERGE_WARPS": 8}, ("small",)),
+    "slots": (SLOTS, ("bwd",)),
 }
 VARIANT_SHAPES = {
     "s32k-b128": ((2, 16, 32768, 128, 8, ("fwd", "fwd+bwd"), False), "small"),
@@ -257,6 +262,7 @@ MODULES = {
     "backward": kernels.backward,
     "forward": kernels.forward,
     "gating": kernels.gating,
+    "routing": kernels.routing,
 }
 
 
@@ -270,18 +276,32 @@ def apply_variant(overrides: dict) -> dict:
     return previous
 
 
-def compare_variants(result: dict, save) -> None:
+def gating_probe(result: dict) -> None:
+    """Selection alone at s32k-b128 with top-8 and top-2: the same scores and loads, but top-2 keeps one
+    entry per row (at most one insertion round per chunk), so the gap is the cost of the top-k upkeep."""
+    total, heads, dim = 65536, 16, 128
+    cu = torch.arange(0, total + 1, 32768, dtype=torch.int32, device="cuda")
+    q, k = (torch.randn(total, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    result["gating_probe"] = {
+        f"top{topk}": do_bench(lambda: moba_selection_triton(q, k, cu, 128, topk), warmup=25, rep=200)
+        for topk in (8, 2)
+    }
+    print("gating probe (ms):", result["gating_probe"], flush=True)
+
+
+def compare_variants(result: dict, save, names=None) -> None:
     """Correctness of every variant (selection, out, dq, dk, dv vs the fp32 naive definition), then
     timings ("all" variants time every shape; others the shapes of their kind and "all")."""
     naive = load_naive()
     result.update(correctness={}, timings=[], breakdown=[])
-    for name, (overrides, _) in VARIANTS.items():
+    variants = {name: VARIANTS[name] for name in (names or VARIANTS)}
+    for name, (overrides, _) in variants.items():
         previous = apply_variant(overrides)
         print("== correctness", name, flush=True)
         result["correctness"][name] = check_correctness(naive)
         apply_variant(previous)
         save()
-    for name, (overrides, which) in VARIANTS.items():
+    for name, (overrides, which) in variants.items():
         previous = apply_variant(overrides)
         for shape, (args, kind) in VARIANT_SHAPES.items():
             if which == "all" or kind in which:
@@ -318,6 +338,8 @@ def main():
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--variants", action="store_true", help="compare variants (writes variants.json)")
+    parser.add_argument("--variant-names", help="comma-separated subset of VARIANTS (default: all)")
+    parser.add_argument("--gating-probe", action="store_true", help="time selection at top-8 and top-2")
     head = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True).stdout.strip()
     parser.add_argument(
         "--commit", default=head or "unknown", help="commit of the kernels (the device copy has no .git)"
@@ -339,7 +361,9 @@ def main():
         out_file.write_text(json.dumps(result, indent=1))
 
     if args.variants:
-        compare_variants(result, save)
+        if args.gating_probe:
+            gating_probe(result)
+        compare_variants(result, save, args.variant_names.split(",") if args.variant_names else None)
         return
 
     if not args.skip_check:
