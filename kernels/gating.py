@@ -8,6 +8,8 @@ current block always selected; candidates are the blocks strictly before it; tie
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -20,10 +22,13 @@ GATE_PRECISION = "tf32x3"
 """fp32 gate products on tensor cores as three TF32 products: fp32-level accuracy (the plain "ieee"
 FMA dot made gating the forward's bottleneck, bench/NOTES.md)."""
 
+GATE_BF16_SPLIT = True
+"""bf16 queries: products against the fp32 means split into three bf16 parts (exact, see the kernel)
+instead of TF32x3; fp16 and fp32 queries keep TF32x3 (fp16 residuals would underflow)."""
+
 GATE_WARPS = 4
 GATE_ROWS = 64  # queries per program
 GATE_CHUNK = 32  # candidate blocks per step of the streaming top-k (smaller chunks: fewer insertion rounds)
-GATE_FIXED_ROUNDS = True  # insertion rounds per chunk bounded up front instead of a while loop
 
 
 @triton.jit
@@ -72,6 +77,18 @@ def _insert_best(scores, cand, best_s, best_i, floor, chunk_max, cols, KP: tl.co
 
 
 @triton.jit
+def _split_dot(q, hi, mid, lo, EMULATE: tl.constexpr):
+    """q @ (hi + mid + lo), smallest part first, in fp32. EMULATE (the Triton interpreter, whose bf16
+    tl.dot is wrong in triton 3.6): the same exact products as fp32 "ieee" dots."""
+    if EMULATE:
+        q = q.to(tl.float32)
+        s = tl.dot(q, lo.to(tl.float32), input_precision="ieee")
+        s = tl.dot(q, mid.to(tl.float32), s, input_precision="ieee")
+        return tl.dot(q, hi.to(tl.float32), s, input_precision="ieee")
+    return tl.dot(q, hi, tl.dot(q, mid, tl.dot(q, lo)))
+
+
+@triton.jit
 def _gate_topk_kernel(
     q_ptr,
     mean_ptr,
@@ -95,7 +112,8 @@ def _gate_topk_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
     PRECISION: tl.constexpr,
-    FIXED_ROUNDS: tl.constexpr,
+    BF16_SPLIT: tl.constexpr,
+    EMULATE_BF16_DOT: tl.constexpr,
 ):
     """Selection of a tile of BLOCK_M queries of one block. Grid (NB * TILES_PER_BLOCK, Hq / HEADS_PER_PROGRAM).
 
@@ -120,7 +138,9 @@ def _gate_topk_kernel(
     best_s = tl.where(cols[None, :] < TOPK - 1, tl.full([BLOCK_M, KP], float("-inf"), dtype=tl.float32), float("inf"))
     best_i = tl.full([BLOCK_M, KP], NONE, dtype=tl.int32)
     q_ptrs = q_ptr + (start + rows)[:, None] * stride_qt + dims[None, :]
-    q0 = tl.load(q_ptrs + head0 * stride_qh, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    q0 = tl.load(q_ptrs + head0 * stride_qh, mask=row_ok[:, None], other=0.0)
+    if not BF16_SPLIT:
+        q0 = q0.to(tl.float32)
     for c0 in range(0, current, BLOCK_C):
         cand = c0 + tl.arange(0, BLOCK_C)
         cand_ok = cand < current
@@ -129,27 +149,35 @@ def _gate_topk_kernel(
             mask=cand_ok[:, None],
             other=0.0,
         )
-        scores = tl.dot(q0, tl.trans(means), input_precision=PRECISION)
-        for g in tl.static_range(1, HEADS_PER_PROGRAM):
-            q = tl.load(q_ptrs + (head0 + g) * stride_qh, mask=row_ok[:, None], other=0.0).to(tl.float32)
-            scores += tl.dot(q, tl.trans(means), input_precision=PRECISION)
+        if BF16_SPLIT:
+            # bf16 q times fp32 means, exactly: means = hi + mid + lo in bf16 (3 x 8 significand bits
+            # hold fp32's 24), each bf16 x bf16 product is exact in the fp32 accumulator: three bf16
+            # matmuls (twice the TF32 rate) and q stays bf16 (no per-chunk split of q).
+            hi = means.to(tl.bfloat16)
+            rest = means - hi.to(tl.float32)
+            mid = rest.to(tl.bfloat16)
+            lo = tl.trans((rest - mid.to(tl.float32)).to(tl.bfloat16))
+            mid = tl.trans(mid)
+            hi = tl.trans(hi)
+            scores = _split_dot(q0, hi, mid, lo, EMULATE_BF16_DOT)
+            for g in tl.static_range(1, HEADS_PER_PROGRAM):
+                q = tl.load(q_ptrs + (head0 + g) * stride_qh, mask=row_ok[:, None], other=0.0)
+                scores += _split_dot(q, hi, mid, lo, EMULATE_BF16_DOT)
+        else:
+            scores = tl.dot(q0, tl.trans(means), input_precision=PRECISION)
+            for g in tl.static_range(1, HEADS_PER_PROGRAM):
+                q = tl.load(q_ptrs + (head0 + g) * stride_qh, mask=row_ok[:, None], other=0.0).to(tl.float32)
+                scores += tl.dot(q, tl.trans(means), input_precision=PRECISION)
         scores = tl.where(cand_ok[None, :], scores, float("-inf"))
         # Insert chunk entries that beat the row's weakest kept entry, best first (lowest index on
         # ties), each evicting the weakest (highest index among equals). After the first chunks few
         # entries qualify, so this loop usually runs a couple of times, not TOPK-1.
         floor = tl.min(best_s, 1)
         chunk_max = tl.max(scores, 1)
-        if FIXED_ROUNDS:  # rounds bounded once per chunk: no block-wide reduction per round
-            rounds = tl.minimum(tl.max(tl.sum((scores > floor[:, None]).to(tl.int32), 1), 0), TOPK - 1)
-            for _ in range(rounds):
-                scores, best_s, best_i, floor, chunk_max = _insert_best(
-                    scores, cand, best_s, best_i, floor, chunk_max, cols, KP
-                )
-        else:
-            while tl.max((chunk_max > floor).to(tl.int32), 0) > 0:
-                scores, best_s, best_i, floor, chunk_max = _insert_best(
-                    scores, cand, best_s, best_i, floor, chunk_max, cols, KP
-                )
+        while tl.max((chunk_max > floor).to(tl.int32), 0) > 0:
+            scores, best_s, best_i, floor, chunk_max = _insert_best(
+                scores, cand, best_s, best_i, floor, chunk_max, cols, KP
+            )
     # Output: the past picks ascending, then the current block, then NO_BLOCK padding.
     past = tl.sort(best_i, 1)
     num_past = tl.sum((best_i != NONE).to(tl.int32), 1)
@@ -216,7 +244,8 @@ def select_blocks(q, k, layout: BlockLayout, block_size: int, topk: int, shared_
         BLOCK_M=block_m,
         BLOCK_C=GATE_CHUNK,
         PRECISION=GATE_PRECISION,
-        FIXED_ROUNDS=GATE_FIXED_ROUNDS,
+        BF16_SPLIT=GATE_BF16_SPLIT and q.dtype == torch.bfloat16,
+        EMULATE_BF16_DOT=os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=GATE_WARPS,
     )
     return sel

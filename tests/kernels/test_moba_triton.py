@@ -59,6 +59,22 @@ def test_selection_ties_go_to_lower_block_index():
     assert got[1055, 0].tolist() == [0, 1, 65]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_selection_resolves_gate_scores_finer_than_the_input_dtype(dtype):
+    # Block 1's mean key exceeds block 0's by 2^-11 per dimension (one key row of 1 + 2^-7 among 16):
+    # the means round to the same bf16, so a gate that rounds them to the input dtype ties and picks
+    # block 0; the fp32 definition picks block 1.
+    cu, dim, block = [0, 48], 16, 16
+    k = torch.ones(48, 1, dim)
+    k[16] = 1 + 2**-7
+    q = torch.ones(48, 1, dim)
+    q, k, cu_t = q.to(dtype), k.to(dtype), torch.tensor(cu, dtype=torch.int32)
+    got = moba_selection_triton(q, k, cu_t, block, 2)
+    want = moba_selection_naive(q, k, cu_seqlens=cu_t, block_size=block, topk=2)
+    assert torch.equal(got, want)
+    assert got[40, 0].tolist() == [1, 2]
+
+
 # How the past picks run (kernels/workspace.py): all KV heads in one workspace chunk, one KV head
 # per chunk, or slot passes without a workspace.
 PASSES = {"workspace": (1e9, None), "workspace_per_kv_head": (1e9, 1), "slots": (0.0, None)}
