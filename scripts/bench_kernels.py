@@ -242,11 +242,11 @@ def kernel_breakdown(name, batch, heads, seq_len, block, topk, passes, dense, di
 SLOTS = {"workspace.INFERENCE_BUDGET": 0.0, "workspace.TRAINING_BUDGET": 0.0}
 VARIANTS = {  # the variants measured in each session are in bench/NOTES.md and bench/results/triton_variants_*.json
     "workspace": ({}, "all"),
-    "gate_while": ({"gating.GATE_FIXED_ROUNDS": False}, ("small",)),
+    "gate_tf32x3": ({"gating.GATE_BF16_SPLIT": False}, ("small",)),
+    "gate_chunk64": ({"gating.GATE_CHUNK": 64}, ("small",)),
+    "gate_rows128_w8": ({"gating.GATE_ROWS": 128, "gating.GATE_WARPS": 8}, ("small",)),
     "current_dq_kernel": ({"backward.CURRENT_DQ_IN_DKDV": False}, ("small",)),
     "int32_run_keys": ({"routing.SHORT_KEYS_MAX": 0}, ("small",)),
-    "dq_merge_rows32": ({"backward.DQ_MERGE_ROWS": 32}, ("small",)),
-    "dq_merge_w8": ({"backward.DQ_MERGE_WARPS": 8}, ("small",)),
     "slots": (SLOTS, ("bwd",)),
 }
 VARIANT_SHAPES = {
@@ -277,16 +277,22 @@ def apply_variant(overrides: dict) -> dict:
 
 
 def gating_probe(result: dict) -> None:
-    """Selection alone at s32k-b128 with top-8 and top-2: the same scores and loads, but top-2 keeps one
-    entry per row (at most one insertion round per chunk), so the gap is the cost of the top-k upkeep."""
+    """Selection alone at s32k-b128 with top-8 and top-2 (the same scores and loads, but top-2 keeps one
+    entry per row: the gap is the cost of the top-k upkeep), and a near tie finer than bf16: block 1's
+    mean key exceeds block 0's by 2^-11 per dimension, so only an fp32-exact gate picks block 1."""
     total, heads, dim = 65536, 16, 128
     cu = torch.arange(0, total + 1, 32768, dtype=torch.int32, device="cuda")
     q, k = (torch.randn(total, heads, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    result["gating_probe"] = {
-        f"top{topk}": do_bench(lambda: moba_selection_triton(q, k, cu, 128, topk), warmup=25, rep=200)
+    probe = {
+        f"top{topk}_ms": do_bench(lambda: moba_selection_triton(q, k, cu, 128, topk), warmup=25, rep=200)
         for topk in (8, 2)
     }
-    print("gating probe (ms):", result["gating_probe"], flush=True)
+    k = torch.ones(48, 1, 16, device="cuda")
+    k[16] = 1 + 2**-7
+    tie = moba_selection_triton(torch.ones_like(k).bfloat16(), k.bfloat16(), cu.new_tensor([0, 48]), 16, 2)
+    probe["near_tie_picks_block_1"] = tie[40, 0].tolist() == [1, 2]
+    result["gating_probe"] = probe
+    print("gating probe:", probe, flush=True)
 
 
 def compare_variants(result: dict, save, names=None) -> None:
