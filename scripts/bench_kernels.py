@@ -247,6 +247,7 @@ VARIANTS = {  # the variants measured in each session are in bench/NOTES.md and 
     "gate_rows128_w8": ({"gating.GATE_ROWS": 128, "gating.GATE_WARPS": 8}, ("small",)),
     "current_dq_kernel": ({"backward.CURRENT_DQ_IN_DKDV": False}, ("small",)),
     "int32_run_keys": ({"routing.SHORT_KEYS_MAX": 0}, ("small",)),
+    "dq_merge_rows64": ({"backward.DQ_MERGE_ROWS": 64}, ("small",)),
     "slots": (SLOTS, ("bwd",)),
 }
 VARIANT_SHAPES = {
