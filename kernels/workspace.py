@@ -13,8 +13,9 @@ no workspace, so they serve shapes where even one KV head's partials would not f
 
 In the backward the dK/dV program (up to 128 keys of a block) computes the dQ partials of its
 keys for the block's picks from the dS already in its registers, so a pick's dQ comes in key-tiles
-partials (1 for blocks up to 128 keys, 4 for 512) and no pass recomputes scores for past dQ; the
-current-block dQ kernel adds them to the causal part it computes. Blocks of more than
+partials (1 for blocks up to 128 keys, 4 for 512) and no pass recomputes scores for past dQ. Blocks
+of one key tile also get their causal dQ from the dK/dV programs and a pure merge adds the partials;
+larger blocks' current-block dQ kernel adds them to the causal part it computes. Blocks of more than
 MAX_KEY_TILES key tiles use slot passes. dQ partials are in q's dtype (the dtype of the dQ they
 sum to; fp32 partials measured slower for no gain that matters, bench/NOTES.md).
 
