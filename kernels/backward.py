@@ -31,6 +31,20 @@ from kernels.workspace import Workspace
 
 
 @triton.jit
+def add_dq_partials(dq, part_dq_ptr, base, num_past, SLOTS: tl.constexpr, KTILES: tl.constexpr):
+    """dq [rows, D] fp32 plus the rows' dQ partials from the workspace: KTILES rows per pick from
+    `base` (forward.workspace_rows * KTILES), valid slots 0 .. num_past - 1."""
+    dims = tl.arange(0, dq.shape[1])
+    for j in tl.static_range(SLOTS * KTILES):
+        dq += tl.load(
+            part_dq_ptr + (base + j)[:, None] * dq.shape[1] + dims[None, :],
+            mask=(j // KTILES < num_past)[:, None],
+            other=0.0,
+        ).to(tl.float32)
+    return dq
+
+
+@triton.jit
 def _delta_kernel(o_ptr, do_ptr, delta_ptr, num_rows, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
     """delta[r] = sum_d O[r, d] * dO[r, d] over rows r of contiguous [T * Hq, D]. Grid (cdiv(rows, ROWS),)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -222,12 +236,7 @@ def _current_block_dq_kernel(
     if MERGE:
         base = workspace_rows(start + rows, head, head0, num_tokens, SLOTS) * KTILES
         num_past = tl.load(num_past_ptr + flat, mask=row_ok, other=0)
-        for j in tl.static_range(SLOTS * KTILES):
-            dq += tl.load(
-                part_dq_ptr + (base + j)[:, None] * HEAD_DIM + dims[None, :],
-                mask=(j // KTILES < num_past)[:, None],
-                other=0.0,
-            ).to(tl.float32)
+        dq = add_dq_partials(dq, part_dq_ptr, base, num_past, SLOTS, KTILES)
     tl.store(dq_ptr + flat[:, None] * HEAD_DIM + dims[None, :], dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -255,10 +264,7 @@ def _dq_merge_kernel(
     base = workspace_rows(tokens, head, head0, num_tokens, SLOTS)
     dq_ptrs = dq_ptr + flat[:, None] * HEAD_DIM + dims[None, :]
     dq = tl.load(dq_ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
-    for j in tl.static_range(SLOTS):
-        dq += tl.load(
-            part_dq_ptr + (base + j)[:, None] * HEAD_DIM + dims[None, :], mask=(j < num_past)[:, None], other=0.0
-        ).to(tl.float32)
+    dq = add_dq_partials(dq, part_dq_ptr, base, num_past, SLOTS, 1)
     tl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=ok[:, None])
 
 

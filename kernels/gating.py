@@ -26,6 +26,8 @@ GATE_BF16_SPLIT = True
 """bf16 queries: products against the fp32 means split into three bf16 parts (exact, see the kernel)
 instead of TF32x3; fp16 and fp32 queries keep TF32x3 (fp16 residuals would underflow)."""
 
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read once, as Triton does when it decorates
+
 GATE_WARPS = 4
 GATE_ROWS = 64  # queries per program
 GATE_CHUNK = 32  # candidate blocks per step of the streaming top-k (smaller chunks: fewer insertion rounds)
@@ -77,15 +79,26 @@ def _insert_best(scores, cand, best_s, best_i, floor, chunk_max, cols, KP: tl.co
 
 
 @triton.jit
-def _split_dot(q, hi, mid, lo, EMULATE: tl.constexpr):
-    """q @ (hi + mid + lo), smallest part first, in fp32. EMULATE (the Triton interpreter, whose bf16
-    tl.dot is wrong in triton 3.6): the same exact products as fp32 "ieee" dots."""
-    if EMULATE:
-        q = q.to(tl.float32)
-        s = tl.dot(q, lo.to(tl.float32), input_precision="ieee")
-        s = tl.dot(q, mid.to(tl.float32), s, input_precision="ieee")
-        return tl.dot(q, hi.to(tl.float32), s, input_precision="ieee")
-    return tl.dot(q, hi, tl.dot(q, mid, tl.dot(q, lo)))
+def _gate_dot(q, means, PRECISION: tl.constexpr, BF16_SPLIT: tl.constexpr, EMULATE: tl.constexpr):
+    """fp32 scores q @ means^T of q [M, D] against fp32 means [C, D].
+
+    BF16_SPLIT (q in bf16): the means are split exactly into three bf16 parts, hi + mid + lo (3 x 8
+    significand bits hold fp32's 24), and each bf16 x bf16 product is exact in the fp32 accumulator:
+    three bf16 matmuls (twice the TF32 rate), smallest part first, and q stays bf16. EMULATE (the
+    Triton interpreter, whose bf16 tl.dot is wrong in triton 3.6): the same exact products as fp32
+    "ieee" dots. Otherwise q is fp32 and the product takes PRECISION."""
+    if BF16_SPLIT:
+        hi = means.to(tl.bfloat16)
+        rest = means - hi.to(tl.float32)
+        mid = rest.to(tl.bfloat16)
+        lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+        if EMULATE:
+            q = q.to(tl.float32)
+            s = tl.dot(q, tl.trans(lo.to(tl.float32)), input_precision="ieee")
+            s = tl.dot(q, tl.trans(mid.to(tl.float32)), s, input_precision="ieee")
+            return tl.dot(q, tl.trans(hi.to(tl.float32)), s, input_precision="ieee")
+        return tl.dot(q, tl.trans(hi), tl.dot(q, tl.trans(mid), tl.dot(q, tl.trans(lo))))
+    return tl.dot(q, tl.trans(means), input_precision=PRECISION)
 
 
 @triton.jit
@@ -149,25 +162,12 @@ def _gate_topk_kernel(
             mask=cand_ok[:, None],
             other=0.0,
         )
-        if BF16_SPLIT:
-            # bf16 q times fp32 means, exactly: means = hi + mid + lo in bf16 (3 x 8 significand bits
-            # hold fp32's 24), each bf16 x bf16 product is exact in the fp32 accumulator: three bf16
-            # matmuls (twice the TF32 rate) and q stays bf16 (no per-chunk split of q).
-            hi = means.to(tl.bfloat16)
-            rest = means - hi.to(tl.float32)
-            mid = rest.to(tl.bfloat16)
-            lo = tl.trans((rest - mid.to(tl.float32)).to(tl.bfloat16))
-            mid = tl.trans(mid)
-            hi = tl.trans(hi)
-            scores = _split_dot(q0, hi, mid, lo, EMULATE_BF16_DOT)
-            for g in tl.static_range(1, HEADS_PER_PROGRAM):
-                q = tl.load(q_ptrs + (head0 + g) * stride_qh, mask=row_ok[:, None], other=0.0)
-                scores += _split_dot(q, hi, mid, lo, EMULATE_BF16_DOT)
-        else:
-            scores = tl.dot(q0, tl.trans(means), input_precision=PRECISION)
-            for g in tl.static_range(1, HEADS_PER_PROGRAM):
-                q = tl.load(q_ptrs + (head0 + g) * stride_qh, mask=row_ok[:, None], other=0.0).to(tl.float32)
-                scores += tl.dot(q, tl.trans(means), input_precision=PRECISION)
+        scores = _gate_dot(q0, means, PRECISION, BF16_SPLIT, EMULATE_BF16_DOT)
+        for g in tl.static_range(1, HEADS_PER_PROGRAM):
+            q = tl.load(q_ptrs + (head0 + g) * stride_qh, mask=row_ok[:, None], other=0.0)
+            if not BF16_SPLIT:
+                q = q.to(tl.float32)
+            scores += _gate_dot(q, means, PRECISION, BF16_SPLIT, EMULATE_BF16_DOT)
         scores = tl.where(cand_ok[None, :], scores, float("-inf"))
         # Insert chunk entries that beat the row's weakest kept entry, best first (lowest index on
         # ties), each evicting the weakest (highest index among equals). After the first chunks few
@@ -245,7 +245,7 @@ def select_blocks(q, k, layout: BlockLayout, block_size: int, topk: int, shared_
         BLOCK_C=GATE_CHUNK,
         PRECISION=GATE_PRECISION,
         BF16_SPLIT=GATE_BF16_SPLIT and q.dtype == torch.bfloat16,
-        EMULATE_BF16_DOT=os.environ.get("TRITON_INTERPRET") == "1",
+        EMULATE_BF16_DOT=_INTERPRETED,
         num_warps=GATE_WARPS,
     )
     return sel

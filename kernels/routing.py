@@ -138,10 +138,10 @@ def route(
         empty = torch.empty(num_kv_heads, nb, slots, dtype=torch.int32, device=device)
         return Routing(none.view(-1).long(), none.view(-1), empty, empty, none, none, none)
     num_runs = num_kv_heads * nb
-    if slot_tiles:
-        segs, key_dtype = slots * group, torch.int32  # one key per (run, slot, group head)
+    if slot_tiles:  # keys per run: one per (slot, group head); segments per run: one per slot
+        keys_per_run, segs, key_dtype = slots * group, slots, torch.int32
     else:
-        segs, key_dtype = 1, torch.int16 if num_runs <= SHORT_KEYS_MAX else torch.int32
+        keys_per_run, segs, key_dtype = 1, 1, torch.int16 if num_runs <= SHORT_KEYS_MAX else torch.int32
     keys = torch.empty(total * hq * slots, dtype=key_dtype, device=device)
     num_past = torch.empty(total * hq, dtype=torch.int32, device=device)
     rows_per_program = 64
@@ -168,11 +168,13 @@ def route(
     keys, rows = torch.sort(keys, stable=True)  # a key's index is its pick id; int64 rows (no conversion pass)
     # Segment bounds by binary search in the sorted keys: torch.bincount syncs with the host (it
     # reads the input's min and max) and its atomics contend when few segments hold many picks.
-    step = group if slot_tiles else 1  # slot keys count group heads apart; a slot segment spans them
-    bounds = torch.searchsorted(keys, torch.arange(0, num_runs * segs + 1, step, device=device, dtype=keys.dtype))
+    step = keys_per_run // segs  # a slot segment spans its group heads' keys
+    bounds = torch.searchsorted(
+        keys, torch.arange(0, num_runs * keys_per_run + 1, step, device=device, dtype=keys.dtype)
+    )
     del keys
-    seg_start = bounds[:-1].int().view(num_kv_heads, nb, segs // step)
-    seg_count = (bounds[1:] - bounds[:-1]).int().view(num_kv_heads, nb, segs // step)
+    seg_start = bounds[:-1].int().view(num_kv_heads, nb, segs)
+    seg_count = (bounds[1:] - bounds[:-1]).int().view(num_kv_heads, nb, segs)
     slot_tables = (none, none, none)
     if slot_tiles:
         max_tiles = triton.cdiv(total * hq, block_m) + num_runs
