@@ -87,18 +87,22 @@ def _gate_dot(q, means, PRECISION: tl.constexpr, BF16_SPLIT: tl.constexpr, EMULA
     three bf16 matmuls (twice the TF32 rate), smallest part first, and q stays bf16. EMULATE (the
     Triton interpreter, whose bf16 tl.dot is wrong in triton 3.6): the same exact products as fp32
     "ieee" dots. Otherwise q is fp32 and the product takes PRECISION."""
+    # One return at the end: Triton compiles the statements after a return inside a constexpr branch.
     if BF16_SPLIT:
         hi = means.to(tl.bfloat16)
         rest = means - hi.to(tl.float32)
         mid = rest.to(tl.bfloat16)
         lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
         if EMULATE:
-            q = q.to(tl.float32)
-            s = tl.dot(q, tl.trans(lo.to(tl.float32)), input_precision="ieee")
-            s = tl.dot(q, tl.trans(mid.to(tl.float32)), s, input_precision="ieee")
-            return tl.dot(q, tl.trans(hi.to(tl.float32)), s, input_precision="ieee")
-        return tl.dot(q, tl.trans(hi), tl.dot(q, tl.trans(mid), tl.dot(q, tl.trans(lo))))
-    return tl.dot(q, tl.trans(means), input_precision=PRECISION)
+            q32 = q.to(tl.float32)
+            s = tl.dot(q32, tl.trans(lo.to(tl.float32)), input_precision="ieee")
+            s = tl.dot(q32, tl.trans(mid.to(tl.float32)), s, input_precision="ieee")
+            s = tl.dot(q32, tl.trans(hi.to(tl.float32)), s, input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(hi), tl.dot(q, tl.trans(mid), tl.dot(q, tl.trans(lo))))
+    else:
+        s = tl.dot(q, tl.trans(means), input_precision=PRECISION)
+    return s
 
 
 @triton.jit
