@@ -6,7 +6,10 @@ setup(
     version="0.1.0",
     description="Continued pretraining of long-context Llama models with MoBA (Mixture of Block Attention)",
     python_requires=">=3.11",
-    packages=find_packages(include=["moba_train", "moba_train.*", "kernels", "kernels.*"]),
+    # The Triton kernels live in kernels/ but install as `moba_train.kernels`: a top-level `kernels`
+    # would collide with Hugging Face's hub `kernels` package, which transformers imports when present.
+    packages=find_packages(include=["moba_train", "moba_train.*"]) + ["moba_train.kernels"],
+    package_dir={"moba_train.kernels": "kernels"},
     # torch is deliberately not pinned: install the build for your machine first (CPU or CUDA).
     install_requires=[
         "torch>=2.5",

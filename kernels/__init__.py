@@ -8,7 +8,7 @@ Pipeline: layout.py (varlen block tables) -> gating.py (block means, streaming t
 block-sparse flash attention) -> interface.py (autograd). Design notes and measurements: bench/NOTES.md.
 """
 
-from kernels.gating import moba_selection_triton
-from kernels.interface import moba_attention_triton
+from .gating import moba_selection_triton
+from .interface import moba_attention_triton
 
 __all__ = ["moba_attention_triton", "moba_selection_triton"]

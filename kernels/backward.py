@@ -24,10 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.forward import LOG2E, SlotTiles, block_run, key_tile, load_picks, workspace_rows
-from kernels.layout import BlockLayout
-from kernels.routing import Routing
-from kernels.workspace import Workspace
+from .forward import LOG2E, SlotTiles, block_run, key_tile, load_picks, workspace_rows
+from .layout import BlockLayout
+from .routing import Routing
+from .workspace import Workspace
 
 
 @triton.jit

@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.layout import BlockLayout
-from kernels.routing import Routing
-from kernels.workspace import Workspace
+from .layout import BlockLayout
+from .routing import Routing
+from .workspace import Workspace
 
 LOG2E = 1.4426950408889634
 

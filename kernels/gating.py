@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.layout import BlockLayout, block_layout
+from .layout import BlockLayout, block_layout
 
 NO_BLOCK = -1
 

@@ -6,12 +6,12 @@ import math
 
 import torch
 
-from kernels import workspace
-from kernels.backward import attention_backward, dkdv_tiles
-from kernels.forward import attention_forward, slot_tiles
-from kernels.gating import check_inputs, select_blocks
-from kernels.layout import BlockLayout, block_layout
-from kernels.routing import Routing, route
+from . import workspace
+from .backward import attention_backward, dkdv_tiles
+from .forward import attention_forward, slot_tiles
+from .gating import check_inputs, select_blocks
+from .layout import BlockLayout, block_layout
+from .routing import Routing, route
 
 
 class MobaAttentionFunction(torch.autograd.Function):

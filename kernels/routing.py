@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.layout import BlockLayout
+from .layout import BlockLayout
 
 
 class Routing(NamedTuple):

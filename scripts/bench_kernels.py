@@ -20,18 +20,17 @@ import subprocess
 import time
 from pathlib import Path
 
+import moba_train.kernels.backward
+import moba_train.kernels.forward
+import moba_train.kernels.gating
+import moba_train.kernels.interface
+import moba_train.kernels.routing
+import moba_train.kernels.workspace
 import torch
 import torch.nn.functional as F
 import triton
+from moba_train.kernels import moba_attention_triton, moba_selection_triton
 from triton.testing import do_bench
-
-import kernels.backward
-import kernels.forward
-import kernels.gating
-import kernels.interface
-import kernels.routing
-import kernels.workspace
-from kernels import moba_attention_triton, moba_selection_triton
 
 
 def load_naive():
@@ -258,12 +257,12 @@ VARIANT_SHAPES = {
     "s1m-b4096": ((1, 2, 1048576, 4096, 12, ("fwd",), False), "all"),
 }
 MODULES = {
-    "workspace": kernels.workspace,
-    "interface": kernels.interface,
-    "backward": kernels.backward,
-    "forward": kernels.forward,
-    "gating": kernels.gating,
-    "routing": kernels.routing,
+    "workspace": moba_train.kernels.workspace,
+    "interface": moba_train.kernels.interface,
+    "backward": moba_train.kernels.backward,
+    "forward": moba_train.kernels.forward,
+    "gating": moba_train.kernels.gating,
+    "routing": moba_train.kernels.routing,
 }
 
 

@@ -10,8 +10,7 @@ import sys
 import time
 
 import torch
-
-from kernels import moba_attention_triton
+from moba_train.kernels import moba_attention_triton
 
 out_dir = os.environ.get("OUT", ".")
 for name, seq, block, topk in [("s32k-b128", 32768, 128, 8), ("s32k-b512", 32768, 512, 3)]:

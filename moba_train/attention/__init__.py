@@ -59,7 +59,7 @@ NAIVE_MAX_WORK = 1 << 18
 def _triton_kernel():
     """The Triton entry point, or None when `kernels` cannot be imported."""
     try:
-        return importlib.import_module("kernels").moba_attention_triton
+        return importlib.import_module("moba_train.kernels").moba_attention_triton
     except (ImportError, AttributeError):
         return None
 

@@ -6,9 +6,9 @@ on the GPU (scripts/bench_kernels.py); gating casts to fp32 and is checked in bf
 
 import pytest
 import torch
+from moba_train.kernels import moba_attention_triton, moba_selection_triton, workspace
+from moba_train.kernels.layout import block_layout
 
-from kernels import moba_attention_triton, moba_selection_triton, workspace
-from kernels.layout import block_layout
 from moba_train.attention.naive import moba_attention_naive, moba_selection_naive
 
 # (cu_seqlens, Hq, Hkv, D, block, topk, shared_gqa_selection): varlen with a 7-token sequence and
@@ -173,7 +173,7 @@ def test_block_layout_matches_a_walk_and_is_cached_per_tensor_version():
 def test_routing_groups_every_past_pick_under_its_block(keys, monkeypatch):
     # Routing against a direct walk of the selection: every (KV head, block) run holds exactly the
     # picks of that block (run keys: ascending pick ids; slot keys: one segment per slot, in order).
-    from kernels import routing
+    from moba_train.kernels import routing
 
     if keys == "run_int32":
         monkeypatch.setattr(routing, "SHORT_KEYS_MAX", 0)
