@@ -372,6 +372,46 @@ def apply_override(raw: dict, override: str) -> None:
     node[parts[-1]] = value
 
 
+def _repeated_key(node: yaml.Node, prefix: str = "", seen: set[int] | None = None) -> str | None:
+    """"key 'section.key' appears twice (lines a and b)" for the first key a mapping of the composed YAML tree
+    repeats, else None. Keys brought in by a merge (`<<: *base`) may be overridden: only written keys count."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias (`*anchor`) repeats a node already checked
+        return None
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        return next(filter(None, (_repeated_key(child, prefix, seen) for child in node.value)), None)
+    if not isinstance(node, yaml.MappingNode):
+        return None
+    lines: dict[str, int] = {}
+    for key, value in node.value:
+        if key.tag == "tag:yaml.org,2002:merge":
+            continue
+        name, line = prefix + str(key.value), key.start_mark.line + 1
+        if name in lines:
+            return f"key '{name}' appears twice (lines {lines[name]} and {line})"
+        lines[name] = line
+        found = _repeated_key(value, name + ".", seen)
+        if found:
+            return found
+    return None
+
+
+def _read_yaml_without_repeated_keys(path: Path) -> Any:
+    """The YAML document of `path`; ConfigError when a mapping repeats a key (PyYAML keeps the last silently)."""
+    loader = yaml.SafeLoader(path.read_text())
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return {}
+        repeated = _repeated_key(node)
+        if repeated:
+            raise ConfigError(f"{path}: {repeated}; keep one of them")
+        return loader.construct_document(node) or {}
+    finally:
+        loader.dispose()
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a recipe, apply overrides, validate. Raises ConfigError with one sentence."""
     raw: dict[str, Any] = {}
@@ -382,7 +422,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist; pass a recipe such as configs/tiny_moba.yaml")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = _read_yaml_without_repeated_keys(path)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""

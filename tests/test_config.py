@@ -71,3 +71,29 @@ def test_missing_file_is_a_config_error(tmp_path):
 def test_progress_bar_accepts_yaml_on_off_words():
     assert load_config(CONFIGS / "tiny_moba.yaml", ["logging.progress_bar=off"]).logging.progress_bar == "off"
     assert load_config(CONFIGS / "tiny_moba.yaml", ["logging.progress_bar=on"]).logging.progress_bar == "on"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train:\n  lr: 1.0e-3\n  steps: 10\n  lr: 2.0e-3\n", "key 'train.lr' appears twice (lines 2 and 4)"),
+        ("train:\n  steps: 10\nmodel:\n  num_layers: 2\ntrain:\n  lr: 1.0\n",
+         "key 'train' appears twice (lines 1 and 5)"),
+        ("attention:\n  layer_kinds: [moba, full]\n  mode: moba\n  mode: full\n",
+         "key 'attention.mode' appears twice (lines 3 and 4)"),
+    ],
+    ids=["key", "section", "after-a-list"],
+)
+def test_a_key_repeated_in_a_recipe_is_refused_naming_the_key_and_both_lines(tmp_path, text, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: {message}; keep one of them"
+
+
+def test_yaml_merge_keys_may_override_what_they_merge(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("train:\n  <<: {lr: 1.0e-3, steps: 10, warmup_steps: 2}\n  lr: 2.0e-3\n")
+    cfg = load_config(path)
+    assert (cfg.train.lr, cfg.train.steps, cfg.train.warmup_steps) == (2.0e-3, 10, 2)
