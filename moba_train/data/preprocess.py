@@ -1,15 +1,19 @@
 """Text -> token ids -> Megatron-Core indexed dataset (`<prefix>.bin` + `<prefix>.idx`).
 
 Input is read with Hugging Face `datasets`: local json/jsonl/parquet/txt files or directories of them
-(a .txt file is one document), or a hub dataset name. Each non-empty document is tokenized by worker
-processes, EOS is appended, and the ids are written with `IndexedDatasetBuilder` to temporary files
-that are renamed only when complete: the `.idx` is published last, so an interrupted run never leaves
-a prefix that opens. Re-running skips a prefix that is already complete unless `overwrite`.
+(a .txt file is one document), or a hub dataset name. The text field must hold one UTF-8 string per
+document; documents whose text is null or empty are skipped and counted. Each document is tokenized by
+worker processes, EOS is appended, and the ids are written with `IndexedDatasetBuilder` into a staging
+directory beside the prefix (moba_train.staging) and renamed out of it only when complete: the `.idx`
+is published last, so an interrupted run never leaves a prefix that opens, and the staging a killed run
+left behind is removed by the next run. Re-running skips a prefix that is already complete unless
+`overwrite`.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import multiprocessing
 import os
 from dataclasses import dataclass
@@ -19,6 +23,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from moba_train.config import ConfigError
+from moba_train.staging import remove_stale_staging, staging_dir
 
 FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
@@ -32,6 +37,19 @@ class DataError(ConfigError):
 
 def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [""])[0]
+
+
+def _not_utf8(source: str, exc: UnicodeDecodeError, document: int | None = None) -> DataError:
+    where = f"document {document}: " if document is not None else ""
+    return DataError(f"input '{source}' is not UTF-8 text ({where}{exc.reason}); convert it to UTF-8, "
+                     "e.g. iconv -f latin1 -t utf-8")
+
+
+def _decode_error(exc: BaseException) -> UnicodeDecodeError | None:
+    """The UnicodeDecodeError behind `exc` (datasets wraps the reader's errors), if any."""
+    while exc is not None and not isinstance(exc, UnicodeDecodeError):
+        exc = exc.__cause__ or exc.__context__
+    return exc
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -93,6 +111,8 @@ def load_documents(source: str, text_field: str = "text"):
     except DataError:
         raise
     except Exception as exc:  # datasets raises many types for unreadable or unreachable input
+        if (decode_error := _decode_error(exc)) is not None:
+            raise _not_utf8(source, decode_error) from None
         raise DataError(f"input '{source}' cannot be read ({type(exc).__name__}: {_first_line(exc)}); "
                         "pass existing json/jsonl/parquet/txt files or a reachable hub dataset") from None
     if text_field not in ds.column_names:
@@ -100,21 +120,44 @@ def load_documents(source: str, text_field: str = "text"):
                         "pass --text-field with one of them")
     if len(ds) == 0:
         raise DataError(f"input '{source}' is empty; it holds no documents")
+    feature = ds.features[text_field]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "null")):
+        # Not a string column (numbers, lists, objects, or a mix): name the first document that is not text.
+        texts = (row[text_field] for row in ds)
+        number, value = next(((i, v) for i, v in enumerate(texts, 1) if not isinstance(v, (str, type(None)))),
+                             (1, None))
+        raise DataError(f"field '{text_field}' of document {number} of input '{source}' is of type "
+                        f"{type(value).__name__}, not a string; each document must be one string (join lists "
+                        "before preprocessing, or pass --text-field with another field)")
     return ds
+
+
+def _document_texts(docs, source: str, text_field: str = "text") -> Iterator[str | None]:
+    """The text of each document of `load_documents`, in order (None where it is null)."""
+    read = 0
+    try:
+        for row in docs:
+            yield row[text_field]
+            read += 1
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(source, exc, read + 1) from None
 
 
 @dataclass
 class DocumentStats:
-    """Token counts per written document (EOS included)."""
+    """Token counts per written document (EOS included), and how many documents had no text to write."""
 
     lengths: np.ndarray
+    skipped: int = 0
+    """Documents whose text was null or empty."""
 
     def summary(self) -> str:
         n, lengths = len(self.lengths), self.lengths
         p50, p90, p99 = np.percentile(lengths, [50, 90, 99]).astype(int)
         long = ", ".join(f">={k // 1024}K: {(lengths >= k).sum()}" for k in LONG_CONTEXT_LENGTHS)
-        return (f"{n} documents, {int(lengths.sum())} tokens; length min {lengths.min()} / p50 {p50} / "
-                f"p90 {p90} / p99 {p99} / max {lengths.max()}; documents {long}")
+        return (f"{n} documents, {int(lengths.sum())} tokens ({self.skipped} skipped: null or empty text); "
+                f"length min {lengths.min()} / p50 {p50} / p90 {p90} / p99 {p99} / max {lengths.max()}; "
+                f"documents {long}")
 
 
 _worker_tokenizer = None
@@ -129,11 +172,14 @@ def _encode(texts: list[str]) -> list[list[int]]:
     return _worker_tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def _batches(texts: Iterable[str]) -> Iterator[list[str]]:
+def _batches(texts: Iterable[str | None], stats: DocumentStats) -> Iterator[list[str]]:
+    """Batches of the non-empty texts; the others are counted in `stats.skipped`."""
     batch = []
     for text in texts:
-        if text:
-            batch.append(text)
+        if not text:
+            stats.skipped += 1
+            continue
+        batch.append(text)
         if len(batch) == BATCH_DOCUMENTS:
             yield batch
             batch = []
@@ -141,11 +187,11 @@ def _batches(texts: Iterable[str]) -> Iterator[list[str]]:
         yield batch
 
 
-def _encoded_in_pool(texts: Iterable[str], pool, workers: int) -> Iterator[list[list[int]]]:
-    """Batches encoded by the pool, in order. `texts` is read here, in the calling thread (not in the pool's
+def _encoded_in_pool(batches: Iterable[list[str]], pool, workers: int) -> Iterator[list[list[int]]]:
+    """Batches encoded by the pool, in order. `batches` is read here, in the calling thread (not in the pool's
     feeder thread), so that an error or ^C while reading surfaces at once instead of stalling the pool."""
     pending = collections.deque()
-    for batch in _batches(texts):
+    for batch in batches:
         pending.append(pool.apply_async(_encode, (batch,)))
         if len(pending) > 2 * workers:
             yield pending.popleft().get()
@@ -157,21 +203,32 @@ def is_complete(prefix: str | os.PathLike) -> bool:
     return Path(f"{prefix}.idx").is_file() and Path(f"{prefix}.bin").is_file()
 
 
-def write_indexed_dataset(
-    texts: Iterable[str], tokenizer_path: str | os.PathLike, prefix: str | os.PathLike,
-    *, workers: int = 1, total: int | None = None, progress: bool = True,
+@contextlib.contextmanager
+def _output_staging(prefix: Path) -> Iterator[Path]:
+    """The staging directory for `<prefix>.bin/.idx`; DataError when the prefix's directory cannot be written."""
+    stack = contextlib.ExitStack()
+    try:
+        stage = stack.enter_context(staging_dir(prefix))
+    except OSError as exc:
+        raise DataError(f"output prefix '{prefix}' cannot be written ({exc.strerror}: '{exc.filename}'); "
+                        "choose a directory you can write to") from None
+    with stack:
+        yield stage
+
+
+def _write_staged(
+    texts: Iterable[str | None], tokenizer_path, prefix: Path, stage: Path, workers: int, total: int | None,
+    progress: bool,
 ) -> DocumentStats:
-    """Tokenize `texts` (EOS appended, empty texts skipped) into `<prefix>.bin/.idx`, atomically."""
     import torch
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
     from tqdm import tqdm
 
     tokenizer = load_tokenizer(tokenizer_path)
     eod = eod_id(tokenizer)
-    prefix = Path(prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    tmp = prefix.with_name(f".{prefix.name}.tmp{os.getpid()}")
-    builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=DType.optimal_dtype(len(tokenizer)))
+    staged = stage / "data"
+    builder = IndexedDatasetBuilder(f"{staged}.bin", dtype=DType.optimal_dtype(len(tokenizer)))
+    stats = DocumentStats(np.zeros(0, dtype=np.int64))
     lengths = []
     pool = None
     if workers > 1:  # spawn, not fork: the parent may hold tokenizer/arrow threads
@@ -179,7 +236,8 @@ def write_indexed_dataset(
     try:
         if pool is None:
             _init_worker(str(tokenizer_path))
-        encoded = _encoded_in_pool(texts, pool, workers) if pool else map(_encode, _batches(texts))
+        batches = _batches(texts, stats)
+        encoded = _encoded_in_pool(batches, pool, workers) if pool else map(_encode, batches)
         with tqdm(total=total, unit="doc", disable=not progress, desc=f"tokenizing -> {prefix.name}") as bar:
             for ids_batch in encoded:
                 for ids in ids_batch:
@@ -189,17 +247,27 @@ def write_indexed_dataset(
                 bar.update(len(ids_batch))
         if not lengths:
             raise DataError("the input holds only empty documents; nothing to write")
-        builder.finalize(f"{tmp}.idx")
+        builder.finalize(f"{staged}.idx")
         Path(f"{prefix}.idx").unlink(missing_ok=True)  # the .idx marks completeness: drop a stale one first
-        os.replace(f"{tmp}.bin", f"{prefix}.bin")
-        os.replace(f"{tmp}.idx", f"{prefix}.idx")
+        os.replace(f"{staged}.bin", f"{prefix}.bin")
+        os.replace(f"{staged}.idx", f"{prefix}.idx")
     finally:
         builder.data_file.close()
         if pool is not None:
             pool.terminate()
-        for suffix in (".bin", ".idx"):
-            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
-    return DocumentStats(np.asarray(lengths, dtype=np.int64))
+    stats.lengths = np.asarray(lengths, dtype=np.int64)
+    return stats
+
+
+def write_indexed_dataset(
+    texts: Iterable[str | None], tokenizer_path: str | os.PathLike, prefix: str | os.PathLike,
+    *, workers: int = 1, total: int | None = None, progress: bool = True,
+) -> DocumentStats:
+    """Tokenize `texts` (EOS appended, null and empty texts skipped and counted) into `<prefix>.bin/.idx`,
+    atomically."""
+    prefix = Path(prefix)
+    with _output_staging(prefix) as stage:
+        return _write_staged(texts, tokenizer_path, prefix, stage, workers, total, progress)
 
 
 def preprocess(
@@ -207,11 +275,11 @@ def preprocess(
     overwrite: bool = False, progress: bool = True,
 ) -> DocumentStats | None:
     """Tokenize a text collection into an indexed dataset; None when `prefix` is complete and kept."""
+    remove_stale_staging(prefix)
     if is_complete(prefix) and not overwrite:
         return None
-    load_tokenizer(tokenizer_path)  # fail on the tokenizer before reading any data
-    docs = load_documents(source, text_field)
-    return write_indexed_dataset(
-        (row[text_field] or "" for row in docs), tokenizer_path, prefix,
-        workers=workers, total=len(docs), progress=progress,
-    )
+    load_tokenizer(tokenizer_path)  # fail on the tokenizer and the output before reading any data
+    with _output_staging(Path(prefix)) as stage:
+        docs = load_documents(source, text_field)
+        return _write_staged(_document_texts(docs, source, text_field), tokenizer_path, Path(prefix), stage,
+                             workers, len(docs), progress)

@@ -1,7 +1,9 @@
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -89,10 +91,28 @@ def test_interrupted_overwrite_keeps_the_previous_complete_dataset(tmp_path, tok
     ("bad tokenizer file", "cannot be loaded"),
     ("missing tokenizer", "tokenizer .* does not exist"),
     ("only empty documents", "only empty documents"),
+    ("list of strings", "field 'body' of document 2 of input .* is of type list, not a string"),
+    ("numbers", "field 'body' of document 2 of input .* is of type int, not a string"),
+    ("objects", "field 'body' of document 2 of input .* is of type dict, not a string"),
+    ("latin-1 jsonl", "input .* is not UTF-8 text \\(document 2: "),
+    ("latin-1 txt", "input .* is not UTF-8 text"),
+    ("output under a file", "output prefix .* cannot be written"),
 ])
 def test_bad_input_is_one_clear_error_and_nothing_is_written(tmp_path, tokenizer_dir, case, match):
-    source, tok, field = write_input(tmp_path, "jsonl"), str(tokenizer_dir), "body"
-    if case == "missing input":
+    source, tok, field, prefix = write_input(tmp_path, "jsonl"), str(tokenizer_dir), "body", tmp_path / "out"
+    bodies = {"list of strings": ["first part", "second part"], "numbers": 7, "objects": {"text": "nested"}}
+    if case in bodies:
+        source.write_text(json.dumps({"body": "fine"}) + "\n" + json.dumps({"body": bodies[case]}) + "\n")
+    elif case == "latin-1 jsonl":
+        source.write_bytes(json.dumps({"body": "fine"}).encode() + b"\n" + '{"body": "café"}\n'.encode("latin-1"))
+    elif case == "latin-1 txt":
+        source = tmp_path / "doc.txt"
+        source.write_bytes("déjà vu".encode("latin-1"))
+        field = "text"
+    elif case == "output under a file":
+        (tmp_path / "file").write_text("not a directory")
+        prefix = tmp_path / "file" / "out"
+    elif case == "missing input":
         source = tmp_path / "nope.jsonl"
     elif case == "empty file":
         source = tmp_path / "empty.jsonl"
@@ -108,7 +128,7 @@ def test_bad_input_is_one_clear_error_and_nothing_is_written(tmp_path, tokenizer
         source = tmp_path / "blank.jsonl"
         source.write_text(json.dumps({"body": ""}) + "\n")
     with pytest.raises(DataError, match=match) as err:
-        preprocess(str(source), str(tok), str(tmp_path / "out"), text_field=field, progress=False)
+        preprocess(str(source), str(tok), str(prefix), text_field=field, progress=False)
     assert "\n" not in str(err.value)
     assert not list(tmp_path.glob("out*")) and not list(tmp_path.glob(".out*"))
 
@@ -122,3 +142,39 @@ def test_script_reports_an_error_in_one_line_with_a_nonzero_exit(tmp_path, token
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "missing.jsonl" in errors[0] and "Traceback" not in result.stderr
+
+
+def test_documents_without_text_are_skipped_and_counted(tmp_path, tokenizer_dir):
+    source = tmp_path / "docs.jsonl"
+    bodies = ["first", None, "", "second", None]
+    source.write_text("".join(json.dumps({"text": b}) + "\n" for b in bodies))
+    stats = preprocess(str(source), str(tokenizer_dir), str(tmp_path / "out"), progress=False)
+    tok = load_tokenizer(tokenizer_dir)
+    expected = [tok(b, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for b in ("first", "second")]
+    ds = IndexedDataset(str(tmp_path / "out"))
+    assert [ds[i].tolist() for i in range(len(ds))] == expected
+    assert stats.skipped == 3
+    assert stats.summary().startswith(f"2 documents, {sum(map(len, expected))} tokens (3 skipped: null or empty text);")
+
+
+def test_staging_of_a_killed_run_is_removed_by_the_next_run(tmp_path, tokenizer_dir):
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": f"document {i} " * 200}) + "\n" for i in range(3000)))
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "scripts/preprocess_data.py"), "--input", str(source), "--tokenizer",
+         str(tokenizer_dir), "--output-prefix", str(tmp_path / "out"), "--workers", "1"],
+        env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".out*")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert list(tmp_path.glob(".out*")), "the killed run left nothing to clean up; the test needs a slower input"
+    source.write_text(json.dumps({"text": "small"}) + "\n")
+    preprocess(str(source), str(tokenizer_dir), str(tmp_path / "out"), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "out.bin", "out.idx"]
+

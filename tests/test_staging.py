@@ -1,0 +1,69 @@
+"""Staging directories: removed however the writer's block ends, removed by the next writer when their writer
+was killed, kept while their writer lives; a published directory replaces the previous one whole."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from moba_train.staging import remove_stale_staging, replace_dir, staging_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def start_writer(target: Path) -> tuple[subprocess.Popen, Path]:
+    """Another process inside `staging_dir(target)`, writing, until it is killed; and its staging directory."""
+    code = textwrap.dedent(f"""
+        import time
+        from moba_train.staging import staging_dir
+        with staging_dir({str(target)!r}) as stage:
+            (stage / "half-written.bin").write_bytes(b"x" * 1000)
+            print(stage, flush=True)
+            time.sleep(120)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    return proc, Path(proc.stdout.readline().strip())
+
+
+def test_staging_of_a_killed_writer_is_removed_and_that_of_a_live_writer_is_kept(tmp_path):
+    target = tmp_path / "out"
+    proc, theirs = start_writer(target)
+    try:
+        assert theirs.is_dir() and theirs.parent == tmp_path
+        with staging_dir(target) as mine:
+            assert remove_stale_staging(target) == [] and theirs.is_dir()
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            assert theirs.is_dir()  # kill -9 ran no clean-up
+            assert remove_stale_staging(target) == [theirs]
+            assert not theirs.exists() and mine.is_dir()
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_staging_is_removed_however_the_block_ends(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with staging_dir(tmp_path / "out") as stage:
+            (stage / "part").write_text("half")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_published_directory_replaces_the_previous_one_whole(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "model.safetensors").write_text("old")
+    (target / "config.json").write_text("old")
+    with staging_dir(target) as stage:
+        (stage / "new").mkdir()
+        (stage / "new/model-00001-of-00002.safetensors").write_text("new")
+        replace_dir(stage / "new", target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in target.iterdir()] == ["model-00001-of-00002.safetensors"]
