@@ -60,8 +60,10 @@ def check_split(split: str) -> None:
         raise DataError(f"data.split '{split}' is not train,valid,test shares; write e.g. '98,2,0'")
 
 
-def check_indexed_dataset(prefix: str) -> None:
-    """Raise DataError unless `<prefix>.idx` reads and `<prefix>.bin` has exactly the bytes it indexes."""
+def check_indexed_dataset(prefix: str, vocab_size: int | None = None, tokenizer: str | None = None) -> None:
+    """Raise DataError unless `<prefix>.idx` reads, `<prefix>.bin` has exactly the bytes it indexes and, given
+    the `vocab_size` of `tokenizer`, every token id is in [0, vocab_size): one pass over the memory-mapped
+    tokens at disk speed, so that data built with another tokenizer fails here and not steps into training."""
     idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
     if not idx.is_file() or not bin_.is_file():
         raise DataError(f"indexed dataset '{prefix}' is missing ({idx.name} and {bin_.name} must both exist); "
@@ -72,6 +74,7 @@ def check_indexed_dataset(prefix: str) -> None:
         lengths, pointers = index.sequence_lengths, index.sequence_pointers
         ok = len(lengths) == count and len(pointers) == count and count > 0
         expected = int(pointers[-1]) + int(lengths[-1]) * index.dtype_size if ok else -1
+        dtype = index.dtype
         del index
     except Exception:  # a truncated or foreign .idx fails in numpy/struct with various errors
         ok = False
@@ -80,6 +83,18 @@ def check_indexed_dataset(prefix: str) -> None:
     if bin_.stat().st_size != expected:
         raise DataError(f"'{bin_}' has {bin_.stat().st_size} bytes but its index expects {expected}; "
                         "the .bin/.idx pair is truncated or mismatched, rebuild it with --overwrite")
+    if vocab_size is None:
+        return
+    tokens = np.memmap(bin_, dtype=dtype, mode="r")
+    bad = int(tokens.max())
+    if bad < vocab_size and np.issubdtype(dtype, np.signedinteger):
+        bad = int(tokens.min())
+    del tokens
+    if not 0 <= bad < vocab_size:
+        raise DataError(f"'{bin_}' holds token id {bad} but tokenizer '{tokenizer}' has {vocab_size} tokens "
+                        f"(ids 0-{vocab_size - 1}); the dataset was built with another tokenizer: set data.tokenizer "
+                        "to that one, or rebuild the dataset with scripts/preprocess_data.py --tokenizer "
+                        f"{tokenizer}")
 
 
 @dataclass(frozen=True)
@@ -148,13 +163,13 @@ def build_indexed_datasets(cfg, env):
         raise DataError("data.kind is 'indexed' but data.tokenizer is not set; "
                         "name the tokenizer the data was built with")
     prefixes, weights = parse_blend(data.blend)
-    for prefix in prefixes:
-        check_indexed_dataset(prefix)
     tokenizer = load_tokenizer(data.tokenizer)
     info = TokenizerInfo(eod=eod_id(tokenizer), vocab_size=len(tokenizer))
     if info.vocab_size > cfg.model.vocab_size:
         raise DataError(f"tokenizer '{data.tokenizer}' has {info.vocab_size} tokens but model.vocab_size is "
                         f"{cfg.model.vocab_size}; set model.vocab_size to at least {info.vocab_size}")
+    for prefix in prefixes:
+        check_indexed_dataset(prefix, info.vocab_size, data.tokenizer)
     check_split(data.split)
     config = LongContextGPTDatasetConfig(
         random_seed=cfg.run.seed,

@@ -1,3 +1,4 @@
+import re
 import shutil
 from pathlib import Path
 
@@ -15,9 +16,9 @@ from moba_train.data.preprocess import DataError
 EOD = 0  # the conftest tokenizer's <|endoftext|>
 
 
-def write_ids(prefix: Path, docs: list[list[int]]) -> str:
+def write_ids(prefix: Path, docs: list[list[int]], dtype=np.uint16) -> str:
     """An indexed dataset straight from token ids (each document ends with EOD)."""
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
     for doc in docs:
         builder.add_document(torch.tensor(doc + [EOD]), [len(doc) + 1])
     builder.finalize(f"{prefix}.idx")
@@ -121,6 +122,21 @@ def test_damaged_indexed_dataset_is_one_clear_error(tmp_path, tokenizer_dir, dam
         check_indexed_dataset(a)
     with pytest.raises(DataError, match=match):
         build_datasets(recipe(tmp_path, tokenizer_dir, [a]), None)
+
+
+@pytest.mark.parametrize("dtype, bad_id", [(np.uint16, 300), (np.uint16, 65535), (np.int32, -1)])
+def test_token_ids_outside_the_tokenizer_vocabulary_are_one_clear_error_when_the_dataset_opens(
+    tmp_path, tokenizer_dir, dtype, bad_id
+):
+    docs = [[11, 12, 13]] * 20
+    a = write_ids(tmp_path / "a", docs[:7] + [[11, bad_id, 12]] + docs[7:], dtype=dtype)
+    expected = (f"'{a}.bin' holds token id {bad_id} but tokenizer '{tokenizer_dir}' has 300 tokens (ids 0-299); "
+                "the dataset was built with another tokenizer")
+    with pytest.raises(DataError, match=re.escape(expected)):
+        build_datasets(recipe(tmp_path, tokenizer_dir, [a]), None)
+    good = write_ids(tmp_path / "good", docs[:7] + [[11, 299, 12]] + docs[7:], dtype=dtype)
+    train, _ = build_datasets(recipe(tmp_path, tokenizer_dir, [good]), None)
+    assert int(torch.cat([train[i]["tokens"] for i in range(len(train))]).max()) == 299
 
 
 def test_tokenizer_larger_than_the_model_vocabulary_is_one_clear_error(tmp_path, tokenizer_dir):
