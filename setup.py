@@ -24,6 +24,8 @@ setup(
         "transformers>=4.45",
         "datasets",
         "wandb",
+        "tensorboard",
+        "matplotlib",
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "ruff"],

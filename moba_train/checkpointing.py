@@ -51,6 +51,8 @@ class TrainState:
     step: int = 0
     consumed_samples: int = 0
     skipped_steps: int = 0
+    wandb_run_id: str | None = None
+    """The W&B run this training logs to: a resumed run continues it (moba_train.metrics)."""
 
 
 def checkpoint_dir(cfg: Config) -> Path:

@@ -236,19 +236,39 @@ class CheckpointConfig(_Section):
 
 
 class WandbConfig(_Section):
-    enabled: bool = False
-    """Log metrics to Weights & Biases."""
+    """Weights & Biases (rank 0 only). The run's config is the resolved recipe plus the attention backend
+    `auto` chose per layer kind; a resumed run continues the same W&B run (its id is in the checkpoint)."""
+
+    mode: Literal["online", "offline", "disabled"] = "disabled"
+    """online: stream to W&B (offline, with one line saying so, when no API key is configured); offline: write
+    <output_dir>/wandb/offline-run-* for `wandb sync`; disabled: write nothing."""
     project: str = "moba-train"
     """W&B project."""
     entity: Optional[str] = None
     """W&B entity (team); default your own."""
-    mode: Literal["online", "offline", "disabled"] = "offline"
-    """offline writes runs locally (wandb sync uploads them later)."""
+    name: Optional[str] = None
+    """W&B run name; default run.name."""
+    group: Optional[str] = None
+    """W&B group (e.g. one sweep or ablation)."""
+    tags: list[str] = Field(default_factory=list)
+    """W&B tags."""
+    notes: Optional[str] = None
+    """W&B notes: a longer description of the run."""
 
 
 class LoggingConfig(_Section):
+    """Where metrics go (rank 0 only): console line, progress bar, <output_dir>/metrics.jsonl, W&B, TensorBoard."""
+
     progress_bar: Literal["auto", "on", "off"] = "auto"
     """auto: a progress bar only when stdout is a terminal."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to <output_dir>/tensorboard."""
+    moba_diag_interval: int = Field(100, ge=0)
+    """MoBA routing diagnostics (moba/ metrics, heatmaps in <output_dir>/diagnostics) every N steps; 0 disables."""
+    moba_diag_queries: int = Field(256, ge=1)
+    """Query positions sampled per diagnostic (only positions whose gate has a choice: block index >= topk)."""
+    moba_diag_kv_groups: int = Field(2, ge=1)
+    """KV heads sampled per MoBA layer; diagnostics use every query head of each sampled KV head's group."""
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 
     @model_validator(mode="before")

@@ -1,33 +1,96 @@
-"""Training metrics: console log lines, a progress bar, and `<output_dir>/metrics.jsonl`.
+"""Training metrics through one interface: `MetricLogger.log(step, metrics)` fans a dict out to sinks.
 
-Throughput per log line, over the steps since the previous line:
-    tokens/s       = tokens of the global batches / wall seconds
-    TFLOP/s/GPU    = model FLOPs of those steps / wall seconds / world size
-    MFU            = TFLOP/s/GPU / 989 (H100/H200 SXM bf16 dense peak); printed on CUDA only
-Model FLOPs per step follow BENCH.md (`moba_train.flops.training_step_flops`): 6 x matrix params x
-tokens plus 3 x the attention forward FLOPs of every layer at its own kind (MoBA counted with the
-keys each query really attends, plus gating), recomputation not counted.
-Memory: peak allocated CUDA memory on GPU, resident set size of the process on CPU.
+A new metric is a new key in the dict the trainer logs, never a new argument. Names are grouped by
+prefix, so W&B's default workspace builds one section per group:
 
-Every rank builds a MetricsLogger; only rank 0's writes, prints and (with logging.wandb.enabled) logs
-to Weights & Biases.
+    train/  loss, lr, grad_norm, skipped (1 for a skipped non-finite step), skipped_steps (so far),
+            tokens_seen (global tokens trained on so far)
+    val/    loss, loss_by_position/<first>-<end> (positions [first, end) of the sequence)
+    perf/   step_time_s (data loading through the optimizer update), data_time_s, data_share
+            (data_time_s / step_time_s), tokens_per_s, tflops_per_gpu, mfu (CUDA only),
+            memory_allocated_gib and memory_reserved_gib (peak since start, CUDA only)
+    moba/   MoBA routing diagnostics (moba_train.diagnostics), every logging.moba_diag_interval steps
+    system/ rss_gib (this process's resident memory), host_memory_used (fraction of the host's memory)
+
+Throughput of one step: tokens_per_s = global tokens / step_time_s; tflops_per_gpu = model FLOPs of
+the step / step_time_s / world size / 1e12; mfu = tflops_per_gpu / PEAK_BF16_TFLOPS. Model FLOPs
+follow moba_train.flops.training_step_flops: 6 x matrix parameters x tokens plus 3 x the attention
+forward FLOPs of every layer at its own kind (MoBA layers with the keys each query really attends,
+plus gating; full layers causally); recomputation is not counted.
+
+Values are numbers, `Histogram`s (a value per bin) or `Image`s (a PNG file). Sinks, all on rank 0
+only (every other rank's MetricLogger has none):
+    ConsoleSink      one line every train.log_interval steps (and for every validation and diagnostic)
+    ProgressBarSink  tqdm, when logging.progress_bar says so
+    JsonlSink        <output_dir>/metrics.jsonl, one JSON object per step
+    WandbSink        Weights & Biases (logging.wandb.mode online or offline)
+    TensorBoardSink  <output_dir>/tensorboard event files (logging.tensorboard)
+
+Resume never duplicates a step. A run that starts from a checkpoint at step s rewrites metrics.jsonl
+(atomically) without the steps after s that an interrupted attempt had logged; TensorBoard purges
+them (SummaryWriter's purge_step); the W&B run id travels in the checkpoint (TrainState), the
+resumed run continues that W&B run (resume="allow"), and steps the interrupted attempt already sent
+to it are not sent again (W&B keeps a run's history monotonic in its step; offline run files are
+synced in order into one run). A fresh start (no checkpoint) moves an earlier metrics.jsonl aside.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import secrets
+import string
 import sys
 import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable, Union
 
 import psutil
 import torch
+import torch.distributed as dist
 
 from moba_train.config import Config
 
 PEAK_BF16_TFLOPS = 989.0
 """H100/H200 SXM dense bf16 peak (datasheet), the MFU denominator."""
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """One value per bin: `values[i]` for bin [edges[i], edges[i+1]) (counts or shares)."""
+
+    values: list[float]
+    edges: list[float]
+
+    def __post_init__(self):
+        assert len(self.edges) == len(self.values) + 1, "a histogram has one more edge than values"
+
+
+@dataclass(frozen=True)
+class Image:
+    """A PNG file (absolute path) that sinks show as an image."""
+
+    path: str
+
+
+Value = Union[float, int, Histogram, Image]
+
+
+class Sink:
+    """Where metrics go; `log` receives every step's dict once, in increasing step order."""
+
+    def log(self, step: int, metrics: dict[str, Value]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def scalars(metrics: dict[str, Value]) -> dict[str, float]:
+    return {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
 
 
 def _duration(seconds: float) -> str:
@@ -36,94 +99,338 @@ def _duration(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
 
 
-def memory_gib() -> float:
-    """Peak CUDA memory allocated by this process, or its resident set size on CPU, in GiB."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return psutil.Process().memory_info().rss / 2**30
+def _number(value: float, spec: str) -> str:
+    return format(value, spec) if math.isfinite(value) else str(value)
 
 
-class MetricsLogger:
-    """Writes one JSON line per step and prints a summary line every `log_interval` steps."""
+class ConsoleSink(Sink):
+    """The log line: every `log_interval` steps and at the last step; validation and diagnostics get a
+    line of their own whenever they are logged."""
 
-    def __init__(self, cfg: Config, start_step: int, world_size: int, cuda: bool, enabled: bool):
-        self.enabled = enabled
-        self.path = Path(cfg.run.output_dir) / "metrics.jsonl"
-        self.total_steps = cfg.train.steps
-        self.log_interval = cfg.train.log_interval
-        self.world_size = world_size
-        self.cuda = cuda
+    TRAIN = (  # (key, label, format)
+        ("train/loss", "loss", ".4f"),
+        ("train/lr", "lr", ".3e"),
+        ("train/grad_norm", "grad_norm", ".3f"),
+        ("perf/tokens_per_s", "tokens/s", ",.0f"),
+        ("perf/tflops_per_gpu", "TFLOP/s/GPU", ".3g"),
+    )
+    MOBA = (
+        ("moba/gate_recall", "gate recall", ".3f"),
+        ("moba/previous_block_share", "previous block", ".3f"),
+        ("moba/distance_mean", "mean distance", ".2f"),
+        ("moba/first_block_share", "first block", ".3f"),
+        ("moba/head_overlap", "head overlap", ".3f"),
+    )
+
+    def __init__(self, total_steps: int, start_step: int, log_interval: int, write: Callable[[str], None]):
+        self.total_steps = total_steps
         self.start_step = start_step
+        self.log_interval = log_interval
+        self.write = write
         self.start_time = time.perf_counter()
-        self.window_start = self.start_time
-        self.window_tokens = 0
-        self.window_flops = 0.0
-        self.bar = None
-        self.wandb = None
+
+    def log(self, step: int, metrics: dict[str, Value]) -> None:
+        head = f"step {step}/{self.total_steps}"
+        if "train/loss" in metrics and (step % self.log_interval == 0 or step == self.total_steps):
+            parts = [head] + [f"{label} {_number(metrics[key], spec)}" for key, label, spec in self.TRAIN
+                              if key in metrics]
+            if "perf/mfu" in metrics:
+                parts.append(f"MFU {100 * metrics['perf/mfu']:.1f}%")
+            memory = metrics.get("perf/memory_allocated_gib", metrics.get("system/rss_gib"))
+            if memory is not None:
+                parts.append(f"mem {memory:.2f} GiB")
+            done = step - self.start_step
+            eta = (time.perf_counter() - self.start_time) / max(done, 1) * (self.total_steps - step)
+            parts.append(f"ETA {_duration(eta)}")
+            if metrics.get("train/skipped"):
+                parts.append("SKIPPED (non-finite)")
+            self.write(" | ".join(parts))
+        if "val/loss" in metrics:
+            self.write(f"{head} | val loss {metrics['val/loss']:.4f}")
+        moba = [f"{label} {_number(metrics[key], spec)}" for key, label, spec in self.MOBA if key in metrics]
+        if moba:
+            self.write(" | ".join([head, "moba"] + moba))
+
+
+class ProgressBarSink(Sink):
+    """A tqdm bar over the run's steps; other console output goes through `write` above it."""
+
+    def __init__(self, total_steps: int, start_step: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        self.step = start_step
+
+    def write(self, line: str) -> None:
+        self.bar.write(line)
+
+    def log(self, step: int, metrics: dict[str, Value]) -> None:
+        self.bar.update(step - self.step)
+        self.step = step
+        if "train/loss" in metrics:
+            self.bar.set_postfix(loss=_number(metrics["train/loss"], ".4f"))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _json_value(value: Value):
+    if isinstance(value, Histogram):
+        return {"values": list(value.values), "edges": list(value.edges)}
+    if isinstance(value, Image):
+        return value.path
+    return value
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl, in file order; a line cut short by a crash is left out."""
+    records = []
+    if not Path(path).is_file():
+        return records
+    for line in Path(path).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
+
+
+def _replace_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class JsonlSink(Sink):
+    """<output_dir>/metrics.jsonl: one JSON object per step, `{"step": N, "<name>": value, ...}`.
+
+    Opened for a run that starts after step `start_step` (0 for a fresh run). On a resume the steps after
+    `start_step` that an interrupted attempt wrote are dropped by an atomic rewrite; on a fresh start an
+    earlier file is renamed to metrics.<UTC time>.jsonl. `previous_last_step` is the newest step the file
+    held before (0 if none): the steps up to it were logged once already.
+    """
+
+    def __init__(self, path: Path, start_step: int, write: Callable[[str], None]):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        records = read_jsonl(self.path)
+        self.previous_last_step = max((r["step"] for r in records), default=0)
+        if start_step == 0 and self.path.exists() and self.path.stat().st_size:
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            aside = self.path.with_name(f"metrics.{stamp}.jsonl")
+            os.replace(self.path, aside)
+            write(f"{self.path} held an earlier run's steps (this run starts from step 0): moved to {aside}")
+        elif self.path.exists():
+            kept = [r for r in records if r["step"] <= start_step]
+            if len(kept) != len(self.path.read_text().splitlines()):
+                _replace_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+                write(f"metrics.jsonl: dropped the steps after {start_step} (logged by the interrupted attempt); "
+                      "they are logged again as they run")
+        self.file = open(self.path, "a")
+
+    def log(self, step: int, metrics: dict[str, Value]) -> None:
+        record = {"step": step, **{key: _json_value(value) for key, value in metrics.items()}}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def wandb_credentials() -> bool:
+    """Whether an API key is configured (environment, settings or .netrc), without prompting."""
+    import wandb
+
+    return bool(wandb.login(prompt=False, verify=False))
+
+
+class WandbSink(Sink):
+    """A W&B run with id `run_id` (created or continued: resume="allow") under <output_dir>/wandb.
+
+    Steps up to `skip_through` were already sent to this run by an interrupted attempt and are not sent
+    again. Histograms become wandb.Histogram, images wandb.Image.
+    """
+
+    def __init__(self, cfg: Config, run_id: str, config: dict, skip_through: int, write: Callable[[str], None]):
+        import wandb
+
+        wb = cfg.logging.wandb
+        mode = wb.mode
+        if mode == "online" and not wandb_credentials():
+            write("W&B: no API key configured (WANDB_API_KEY, `wandb login`); logging offline instead: upload with "
+                  f"`wandb sync {Path(cfg.run.output_dir) / 'wandb'}/offline-run-*`")
+            mode = "offline"
+        self.wandb = wandb
+        self.skip_through = skip_through
+        self.run = wandb.init(
+            project=wb.project, entity=wb.entity, name=wb.name or cfg.run.name, group=wb.group, tags=wb.tags or None,
+            notes=wb.notes, mode=mode, dir=cfg.run.output_dir, config=config, id=run_id, resume="allow",
+        )
+        if skip_through:
+            write(f"W&B run {run_id}: continuing it; steps up to {skip_through} were already sent and are not "
+                  "sent again")
+
+    def _value(self, value: Value):
+        if isinstance(value, Histogram):
+            return self.wandb.Histogram(np_histogram=(list(value.values), list(value.edges)))
+        if isinstance(value, Image):
+            return self.wandb.Image(value.path)
+        return value
+
+    def log(self, step: int, metrics: dict[str, Value]) -> None:
+        if step > self.skip_through:
+            self.run.log({key: self._value(value) for key, value in metrics.items()}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class TensorBoardSink(Sink):
+    """TensorBoard event files in <output_dir>/tensorboard: scalars, raw histograms, images. A run that
+    starts after step `start_step` purges the events an interrupted attempt wrote after it."""
+
+    def __init__(self, log_dir: Path, start_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1 if start_step else None)
+
+    def log(self, step: int, metrics: dict[str, Value]) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, Histogram):
+                self._histogram(key, value, step)
+            elif isinstance(value, Image):
+                import matplotlib.image
+
+                pixels = matplotlib.image.imread(value.path)[..., :3]  # [H, W, 3] floats in [0, 1]
+                self.writer.add_image(key, pixels, step, dataformats="HWC")
+            else:
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def _histogram(self, key: str, hist: Histogram, step: int) -> None:
+        values, edges = hist.values, hist.edges
+        total = float(sum(values))
+        if total <= 0:
+            return
+        centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+        mean = sum(c * v for c, v in zip(centers, values)) / total
+        self.writer.add_histogram_raw(
+            key, min=edges[0], max=edges[-1], num=total, sum=mean * total,
+            sum_squares=sum(c * c * v for c, v in zip(centers, values)), bucket_limits=list(edges[1:]),
+            bucket_counts=list(values), global_step=step,
+        )
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def perf_metrics(step_time_s: float, data_time_s: float, tokens: int, flops: float, world_size: int,
+                 cuda: bool) -> dict[str, float]:
+    """perf/ and system/ metrics of one step of `tokens` global tokens and `flops` model FLOPs (all GPUs)."""
+    step_time_s = max(step_time_s, 1e-9)
+    tflops = flops / step_time_s / world_size / 1e12
+    metrics = {
+        "perf/step_time_s": step_time_s,
+        "perf/data_time_s": data_time_s,
+        "perf/data_share": data_time_s / step_time_s,
+        "perf/tokens_per_s": tokens / step_time_s,
+        "perf/tflops_per_gpu": tflops,
+    }
+    if cuda:
+        metrics["perf/mfu"] = tflops / PEAK_BF16_TFLOPS
+        metrics["perf/memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        metrics["perf/memory_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    metrics["system/rss_gib"] = psutil.Process().memory_info().rss / 2**30
+    metrics["system/host_memory_used"] = psutil.virtual_memory().percent / 100
+    return metrics
+
+
+def attention_backends(cfg: Config, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
+    """The attention implementation of each layer kind in use: MoBA layers run the backend `auto` resolves
+    to for sequences of train.seq_length on this device (or the one the recipe names); full layers run
+    moba_train.attention.full_attention."""
+    from moba_train.attention import auto_backend
+
+    att, model = cfg.attention, cfg.model
+    resolved = {}
+    for kind in dict.fromkeys(cfg.layer_kinds()):
+        if kind == "full":
+            resolved[kind] = "full_attention"
+        elif att.backend != "auto":
+            resolved[kind] = att.backend
+        else:
+            resolved[kind] = auto_backend(device, dtype, cfg.train.seq_length,
+                                          model.num_attention_heads // cfg.parallel.tensor, model.head_dim,
+                                          att.block_size)
+    return resolved
+
+
+def new_wandb_run_id() -> str:
+    """A fresh W&B run id: 8 random lowercase letters and digits, the form W&B generates."""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def _from_rank0(value):
+    """`value` as rank 0 has it, on every rank (the checkpoint's common state must agree across ranks)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class MetricLogger:
+    """Fans `log(step, metrics)` out to the sinks the recipe asks for (rank 0 only: `enabled`).
+
+    `start_step` is the step the run resumes after (0 for a fresh run); `wandb_run_id` the W&B run to
+    continue (None: a new one; the id in use is `self.wandb_run_id`, for the checkpoint); `run_info`
+    extra entries of the W&B config (e.g. the resolved attention backends) beside the resolved recipe.
+    """
+
+    def __init__(self, cfg: Config, start_step: int, enabled: bool, wandb_run_id: str | None = None,
+                 run_info: dict | None = None):
+        self.sinks: list[Sink] = []
+        self.last_step = start_step
+        self.wandb_run_id = wandb_run_id
+        if cfg.logging.wandb.mode != "disabled":
+            self.wandb_run_id = _from_rank0(wandb_run_id or (new_wandb_run_id() if enabled else None))
+        self._write: Callable[[str], None] = lambda line: print(line, flush=True)
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        output_dir = Path(cfg.run.output_dir)
         bar = cfg.logging.progress_bar
         if bar == "on" or (bar == "auto" and sys.stdout.isatty()):
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.total_steps, initial=start_step, unit="step", dynamic_ncols=True)
-        wb = cfg.logging.wandb
-        if wb.enabled:
-            import wandb
-
-            self.wandb = wandb.init(project=wb.project, entity=wb.entity, name=cfg.run.name, mode=wb.mode,
-                                    dir=cfg.run.output_dir, config=cfg.model_dump(mode="json"))
+            progress = ProgressBarSink(cfg.train.steps, start_step)
+            self._write = progress.write
+            self.sinks.append(progress)
+        self.sinks.append(ConsoleSink(cfg.train.steps, start_step, cfg.train.log_interval, self.print))
+        jsonl = JsonlSink(output_dir / "metrics.jsonl", start_step, self.print)
+        self.sinks.append(jsonl)
+        if cfg.logging.wandb.mode != "disabled":
+            config = {**cfg.model_dump(mode="json"), **(run_info or {})}
+            skip = jsonl.previous_last_step if start_step else 0
+            self.sinks.append(WandbSink(cfg, self.wandb_run_id, config, skip, self.print))
+        if cfg.logging.tensorboard:
+            self.sinks.append(TensorBoardSink(output_dir / "tensorboard", start_step))
 
     def print(self, line: str) -> None:
         """A console line (rank 0) that does not break the progress bar."""
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(line)
-        else:
-            print(line, flush=True)
+        if self.sinks:
+            self._write(line)
 
-    def log_step(self, step: int, loss: float, lr: float, grad_norm: float, tokens: int, flops: float,
-                 skipped: bool) -> None:
-        """Record step `step` (1-based) of `tokens` global tokens and `flops` model FLOPs."""
-        if not self.enabled:
-            return
-        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens, "skipped": skipped}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({f"train/{key}": value for key, value in record.items() if key != "step"}, step=step)
-        self.window_tokens += tokens
-        self.window_flops += flops
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}")
-        if step % self.log_interval and step != self.total_steps:
-            return
-        now = time.perf_counter()
-        elapsed = max(now - self.window_start, 1e-9)
-        tflops = self.window_flops / elapsed / self.world_size / 1e12
-        done = step - self.start_step
-        eta = (now - self.start_time) / max(done, 1) * (self.total_steps - step)
-        parts = [
-            f"step {step}/{self.total_steps}",
-            f"loss {loss:.4f}",
-            f"lr {lr:.3e}",
-            f"grad_norm {grad_norm:.3f}" if math.isfinite(grad_norm) else f"grad_norm {grad_norm}",
-            f"tokens/s {self.window_tokens / elapsed:,.0f}",
-            f"TFLOP/s/GPU {tflops:.3g}",
-        ]
-        if self.cuda:
-            parts.append(f"MFU {100 * tflops / PEAK_BF16_TFLOPS:.1f}%")
-        parts += [f"mem {memory_gib():.2f} GiB", f"ETA {_duration(eta)}"]
-        if skipped:
-            parts.append("SKIPPED (non-finite)")
-        self.print(" | ".join(parts))
-        self.window_start, self.window_tokens, self.window_flops = now, 0, 0.0
+    def log(self, step: int, metrics: dict[str, Value]) -> None:
+        """Record `metrics` of step `step`: each step once, in increasing order."""
+        assert step > self.last_step, f"step {step} logged after step {self.last_step}"
+        self.last_step = step
+        for sink in self.sinks:
+            sink.log(step, metrics)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []

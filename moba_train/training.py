@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -29,10 +30,11 @@ from megatron.core.transformer.module import Float16Module
 from moba_train import checkpointing, data
 from moba_train.checkpointing import TrainState
 from moba_train.config import Config, ConfigError
+from moba_train.diagnostics import RoutingDiagnostics
 from moba_train.distributed import DistEnv, destroy_distributed, init_distributed, set_seed
 from moba_train.flops import training_step_flops
-from moba_train.metrics import MetricsLogger
-from moba_train.model import build_model, compute_dtype, forward_step, matrix_params
+from moba_train.metrics import MetricLogger, attention_backends, perf_metrics
+from moba_train.model import build_model, compute_dtype, forward_step, matrix_params, token_losses
 from moba_train.optimizer import build_optimizer, build_scheduler, optimizer_step
 
 
@@ -130,18 +132,33 @@ def train_step(model, optimizer, batches: list[dict], env: DistEnv) -> tuple[flo
     return loss, grad_norm, updated
 
 
+POSITION_BUCKETS = 4
+"""Validation loss is also reported per quarter of the sequence positions."""
+
+
 @torch.no_grad()
-def evaluate(model, dataset, cfg: Config, env: DistEnv) -> float:
-    """Mean per-token loss over the first `train.eval_steps` global micro-batches of `dataset`."""
+def evaluate(model, dataset, cfg: Config, env: DistEnv) -> dict[str, float]:
+    """`val/loss`: mean per-token loss over the first `train.eval_steps` global micro-batches of `dataset`;
+    `val/loss_by_position/<first>-<end>`: the same over positions [first, end) of the sequences (quarters)."""
     model.eval()
     batches = data.build_dataloader(dataset, cfg, env, consumed_samples=0)
-    sums = torch.zeros(2, device=env.device)
+    length = cfg.train.seq_length
+    edges = [length * i // POSITION_BUCKETS for i in range(POSITION_BUCKETS + 1)]
+    bucket = torch.bucketize(torch.arange(length), torch.tensor(edges[1:-1]), right=True).to(env.device)
+    sums = torch.zeros(2, POSITION_BUCKETS, device=env.device)  # (loss sum, counted tokens) per bucket
     for _ in range(cfg.train.eval_steps):
-        loss_sum, tokens = forward_step(model, next(batches))
-        sums += torch.stack([loss_sum, tokens])
+        batch = next(batches)
+        losses = token_losses(model, batch)  # [b, s]
+        mask = batch["loss_mask"].to(losses.device, torch.float32)
+        sums[0].index_add_(0, bucket, (losses * mask).sum(0))
+        sums[1].index_add_(0, bucket, mask.sum(0))
     dist.all_reduce(sums, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     model.train()
-    return float(sums[0] / sums[1])
+    result = {"val/loss": float(sums[0].sum() / sums[1].sum())}
+    for i, (first, end) in enumerate(zip(edges[:-1], edges[1:])):
+        if sums[1, i] > 0:
+            result[f"val/loss_by_position/{first}-{end}"] = float(sums[0, i] / sums[1, i])
+    return result
 
 
 def train(cfg: Config) -> None:
@@ -190,7 +207,13 @@ def _train(cfg: Config, env: DistEnv, stop: StopSignal) -> None:
 
     train_dataset, valid_dataset = data.build_datasets(cfg, env)
     batches = data.build_dataloader(train_dataset, cfg, env, state.consumed_samples)
-    metrics = MetricsLogger(cfg, state.step, env.world_size, cuda=env.device.type == "cuda", enabled=env.is_main)
+    backends = attention_backends(cfg, env.device, compute_dtype(cfg, env.device))
+    metrics = MetricLogger(cfg, state.step, enabled=env.is_main, wandb_run_id=state.wandb_run_id,
+                           run_info={"attention_backends": backends, "world_size": env.world_size})
+    state.wandb_run_id = metrics.wandb_run_id
+    metrics.print(f"attention backends at train.seq_length {cfg.train.seq_length}: "
+                  + ", ".join(f"{kind} layers -> {backend}" for kind, backend in backends.items()))
+    diagnostics = RoutingDiagnostics(cfg, model, enabled=env.is_main)
 
     # Loop.
     nonfinite_in_a_row = 0
@@ -198,8 +221,11 @@ def _train(cfg: Config, env: DistEnv, stop: StopSignal) -> None:
     while state.step < cfg.train.steps:
         state.step += 1
         scheduler.step(1)
+        started = time.perf_counter()
         micro_batches = [next(batches) for _ in range(n_micro)]
+        data_time = time.perf_counter() - started
         loss, grad_norm, updated = train_step(model, optimizer, micro_batches, env)
+        step_time = time.perf_counter() - started
         state.consumed_samples += cfg.train.global_batch_size
         if not updated:
             state.skipped_steps += 1
@@ -208,18 +234,23 @@ def _train(cfg: Config, env: DistEnv, stop: StopSignal) -> None:
             nonfinite_in_a_row = 0
 
         seqlens = [int(n) for b in micro_batches for n in b["cu_seqlens"].diff()]
-        metrics.log_step(state.step, loss, get_canonical_lr_for_logging(optimizer.param_groups), grad_norm,
-                         cfg.train.global_batch_size * cfg.train.seq_length, _step_flops(cfg, seqlens) * env.dp,
-                         skipped=not updated)
+        record = {
+            "train/loss": loss, "train/lr": get_canonical_lr_for_logging(optimizer.param_groups),
+            "train/grad_norm": grad_norm, "train/skipped": int(not updated), "train/skipped_steps": state.skipped_steps,
+            "train/tokens_seen": state.consumed_samples * cfg.train.seq_length,
+            **perf_metrics(step_time, data_time, cfg.train.global_batch_size * cfg.train.seq_length,
+                           _step_flops(cfg, seqlens) * env.dp, env.world_size, cuda=env.device.type == "cuda"),
+        }
+        if valid_dataset is not None and cfg.train.eval_interval and state.step % cfg.train.eval_interval == 0:
+            record.update(evaluate(model, valid_dataset, cfg, env))
+        if diagnostics.due(state.step):
+            record.update(diagnostics.run(state.step, micro_batches[0]))
+        metrics.log(state.step, record)
         if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
             raise TrainingAborted(
                 f"{nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient norm (last at step "
                 f"{state.step}); lower train.lr or check the data, then relaunch to resume from the last checkpoint"
             )
-
-        if valid_dataset is not None and cfg.train.eval_interval and state.step % cfg.train.eval_interval == 0:
-            eval_loss = evaluate(model, valid_dataset, cfg, env)
-            metrics.print(f"step {state.step}/{cfg.train.steps} | eval loss {eval_loss:.4f}")
 
         stopping = stop.agreed(env.device)
         if state.step % cfg.checkpoint.interval == 0 or state.step == cfg.train.steps or stopping:

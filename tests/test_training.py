@@ -70,7 +70,7 @@ def test_sigterm_saves_and_relaunch_resumes_with_identical_losses(reference, tmp
     assert f"at step {stopped_at}" in capsys.readouterr().out
     got, want = _metrics(tmp_path), _metrics(reference)
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
-    for key in ("loss", "lr", "grad_norm"):
+    for key in ("train/loss", "train/lr", "train/grad_norm"):
         assert [m[key] for m in got] == [m[key] for m in want], key  # full-precision floats, exactly
 
 
@@ -87,8 +87,8 @@ def test_init_from_starts_at_step_one_from_the_trained_weights(reference, tmp_pa
     got, trained = _metrics(tmp_path), _metrics(reference)
     assert [m["step"] for m in got] == [1, 2, 3]
     # Step 1 is evaluated before any update: the trained model's loss level, far below a fresh model's.
-    assert abs(got[0]["loss"] - trained[-1]["loss"]) < 0.5
-    assert got[0]["loss"] < trained[0]["loss"] - 1.0
+    assert abs(got[0]["train/loss"] - trained[-1]["train/loss"]) < 0.5
+    assert got[0]["train/loss"] < trained[0]["train/loss"] - 1.0
 
 
 def test_nonfinite_steps_are_skipped_counted_and_abort_after_the_limit(tmp_path):
@@ -96,5 +96,5 @@ def test_nonfinite_steps_are_skipped_counted_and_abort_after_the_limit(tmp_path)
         _train(tmp_path, "train.lr=1e12", "train.min_lr=0", "train.clip_grad=0", "train.warmup_steps=0",
                "train.max_nonfinite_steps=2")
     metrics = _metrics(tmp_path)
-    assert [m["skipped"] for m in metrics][-2:] == [True, True]
-    assert not any(m["skipped"] for m in metrics[:-2])
+    assert [m["train/skipped"] for m in metrics][-2:] == [1, 1]
+    assert not any(m["train/skipped"] for m in metrics[:-2])

@@ -69,7 +69,8 @@ def test_demo_command_trains_two_processes_with_falling_loss_and_final_checkpoin
     log_lines = [line for line in result.stdout.splitlines() if line.startswith("step ")]
     assert [line.split(" | ")[0] for line in log_lines] == ["step 4/12", "step 8/12", "step 12/12"]
     assert all("tokens/s" in line and "TFLOP/s/GPU" in line and "ETA" in line for line in log_lines)
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["train/loss"] for line in metrics]
     assert len(losses) == steps
     # From ln(512) ~ 6.24 at random init to ~5.7 after 12 steps on Python source (untrained stays at ~6.2).
     assert max(losses[-3:]) < losses[0] - 0.3
