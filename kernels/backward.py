@@ -45,14 +45,20 @@ def add_dq_partials(dq, part_dq_ptr, base, num_past, SLOTS: tl.constexpr, KTILES
 
 
 @triton.jit
-def _delta_kernel(o_ptr, do_ptr, delta_ptr, num_rows, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr):
-    """delta[r] = sum_d O[r, d] * dO[r, d] over rows r of contiguous [T * Hq, D]. Grid (cdiv(rows, ROWS),)."""
+def _delta_kernel(
+    o_ptr, do_ptr, dlse_ptr, delta_ptr, num_rows, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, DLSE: tl.constexpr
+):
+    """delta[r] = sum_d O[r, d] * dO[r, d] (minus dlse[r] with DLSE: the gradient of the natural lse output
+    adds p * dlse to dS) over rows r of contiguous [T * Hq, D]. Grid (cdiv(rows, ROWS),)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     ok = rows < num_rows
     offs = rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
     o = tl.load(o_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
     do = tl.load(do_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
-    tl.store(delta_ptr + rows, tl.sum(o * do, 1), mask=ok)
+    delta = tl.sum(o * do, 1)
+    if DLSE:
+        delta -= tl.load(dlse_ptr + rows, mask=ok, other=0.0)
+    tl.store(delta_ptr + rows, delta, mask=ok)
 
 
 @triton.jit
@@ -67,6 +73,9 @@ def _dkdv_kernel(
     dv_ptr,
     start_ptr,
     length_ptr,
+    q_start_ptr,
+    q_len_ptr,
+    q_offset_ptr,
     order_ptr,
     rows_ptr,
     seg_start_ptr,
@@ -101,7 +110,8 @@ def _dkdv_kernel(
     queries), then KV heads kv_head0.., then key tiles. DQ_WORKSPACE: also write this key tile's dQ
     partial of every gathered pick into part_dq [rows, TILES_PER_BLOCK, D] at the pick's row
     (forward.workspace_rows + slot). CURRENT_DQ (one key tile per block): also write the dQ of the
-    block's own queries from their causal dS, complete, into dq (contiguous [T, Hq, D]).
+    block's own queries from their causal dS, complete, into dq (contiguous [T, Hq, D]). The block's
+    own queries are its q_start/q_len rows, the first at position q_offset of the block.
 
     q and dO share q's strides; lse and delta are contiguous [T, Hq]; dK, dV share k's strides.
     """
@@ -111,6 +121,9 @@ def _dkdv_kernel(
     ktile = pid % TILES_PER_BLOCK
     start = tl.load(start_ptr + blk)
     length = tl.load(length_ptr + blk)
+    q_start = tl.load(q_start_ptr + blk)
+    q_len = tl.load(q_len_ptr + blk)
+    q_offset = tl.load(q_offset_ptr + blk)
     cols = ktile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < length
     dims = tl.arange(0, HEAD_DIM)
@@ -120,25 +133,25 @@ def _dkdv_kernel(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     # Causal queries of the block itself: rows from the first query tile that reaches these keys.
-    first_row = (ktile * BLOCK_N // BLOCK_M) * BLOCK_M
+    first_row = (tl.maximum(ktile * BLOCK_N - q_offset, 0) // BLOCK_M) * BLOCK_M
     for g in tl.static_range(GROUP):
         head = kv_head * GROUP + g
-        for m0 in range(first_row, length, BLOCK_M):
+        for m0 in range(first_row, q_len, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
-            row_ok = rows < length
-            q_off = (start + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :]
+            row_ok = rows < q_len
+            q_off = (q_start + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :]
             q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
             do = tl.load(do_ptr + q_off, mask=row_ok[:, None], other=0.0)
-            lse = tl.load(lse_ptr + (start + rows) * num_q_heads + head, mask=row_ok, other=0.0)
-            delta = tl.load(delta_ptr + (start + rows) * num_q_heads + head, mask=row_ok, other=0.0)
+            lse = tl.load(lse_ptr + (q_start + rows) * num_q_heads + head, mask=row_ok, other=0.0)
+            delta = tl.load(delta_ptr + (q_start + rows) * num_q_heads + head, mask=row_ok, other=0.0)
             p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
-            p_t = tl.where((cols[:, None] <= rows[None, :]) & row_ok[None, :], p_t, 0.0)
+            p_t = tl.where((cols[:, None] <= (rows + q_offset)[None, :]) & row_ok[None, :], p_t, 0.0)
             dv += tl.dot(p_t.to(do.dtype), do)
             ds_t = (p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])).to(q.dtype)
             dk += tl.dot(ds_t, q)
             if CURRENT_DQ:
                 dq = tl.trans(tl.dot(tl.trans(k), ds_t)) * scale
-                dq_off = ((start + rows) * num_q_heads + head)[:, None] * HEAD_DIM + dims[None, :]
+                dq_off = ((q_start + rows) * num_q_heads + head)[:, None] * HEAD_DIM + dims[None, :]
                 tl.store(dq_ptr + dq_off, dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
     if SLOTS > 0:
         first, count = block_run(seg_start_ptr, seg_count_ptr, kv_head, blk, num_blocks, SEGS, SEGS_P2)
@@ -183,6 +196,9 @@ def _current_block_dq_kernel(
     dq_ptr,
     start_ptr,
     length_ptr,
+    q_start_ptr,
+    q_len_ptr,
+    q_offset_ptr,
     num_past_ptr,
     part_dq_ptr,
     stride_qt,
@@ -213,23 +229,27 @@ def _current_block_dq_kernel(
     kv_head = head // GROUP
     start = tl.load(start_ptr + blk)
     length = tl.load(length_ptr + blk)
+    q_start = tl.load(q_start_ptr + blk)
+    q_len = tl.load(q_len_ptr + blk)
+    q_offset = tl.load(q_offset_ptr + blk)
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < length
+    row_ok = rows < q_len
     dims = tl.arange(0, HEAD_DIM)
-    q_off = (start + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :]
+    q_off = (q_start + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :]
     q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
     do = tl.load(do_ptr + q_off, mask=row_ok[:, None], other=0.0)
-    lse = tl.load(lse_ptr + (start + rows) * num_q_heads + head, mask=row_ok, other=0.0)
-    delta = tl.load(delta_ptr + (start + rows) * num_q_heads + head, mask=row_ok, other=0.0)
-    flat = (start + rows) * num_q_heads + head
+    lse = tl.load(lse_ptr + (q_start + rows) * num_q_heads + head, mask=row_ok, other=0.0)
+    delta = tl.load(delta_ptr + (q_start + rows) * num_q_heads + head, mask=row_ok, other=0.0)
+    flat = (q_start + rows) * num_q_heads + head
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for n0 in range(0, tl.minimum(length, tile * BLOCK_M + BLOCK_M), BLOCK_N):
+    num_keys = tl.where(tile * BLOCK_M < q_len, tl.minimum(length, q_offset + tile * BLOCK_M + BLOCK_M), 0)
+    for n0 in range(0, num_keys, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         kv_off = (start + cols)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
         k = tl.load(k_ptr + kv_off, mask=(cols < length)[:, None], other=0.0)
         v = tl.load(v_ptr + kv_off, mask=(cols < length)[:, None], other=0.0)
         p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
-        p = tl.where(cols[None, :] <= rows[:, None], p, 0.0)
+        p = tl.where(cols[None, :] <= (rows + q_offset)[:, None], p, 0.0)
         ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
     dq = dq * scale
@@ -373,8 +393,10 @@ def attention_backward(
     scale: float,
     tiles: SlotTiles,
     work: Workspace,
+    dlse=None,
 ):
-    """dq, dk, dv for contiguous q [T, Hq, D], k, v [T, Hkv, D], out/dout [T, Hq, D], lse2 fp32 [T, Hq];
+    """dq, dk, dv for contiguous q [T, Hq, D], k, v [Tk, Hkv, D], out/dout [T, Hq, D], lse2 fp32 [T, Hq]
+    and the gradient of the natural lse output, fp32 contiguous [T, Hq], or None;
     `routing` of `slots` past picks per query was built with `tiles.query_tile` rows per slot tile,
     with slot tiles if work.kv_heads == 0 (slot passes); `work` from kernels.workspace.backward_plan."""
     total, hq, dim = q.shape
@@ -389,7 +411,9 @@ def attention_backward(
     if nb == 0:
         return dq.to(q.dtype), dk, dv
     delta = torch.empty(total, hq, dtype=torch.float32, device=q.device)
-    _delta_kernel[(triton.cdiv(total * hq, 64),)](out, dout, delta, total * hq, HEAD_DIM=dim, ROWS=64)
+    _delta_kernel[(triton.cdiv(total * hq, 64),)](
+        out, dout, delta if dlse is None else dlse, delta, total * hq, HEAD_DIM=dim, ROWS=64, DLSE=dlse is not None
+    )
     block_n = key_tile(block_size)
     warps = 8 if dim >= 128 else 4
     kv_tiles = dkdv_tiles(block_size, dim)
@@ -410,6 +434,9 @@ def attention_backward(
             dv,
             layout.start,
             layout.length,
+            layout.q_start,
+            layout.q_len,
+            layout.q_offset,
             layout.order,
             routing.rows,
             routing.seg_start,
@@ -453,6 +480,9 @@ def attention_backward(
             dq,
             layout.start,
             layout.length,
+            layout.q_start,
+            layout.q_len,
+            layout.q_offset,
             routing.num_past,
             dq if part_dq is None else part_dq,
             q.stride(0),

@@ -93,6 +93,9 @@ def _current_block_fwd_kernel(
     lse_ptr,
     start_ptr,
     length_ptr,
+    q_start_ptr,
+    q_len_ptr,
+    q_offset_ptr,
     num_past_ptr,
     part_out_ptr,
     part_lse_ptr,
@@ -118,22 +121,28 @@ def _current_block_fwd_kernel(
 ):
     """Causal attention of a BLOCK_M query tile to its own block; MERGE: merged with the tile's past
     partials from the workspace (part_out [rows, D], part_lse [rows], rows from `workspace_rows`; a
-    query's valid slots are 0 .. num_past - 1). Grid (NB * TILES_PER_BLOCK, heads), head = head0 + axis 1."""
+    query's valid slots are 0 .. num_past - 1). The block's keys are start/length, its queries the
+    q_start/q_len rows, the first at position q_offset of the block (bottom-right causal).
+    Grid (NB * TILES_PER_BLOCK, heads), head = head0 + axis 1."""
     blk = tl.program_id(0) // TILES_PER_BLOCK
     tile = tl.program_id(0) % TILES_PER_BLOCK
     head = head0 + tl.program_id(1)
     kv_head = head // GROUP
     start = tl.load(start_ptr + blk)
     length = tl.load(length_ptr + blk)
+    q_start = tl.load(q_start_ptr + blk)
+    q_len = tl.load(q_len_ptr + blk)
+    q_offset = tl.load(q_offset_ptr + blk)
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < length
+    row_ok = rows < q_len
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(
-        q_ptr + (start + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0
+        q_ptr + (q_start + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :], mask=row_ok[:, None],
+        other=0.0,
     )
     if MERGE:  # the picks' log-sum-exps, loaded early to hide their latency
-        base = workspace_rows(start + rows, head, head0, num_tokens, SLOTS)
-        num_past = tl.load(num_past_ptr + (start + rows) * num_q_heads + head, mask=row_ok, other=0)
+        base = workspace_rows(q_start + rows, head, head0, num_tokens, SLOTS)
+        num_past = tl.load(num_past_ptr + (q_start + rows) * num_q_heads + head, mask=row_ok, other=0)
         js = tl.arange(0, SLOTS_P2)
         lse_t = tl.load(
             part_lse_ptr + base[:, None] + js[None, :], mask=js[None, :] < num_past[:, None], other=float("-inf")
@@ -141,14 +150,16 @@ def _current_block_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for n0 in range(0, tl.minimum(length, tile * BLOCK_M + BLOCK_M), BLOCK_N):
+    # Keys up to the tile's last query; none for a tile without queries.
+    num_keys = tl.where(tile * BLOCK_M < q_len, tl.minimum(length, q_offset + tile * BLOCK_M + BLOCK_M), 0)
+    for n0 in range(0, num_keys, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         kv_off = (start + cols)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
         col_ok = (cols < length)[:, None]
         k = tl.load(k_ptr + kv_off, mask=col_ok, other=0.0)
         v = tl.load(v_ptr + kv_off, mask=col_ok, other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale
-        s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
+        s = tl.where(cols[None, :] <= (rows + q_offset)[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
@@ -175,11 +186,11 @@ def _current_block_fwd_kernel(
         l_i = total
     out = acc / l_i[:, None]
     tl.store(
-        out_ptr + (start + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :],
+        out_ptr + (q_start + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :],
         out.to(out_ptr.dtype.element_ty),
         mask=row_ok[:, None],
     )
-    tl.store(lse_ptr + (start + rows) * stride_lt + head, m_i + tl.log2(l_i), mask=row_ok)
+    tl.store(lse_ptr + (q_start + rows) * stride_lt + head, m_i + tl.log2(l_i), mask=row_ok)
 
 
 @triton.jit
@@ -393,6 +404,9 @@ def attention_forward(
             lse,
             layout.start,
             layout.length,
+            layout.q_start,
+            layout.q_len,
+            layout.q_offset,
             routing.num_past,
             part_out,
             part_lse,

@@ -3,7 +3,8 @@
 The [tokens, heads, blocks] score matrix is never written: one program holds a tile of queries of
 one block, streams the block means of its sequence, and keeps a running top-(topk-1) in registers.
 Semantics are those of moba_train/attention/naive.py: fp32, unscaled scores on mean keys; the
-current block always selected; candidates are the blocks strictly before it; ties to the lower index.
+current block always selected; candidates are the blocks strictly before it; ties to the lower index;
+a NaN score counts as -inf (never chosen). A block's queries are its `q_start`/`q_len` rows (kernels/layout.py).
 """
 
 from __future__ import annotations
@@ -132,7 +133,8 @@ def _gate_topk_kernel(
     BF16_SPLIT: tl.constexpr,
     EMULATE_BF16_DOT: tl.constexpr,
 ):
-    """Selection of a tile of BLOCK_M queries of one block. Grid (NB * TILES_PER_BLOCK, Hq / HEADS_PER_PROGRAM).
+    """Selection of a tile of BLOCK_M queries of one block (its query rows start_ptr / length_ptr: the
+    layout's q_start / q_len). Grid (NB * TILES_PER_BLOCK, Hq / HEADS_PER_PROGRAM).
 
     HEADS_PER_PROGRAM is 1 (one selection per query head) or GROUP (shared_gqa_selection: the
     group's scores are summed and its heads share the selection). Writes sel[t, h, :TOPK] int32.
@@ -158,7 +160,9 @@ def _gate_topk_kernel(
     q0 = tl.load(q_ptrs + head0 * stride_qh, mask=row_ok[:, None], other=0.0)
     if not BF16_SPLIT:
         q0 = q0.to(tl.float32)
-    for c0 in range(0, current, BLOCK_C):
+    # Tiles without queries (blocks before a suffix of queries, a partial last tile) scan nothing.
+    num_cand = tl.where(tile * BLOCK_M < length, current, 0)
+    for c0 in range(0, num_cand, BLOCK_C):
         cand = c0 + tl.arange(0, BLOCK_C)
         cand_ok = cand < current
         means = tl.load(
@@ -172,7 +176,7 @@ def _gate_topk_kernel(
             if not BF16_SPLIT:
                 q = q.to(tl.float32)
             scores += _gate_dot(q, means, PRECISION, BF16_SPLIT, EMULATE_BF16_DOT)
-        scores = tl.where(cand_ok[None, :], scores, float("-inf"))
+        scores = tl.where(cand_ok[None, :] & (scores == scores), scores, float("-inf"))  # NaN: never chosen
         # Insert chunk entries that beat the row's weakest kept entry, best first (lowest index on
         # ties), each evicting the weakest (highest index among equals). After the first chunks few
         # entries qualify, so this loop usually runs a couple of times, not TOPK-1.
@@ -229,8 +233,8 @@ def select_blocks(q, k, layout: BlockLayout, block_size: int, topk: int, shared_
         q,
         means,
         sel,
-        layout.start,
-        layout.length,
+        layout.q_start,
+        layout.q_len,
         layout.local,
         layout.first,
         q.stride(0),
@@ -255,23 +259,28 @@ def select_blocks(q, k, layout: BlockLayout, block_size: int, topk: int, shared_
     return sel
 
 
-def moba_selection_triton(q, k, cu_seqlens, block_size, topk, shared_gqa_selection=False) -> torch.Tensor:
-    """Selected key blocks per (query, head): int32 [T, Hq, topk], as moba_selection_naive.
+def moba_selection_triton(
+    q, k, cu_seqlens, block_size, topk, shared_gqa_selection=False, *, cu_seqlens_k=None, host_cu_seqlens=None
+) -> torch.Tensor:
+    """Selected key blocks per (query, head): int32 [Tq, Hq, topk], as moba_selection_naive.
 
-    q [T, Hq, D], k [T, Hkv, D] (bf16, fp16 or fp32), cu_seqlens int32 [N+1]. Block indices are local
-    to the query's sequence, ascending, NO_BLOCK (-1) padded.
+    q [Tq, Hq, D], k [Tk, Hkv, D] (bf16, fp16 or fp32), cu_seqlens int32 [N+1] (the queries' offsets;
+    cu_seqlens_k the keys', default the same: queries are the last len_q keys of their sequence);
+    host_cu_seqlens: both as ints, to spare a device read. Block indices are local to the query's
+    sequence, ascending, NO_BLOCK (-1) padded.
     """
     check_inputs(q, k, block_size, topk)
     q, k = q.contiguous(), k.contiguous()
-    layout = block_layout(cu_seqlens, block_size, q.shape[0], q.device)
+    cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+    layout = block_layout(cu_seqlens, cu_k, block_size, q.shape[0], k.shape[0], q.device, host_cu_seqlens)
     return select_blocks(q, k, layout, block_size, topk, shared_gqa_selection)
 
 
 def check_inputs(q, k, block_size: int, topk: int) -> None:
     """User errors on shapes and options, one sentence each."""
-    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] > k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(
-            "q must be [T, Hq, D] and k, v [T, Hkv, D] with the same T and D; "
+            "q must be [Tq, Hq, D] and k, v [Tk, Hkv, D] with the same D and Tq <= Tk; "
             f"got {tuple(q.shape)} and {tuple(k.shape)}."
         )
     if q.shape[1] % k.shape[1]:

@@ -62,9 +62,10 @@ def _pick_keys_kernel(
     RUN_KEYS: tl.constexpr,
 ):
     """Sort key of every past pick of ROWS queries of one block and one head, and each query's number
-    of past picks. RUN_KEYS: the run id kv_head * NB + block (empty slots -1, sorted first); else the
-    slot segment key (empty slots Hq * NB * SLOTS, sorted last). Grid (NB * TILES_PER_BLOCK, Hq); sel
-    is contiguous [T, Hq, TOPK]; keys in keys_ptr's dtype."""
+    of past picks (the block's query rows: start_ptr / length_ptr are the layout's q_start / q_len).
+    RUN_KEYS: the run id kv_head * NB + block (empty slots -1, sorted first); else the slot segment key
+    (empty slots Hq * NB * SLOTS, sorted last). Grid (NB * TILES_PER_BLOCK, Hq); sel is contiguous
+    [T, Hq, TOPK]; keys in keys_ptr's dtype."""
     blk = tl.program_id(0) // TILES_PER_BLOCK
     head = tl.program_id(1)
     start = tl.load(start_ptr + blk)
@@ -150,8 +151,8 @@ def route(
         selection,
         keys,
         num_past,
-        layout.start,
-        layout.length,
+        layout.q_start,
+        layout.q_len,
         layout.local,
         layout.first,
         hq,

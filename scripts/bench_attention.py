@@ -91,7 +91,8 @@ def attention_fn(backend: str, shape: Shape):
             return F.scaled_dot_product_attention(q_b, k_b, v_b, is_causal=True).transpose(1, 2).reshape(q.shape)
         return sdpa
     if backend == "fa2-varlen":
-        return lambda q, k, v, cu: varlen.causal_varlen_attn(q, k, v, cu, shape.seqlen, 1 / math.sqrt(q.shape[-1]))
+        return lambda q, k, v, cu: varlen.causal_varlen_attn(q, k, v, cu, cu, shape.seqlen, shape.seqlen,
+                                                             1 / math.sqrt(q.shape[-1]))
     if backend == "moba-naive":
         return lambda q, k, v, cu: moba_attention_naive(q, k, v, cu_seqlens=cu, **moba)
     name = backend.removeprefix("moba-")

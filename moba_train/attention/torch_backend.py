@@ -39,21 +39,25 @@ def chunk_elements(device: torch.device) -> int:
 
 @dataclass
 class BlockLayout:
-    """Where every token and block of a packed batch lies. Blocks are numbered globally.
+    """Where every query, key and block of a packed batch lies. Blocks (of keys) are numbered globally.
 
-    Host-side (Python ints): `bounds` (cu_seqlens), `first_block` [num_seqs + 1] (global index of each
-    sequence's first block; the last entry is num_blocks). Device-side int64 [T]: `token_block`
-    (global block of each token), `token_pos` (position inside its block), `token_first` (global index
-    of the first block of the token's sequence). `block_start` int64 [num_blocks]: first token of each
-    block; `block_len` int64 [num_blocks].
+    Host-side (Python ints): `bounds_q` / `bounds_k` (cu_seqlens of queries and keys), `first_block`
+    [num_seqs + 1] (global index of each sequence's first block; the last entry is num_blocks).
+    Query tables, device int64 [Tq]: `token_block` (global current block of each query, the block of its
+    key position), `token_pos` (that position inside the block), `token_first` (global index of the first
+    block of the query's sequence). Key tables, device int64 [Tk]: `key_block`, `key_pos`.
+    `block_start` int64 [num_blocks]: first key of each block; `block_len` int64 [num_blocks].
     """
 
     block_size: int
-    bounds: list[int]
+    bounds_q: list[int]
+    bounds_k: list[int]
     first_block: list[int]
     token_block: torch.Tensor
     token_pos: torch.Tensor
     token_first: torch.Tensor
+    key_block: torch.Tensor
+    key_pos: torch.Tensor
     block_start: torch.Tensor
     block_len: torch.Tensor
 
@@ -66,57 +70,82 @@ class BlockLayout:
         return max((b - a for a, b in zip(self.first_block[:-1], self.first_block[1:])), default=0)
 
     @staticmethod
-    def build(bounds: list[int], block_size: int, device: torch.device) -> "BlockLayout":
-        lengths_host = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    def build(bounds_q: list[int], bounds_k: list[int], block_size: int, device: torch.device) -> "BlockLayout":
+        lengths_k = [e - s for s, e in zip(bounds_k[:-1], bounds_k[1:])]
+        lengths_q = [e - s for s, e in zip(bounds_q[:-1], bounds_q[1:])]
         first_block = [0]
-        for length in lengths_host:
+        for length in lengths_k:
             first_block.append(first_block[-1] + math.ceil(length / block_size))
-        total = bounds[-1]
-        lengths = torch.tensor(lengths_host, dtype=torch.int64, device=device)
-        starts = torch.tensor(bounds[:-1], dtype=torch.int64, device=device)
         firsts = torch.tensor(first_block[:-1], dtype=torch.int64, device=device)
-        seq_ids = torch.arange(len(lengths_host), device=device)
-        seq_of_token = torch.repeat_interleave(seq_ids, lengths, output_size=total)
-        local = torch.arange(total, device=device) - starts[seq_of_token]
-        token_first = firsts[seq_of_token]
-        token_block = token_first + local // block_size
-        token_pos = local % block_size
-        block_start = torch.nonzero(token_pos == 0).flatten()
+        key_first, key_local = _token_tables(bounds_k, lengths_k, firsts, device)
+        key_block = key_first + key_local // block_size
+        key_pos = key_local % block_size
+        # Queries are the last len_q keys of their sequence: local key position = (len_k - len_q) + local index.
+        offsets = [k - q for k, q in zip(lengths_k, lengths_q)]
+        token_first, token_local = _token_tables(bounds_q, lengths_q, firsts, device, offsets)
+        block_start = torch.nonzero(key_pos == 0).flatten()
         assert block_start.numel() == first_block[-1]
-        block_len = torch.diff(block_start, append=torch.tensor([total], device=device))
+        block_len = torch.diff(block_start, append=torch.tensor([bounds_k[-1]], device=device))
         block_len = torch.minimum(block_len, torch.full_like(block_len, block_size))
-        return BlockLayout(block_size, bounds, first_block, token_block, token_pos, token_first, block_start, block_len)
+        return BlockLayout(block_size, bounds_q, bounds_k, first_block, token_first + token_local // block_size,
+                           token_local % block_size, token_first, key_block, key_pos, block_start, block_len)
 
     def token_chunks(self, chunk_tokens: int):
-        """Yield (start, end, lo, hi): token ranges and the global block range their candidates lie in."""
-        total = self.bounds[-1]
+        """Yield (start, end, lo, hi): query ranges and the global block range their candidates lie in."""
+        total = self.bounds_q[-1]
         for start in range(0, total, chunk_tokens):
             end = min(start + chunk_tokens, total)
-            seq_a = bisect.bisect_right(self.bounds, start) - 1
-            seq_b = bisect.bisect_right(self.bounds, end - 1) - 1
+            seq_a = bisect.bisect_right(self.bounds_q, start) - 1
+            seq_b = bisect.bisect_right(self.bounds_q, end - 1) - 1
+            # Key position of the chunk's last query: its sequence's len_k minus the queries after it.
+            last = (self.bounds_k[seq_b + 1] - self.bounds_k[seq_b]) - (self.bounds_q[seq_b + 1] - end + 1)
             lo = self.first_block[seq_a]
-            hi = self.first_block[seq_b] + (end - 1 - self.bounds[seq_b]) // self.block_size
+            hi = self.first_block[seq_b] + last // self.block_size
             yield start, end, lo, hi
 
     def pad_blocks(self, x_thd: torch.Tensor) -> torch.Tensor:
-        """[T, H, D] -> [num_blocks * H, block_size, D] (block-major, then head), zero-padded."""
+        """Keys or values [Tk, H, D] -> [num_blocks * H, block_size, D] (block-major, then head), zero-padded."""
         _, heads, dim = x_thd.shape
         padded = x_thd.new_zeros(self.num_blocks * self.block_size, heads, dim)
-        padded[self.token_block * self.block_size + self.token_pos] = x_thd
+        padded[self.key_block * self.block_size + self.key_pos] = x_thd
         padded = padded.view(self.num_blocks, self.block_size, heads, dim).transpose(1, 2)
         return padded.reshape(-1, self.block_size, dim)
 
     def unpad_blocks(self, x_bhd: torch.Tensor, heads: int) -> torch.Tensor:
-        """Inverse of pad_blocks: [num_blocks * H, block_size, D] -> [T, H, D]."""
+        """Inverse of pad_blocks: [num_blocks * H, block_size, D] -> [Tk, H, D]."""
         dim = x_bhd.shape[-1]
         x = x_bhd.view(self.num_blocks, heads, self.block_size, dim).transpose(1, 2)
-        return x.reshape(-1, heads, dim)[self.token_block * self.block_size + self.token_pos]
+        return x.reshape(-1, heads, dim)[self.key_block * self.block_size + self.key_pos]
+
+
+def _token_tables(bounds, lengths, firsts, device, offsets=None):
+    """(first global block of each token's sequence, local position of each token) over a packed tensor;
+    `offsets` shift the local positions of each sequence (queries: len_k - len_q)."""
+    total = bounds[-1]
+    seq_of_token = torch.repeat_interleave(torch.arange(len(lengths), device=device),
+                                           torch.tensor(lengths, dtype=torch.int64, device=device), output_size=total)
+    starts = torch.tensor(bounds[:-1], dtype=torch.int64, device=device)
+    if offsets is not None:
+        starts = starts - torch.tensor(offsets, dtype=torch.int64, device=device)
+    return firsts[seq_of_token], torch.arange(total, device=device) - starts[seq_of_token]
+
+
+def local_selection(selection: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """GLOBAL selection int64 [Tq, Hq, topk] -> int32 block indices local to each query's sequence (-1 kept)."""
+    local = selection - layout.token_first[:, None, None]
+    return torch.where(selection >= 0, local, NO_BLOCK).to(torch.int32)
+
+
+def global_selection(selection: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """Inverse of local_selection: int32 local indices -> int64 global ones (-1 kept)."""
+    global_ = selection.long() + layout.token_first[:, None, None]
+    return torch.where(selection >= 0, global_, NO_BLOCK)
 
 
 def block_means(k_thd: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     """Representative key of every block: fp32 [num_blocks, Hkv, D], the mean of its keys."""
     key_sum = torch.zeros(layout.num_blocks, *k_thd.shape[1:], dtype=torch.float32, device=k_thd.device)
-    key_sum.index_add_(0, layout.token_block, k_thd.float())
+    key_sum.index_add_(0, layout.key_block, k_thd.float())
     return key_sum / layout.block_len.to(torch.float32)[:, None, None]
 
 
@@ -153,7 +182,7 @@ def select_blocks(q_thd, k_thd, layout: BlockLayout, topk: int, shared_gqa_selec
             scores = scores.reshape(end - start, hq, span)
             block_ids = torch.arange(lo, hi, device=device)
             candidate = (block_ids[None, :] >= first[:, None]) & (block_ids[None, :] < current[:, None])
-            scores = scores.masked_fill(~candidate[:, None, :], float("-inf"))
+            scores = scores.masked_fill(~candidate[:, None, :] | scores.isnan(), float("-inf"))
             # Exact top-k with ties to the lower index: everything above the k-th value, then the
             # first (lowest-index) entries equal to it until k are taken.
             threshold = scores.topk(n_past, dim=-1).values[..., -1:]
@@ -230,11 +259,13 @@ class _Slot:
 
 def _keys_matrix(x_thd, layout: BlockLayout) -> torch.Tensor:
     """fp32 [num_blocks * H * block_size, D]: padded blocks, block-major then head, as rows."""
-    return layout.pad_blocks(x_thd.float()).view(-1, x_thd.shape[-1])
+    return layout.pad_blocks(x_thd.float()).reshape(-1, x_thd.shape[-1])
 
 
 class MobaAttentionFunction(torch.autograd.Function):
-    """out = MoBA(q, k, v) for a given global selection; backward recomputes from (out, lse)."""
+    """(out, lse) = MoBA(q, k, v) for a given global selection; backward recomputes from (out, lse).
+
+    lse is an output with a gradient too: d lse / d logit_j = p_j, so dS = P * (dP - delta + dlse)."""
 
     @staticmethod
     def forward(ctx, q_thd, k_thd, v_thd, selection, layout: BlockLayout, scale: float):
@@ -270,10 +301,10 @@ class MobaAttentionFunction(torch.autograd.Function):
         out = out.view(total, hq, dim).to(q_thd.dtype)
         ctx.save_for_backward(q_thd, k_thd, v_thd, selection, out, lse)
         ctx.layout, ctx.scale = layout, scale
-        return out
+        return out, lse.view(total, hq)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_lse):
         q_thd, k_thd, v_thd, selection, out, lse = ctx.saved_tensors
         layout, scale = ctx.layout, ctx.scale
         total, hq, dim = q_thd.shape
@@ -291,7 +322,7 @@ class MobaAttentionFunction(torch.autograd.Function):
             rows = slice(start * hq, end * hq)
             q_rd = q_thd[start:end].float().reshape(-1, dim)
             do_rd = grad_out[start:end].float().reshape(-1, dim)
-            delta = (do_rd * out[start:end].float().reshape(-1, dim)).sum(-1)  # [R]
+            delta = (do_rd * out[start:end].float().reshape(-1, dim)).sum(-1) - grad_lse[start:end].reshape(-1)
             current, pos = layout.token_block[start:end], layout.token_pos[start:end]
             grad_q_rd = torch.zeros_like(q_rd)
             for slot in range(topk):
@@ -308,8 +339,16 @@ class MobaAttentionFunction(torch.autograd.Function):
         return grad_q.view(total, hq, dim).to(q_thd.dtype), grad_k, grad_v, None, None, None
 
 
-def moba_attention_torch(q, k, v, *, bounds, block_size, topk, softmax_scale, shared_gqa_selection):
-    """MoBA on [T, H, D] tensors (validated by the caller); bounds is cu_seqlens as a list of ints."""
-    layout = BlockLayout.build(bounds, block_size, q.device)
-    selection = select_blocks(q, k, layout, topk, shared_gqa_selection)
-    return MobaAttentionFunction.apply(q, k, v, selection, layout, softmax_scale)
+def moba_attention_torch(
+    q, k, v, *, bounds_q, bounds_k, block_size, topk, softmax_scale, shared_gqa_selection, selection=None,
+    return_lse=False,
+):
+    """MoBA on [Tq, Hq, D] / [Tk, Hkv, D] tensors (validated by the caller); bounds_q / bounds_k are the
+    offsets as lists of ints; `selection` (local, int32) replaces the gate when given."""
+    layout = BlockLayout.build(bounds_q, bounds_k, block_size, q.device)
+    if selection is None:
+        selection = select_blocks(q, k, layout, topk, shared_gqa_selection)
+    else:
+        selection = global_selection(selection, layout)
+    out, lse = MobaAttentionFunction.apply(q, k, v, selection, layout, softmax_scale)
+    return (out, lse) if return_lse else out

@@ -21,7 +21,7 @@ import inspect
 
 import torch
 
-from moba_train.attention.torch_backend import BlockLayout, select_blocks
+from moba_train.attention.torch_backend import BlockLayout, global_selection, select_blocks
 
 try:
     from torch.nn.attention.varlen import varlen_attn
@@ -40,15 +40,15 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
     )
 
 
-def causal_varlen_attn(q, k, v, cu_seqlens, max_seqlen: int, scale: float) -> torch.Tensor:
-    """Causal attention per sequence with `varlen_attn` (differentiable): [T, Hq, D]."""
+def causal_varlen_attn(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float) -> torch.Tensor:
+    """Causal attention per sequence with `varlen_attn` (differentiable): [Tq, Hq, D]; queries fewer than
+    keys are aligned to the bottom right (FA2's causal convention)."""
     if q.shape[1] != k.shape[1]:
         if "enable_gqa" in inspect.signature(varlen_attn).parameters:
-            return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale,
-                               window_size=(-1, 0), enable_gqa=True)
+            return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0), enable_gqa=True)
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale, window_size=(-1, 0))
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0))
 
 
 def _flash_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
@@ -139,11 +139,16 @@ class _PastGroups:
         return x_blocks[self.kv_rows].reshape(-1, 1, x_blocks.shape[-1])
 
 
-def _block_cu(layout: BlockLayout, total: int) -> torch.Tensor:
-    cu = torch.empty(layout.num_blocks + 1, dtype=torch.int32, device=layout.block_start.device)
-    cu[:-1] = layout.block_start
-    cu[-1] = total
-    return cu
+def _block_cu(layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cu_q, cu_k) of the `self` call: every block a varlen sequence of its keys and of the queries whose
+    current block it is (the block's last keys' positions: FA2's bottom-right causal alignment)."""
+    device = layout.block_start.device
+    cu_k = torch.empty(layout.num_blocks + 1, dtype=torch.int32, device=device)
+    cu_k[:-1] = layout.block_start
+    cu_k[-1] = layout.bounds_k[-1]
+    cu_q = torch.zeros(layout.num_blocks + 1, dtype=torch.int32, device=device)
+    cu_q[1:] = torch.bincount(layout.token_block, minlength=layout.num_blocks).cumsum(0)
+    return cu_q, cu_k
 
 
 class MobaVarlenFunction(torch.autograd.Function):
@@ -152,8 +157,8 @@ class MobaVarlenFunction(torch.autograd.Function):
         total, hq, dim = q.shape
         hkv = k.shape[1]
         bsz = layout.block_size
-        cu_blocks = _block_cu(layout, total)
-        out_self, lse_self, rng_self = _flash_forward(q, k, v, cu_blocks, cu_blocks, bsz, bsz, True, scale)
+        cu_q_blocks, cu_k_blocks = _block_cu(layout)
+        out_self, lse_self, rng_self = _flash_forward(q, k, v, cu_q_blocks, cu_k_blocks, bsz, bsz, True, scale)
         assert lse_self.shape == (hq, total), f"unexpected FA2 lse layout {tuple(lse_self.shape)}"
         lse = lse_self.t().reshape(-1)  # [T * Hq]
         out = out_self.float().reshape(total * hq, dim)
@@ -177,20 +182,22 @@ class MobaVarlenFunction(torch.autograd.Function):
         out = out.view(total, hq, dim).to(q.dtype)
         ctx.save_for_backward(q, k, v, selection, out, lse)
         ctx.layout, ctx.scale, ctx.rng = layout, scale, (rng_self, rng_past)
-        return out
+        lse_out = lse.view(total, hq).clone()
+        ctx.mark_non_differentiable(lse_out)  # FA2's backward takes no lse gradient (moba_attention refuses one)
+        return out, lse_out
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_lse):
         q, k, v, selection, out, lse = ctx.saved_tensors
         layout, scale = ctx.layout, ctx.scale
         total, hq, dim = q.shape
         hkv = k.shape[1]
         bsz = layout.block_size
         grad_out = grad_out.contiguous()
-        cu_blocks = _block_cu(layout, total)
+        cu_q_blocks, cu_k_blocks = _block_cu(layout)
         lse_hq = lse.view(total, hq).t().contiguous()
         grad_q, grad_k, grad_v = _flash_backward(
-            grad_out, q, k, v, out, lse_hq, cu_blocks, cu_blocks, bsz, bsz, True, scale, ctx.rng[0]
+            grad_out, q, k, v, out, lse_hq, cu_q_blocks, cu_k_blocks, bsz, bsz, True, scale, ctx.rng[0]
         )
         groups = _PastGroups(selection, layout, hkv)
         if groups.num_rows:
@@ -213,9 +220,17 @@ class MobaVarlenFunction(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None, None, None
 
 
-def moba_attention_varlen(q, k, v, *, bounds, block_size, topk, softmax_scale, shared_gqa_selection):
-    """MoBA on [T, H, D] CUDA fp16/bf16 tensors (validated by the caller); bounds is cu_seqlens as ints."""
+def moba_attention_varlen(
+    q, k, v, *, bounds_q, bounds_k, block_size, topk, softmax_scale, shared_gqa_selection, selection=None,
+    return_lse=False,
+):
+    """MoBA on [Tq, Hq, D] / [Tk, Hkv, D] CUDA fp16/bf16 tensors (validated by the caller); bounds_q /
+    bounds_k are the offsets as ints. With return_lse the lse carries no gradient (see the caller)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    layout = BlockLayout.build(bounds, block_size, q.device)
-    selection = select_blocks(q, k, layout, topk, shared_gqa_selection)
-    return MobaVarlenFunction.apply(q, k, v, selection, layout, softmax_scale)
+    layout = BlockLayout.build(bounds_q, bounds_k, block_size, q.device)
+    if selection is None:
+        selection = select_blocks(q, k, layout, topk, shared_gqa_selection)
+    else:
+        selection = global_selection(selection, layout)
+    out, lse = MobaVarlenFunction.apply(q, k, v, selection, layout, softmax_scale)
+    return (out, lse) if return_lse else out

@@ -155,6 +155,13 @@ BAD_INPUTS = [
     ("share one dtype", dict(k=torch.randn(32, 2, 8, dtype=torch.bfloat16))),
     ("backend must be one of", dict(backend="flash")),
     ("not available", dict(backend="varlen")),
+    ("block_size must be an int", dict(block_size=8.0)),
+    ("block_size must be an int", dict(block_size=None)),
+    ("topk must be an int", dict(topk=2.5)),
+    ("topk must be an int", dict(topk=None)),
+    ("softmax_scale must be a finite positive number", dict(softmax_scale=float("nan"))),
+    ("softmax_scale must be a finite positive number", dict(softmax_scale=0.0)),
+    ("softmax_scale must be a finite positive number", dict(softmax_scale=-1.0)),
 ]
 
 
@@ -165,7 +172,7 @@ def test_moba_attention_rejects_bad_input_with_a_value_error_naming_the_rule(mat
         moba_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
 
 
-BAD_SELECTION_INPUTS = BAD_INPUTS[:3] + BAD_INPUTS[7:13]
+BAD_SELECTION_INPUTS = BAD_INPUTS[:3] + BAD_INPUTS[7:13] + BAD_INPUTS[17:21]
 
 
 @pytest.mark.parametrize("match,change", BAD_SELECTION_INPUTS, ids=[m for m, _ in BAD_SELECTION_INPUTS])
@@ -206,3 +213,19 @@ def test_cu_seqlens_are_read_once_per_tensor_and_again_after_an_in_place_write(m
     cu[1] = 40
     with pytest.raises(ValueError, match="monotonic"):
         moba_attention(q, k, v, cu_seqlens=cu, block_size=8, topk=2, backend="torch")
+
+
+@pytest.mark.parametrize("where", ["past block", "current block"])
+def test_nan_in_the_keys_gives_the_same_outputs_in_the_torch_backend_as_the_definition(where):
+    # A NaN key makes its block's mean and gate scores NaN: the block is never chosen for a past slot
+    # (naive.py, rule 4), and queries whose own block holds it attend a NaN. Every backend must agree
+    # with the definition on which outputs are NaN and on the others' values.
+    q, k, v, cu = packed([160, 48], 4, 2, 16, seed=11)
+    k[5 if where == "past block" else 150, 1, 3] = float("nan")
+    kwargs = dict(cu_seqlens=cu, block_size=16, topk=3)
+    want = moba_attention_naive(q, k, v, **kwargs)
+    got = moba_attention(q, k, v, backend="torch", **kwargs)
+    assert torch.equal(got.isnan(), want.isnan())
+    finite = ~want.isnan()
+    assert finite.any() and (got[finite] - want[finite]).abs().max() < 1e-5
+    assert torch.equal(moba_selection(q, k, backend="torch", **kwargs), moba_selection(q, k, backend="naive", **kwargs))

@@ -121,3 +121,14 @@ def test_torch_backend_matches_naive_on_the_full_grid_fp32(heads, dim, block, to
     # Every combination of the grid, on shorter packed sequences: 4 blocks + 3 tokens (a partial
     # last block), half a block, exactly one block.
     check_against_naive([4 * block + 3, block // 2, block], *heads, dim, block, topk, torch.float32, 1e-5)
+
+
+def test_one_kv_head_and_a_single_block_matches_naive():
+    # [blocks * heads * block, D] key rows are a view only when the padded blocks are contiguous: with one
+    # block and one KV head the transposed padding is not, which once broke the backend.
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(48, h, 8, generator=gen) for h in (2, 1, 1))
+    cu = torch.tensor([0, 48], dtype=torch.int32)
+    got = moba_attention(q, k, v, cu_seqlens=cu, block_size=64, topk=1, backend="torch")
+    want = moba_attention_naive(q, k, v, cu_seqlens=cu, block_size=64, topk=1)
+    assert (got - want).abs().max() < 1e-5

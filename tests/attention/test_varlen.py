@@ -96,3 +96,32 @@ def test_varlen_backend_split_into_several_fa2_calls_matches_one_call(monkeypatc
         results.append([out, *(x.grad for x in inputs)])
     for name, got, ref in zip(("out", "dq", "dk", "dv"), *results):
         assert _rel(got, ref) < 1e-2, name
+
+
+def test_varlen_backend_with_suffix_queries_matches_torch_backend_outputs_and_grads():
+    # Queries the last tokens of their sequences (a suffix starting mid-block; all keys; none).
+    _, k, v, cu_k = _packed([700, 300, 90], 8, 2, 64, seed=3)
+    lengths_q = [450, 300, 0]
+    cu_q = torch.tensor([0, 450, 750, 750], dtype=torch.int32, device="cuda")
+    q = torch.randn(750, 8, 64, device="cuda", dtype=torch.bfloat16)
+    grad_out = torch.randn_like(q)
+    results = []
+    for backend, cast in (("varlen", lambda x: x), ("torch", lambda x: x.float())):
+        inputs = [cast(x).detach().requires_grad_() for x in (q, k, v)]
+        out = moba_attention(*inputs, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, block_size=64, topk=4, backend=backend)
+        out.backward(grad_out.to(out.dtype))
+        results.append([out, *(x.grad for x in inputs)])
+    for name, got, ref in zip(("out", "dq", "dk", "dv"), *results):
+        assert _rel(got, ref) < 2e-2, name
+    assert sum(lengths_q) == q.shape[0]
+
+
+def test_full_attention_on_cuda_with_suffix_queries_matches_fp32_naive():
+    from moba_train.attention.naive import full_attention_naive
+
+    _, k, v, cu_k = _packed([300, 129], 4, 2, 64, seed=4)
+    cu_q = torch.tensor([0, 100, 229], dtype=torch.int32, device="cuda")
+    q = torch.randn(229, 4, 64, device="cuda", dtype=torch.bfloat16)
+    out = full_attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    ref = full_attention_naive(q.float(), k.float(), v.float(), cu_seqlens=cu_q, cu_seqlens_k=cu_k)
+    assert _rel(out, ref) < 1e-2

@@ -11,7 +11,7 @@ def _groups(hq=4, hkv=2, dim=32, lengths=(300, 170), block=16, topk=4):
     q = torch.randn(sum(lengths), hq, dim)
     k = torch.randn(sum(lengths), hkv, dim)
     bounds = [0, *torch.tensor(lengths).cumsum(0).tolist()]
-    layout = BlockLayout.build(bounds, block, q.device)
+    layout = BlockLayout.build(bounds, bounds, block, q.device)
     return varlen._PastGroups(select_blocks(q, k, layout, topk, False), layout, hkv)
 
 
@@ -40,3 +40,23 @@ def test_split_parts_partition_the_groups_in_order_and_respect_the_element_limit
 def test_split_keeps_one_call_when_under_the_limit():
     groups = _groups()
     assert groups.split(32) == [groups]
+
+
+def test_every_gathered_row_reads_the_kv_head_of_its_query_head_and_the_block_it_selected():
+    # The FA2 `past` call gathers, for group (head h, block c), the padded key rows c * Hkv + kv(h) with
+    # kv(h) = h // (Hq / Hkv) (what the CUDA tests check end to end; a wrong h % Hkv would pass on MHA).
+    hq, hkv, block = 8, 2, 16
+    q, k = torch.randn(300, hq, 16), torch.randn(300, hkv, 16)
+    bounds = [0, 300]
+    layout = BlockLayout.build(bounds, bounds, block, q.device)
+    selection = select_blocks(q, k, layout, 4, False)
+    groups = varlen._PastGroups(selection, layout, hkv)
+    padded = layout.pad_blocks(k)  # [blocks * Hkv, block, D]
+    group_of_row = torch.repeat_interleave(torch.arange(groups.kv_rows.numel()), groups.cu_q.diff().long())
+    for r in range(0, groups.num_rows, 37):
+        t, h = int(groups.token[r]), int(groups.head[r])
+        kv_row = int(groups.kv_rows[group_of_row[r]])
+        block_id, kv = divmod(kv_row, hkv)
+        assert kv == h // (hq // hkv)
+        assert block_id in selection[t, h].tolist() and block_id != int(layout.token_block[t])
+        assert torch.equal(padded[kv_row], k[block_id * block:(block_id + 1) * block, kv])

@@ -1,7 +1,8 @@
-"""Triton MoBA kernels under the Triton interpreter (CPU; conftest.py sets it up) against the naive definition.
+"""Triton MoBA kernels against the naive definition: compiled on a CUDA machine, under the Triton
+interpreter on CPU (conftest.py sets it up).
 
-The interpreter's bf16 tl.dot is wrong (triton 3.6), so attention is checked in fp16 here and in bf16
-on the GPU (scripts/bench_kernels.py); gating casts to fp32 and is checked in bf16 too.
+The interpreter's bf16 tl.dot is wrong (triton 3.6), so attention is checked in fp16 here (and in bf16
+on the GPU by scripts/bench_kernels.py); gating casts to fp32 and is checked in bf16 too.
 """
 
 import pytest
@@ -10,6 +11,8 @@ from moba_train.kernels import moba_attention_triton, moba_selection_triton, wor
 from moba_train.kernels.layout import block_layout
 
 from moba_train.attention.naive import moba_attention_naive, moba_selection_naive
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 # (cu_seqlens, Hq, Hkv, D, block, topk, shared_gqa_selection): varlen with a 7-token sequence and
 # partial last blocks, GQA, a block size that is not a power of two, topk larger than the blocks.
@@ -29,7 +32,7 @@ def inputs(cu, hq, hkv, dim, dtype, seed=0):
     q = torch.randn(total, hq, dim, generator=gen).to(dtype)
     k = torch.randn(total, hkv, dim, generator=gen).to(dtype)
     v = torch.randn(total, hkv, dim, generator=gen).to(dtype)
-    return q, k, v, torch.tensor(cu, dtype=torch.int32)
+    return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), torch.tensor(cu, dtype=torch.int32, device=DEVICE)
 
 
 # More than one chunk of 64 candidate blocks: the running top-k merges across chunks.
@@ -52,7 +55,7 @@ def test_selection_ties_go_to_lower_block_index():
     # Identical keys everywhere: every earlier block scores the same, so the lowest indices win.
     cu, hq, hkv, dim, block, topk = [0, 1056], 1, 1, 16, 16, 3
     q, _, _, cu_t = inputs(cu, hq, hkv, dim, torch.float32)
-    k = torch.ones(cu[-1], hkv, dim)
+    k = torch.ones(cu[-1], hkv, dim, device=DEVICE)
     got = moba_selection_triton(q, k, cu_t, block, topk)
     want = moba_selection_naive(q, k, cu_seqlens=cu_t, block_size=block, topk=topk)
     assert torch.equal(got, want)
@@ -68,7 +71,7 @@ def test_selection_resolves_gate_scores_finer_than_the_input_dtype(dtype):
     k = torch.ones(48, 1, dim)
     k[16] = 1 + 2**-7
     q = torch.ones(48, 1, dim)
-    q, k, cu_t = q.to(dtype), k.to(dtype), torch.tensor(cu, dtype=torch.int32)
+    q, k, cu_t = q.to(DEVICE, dtype), k.to(DEVICE, dtype), torch.tensor(cu, dtype=torch.int32, device=DEVICE)
     got = moba_selection_triton(q, k, cu_t, block, 2)
     want = moba_selection_naive(q, k, cu_seqlens=cu_t, block_size=block, topk=2)
     assert torch.equal(got, want)
@@ -92,7 +95,7 @@ def test_attention_output_and_gradients_match_naive(case, passes, monkeypatch):
     q, k, v, cu_t = inputs(cu, hq, hkv, dim, torch.float16)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     out = moba_attention_triton(q, k, v, cu_t, block, topk, shared_gqa_selection=shared)
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, out.dtype)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     ref = moba_attention_naive(
         q.float(), k.float(), v.float(), cu_seqlens=cu_t, block_size=block, topk=topk, shared_gqa_selection=shared
@@ -113,8 +116,8 @@ def test_attention_rejects_fp32_with_a_clear_error():
 
 def test_attention_rejects_cu_seqlens_not_covering_all_tokens():
     q, k, v, _ = inputs([0, 32], 2, 2, 16, torch.float16)
-    with pytest.raises(ValueError, match="cu_seqlens must end at the token count 32"):
-        moba_attention_triton(q, k, v, torch.tensor([0, 16], dtype=torch.int32), 16, 2)
+    with pytest.raises(ValueError, match="cu_seqlens_q must end at the token count 32"):
+        moba_attention_triton(q, k, v, torch.tensor([0, 16], dtype=torch.int32, device=DEVICE), 16, 2)
 
 
 def test_inference_forward_matches_naive_in_every_pass_mode(monkeypatch):
@@ -157,15 +160,17 @@ def naive_layout(cu, block):
 
 
 def test_block_layout_matches_a_walk_and_is_cached_per_tensor_version():
-    cu = torch.tensor([0, 100, 107, 107, 200], dtype=torch.int32)  # an empty sequence too
-    layout = block_layout(cu, 16, 200, torch.device("cpu"))
+    cu = torch.tensor([0, 100, 107, 107, 200], dtype=torch.int32, device=DEVICE)  # an empty sequence too
+    layout = block_layout(cu, cu, 16, 200, 200, DEVICE)
     got = list(zip(*(t.tolist() for t in layout[:4])))
     assert got == naive_layout(cu.tolist(), 16) and layout.num_blocks == len(got)
     local = layout.local.tolist()
     assert sorted(range(len(local)), key=lambda b: (local[b], b)) == layout.order.tolist()
-    assert block_layout(cu, 16, 200, torch.device("cpu")) is layout  # same tensor, same version: cached
+    assert torch.equal(layout.q_start, layout.start) and torch.equal(layout.q_len, layout.length)
+    assert not layout.q_offset.any()  # self-attention: every block's queries are its keys
+    assert block_layout(cu, cu, 16, 200, 200, DEVICE) is layout  # same tensor, same version: cached
     cu[1] = 90  # in place: the version counter moves, the layout is rebuilt
-    rebuilt = block_layout(cu, 16, 200, torch.device("cpu"))
+    rebuilt = block_layout(cu, cu, 16, 200, 200, DEVICE)
     assert list(zip(*(t.tolist() for t in rebuilt[:4]))) == naive_layout(cu.tolist(), 16)
 
 
@@ -179,7 +184,7 @@ def test_routing_groups_every_past_pick_under_its_block(keys, monkeypatch):
         monkeypatch.setattr(routing, "SHORT_KEYS_MAX", 0)
     cu, hq, hkv, dim, block, topk, _ = CASES[0]
     q, k, _, cu_t = inputs(cu, hq, hkv, dim, torch.float32)
-    layout = block_layout(cu_t, block, cu[-1], q.device)
+    layout = block_layout(cu_t, cu_t, block, cu[-1], cu[-1], q.device)
     sel = moba_selection_naive(q, k, cu_seqlens=cu_t, block_size=block, topk=topk)
     slots, group, nb = topk - 1, hq // hkv, layout.num_blocks
     r = routing.route(sel.clone(), layout, hkv, block, 64, slot_tiles=keys == "slot")
@@ -189,7 +194,7 @@ def test_routing_groups_every_past_pick_under_its_block(keys, monkeypatch):
     for b in range(nb):
         for t in range(layout.start[b], layout.start[b] + layout.length[b]):
             block_of[t] = b
-    num_past = torch.zeros(cu[-1] * hq, dtype=torch.int32)
+    num_past = torch.zeros(cu[-1] * hq, dtype=torch.int32, device=DEVICE)
     for t in range(cu[-1]):
         b = block_of[t]
         for h in range(hq):
@@ -212,3 +217,122 @@ def test_routing_groups_every_past_pick_under_its_block(keys, monkeypatch):
                            for s in range(segs - 1))
             else:
                 assert picks[0].tolist() == sorted(sum(want, []))
+
+
+# Queries that are a suffix of their keys (cu_seqlens_q != cu_seqlens_k): key offsets, then query counts
+# per sequence. A suffix starting mid-block, a sequence whose queries are all its keys, one with no
+# queries, and the context-parallel shape (two chunks of one sequence, each with its causal prefix).
+SUFFIX_CASES = [
+    ([0, 100, 107, 200, 240], [37, 7, 0, 40], 4, 2, 32, 16, 3),
+    ([0, 64, 192], [32, 32], 2, 1, 16, 16, 4),  # CP 2, rank 0: chunks 0 and 3 of a 128-token sequence
+]
+
+
+def suffix_inputs(cu_k, lengths_q, hq, hkv, dim, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    cu_q = [0]
+    for n in lengths_q:
+        cu_q.append(cu_q[-1] + n)
+    q = torch.randn(cu_q[-1], hq, dim, generator=gen).to(dtype)
+    k = torch.randn(cu_k[-1], hkv, dim, generator=gen).to(dtype)
+    v = torch.randn(cu_k[-1], hkv, dim, generator=gen).to(dtype)
+    offsets = (torch.tensor(c, dtype=torch.int32, device=DEVICE) for c in (cu_q, cu_k))
+    return (*(x.to(DEVICE) for x in (q, k, v)), *offsets)
+
+
+@pytest.mark.parametrize("passes", list(PASSES))
+@pytest.mark.parametrize("case", SUFFIX_CASES)
+def test_suffix_queries_output_lse_and_gradients_match_naive(case, passes, monkeypatch):
+    budget, max_heads = PASSES[passes]
+    for name in ("INFERENCE_BUDGET", "TRAINING_BUDGET"):
+        monkeypatch.setattr(workspace, name, budget)
+    monkeypatch.setattr(workspace, "FORWARD_MAX_BLOCK", 1 << 30)
+    monkeypatch.setattr(workspace, "MAX_CHUNK_KV_HEADS", max_heads)
+    cu_k, lengths_q, hq, hkv, dim, block, topk = case
+    q, k, v, cu_q, cu_k_t = suffix_inputs(cu_k, lengths_q, hq, hkv, dim, torch.float16)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out, lse = moba_attention_triton(q, k, v, cu_q, block, topk, cu_seqlens_k=cu_k_t, return_lse=True)
+    gen = torch.Generator().manual_seed(1)
+    dout = torch.randn(out.shape, generator=gen).to(DEVICE, out.dtype)
+    dlse = torch.randn(lse.shape, generator=gen).to(DEVICE)
+    grads = torch.autograd.grad((out, lse), (q, k, v), (dout, dlse))
+    ref, ref_lse = moba_attention_naive(q.float(), k.float(), v.float(), cu_seqlens=cu_q, cu_seqlens_k=cu_k_t,
+                                        block_size=block, topk=topk, return_lse=True)
+    ref_grads = torch.autograd.grad((ref, ref_lse), (q, k, v), (dout.float(), dlse))
+    assert out.shape == ref.shape and lse.dtype == torch.float32 and lse.shape == ref_lse.shape
+    assert (lse - ref_lse).abs().max() < 2e-3
+    for name, got, want in [("out", out, ref), *zip(("dq", "dk", "dv"), grads, ref_grads)]:
+        err = (got.float() - want).abs().max() / want.abs().max()
+        assert err < 4e-3, f"{name}: max error {err:.2e} relative to the largest value"
+    sel = moba_selection_triton(q, k, cu_q, block, topk, cu_seqlens_k=cu_k_t)
+    assert torch.equal(sel, moba_selection_naive(q, k, cu_seqlens=cu_q, cu_seqlens_k=cu_k_t, block_size=block,
+                                                 topk=topk))
+
+
+def test_given_selection_is_attended_instead_of_the_gate():
+    # A selection that is not the gate's (every query keeps only the lowest past blocks and its own):
+    # the kernels must attend exactly it, as the definition with that selection does.
+    cu, hq, hkv, dim, block, topk, _ = CASES[0]
+    q, k, v, cu_t = inputs(cu, hq, hkv, dim, torch.float16)
+    gate = moba_selection_naive(q, k, cu_seqlens=cu_t, block_size=block, topk=topk)
+    count = (gate >= 0).sum(-1, keepdim=True)
+    slot = torch.arange(topk, device=DEVICE)
+    current = gate.gather(-1, count - 1)
+    chosen = torch.where(slot < count - 1, slot.expand_as(gate).int(), torch.where(slot == count - 1, current, -1))
+    assert not torch.equal(chosen, gate)
+    out = moba_attention_triton(q, k, v, cu_t, block, topk, selection=chosen.int())
+    ref = moba_attention_naive(q.float(), k.float(), v.float(), cu_seqlens=cu_t, block_size=block, topk=topk,
+                               selection=chosen.int())
+    assert (out.float() - ref).abs().max() / ref.abs().max() < 4e-3
+
+
+def test_block_layout_of_suffix_queries_matches_a_walk():
+    cu_k, lengths_q = [0, 100, 107, 200, 240], [37, 7, 0, 40]
+    cu_q = [0, 37, 44, 44, 84]
+    layout = block_layout(torch.tensor(cu_q, dtype=torch.int32, device=DEVICE),
+                          torch.tensor(cu_k, dtype=torch.int32, device=DEVICE), 16, 84, 240, DEVICE)
+    want = []  # (q_start, q_len, q_offset) of each block, by walking each query
+    for j, (a, b) in enumerate(zip(cu_k[:-1], cu_k[1:])):
+        offset = (b - a) - lengths_q[j]
+        for s in range(0, b - a, 16):
+            rows = [cu_q[j] + p - offset for p in range(s, min(s + 16, b - a)) if p >= offset]
+            want.append((rows[0], len(rows), s + len(range(s, min(s + 16, b - a))) - len(rows) - s) if rows else None)
+    got = list(zip(layout.q_start.tolist(), layout.q_len.tolist(), layout.q_offset.tolist()))
+    assert len(got) == len(want)
+    for have, expect in zip(got, want):
+        assert have[1] == 0 if expect is None else have == expect
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_selection_ties_across_gating_chunks_equal_naive_exactly(dtype):
+    # 80 blocks (three gating chunks of 32 candidates) with integer keys: every gate score is an exact
+    # small integer. Eight blocks spread over the chunks share one mean key, so for a query that prefers
+    # it they tie for 5 past slots, and the running top-k's insertion rounds must resolve the ties to the
+    # lower block index across chunks, as the definition's stable sort does.
+    gen = torch.Generator().manual_seed(13)
+    block, nblocks, dim, topk = 16, 80, 16, 6
+    means = torch.randint(-1, 2, (nblocks, 1, dim), generator=gen).float()
+    tied = [3, 20, 33, 40, 50, 60, 70, 75]
+    means[tied] = 3.0
+    k = means.repeat_interleave(block, 0)  # every key of a block equal: its mean is exact
+    q = torch.randint(-2, 3, (nblocks * block, 2, dim), generator=gen).float()
+    q[-1, 0] = 1.0  # the last query of head 0 prefers the tied blocks
+    cu = torch.tensor([0, nblocks * block], dtype=torch.int32, device=DEVICE)
+    q, k = q.to(DEVICE, dtype), k.to(DEVICE, dtype)
+    got = moba_selection_triton(q, k, cu, block, topk)
+    want = moba_selection_naive(q, k, cu_seqlens=cu, block_size=block, topk=topk)
+    assert want[-1, 0].tolist() == [3, 20, 33, 40, 50, 79]
+    assert torch.equal(got, want)
+
+
+def test_nan_in_the_keys_gives_the_same_outputs_as_the_definition():
+    cu, hq, hkv, dim, block, topk, _ = CASES[0]
+    q, k, v, cu_t = inputs(cu, hq, hkv, dim, torch.float16)
+    k[20, 1, 3] = float("nan")  # block 1 of sequence 0 (KV head 1): a past block for later queries
+    out = moba_attention_triton(q, k, v, cu_t, block, topk)
+    ref = moba_attention_naive(q.float(), k.float(), v.float(), cu_seqlens=cu_t, block_size=block, topk=topk)
+    assert torch.equal(out.isnan(), ref.isnan()) and ref.isnan().any()
+    finite = ~ref.isnan()
+    assert (out.float()[finite] - ref[finite]).abs().max() / ref[finite].abs().max() < 4e-3
+    assert torch.equal(moba_selection_triton(q, k, cu_t, block, topk),
+                       moba_selection_naive(q, k, cu_seqlens=cu_t, block_size=block, topk=topk))
