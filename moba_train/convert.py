@@ -21,6 +21,12 @@ shard's worth of pending tensors at most, plus the model being filled. The model
 (build_model), so import_hf / export_hf of an 8B model need about 32 GB of host memory.
 An imported checkpoint keeps the source's config.json, generation config and tokenizer files under
 `<checkpoint>/hf/`; export_hf starts from them, so an import -> export round trip is lossless.
+
+Both directions write the whole output in a staging directory beside the target and rename it into
+place when complete (moba_train.staging): an interrupted conversion leaves the target as it was. A
+target that is not empty is replaced only when it is an earlier output of the same direction (an
+imported checkpoint: complete, with `hf/config.json`; an export: nothing but the files export_hf writes,
+its safetensors marked by EXPORT_METADATA), or with `overwrite`.
 """
 
 from __future__ import annotations
@@ -30,19 +36,27 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from safetensors import safe_open
+from pydantic import ValidationError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from moba_train.checkpointing import load_model_weights, resolve_checkpoint, save_model_checkpoint, unwrap_model
+from moba_train.checkpointing import (
+    is_complete,
+    load_model_weights,
+    resolve_checkpoint,
+    save_model_checkpoint,
+    unwrap_model,
+)
 from moba_train.config import Config, ConfigError, ModelConfig, RopeScalingConfig, load_config
 from moba_train.distributed import destroy_distributed, init_distributed, set_seed
 from moba_train.model import build_model
+from moba_train.staging import replace_dir, staging_dir
 
 
 class ConversionError(ConfigError):
@@ -64,6 +78,9 @@ HF_SIDECAR_FILES = (
 )
 MAX_SHARD_BYTES = 5 * 1024**3
 """export_hf splits the weights into safetensors shards of at most this many bytes (plus an index)."""
+EXPORT_METADATA = {"format": "pt", "written_by": "moba-train export_hf"}
+"""The header metadata of every safetensors file export_hf writes: how a later export recognises its own output."""
+_EXPORT_WEIGHTS = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
@@ -73,12 +90,44 @@ _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 # Configs
 
 
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConversionError(f"'{path}' is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
+                              "it is damaged: download it again") from None
+
+
+_HF_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_HF_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def _check_hf_sizes(hf: dict, path: Path) -> None:
+    """ConversionError unless the size fields of a HF config are positive integers that split into heads."""
+    for key in _HF_SIZES + _HF_OPTIONAL_SIZES:
+        if key not in hf and key in _HF_SIZES:
+            raise ConversionError(f"'{path}' lacks '{key}'; it is incomplete: download it again")
+        value = hf.get(key)
+        if value is None and key in _HF_OPTIONAL_SIZES:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConversionError(f"'{path}' has {key}={value!r}, not a positive integer; it is damaged: "
+                                  "download it again")
+    heads, groups = hf["num_attention_heads"], hf.get("num_key_value_heads") or hf["num_attention_heads"]
+    if heads % groups:
+        raise ConversionError(f"'{path}' has num_attention_heads={heads}, num_key_value_heads={groups}; the "
+                              "heads must split evenly into key-value groups: it is damaged, download it again")
+
+
 def read_hf_config(hf_dir: str | Path) -> dict:
-    """config.json of a HF Llama directory as a dict; ConversionError if absent or not a Llama."""
+    """config.json of a HF Llama directory as a dict; ConversionError if absent, damaged, incomplete or not
+    a Llama."""
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise ConversionError(f"'{hf_dir}' has no config.json; pass a Hugging Face model directory")
-    hf = json.loads(path.read_text())
+    hf = _read_json(path)
+    if not isinstance(hf, dict):
+        raise ConversionError(f"'{path}' is not a JSON object of model settings; it is damaged: download it again")
     architectures = hf.get("architectures") or []
     if hf.get("model_type") != "llama" or (architectures and architectures != [HF_ARCHITECTURE]):
         found = architectures[0] if architectures else hf.get("model_type")
@@ -90,6 +139,15 @@ def read_hf_config(hf_dir: str | Path) -> dict:
             raise ConversionError(f"'{hf_dir}' sets {key}=true; our Llama has no biases, so it cannot be converted")
     if hf.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"'{hf_dir}' uses hidden_act={hf['hidden_act']!r}; only SwiGLU (silu) Llamas convert")
+    _check_hf_sizes(hf, path)
+    try:
+        model_config_from_hf(hf)
+    except KeyError as exc:  # e.g. a llama3 RoPE scaling without its factors
+        raise ConversionError(f"'{path}' lacks '{exc.args[0]}'; it is incomplete: download it again") from None
+    except (ValidationError, TypeError) as exc:
+        reason = exc.errors()[0]["msg"].removeprefix("Value error, ") if isinstance(exc, ValidationError) else exc
+        raise ConversionError(f"'{path}' does not describe a Llama we can build ({reason}); "
+                              "fix it or download it again") from None
     return hf
 
 
@@ -237,18 +295,22 @@ _FC1 = ("mlp.gate_proj.weight", "mlp.up_proj.weight")
 
 
 def megatron_tensors(
-    hf_tensors: Iterator[tuple[str, torch.Tensor]], model: ModelConfig, vocab_rows: int
+    hf_tensors: Iterator[tuple[str, torch.Tensor]], model: ModelConfig, vocab_rows: int, config: str | Path
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Full (unsharded) GPTModel tensors from a stream of HF tensors, each yielded as soon as its
-    inputs have arrived. Raises ConversionError on an unexpected name or when a tensor is missing."""
+    inputs have arrived. Raises ConversionError on an unexpected name, a shape other than the `config`
+    file (the source of `model`) implies, or when a tensor is missing."""
     pending: dict[int, dict[str, torch.Tensor]] = {}
-    expected = set(hf_names(model))
+    expected = hf_shapes(model)
     for name, tensor in hf_tensors:
         if _IGNORED.search(name) or (name == "lm_head.weight" and model.tie_embeddings):
             continue
         if name not in expected:
             raise ConversionError(f"unexpected tensor '{name}' in the Hugging Face checkpoint; it is not a plain Llama")
-        expected.discard(name)
+        shape = expected.pop(name)
+        if tuple(tensor.shape) != shape:
+            raise ConversionError(f"tensor '{name}' has shape {list(tensor.shape)} but '{config}' implies "
+                                  f"{list(shape)}; the weights do not belong to this config.json")
         if name == "model.embed_tokens.weight":
             yield "embedding.word_embeddings.weight", pad_vocab(tensor, vocab_rows)
         elif name == "lm_head.weight":
@@ -276,14 +338,22 @@ def megatron_tensors(
         )
 
 
-def hf_names(model: ModelConfig) -> list[str]:
-    """Every tensor name of a HF LlamaForCausalLM with this architecture."""
-    names = ["model.embed_tokens.weight", "model.norm.weight"]
+def hf_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of a HF LlamaForCausalLM with this architecture."""
+    h, f, v = model.hidden_size, model.ffn_hidden_size, model.vocab_size
+    q, kv = model.num_attention_heads * model.head_dim, model.num_query_groups * model.head_dim
+    layer = {
+        "input_layernorm.weight": (h,), "self_attn.o_proj.weight": (h, q), "post_attention_layernorm.weight": (h,),
+        "mlp.down_proj.weight": (h, f), "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h), "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h),
+    }
+    assert layer.keys() == {*_DIRECT, *_QKV, *_FC1}
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
     for i in range(model.num_layers):
-        names += [f"model.layers.{i}.{rest}" for rest in (*_DIRECT, *_QKV, *_FC1)]
+        shapes.update({f"model.layers.{i}.{rest}": shape for rest, shape in layer.items()})
     if not model.tie_embeddings:
-        names.append("lm_head.weight")
-    return names
+        shapes["lm_head.weight"] = (v, h)
+    return shapes
 
 
 def hf_tensors_from_megatron(state: dict[str, torch.Tensor], model: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
@@ -328,7 +398,7 @@ def safetensors_files(hf_dir: str | Path) -> list[Path]:
     hf_dir = Path(hf_dir)
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(_read_json(index)["weight_map"].values()))
         for shard in shards:
             if not (hf_dir / shard).is_file():
                 raise ConversionError(
@@ -344,9 +414,18 @@ def safetensors_files(hf_dir: str | Path) -> list[Path]:
     )
 
 
+def _open_safetensors(file: Path):
+    try:
+        return safe_open(str(file), framework="pt")
+    except SafetensorError as exc:  # the header is checked against the file size: truncation fails here
+        raise ConversionError(f"'{file}' is not a complete safetensors file ({exc}); it is truncated or damaged: "
+                              "download it again") from None
+
+
 def read_safetensors(files: list[Path], progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every tensor in `files`, file by file, in the stored dtype, with a progress bar."""
-    handles = [safe_open(str(f), framework="pt") for f in files]
+    """(name, tensor) of every tensor in `files`, file by file, in the stored dtype, with a progress bar.
+    ConversionError naming the file when one is truncated or damaged (all headers are read first)."""
+    handles = [_open_safetensors(f) for f in files]
     total = sum(len(h.keys()) for h in handles)
     with tqdm(total=total, desc="reading Hugging Face weights", unit="tensor", disable=not progress) as bar:
         for handle in handles:
@@ -364,7 +443,7 @@ def write_safetensors(tensors: Iterator[tuple[str, torch.Tensor]], out_dir: Path
 
     def flush() -> None:
         path = out_dir / f".shard-{len(written) + 1:05d}.safetensors"
-        save_file(shard, str(path), metadata={"format": "pt"})
+        save_file(shard, str(path), metadata=EXPORT_METADATA)
         written.append((path, list(shard)))
         shard.clear()
 
@@ -406,7 +485,8 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, cfg: Config) -> 
     filled = set()
     progress = not dist.is_initialized() or dist.get_rank() == 0
     with torch.no_grad():
-        for name, full in megatron_tensors(read_safetensors(files, progress), cfg.model, vocab_rows):
+        tensors = read_safetensors(files, progress)
+        for name, full in megatron_tensors(tensors, cfg.model, vocab_rows, Path(hf_dir) / "config.json"):
             param = params[name]
             part = tensor_parallel_shard(name, full, param, rank, size)
             assert part.shape == param.shape, (name, part.shape, param.shape)
@@ -438,21 +518,55 @@ def _conversion_config(model: ModelConfig) -> Config:
     )
 
 
-def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
+def _is_import(path: Path) -> bool:
+    """Whether `path` is a checkpoint written by import_hf."""
+    return is_complete(path) and (path / HF_SIDECAR / "config.json").is_file()
+
+
+def _is_export(path: Path) -> bool:
+    """Whether `path` holds nothing but the files export_hf writes, with safetensors it marked."""
+    entries = list(path.iterdir())
+    weights = [p for p in entries if _EXPORT_WEIGHTS.match(p.name)]
+    known = {"model.safetensors.index.json", *HF_SIDECAR_FILES}
+    if not weights or any(not p.is_file() or (p not in weights and p.name not in known) for p in entries):
+        return False
+    try:
+        marks = [(safe_open(str(p), framework="pt").metadata() or {}).get("written_by") for p in weights]
+    except SafetensorError:
+        return False
+    return all(mark == EXPORT_METADATA["written_by"] for mark in marks)
+
+
+def _check_target(target: Path, source: Path, what: str, is_earlier: Callable[[Path], bool], overwrite: bool) -> None:
+    """ConversionError unless a conversion may publish at `target`: new, empty, an earlier output of the same
+    kind (`is_earlier`) or `overwrite`; never the source or a directory holding it."""
+    if target.resolve() in (source.resolve(), *source.resolve().parents):
+        raise ConversionError(f"'{target}' holds the source '{source}'; write the {what} to another directory")
+    if target.exists() and not target.is_dir():
+        raise ConversionError(f"'{target}' is a file; pass a directory for the {what}")
+    if target.is_dir() and any(target.iterdir()) and not overwrite and not is_earlier(target):
+        raise ConversionError(f"'{target}' is not empty and is not an earlier {what}: choose a new or empty "
+                              "directory, or pass --overwrite to replace everything in it")
+
+
+def import_hf(hf_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Convert a HF Llama directory into a model-only checkpoint at `out_dir` (config.yaml + weights,
-    loadable under any TP layout via `checkpoint.init_from`). Returns `out_dir`."""
+    loadable under any TP layout via `checkpoint.init_from`), published whole. A non-empty `out_dir` is
+    replaced only when it is an earlier import, or with `overwrite`. Returns `out_dir`."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     cfg = _conversion_config(model_config_from_hf(read_hf_config(hf_dir)))
-    with _single_process(cfg):
+    _check_target(out_dir, hf_dir, "import", _is_import, overwrite)
+    with staging_dir(out_dir) as stage, _single_process(cfg):
         model = build_model(cfg)
         load_hf_weights(model, hf_dir, cfg)
         recorded = cfg.model_copy(update={"run": cfg.run.model_copy(update={"device": "auto"})})
-        save_model_checkpoint(out_dir, model, recorded)
-    sidecar = out_dir / HF_SIDECAR
-    sidecar.mkdir(exist_ok=True)
-    for file in HF_SIDECAR_FILES:
-        if (hf_dir / file).is_file():
-            shutil.copy2(hf_dir / file, sidecar / file)
+        staged = save_model_checkpoint(stage / out_dir.name, model, recorded)
+        sidecar = staged / HF_SIDECAR
+        sidecar.mkdir()
+        for file in HF_SIDECAR_FILES:
+            if (hf_dir / file).is_file():
+                shutil.copy2(hf_dir / file, sidecar / file)
+        replace_dir(staged, out_dir)
     return out_dir
 
 
@@ -473,30 +587,36 @@ def hf_source(ckpt: Path, recipe: Config) -> Path | None:
     return next((path for path in candidates if (path / "config.json").is_file()), None)
 
 
-def export_hf(ckpt_dir: str | Path, hf_out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+def export_hf(
+    ckpt_dir: str | Path, hf_out_dir: str | Path, dtype: torch.dtype | None = None, overwrite: bool = False
+) -> Path:
     """Write our checkpoint (a complete checkpoint or a checkpoint root: its newest) as a HF
     LlamaForCausalLM directory: config.json, safetensors (sharded with an index when large), and the
-    tokenizer files of the HF source (`hf_source`) or of `data.tokenizer`. dtype defaults to the
-    source's, else bf16. Returns `hf_out_dir`."""
-    ckpt = resolve_checkpoint(ckpt_dir)
+    tokenizer files of the HF source (`hf_source`) or of `data.tokenizer`, published whole. dtype defaults
+    to the source's, else bf16. A non-empty `hf_out_dir` is replaced only when it is an earlier export, or
+    with `overwrite`. Returns `hf_out_dir`."""
+    ckpt, out = resolve_checkpoint(ckpt_dir), Path(hf_out_dir)
+    _check_target(out, ckpt, "export", _is_export, overwrite)
     recipe = load_config(ckpt / "config.yaml")
     source = hf_source(ckpt, recipe)
-    base = json.loads((source / "config.json").read_text()) if source else None
+    base = _read_json(source / "config.json") if source else None
     dtype = dtype or _source_dtype(base or {})
     cfg = _conversion_config(recipe.model)
     with _single_process(cfg):
         model = build_model(cfg)
         load_model_weights(ckpt, model)
         state = {name: p.detach() for name, p in model.named_parameters()}
-    out = Path(hf_out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = ((name, t.to(dtype)) for name, t in hf_tensors_from_megatron(state, cfg.model))
-    write_safetensors(tensors, out, MAX_SHARD_BYTES)
-    config = hf_config_from_model(cfg.model, dtype, base)
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tokenizer_dirs = [d for d in (source, recipe.data.tokenizer and Path(recipe.data.tokenizer)) if d and d.is_dir()]
-    for file in HF_SIDECAR_FILES[1:]:
-        found = next((d / file for d in tokenizer_dirs if (d / file).is_file()), None)
-        if found:
-            shutil.copy2(found, out / file)
+    with staging_dir(out) as stage:
+        staged = stage / out.name
+        staged.mkdir()
+        tensors = ((name, t.to(dtype)) for name, t in hf_tensors_from_megatron(state, cfg.model))
+        write_safetensors(tensors, staged, MAX_SHARD_BYTES)
+        config = hf_config_from_model(cfg.model, dtype, base)
+        (staged / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for file in HF_SIDECAR_FILES[1:]:
+            found = next((d / file for d in tokenizer_dirs if (d / file).is_file()), None)
+            if found:
+                shutil.copy2(found, staged / file)
+        replace_dir(staged, out)
     return out

@@ -259,3 +259,157 @@ def test_script_exits_2_with_one_line_on_bad_input(tmp_path):
     assert result.returncode == 2
     expected = f"error: '{tmp_path}' has no config.json; pass a Hugging Face model directory"
     assert result.stderr.strip().splitlines()[-1] == expected
+
+
+@pytest.mark.parametrize("cut", ["inside the header length", "inside the header", "inside the weights"])
+def test_truncated_safetensors_file_is_named(tmp_path, cut):
+    save_llama(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    weights.write_bytes(data[:{"inside the header length": 5, "inside the header": header // 2,
+                               "inside the weights": (header + len(data)) // 2}[cut]])
+    with pytest.raises(ValueError) as err:
+        convert.import_hf(tmp_path, tmp_path / "ckpt")
+    assert str(err.value).startswith(f"'{weights}' is not a complete safetensors file (")
+    assert str(err.value).endswith("); it is truncated or damaged: download it again")
+    assert "\n" not in str(err.value) and not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"architectures": ["LlamaForCausalLM"], "model_type": "lla', "is not valid JSON (line 1, column 55: "),
+        ('["LlamaForCausalLM"]', "is not a JSON object"),
+        ("drop hidden_size", "lacks 'hidden_size'; it is incomplete"),
+        ("drop factor", "lacks 'factor'; it is incomplete"),
+        ("hidden_size null", "has hidden_size=None"),
+        ("heads do not divide", "has num_attention_heads=3, num_key_value_heads=2"),
+    ],
+)
+def test_malformed_or_incomplete_config_json_is_one_line(tmp_path, text, message):
+    save_llama(tmp_path, **VARIANTS["llama31_rope"])
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    if text == "drop hidden_size":
+        del config["hidden_size"]
+    elif text == "drop factor":
+        del config["rope_parameters"]["factor"]
+    elif text == "hidden_size null":
+        config["hidden_size"] = None
+    elif text == "heads do not divide":
+        config["num_attention_heads"] = 3
+    path.write_text(text if text.startswith(("{", "[")) else json.dumps(config))
+    with pytest.raises(ValueError) as err:
+        convert.import_hf(tmp_path, tmp_path / "ckpt")
+    assert str(err.value).startswith(f"'{path}' ") and message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "edit, tensor, shape, implied",
+    [
+        ({"hidden_size": 128}, "lm_head.weight", [VOCAB, 64], [VOCAB, 128]),  # safetensors sorts the names
+        ({"vocab_size": 256}, "lm_head.weight", [VOCAB, 64], [256, 64]),
+        ({"intermediate_size": 128}, "model.layers.0.mlp.down_proj.weight", [64, 96], [64, 128]),
+        ({"num_key_value_heads": 4}, "model.layers.0.self_attn.k_proj.weight", [32, 64], [64, 64]),
+    ],
+)
+def test_weights_that_do_not_match_config_json_are_one_line(tmp_path, edit, tensor, shape, implied):
+    save_llama(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(ValueError) as err:
+        convert.import_hf(tmp_path, tmp_path / "ckpt")
+    assert str(err.value) == (f"tensor '{tensor}' has shape {shape} but '{tmp_path / 'config.json'}' implies "
+                              f"{implied}; the weights do not belong to this config.json")
+
+
+def exported_files(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir())
+
+
+def test_import_refuses_a_target_holding_other_files_and_keeps_them(tmp_path):
+    save_llama(tmp_path / "hf")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt/notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="'.*ckpt' is not empty and is not an earlier import: choose a new or empty "
+                                         "directory, or pass --overwrite to replace everything in it"):
+        convert.import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    assert exported_files(tmp_path / "ckpt") == ["notes.txt"] and (tmp_path / "ckpt/notes.txt").read_text() == "mine"
+    convert.import_hf(tmp_path / "hf", tmp_path / "ckpt", overwrite=True)
+    assert "notes.txt" not in exported_files(tmp_path / "ckpt") and (tmp_path / "ckpt/hf/config.json").is_file()
+    assert exported_files(tmp_path) == ["ckpt", "hf"]
+
+
+def test_import_over_an_earlier_import_replaces_it(tmp_path):
+    save_llama(tmp_path / "first", **VARIANTS["gqa"])
+    second = save_llama(tmp_path / "second", **VARIANTS["mqa"])
+    convert.import_hf(tmp_path / "first", tmp_path / "ckpt")
+    convert.import_hf(tmp_path / "second", tmp_path / "ckpt")
+    assert exported_files(tmp_path) == ["ckpt", "first", "second"]
+    convert.export_hf(tmp_path / "ckpt", tmp_path / "out")
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(tokens()).logits, second(tokens()).logits, rtol=0, atol=0)
+
+
+def test_export_over_an_earlier_export_leaves_no_stale_weights(tmp_path, monkeypatch):
+    save_llama(tmp_path / "hf_a", tie_word_embeddings=True)
+    b = save_llama(tmp_path / "hf_b", tie_word_embeddings=True, initializer_range=0.05)
+    convert.import_hf(tmp_path / "hf_a", tmp_path / "ckpt_a")
+    convert.import_hf(tmp_path / "hf_b", tmp_path / "ckpt_b")
+    convert.export_hf(tmp_path / "ckpt_a", tmp_path / "out")
+    assert "model.safetensors" in exported_files(tmp_path / "out")
+    monkeypatch.setattr(convert, "MAX_SHARD_BYTES", 60_000)
+    convert.export_hf(tmp_path / "ckpt_b", tmp_path / "out")
+    index = json.loads((tmp_path / "out/model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    expected = ["config.json", "generation_config.json", "model.safetensors.index.json", *shards]
+    assert exported_files(tmp_path / "out") == sorted(expected)
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(tokens()).logits, b(tokens()).logits, rtol=0, atol=0)
+    assert exported_files(tmp_path) == ["ckpt_a", "ckpt_b", "hf_a", "hf_b", "out"]
+
+
+def test_export_refuses_a_hugging_face_directory_it_did_not_write(tmp_path):
+    save_llama(tmp_path / "hf")
+    convert.import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}
+    with pytest.raises(ValueError, match="'.*hf' is not empty and is not an earlier export"):
+        convert.export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()} == before
+
+
+def test_interrupted_export_keeps_the_earlier_export(tmp_path, monkeypatch):
+    save_llama(tmp_path / "hf")
+    convert.import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    convert.export_hf(tmp_path / "ckpt", tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    tensors = convert.hf_tensors_from_megatron
+
+    def interrupted(state, model):
+        for i, item in enumerate(tensors(state, model)):
+            if i == 5:
+                raise KeyboardInterrupt  # ^C in the middle of writing the weights
+            yield item
+
+    monkeypatch.setattr(convert, "MAX_SHARD_BYTES", 20_000)
+    monkeypatch.setattr(convert, "hf_tensors_from_megatron", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert.export_hf(tmp_path / "ckpt", tmp_path / "out")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    assert exported_files(tmp_path) == ["ckpt", "hf", "out"]
+
+
+def test_script_refuses_a_non_empty_target_in_one_line(tmp_path):
+    save_llama(tmp_path / "hf")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt/notes.txt").write_text("mine")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts/convert_hf.py"), "import", str(tmp_path / "hf"), str(tmp_path / "ckpt")],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: '{tmp_path / 'ckpt'}' is not empty")
+    assert (tmp_path / "ckpt/notes.txt").read_text() == "mine"
