@@ -89,10 +89,6 @@ class Sink:
         pass
 
 
-def scalars(metrics: dict[str, Value]) -> dict[str, float]:
-    return {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
-
-
 def _duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     hours, rest = divmod(seconds, 3600)
@@ -292,12 +288,13 @@ class WandbSink(Sink):
 
 class TensorBoardSink(Sink):
     """TensorBoard event files in <output_dir>/tensorboard: scalars, raw histograms, images. A run that
-    starts after step `start_step` purges the events an interrupted attempt wrote after it."""
+    starts after step `start_step` hides the events earlier writers logged after it (SummaryWriter's
+    purge_step; their files stay on disk): an interrupted attempt's, or on a fresh start an earlier run's."""
 
     def __init__(self, log_dir: Path, start_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1 if start_step else None)
+        self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1)
 
     def log(self, step: int, metrics: dict[str, Value]) -> None:
         for key, value in metrics.items():

@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from moba_train.config import load_config
 from moba_train.metrics import (
     PEAK_BF16_TFLOPS,
+    ConsoleSink,
     Histogram,
     Image,
     JsonlSink,
@@ -79,6 +80,22 @@ def test_jsonl_fresh_start_moves_an_earlier_file_aside(tmp_path):
     aside = [p for p in tmp_path.iterdir() if p.name != "metrics.jsonl"]
     assert len(aside) == 1 and aside[0].read_text() == earlier and path.read_text() == ""
     assert messages == [f"{path} held an earlier run's steps (this run starts from step 0): moved to {aside[0]}"]
+
+
+def test_console_prints_every_interval_the_last_step_and_each_validation_and_diagnostic():
+    lines = []
+    console = ConsoleSink(total_steps=5, start_step=0, log_interval=2, write=lines.append)
+    for step in range(1, 6):
+        metrics = {"train/loss": 2.0 / step, "train/lr": 1e-3, "train/grad_norm": float("nan"), "perf/mfu": 0.25,
+                   "perf/memory_allocated_gib": 1.5, "train/skipped": int(step == 4)}
+        if step == 3:
+            metrics |= {"val/loss": 1.25, "moba/gate_recall": 0.875, "moba/distance/layer_00": Histogram([1.0], [0, 1])}
+        console.log(step, metrics)
+    assert [line.split(" | ")[:2] for line in lines] == [
+        ["step 2/5", "loss 1.0000"], ["step 3/5", "val loss 1.2500"], ["step 3/5", "moba"], ["step 4/5", "loss 0.5000"],
+        ["step 5/5", "loss 0.4000"]]
+    assert lines[2] == "step 3/5 | moba | gate recall 0.875"
+    assert "grad_norm nan | MFU 25.0% | mem 1.50 GiB | ETA" in lines[0] and lines[3].endswith("SKIPPED (non-finite)")
 
 
 def test_perf_metrics_follow_their_definitions():
