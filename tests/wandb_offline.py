@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from pathlib import Path
 
+from google.protobuf.message import DecodeError
 from wandb.proto import wandb_internal_pb2
 
 BLOCK = 32 * 1024
@@ -65,9 +67,25 @@ def _items(items) -> dict:
     return values
 
 
-def offline_runs(wandb_dir: Path) -> list[Path]:
-    """The .wandb files under `<dir>/wandb`, oldest run first (directory names start with the start time)."""
-    return sorted(Path(wandb_dir).glob("offline-run-*/run-*.wandb"))
+def _complete(path: Path) -> bool:
+    """Whether the file holds the run's exit record (a file still being written may end mid-chunk)."""
+    try:
+        return any(record.WhichOneof("record_type") == "exit" for record in records(path))
+    except (AssertionError, struct.error, DecodeError):
+        return False
+
+
+def offline_runs(wandb_dir: Path, timeout: float = 60.0) -> list[Path]:
+    """The .wandb files under `<dir>/wandb`, oldest run first (directory names start with the start time),
+    each once complete: wandb-core writes them asynchronously, and `run.finish()` can return before the
+    file is on disk (seen for the first run of a process with wandb 0.31)."""
+    paths = sorted(Path(wandb_dir).glob("offline-run-*/run-*.wandb"))
+    deadline = time.monotonic() + timeout
+    for path in paths:
+        while not _complete(path):
+            assert time.monotonic() < deadline, f"{path} has no exit record after {timeout} s"
+            time.sleep(0.1)
+    return paths
 
 
 def history(path: Path) -> list[dict]:
