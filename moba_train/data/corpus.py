@@ -64,7 +64,7 @@ PREFIX_NAME = "python"
 VALID_PREFIX_NAME = "python_valid"
 MANIFEST_NAME = "manifest.json"
 DEFAULT_MAX_BYTES = 2 * 1024 * 1024
-"""About 2 MB of source (~0.8M tokens with the default tokenizer): built in about 15 s on 2 idle cores."""
+"""About 2 MB of source: 0.95M tokens with the default tokenizer (Python 3.11 here), built in 30 s on 2 busy cores."""
 DEFAULT_VOCAB_SIZE = 512
 """Fits the tiny demo model (model.vocab_size 512) and every larger vocabulary."""
 MAX_FILE_BYTES = 1 << 20

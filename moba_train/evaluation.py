@@ -1,0 +1,554 @@
+"""Evaluation of trained models: validation loss, loss by position, passkey retrieval, synthetic recall.
+
+    loaded = load_model("runs/x/checkpoints", ["attention.mode=full"])  # or an exported Hugging Face directory
+    windows = validation_windows("data/site_corpus/python_valid", seq_length=8192, count=64)
+    report = loss_by_position(loaded, windows)                           # mean, per 1K bucket, the last 1K
+    task = PasskeyTask(load_tokenizer(...), haystack=token_stream(prefix))
+    grid = passkey_accuracy(loaded, task.sample, lengths=[2048, 8192], depths=[0, 0.5, 1], samples=20)
+
+Models. `load_model` builds our Megatron-Core Llama (so every attention plan, the hybrid included, runs
+through the code that trained it) from a moba-train checkpoint (its recorded recipe) or from a Hugging
+Face Llama directory (its config.json), applies `section.key=value` overrides (`attention.mode=full`
+evaluates a MoBA-trained model with full attention, `attention.mode=moba` the reverse), and loads the
+weights. Overrides may change how the model attends (attention.*), the device, the RoPE settings; not
+the shapes of its weights. It starts a one-process torch.distributed / Megatron set-up when none
+exists; `moba_train.distributed.destroy_distributed()` ends it.
+
+Windows. Validation text is a Megatron indexed dataset (e.g. the held-out packages of
+moba_train.data.corpus). *Packed* windows cut the documents, concatenated with their EOD tokens as
+training packs them, into consecutive `seq_length + 1` token windows: the validation loss. *Long
+document* windows are the first `seq_length + 1` tokens of each document at least that long: loss by
+position there measures what a longer context is worth (the last 1K tokens of an 8K window of one
+document can use 7K tokens of that document).
+
+Passkey retrieval (needle in a haystack). A sample is `context_length` tokens: haystack text with a
+needle at `depth` (0: the needle starts the context, 1: it ends right before the question), then the
+question; the answer is the key's tokens. Scoring is exact: a sample counts only if every answer
+token is the model's top prediction given the prompt and the answer's earlier tokens (teacher forcing,
+one forward pass), which is exactly when greedy decoding would write the answer.
+
+Synthetic recall (moba_train.data.synthetic): each queried value token is predicted from the
+document before it; a fact counts when all its value tokens are right.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from moba_train.checkpointing import is_complete, latest_checkpoint, load_model_weights
+from moba_train.config import Config, ConfigError, load_config
+from moba_train.data.preprocess import DataError
+from moba_train.data.synthetic import SyntheticRecallDataset
+
+WEIGHT_SHAPE_FIELDS = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "head_dim",
+    "vocab_size", "make_vocab_size_divisible_by", "tie_embeddings",
+)
+"""Model fields that decide the shapes of the weights: flags cannot change them."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for evaluation: eval mode, in the recipe's compute precision (bf16 on CUDA)."""
+
+    model: torch.nn.Module
+    config: Config
+    source: Path
+    """The checkpoint directory or Hugging Face directory the weights came from."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.model.vocab_size
+
+
+def _hf_recipe_overrides(hf_dir: Path) -> list[str]:
+    """The recipe a Hugging Face directory implies, as overrides: its model section, full attention,
+    and evaluation windows up to its context length."""
+    from moba_train.convert import model_config_from_hf, read_hf_config
+
+    model = model_config_from_hf(read_hf_config(hf_dir))
+    fields = [f"model.{key}={json.dumps(value)}" for key, value in model.model_dump(mode="json").items()]
+    return fields + ["attention.mode=full", f"train.seq_length={model.max_position_embeddings}"]
+
+
+def _check_weight_shapes(trained: Config, asked: Config, source: Path) -> None:
+    for field in WEIGHT_SHAPE_FIELDS:
+        theirs, ours = getattr(trained.model, field), getattr(asked.model, field)
+        if theirs != ours:
+            raise ConfigError(f"'{source}' holds a model with model.{field}={theirs!r} but the flags set {ours!r}; "
+                              f"drop that flag (the weights' shapes are fixed)")
+
+
+def _start_single_process(cfg: Config) -> None:
+    from moba_train.distributed import init_distributed
+
+    if not dist.is_initialized():
+        init_distributed(cfg)
+    elif dist.get_world_size() != 1:
+        raise ConfigError("evaluation runs in one process; run it with python, not torchrun")
+
+
+def load_model(path: str | os.PathLike, overrides: Sequence[str] = ()) -> LoadedModel:
+    """The model of a moba-train checkpoint (a step_* directory, or a checkpoint root: its newest) or of
+    a Hugging Face Llama directory, with `section.key=value` overrides (see the module docstring).
+
+    ConfigError (one sentence) when `path` holds neither, or the overrides disagree with the weights.
+    """
+    from megatron.core.transformer.module import Float16Module
+
+    from moba_train.distributed import resolve_device, set_seed
+    from moba_train.model import build_model, compute_dtype
+
+    path = Path(path)
+    checkpoint = path if is_complete(path) else latest_checkpoint(path)
+    if checkpoint is not None:
+        trained = load_config(checkpoint / "config.yaml")
+        cfg = load_config(checkpoint / "config.yaml", list(overrides))
+        source = checkpoint
+    elif (path / "config.json").is_file():
+        base = _hf_recipe_overrides(path)
+        trained = load_config(None, base)
+        cfg = load_config(None, base + list(overrides))
+        source = path
+    else:
+        raise ConfigError(f"'{path}' is neither a moba-train checkpoint (a step_* directory or a directory holding "
+                          "one) nor a Hugging Face model directory (config.json); pass one of them")
+    _check_weight_shapes(trained, cfg, source)
+    _start_single_process(cfg)
+    set_seed(cfg.run.seed)
+    model = build_model(cfg)
+    if checkpoint is not None:
+        load_model_weights(checkpoint, model)
+    else:
+        from moba_train.convert import load_hf_weights
+
+        load_hf_weights(model, source, cfg)
+    model.eval()
+    if compute_dtype(cfg, resolve_device(cfg)) == torch.bfloat16:
+        model = Float16Module(model.config, model)
+    return LoadedModel(model, cfg, source)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward passes
+
+
+def windows_batch(windows: torch.Tensor) -> dict:
+    """A micro-batch (moba_train.model batch contract) of token windows int64 [b, s + 1]: one sequence each."""
+    b, s = windows.shape[0], windows.shape[1] - 1
+    return {
+        "tokens": windows[:, :-1],
+        "labels": windows[:, 1:],
+        "loss_mask": torch.ones(b, s),
+        "position_ids": torch.arange(s).expand(b, s),
+        "cu_seqlens": torch.arange(0, (b + 1) * s, s, dtype=torch.int32),
+    }
+
+
+@torch.no_grad()
+def logits(loaded: LoadedModel, tokens: torch.Tensor) -> torch.Tensor:
+    """fp32 logits [b, s, vocab] (the real vocabulary, without padding rows) for tokens int64 [b, s]."""
+    tokens = tokens.to(loaded.device)
+    position_ids = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    out = loaded.model(tokens, position_ids, attention_mask=None)
+    return out[..., : loaded.vocab_size].float()
+
+
+def _check_tokens(loaded: LoadedModel, tokens: np.ndarray, what: str) -> None:
+    if tokens.size and int(tokens.max()) >= loaded.vocab_size:
+        raise DataError(f"{what} holds token id {int(tokens.max())} but the model's vocabulary has "
+                        f"{loaded.vocab_size} tokens; evaluate with the tokenizer and data the model was trained on")
+
+
+def _batches(count: int, batch_size: int) -> list[range]:
+    return [range(i, min(i + batch_size, count)) for i in range(0, count, batch_size)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation loss and loss by position
+
+
+def token_stream(prefix: str | os.PathLike) -> np.ndarray:
+    """All tokens of the indexed dataset at `prefix`, documents concatenated in order (EOD included)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from moba_train.data.indexed import check_indexed_dataset
+
+    check_indexed_dataset(str(prefix))
+    ds = IndexedDataset(str(prefix))
+    return np.concatenate([np.asarray(ds[i], dtype=np.int64) for i in range(len(ds))])
+
+
+def validation_windows(prefix: str | os.PathLike, seq_length: int, count: int,
+                       long_documents: bool = False) -> np.ndarray:
+    """int64 [n, seq_length + 1] windows of the indexed dataset at `prefix` (see the module docstring):
+    at most `count`, evenly spaced over what there is. DataError when there is not one."""
+    if long_documents:
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        from moba_train.data.indexed import check_indexed_dataset
+
+        check_indexed_dataset(str(prefix))
+        ds = IndexedDataset(str(prefix))
+        long = np.flatnonzero(ds.sequence_lengths >= seq_length + 1)
+        chosen = long[np.unique(np.linspace(0, len(long) - 1, min(count, len(long))).round().astype(int))] \
+            if len(long) else long
+        windows = [np.asarray(ds.get(int(i), 0, seq_length + 1), dtype=np.int64) for i in chosen]
+        what = f"document of at least {seq_length + 1} tokens"
+    else:
+        stream = token_stream(prefix)
+        available = len(stream) // (seq_length + 1)
+        starts = np.unique(np.linspace(0, available - 1, min(count, available)).round().astype(int)) \
+            if available else []
+        windows = [stream[s * (seq_length + 1) : (s + 1) * (seq_length + 1)] for s in starts]
+        what = f"window of {seq_length + 1} tokens"
+    if not windows:
+        raise DataError(f"'{prefix}' holds no {what}; evaluate a shorter sequence length or with more data")
+    return np.stack(windows)
+
+
+@torch.no_grad()
+def loss_by_position(loaded: LoadedModel, windows: np.ndarray, *, bucket_size: int = 1024,
+                     trailing_tokens: int = 1024, batch_size: int = 4, progress: bool = False) -> dict:
+    """Cross-entropy of every window [n, s + 1]: the mean, the mean per position bucket (`bucket_size`
+    tokens each, the last one possibly shorter), and the mean over the last `trailing_tokens` positions."""
+    from moba_train.model import token_losses
+
+    _check_tokens(loaded, windows, "the validation data")
+    rows = []
+    for batch in tqdm(_batches(len(windows), batch_size), desc="loss by position", disable=not progress):
+        rows.append(token_losses(loaded.model, windows_batch(torch.from_numpy(windows[batch]))).cpu().numpy())
+    losses = np.concatenate(rows)  # [n, s]
+    per_position = losses.mean(axis=0)
+    s = losses.shape[1]
+    buckets = [{"start": a, "end": min(a + bucket_size, s), "loss": float(per_position[a : a + bucket_size].mean())}
+               for a in range(0, s, bucket_size)]
+    return {"windows": len(windows), "seq_length": s, "loss": float(losses.mean()),
+            "trailing_tokens": trailing_tokens, "trailing_loss": float(per_position[-trailing_tokens:].mean()),
+            "buckets": buckets}
+
+
+# ---------------------------------------------------------------------------------------------
+# Passkey retrieval
+
+
+@dataclass(frozen=True)
+class PasskeySample:
+    """One retrieval prompt: `tokens` int64 [context_length] (haystack, the needle at `needle_start`,
+    haystack, the question), and the `answer` int64 [k] that must follow it."""
+
+    tokens: np.ndarray
+    answer: np.ndarray
+    needle_start: int
+    depth: float
+
+
+def place_needle(haystack: np.ndarray, needle: tuple[np.ndarray, np.ndarray, np.ndarray], question: np.ndarray,
+                 context_length: int, depth: float) -> PasskeySample:
+    """A sample of `context_length` tokens: the first tokens of `haystack` with the needle (before, answer,
+    after) inserted after round(depth * filler) of them, then `question`."""
+    before, answer, after = needle
+    whole = np.concatenate([before, answer, after])
+    filler = context_length - len(whole) - len(question)
+    if filler < 0:
+        raise ValueError(f"a context of {context_length} tokens cannot hold the needle and question "
+                         f"({len(whole) + len(question)} tokens); use longer contexts")
+    if len(haystack) < filler:
+        raise DataError(f"the haystack has {len(haystack)} tokens, fewer than the {filler} a context of "
+                        f"{context_length} needs; use more validation data or shorter contexts")
+    if not 0 <= depth <= 1:
+        raise ValueError(f"depth {depth} is not in [0, 1]")
+    start = round(depth * filler)
+    tokens = np.concatenate([haystack[:start], whole, haystack[start:filler], question]).astype(np.int64)
+    return PasskeySample(tokens, np.asarray(answer, dtype=np.int64), start, depth)
+
+
+class PasskeyTask:
+    """Passkey retrieval in real text: a random five-digit key stated in a comment hidden in a haystack
+    of validation tokens (at a random place of the stream for every sample), asked for at the end:
+
+        ... haystack ...
+        # The pass key is 58231. Remember it.
+        ... haystack ...
+        # What is the pass key? The pass key is[ 58231]
+
+    Pieces are tokenized separately, so the answer's tokens inside the needle are the answer's tokens.
+    Sample (length, depth, index) is a pure function of `seed`."""
+
+    NEEDLE = ("\n# The pass key is", " {key}", ". Remember it.\n")
+    QUESTION = "\n# What is the pass key? The pass key is"
+
+    def __init__(self, tokenizer, haystack: np.ndarray, seed: int = 0, digits: int = 5):
+        self.haystack = np.asarray(haystack, dtype=np.int64)
+        self.seed = seed
+        self.digits = digits
+        self._encode = lambda text: np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+        self.before, self.after = self._encode(self.NEEDLE[0]), self._encode(self.NEEDLE[2])
+        self.question = self._encode(self.QUESTION)
+
+    def sample(self, context_length: int, depth: float, index: int) -> PasskeySample:
+        rng = np.random.default_rng([self.seed, context_length, round(depth * 10**6), index])
+        key = int(rng.integers(10 ** (self.digits - 1), 10**self.digits))
+        answer = self._encode(self.NEEDLE[1].format(key=key))
+        filler = context_length - len(self.before) - len(answer) - len(self.after) - len(self.question)
+        offset = int(rng.integers(0, max(len(self.haystack) - filler, 0) + 1))
+        return place_needle(self.haystack[offset:], (self.before, answer, self.after), self.question,
+                            context_length, depth)
+
+
+def exact_answer(predicted: np.ndarray, answer: np.ndarray) -> bool:
+    """True only when `predicted` is exactly the answer's tokens."""
+    return len(predicted) == len(answer) and bool(np.array_equal(predicted, answer))
+
+
+@torch.no_grad()
+def answer_predictions(loaded: LoadedModel, samples: list[PasskeySample]) -> list[np.ndarray]:
+    """The model's top token at every answer position of each sample, teacher-forced: int64 [k] each.
+    One forward pass over prompt + answer[:-1], right-padded (causal: padding never reaches them)."""
+    inputs = [np.concatenate([s.tokens, s.answer[:-1]]) for s in samples]
+    width = max(len(x) for x in inputs)
+    batch = torch.zeros(len(inputs), width, dtype=torch.int64)
+    for row, x in enumerate(inputs):
+        batch[row, : len(x)] = torch.from_numpy(x)
+    top = logits(loaded, batch).argmax(dim=-1).cpu().numpy()
+    return [top[row, len(s.tokens) - 1 : len(s.tokens) - 1 + len(s.answer)] for row, s in enumerate(samples)]
+
+
+def passkey_accuracy(loaded: LoadedModel, sample: Callable[[int, float, int], PasskeySample],
+                     lengths: Sequence[int], depths: Sequence[float], samples: int, *, batch_size: int = 4,
+                     progress: bool = False) -> dict:
+    """Exact-answer accuracy on a grid of context lengths x needle depths, `samples` prompts per cell,
+    from `sample(context_length, depth, index)` (e.g. PasskeyTask.sample)."""
+    accuracy = np.zeros((len(lengths), len(depths)))
+    with tqdm(total=len(lengths) * len(depths) * samples, desc="passkey", disable=not progress) as bar:
+        for i, length in enumerate(lengths):
+            for j, depth in enumerate(depths):
+                correct = 0
+                for batch in _batches(samples, batch_size):
+                    prompts = [sample(length, depth, index) for index in batch]
+                    for prompt in prompts:
+                        _check_tokens(loaded, prompt.tokens, "a passkey prompt")
+                    predicted = answer_predictions(loaded, prompts)
+                    correct += sum(exact_answer(p, s.answer) for p, s in zip(predicted, prompts))
+                    bar.update(len(batch))
+                accuracy[i, j] = correct / samples
+    return {"lengths": list(lengths), "depths": list(depths), "samples": samples,
+            "accuracy": accuracy.round(6).tolist(), "mean_by_length": accuracy.mean(axis=1).round(6).tolist()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic recall
+
+
+def recall_dataset(cfg: Config, documents: int) -> SyntheticRecallDataset:
+    """The validation split of the recipe's synthetic recall task (moba_train.data.synthetic)."""
+    syn = cfg.data.synthetic
+    return SyntheticRecallDataset(
+        num_samples=documents, seq_length=cfg.train.seq_length, vocab_size=cfg.model.vocab_size,
+        num_facts=syn.num_facts, key_tokens=syn.key_tokens, value_tokens=syn.value_tokens,
+        answers_only_loss=True, seed=cfg.run.seed, split=1,
+    )
+
+
+@torch.no_grad()
+def recall_accuracy(loaded: LoadedModel, dataset: SyntheticRecallDataset, *, batch_size: int = 4,
+                    progress: bool = False) -> dict:
+    """Fact accuracy (every value token of a queried fact right), token accuracy and loss on the
+    recalled value tokens, over every document of `dataset`."""
+    correct, losses = [], []
+    for batch in tqdm(_batches(len(dataset), batch_size), desc="recall", disable=not progress):
+        docs = [dataset.document(i) for i in batch]
+        tokens = torch.from_numpy(np.stack([doc[:-1] for doc, _ in docs]))
+        _check_tokens(loaded, tokens.numpy(), "the synthetic recall task")
+        out = logits(loaded, tokens)
+        for row, (doc, is_answer) in enumerate(docs):
+            positions = torch.from_numpy(np.flatnonzero(is_answer[1:])).to(out.device)
+            labels = torch.from_numpy(doc[1:]).to(out.device)[positions]
+            row_logits = out[row, positions]
+            correct.append((row_logits.argmax(-1) == labels).cpu().numpy())
+            losses.append(torch.nn.functional.cross_entropy(row_logits, labels, reduction="none").cpu().numpy())
+    tokens_right = np.stack(correct)  # [documents, facts * value_tokens], queries in order
+    facts_right = tokens_right.reshape(len(tokens_right), -1, dataset.value_tokens).all(axis=-1)
+    return {"documents": len(dataset), "facts": int(facts_right.size), "fact_accuracy": float(facts_right.mean()),
+            "token_accuracy": float(tokens_right.mean()), "answer_loss": float(np.concatenate(losses).mean())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Everything at once
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What `evaluate` measures; lengths in tokens."""
+
+    seq_length: int
+    windows: int = 64
+    bucket_size: int = 1024
+    trailing_tokens: int = 1024
+    passkey_lengths: tuple[int, ...] = ()
+    passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    passkey_samples: int = 20
+    recall_documents: int = 0
+    batch_size: int = 4
+    seed: int = 0
+
+
+def evaluate(loaded: LoadedModel, settings: EvalSettings, data_prefix: str | os.PathLike | None = None,
+             tokenizer: str | os.PathLike | None = None, progress: bool = False) -> dict:
+    """Validation loss and loss by position (packed and long-document windows of `data_prefix`), passkey
+    accuracy (haystack from `data_prefix`, needles through `tokenizer`, default the recipe's
+    data.tokenizer), synthetic recall accuracy (the recipe's task); each only when asked for."""
+    cfg = loaded.config
+    results = {"model": str(loaded.source), "attention": {
+        "mode": cfg.attention.mode, "layer_kinds": cfg.layer_kinds(), "block_size": cfg.attention.block_size,
+        "topk": cfg.attention.topk}, "settings": dataclasses.asdict(settings)}
+    if data_prefix is not None:
+        options = dict(bucket_size=settings.bucket_size, trailing_tokens=settings.trailing_tokens,
+                       batch_size=settings.batch_size, progress=progress)
+        windows = validation_windows(data_prefix, settings.seq_length, settings.windows)
+        results["validation"] = loss_by_position(loaded, windows, **options)
+        try:
+            long = validation_windows(data_prefix, settings.seq_length, settings.windows, long_documents=True)
+            results["long_documents"] = loss_by_position(loaded, long, **options)
+        except DataError:
+            results["long_documents"] = None  # no held-out document is that long
+        if settings.passkey_lengths:
+            from moba_train.data.preprocess import load_tokenizer
+
+            tokenizer = tokenizer or cfg.data.tokenizer
+            if tokenizer is None:
+                raise ConfigError("passkey prompts need a tokenizer and the recipe names none; pass --tokenizer")
+            task = PasskeyTask(load_tokenizer(tokenizer), token_stream(data_prefix), seed=settings.seed)
+            results["passkey"] = passkey_accuracy(loaded, task.sample, settings.passkey_lengths,
+                                                  settings.passkey_depths, settings.passkey_samples,
+                                                  batch_size=settings.batch_size, progress=progress)
+    if settings.recall_documents:
+        results["recall"] = recall_accuracy(loaded, recall_dataset(cfg, settings.recall_documents),
+                                            batch_size=settings.batch_size, progress=progress)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+
+
+def write_report(results: dict, out_dir: str | os.PathLike, label: str = "model") -> list[Path]:
+    """<out_dir>/eval.json, loss_by_position.png (packed and long-document windows) and passkey.png."""
+    out_dir = Path(out_dir)
+    written = [write_json(out_dir / "eval.json", results)]
+    curves = {f"{label}, {name.replace('_', ' ')}": results[key]
+              for key, name in (("validation", "packed windows"), ("long_documents", "long documents"))
+              if results.get(key)}
+    if curves:
+        written.append(plot_loss_by_position(curves, out_dir / "loss_by_position.png"))
+    if results.get("passkey"):
+        written.append(plot_passkey({label: results["passkey"]}, out_dir / "passkey.png"))
+    return written
+
+
+def report_summary(results: dict) -> str:
+    """A few lines for the console: the headline numbers of `evaluate`'s results."""
+    lines = []
+    if results.get("validation"):
+        v = results["validation"]
+        lines.append(f"validation loss {v['loss']:.4f} over {v['windows']} windows of {v['seq_length']} tokens")
+    if results.get("long_documents"):
+        d = results["long_documents"]
+        lines.append(f"long documents ({d['windows']}): loss {d['loss']:.4f}, last {d['trailing_tokens']} tokens "
+                     f"{d['trailing_loss']:.4f}")
+    if results.get("passkey"):
+        p = results["passkey"]
+        lines.append("passkey exact-answer accuracy by context length: " + ", ".join(
+            f"{n}: {100 * a:.0f}%" for n, a in zip(p["lengths"], p["mean_by_length"])))
+    if results.get("recall"):
+        r = results["recall"]
+        lines.append(f"recall: {100 * r['fact_accuracy']:.1f}% of {r['facts']} facts, "
+                     f"{100 * r['token_accuracy']:.1f}% of value tokens, answer loss {r['answer_loss']:.4f}")
+    return "\n".join(lines)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` atomically: to a temporary sibling, renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str | os.PathLike, data: dict) -> Path:
+    """Write `data` as indented JSON, atomically."""
+    return write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure as a PNG, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def plot_loss_by_position(reports: dict[str, dict], path: str | os.PathLike, title: str = "") -> Path:
+    """One line per model: mean loss of each position bucket (loss_by_position reports)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, report in reports.items():
+        centers = [(b["start"] + b["end"]) / 2 / 1024 for b in report["buckets"]]
+        ax.plot(centers, [b["loss"] for b in report["buckets"]], marker="o", label=label)
+    ax.set_xlabel("position in the window (K tokens, bucket centre)")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.set_title(title or "loss by position")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    try:
+        return save_figure(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_passkey(grids: dict[str, dict], path: str | os.PathLike) -> Path:
+    """One heatmap per model: exact-answer accuracy by context length (rows) and needle depth (columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids) + 1, 3.2), squeeze=False)
+    image = None
+    for ax, (label, grid) in zip(axes[0], grids.items()):
+        acc = np.asarray(grid["accuracy"])
+        image = ax.imshow(acc, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(grid["depths"])), [f"{d:g}" for d in grid["depths"]])
+        ax.set_yticks(range(len(grid["lengths"])), [f"{n // 1024}K" if n >= 1024 else str(n) for n in grid["lengths"]])
+        for (i, j), value in np.ndenumerate(acc):
+            ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", color="w" if value < 0.6 else "k")
+        ax.set_xlabel("needle depth")
+        ax.set_title(label)
+    axes[0][0].set_ylabel("context")
+    fig.colorbar(image, ax=axes[0].tolist(), label="exact-answer accuracy")
+    try:
+        return save_figure(fig, path)
+    finally:
+        plt.close(fig)

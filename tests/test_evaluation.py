@@ -1,0 +1,267 @@
+"""Evaluation on tiny CPU models: loss by position equals a direct computation; the passkey generator
+places the needle where it says and the scorer accepts only the exact answer; a model that can attend
+only within its own block fails far needles and far recall facts while the same weights with full
+attention pass; checkpoint and Hugging Face export load to the same logits; bad paths and flags are
+one clear error."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from moba_train import convert, distributed
+from moba_train.checkpointing import save_model_checkpoint
+from moba_train.config import Config, ConfigError
+from moba_train.data.corpus import train_tokenizer
+from moba_train.data.preprocess import load_tokenizer
+from moba_train.data.synthetic import EOD, FACT, QUERY, SyntheticRecallDataset
+from moba_train.evaluation import (
+    PasskeyTask,
+    answer_predictions,
+    exact_answer,
+    load_model,
+    logits,
+    loss_by_position,
+    passkey_accuracy,
+    place_needle,
+    recall_accuracy,
+)
+from moba_train.model import build_model
+
+VOCAB = 250
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_process():
+    distributed.init_distributed(Config.model_validate({"run": {"device": "cpu"}, "attention": {"mode": "full"}}))
+    yield
+    distributed.destroy_distributed()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A random 2-layer GQA Llama trained with MoBA (block 16, top-2), saved as a model-only checkpoint."""
+    cfg = Config.model_validate({
+        "model": {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 160, "num_attention_heads": 4,
+                  "num_query_groups": 2, "vocab_size": VOCAB, "make_vocab_size_divisible_by": 64,
+                  "max_position_embeddings": 512, "init_method_std": 0.2},
+        "attention": {"mode": "moba", "block_size": 16, "topk": 2},
+        "train": {"seq_length": 64},
+    })
+    distributed.set_seed(3)
+    path = tmp_path_factory.mktemp("ckpt") / "step_00000001"
+    save_model_checkpoint(path, build_model(cfg), cfg)
+    return path
+
+
+def random_windows(count: int, length: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, VOCAB, (count, length))
+
+
+# --- loss by position ---------------------------------------------------------------------------
+
+
+def test_loss_by_position_equals_a_direct_computation(checkpoint):
+    loaded = load_model(checkpoint)
+    windows = random_windows(5, 65)
+    report = loss_by_position(loaded, windows, bucket_size=16, trailing_tokens=8, batch_size=2)
+
+    tokens, labels = torch.from_numpy(windows[:, :-1]), torch.from_numpy(windows[:, 1:])
+    with torch.no_grad():  # the whole padded vocabulary, as the model's own loss counts it
+        raw = loaded.model(tokens, torch.arange(64).expand(5, 64), attention_mask=None)
+    direct = F.cross_entropy(raw.reshape(-1, raw.shape[-1]).double(), labels.reshape(-1), reduction="none")
+    per_position = direct.reshape(5, 64).mean(0).numpy()
+    assert report["windows"] == 5 and report["seq_length"] == 64
+    assert [(b["start"], b["end"]) for b in report["buckets"]] == [(0, 16), (16, 32), (32, 48), (48, 64)]
+    expected = [per_position[a : a + 16].mean() for a in range(0, 64, 16)]
+    np.testing.assert_allclose([b["loss"] for b in report["buckets"]], expected, rtol=0, atol=1e-5)
+    assert report["trailing_loss"] == pytest.approx(per_position[-8:].mean(), abs=1e-5)
+    assert report["loss"] == pytest.approx(per_position.mean(), abs=1e-5)
+    assert math.log(VOCAB) * 0.5 < report["loss"]  # a random model: the buckets are not trivially equal
+    assert np.ptp([b["loss"] for b in report["buckets"]]) > 1e-3
+
+
+# --- passkey generator and scorer ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("context_length", [12, 40, 101])
+@pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 1.0])
+def test_needle_is_placed_at_the_depth_it_says_in_order_haystack(context_length, depth):
+    haystack = np.arange(100, 300)
+    needle = (np.array([1, 2]), np.array([7, 8, 9]), np.array([3]))
+    question = np.array([4, 5])
+    sample = place_needle(haystack, needle, question, context_length, depth)
+    filler = context_length - 6 - 2
+    assert len(sample.tokens) == context_length and sample.tokens.dtype == np.int64
+    assert sample.needle_start == round(depth * filler)
+    assert sample.tokens[sample.needle_start : sample.needle_start + 6].tolist() == [1, 2, 7, 8, 9, 3]
+    assert sample.tokens[-2:].tolist() == [4, 5] and sample.answer.tolist() == [7, 8, 9]
+    rest = np.delete(sample.tokens[:-2], range(sample.needle_start, sample.needle_start + 6))
+    assert rest.tolist() == haystack[:filler].tolist()  # the haystack, in order, around the needle
+    if depth == 0:
+        assert sample.needle_start == 0
+    if depth == 1:
+        assert sample.needle_start + 6 == context_length - 2  # the needle ends where the question begins
+
+
+def test_passkey_task_states_the_key_in_the_needle_and_asks_for_it_at_the_end(tmp_path):
+    texts = ["def add(a, b):\n    return a + b  # 0123456789\n", "The pass key is 31415. Remember it.\n"] * 20
+    tokenizer = load_tokenizer(train_tokenizer(texts, 300, tmp_path / "tok"))
+    haystack = np.asarray(tokenizer("".join(texts) * 5)["input_ids"])
+    task = PasskeyTask(tokenizer, haystack, seed=7)
+    keys = set()
+    for depth in (0.0, 0.5, 1.0):
+        sample = task.sample(400, depth, index=3)
+        assert sample.tokens.tolist() == task.sample(400, depth, index=3).tokens.tolist()  # a pure function
+        key = tokenizer.decode(sample.answer.tolist())
+        assert key.startswith(" ") and key.strip().isdigit() and len(key.strip()) == 5
+        keys.add(key)
+        needle = np.concatenate([task.before, sample.answer, task.after])
+        assert sample.tokens[sample.needle_start : sample.needle_start + len(needle)].tolist() == needle.tolist()
+        assert tokenizer.decode(needle.tolist()) == f"\n# The pass key is{key}. Remember it.\n"
+        assert tokenizer.decode(sample.tokens[-len(task.question):].tolist()).endswith("The pass key is")
+        assert len(sample.tokens) == 400
+    assert len(keys) == 3
+
+
+def test_scorer_accepts_only_the_exact_answer():
+    answer = np.array([11, 12, 13])
+    assert exact_answer(np.array([11, 12, 13]), answer)
+    for wrong in ([11, 12, 14], [11, 12], [11, 12, 13, 13], [], [13, 12, 11]):
+        assert not exact_answer(np.array(wrong, dtype=np.int64), answer), wrong
+
+
+# --- a model that retrieves, with full attention or only within its block ------------------------
+
+# Vocabulary of 64, laid out as the synthetic recall task lays out a vocabulary of 64:
+# EOD 0, FACT 1, QUERY 2, filler 3..22, keys 23..42, values 43..62.
+FILLER, KEYS, VALUES = range(3, 23), range(23, 43), range(43, 63)
+
+
+@pytest.fixture(scope="module")
+def retriever(tmp_path_factory):
+    """A one-layer Llama (Hugging Face directory) with hand-set weights: at every key token, one head
+    attends to the value tokens before it and writes the value's identity, which the output layer
+    reads out; with no value in view it predicts EOD. Attention is content-based: query and key live in
+    the lowest-frequency RoPE pair (a rotation below 1e-3 rad over these lengths)."""
+    hidden, head_dim = 64, 32
+    config = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=1024,
+                         rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e7},
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    value_flag, key_flag, default_flag, neutral = 20, 21, 22, 63
+    slot = head_dim // 2 - 1  # the pair (15, 31) turns slowest
+    state = {name: torch.zeros_like(t) for name, t in model.state_dict().items()}
+    emb = state["model.embed_tokens.weight"]
+    emb[[EOD, FACT, QUERY, 63], neutral] = 1
+    for i, token in enumerate(FILLER):
+        emb[token, 23 + i] = 1
+    for token in KEYS:
+        emb[token, [key_flag, default_flag]] = 1
+    for i, token in enumerate(VALUES):
+        emb[token, [i, value_flag]] = 1
+    layer = "model.layers.0."
+    state[layer + "self_attn.q_proj.weight"][slot, key_flag] = 2.5
+    state[layer + "self_attn.k_proj.weight"][slot, value_flag] = 2.5
+    for i in range(len(VALUES)):
+        state[layer + "self_attn.v_proj.weight"][i, i] = 1
+        state[layer + "self_attn.o_proj.weight"][i, i] = 1
+        state["lm_head.weight"][VALUES[i], i] = 1
+    state["lm_head.weight"][EOD, default_flag] = 1
+    for norm in (layer + "input_layernorm.weight", layer + "post_attention_layernorm.weight", "model.norm.weight"):
+        state[norm] += 1  # down_proj stays zero: the MLP adds nothing
+    model.load_state_dict(state)
+    path = tmp_path_factory.mktemp("retriever")
+    model.save_pretrained(path)
+    return path
+
+
+WINDOWED = ["attention.mode=moba", "attention.block_size=32", "attention.topk=1"]  # its own 32-token block only
+
+
+def needle_sampler(seed: int = 0):
+    def sample(length: int, depth: float, index: int):
+        rng = np.random.default_rng([seed, length, round(depth * 100), index])
+        haystack = rng.choice(FILLER, size=length)
+        needle = (np.array([FACT]), np.array([rng.choice(VALUES)]), np.array([], dtype=np.int64))
+        return place_needle(haystack, needle, np.array([QUERY, rng.choice(KEYS)]), length, depth)
+
+    return sample
+
+
+def test_a_model_that_attends_only_within_its_block_fails_far_needles_while_full_attention_passes(retriever):
+    depths = [0.0, 0.5, 1.0]
+    full = passkey_accuracy(load_model(retriever), needle_sampler(), [128, 256], depths, samples=4, batch_size=4)
+    windowed = passkey_accuracy(load_model(retriever, WINDOWED), needle_sampler(), [128, 256], depths, samples=4,
+                                batch_size=4)
+    assert full["accuracy"] == [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
+    assert windowed["accuracy"] == [[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]]  # only the needle beside the question
+
+
+def test_scoring_counts_a_prediction_only_when_it_is_the_needles_answer(retriever):
+    loaded = load_model(retriever)
+    sample = needle_sampler()(128, 0.5, 0)
+    true = sample.answer
+    other = np.array([VALUES[(VALUES.index(int(true[0])) + 1) % len(VALUES)]])
+    (predicted,) = answer_predictions(loaded, [sample])
+    assert exact_answer(predicted, true) and not exact_answer(predicted, other)
+
+
+def test_recall_accuracy_is_full_with_full_attention_and_counts_only_facts_in_view_within_a_block(retriever):
+    dataset = SyntheticRecallDataset(num_samples=12, seq_length=256, vocab_size=64, num_facts=1, key_tokens=1,
+                                     value_tokens=1, answers_only_loss=True, seed=5, split=1)
+    full = recall_accuracy(load_model(retriever), dataset, batch_size=6)
+    windowed = recall_accuracy(load_model(retriever, WINDOWED), dataset, batch_size=6)
+    in_view = []
+    for i in range(len(dataset)):  # the direct count: is the planted value in the query's 32-token block?
+        doc, is_answer = dataset.document(i)
+        query_key = int(np.flatnonzero(is_answer)[0]) - 1
+        fact_value = int(np.flatnonzero(doc == doc[query_key + 1])[0])
+        in_view.append(fact_value // 32 == query_key // 32)
+    assert full["facts"] == windowed["facts"] == 12
+    assert full["fact_accuracy"] == full["token_accuracy"] == 1.0
+    assert windowed["fact_accuracy"] == pytest.approx(np.mean(in_view)) and windowed["fact_accuracy"] < 0.5
+    assert full["answer_loss"] < windowed["answer_loss"]
+
+
+# --- loading paths ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attention", [["attention.mode=full"],
+                                       ["attention.mode=moba", "attention.block_size=16", "attention.topk=2"]],
+                         ids=["full", "moba"])
+def test_checkpoint_and_its_hugging_face_export_load_to_the_same_logits(checkpoint, tmp_path, attention):
+    convert.export_hf(checkpoint, tmp_path / "hf", dtype=torch.float32)
+    tokens = torch.from_numpy(random_windows(2, 64, seed=1))
+    from_checkpoint = logits(load_model(checkpoint, attention), tokens)
+    from_hf = logits(load_model(tmp_path / "hf", attention), tokens)
+    assert from_checkpoint.shape == (2, 64, VOCAB) and from_checkpoint.std() > 0.1
+    torch.testing.assert_close(from_hf, from_checkpoint, rtol=0, atol=1e-5)
+
+
+def test_the_attention_flag_changes_how_a_checkpoint_attends(checkpoint):
+    tokens = torch.from_numpy(random_windows(1, 64, seed=2))
+    trained = logits(load_model(checkpoint), tokens)
+    moba = logits(load_model(checkpoint, ["attention.mode=moba"]), tokens)
+    full = logits(load_model(checkpoint, ["attention.mode=full"]), tokens)
+    torch.testing.assert_close(trained, moba, rtol=0, atol=0)  # as trained: MoBA
+    assert (full - moba)[0, 32:].abs().max() > 1e-3  # past two blocks, top-2 MoBA sees less than full
+    torch.testing.assert_close(full[0, :32], moba[0, :32], rtol=0, atol=1e-5)  # within two blocks they agree
+
+
+def test_a_path_without_a_model_is_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"is neither a moba-train checkpoint .* nor a Hugging Face model directory"):
+        load_model(tmp_path / "missing")
+
+
+def test_flags_that_change_the_weights_shapes_are_one_clear_error(checkpoint, retriever):
+    with pytest.raises(ConfigError, match="holds a model with model.hidden_size=64 but the flags set 128"):
+        load_model(checkpoint, ["model.hidden_size=128"])
+    with pytest.raises(ConfigError, match="holds a model with model.num_layers=1 but the flags set 2"):
+        load_model(retriever, ["model.num_layers=2"])
