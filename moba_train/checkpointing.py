@@ -33,6 +33,14 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner,
+    TorchDistSaveShardedStrategy,
+    _replace_state_dict_keys_with_sharded_keys,
+    mcore_to_pyt_state_dict,
+)
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint import save as dcp_save
 
 from moba_train.config import Config, ConfigError, load_config
 
@@ -135,6 +143,31 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+class InProcessSaveStrategy(TorchDistSaveShardedStrategy):
+    """Megatron-Core's torch_dist checkpoint format, written by threads of the trainer process.
+
+    Megatron-Core 0.16.1's own writer (FileSystemWriterAsync, behind its synchronous saves too) forks
+    a writer process per file and collects their results through a *spawned* multiprocessing Manager
+    process. A signal to the trainer's process group (torchrun stopping its workers, SLURM, Ctrl-C of
+    a single process) kills that Manager and the save fails with BrokenPipeError; after kill -9 of the
+    trainer the Manager lives on as an orphan. Here torch.distributed.checkpoint's FileSystemWriter
+    writes the same files (Megatron's key translation and planner; Megatron's torch_dist strategy
+    loads them) from `thread_count` threads: nothing outlives the trainer or receives its signals.
+    """
+
+    def __init__(self):
+        super().__init__("torch_dist", 1)
+
+    def save(self, sharded_state_dict: dict, checkpoint_dir: str | Path) -> None:
+        main_only = self.keep_only_main_replica
+        flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, main_only)
+        dcp_save(
+            mcore_to_pyt_state_dict(flat, is_loading=False),
+            storage_writer=FileSystemWriter(checkpoint_dir, thread_count=self.thread_count),
+            planner=MCoreSavePlanner(dedup_replicated_tensors=not main_only, flatten_state_dict=False),
+        )
+
+
 def _publish(state_dict: dict, target: Path, cfg: Config) -> None:
     """Write `state_dict` to a temporary sibling of `target`, mark it complete, rename it into place."""
     tmp = target.parent / f".tmp_{target.name}"
@@ -142,7 +175,7 @@ def _publish(state_dict: dict, target: Path, cfg: Config) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save(state_dict, str(tmp))
+    dist_checkpointing.save(state_dict, str(tmp), sharded_strategy=InProcessSaveStrategy())
     _barrier()
     if dist.get_rank() == 0:
         (tmp / "config.yaml").write_text(cfg.to_yaml())

@@ -9,14 +9,14 @@ mean over every counted (loss_mask) token of the global batch: each micro-batch 
 
 Robustness. A step whose loss or gradient norm is NaN/inf changes nothing (no update; its data is
 consumed and it counts as a step); after `train.max_nonfinite_steps` such steps in a row training
-aborts. SIGTERM / SIGUSR1 set a flag: the current step finishes, a checkpoint is saved, the run
-exits cleanly; relaunching the same command resumes from the newest complete checkpoint.
+aborts. SIGTERM, SIGUSR1 and SIGINT set a flag (moba_train.signals): the current step finishes, a
+checkpoint is saved, the run exits 0; relaunching the same command resumes from the newest complete
+checkpoint.
 """
 
 from __future__ import annotations
 
 import math
-import signal
 import time
 from pathlib import Path
 
@@ -36,39 +36,11 @@ from moba_train.flops import training_step_flops
 from moba_train.metrics import MetricLogger, attention_backends, perf_metrics
 from moba_train.model import build_model, compute_dtype, forward_step, matrix_params, token_losses
 from moba_train.optimizer import build_optimizer, build_scheduler, optimizer_step
+from moba_train.signals import StopSignal
 
 
 class TrainingAborted(RuntimeError):
     """Training cannot continue (e.g. repeated non-finite losses); the message says why and what to do."""
-
-
-class StopSignal:
-    """While active (a context manager), remembers that SIGTERM or SIGUSR1 arrived; the trainer
-    checks once per step. Previous handlers come back on exit."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.received = False
-        self._previous = {}
-
-    def __enter__(self) -> "StopSignal":
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        self.received = True
-
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank as soon as any rank got a signal (ranks must save together)."""
-        flag = torch.tensor([float(self.received)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def num_microbatches(cfg: Config, env: DistEnv) -> int:
@@ -163,12 +135,12 @@ def evaluate(model, dataset, cfg: Config, env: DistEnv) -> dict[str, float]:
 
 def train(cfg: Config) -> None:
     """Run (or resume) the training described by `cfg`; torchrun or a single process."""
-    env = init_distributed(cfg)
-    try:
-        with StopSignal() as stop:
+    with StopSignal() as stop:  # from the start: a signal during set-up stops after the first step
+        env = init_distributed(cfg)
+        try:
             _train(cfg, env, stop)
-    finally:
-        destroy_distributed()
+        finally:
+            destroy_distributed()
 
 
 def _train(cfg: Config, env: DistEnv, stop: StopSignal) -> None:

@@ -8,6 +8,7 @@ Relaunching the same command resumes from the newest complete checkpoint.
 import sys
 
 from moba_train.cli import parse_recipe, run_entry
+from moba_train.signals import stop_with_the_launcher
 
 
 def main(argv=None) -> None:
@@ -18,4 +19,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    stop_with_the_launcher()  # before torch and Megatron load (seconds): a launcher dying meanwhile still counts
     run_entry(lambda: main(sys.argv[1:]))

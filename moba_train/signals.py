@@ -1,0 +1,69 @@
+"""Stop requests: the signals that ask a run to stop, and how every rank agrees to stop together.
+
+SIGTERM (kill, torchrun's shutdown, SLURM's scancel and preemption), SIGUSR1 (SLURM's `--signal`
+warning before the time limit) and SIGINT (Ctrl-C) only set a flag; the trainer reads it once per step,
+finishes that step, saves a checkpoint and exits 0. A worker started by torchrun also asks the kernel
+for SIGTERM when the launcher dies (`stop_with_the_launcher`, PR_SET_PDEATHSIG): torchrun does not
+handle SIGUSR1 unless told to and dies of it, and a launcher killed with kill -9 forwards nothing, so
+without this its workers would train on as orphans.
+
+Who receives what: torchrun starts every worker in its own session, so a signal to the launcher's
+process group reaches the launcher only; it forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT (its
+`--signals-to-handle`) to each worker's group, waits `--shutdown-timeout` seconds (default 30, or
+TORCH_ELASTIC_SHUTDOWN_TIMEOUT), then sends SIGKILL, and exits 1. A step plus a save must fit in that
+timeout. SLURM signals every process of the job step directly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+
+_PR_SET_PDEATHSIG = 1
+
+
+def stop_with_the_launcher() -> None:
+    """Under torchrun (TORCHELASTIC_RUN_ID is its) on Linux, have the kernel send this process SIGTERM
+    when the launcher dies; elsewhere the parent is a shell or a scheduler daemon whose exit is no
+    reason to stop. Call it first thing (before slow imports): the request only covers a launcher
+    that is still alive when it is made."""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    launcher = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != launcher:  # it died during the request: no signal will come
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class StopSignal:
+    """While active (a context manager), remembers that a stop signal arrived; the trainer checks once
+    per step. Previous handlers come back on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self):
+        self.received: signal.Signals | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignal":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum)
+
+    def agreed(self, device) -> bool:
+        """True on every rank as soon as any rank got a signal (ranks must save together). Collective."""
+        import torch  # here: stop_with_the_launcher runs before torch is imported
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(self.received is not None)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
