@@ -248,8 +248,9 @@ def loss_by_position(loaded: LoadedModel, windows: np.ndarray, *, bucket_size: i
 
 @dataclass(frozen=True)
 class PasskeySample:
-    """One retrieval prompt: `tokens` int64 [context_length] (haystack, the needle at `needle_start`,
-    haystack, the question), and the `answer` int64 [k] that must follow it."""
+    """One retrieval prompt: `tokens` int64 [p] (haystack, the needle at `needle_start`, haystack, the
+    question), and the `answer` int64 [k] that must follow it. The prompt and the answer's first k - 1
+    tokens, what the scoring forward pass reads, are the context length: p = context_length - k + 1."""
 
     tokens: np.ndarray
     answer: np.ndarray
@@ -257,24 +258,29 @@ class PasskeySample:
     depth: float
 
 
+def filler_length(needle: tuple[np.ndarray, np.ndarray, np.ndarray], question: np.ndarray,
+                  context_length: int) -> int:
+    """Haystack tokens a sample of `context_length` holds beside the needle, the question and the answer."""
+    before, answer, after = needle
+    return context_length - len(before) - len(answer) - len(after) - len(question) - (len(answer) - 1)
+
+
 def place_needle(haystack: np.ndarray, needle: tuple[np.ndarray, np.ndarray, np.ndarray], question: np.ndarray,
                  context_length: int, depth: float) -> PasskeySample:
-    """A sample of `context_length` tokens: the first tokens of `haystack` with the needle (before, answer,
-    after) inserted after round(depth * filler) of them, then `question`."""
-    before, answer, after = needle
-    whole = np.concatenate([before, answer, after])
-    filler = context_length - len(whole) - len(question)
+    """A sample of `context_length` tokens (see PasskeySample): the first tokens of `haystack` with the
+    needle (before, answer, after) inserted after round(depth * filler) of them, then `question`."""
+    filler = filler_length(needle, question, context_length)
     if filler < 0:
-        raise ValueError(f"a context of {context_length} tokens cannot hold the needle and question "
-                         f"({len(whole) + len(question)} tokens); use longer contexts")
+        raise ValueError(f"a context of {context_length} tokens cannot hold the needle, question and answer "
+                         f"({context_length - filler} tokens); use longer contexts")
     if len(haystack) < filler:
         raise DataError(f"the haystack has {len(haystack)} tokens, fewer than the {filler} a context of "
                         f"{context_length} needs; use more validation data or shorter contexts")
     if not 0 <= depth <= 1:
         raise ValueError(f"depth {depth} is not in [0, 1]")
     start = round(depth * filler)
-    tokens = np.concatenate([haystack[:start], whole, haystack[start:filler], question]).astype(np.int64)
-    return PasskeySample(tokens, np.asarray(answer, dtype=np.int64), start, depth)
+    tokens = np.concatenate([haystack[:start], *needle, haystack[start:filler], question]).astype(np.int64)
+    return PasskeySample(tokens, np.asarray(needle[1], dtype=np.int64), start, depth)
 
 
 class PasskeyTask:
@@ -303,11 +309,10 @@ class PasskeyTask:
     def sample(self, context_length: int, depth: float, index: int) -> PasskeySample:
         rng = np.random.default_rng([self.seed, context_length, round(depth * 10**6), index])
         key = int(rng.integers(10 ** (self.digits - 1), 10**self.digits))
-        answer = self._encode(self.NEEDLE[1].format(key=key))
-        filler = context_length - len(self.before) - len(answer) - len(self.after) - len(self.question)
+        needle = (self.before, self._encode(self.NEEDLE[1].format(key=key)), self.after)
+        filler = filler_length(needle, self.question, context_length)
         offset = int(rng.integers(0, max(len(self.haystack) - filler, 0) + 1))
-        return place_needle(self.haystack[offset:], (self.before, answer, self.after), self.question,
-                            context_length, depth)
+        return place_needle(self.haystack[offset:], needle, self.question, context_length, depth)
 
 
 def exact_answer(predicted: np.ndarray, answer: np.ndarray) -> bool:

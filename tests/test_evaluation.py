@@ -96,8 +96,8 @@ def test_needle_is_placed_at_the_depth_it_says_in_order_haystack(context_length,
     needle = (np.array([1, 2]), np.array([7, 8, 9]), np.array([3]))
     question = np.array([4, 5])
     sample = place_needle(haystack, needle, question, context_length, depth)
-    filler = context_length - 6 - 2
-    assert len(sample.tokens) == context_length and sample.tokens.dtype == np.int64
+    filler = context_length - 6 - 2 - 2  # the answer's first two tokens are read by the scoring pass too
+    assert len(sample.tokens) + 2 == context_length and sample.tokens.dtype == np.int64
     assert sample.needle_start == round(depth * filler)
     assert sample.tokens[sample.needle_start : sample.needle_start + 6].tolist() == [1, 2, 7, 8, 9, 3]
     assert sample.tokens[-2:].tolist() == [4, 5] and sample.answer.tolist() == [7, 8, 9]
@@ -106,7 +106,7 @@ def test_needle_is_placed_at_the_depth_it_says_in_order_haystack(context_length,
     if depth == 0:
         assert sample.needle_start == 0
     if depth == 1:
-        assert sample.needle_start + 6 == context_length - 2  # the needle ends where the question begins
+        assert sample.needle_start + 6 == len(sample.tokens) - 2  # the needle ends where the question begins
 
 
 def test_passkey_task_states_the_key_in_the_needle_and_asks_for_it_at_the_end(tmp_path):
@@ -125,7 +125,7 @@ def test_passkey_task_states_the_key_in_the_needle_and_asks_for_it_at_the_end(tm
         assert sample.tokens[sample.needle_start : sample.needle_start + len(needle)].tolist() == needle.tolist()
         assert tokenizer.decode(needle.tolist()) == f"\n# The pass key is{key}. Remember it.\n"
         assert tokenizer.decode(sample.tokens[-len(task.question):].tolist()).endswith("The pass key is")
-        assert len(sample.tokens) == 400
+        assert len(sample.tokens) + len(sample.answer) - 1 == 400
     assert len(keys) == 3
 
 

@@ -1,0 +1,587 @@
+"""The quality study of docs/quality.md, run end to end on one GPU within a time budget.
+
+    python scripts/run_study.py --work-dir runs/study --results-dir bench/results/quality --budget-minutes 8.5
+
+Stages, in this order; each one's results are saved before the next starts, and a rerun with the same
+--work-dir skips the stages already done (an interrupted training resumes from its checkpoint):
+
+    corpus         moba_train.data.corpus over every installed package: 32K BPE, packages held out
+    calibrate      8 steps of the MoBA and the full recipe: seconds per step and per-stage overhead, from
+                   which the steps of every arm are sized to the budget (once; kept in the plan), unless
+                   --tokens-per-arm fixes them; either way they decide which stages still fit
+    full           arm 1, full attention, S steps (its checkpoint at S/2 is kept for arm 4)
+    moba           arm 2, MoBA (block 512, top-3), S steps
+    hybrid         arm 3, MoBA with the last 2 layers full, S steps
+    cpt            arm 4, arm 1's checkpoint at S/2 resumed with MoBA to S (same schedule and data order)
+    recall_full, recall_moba, recall_hybrid
+                   arm 5, arm 1's final weights fine-tuned on the synthetic recall task with the loss on
+                   the answers only, R = S * recall_fraction steps each
+    swap           arm 1 evaluated with MoBA and arm 2 with full attention (only if time is left)
+
+Every arm is evaluated right after it trains (moba_train.evaluation): validation loss on the held-out
+packages, loss by position on held-out documents of at least 8K tokens (the trailing-token loss is the
+last 1K), passkey accuracy by context length and depth; the recall arms, recall accuracy. Training runs
+in this process (moba_train.training.train), so the one-time costs (CUDA and Triton start-up) are paid
+once. A stage that would not finish before the deadline is not started.
+
+Outputs. <work-dir>/study.json is the state (plan, stage records, results); after every stage it is
+copied to <results-dir>/study.json together with study.md (the result tables); when the run ends (or
+is stopped by a signal) the plots follow: loss_by_position.png, passkey.png, training_loss.png (they
+take seconds each; `write_plots(json.load(open("study.json")), out_dir)` redraws them from a copy).
+Five files at most, so they fit what a device call brings back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from moba_train.config import Config, ConfigError, load_config
+from moba_train.distributed import resolve_device
+from moba_train.evaluation import (
+    EvalSettings,
+    plot_loss_by_position,
+    plot_passkey,
+    save_figure,
+    write_json,
+    write_text,
+)
+from moba_train.metrics import attention_backends
+from moba_train.model import compute_dtype
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "configs" / "study"
+CALIBRATION_STEPS = 8
+SAFETY = 0.85
+"""The plan fills this share of the time left after calibration (estimates are rough)."""
+MIN_STEPS = 10
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One training run of the study: a recipe of configs/study plus overrides."""
+
+    name: str
+    recipe: str
+    overrides: tuple[str, ...]
+    title: str
+
+
+FULL = Arm("full", "pretrain.yaml", ("attention.mode=full",), "1 full attention")
+MOBA = Arm("moba", "pretrain.yaml", ("attention.mode=moba", "attention.full_layers=0"), "2 MoBA")
+HYBRID = Arm("hybrid", "pretrain.yaml", ("attention.mode=moba", "attention.full_layers=2"), "3 hybrid (last 2 full)")
+CPT = Arm("cpt", "pretrain.yaml", ("attention.mode=moba", "attention.full_layers=0"),
+          "4 full, then MoBA for the second half")
+RECALL = tuple(Arm(f"recall_{arm.name}", "recall.yaml", arm.overrides, f"5 sparse-loss recall, {arm.name}")
+               for arm in (FULL, MOBA, HYBRID))
+PRETRAIN_ARMS = (FULL, MOBA, HYBRID, CPT)
+ARMS = PRETRAIN_ARMS + RECALL
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """Everything a run of the study is parameterised by (scripts/run_study.py's flags)."""
+
+    work_dir: Path
+    results_dir: Path
+    budget_s: float
+    tokens_per_arm: int | None = None
+    """None: sized from the calibration to fill the budget."""
+    recall_fraction: float = 0.25
+    arms: tuple[str, ...] = tuple(arm.name for arm in ARMS)
+    overrides: tuple[str, ...] = ()
+    """Applied to every arm's recipe (e.g. a smaller model for a CPU smoke run)."""
+    corpus_mb: float = 96.0
+    corpus_site_packages: bool = True
+    vocab_size: int = 32768
+    valid_fraction: float = 0.03
+    tokenizer_mb: float = 24.0
+    workers: int = os.cpu_count() or 1
+    eval_windows: int = 64
+    bucket_size: int = 1024
+    passkey_lengths: tuple[int, ...] = (2048, 4096, 8192)
+    passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    passkey_samples: int = 20
+    recall_documents: int = 32
+    eval_batch_size: int = 4
+
+
+class StudyInterrupted(Exception):
+    """SIGTERM/SIGINT arrived, or a training stopped before its last step: save and stop."""
+
+
+def _yaml(path: Path) -> str:
+    """A path as an override value (JSON is YAML: quoted, whatever characters it holds)."""
+    return json.dumps(str(path))
+
+
+def git_commit() -> str | None:
+    """GIT_COMMIT, else the checkout's HEAD (a copied tree may carry a stale .git: set GIT_COMMIT there)."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    except OSError:  # no git on the machine
+        return None
+    return result.stdout.strip() or None
+
+
+def machine() -> dict:
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"gpu": gpu, "torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count()}
+
+
+def pretrain_step_seconds(step_s: dict[str, float], num_layers: int, full_layers: int) -> float:
+    """Seconds per step of a hybrid: the MoBA step plus the full layers' share of the difference."""
+    return step_s["moba"] + (step_s["full"] - step_s["moba"]) * full_layers / num_layers
+
+
+def plan_steps(remaining_s: float, step_s: dict[str, float], overhead_s: float, eval_s: float, num_layers: int,
+               recall_fraction: float) -> int:
+    """The most steps S per pretraining arm (even: arm 4 switches at S/2) whose whole study fits in
+    SAFETY * remaining_s: three arms of S steps, arm 4's S/2 MoBA steps, three recall arms of
+    S * recall_fraction steps, a training overhead and an evaluation per arm. ConfigError if S < MIN_STEPS."""
+    hybrid = pretrain_step_seconds(step_s, num_layers, 2)
+    per_step = (step_s["full"] + step_s["moba"] + hybrid + 0.5 * step_s["moba"]
+                + recall_fraction * (step_s["full"] + step_s["moba"] + hybrid))
+    fixed = len(ARMS) * (overhead_s + eval_s)
+    steps = int((SAFETY * remaining_s - fixed) / per_step) // 2 * 2
+    if steps < MIN_STEPS:
+        raise ConfigError(f"the budget leaves {remaining_s:.0f} s after calibration, too little for {MIN_STEPS} "
+                          f"steps per arm ({per_step:.1f} s per step of all arms, {fixed:.0f} s fixed); "
+                          "raise --budget-minutes")
+    return steps
+
+
+class Study:
+    """The stages above over one work directory; `run()` does what is not done yet and fits the budget."""
+
+    def __init__(self, settings: StudySettings):
+        self.s = settings
+        self.deadline = time.monotonic() + settings.budget_s
+        self.work = Path(settings.work_dir)
+        self.state_path = self.work / "study.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {
+            "study": "moba-train quality study (docs/quality.md)", "stages": {}, "arms": {}}
+        self.state["commit"] = git_commit()
+        self.state["machine"] = machine()
+        self.state["settings"] = {k: (str(v) if isinstance(v, Path) else v)
+                                  for k, v in dataclasses.asdict(settings).items()}
+
+    # --- bookkeeping ---------------------------------------------------------------------------
+
+    @property
+    def corpus_dir(self) -> Path:
+        return self.work / "corpus"
+
+    def arm_dir(self, name: str) -> Path:
+        return self.work / "arms" / name
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def save(self, plots: bool = False) -> None:
+        """The state to <work>/study.json, then study.json, study.md (and the plots) to the results dir."""
+        self.state["targets"] = targets(self.state)
+        write_json(self.state_path, self.state)
+        results = Path(self.s.results_dir)
+        write_json(results / "study.json", self.state)
+        write_text(results / "study.md", summary_markdown(self.state))
+        if plots:
+            write_plots(self.state, results)
+
+    def done(self, stage: str) -> bool:
+        return self.state["stages"].get(stage, {}).get("status") == "done"
+
+    def stage(self, name: str, estimate_s: float, work: Callable[[], dict | None], needs: tuple[str, ...] = ()) -> None:
+        """Run `work` as stage `name` unless done, blocked by a stage it needs, or unable to finish in time."""
+        if self.done(name):
+            print(f"[study] {name}: done earlier", flush=True)
+            return
+        record = {"estimate_s": round(estimate_s, 1)}
+        missing = [n for n in needs if not self.done(n)]
+        if missing:
+            record["status"] = f"not run: needs {', '.join(missing)}"
+        elif estimate_s > self.remaining():
+            record["status"] = (f"not run: needs about {estimate_s:.0f} s, {max(self.remaining(), 0):.0f} s left; "
+                                "rerun with the same --work-dir to continue")
+        if "status" in record:
+            print(f"[study] {name}: {record['status']}", flush=True)
+            self.state["stages"][name] = record
+            self.save()
+            return
+        print(f"[study] {name}: starting (about {estimate_s:.0f} s, {self.remaining():.0f} s left)", flush=True)
+        started = time.monotonic()
+        try:
+            result = work()
+            record.update(status="done", **(result or {}))
+        except StudyInterrupted:
+            record["status"] = "interrupted: rerun with the same --work-dir to continue"
+            raise
+        except Exception as exc:  # a failed arm must not lose the others' results
+            record.update(status=f"failed: {type(exc).__name__}: {exc}",
+                          traceback=traceback.format_exc().splitlines()[-12:])
+        finally:
+            record["seconds"] = round(time.monotonic() - started, 1)
+            self.state["stages"][name] = record
+            _release_memory()
+            self.save()
+            print(f"[study] {name}: {record['status']} in {record['seconds']:.0f} s", flush=True)
+
+    # --- recipes ---------------------------------------------------------------------------------
+
+    def config(self, arm: Arm, steps: int, extra: tuple[str, ...] = ()) -> Config:
+        corpus = self.corpus_dir
+        common = (
+            f"run.output_dir={_yaml(self.arm_dir(arm.name))}",
+            f"data.blend=[{_yaml(corpus / 'python')}]",
+            f"data.tokenizer={_yaml(corpus / 'tokenizer')}",
+            f"data.cache_dir={_yaml(self.work / 'data_cache')}",
+            f"train.steps={steps}",
+            f"train.warmup_steps={max(1, steps // 10)}",
+        )
+        return load_config(RECIPES / arm.recipe, [*arm.overrides, *common, *self.s.overrides, *extra])
+
+    # --- stages ----------------------------------------------------------------------------------
+
+    def build_corpus(self) -> dict:
+        from moba_train.data.corpus import build_corpus
+
+        manifest = build_corpus(
+            self.corpus_dir, vocab_size=self.s.vocab_size, max_bytes=int(self.s.corpus_mb * 2**20),
+            include_site_packages=self.s.corpus_site_packages, valid_fraction=self.s.valid_fraction,
+            tokenizer_bytes=int(self.s.tokenizer_mb * 2**20), workers=self.s.workers, progress=False,
+        )
+        manifest = manifest or json.loads((self.corpus_dir / "manifest.json").read_text())
+        self.state["corpus"] = manifest
+        return {}
+
+    def calibrate(self) -> dict:
+        """Seconds per step (median of steps 3..8) of the MoBA and the full recipe, and a training stage's
+        other seconds (start-up, data, checkpoints) from the full run: it goes second, so the one-time
+        costs (CUDA start-up, compiling the Triton kernels) are not counted as every stage's."""
+        measured = {}
+        for arm in (MOBA, FULL):
+            out = self.work / "calibrate" / arm.name
+            shutil.rmtree(out, ignore_errors=True)
+            cfg = self.config(arm, CALIBRATION_STEPS, (f"run.output_dir={_yaml(out)}",))
+            started = time.monotonic()
+            records = self.train(cfg)
+            wall = time.monotonic() - started
+            steps = [r["perf/step_time_s"] for r in records]
+            measured[arm.name] = {"step_s": statistics.median(steps[2:]), "overhead_s": wall - sum(steps),
+                                  "tokens_per_s": statistics.median(r["perf/tokens_per_s"] for r in records[2:])}
+            shutil.rmtree(out, ignore_errors=True)  # our own scratch run: a 2 GB checkpoint
+        self.state["calibration"] = measured
+        return {}
+
+    def make_plan(self) -> None:
+        cfg = self.config(FULL, MIN_STEPS)
+        tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
+        if self.s.tokens_per_arm is not None:
+            steps = max(2, self.s.tokens_per_arm // tokens_per_step // 2 * 2)
+        else:
+            cal = self.state["calibration"]
+            step_s = {name: cal[name]["step_s"] for name in ("full", "moba")}
+            steps = plan_steps(self.remaining(), step_s, cal["full"]["overhead_s"], self.eval_estimate(),
+                               cfg.model.num_layers, self.s.recall_fraction)
+        recall_steps = max(2, math.ceil(steps * self.s.recall_fraction))
+        moba = self.config(MOBA, MIN_STEPS)
+        device = resolve_device(moba)
+        backend = attention_backends(moba, device, compute_dtype(moba, device))["moba"]
+        self.state["plan"] = {
+            "steps": steps, "recall_steps": recall_steps, "tokens_per_step": tokens_per_step,
+            "tokens_per_arm": steps * tokens_per_step, "recall_tokens": recall_steps * tokens_per_step,
+            "seq_length": cfg.train.seq_length, "global_batch_size": cfg.train.global_batch_size,
+            "moba_backend": backend,
+        }
+        print(f"[study] plan: {json.dumps(self.state['plan'])}", flush=True)
+        if device.type == "cuda" and backend != "triton":
+            print(f"[study] warning: MoBA layers run on the {backend!r} backend, not the Triton kernels (does "
+                  "moba_train.kernels import? `pip install --no-deps --no-build-isolation -e .`): losses are "
+                  "comparable, MoBA's tokens/s are not", flush=True)
+
+    def eval_estimate(self) -> float:
+        """Seconds for one evaluation: the longest so far, else model loading (half a training stage's
+        overhead) plus the evaluation tokens' forward passes at a third of a training token's time."""
+        measured = [rec["seconds"] for name, rec in self.state["stages"].items()
+                    if name.endswith("_eval") and rec.get("status") == "done"]
+        if measured:
+            return max(measured)
+        cal = self.state["calibration"]
+        s = self.s
+        cfg = self.config(FULL, MIN_STEPS)
+        tokens = 2 * s.eval_windows * cfg.train.seq_length + sum(s.passkey_lengths) * len(s.passkey_depths) \
+            * s.passkey_samples
+        per_token = cal["full"]["step_s"] / (cfg.train.global_batch_size * cfg.train.seq_length) / 3
+        return cal["full"]["overhead_s"] / 2 + tokens * per_token
+
+    def train(self, cfg: Config) -> list[dict]:
+        """Train `cfg` in this process; its metrics.jsonl records. StudyInterrupted if it stopped early."""
+        from moba_train.checkpointing import checkpoint_dir, latest_checkpoint
+        from moba_train.metrics import read_jsonl
+        from moba_train.training import train
+
+        train(cfg)
+        latest = latest_checkpoint(checkpoint_dir(cfg))
+        if latest is None or int(latest.name.removeprefix("step_")) < cfg.train.steps:
+            raise StudyInterrupted(f"training of {cfg.run.output_dir} stopped before step {cfg.train.steps}")
+        return read_jsonl(Path(cfg.run.output_dir) / "metrics.jsonl")
+
+    def train_arm(self, arm: Arm) -> dict:
+        plan = self.state["plan"]
+        if arm in RECALL:
+            cfg = self.config(arm, plan["recall_steps"], (
+                f"checkpoint.init_from={_yaml(self.arm_dir(FULL.name) / 'checkpoints')}", "checkpoint.keep_last=1",
+                f"checkpoint.interval={plan['recall_steps']}"))
+        else:  # arm 1 keeps its checkpoint at S/2 for arm 4; the others save only at the end
+            interval, keep = (plan["steps"] // 2, 2) if arm is FULL else (plan["steps"], 1)
+            cfg = self.config(arm, plan["steps"], (f"checkpoint.interval={interval}", f"checkpoint.keep_last={keep}"))
+        if arm is CPT:
+            self.start_from_half_of_full(cfg)
+        records = self.train(cfg)
+        device = resolve_device(cfg)
+        steady = records[2:] or records
+        summary = {
+            "steps": cfg.train.steps, "tokens": cfg.train.steps * plan["tokens_per_step"],
+            "steps_this_run": len(records), "layer_kinds": cfg.layer_kinds(),
+            "attention_backends": attention_backends(cfg, device, compute_dtype(cfg, device)),
+            "tokens_per_s": sum(plan["tokens_per_step"] for _ in steady) / sum(r["perf/step_time_s"] for r in steady),
+            "final_train_loss": records[-1]["train/loss"],
+            "loss_curve": [[r["step"], round(r["train/loss"], 4)] for r in records],
+        }
+        self.state["arms"].setdefault(arm.name, {})["train"] = summary
+        return {}
+
+    def start_from_half_of_full(self, cfg: Config) -> None:
+        """Arm 4's checkpoint directory starts with arm 1's checkpoint at S/2 (hard links: read-only use)."""
+        from moba_train.checkpointing import checkpoint_dir, latest_checkpoint, step_path
+
+        target = checkpoint_dir(cfg)
+        if latest_checkpoint(target) is not None:
+            return  # resuming arm 4 itself
+        half = step_path(self.arm_dir(FULL.name) / "checkpoints", self.state["plan"]["steps"] // 2)
+        if not half.is_dir():
+            raise ConfigError(f"arm 1's checkpoint at half the steps ({half}) is missing; rerun arm 1 (delete its "
+                              "directory) to produce it")
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(half, step_path(target, self.state["plan"]["steps"] // 2), copy_function=os.link)
+
+    def evaluate_arm(self, arm: Arm, overrides: tuple[str, ...] = (), key: str = "eval") -> dict:
+        from moba_train.distributed import destroy_distributed
+        from moba_train.evaluation import evaluate, load_model
+
+        s = self.s
+        loaded = load_model(self.arm_dir(arm.name) / "checkpoints", overrides)
+        try:
+            cfg = loaded.config
+            recall = arm in RECALL
+            settings = EvalSettings(
+                seq_length=cfg.train.seq_length, windows=s.eval_windows, bucket_size=s.bucket_size,
+                trailing_tokens=s.bucket_size, passkey_lengths=() if recall else s.passkey_lengths,
+                passkey_depths=s.passkey_depths, passkey_samples=s.passkey_samples,
+                recall_documents=s.recall_documents if recall else 0, batch_size=s.eval_batch_size)
+            result = evaluate(loaded, settings, None if recall else self.corpus_dir / "python_valid",
+                              self.corpus_dir / "tokenizer")
+        finally:
+            del loaded
+            destroy_distributed()
+        self.state["arms"].setdefault(arm.name, {})[key] = result
+        return {}
+
+    # --- the whole study ---------------------------------------------------------------------------
+
+    def run(self) -> list[str]:
+        """Run what is left; the names of the stages that failed (their errors are in the state)."""
+        previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self._run()
+        except StudyInterrupted as stop:
+            print(f"[study] stopped: {stop}; rerun with the same --work-dir to continue", flush=True)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.save(plots=True)
+        return [name for name, rec in self.state["stages"].items() if rec["status"].startswith("failed")]
+
+    def _run(self) -> None:
+        wanted = [arm for arm in ARMS if arm.name in self.s.arms]
+        self.stage("corpus", 0.0, self.build_corpus)
+        if "plan" not in self.state:  # calibrated even when the tokens are given: stage estimates need it
+            self.stage("calibrate", 0.0, self.calibrate, needs=("corpus",))
+            if not self.done("calibrate"):
+                return
+            self.make_plan()
+            self.save()
+        plan, cal = self.state["plan"], self.state["calibration"]
+        for arm in wanted:
+            needs = ("corpus",) + ((FULL.name,) if arm is CPT or arm in RECALL else ())
+            estimate = self.train_estimate(arm, plan, cal)
+            self.stage(arm.name, estimate, lambda arm=arm: self.train_arm(arm), needs=needs)
+            self.stage(f"{arm.name}_eval", self.eval_estimate(), lambda arm=arm: self.evaluate_arm(arm),
+                       needs=(arm.name,))
+        if {FULL.name, MOBA.name} <= set(self.s.arms):
+            for arm, mode in ((FULL, "moba"), (MOBA, "full")):
+                self.stage(f"{arm.name}_eval_{mode}", self.eval_estimate(),
+                           lambda arm=arm, mode=mode: self.evaluate_arm(arm, (f"attention.mode={mode}",),
+                                                                        f"eval_{mode}"),
+                           needs=(arm.name,))
+
+    def train_estimate(self, arm: Arm, plan: dict, cal: dict) -> float:
+        step_s = {name: cal[name]["step_s"] for name in ("full", "moba")}
+        overhead = cal["full"]["overhead_s"]
+        num_layers = self.config(FULL, MIN_STEPS).model.num_layers
+        kind_s = {"full": step_s["full"], "moba": step_s["moba"],
+                  "hybrid": pretrain_step_seconds(step_s, num_layers, 2), "cpt": step_s["moba"]}
+        kind = arm.name.removeprefix("recall_")
+        steps = {"cpt": plan["steps"] // 2}.get(arm.name, plan["recall_steps"] if arm in RECALL else plan["steps"])
+        return overhead + steps * kind_s[kind]
+
+
+def _interrupt(signum, frame) -> None:
+    raise StudyInterrupted(f"signal {signal.Signals(signum).name}")
+
+
+def _release_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# Results: targets, tables, plots
+
+
+def _metric(state: dict, arm: str, *path, key: str = "eval"):
+    value = state["arms"].get(arm, {}).get(key)
+    for part in path:
+        if value is None:
+            return None
+        value = value[part] if isinstance(value, dict) else value
+    return value
+
+
+def targets(state: dict) -> dict:
+    """The issue's floors against the measured numbers (None where an arm is missing)."""
+    def loss(arm):
+        return _metric(state, arm, "validation", "loss")
+
+    def passkey_at_trained_length(arm):
+        grid = _metric(state, arm, "passkey")
+        return None if grid is None else grid["mean_by_length"][-1]
+
+    def recall(arm):
+        return _metric(state, arm, "recall", "fact_accuracy")
+
+    out = {}
+    for arm, limit in (("moba", 0.01), ("hybrid", 0.005), ("cpt", 0.01)):
+        if loss(arm) is not None and loss("full") is not None:
+            gap = loss(arm) / loss("full") - 1
+            out[f"{arm}_validation_loss_vs_full"] = {"relative_gap": gap, "limit": limit, "met": gap <= limit}
+    for arm in ("moba", "hybrid", "cpt"):
+        if passkey_at_trained_length(arm) is not None and passkey_at_trained_length("full") is not None:
+            gap = passkey_at_trained_length("full") - passkey_at_trained_length(arm)
+            out[f"{arm}_passkey_vs_full"] = {"points_below_full": 100 * gap, "limit": 5, "met": gap <= 0.05}
+    if recall("recall_full") is not None:
+        for arm, limit in (("recall_hybrid", 0.05), ("recall_moba", None)):
+            if recall(arm) is not None:
+                gap = recall("recall_full") - recall(arm)
+                out[f"{arm}_vs_full"] = {"points_below_full": 100 * gap,
+                                         "limit": None if limit is None else 100 * limit,
+                                         "met": None if limit is None else gap <= limit}
+    return out
+
+
+def _fmt(value, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def summary_markdown(state: dict) -> str:
+    """The result tables of docs/quality.md, from the study state."""
+    plan = state.get("plan", {})
+    lines = [f"# Quality study results (commit {state.get('commit')}, {state['machine'].get('gpu') or 'CPU'})", "",
+             f"Plan: {json.dumps(plan)}", "", "| arm | tokens | tokens/s | val loss | trailing loss (last 1K, "
+             "long docs) | passkey at trained length | passkey by depth (trained length) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for arm in PRETRAIN_ARMS:
+        train = state["arms"].get(arm.name, {}).get("train", {})
+        grid = _metric(state, arm.name, "passkey")
+        long = _metric(state, arm.name, "long_documents") or _metric(state, arm.name, "validation")
+        by_depth = " / ".join(f"{100 * a:.0f}" for a in grid["accuracy"][-1]) if grid else "-"
+        lines.append(f"| {arm.title} | {_fmt(train.get('tokens'))} | {_fmt(train.get('tokens_per_s'), 0)} | "
+                     f"{_fmt(_metric(state, arm.name, 'validation', 'loss'))} | "
+                     f"{_fmt(long and long['trailing_loss'])} | "
+                     f"{_fmt(grid and 100 * grid['mean_by_length'][-1], 1)} | {by_depth} |")
+    lines += ["", "| arm 5 | tokens | tokens/s | recall (facts) | recall (tokens) | answer loss |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for arm in RECALL:
+        train = state["arms"].get(arm.name, {}).get("train", {})
+        lines.append(f"| {arm.title} | {_fmt(train.get('tokens'))} | {_fmt(train.get('tokens_per_s'), 0)} | "
+                     f"{_fmt(_metric(state, arm.name, 'recall', 'fact_accuracy'))} | "
+                     f"{_fmt(_metric(state, arm.name, 'recall', 'token_accuracy'))} | "
+                     f"{_fmt(_metric(state, arm.name, 'recall', 'answer_loss'))} |")
+    lines += ["", "| target | value | limit | met |", "| --- | --- | --- | --- |"]
+    for name, t in state.get("targets", {}).items():
+        value = t.get("relative_gap", t.get("points_below_full"))
+        lines.append(f"| {name} | {_fmt(value)} | {_fmt(t['limit'])} | {_fmt(t['met'])} |")
+    lines += ["", "| stage | status | seconds |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {rec['status']} | {_fmt(rec.get('seconds'), 1)} |" for name, rec in state["stages"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(state: dict, out_dir: Path) -> None:
+    """loss_by_position.png, passkey.png and training_loss.png from the arms evaluated so far."""
+    positions = {arm.title: _metric(state, arm.name, "long_documents") or _metric(state, arm.name, "validation")
+                 for arm in PRETRAIN_ARMS}
+    positions = {k: v for k, v in positions.items() if v}
+    if positions:
+        plot_loss_by_position(positions, out_dir / "loss_by_position.png",
+                              "held-out documents of >= 8K tokens (packed windows where none)")
+    grids = {arm.title: _metric(state, arm.name, "passkey") for arm in PRETRAIN_ARMS}
+    grids = {k: v for k, v in grids.items() if v}
+    if grids:
+        plot_passkey(grids, out_dir / "passkey.png")
+    curves = {arm.title: state["arms"][arm.name]["train"]["loss_curve"] for arm in ARMS
+              if "train" in state["arms"].get(arm.name, {})}
+    if curves:
+        plot_training_loss(curves, out_dir / "training_loss.png")
+
+
+def plot_training_loss(curves: dict[str, list], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for label, curve in curves.items():
+        ax = axes[1] if label.startswith("5") else axes[0]
+        steps, losses = zip(*curve)
+        ax.plot(steps, losses, label=label, linewidth=1)
+    for ax, title in zip(axes, ("pretraining arms: train/loss", "arm 5: loss on the recalled values")):
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)

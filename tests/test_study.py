@@ -1,0 +1,195 @@
+"""The quality study driver: its recipes describe the issue's study, the plan fills the time budget and
+no more, and a tiny version of the whole study runs on CPU, resumes, and reports every arm."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moba_train.config import ConfigError, load_config
+from moba_train.metrics import read_jsonl
+from moba_train.model import matrix_params, padded_vocab_size
+from moba_train.study import (
+    MIN_STEPS,
+    RECIPES,
+    SAFETY,
+    Study,
+    StudySettings,
+    plan_steps,
+    pretrain_step_seconds,
+    targets,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("run_study_script", ROOT / "scripts/run_study.py")
+_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_script)
+run_study_main = _script.main
+
+
+def test_recipes_share_the_model_and_describe_the_issues_study():
+    pretrain, recall = (load_config(RECIPES / name) for name in ("pretrain.yaml", "recall.yaml"))
+    assert pretrain.model == recall.model and pretrain.attention == recall.attention
+    m = pretrain.model
+    parameters = matrix_params(pretrain) + padded_vocab_size(pretrain, 1) * m.hidden_size + m.hidden_size * (
+        2 * m.num_layers + 1)  # + the embedding and the RMSNorm weights
+    assert 100e6 <= parameters <= 200e6
+    assert pretrain.train.seq_length == recall.train.seq_length == 8192
+    assert (pretrain.attention.block_size, pretrain.attention.topk) == (512, 3)
+    syn = recall.data.synthetic
+    assert syn.loss == "answers" and 0.008 <= syn.num_facts * syn.value_tokens / recall.train.seq_length <= 0.012
+
+
+def total_seconds(steps: int, step_s: dict, overhead: float, evaluation: float, fraction: float,
+                  num_layers: int = 12) -> float:
+    """The study's time for `steps` per arm, summed arm by arm (the plan's model, written out)."""
+    full, moba, hybrid = step_s["full"], step_s["moba"], pretrain_step_seconds(step_s, num_layers, 2)
+    arms = [full * steps, moba * steps, hybrid * steps, moba * steps / 2] + [
+        s * steps * fraction for s in (full, moba, hybrid)]
+    return sum(arms) + 7 * (overhead + evaluation)
+
+
+@pytest.mark.parametrize("step_s", [{"full": 0.4, "moba": 0.3}, {"full": 0.25, "moba": 0.5}])
+def test_plan_takes_the_most_steps_that_fit_the_budget(step_s):
+    steps = plan_steps(600, step_s, overhead_s=12, eval_s=8, num_layers=12, recall_fraction=0.25)
+    assert steps % 2 == 0 and steps >= MIN_STEPS
+    assert total_seconds(steps, step_s, 12, 8, 0.25) <= SAFETY * 600 < total_seconds(steps + 2, step_s, 12, 8, 0.25)
+
+
+def test_plan_refuses_a_budget_too_small_for_the_study():
+    with pytest.raises(ConfigError, match="too little for 10 steps per arm.*raise --budget-minutes"):
+        plan_steps(100, {"full": 1.0, "moba": 1.0}, overhead_s=10, eval_s=5, num_layers=12, recall_fraction=0.25)
+
+
+def test_targets_compare_each_arm_with_full_attention():
+    def arm(loss=None, passkey=None, recall=None):
+        evaluation = {}
+        if loss is not None:
+            evaluation["validation"] = {"loss": loss}
+        if passkey is not None:
+            evaluation["passkey"] = {"mean_by_length": [1.0, passkey]}
+        if recall is not None:
+            evaluation["recall"] = {"fact_accuracy": recall}
+        return {"eval": evaluation}
+
+    state = {"arms": {"full": arm(2.0, 0.9), "moba": arm(2.03, 0.84), "hybrid": arm(2.009, 0.9),
+                      "recall_full": arm(recall=0.95), "recall_hybrid": arm(recall=0.93),
+                      "recall_moba": arm(recall=0.2)}}
+    got = targets(state)
+    assert got["moba_validation_loss_vs_full"]["relative_gap"] == pytest.approx(0.015)
+    assert got["moba_validation_loss_vs_full"]["met"] is False
+    assert got["hybrid_validation_loss_vs_full"]["met"] is True
+    passkey, recall_moba = got["moba_passkey_vs_full"], got["recall_moba_vs_full"]
+    assert passkey["points_below_full"] == pytest.approx(6) and passkey["met"] is False
+    assert got["recall_hybrid_vs_full"]["met"] is True
+    assert recall_moba["points_below_full"] == pytest.approx(75) and recall_moba["met"] is None  # reported only
+    assert "cpt_validation_loss_vs_full" not in got  # arm 4 missing: no verdict
+
+
+TINY = [
+    "--tokens-per-arm", "1024", "--corpus-source", "stdlib", "--corpus-mb", "0.6", "--vocab-size", "300",
+    "--valid-fraction", "0.25", "--tokenizer-mb", "0.6", "--workers", "1", "--eval-windows", "3", "--bucket", "32",
+    "--passkey-lengths", "96,128", "--passkey-depths", "0,1", "--passkey-samples", "2", "--recall-documents", "2",
+    "--eval-batch-size", "2",
+    "model.num_layers=3", "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_attention_heads=2",
+    "model.num_query_groups=1", "model.vocab_size=384", "model.max_position_embeddings=256", "train.seq_length=128",
+    "train.micro_batch_size=2", "train.global_batch_size=2", "attention.block_size=32", "attention.topk=2",
+    "data.synthetic.num_facts=3", "train.log_interval=10",
+]
+
+
+def run_study_script(work: Path, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/run_study.py"), "--work-dir", str(work / "work"),
+         "--results-dir", str(work / "results"), *args, *TINY],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "GIT_COMMIT": "test"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """The whole study at a tiny scale, run as two invocations: arms 1-2 (in this process: one start-up
+    less), then the script, which must resume. Returns the directory and both outputs."""
+    root = tmp_path_factory.mktemp("study")
+    capture = pytest.MonkeyPatch()
+    capture.setenv("GIT_COMMIT", "test")
+    try:
+        first_code = run_study_main(["--work-dir", str(root / "work"), "--results-dir", str(root / "results"),
+                                     "--arms", "full,moba", *TINY])
+    finally:
+        capture.undo()
+    second = run_study_script(root)
+    return root, first_code, second.stdout
+
+
+def test_a_tiny_study_runs_every_arm_on_cpu_resumes_and_reports(tiny_study):
+    root, first_code, second = tiny_study
+    assert first_code is None  # no stage failed
+    assert "[study] full: done earlier" in second and "[study] moba_eval: done earlier" in second
+    assert "[study] hybrid: starting" in second
+
+    state = json.loads((root / "results/study.json").read_text())
+    assert state["commit"] == "test"
+    assert all(rec["status"] == "done" for rec in state["stages"].values()), state["stages"]
+    plan = state["plan"]
+    assert plan["steps"] == 4 and plan["tokens_per_arm"] == 4 * 2 * 128 == 1024
+    arms = state["arms"]
+    for name in ("full", "moba", "hybrid", "cpt"):
+        assert arms[name]["train"]["tokens"] == 1024  # equal tokens for every pretraining arm
+        assert arms[name]["eval"]["validation"]["windows"] == 3
+        assert len(arms[name]["eval"]["passkey"]["accuracy"]) == 2
+    assert arms["full"]["train"]["layer_kinds"] == ["full"] * 3
+    assert arms["moba"]["train"]["layer_kinds"] == ["moba"] * 3
+    assert arms["hybrid"]["train"]["layer_kinds"] == ["moba", "full", "full"]
+
+    # Arm 4 resumed arm 1's checkpoint at half the steps: it trained steps 3-4 only, with MoBA.
+    cpt_steps = [r["step"] for r in read_jsonl(root / "work/arms/cpt/metrics.jsonl")]
+    assert cpt_steps == [3, 4] and arms["cpt"]["train"]["layer_kinds"] == ["moba"] * 3
+    assert (root / "work/arms/full/checkpoints/step_00000002").is_dir()
+    # Arm 5 started from arm 1's final weights, once per attention plan, and was scored on recall.
+    init_line = f"initialised model weights from {root / 'work/arms/full/checkpoints/step_00000004'}"
+    assert second.count(init_line) == 3
+    for name in ("recall_full", "recall_moba", "recall_hybrid"):
+        assert arms[name]["train"]["steps"] == plan["recall_steps"] == 2  # at least 2 (a quarter of 4 is 1)
+        assert arms[name]["eval"]["recall"]["facts"] == 2 * 3
+    assert arms["full"]["eval_moba"]["attention"]["mode"] == "moba"
+    assert arms["moba"]["eval_full"]["attention"]["mode"] == "full"
+    assert {"moba_validation_loss_vs_full", "cpt_passkey_vs_full", "recall_moba_vs_full"} <= set(state["targets"])
+    assert state["corpus"]["splits"]["valid"]["documents"] > 0
+
+    results = sorted(p.name for p in (root / "results").iterdir())
+    assert results == ["loss_by_position.png", "passkey.png", "study.json", "study.md", "training_loss.png"]
+    assert "| 2 MoBA | 1024 |" in (root / "results/study.md").read_text()
+
+
+def test_calibration_times_both_recipes_and_the_plan_fits_the_budget(tiny_study, tmp_path):
+    root = tiny_study[0]
+    shutil.copytree(root / "work/corpus", tmp_path / "corpus")
+    overrides = tuple(arg for arg in TINY if "=" in arg)
+    settings = StudySettings(work_dir=tmp_path, results_dir=tmp_path / "results", budget_s=600, overrides=overrides)
+    study = Study(settings)
+    study.calibrate()
+    calibration = study.state["calibration"]
+    for name in ("full", "moba"):
+        assert calibration[name]["step_s"] > 0 and calibration[name]["overhead_s"] > 0
+    assert not any((tmp_path / "calibrate").iterdir())  # the scratch runs are gone
+    study.make_plan()
+    steps, step_s = study.state["plan"]["steps"], {k: calibration[k]["step_s"] for k in ("full", "moba")}
+    overhead = calibration["full"]["overhead_s"]
+    assert steps % 2 == 0 and steps >= MIN_STEPS
+    assert total_seconds(steps, step_s, overhead, study.eval_estimate(), 0.25, num_layers=3) <= SAFETY * 600
+
+
+def test_an_unknown_arm_is_one_clear_error():
+    with pytest.raises(ConfigError, match=r"^--arms names unknown arm\(s\) sparse; choose from full, moba, hybrid"):
+        run_study_main(["--arms", "full,sparse"])
