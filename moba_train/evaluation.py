@@ -7,7 +7,8 @@
     grid = passkey_accuracy(loaded, task.sample, lengths=[2048, 8192], depths=[0, 0.5, 1], samples=20)
 
 Models. `load_model` builds our Megatron-Core Llama (so every attention plan, the hybrid included, runs
-through the code that trained it) from a moba-train checkpoint (its recorded recipe) or from a Hugging
+through the code that trained it) in one process from a moba-train checkpoint (its recorded recipe,
+any tensor-parallel size: the weights are resharded on loading) or from a Hugging
 Face Llama directory (its config.json), applies `section.key=value` overrides (`attention.mode=full`
 evaluates a MoBA-trained model with full attention, `attention.mode=moba` the reverse), and loads the
 weights. Overrides may change how the model attends (attention.*), the device, the RoPE settings; not
@@ -55,6 +56,8 @@ WEIGHT_SHAPE_FIELDS = (
     "vocab_size", "make_vocab_size_divisible_by", "tie_embeddings",
 )
 """Model fields that decide the shapes of the weights: flags cannot change them."""
+ONE_PROCESS = ("parallel.tensor=1", "parallel.context=1", "parallel.sequence_parallel=false")
+"""Evaluation runs in one process; dist_checkpointing reshards a tensor-parallel checkpoint on loading."""
 
 
 @dataclass
@@ -117,7 +120,7 @@ def load_model(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Loaded
     checkpoint = path if is_complete(path) else latest_checkpoint(path)
     if checkpoint is not None:
         trained = load_config(checkpoint / "config.yaml")
-        cfg = load_config(checkpoint / "config.yaml", list(overrides))
+        cfg = load_config(checkpoint / "config.yaml", [*ONE_PROCESS, *overrides])
         source = checkpoint
     elif (path / "config.json").is_file():
         base = _hf_recipe_overrides(path)

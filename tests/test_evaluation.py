@@ -7,6 +7,7 @@ one clear error."""
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from moba_train import convert, distributed
 from moba_train.checkpointing import save_model_checkpoint
-from moba_train.config import Config, ConfigError
+from moba_train.config import Config, ConfigError, load_config
 from moba_train.data.corpus import train_tokenizer
 from moba_train.data.preprocess import load_tokenizer
 from moba_train.data.synthetic import EOD, FACT, QUERY, SyntheticRecallDataset
@@ -36,9 +37,12 @@ from moba_train.model import build_model
 VOCAB = 250
 
 
+SINGLE_PROCESS = Config.model_validate({"run": {"device": "cpu"}, "attention": {"mode": "full"}})
+
+
 @pytest.fixture(scope="module", autouse=True)
 def single_process():
-    distributed.init_distributed(Config.model_validate({"run": {"device": "cpu"}, "attention": {"mode": "full"}}))
+    distributed.init_distributed(SINGLE_PROCESS)
     yield
     distributed.destroy_distributed()
 
@@ -253,6 +257,23 @@ def test_the_attention_flag_changes_how_a_checkpoint_attends(checkpoint):
     torch.testing.assert_close(trained, moba, rtol=0, atol=0)  # as trained: MoBA
     assert (full - moba)[0, 32:].abs().max() > 1e-3  # past two blocks, top-2 MoBA sees less than full
     torch.testing.assert_close(full[0, :32], moba[0, :32], rtol=0, atol=1e-5)  # within two blocks they agree
+
+
+def test_a_checkpoint_of_a_tensor_parallel_run_loads_in_a_process_of_its_own(checkpoint, tmp_path):
+    # The recipe of a run with tensor parallel 2: evaluation starts a one-process set-up of its own,
+    # builds the model unsplit, and the weights reshard.
+    shutil.copytree(checkpoint, tmp_path / "step_00000001")
+    recipe = tmp_path / "step_00000001/config.yaml"
+    recipe.write_text(recipe.read_text().replace("tensor: 1", "tensor: 2"))
+    assert load_config(recipe).parallel.tensor == 2
+    tokens = torch.from_numpy(random_windows(1, 64, seed=3))
+    expected = logits(load_model(checkpoint), tokens)
+    distributed.destroy_distributed()  # the module's set-up: load_model must make its own
+    try:
+        torch.testing.assert_close(logits(load_model(tmp_path / "step_00000001"), tokens), expected, rtol=0, atol=0)
+    finally:
+        distributed.destroy_distributed()
+        distributed.init_distributed(SINGLE_PROCESS)
 
 
 def test_a_path_without_a_model_is_one_clear_error(tmp_path):
