@@ -387,8 +387,8 @@ class Study:
         from moba_train.evaluation import evaluate, load_model
 
         s = self.s
-        loaded = load_model(self.arm_dir(arm.name) / "checkpoints", overrides)
         try:
+            loaded = load_model(self.arm_dir(arm.name) / "checkpoints", overrides)
             cfg = loaded.config
             recall = arm in RECALL
             settings = EvalSettings(
@@ -398,8 +398,7 @@ class Study:
                 recall_documents=s.recall_documents if recall else 0, batch_size=s.eval_batch_size)
             result = evaluate(loaded, settings, None if recall else self.corpus_dir / "python_valid",
                               self.corpus_dir / "tokenizer")
-        finally:
-            del loaded
+        finally:  # the next training starts its own set-up
             destroy_distributed()
         self.state["arms"].setdefault(arm.name, {})[key] = result
         return {}
