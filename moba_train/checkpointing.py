@@ -91,6 +91,16 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def remove_unfinished_saves(root: Path) -> list[Path]:
+    """Delete the `.tmp_step_*` directories under `root`: saves that a stopped run never published (they
+    are never a checkpoint). Only while holding the run directory's lock (no live run is writing them)."""
+    root = Path(root)
+    doomed = sorted(root.glob(".tmp_step_*")) if root.is_dir() else []
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A complete checkpoint directory, or the newest one under a checkpoint root; ConfigError if neither."""
     path = Path(path)

@@ -2,16 +2,27 @@
 
 A user error (ConfigError: bad recipe, override, launch size) prints one line on stderr and exits
 with code 2; an aborted run (TrainingAborted) prints one line and exits with code 1. No tracebacks
-for either.
+for either. Under torchrun an error that every process raises alike (SharedConfigError, TrainingAborted)
+is printed by the first process of each node only, not once per rank.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, Sequence
 
 from moba_train.config import Config, ConfigError, load_config
+
+
+class SharedConfigError(ConfigError):
+    """A ConfigError that every process of a launch raises with the same message: it follows from the
+    recipe, the launch and the files every process sees (or rank 0 decided it and told the others)."""
+
+
+def _first_on_its_node() -> bool:
+    return os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def parse_recipe(argv: Sequence[str] | None, description: str) -> Config:
@@ -20,7 +31,10 @@ def parse_recipe(argv: Sequence[str] | None, description: str) -> Config:
     parser.add_argument("--config", required=True, help="recipe YAML, e.g. configs/tiny_moba.yaml")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.lr=1e-5 attention.topk=8")
     args = parser.parse_args(argv)
-    return load_config(args.config, args.overrides)
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as err:
+        raise SharedConfigError(str(err)) from None
 
 
 def run_entry(main: Callable[[], None]) -> None:
@@ -28,12 +42,14 @@ def run_entry(main: Callable[[], None]) -> None:
     try:
         main()
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        if not isinstance(err, SharedConfigError) or _first_on_its_node():
+            print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     except Exception as err:
         from moba_train.training import TrainingAborted
 
         if not isinstance(err, TrainingAborted):
             raise
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        if _first_on_its_node():  # every rank aborts alike: the loss is reduced, a failed save fails everywhere
+            print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(1)

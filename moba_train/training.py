@@ -36,6 +36,7 @@ from moba_train.flops import training_step_flops
 from moba_train.metrics import MetricLogger, attention_backends, perf_metrics
 from moba_train.model import build_model, compute_dtype, forward_step, matrix_params, token_losses
 from moba_train.optimizer import build_optimizer, build_scheduler, optimizer_step
+from moba_train.run_lock import hold_run_directory
 from moba_train.signals import StopSignal
 
 
@@ -138,7 +139,8 @@ def train(cfg: Config) -> None:
     with StopSignal() as stop:  # from the start: a signal during set-up stops after the first step
         env = init_distributed(cfg)
         try:
-            _train(cfg, env, stop)
+            with hold_run_directory(cfg.run.output_dir, env.is_main):
+                _train(cfg, env, stop)
         finally:
             destroy_distributed()
 
@@ -154,6 +156,9 @@ def _train(cfg: Config, env: DistEnv, stop: StopSignal) -> None:
 
     # Build: the fp32 model, its initial weights, then bf16/DDP wrapping, optimizer and schedule.
     ckpt_root = checkpointing.checkpoint_dir(cfg)
+    if env.is_main:
+        for unfinished in checkpointing.remove_unfinished_saves(ckpt_root):
+            print(f"removed {unfinished}: a save that a stopped run never finished", flush=True)
     resume_from = checkpointing.latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
     model = build_model(cfg)
     if resume_from is None and cfg.model.init_from_hf:
