@@ -5,10 +5,12 @@
 Stages, in this order; each one's results are saved before the next starts, and a rerun with the same
 --work-dir skips the stages already done (an interrupted training resumes from its checkpoint):
 
+    calibrate      8 steps of the MoBA and the full recipe (on the synthetic task: no corpus needed):
+                   seconds per step and per-stage overhead; first, so that a machine that cannot train
+                   fails within a minute
     corpus         moba_train.data.corpus over every installed package: 32K BPE, packages held out
-    calibrate      8 steps of the MoBA and the full recipe: seconds per step and per-stage overhead, from
-                   which the steps of every arm are sized to the budget (once; kept in the plan), unless
-                   --tokens-per-arm fixes them; either way they decide which stages still fit
+    (plan)         the steps of every arm, sized to the time left (once; kept in the state) unless
+                   --tokens-per-arm fixes them; the calibration decides which stages still fit
     full           arm 1, full attention, S steps (its checkpoint at S/2 is kept for arm 4)
     moba           arm 2, MoBA (block 512, top-3), S steps
     hybrid         arm 3, MoBA with the last 2 layers full, S steps
@@ -274,12 +276,13 @@ class Study:
     def calibrate(self) -> dict:
         """Seconds per step (median of steps 3..8) of the MoBA and the full recipe, and a training stage's
         other seconds (start-up, data, checkpoints) from the full run: it goes second, so the one-time
-        costs (CUDA start-up, compiling the Triton kernels) are not counted as every stage's."""
+        costs (CUDA start-up, compiling the Triton kernels) are not counted as every stage's. On the
+        synthetic task (no corpus needed yet): the same model, sequences and attention cost per step."""
         measured = {}
         for arm in (MOBA, FULL):
             out = self.work / "calibrate" / arm.name
             shutil.rmtree(out, ignore_errors=True)
-            cfg = self.config(arm, CALIBRATION_STEPS, (f"run.output_dir={_yaml(out)}",))
+            cfg = self.config(arm, CALIBRATION_STEPS, (f"run.output_dir={_yaml(out)}", "data.kind=synthetic"))
             started = time.monotonic()
             records = self.train(cfg)
             wall = time.monotonic() - started
@@ -420,11 +423,13 @@ class Study:
 
     def _run(self) -> None:
         wanted = [arm for arm in ARMS if arm.name in self.s.arms]
+        # Calibration first: it needs no corpus, and two trainings in this process fail fast if anything
+        # about this machine does. It runs even when the tokens are given: stage estimates need it.
+        self.stage("calibrate", 0.0, self.calibrate)
         self.stage("corpus", 0.0, self.build_corpus)
-        if "plan" not in self.state:  # calibrated even when the tokens are given: stage estimates need it
-            self.stage("calibrate", 0.0, self.calibrate, needs=("corpus",))
-            if not self.done("calibrate"):
-                return
+        if not (self.done("calibrate") and self.done("corpus")):
+            return
+        if "plan" not in self.state:
             self.make_plan()
             self.save()
         plan, cal = self.state["plan"], self.state["calibration"]

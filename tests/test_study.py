@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -172,9 +171,7 @@ def test_a_tiny_study_runs_every_arm_on_cpu_resumes_and_reports(tiny_study):
     assert "| 2 MoBA | 1024 |" in (root / "results/study.md").read_text()
 
 
-def test_calibration_times_both_recipes_and_the_plan_fits_the_budget(tiny_study, tmp_path):
-    root = tiny_study[0]
-    shutil.copytree(root / "work/corpus", tmp_path / "corpus")
+def test_calibration_times_both_recipes_and_the_plan_fits_the_budget(tmp_path):
     overrides = tuple(arg for arg in TINY if "=" in arg)
     settings = StudySettings(work_dir=tmp_path, results_dir=tmp_path / "results", budget_s=600, overrides=overrides)
     study = Study(settings)
