@@ -229,11 +229,11 @@ class Study:
             return
         print(f"[study] {name}: starting (about {estimate_s:.0f} s, {self.remaining():.0f} s left)", flush=True)
         started = time.monotonic()
+        record["status"] = "interrupted: rerun with the same --work-dir to continue"  # until it ends
         try:
             result = work()
             record.update(status="done", **(result or {}))
         except StudyInterrupted:
-            record["status"] = "interrupted: rerun with the same --work-dir to continue"
             raise
         except Exception as exc:  # a failed arm must not lose the others' results
             record.update(status=f"failed: {type(exc).__name__}: {exc}",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from moba_train.study import (
     RECIPES,
     SAFETY,
     Study,
+    StudyInterrupted,
     StudySettings,
     plan_steps,
     pretrain_step_seconds,
@@ -90,6 +92,30 @@ def test_targets_compare_each_arm_with_full_attention():
     assert got["recall_hybrid_vs_full"]["met"] is True
     assert recall_moba["points_below_full"] == pytest.approx(75) and recall_moba["met"] is None  # reported only
     assert "cpt_validation_loss_vs_full" not in got  # arm 4 missing: no verdict
+
+
+def test_stages_record_failures_interruptions_and_what_could_not_run(tmp_path):
+    study = Study(StudySettings(work_dir=tmp_path / "work", results_dir=tmp_path / "results", budget_s=60))
+
+    def broken():
+        raise ValueError("no such tokenizer")
+
+    def interrupted():
+        raise StudyInterrupted("signal SIGTERM")
+
+    study.stage("corpus", 0.0, broken)
+    study.stage("full", 0.0, lambda: None, needs=("corpus",))
+    study.stage("moba", 3600.0, lambda: None)
+    with pytest.raises(StudyInterrupted):
+        study.stage("hybrid", 0.0, interrupted)
+    stages = json.loads((tmp_path / "results/study.json").read_text())["stages"]
+    assert stages["corpus"]["status"] == "failed: ValueError: no such tokenizer"
+    assert stages["full"]["status"] == "not run: needs corpus"
+    assert re.fullmatch(r"not run: needs about 3600 s, (59|60) s left; rerun with the same --work-dir to continue",
+                        stages["moba"]["status"])
+    assert stages["hybrid"]["status"] == "interrupted: rerun with the same --work-dir to continue"
+    assert json.loads((tmp_path / "work/study.json").read_text())["stages"] == stages
+    assert "| corpus | failed: ValueError: no such tokenizer |" in (tmp_path / "results/study.md").read_text()
 
 
 TINY = [
