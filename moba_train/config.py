@@ -126,7 +126,10 @@ class ParallelConfig(_Section):
     pipeline: int = Field(1, ge=1)
     """Pipeline-parallel size (only 1 is supported for now)."""
     context: int = Field(1, ge=1)
-    """Context-parallel size (splits the sequence)."""
+    """Context-parallel size: each sequence is cut into 2 x context chunks, rank r keeps chunks r and 2cp - 1 - r."""
+    context_comm: Literal["all_gather", "a2a"] = "all_gather"
+    """Attention under context parallelism: all_gather K/V (any KV heads) or a2a (head-parallel; needs the KV
+    heads per tensor rank divisible by context). docs/context_parallel.md compares them."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism for norms/dropout (needs tensor > 1)."""
     distributed_optimizer: Optional[bool] = None
@@ -313,6 +316,18 @@ class Config(_Section):
             raise ValueError(f"train.min_lr ({train.min_lr}) exceeds train.lr ({train.lr})")
         if self.parallel.pipeline != 1:
             raise ValueError("parallel.pipeline > 1 is not supported yet; set parallel.pipeline=1")
+        cp = self.parallel.context
+        if cp > 1 and train.seq_length % (2 * cp):
+            raise ValueError(
+                f"train.seq_length ({train.seq_length}) must be a multiple of 2 x parallel.context ({2 * cp}): "
+                f"context parallelism cuts every sequence into {2 * cp} equal chunks; change either"
+            )
+        kv_per_rank = model.num_query_groups // self.parallel.tensor
+        if cp > 1 and self.parallel.context_comm == "a2a" and kv_per_rank % cp:
+            raise ValueError(
+                f"parallel.context_comm=a2a splits the KV heads of each tensor-parallel rank ({kv_per_rank}) over "
+                f"parallel.context ({cp}), which must divide them; use parallel.context_comm=all_gather"
+            )
         if model.num_attention_heads % self.parallel.tensor or model.num_query_groups % self.parallel.tensor:
             raise ValueError(
                 f"parallel.tensor ({self.parallel.tensor}) must divide model.num_attention_heads "

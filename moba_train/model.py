@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -31,6 +32,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from moba_train import context_parallel
 from moba_train.config import Config, ConfigError
 from moba_train.core_attention import FullCoreAttention, MoBACoreAttention
 from moba_train.distributed import resolve_device
@@ -52,8 +54,6 @@ def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
 def transformer_config(cfg: Config) -> TransformerConfig:
     """Megatron-Core TransformerConfig for the Llama architecture in `cfg` (uses the parallel state)."""
     m, par = cfg.model, cfg.parallel
-    if par.context > 1:
-        raise ConfigError("parallel.context > 1 is not supported yet; set parallel.context=1")
     if par.sequence_parallel and m.transformer_impl == "local":
         raise ConfigError(
             "parallel.sequence_parallel needs model.transformer_impl=te (the local RMSNorm does not support it); "
@@ -84,6 +84,7 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         tensor_model_parallel_size=par.tensor,
         pipeline_model_parallel_size=par.pipeline,
         context_parallel_size=par.context,
+        cp_comm_type=par.context_comm,
         sequence_parallel=par.sequence_parallel,
         bf16=bf16,
         params_dtype=torch.float32,
@@ -183,19 +184,20 @@ def build_model(cfg: Config) -> GPTModel:
     return model
 
 
-def packed_seq_params(batch: dict) -> Optional[PackedSeqParams]:
+def packed_seq_params(batch: dict, context_parallel_size: int = 1) -> Optional[PackedSeqParams]:
     """PackedSeqParams (thd) for a batch whose cu_seqlens split samples into documents, else None.
 
-    None when cu_seqlens is `0, s, 2s, ..., b*s` (every sample one sequence). Otherwise the
-    per-document boundaries over the flattened b*s tokens; `forward_step` then runs the micro-batch
-    as one row (Megatron's thd path needs batch 1), see the module docstring.
+    None when cu_seqlens is `0, s, 2s, ..., b*s` (every sample one sequence) and there is no context
+    parallelism. Otherwise the boundaries over the flattened tokens, kept on the host (the core
+    attention and Megatron's thd RoPE read them there, so no layer waits for the GPU); `forward_step`
+    then runs the micro-batch as one row (Megatron's thd path needs batch 1), see the module docstring.
+    Under context parallelism the batch is a shard (`context_parallel.shard_batch`) and the boundaries
+    are the whole padded sequences', which Megatron's thd RoPE splits by CP rank as the shard does.
     """
     b, s = batch["tokens"].shape
-    cu_seqlens = batch["cu_seqlens"]
-    one_per_sample = torch.arange(0, (b + 1) * s, s, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
-    if cu_seqlens.shape == one_per_sample.shape and torch.equal(cu_seqlens, one_per_sample):
+    cu_seqlens = batch["cu_seqlens"].to("cpu", torch.int32)
+    if context_parallel_size == 1 and cu_seqlens.tolist() == list(range(0, (b + 1) * s, s)):
         return None
-    cu_seqlens = cu_seqlens.to(dtype=torch.int32)
     max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     return PackedSeqParams(
         qkv_format="thd",
@@ -206,16 +208,25 @@ def packed_seq_params(batch: dict) -> Optional[PackedSeqParams]:
     )
 
 
+def local_batch(batch: dict) -> dict:
+    """The part of a micro-batch this process computes: all of it, or under context parallelism its shard
+    (`context_parallel.shard_batch`: the one place a batch is split over the CP group)."""
+    cp = parallel_state.get_context_parallel_world_size()
+    if cp == 1:
+        return batch
+    return context_parallel.shard_batch(batch, cp, parallel_state.get_context_parallel_rank())
+
+
 def token_losses(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Per-token cross-entropy `[b, s]` (fp32) of one micro-batch, before loss_mask.
 
-    Moves the batch to the model's device. Packed batches run as one row of b*s tokens (thd).
+    Moves the batch to the model's device. Packed batches run as one row of b*s tokens (thd). Under
+    context parallelism pass `local_batch(batch)`: the losses are then those of this rank's shard.
     """
     device = next(model.parameters()).device
-    batch = {key: value.to(device) for key, value in batch.items()}
-    tokens, labels, position_ids = batch["tokens"], batch["labels"], batch["position_ids"]
+    params = packed_seq_params(batch, parallel_state.get_context_parallel_world_size())
+    tokens, labels, position_ids = (batch[key].to(device) for key in ("tokens", "labels", "position_ids"))
     b, s = tokens.shape
-    params = packed_seq_params(batch)
     if params is not None:
         tokens, labels, position_ids = (x.reshape(1, b * s) for x in (tokens, labels, position_ids))
     loss = model(tokens, position_ids, attention_mask=None, labels=labels, packed_seq_params=params)
@@ -225,9 +236,10 @@ def token_losses(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 def forward_step(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """One micro-batch forward: (sum of loss_mask-weighted token losses, number of counted tokens).
 
-    Both are fp32 scalars on the model's device; the trainer divides the sums over micro-batches
-    and data-parallel ranks.
+    Both are fp32 scalars on the model's device, over this process's part of the batch (`local_batch`);
+    the trainer sums them over micro-batches and data- and context-parallel ranks.
     """
+    batch = local_batch(batch)
     losses = token_losses(model, batch)
     loss_mask = batch["loss_mask"].to(losses.device, torch.float32)
     return (losses * loss_mask).sum(), loss_mask.sum()
