@@ -26,6 +26,7 @@ setup(
         "wandb",
         "tensorboard",
         "matplotlib",
+        "xxhash",
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "ruff"],

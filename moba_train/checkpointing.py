@@ -4,13 +4,17 @@ Layout of `checkpoint.dir`:
 
     step_00000100/          a complete checkpoint (the only kind discovery returns)
         COMPLETE            completion marker, written last, just before publishing
+        checksums.json      size and checksum of every other file (moba_train.checksums)
         config.yaml         the resolved recipe of the run that wrote it
         ...                 dist_checkpointing files (model, optimizer, scheduler, RNG, trainer state)
-    .tmp_step_00000200/     a save in progress (or one a crash interrupted): never read
+    .tmp_step_00000200/     a save in progress (or one a stopped run left: removed at the next start)
 
-A save writes everything into the temporary directory, writes COMPLETE, renames the directory into
-place (an atomic rename on POSIX file systems) and only then prunes old checkpoints, so a crash at
-any point leaves the newest complete checkpoint untouched.
+A save writes everything into the temporary directory, checksums it, writes COMPLETE, renames the
+directory into place (an atomic rename on POSIX file systems) and only then prunes old checkpoints,
+so a crash at any point leaves the newest complete checkpoint untouched. Pruning keeps the newest
+`checkpoint.keep_last` checkpoints at or below the current step: the one just written is always kept,
+and newer ones (left by a run that was resumed from an earlier step, e.g. past a damaged checkpoint)
+are never deleted.
 
 What a training checkpoint holds: the model's and optimizer's sharded state dicts (resharding across
 tensor/data-parallel sizes is Megatron's), the LR scheduler, every RNG state (python, numpy, torch,
@@ -31,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies.torch import (
@@ -42,7 +47,9 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint import save as dcp_save
 
-from moba_train.config import Config, ConfigError, load_config
+from moba_train import checksums
+from moba_train.cli import SharedConfigError
+from moba_train.config import Config, ConfigError
 
 COMPLETE = "COMPLETE"
 _OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -82,7 +89,11 @@ def complete_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and is_complete(p)]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    return sorted(found, key=_step_of)
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(_STEP_DIR.match(checkpoint.name).group(1))
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -186,9 +197,11 @@ def _publish(state_dict: dict, target: Path, cfg: Config) -> None:
         tmp.mkdir(parents=True)
     _barrier()
     dist_checkpointing.save(state_dict, str(tmp), sharded_strategy=InProcessSaveStrategy())
-    _barrier()
     if dist.get_rank() == 0:
         (tmp / "config.yaml").write_text(cfg.to_yaml())
+    _barrier()
+    checksums.write_manifest(tmp)
+    if dist.get_rank() == 0:
         with open(tmp / COMPLETE, "w") as marker:
             marker.write("complete\n")
             marker.flush()
@@ -202,19 +215,33 @@ def _publish(state_dict: dict, target: Path, cfg: Config) -> None:
     _barrier()
 
 
-def prune(root: Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` complete checkpoints (rank 0's job); returns the deleted."""
-    doomed = complete_checkpoints(root)[:-keep_last]
+def prune(root: Path, keep_last: int, step: int) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints at or below `step`, the step just saved
+    (rank 0's job); returns the deleted."""
+    doomed = [p for p in complete_checkpoints(root) if _step_of(p) <= step][:-keep_last]
     for path in doomed:
         shutil.rmtree(path)
     return doomed
 
 
+def optimizer_layout(distributed: bool, bf16: bool) -> dict:
+    """How the optimizer's state is laid out in a checkpoint: a distributed optimizer's state is sharded
+    over data-parallel ranks, a bf16 run's holds fp32 main parameters; a checkpoint loads only into an
+    optimizer of the same layout."""
+    return {"distributed_optimizer": distributed, "bf16": bf16}
+
+
+def _optimizer_config(optimizer):
+    return getattr(optimizer, "chained_optimizers", [optimizer])[0].config
+
+
 def _training_state_dict(model, optimizer, scheduler, state: TrainState, is_loading: bool) -> dict:
     model_sd = unwrap_model(model).sharded_state_dict()
+    opt_cfg = _optimizer_config(optimizer)
     return {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_OPTIMIZER_FORMAT),
+        "optimizer_layout": optimizer_layout(opt_cfg.use_distributed_optimizer, opt_cfg.bf16),
         "scheduler": scheduler.state_dict(),
         "rng_state": _rng_state(),
         "trainer": dataclasses.asdict(state),
@@ -227,7 +254,7 @@ def save_checkpoint(cfg: Config, model, optimizer, scheduler, state: TrainState)
     target = step_path(root, state.step)
     _publish(_training_state_dict(model, optimizer, scheduler, state, is_loading=False), target, cfg)
     if dist.get_rank() == 0:
-        prune(root, cfg.checkpoint.keep_last)
+        prune(root, cfg.checkpoint.keep_last, state.step)
     _barrier()
     return target
 
@@ -276,8 +303,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
     saved_state = TrainState(**dist_checkpointing.load_common_state_dict(str(path))["trainer"])
     _materialize_optimizer_state(optimizer, adam_step=saved_state.step - saved_state.skipped_steps)
     template = _training_state_dict(model, optimizer, scheduler, TrainState(), is_loading=True)
-    saved = load_config(Path(path) / "config.yaml").parallel
-    if (saved.pipeline, saved.tensor, saved.context) != _model_parallel_sizes():
+    saved = yaml.safe_load((Path(path) / "config.yaml").read_text())["parallel"]  # as written: keys may have changed
+    if (saved["pipeline"], saved["tensor"], saved["context"]) != _model_parallel_sizes():
         del template["rng_state"]
     loaded = dist_checkpointing.load(template, str(path))
     unwrap_model(model).load_state_dict(loaded["model"])
@@ -300,8 +327,12 @@ def load_model_weights(path: str | Path, model) -> Path:
     """Load only the model weights of a checkpoint (training or model-only) into `model` (collective).
 
     `path` is a complete checkpoint or a checkpoint root (its newest). Returns the directory read.
+    SharedConfigError when its files do not match their checksums.
     """
     path = resolve_checkpoint(path)
+    damage = checksums.find_damage(path)
+    if damage is not None:
+        raise SharedConfigError(f"checkpoint '{path}' is damaged: {damage}; pass another checkpoint")
     inner = unwrap_model(model)
     loaded = dist_checkpointing.load({"model": inner.sharded_state_dict()}, str(path))
     inner.load_state_dict(loaded["model"])

@@ -36,6 +36,7 @@ from moba_train.flops import training_step_flops
 from moba_train.metrics import MetricLogger, attention_backends, perf_metrics
 from moba_train.model import build_model, compute_dtype, forward_step, matrix_params, token_losses
 from moba_train.optimizer import build_optimizer, build_scheduler, optimizer_step
+from moba_train.resume import check_init_from, find_resume_point
 from moba_train.run_lock import hold_run_directory
 from moba_train.signals import StopSignal
 
@@ -154,32 +155,41 @@ def _train(cfg: Config, env: DistEnv, stop: StopSignal) -> None:
     n_micro = num_microbatches(cfg, env)
     set_seed(cfg.run.seed)
 
-    # Build: the fp32 model, its initial weights, then bf16/DDP wrapping, optimizer and schedule.
+    # Where to continue from: the newest intact checkpoint that the recipe can resume (moba_train.resume).
     ckpt_root = checkpointing.checkpoint_dir(cfg)
     if env.is_main:
         for unfinished in checkpointing.remove_unfinished_saves(ckpt_root):
             print(f"removed {unfinished}: a save that a stopped run never finished", flush=True)
-    resume_from = checkpointing.latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
+    bf16, distributed = compute_dtype(cfg, env.device) == torch.bfloat16, use_distributed_optimizer(cfg, env)
+    layout = checkpointing.optimizer_layout(distributed, bf16)
+    resume = find_resume_point(cfg, ckpt_root, layout, env.is_main) if cfg.checkpoint.resume else None
+    if resume is not None and resume.state.step >= cfg.train.steps:
+        if env.is_main:
+            print(f"training is complete: checkpoint {resume.path} is at step {resume.state.step} of "
+                  f"train.steps={cfg.train.steps}; raise train.steps to train further", flush=True)
+        return
+    init_from = check_init_from(cfg) if resume is None and cfg.checkpoint.init_from else None
+
+    # Build: the fp32 model, its initial weights, then bf16/DDP wrapping, optimizer and schedule.
     model = build_model(cfg)
-    if resume_from is None and cfg.model.init_from_hf:
+    if resume is None and cfg.model.init_from_hf:
         from moba_train.convert import load_hf_weights
 
         load_hf_weights(model, cfg.model.init_from_hf, cfg)
-    if resume_from is None and cfg.checkpoint.init_from:
-        source = checkpointing.load_model_weights(cfg.checkpoint.init_from, model)
+    if init_from is not None:
+        source = checkpointing.load_model_weights(init_from, model)
         if env.is_main:
             print(f"initialised model weights from {source}", flush=True)
     model = wrap_model(cfg, model, env)
-    optimizer = build_optimizer(cfg, [model], bf16=compute_dtype(cfg, env.device) == torch.bfloat16,
-                                distributed=use_distributed_optimizer(cfg, env))
+    optimizer = build_optimizer(cfg, [model], bf16=bf16, distributed=distributed)
     scheduler = build_scheduler(cfg, optimizer)
 
-    # Load: the newest complete checkpoint of this run, if any.
+    # Load: the checkpoint found above, if any.
     state = TrainState()
-    if resume_from is not None:
-        state = checkpointing.load_checkpoint(resume_from, model, optimizer, scheduler)
+    if resume is not None:
+        state = checkpointing.load_checkpoint(resume.path, model, optimizer, scheduler)
         if env.is_main:
-            print(f"resumed from {resume_from} at step {state.step} ({state.consumed_samples} samples consumed)",
+            print(f"resumed from {resume.path} at step {state.step} ({state.consumed_samples} samples consumed)",
                   flush=True)
 
     train_dataset, valid_dataset = data.build_datasets(cfg, env)

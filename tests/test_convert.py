@@ -20,7 +20,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from moba_train import convert, distributed
+from moba_train import checksums, convert, distributed
 from moba_train.checkpointing import load_model_weights
 from moba_train.config import Config
 from moba_train.model import build_model
@@ -139,6 +139,7 @@ def test_export_of_a_run_started_with_init_from_hf_keeps_the_source_config_and_t
     recorded = Config.model_validate(yaml.safe_load((tmp_path / "ckpt/config.yaml").read_text()))
     recorded.model.init_from_hf = str(tmp_path / "hf")
     (tmp_path / "ckpt/config.yaml").write_text(recorded.to_yaml())
+    checksums.write_manifest(tmp_path / "ckpt")  # the edit is deliberate: record it, or loading finds damage
     convert.export_hf(tmp_path / "ckpt", tmp_path / "out")
     exported, source = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("out", "hf"))
     assert exported == source
