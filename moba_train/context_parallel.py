@@ -242,6 +242,16 @@ def layout(lengths: tuple[int, ...], cp: int, rank: int, device: torch.device) -
     )
 
 
+@torch.no_grad()
+def gather_sequences(x: torch.Tensor, lengths: Sequence[int], group) -> torch.Tensor:
+    """This rank's tokens [t, ...] (local order of `shard_batch`) -> the whole padded sequences [cp * t, ...]
+    in order, on every rank of `group` (no gradient: for measurements such as the routing diagnostics)."""
+    cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    gathered = x.new_empty(cp * x.shape[0], *x.shape[1:])
+    _all_gather(gathered, x.contiguous(), group=group)
+    return gathered[layout(tuple(lengths), cp, rank, x.device).natural]
+
+
 Attend = Callable[..., torch.Tensor]
 """attend(q, k, v, cu_seqlens_q=, cu_seqlens_k=, host_cu_seqlens=) -> out: MoBA or full causal attention."""
 

@@ -49,9 +49,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moba_train import context_parallel
 from moba_train.attention import moba_selection
 from moba_train.config import Config
-from moba_train.core_attention import MoBACoreAttention, to_thd
+from moba_train.core_attention import MoBACoreAttention, host_offsets, to_thd
 from moba_train.metrics import Histogram, Image, Value
 from moba_train.model import forward_step
 
@@ -265,8 +266,15 @@ class RoutingDiagnostics:
 
         def capture(layer: int, module: MoBACoreAttention, args, kwargs) -> None:
             bound = inspect.signature(module.forward).bind(*args, **kwargs)
+            params = bound.arguments.get("packed_seq_params")
             q, k, _, cu_seqlens = to_thd(bound.arguments["query"], bound.arguments["key"], bound.arguments["value"],
-                                         bound.arguments.get("packed_seq_params"))
+                                         params)
+            if module.cp_group is not None:  # every CP rank sends its shard; rank 0 measures whole sequences
+                host = host_offsets(bound.arguments["query"], params)
+                lengths = [b - a for a, b in zip(host[:-1], host[1:])]
+                q, k = (context_parallel.gather_sequences(x, lengths, module.cp_group) for x in (q, k))
+            if not self.enabled:
+                return
             if not sampled:  # the same queries and heads for every layer of this step
                 bounds = cu_seqlens.tolist()
                 sampled["bounds"] = bounds
@@ -286,7 +294,7 @@ class RoutingDiagnostics:
             )
 
         handles = []
-        if self.enabled:
+        if self.enabled or self.cfg.parallel.context > 1:
             for layer, module in self.modules.items():
                 handles.append(module.register_forward_pre_hook(functools.partial(capture, layer), with_kwargs=True))
         self.model.eval()

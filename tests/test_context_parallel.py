@@ -17,6 +17,7 @@ from test_tensor_parallel import shard
 
 from moba_train import context_parallel, distributed
 from moba_train.config import Config, ConfigError
+from moba_train.diagnostics import RoutingDiagnostics
 from moba_train.model import build_model, forward_step
 
 SEQ = 64
@@ -79,7 +80,18 @@ def recipe(tp: int, cp: int, design: str = "all_gather") -> dict:
         "attention": {"block_size": 16, "topk": 3, "full_layers": 1, "backend": "torch"},
         "train": {"seq_length": SEQ},
         "parallel": {"tensor": tp, "context": cp, "context_comm": design},
+        "logging": {"moba_diag_interval": 1, "moba_diag_queries": 32},
     }
+
+
+def _scalars(metrics: dict) -> dict:
+    return {key: value for key, value in metrics.items() if isinstance(value, float) and key != "moba/time_s"}
+
+
+def _diagnostics(cfg: Config, model, enabled: bool, out_dir: str) -> dict:
+    """The routing diagnostics of the unpacked batch (rank 0's metrics; {} elsewhere)."""
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": out_dir})})
+    return _scalars(RoutingDiagnostics(cfg, model, enabled).run(1, _batch(BATCHES["unpacked"], seed=5)))
 
 
 def _model_worker(rank: int, world: int, port: int, tp: int, cp: int, state: dict, reference: dict) -> None:
@@ -112,11 +124,19 @@ def _model_worker(rank: int, world: int, port: int, tp: int, cp: int, state: dic
                     want = shard(param, want_grads[name], tp_rank, tp, name)
                     torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6,
                                                msg=lambda m: f"{design} {kind} {name}: {m}")
+            # Routing diagnostics see whole sequences under CP: the same numbers as one process.
+            got = _diagnostics(cfg, model, rank == 0, reference["out_dir"])
+            if rank == 0:
+                want = reference["diagnostics"]
+                assert got.keys() == want.keys() and "moba/gate_recall" in got, design
+                assert got == pytest.approx(want, rel=1e-4, abs=1e-6), design
+            else:
+                assert got == {}, design
     finally:
         distributed.destroy_distributed()
 
 
-def _reference() -> tuple[dict, dict]:
+def _reference(out_dir) -> tuple[dict, dict]:
     cfg = Config.model_validate(recipe(1, 1))
     distributed.init_distributed(cfg)
     try:
@@ -129,22 +149,26 @@ def _reference() -> tuple[dict, dict]:
             loss_sum, count = forward_step(model, _batch(cu, seed=5))
             (loss_sum / count).backward()
             reference[kind] = ((loss_sum / count).detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        reference["out_dir"] = str(out_dir)
+        reference["diagnostics"] = _diagnostics(cfg, model, True, str(out_dir))
     finally:
         distributed.destroy_distributed()
     return state, reference
 
 
 @pytest.mark.parametrize("tp, cp", [(1, 2), (1, 4), (2, 2)], ids=["cp2", "cp4", "tp2xcp2"])
-def test_hybrid_model_under_cp_equals_one_process_loss_and_every_gradient(tp, cp):
-    state, reference = _reference()
+def test_hybrid_model_under_cp_equals_one_process_loss_gradients_and_routing_diagnostics(tp, cp, tmp_path):
+    state, reference = _reference(tmp_path)
     mp.spawn(_model_worker, args=(tp * cp, _free_port(), tp, cp, state, reference), nprocs=tp * cp, join=True)
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"parallel": {"context": 4}, "train": {"seq_length": 100}}, "must be a multiple of 2 x parallel.context (8)"),
-        ({"parallel": {"context": 4, "context_comm": "a2a"}, "model": {"num_query_groups": 2}},
+        ({"parallel": {"context": 4}, "train": {"seq_length": 100}, "attention": {"block_size": 16}},
+         "must be a multiple of 2 x parallel.context \\(8\\)"),
+        ({"parallel": {"context": 4, "context_comm": "a2a"}, "model": {"num_query_groups": 2},
+          "train": {"seq_length": 4096}},
          "splits the KV heads of each tensor-parallel rank \\(2\\) over parallel.context \\(4\\)"),
     ],
     ids=["seq-length", "a2a-kv-heads"],
