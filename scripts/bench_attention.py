@@ -9,6 +9,11 @@ bench/results/.
     python scripts/bench_attention.py                      # standard shapes on CUDA (about 6 minutes on an H100)
     python scripts/bench_attention.py --shapes s32k-b128 --backends sdpa,moba-varlen --passes fwd
     python scripts/bench_attention.py --tiny               # CPU smoke run (the test suite runs this)
+    python scripts/bench_attention.py --set recipes         # the training recipes' shapes (head dim 64, GQA 32/8)
+    python scripts/bench_attention.py --baseline DIR --backends moba-triton,moba-triton-baseline
+        # the kernels against an earlier version of themselves (DIR holds that version's `kernels` package,
+        # e.g. `git archive 1456a3d kernels | tar -x -C DIR`), both in the same run
+    python scripts/bench_attention.py --cp-shaped 4         # the queries of each rank at CP 4 against the unsplit call
 
 The `moba-torch` backend is timed only up to 32K tokens per sequence (it gathers each selected key
 block once per query and is memory-bound: 1.8 s forward, 6.1 s forward+backward at s32k-b128 on an
@@ -21,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import math
 import os
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +57,11 @@ class Shape:
     topk: int
     passes: tuple[str, ...]
     head_dim: int = 128
+    kv_heads: int | None = None  # default: heads (MHA)
+
+    @property
+    def hkv(self) -> int:
+        return self.kv_heads or self.heads
 
 
 STANDARD = [
@@ -60,11 +72,19 @@ STANDARD = [
     Shape("s128k-b4096", 1, 32, 128 * K, 4096, 12, ("fwd",)),
     Shape("s1m-b4096", 1, 2, 1024 * K, 4096, 12, ("fwd",)),
 ]
+RECIPES = [  # configs/llama1b_moba_32k.yaml's attention (head dim 64, 32 query / 8 KV heads) and the sparser 32K one
+    Shape("r32k-b2048", 2, 32, 32 * K, 2048, 4, ("fwd", "fwdbwd"), head_dim=64, kv_heads=8),
+    Shape("r32k-b512", 2, 32, 32 * K, 512, 3, ("fwd", "fwdbwd"), head_dim=64, kv_heads=8),
+    Shape("r128k-b2048", 1, 32, 128 * K, 2048, 4, ("fwdbwd",), head_dim=64, kv_heads=8),
+    Shape("r128k-b4096", 1, 32, 128 * K, 4096, 4, ("fwdbwd",), head_dim=64, kv_heads=8),
+]
 TINY = [
     Shape("tiny-b32", 2, 4, 256, 32, 3, ("fwd", "fwdbwd"), head_dim=32),
     Shape("tiny-b16", 1, 2, 200, 16, 8, ("fwd",), head_dim=32),
 ]
-BACKENDS = ("sdpa", "fa2-varlen", "moba-torch", "moba-varlen", "moba-triton")
+BACKENDS = ("sdpa", "fa2-varlen", "moba-torch", "moba-varlen", "moba-triton", "moba-triton-baseline")
+SETS = {"standard": STANDARD, "recipes": RECIPES, "tiny": TINY}
+BASELINE = None  # the `kernels` package of --baseline DIR
 TORCH_BACKEND_MAX_SEQLEN = 32 * K
 CHECK_TOKENS = 16 * K
 """Correctness is checked on each sequence's first CHECK_TOKENS tokens (a prefix is a valid input)..."""
@@ -88,8 +108,11 @@ def attention_fn(backend: str, shape: Shape):
         def sdpa(q, k, v, cu):
             b = cu.numel() - 1
             q_b, k_b, v_b = (x.view(b, -1, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
-            return F.scaled_dot_product_attention(q_b, k_b, v_b, is_causal=True).transpose(1, 2).reshape(q.shape)
+            out = F.scaled_dot_product_attention(q_b, k_b, v_b, is_causal=True, enable_gqa=shape.hkv != shape.heads)
+            return out.transpose(1, 2).reshape(q.shape)
         return sdpa
+    if backend == "moba-triton-baseline":
+        return lambda q, k, v, cu: BASELINE.moba_attention_triton(q, k, v, cu, shape.block, shape.topk)
     if backend == "fa2-varlen":
         return lambda q, k, v, cu: varlen.causal_varlen_attn(q, k, v, cu, cu, shape.seqlen, shape.seqlen,
                                                              1 / math.sqrt(q.shape[-1]))
@@ -111,8 +134,8 @@ def reference_fn(backend: str, shape: Shape, device: torch.device):
 
 def inputs(batch: int, seqlen: int, shape: Shape, device, dtype, grad: bool):
     total = batch * seqlen
-    q, k, v = (torch.randn(total, shape.heads, shape.head_dim, device=device, dtype=dtype, requires_grad=grad)
-               for _ in range(3))
+    q, k, v = (torch.randn(total, h, shape.head_dim, device=device, dtype=dtype, requires_grad=grad)
+               for h in (shape.heads, shape.hkv, shape.hkv))
     cu = torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
     return q, k, v, cu
 
@@ -218,6 +241,54 @@ def measure(backend: str, shape: Shape, passes: str, device, dtype) -> dict:
     return row
 
 
+def measure_cp_shaped(shape: Shape, cp: int, device, dtype) -> dict:
+    """The Triton kernels on the queries of each rank at context parallelism `cp` (chunks r and 2cp - 1 - r
+    of every sequence, keys their causal prefixes: what moba_train.context_parallel's all_gather design
+    computes) against the unsplit call, forward + backward: the compute overhead of splitting
+    (sum over ranks / unsplit) and the balance (slowest rank / (unsplit / cp))."""
+    q, k, v, cu = inputs(shape.batch, shape.seqlen, shape, device, dtype, grad=True)
+    moba = dict(block_size=shape.block, topk=shape.topk, backend="triton")
+    grad_out = torch.randn_like(q)
+
+    def timed(args, offsets, dout) -> float:
+        leaves = [x.detach().requires_grad_() for x in args]
+
+        def step():
+            moba_attention(*leaves, **offsets, **moba).backward(dout)
+            for x in leaves:
+                x.grad = None
+
+        time_ms(step, 1, device)
+        return statistics.median(time_ms(step, 10, device))
+
+    whole = timed((q, k, v), dict(cu_seqlens=cu), grad_out)
+    with torch.no_grad():
+        reference = moba_attention(q, k, v, cu_seqlens=cu, **moba)
+    c = shape.seqlen // (2 * cp)
+    ranks, errors = [], []
+    for rank in range(cp):
+        q_rows, k_rows, host_q, host_k = [], [], [0], [0]
+        for i in range(shape.batch):
+            for j in (rank, 2 * cp - 1 - rank):
+                q_rows.append(torch.arange(i * shape.seqlen + j * c, i * shape.seqlen + (j + 1) * c))
+                k_rows.append(torch.arange(i * shape.seqlen, i * shape.seqlen + (j + 1) * c))
+                host_q.append(host_q[-1] + c)
+                host_k.append(host_k[-1] + (j + 1) * c)
+        q_rows, k_rows = torch.cat(q_rows).to(device), torch.cat(k_rows).to(device)
+        offsets = dict(cu_seqlens_q=torch.tensor(host_q, dtype=torch.int32, device=device),
+                       cu_seqlens_k=torch.tensor(host_k, dtype=torch.int32, device=device),
+                       host_cu_seqlens=(host_q, host_k))
+        args = (q[q_rows], k[k_rows], v[k_rows])
+        with torch.no_grad():
+            out = moba_attention(*args, **offsets, **moba)
+        want = reference[q_rows]
+        errors.append((torch.linalg.vector_norm((out - want).float()) / torch.linalg.vector_norm(want.float())).item())
+        ranks.append(timed(args, offsets, grad_out[q_rows]))
+        torch.cuda.empty_cache()
+    return dict(shape=shape.name, cp=cp, unsplit_ms=whole, rank_ms=ranks, sum_over_unsplit=sum(ranks) / whole,
+                slowest_over_even_share=max(ranks) / (whole / cp), max_rel_err=max(errors))
+
+
 def environment(device) -> dict:
     commit = os.environ.get("GIT_COMMIT")  # first: a copied tree may carry a stale .git
     if not commit:
@@ -261,6 +332,10 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", help=f"comma-separated subset of {', '.join(BACKENDS)} (default: all available)")
     parser.add_argument("--passes", help="comma-separated subset of fwd,fwdbwd (default: each shape's own)")
     parser.add_argument("--tiny", action="store_true", help="tiny fp32 shapes on CPU: a smoke test, not a benchmark")
+    parser.add_argument("--set", choices=list(SETS), help="shape set (default: standard, or tiny with --tiny)")
+    parser.add_argument("--baseline", help="a directory holding an earlier `kernels` package (moba-triton-baseline)")
+    parser.add_argument("--cp-shaped", type=int, metavar="CP",
+                        help="instead: each rank's queries at this context-parallel size against the unsplit call")
     parser.add_argument("--out", help="JSON output path (default: bench/results/attention-<gpu>-<time>.json)")
     args = parser.parse_args(argv)
 
@@ -268,7 +343,11 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("CUDA is not available; run on a GPU, or use --tiny for a CPU smoke run.")
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    catalog = TINY if args.tiny else STANDARD
+    if args.baseline:
+        global BASELINE
+        sys.path.insert(0, str(Path(args.baseline).resolve()))
+        BASELINE = importlib.import_module("kernels")
+    catalog = SETS[args.set or ("tiny" if args.tiny else "standard")]
     shapes = catalog
     if args.shapes:
         by_name = {s.name: s for s in catalog}
@@ -276,7 +355,21 @@ def main(argv=None) -> int:
         if unknown:
             parser.error(f"unknown shape(s) {', '.join(unknown)}; choose from {', '.join(by_name)}.")
         shapes = [by_name[n] for n in args.shapes.split(",")]
-    backends = available_backends(device, dtype)
+    if args.cp_shaped:
+        meta = environment(device)
+        rows = [measure_cp_shaped(shape, args.cp_shaped, device, dtype) for shape in shapes
+                if "fwdbwd" in shape.passes]
+        for r in rows:
+            print(f"{r['shape']} CP {r['cp']}: unsplit {r['unsplit_ms']:.2f} ms, ranks "
+                  f"{', '.join(f'{ms:.2f}' for ms in r['rank_ms'])} ms: sum / unsplit {r['sum_over_unsplit']:.3f}, "
+                  f"slowest / even share {r['slowest_over_even_share']:.3f}, max rel err {r['max_rel_err']:.1e}",
+                  flush=True)
+        out = Path(args.out or f"bench/results/cp-shaped-{meta['gpu'].replace(' ', '_')}-{meta['commit'][:7]}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(dict(meta=meta, dtype=str(dtype), results=rows), indent=1))
+        print(f"wrote {out}")
+        return 0
+    backends = available_backends(device, dtype) + (["moba-triton-baseline"] if BASELINE else [])
     if args.backends:
         wanted = args.backends.split(",")
         unknown = [b for b in wanted if b not in BACKENDS]

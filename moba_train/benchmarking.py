@@ -1,0 +1,192 @@
+"""Timed training steps of a recipe (what scripts/bench_train.py runs), following ../shared/BENCH.md's
+training protocol: the trainer's own step (`training.train_step`) on the recipe's model, optimizer and
+data, at least 2 warm-up steps, the median of at least 5 timed steps, tokens/s = tokens per optimizer
+step / step time, model TFLOP/s and MFU from moba_train.flops (the formula of BENCH.md, recomputation
+not counted), peak memory allocated and reserved.
+
+With `profile=True` one more step runs under the PyTorch profiler and its GPU kernel time is split by
+kernel name into: MoBA attention (the Triton kernels of moba_train.kernels), full attention (flash / SDPA
+kernels), matrix products (GEMMs), norms/activations/RoPE and other elementwise kernels, loss (cross
+entropy), optimizer (Adam and the gradient-norm kernels), communication (NCCL); host gaps are the step's
+wall time not covered by any kernel.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from moba_train.config import Config
+
+CATEGORIES = {  # first match wins, on the lower-cased kernel name
+    "moba_attention": ("_gate_topk", "_block_mean", "_pick_keys", "_slot_tiles", "_current_block", "_past_run",
+                       "_past_slot", "_dkdv", "_dq_merge", "_delta_kernel"),
+    "full_attention": ("flash", "fmha", "attention", "sdpa", "efficient_attention"),
+    "loss": ("cross_entropy", "log_softmax", "nll_loss", "softmax"),
+    "optimizer": ("adam", "multi_tensor", "l2norm", "foreach", "lerp", "sqrt"),
+    "communication": ("nccl",),
+    "matmul": ("gemm", "sm90_xmma", "cutlass", "cublas", "xmma", "ampere", "hopper", "matmul", "_mm_"),
+    "norm_activation_rope": ("norm", "silu", "swiglu", "rotary", "rope", "elementwise", "vectorized", "mul",
+                             "add", "copy", "cat", "index", "reduce", "fill"),
+}
+
+
+def kernel_category(name: str) -> str:
+    lower = name.lower()
+    for category, needles in CATEGORIES.items():
+        if any(needle in lower for needle in needles):
+            return category
+    return "other"
+
+
+@dataclass
+class StepBenchmark:
+    """One arm's measurement (times in seconds, memory in GiB)."""
+
+    name: str
+    overrides: list[str]
+    seq_length: int
+    attention: str
+    layer_kinds: list[str]
+    recompute: str
+    tokens_per_step: int
+    step_times: list[float]
+    median_step_s: float
+    tokens_per_s: float
+    tflops_per_gpu: float
+    mfu: float | None
+    peak_allocated_gib: float | None
+    peak_reserved_gib: float | None
+    losses: list[float]
+    breakdown_s: dict[str, float] = field(default_factory=dict)
+    diagnostics_s: float | None = None  # one routing-diagnostics pass (moba_train.diagnostics), after a warm-up one
+    diagnostics_overhead: float | None = None  # diagnostics_s / (logging.moba_diag_interval x median step)
+
+
+def _breakdown(step, device) -> dict[str, float]:
+    """Seconds of GPU kernel time per category over one step, plus host gaps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    seconds: dict[str, float] = {}
+    busy = []
+    for event in prof.events():
+        if device.type == "cuda" and event.device_type == torch.autograd.DeviceType.CUDA:
+            seconds[kernel_category(event.name)] = seconds.get(kernel_category(event.name), 0.0) + \
+                event.device_time / 1e6
+            busy.append((event.time_range.start, event.time_range.end))
+    covered, end = 0.0, -math.inf
+    for start, stop in sorted(busy):  # union of kernel intervals (microseconds)
+        if stop > end:
+            covered += (stop - max(start, end)) / 1e6
+            end = stop
+    seconds["host_gaps"] = max(wall - covered, 0.0)
+    return dict(sorted(seconds.items()))
+
+
+def run_arm(cfg: Config, name: str, overrides: list[str], warmup: int, steps: int, profile: bool,
+            diagnostics: bool = False) -> StepBenchmark:
+    """Build the recipe's model, optimizer and data in this process and time `steps` optimizer steps (and,
+    with `diagnostics`, one routing-diagnostics pass: its cost at the recipe's interval)."""
+    from moba_train import data
+    from moba_train.distributed import destroy_distributed, init_distributed, set_seed
+    from moba_train.flops import training_step_flops
+    from moba_train.metrics import PEAK_BF16_TFLOPS
+    from moba_train.model import build_model, compute_dtype, matrix_params
+    from moba_train.optimizer import build_optimizer, build_scheduler
+    from moba_train.training import num_microbatches, train_step, use_distributed_optimizer, wrap_model
+
+    env = init_distributed(cfg)
+    try:
+        set_seed(cfg.run.seed)
+        model = wrap_model(cfg, build_model(cfg), env)
+        optimizer = build_optimizer(cfg, [model], bf16=compute_dtype(cfg, env.device) == torch.bfloat16,
+                                    distributed=use_distributed_optimizer(cfg, env))
+        scheduler = build_scheduler(cfg, optimizer)
+        train_set, _ = data.build_datasets(cfg, env)
+        batches = data.build_dataloader(train_set, cfg, env, consumed_samples=0)
+        n_micro = num_microbatches(cfg, env)
+        losses: list[float] = []
+
+        def step():
+            scheduler.step(1)
+            loss, _, _ = train_step(model, optimizer, [next(batches) for _ in range(n_micro)], env)
+            losses.append(loss)
+
+        def synced():
+            if env.device.type == "cuda":
+                torch.cuda.synchronize()
+
+        for _ in range(warmup):
+            step()
+        synced()
+        if env.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(steps):
+            started = time.perf_counter()
+            step()
+            synced()
+            times.append(time.perf_counter() - started)
+        cuda = env.device.type == "cuda"
+        peak = (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30) if cuda \
+            else (None, None)
+        breakdown = _breakdown(step, env.device) if profile else {}
+        median = statistics.median(times)
+        diagnostics_s = overhead = None
+        if diagnostics and "moba" in cfg.layer_kinds() and cfg.logging.moba_diag_interval:
+            from moba_train.diagnostics import RoutingDiagnostics
+
+            diag = RoutingDiagnostics(cfg, model, enabled=env.is_main)
+            batch = next(batches)
+            for _ in range(2):  # the first pass compiles and caches; the second is timed
+                synced()
+                started = time.perf_counter()
+                diag.run(warmup + steps, batch)
+                synced()
+                diagnostics_s = time.perf_counter() - started
+            overhead = diagnostics_s / (cfg.logging.moba_diag_interval * median)
+        seqlens = [cfg.train.seq_length] * cfg.train.global_batch_size
+        m, att = cfg.model, cfg.attention
+        flops = training_step_flops(matrix_params(cfg), seqlens, cfg.layer_kinds(), m.num_attention_heads,
+                                    m.head_dim, att.block_size, att.topk)
+        tflops = flops / median / env.world_size / 1e12
+        tokens = cfg.train.global_batch_size * cfg.train.seq_length
+        return StepBenchmark(
+            name=name, overrides=overrides, seq_length=cfg.train.seq_length, attention=att.mode,
+            layer_kinds=cfg.layer_kinds(), recompute=cfg.train.recompute, tokens_per_step=tokens,
+            step_times=times, median_step_s=median, tokens_per_s=tokens / median, tflops_per_gpu=tflops,
+            mfu=tflops / PEAK_BF16_TFLOPS if cuda else None, peak_allocated_gib=peak[0], peak_reserved_gib=peak[1],
+            losses=losses, breakdown_s=breakdown, diagnostics_s=diagnostics_s, diagnostics_overhead=overhead,
+        )
+    finally:
+        destroy_distributed()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def amdahl_bound(full: StepBenchmark, moba_layers: int) -> float | None:
+    """The largest MoBA / full speed-up the full-attention arm allows: its step time over the step time left
+    if the attention of the layers that MoBA replaces cost nothing (needs the full arm's breakdown)."""
+    attention = full.breakdown_s.get("full_attention")
+    if attention is None:
+        return None
+    saved = attention * moba_layers / len(full.layer_kinds)
+    profiled = sum(full.breakdown_s.values())
+    return profiled / max(profiled - saved, 1e-12)
+
+
+def as_record(result: StepBenchmark) -> dict:
+    return asdict(result)

@@ -1,0 +1,100 @@
+"""Training-step benchmark: timed optimizer steps of a recipe, one or several arms in the same process
+(e.g. MoBA against full attention on the same model, sequence length, batch and recompute), following
+../shared/BENCH.md's training protocol (moba_train/benchmarking.py). Prints a table and writes JSON.
+
+    python scripts/bench_train.py --config configs/llama1b_moba_32k.yaml data.kind=synthetic \\
+        --arm moba: --arm full:attention.mode=full --profile
+    python scripts/bench_train.py --config configs/tiny_moba.yaml data.kind=synthetic --arm moba: --steps 2 --warmup 1
+        # a CPU smoke run (the test suite runs one)
+
+Each arm is NAME:OVERRIDES (comma-separated section.key=value, applied after the common ones). The arm
+named `full` (if any) is the reference of the speed-up column; with --profile the table also gives the
+Amdahl bound of each MoBA arm (the speed-up if the attention of its MoBA layers cost nothing).
+On the GPU machine pass the commit: GIT_COMMIT=<sha> python scripts/bench_train.py ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from moba_train.cli import run_entry
+from moba_train.config import ConfigError, load_config
+
+
+def _commit() -> str:
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="recipe YAML")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every arm")
+    parser.add_argument("--arm", action="append", required=True, metavar="NAME:OVERRIDES")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="one more step under the profiler: time breakdown")
+    parser.add_argument("--diagnostics", action="store_true",
+                        help="time one routing-diagnostics pass: its overhead at logging.moba_diag_interval")
+    parser.add_argument("--out", help="JSON path (default bench/results/train-<gpu>-<commit>-<time>.json)")
+    args = parser.parse_args(argv)
+    arms = []
+    for spec in args.arm:
+        name, sep, extra = spec.partition(":")
+        if not sep or not name:
+            raise ConfigError(f"--arm {spec!r} is not NAME:OVERRIDES (e.g. full:attention.mode=full, or moba:)")
+        overrides = [*args.overrides, *[o for o in extra.split(",") if o]]
+        arms.append((name, overrides, load_config(args.config, overrides)))  # every arm valid before any runs
+
+    import torch
+
+    from moba_train.benchmarking import amdahl_bound, as_record, run_arm
+
+    results = []
+    for name, overrides, cfg in arms:
+        results.append(run_arm(cfg, name, overrides, args.warmup, args.steps, args.profile, args.diagnostics))
+        r = results[-1]
+        print(f"{name}: {r.tokens_per_s:,.0f} tokens/s, median step {r.median_step_s:.3f} s, "
+              f"{r.tflops_per_gpu:.1f} TFLOP/s/GPU" + (f", MFU {100 * r.mfu:.1f}%" if r.mfu is not None else "")
+              + (f", peak {r.peak_allocated_gib:.1f} GiB" if r.peak_allocated_gib is not None else ""), flush=True)
+        if r.diagnostics_s is not None:
+            print(f"  routing diagnostics {r.diagnostics_s:.3f} s: {100 * r.diagnostics_overhead:.2f}% of step time "
+                  f"at logging.moba_diag_interval={cfg.logging.moba_diag_interval}", flush=True)
+        if r.breakdown_s:
+            print("  breakdown (s): " + ", ".join(f"{k} {v:.3f}" for k, v in r.breakdown_s.items()), flush=True)
+    full = next((r for r in results if r.name == "full"), None)
+    records = []
+    for r in results:
+        record = as_record(r)
+        if full is not None and r is not full and full.seq_length == r.seq_length:
+            record["speedup_vs_full"] = r.tokens_per_s / full.tokens_per_s
+            bound = amdahl_bound(full, r.layer_kinds.count("moba"))
+            record["amdahl_bound_vs_full"] = bound
+            print(f"{r.name} / full: {record['speedup_vs_full']:.2f}x"
+                  + (f" (Amdahl bound {bound:.2f}x)" if bound else ""), flush=True)
+        records.append(record)
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    meta = dict(commit=_commit(), gpu=gpu, torch=torch.__version__, recipe=args.config,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                protocol=dict(warmup=args.warmup, steps=args.steps))
+    out = Path(args.out or f"bench/results/train-{gpu.replace(' ', '_')}-{meta['commit'][:7]}-"
+                           f"{meta['date'].replace(':', '')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(dict(meta=meta, arms=records), indent=1))
+    tmp.replace(out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    run_entry(lambda: main(sys.argv[1:]))

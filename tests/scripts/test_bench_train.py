@@ -1,0 +1,40 @@
+"""scripts/bench_train.py on CPU: two arms of the tiny recipe in one process, the JSON's rates consistent
+with its own step times and with moba_train.flops, the speed-up against the `full` arm."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from moba_train.config import load_config
+from moba_train.flops import training_step_flops
+from moba_train.model import matrix_params
+
+ROOT = Path(__file__).resolve().parents[2]
+COMMON = ["data.kind=synthetic", "train.seq_length=256", "train.global_batch_size=2", "logging.progress_bar=off"]
+
+
+def test_two_arms_write_consistent_records(tmp_path):
+    out = tmp_path / "train.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--config", str(ROOT / "configs" / "tiny_moba.yaml"),
+         *COMMON, "--arm", "moba:", "--arm", "full:attention.mode=full", "--warmup", "1", "--steps", "2",
+         "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    arms = {r["name"]: r for r in json.loads(out.read_text())["arms"]}
+    assert arms.keys() == {"moba", "full"}
+    for name, r in arms.items():
+        assert len(r["step_times"]) == 2 and len(r["losses"]) == 3
+        assert abs(r["tokens_per_s"] - 512 / r["median_step_s"]) < 1e-6 * r["tokens_per_s"]
+        cfg = load_config(ROOT / "configs" / "tiny_moba.yaml", [*COMMON, *r["overrides"][len(COMMON):]])
+        flops = training_step_flops(matrix_params(cfg), [256, 256], cfg.layer_kinds(), 4, 32, 64, 3)
+        assert abs(r["tflops_per_gpu"] - flops / r["median_step_s"] / 1e12) < 1e-9
+    assert arms["full"]["layer_kinds"] == ["full"] * 3 and arms["moba"]["layer_kinds"] == ["moba", "moba", "full"]
+    assert abs(arms["moba"]["speedup_vs_full"] - arms["moba"]["tokens_per_s"] / arms["full"]["tokens_per_s"]) < 1e-9
+
+
+def test_a_bad_arm_is_one_line_and_exit_2():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--config", str(ROOT / "configs" / "tiny_moba.yaml"),
+         "--arm", "nocolon"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: --arm 'nocolon' is not NAME:OVERRIDES")
