@@ -249,7 +249,9 @@ class WandbSink(Sink):
     """A W&B run with id `run_id` (created or continued: resume="allow") under <output_dir>/wandb.
 
     Steps up to `skip_through` were already sent to this run by an interrupted attempt and are not sent
-    again. Histograms become wandb.Histogram, images wandb.Image.
+    again. Histograms become wandb.Histogram, images wandb.Image. W&B's service is a separate process that
+    a scheduler's signal to every process of the job (SLURM preemption, scancel --signal=TERM) ends too:
+    then the sink says so once and stops, and training goes on (metrics.jsonl keeps every step).
     """
 
     def __init__(self, cfg: Config, run_id: str, config: dict, skip_through: int, write: Callable[[str], None]):
@@ -262,6 +264,7 @@ class WandbSink(Sink):
                   f"`wandb sync {Path(cfg.run.output_dir) / 'wandb'}/offline-run-*`")
             mode = "offline"
         self.wandb = wandb
+        self.write = write
         self.skip_through = skip_through
         self.run = wandb.init(
             project=wb.project, entity=wb.entity, name=wb.name or cfg.run.name, group=wb.group, tags=wb.tags or None,
@@ -279,11 +282,24 @@ class WandbSink(Sink):
         return value
 
     def log(self, step: int, metrics: dict[str, Value]) -> None:
-        if step > self.skip_through:
-            self.run.log({key: self._value(value) for key, value in metrics.items()}, step=step)
+        if self.run is not None and step > self.skip_through:
+            self._guarded(lambda: self.run.log({key: self._value(value) for key, value in metrics.items()}, step=step))
 
     def close(self) -> None:
-        self.run.finish()
+        if self.run is not None:
+            self._guarded(self.run.finish)
+
+    def _guarded(self, call) -> None:
+        try:
+            call()
+        except Exception as err:  # noqa: BLE001 - whatever the W&B client raises, training must go on
+            self.write(f"W&B stopped working ({type(err).__name__}: {err}); the run continues and metrics.jsonl "
+                       "keeps every step")
+            self.run = None
+            try:  # close the dead connection now, or W&B's exit hook prints the same error as a traceback
+                self.wandb.teardown()
+            except Exception:  # noqa: BLE001
+                pass
 
 
 class TensorBoardSink(Sink):

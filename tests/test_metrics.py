@@ -252,3 +252,22 @@ def test_resume_after_a_crash_continues_the_wandb_run_with_each_step_once(run_di
     events = _tensorboard(out)
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
     assert all(math.isfinite(e.value) for e in events.Scalars("train/loss"))
+
+
+def test_a_killed_wandb_service_stops_the_wandb_sink_with_one_line_and_training_goes_on(tmp_path, capsys):
+    # SLURM signals every process of a job step, W&B's own service process included: the next log call
+    # then failed with ConnectionResetError inside the trainer. The sink must say so once and step aside.
+    import psutil
+
+    logger = MetricLogger(_cfg(tmp_path, "logging.tensorboard=false"), start_step=0, enabled=True)
+    logger.log(1, {"train/loss": 2.0})
+    services = [p for p in psutil.Process().children(recursive=True) if "wandb" in " ".join(p.cmdline())]
+    assert services, "W&B runs its service in a child process"
+    for process in services:
+        process.kill()
+    psutil.wait_procs(services, timeout=30)
+    for step in (2, 3):
+        logger.log(step, {"train/loss": 1.5})
+    logger.close()
+    assert capsys.readouterr().out.count("W&B stopped working") == 1
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
