@@ -432,7 +432,7 @@ def _repeated_key(node: yaml.Node, prefix: str = "", seen: set[int] | None = Non
     return None
 
 
-def _read_yaml_without_repeated_keys(path: Path) -> Any:
+def read_yaml(path: Path) -> Any:
     """The YAML document of `path`; ConfigError when a mapping repeats a key (PyYAML keeps the last silently)."""
     loader = yaml.SafeLoader(path.read_text())
     try:
@@ -457,7 +457,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist; pass a recipe such as configs/tiny_moba.yaml")
         try:
-            raw = _read_yaml_without_repeated_keys(path)
+            raw = read_yaml(path)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""

@@ -425,6 +425,9 @@ def evaluate(loaded: LoadedModel, settings: EvalSettings, data_prefix: str | os.
         "mode": cfg.attention.mode, "layer_kinds": cfg.layer_kinds(), "block_size": cfg.attention.block_size,
         "topk": cfg.attention.topk}, "settings": dataclasses.asdict(settings)}
     if data_prefix is not None:
+        from moba_train.data.indexed import check_indexed_dataset
+
+        check_indexed_dataset(str(data_prefix), cfg.model.vocab_size)  # ids the embedding has rows for
         options = dict(bucket_size=settings.bucket_size, trailing_tokens=settings.trailing_tokens,
                        batch_size=settings.batch_size, progress=progress)
         windows = validation_windows(data_prefix, settings.seq_length, settings.windows)

@@ -47,7 +47,7 @@ from typing import Optional, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from moba_train.config import Config, ConfigError, load_config
+from moba_train.config import Config, ConfigError, load_config, read_yaml
 
 EXIT_COMPLETE = 0
 """after-attempt's exit code when training is complete (the job ends)."""
@@ -108,7 +108,7 @@ def load_profile(path: str | Path | None) -> SlurmProfile:
     if not path.is_file():
         raise ConfigError(f"profile '{path}' does not exist; pass a YAML file like configs/slurm/example_profile.yaml")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path)  # a repeated key is an error, not the last one silently winning
     except yaml.YAMLError:
         raise ConfigError(f"{path}: not valid YAML; fix the syntax") from None
     if not isinstance(raw, dict):
@@ -227,6 +227,13 @@ def plan_job(recipe: str | Path, overrides: Sequence[str], nodes: int, profile: 
     _check_writable(job.run_dir, "run.output_dir")
     if cfg.checkpoint.dir:
         _check_writable(_absolute(cfg.checkpoint.dir, workdir), "checkpoint.dir")
+    per_pass = cfg.train.micro_batch_size * (world // model_parallel)
+    if cfg.train.global_batch_size % per_pass:
+        raise ConfigError(
+            f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of micro_batch_size x "
+            f"data-parallel size ({cfg.train.micro_batch_size} x {world // model_parallel}) on {world} processes; "
+            "change the batch sizes, --nodes or --gpus-per-node"
+        )
     return job
 
 

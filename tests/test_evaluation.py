@@ -286,3 +286,17 @@ def test_flags_that_change_the_weights_shapes_are_one_clear_error(checkpoint, re
         load_model(checkpoint, ["model.hidden_size=128"])
     with pytest.raises(ConfigError, match="holds a model with model.num_layers=1 but the flags set 2"):
         load_model(retriever, ["model.num_layers=2"])
+
+
+def test_held_out_data_with_ids_beyond_the_models_vocabulary_is_one_clear_error(checkpoint, tmp_path):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from moba_train.data.preprocess import DataError
+    from moba_train.evaluation import EvalSettings, evaluate
+
+    builder = IndexedDatasetBuilder(str(tmp_path / "held_out.bin"), dtype=np.uint16)
+    for doc in ([5, 6, 7] * 30, [5, VOCAB + 3, 7] * 30):
+        builder.add_document(torch.tensor(doc), [len(doc)])
+    builder.finalize(str(tmp_path / "held_out.idx"))
+    with pytest.raises(DataError, match=f"holds token id {VOCAB + 3} but the model has {VOCAB} tokens"):
+        evaluate(load_model(checkpoint), EvalSettings(seq_length=32, windows=2), data_prefix=tmp_path / "held_out")

@@ -106,13 +106,19 @@ def test_requeue_decision_counts_only_attempts_in_a_row_without_a_new_checkpoint
     (["train.lrr=1e-4", "--gpus-per-node", "8"], "unknown key 'train.lrr'; did you mean 'train.lr'?"),
     (["--gpus-per-node", "8", "--profile", "PROFILE"], "unknown key 'partiton'; did you mean 'partition'?"),
     (["run.output_dir=BLOCKED/run", "--gpus-per-node", "8"], "cannot be created: 'BLOCKED' is a file"),
+    (["train.global_batch_size=6", "--gpus-per-node", "0", "--procs-per-node", "2", "--nodes", "2"],
+     "train.global_batch_size (6) must be a multiple of micro_batch_size x data-parallel size (2 x 4)"),
+    (["--gpus-per-node", "8", "--profile", "REPEATED"], "key 'partition' appears twice (lines 1 and 2)"),
 ], ids=["parallel-sizes", "cpu-without-procs", "procs-not-gpus", "cuda-on-cpu", "no-gpus-flag", "warning-too-long",
-        "bad-time", "bad-flag-value", "bad-recipe", "bad-profile", "output-dir-not-writable"])
+        "bad-time", "bad-flag-value", "bad-recipe", "bad-profile", "output-dir-not-writable", "global-batch",
+        "repeated-profile-key"])
 def test_submission_check_is_one_stderr_line_exit_2_and_writes_nothing(tmp_path, args, expected):
-    profile, blocked = tmp_path / "profile.yaml", tmp_path / "blocked"
+    profile, blocked, repeated = tmp_path / "profile.yaml", tmp_path / "blocked", tmp_path / "repeated.yaml"
     profile.write_text("partiton: gpu\n")
+    repeated.write_text("partition: gpu\npartition: cpu\n")
     blocked.write_text("a file where a directory should be\n")
-    args = [a.replace("PROFILE", str(profile)).replace("BLOCKED", str(blocked)) for a in args]
+    args = [a.replace("PROFILE", str(profile)).replace("BLOCKED", str(blocked)).replace("REPEATED", str(repeated))
+            for a in args]
     expected = expected.replace("BLOCKED", str(blocked))
     out = tmp_path / "run"
     result = _submit("--config", str(TINY), f"run.output_dir={out}", *args, env={"PATH": "/nonexistent"})

@@ -90,6 +90,9 @@ def check_indexed_dataset(prefix: str, vocab_size: int | None = None, tokenizer:
     if bad < vocab_size and np.issubdtype(dtype, np.signedinteger):
         bad = int(tokens.min())
     del tokens
+    if not 0 <= bad < vocab_size and tokenizer is None:
+        raise DataError(f"'{bin_}' holds token id {bad} but the model has {vocab_size} tokens "
+                        f"(ids 0-{vocab_size - 1}); the dataset was built with another tokenizer than the model's")
     if not 0 <= bad < vocab_size:
         raise DataError(f"'{bin_}' holds token id {bad} but tokenizer '{tokenizer}' has {vocab_size} tokens "
                         f"(ids 0-{vocab_size - 1}); the dataset was built with another tokenizer: set data.tokenizer "
