@@ -38,16 +38,10 @@ import torch.distributed as dist
 import yaml
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
-from megatron.core.dist_checkpointing.strategies.torch import (
-    MCoreSavePlanner,
-    TorchDistSaveShardedStrategy,
-    _replace_state_dict_keys_with_sharded_keys,
-    mcore_to_pyt_state_dict,
-)
-from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint import save as dcp_save
+from torch.distributed.checkpoint.api import CheckpointException
 
 from moba_train import checksums
+from moba_train.checkpoint_writer import CheckpointWriteError, InProcessSaveStrategy, storage_errno
 from moba_train.cli import SharedConfigError
 from moba_train.config import Config, ConfigError
 
@@ -164,55 +158,58 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-class InProcessSaveStrategy(TorchDistSaveShardedStrategy):
-    """Megatron-Core's torch_dist checkpoint format, written by threads of the trainer process.
+def _on_rank0(action) -> None:
+    """Run `action()` on rank 0; every rank raises the OSError it raised, if any (collective)."""
+    failed = [None]
+    if dist.get_rank() == 0:
+        try:
+            action()
+        except OSError as err:
+            failed = [err]
+    dist.broadcast_object_list(failed, src=0)
+    if failed[0] is not None:
+        raise failed[0]
 
-    Megatron-Core 0.16.1's own writer (FileSystemWriterAsync, behind its synchronous saves too) forks
-    a writer process per file and collects their results through a *spawned* multiprocessing Manager
-    process. A signal to the trainer's process group (torchrun stopping its workers, SLURM, Ctrl-C of
-    a single process) kills that Manager and the save fails with BrokenPipeError; after kill -9 of the
-    trainer the Manager lives on as an orphan. Here torch.distributed.checkpoint's FileSystemWriter
-    writes the same files (Megatron's key translation and planner; Megatron's torch_dist strategy
-    loads them) from `thread_count` threads: nothing outlives the trainer or receives its signals.
-    """
 
-    def __init__(self):
-        super().__init__("torch_dist", 1)
+def _fresh_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
 
-    def save(self, sharded_state_dict: dict, checkpoint_dir: str | Path) -> None:
-        main_only = self.keep_only_main_replica
-        flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, main_only)
-        dcp_save(
-            mcore_to_pyt_state_dict(flat, is_loading=False),
-            storage_writer=FileSystemWriter(checkpoint_dir, thread_count=self.thread_count),
-            planner=MCoreSavePlanner(dedup_replicated_tensors=not main_only, flatten_state_dict=False),
-        )
+
+def _mark_complete_and_rename(tmp: Path, target: Path, manifest: dict) -> None:
+    checksums.save_manifest(tmp, manifest)
+    with open(tmp / COMPLETE, "w") as marker:
+        marker.write("complete\n")
+        marker.flush()
+        os.fsync(marker.fileno())
+    if target.exists():
+        shutil.rmtree(target)
+    os.rename(tmp, target)
+    dir_fd = os.open(target.parent, os.O_RDONLY)
+    os.fsync(dir_fd)
+    os.close(dir_fd)
 
 
 def _publish(state_dict: dict, target: Path, cfg: Config) -> None:
-    """Write `state_dict` to a temporary sibling of `target`, mark it complete, rename it into place."""
+    """Write `state_dict` to a temporary sibling of `target`, checksum it, mark it complete, rename it into
+    place (collective). CheckpointWriteError when the filesystem refuses (the partial save is removed)."""
     tmp = target.parent / f".tmp_{target.name}"
-    if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
-    dist_checkpointing.save(state_dict, str(tmp), sharded_strategy=InProcessSaveStrategy())
-    if dist.get_rank() == 0:
-        (tmp / "config.yaml").write_text(cfg.to_yaml())
-    _barrier()
-    checksums.write_manifest(tmp)
-    if dist.get_rank() == 0:
-        with open(tmp / COMPLETE, "w") as marker:
-            marker.write("complete\n")
-            marker.flush()
-            os.fsync(marker.fileno())
-        if target.exists():
-            shutil.rmtree(target)
-        os.rename(tmp, target)
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-        os.fsync(dir_fd)
-        os.close(dir_fd)
-    _barrier()
+    try:
+        _on_rank0(lambda: _fresh_dir(tmp))
+        dist_checkpointing.save(state_dict, str(tmp), sharded_strategy=InProcessSaveStrategy())
+        _on_rank0(lambda: (tmp / "config.yaml").write_text(cfg.to_yaml()))
+        manifest = checksums.compute_manifest(tmp)
+        _on_rank0(lambda: _mark_complete_and_rename(tmp, target, manifest))
+    except (Exception, CheckpointException) as err:
+        number = storage_errno(err, target.parent)
+        if number is None:
+            raise
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # frees what the partial save took
+        raise CheckpointWriteError(
+            f"cannot write checkpoint '{target}': {os.strerror(number)}; free space or make "
+            f"'{target.parent}' writable (or set checkpoint.dir), then relaunch to resume from the last checkpoint"
+        ) from None
 
 
 def prune(root: Path, keep_last: int, step: int) -> list[Path]:

@@ -51,22 +51,31 @@ def _gathered(mine: dict) -> dict:
     return {key: value for part in parts for key, value in part.items()}
 
 
-def write_manifest(directory: str | os.PathLike, exclude: tuple[str, ...] = ()) -> None:
-    """Checksum every file under `directory` (but `exclude`d names and the manifest) into its manifest.
-    Every rank must see the same files (call after a barrier); rank 0 writes."""
+def compute_manifest(directory: str | os.PathLike) -> dict:
+    """The manifest of every file under `directory` but the manifest itself. Every rank must see the same
+    files (call it after a barrier); every rank gets the whole manifest."""
     directory = Path(directory)
     rank, world = _rank_and_world()
-    names = sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
-                   if p.is_file() and p.name not in (MANIFEST, *exclude))
+    names = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
     mine = {name: {"size": (directory / name).stat().st_size, ALGORITHM: _digest(directory / name)}
             for name in names[rank::world]}
     files = _gathered(mine)
-    if rank == 0:
-        manifest = {"algorithm": ALGORITHM, "files": {name: files[name] for name in names}}
-        with open(directory / MANIFEST, "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+    return {"algorithm": ALGORITHM, "files": {name: files[name] for name in names}}
+
+
+def save_manifest(directory: str | os.PathLike, manifest: dict) -> None:
+    """Write `manifest` into `directory` (one process's job), synced to disk."""
+    with open(Path(directory) / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_manifest(directory: str | os.PathLike) -> None:
+    """`compute_manifest`, then rank 0 saves it."""
+    manifest = compute_manifest(directory)
+    if _rank_and_world()[0] == 0:
+        save_manifest(directory, manifest)
 
 
 def has_manifest(directory: str | os.PathLike) -> bool:

@@ -27,8 +27,9 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
 from megatron.core.transformer.module import Float16Module
 
-from moba_train import checkpointing, data
+from moba_train import checkpointing, data, preflight
 from moba_train.checkpointing import TrainState
+from moba_train.cli import SharedConfigError
 from moba_train.config import Config, ConfigError
 from moba_train.diagnostics import RoutingDiagnostics
 from moba_train.distributed import DistEnv, destroy_distributed, init_distributed, set_seed
@@ -49,7 +50,7 @@ def num_microbatches(cfg: Config, env: DistEnv) -> int:
     """Micro-batches per step on each data-parallel rank."""
     per_pass = cfg.train.micro_batch_size * env.dp
     if cfg.train.global_batch_size % per_pass:
-        raise ConfigError(
+        raise SharedConfigError(
             f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of micro_batch_size x "
             f"data-parallel size ({cfg.train.micro_batch_size} x {env.dp}); change the batch sizes or the process count"
         )
@@ -138,7 +139,11 @@ def evaluate(model, dataset, cfg: Config, env: DistEnv) -> dict[str, float]:
 def train(cfg: Config) -> None:
     """Run (or resume) the training described by `cfg`; torchrun or a single process."""
     with StopSignal() as stop:  # from the start: a signal during set-up stops after the first step
-        env = init_distributed(cfg)
+        preflight.check(cfg)
+        try:
+            env = init_distributed(cfg)
+        except ConfigError as err:  # the launch's size or device: the same on every rank of a node
+            raise SharedConfigError(str(err)) from None
         try:
             with hold_run_directory(cfg.run.output_dir, env.is_main):
                 _train(cfg, env, stop)
@@ -147,12 +152,12 @@ def train(cfg: Config) -> None:
 
 
 def _train(cfg: Config, env: DistEnv, stop: StopSignal) -> None:
+    n_micro = num_microbatches(cfg, env)
     output_dir = Path(cfg.run.output_dir)
     if env.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         print(f"# resolved config ({env.world_size} process(es), {env.device.type}, tp={env.tp} cp={env.cp} "
               f"dp={env.dp})\n{cfg.to_yaml()}", flush=True)
-    n_micro = num_microbatches(cfg, env)
     set_seed(cfg.run.seed)
 
     # Where to continue from: the newest intact checkpoint that the recipe can resume (moba_train.resume).
@@ -241,7 +246,10 @@ def _train(cfg: Config, env: DistEnv, stop: StopSignal) -> None:
 
         stopping = stop.agreed(env.device)
         if state.step % cfg.checkpoint.interval == 0 or state.step == cfg.train.steps or stopping:
-            path = checkpointing.save_checkpoint(cfg, model, optimizer, scheduler, state)
+            try:
+                path = checkpointing.save_checkpoint(cfg, model, optimizer, scheduler, state)
+            except checkpointing.CheckpointWriteError as err:
+                raise TrainingAborted(str(err)) from None
             metrics.print(f"saved checkpoint {path}")
         if stopping:
             metrics.print(f"stopped by signal after step {state.step}; relaunch the same command to resume")
