@@ -35,7 +35,7 @@ from moba_train.diagnostics import RoutingDiagnostics
 from moba_train.distributed import DistEnv, destroy_distributed, init_distributed, set_seed
 from moba_train.flops import training_step_flops
 from moba_train.metrics import MetricLogger, attention_backends, perf_metrics
-from moba_train.model import build_model, compute_dtype, forward_step, matrix_params, token_losses
+from moba_train.model import build_model, compute_dtype, forward_step, local_batch, matrix_params, token_losses
 from moba_train.optimizer import build_optimizer, build_scheduler, optimizer_step
 from moba_train.resume import check_init_from, find_resume_point
 from moba_train.run_lock import hold_run_directory
@@ -91,8 +91,10 @@ def train_step(model, optimizer, batches: list[dict], env: DistEnv) -> tuple[flo
     model.zero_grad_buffer()
     optimizer.zero_grad()
     replicas = env.dp * env.cp
+    # The micro-batches are whole (context-parallel ranks each hold the same ones and compute their shards):
+    # the global count sums over data-parallel ranks only.
     global_tokens = torch.tensor([sum(float(b["loss_mask"].sum()) for b in batches)], device=env.device)
-    dist.all_reduce(global_tokens, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    dist.all_reduce(global_tokens, group=parallel_state.get_data_parallel_group())
     loss_sum = torch.zeros(1, device=env.device)
     for batch in batches:
         batch_loss, _ = forward_step(model, batch)
@@ -119,14 +121,16 @@ def evaluate(model, dataset, cfg: Config, env: DistEnv) -> dict[str, float]:
     batches = data.build_dataloader(dataset, cfg, env, consumed_samples=0)
     length = cfg.train.seq_length
     edges = [length * i // POSITION_BUCKETS for i in range(POSITION_BUCKETS + 1)]
-    bucket = torch.bucketize(torch.arange(length), torch.tensor(edges[1:-1]), right=True).to(env.device)
+    boundaries = torch.tensor(edges[1:-1], device=env.device)
     sums = torch.zeros(2, POSITION_BUCKETS, device=env.device)  # (loss sum, counted tokens) per bucket
     for _ in range(cfg.train.eval_steps):
-        batch = next(batches)
+        batch = local_batch(next(batches))  # under context parallelism: this rank's shard
         losses = token_losses(model, batch)  # [b, s]
         mask = batch["loss_mask"].to(losses.device, torch.float32)
-        sums[0].index_add_(0, bucket, (losses * mask).sum(0))
-        sums[1].index_add_(0, bucket, mask.sum(0))
+        # A token's bucket is its position in its sequence (its document's, with reset position ids).
+        bucket = torch.bucketize(batch["position_ids"].to(env.device), boundaries, right=True)
+        sums[0].index_add_(0, bucket.flatten(), (losses * mask).flatten())
+        sums[1].index_add_(0, bucket.flatten(), mask.flatten())
     dist.all_reduce(sums, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     model.train()
     result = {"val/loss": float(sums[0].sum() / sums[1].sum())}
