@@ -27,7 +27,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
 from megatron.core.transformer.module import Float16Module
 
-from moba_train import checkpointing, data, preflight
+from moba_train import checkpointing, data, implementations, preflight
 from moba_train.checkpointing import TrainState
 from moba_train.cli import SharedConfigError
 from moba_train.config import Config, ConfigError
@@ -162,6 +162,7 @@ def _train(cfg: Config, env: DistEnv, stop: StopSignal) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
         print(f"# resolved config ({env.world_size} process(es), {env.device.type}, tp={env.tp} cp={env.cp} "
               f"dp={env.dp})\n{cfg.to_yaml()}", flush=True)
+        print(implementations.describe(), flush=True)
     set_seed(cfg.run.seed)
 
     # Where to continue from: the newest intact checkpoint that the recipe can resume (moba_train.resume).

@@ -8,11 +8,13 @@ Relaunching the same command resumes from the newest complete checkpoint.
 import sys
 
 from moba_train.cli import parse_recipe, run_entry
+from moba_train.implementations import quiet_megatron_fallbacks
 from moba_train.signals import stop_with_the_launcher
 
 
 def main(argv=None) -> None:
     cfg = parse_recipe(argv, description=__doc__.splitlines()[0])
+    quiet_megatron_fallbacks()  # the run says in one line which implementations it uses
     from moba_train.training import train  # after the recipe is valid: importing Megatron takes seconds
 
     train(cfg)

@@ -1,7 +1,9 @@
 """scripts/pretrain.py as a user runs it: config mistakes give one stderr line and exit code 2 (no
-traceback); the README demo (`make demo`: build the embedded corpus, then torchrun the tiny recipe with
+traceback); a 2-process run warns nothing on stderr and says once which implementations Megatron-Core
+uses; the README demo (`make demo`: build the embedded corpus, then torchrun the tiny recipe with
 2 processes; shortened here) trains with a falling loss and leaves a complete checkpoint with its config."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -76,3 +78,20 @@ def test_demo_command_trains_two_processes_with_falling_loss_and_final_checkpoin
     assert max(losses[-3:]) < losses[0] - 0.3
     final = tmp_path / "run" / "checkpoints" / f"step_{steps:08d}"
     assert (final / "COMPLETE").is_file() and (final / "config.yaml").is_file()
+
+
+def test_a_two_process_run_warns_nothing_and_names_megatrons_implementations_once(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT), "--config",
+         str(TINY), f"run.output_dir={tmp_path}", "train.steps=1", "train.warmup_steps=0", "train.seq_length=256",
+         "logging.progress_bar=off", "data.kind=synthetic"],
+        capture_output=True, text=True, env=_env(), timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr == ""  # Megatron-Core's import-time fallback warnings were 14 lines per rank
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("Megatron-Core ")]
+    te, apex = (importlib.util.find_spec(name) is not None for name in ("transformer_engine", "apex"))
+    assert ("no Transformer Engine" in line) != te and ("no Apex" in line) != apex
+    if not te and not apex:
+        assert line.endswith("on PyTorch fallbacks (no Transformer Engine, no Apex): optimizer "
+                             "torch.optim.adamw.AdamW, torch norms, local multi-tensor ops")
