@@ -104,6 +104,7 @@ def _dkdv_kernel(
     DQ_WORKSPACE: tl.constexpr,
     DQ_TRANSPOSED: tl.constexpr,
     CURRENT_DQ: tl.constexpr,
+    SUFFIX: tl.constexpr,
 ):
     """dK, dV of BLOCK_N keys of one (block, KV head). Grid (NB * TILES_PER_BLOCK * kv_heads,): blocks
     in the order of order_ptr (heaviest first: a sequence's first blocks are picked by most of its
@@ -121,9 +122,14 @@ def _dkdv_kernel(
     ktile = pid % TILES_PER_BLOCK
     start = tl.load(start_ptr + blk)
     length = tl.load(length_ptr + blk)
-    q_start = tl.load(q_start_ptr + blk)
-    q_len = tl.load(q_len_ptr + blk)
-    q_offset = tl.load(q_offset_ptr + blk)
+    if SUFFIX:  # queries a suffix of the keys: the block's own query rows
+        q_start = tl.load(q_start_ptr + blk)
+        q_len = tl.load(q_len_ptr + blk)
+        q_offset = tl.load(q_offset_ptr + blk)
+    else:  # self-attention: the block's queries are its keys (the code compiled before suffixes existed)
+        q_start = start
+        q_len = length
+        q_offset = 0
     cols = ktile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < length
     dims = tl.arange(0, HEAD_DIM)
@@ -133,7 +139,10 @@ def _dkdv_kernel(
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     # Causal queries of the block itself: rows from the first query tile that reaches these keys.
-    first_row = (tl.maximum(ktile * BLOCK_N - q_offset, 0) // BLOCK_M) * BLOCK_M
+    if SUFFIX:
+        first_row = (tl.maximum(ktile * BLOCK_N - q_offset, 0) // BLOCK_M) * BLOCK_M
+    else:
+        first_row = (ktile * BLOCK_N // BLOCK_M) * BLOCK_M
     for g in tl.static_range(GROUP):
         head = kv_head * GROUP + g
         for m0 in range(first_row, q_len, BLOCK_M):
@@ -218,6 +227,7 @@ def _current_block_dq_kernel(
     SLOTS: tl.constexpr,
     KTILES: tl.constexpr,
     MERGE: tl.constexpr,
+    SUFFIX: tl.constexpr,
 ):
     """dQ of a query tile from its own block (causal); MERGE: plus its past picks' partials from the
     workspace ([rows, KTILES, D], KTILES per pick, one per key tile of the dK/dV programs; rows from
@@ -229,9 +239,14 @@ def _current_block_dq_kernel(
     kv_head = head // GROUP
     start = tl.load(start_ptr + blk)
     length = tl.load(length_ptr + blk)
-    q_start = tl.load(q_start_ptr + blk)
-    q_len = tl.load(q_len_ptr + blk)
-    q_offset = tl.load(q_offset_ptr + blk)
+    if SUFFIX:  # queries a suffix of the keys: the block's own query rows
+        q_start = tl.load(q_start_ptr + blk)
+        q_len = tl.load(q_len_ptr + blk)
+        q_offset = tl.load(q_offset_ptr + blk)
+    else:  # self-attention: the block's queries are its keys (the code compiled before suffixes existed)
+        q_start = start
+        q_len = length
+        q_offset = 0
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < q_len
     dims = tl.arange(0, HEAD_DIM)
@@ -242,7 +257,10 @@ def _current_block_dq_kernel(
     delta = tl.load(delta_ptr + (q_start + rows) * num_q_heads + head, mask=row_ok, other=0.0)
     flat = (q_start + rows) * num_q_heads + head
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    num_keys = tl.where(tile * BLOCK_M < q_len, tl.minimum(length, q_offset + tile * BLOCK_M + BLOCK_M), 0)
+    if SUFFIX:
+        num_keys = tl.where(tile * BLOCK_M < q_len, tl.minimum(length, q_offset + tile * BLOCK_M + BLOCK_M), 0)
+    else:
+        num_keys = tl.minimum(length, tile * BLOCK_M + BLOCK_M)
     for n0 in range(0, num_keys, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         kv_off = (start + cols)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
@@ -465,6 +483,7 @@ def attention_backward(
             DQ_WORKSPACE=part_dq is not None,
             DQ_TRANSPOSED=DQ_TRANSPOSED,
             CURRENT_DQ=current_dq,
+            SUFFIX=layout.suffix,
             num_warps=kv_tiles.warps,
             num_stages=kv_tiles.stages,
         )
@@ -502,6 +521,7 @@ def attention_backward(
             SLOTS=slots,
             KTILES=ktiles,
             MERGE=part_dq is not None,
+            SUFFIX=layout.suffix,
             num_warps=MERGE_WARPS if part_dq is not None else warps,
             num_stages=2,
         )

@@ -118,6 +118,7 @@ def _current_block_fwd_kernel(
     SLOTS: tl.constexpr,
     SLOTS_P2: tl.constexpr,
     MERGE: tl.constexpr,
+    SUFFIX: tl.constexpr,
 ):
     """Causal attention of a BLOCK_M query tile to its own block; MERGE: merged with the tile's past
     partials from the workspace (part_out [rows, D], part_lse [rows], rows from `workspace_rows`; a
@@ -130,9 +131,14 @@ def _current_block_fwd_kernel(
     kv_head = head // GROUP
     start = tl.load(start_ptr + blk)
     length = tl.load(length_ptr + blk)
-    q_start = tl.load(q_start_ptr + blk)
-    q_len = tl.load(q_len_ptr + blk)
-    q_offset = tl.load(q_offset_ptr + blk)
+    if SUFFIX:  # queries a suffix of the keys: the block's own query rows
+        q_start = tl.load(q_start_ptr + blk)
+        q_len = tl.load(q_len_ptr + blk)
+        q_offset = tl.load(q_offset_ptr + blk)
+    else:  # self-attention: the block's queries are its keys (the code compiled before suffixes existed)
+        q_start = start
+        q_len = length
+        q_offset = 0
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < q_len
     dims = tl.arange(0, HEAD_DIM)
@@ -151,7 +157,10 @@ def _current_block_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     # Keys up to the tile's last query; none for a tile without queries.
-    num_keys = tl.where(tile * BLOCK_M < q_len, tl.minimum(length, q_offset + tile * BLOCK_M + BLOCK_M), 0)
+    if SUFFIX:
+        num_keys = tl.where(tile * BLOCK_M < q_len, tl.minimum(length, q_offset + tile * BLOCK_M + BLOCK_M), 0)
+    else:
+        num_keys = tl.minimum(length, tile * BLOCK_M + BLOCK_M)
     for n0 in range(0, num_keys, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         kv_off = (start + cols)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
@@ -429,6 +438,7 @@ def attention_forward(
             SLOTS=slots,
             SLOTS_P2=slots_p2,
             MERGE=part_out is not out,
+            SUFFIX=layout.suffix,
             num_warps=MERGE_WARPS if part_out is not out else tiles.warps,
             num_stages=2,
         )

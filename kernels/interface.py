@@ -37,8 +37,8 @@ class MobaAttentionFunction(torch.autograd.Function):
             slot_tiles=fwd_work.kv_heads == 0 or (grads and bwd_work.kv_heads == 0),
         )
         out, lse = attention_forward(q, k, v, layout, routing, topk - 1, block_size, softmax_scale, tiles, fwd_work)
-        ctx.save_for_backward(q, k, v, out, lse, *layout[:-1], *routing)
-        ctx.num_blocks = layout.num_blocks
+        ctx.save_for_backward(q, k, v, out, lse, *layout[:-2], *routing)
+        ctx.num_blocks, ctx.suffix = layout.num_blocks, layout.suffix
         ctx.block_size = block_size
         ctx.slots = topk - 1
         ctx.softmax_scale = softmax_scale
@@ -49,8 +49,8 @@ class MobaAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, *tensors = ctx.saved_tensors
-        fields = len(BlockLayout._fields) - 1
-        layout = BlockLayout(*tensors[:fields], ctx.num_blocks)
+        fields = len(BlockLayout._fields) - 2
+        layout = BlockLayout(*tensors[:fields], ctx.num_blocks, ctx.suffix)
         routing = tensors[fields:]
         dout = torch.zeros_like(out) if dout is None else dout.contiguous()
         dq, dk, dv = attention_backward(

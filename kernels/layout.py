@@ -36,6 +36,7 @@ class BlockLayout(NamedTuple):
     q_len: torch.Tensor  # [NB] queries whose current block this is (0 for blocks before the queries)
     q_offset: torch.Tensor  # [NB] position in the block of its first query (0 for self-attention)
     num_blocks: int
+    suffix: bool  # queries differ from keys: the kernels read q_start / q_len / q_offset (else start / length / 0)
 
 
 _CACHE: dict = {}  # (id(cu_q), id(cu_k), block_size, totals, device) -> (weakrefs, versions, layout)
@@ -106,4 +107,5 @@ def _build_layout(
     tables = torch.from_numpy(tables)
     if torch.device(device).type == "cuda":  # pinned: the copy does not wait for the GPU's queue
         tables = tables.pin_memory()
-    return BlockLayout(*tables.to(device, non_blocking=True).unbind(0), num_blocks)
+    suffix = not np.array_equal(cu_q, cu_k)
+    return BlockLayout(*tables.to(device, non_blocking=True).unbind(0), num_blocks, suffix)

@@ -167,7 +167,7 @@ def test_block_layout_matches_a_walk_and_is_cached_per_tensor_version():
     local = layout.local.tolist()
     assert sorted(range(len(local)), key=lambda b: (local[b], b)) == layout.order.tolist()
     assert torch.equal(layout.q_start, layout.start) and torch.equal(layout.q_len, layout.length)
-    assert not layout.q_offset.any()  # self-attention: every block's queries are its keys
+    assert not layout.q_offset.any() and not layout.suffix  # self-attention: every block's queries are its keys
     assert block_layout(cu, cu, 16, 200, 200, DEVICE) is layout  # same tensor, same version: cached
     cu[1] = 90  # in place: the version counter moves, the layout is rebuilt
     rebuilt = block_layout(cu, cu, 16, 200, 200, DEVICE)
@@ -298,7 +298,7 @@ def test_block_layout_of_suffix_queries_matches_a_walk():
             rows = [cu_q[j] + p - offset for p in range(s, min(s + 16, b - a)) if p >= offset]
             want.append((rows[0], len(rows), s + len(range(s, min(s + 16, b - a))) - len(rows) - s) if rows else None)
     got = list(zip(layout.q_start.tolist(), layout.q_len.tolist(), layout.q_offset.tolist()))
-    assert len(got) == len(want)
+    assert layout.suffix and len(got) == len(want)
     for have, expect in zip(got, want):
         assert have[1] == 0 if expect is None else have == expect
 
