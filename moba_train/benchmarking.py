@@ -104,15 +104,15 @@ def run_arm(cfg: Config, name: str, overrides: list[str], warmup: int, steps: in
     from moba_train.flops import training_step_flops
     from moba_train.metrics import PEAK_BF16_TFLOPS
     from moba_train.model import build_model, compute_dtype, matrix_params
-    from moba_train.optimizer import build_optimizer, build_scheduler
-    from moba_train.training import num_microbatches, train_step, use_distributed_optimizer, wrap_model
+    from moba_train.optimizer import build_optimizer, build_scheduler, use_distributed_optimizer
+    from moba_train.training import num_microbatches, train_step, wrap_model
 
     env = init_distributed(cfg)
     try:
         set_seed(cfg.run.seed)
         model = wrap_model(cfg, build_model(cfg), env)
         optimizer = build_optimizer(cfg, [model], bf16=compute_dtype(cfg, env.device) == torch.bfloat16,
-                                    distributed=use_distributed_optimizer(cfg, env))
+                                    distributed=use_distributed_optimizer(cfg, env.device))
         scheduler = build_scheduler(cfg, optimizer)
         train_set, _ = data.build_datasets(cfg, env)
         batches = data.build_dataloader(train_set, cfg, env, consumed_samples=0)

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from moba_train.config import Config, ConfigError, load_config
+from moba_train.config import ConfigError, load_config
 
 
 class SharedConfigError(ConfigError):
@@ -25,16 +25,21 @@ def _first_on_its_node() -> bool:
     return os.environ.get("LOCAL_RANK", "0") == "0"
 
 
-def parse_recipe(argv: Sequence[str] | None, description: str) -> Config:
-    """The validated Config of `--config PATH` plus `section.key=value` overrides (ConfigError if wrong)."""
+def parse_recipe(argv: Sequence[str] | None, description: str, dry_run: bool = False):
+    """The validated Config of `--config PATH` plus `section.key=value` overrides (ConfigError if wrong);
+    with `dry_run`, (config, arguments) where the arguments hold --dry-run and --world-size."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="recipe YAML, e.g. configs/tiny_moba.yaml")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.lr=1e-5 attention.topk=8")
+    if dry_run:
+        parser.add_argument("--dry-run", action="store_true", help="print the layout and memory per GPU; build nothing")
+        parser.add_argument("--world-size", type=int, help="processes of the launch the dry run describes")
     args = parser.parse_args(argv)
     try:
-        return load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         raise SharedConfigError(str(err)) from None
+    return (cfg, args) if dry_run else cfg
 
 
 def run_entry(main: Callable[[], None]) -> None:

@@ -59,6 +59,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def check_world_size(cfg: Config, world_size: int) -> None:
+    """ConfigError unless `world_size` processes hold whole model replicas (tensor x pipeline x context)."""
+    par = cfg.parallel
+    model_parallel = par.tensor * par.pipeline * par.context
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by parallel.tensor x pipeline x context = {model_parallel}; "
+            f"launch a multiple of {model_parallel} processes or change the parallel sizes"
+        )
+
+
 def init_distributed(cfg: Config) -> DistEnv:
     """Start torch.distributed and Megatron-Core's parallel state for `cfg.parallel`.
 
@@ -70,12 +81,7 @@ def init_distributed(cfg: Config) -> DistEnv:
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     par = cfg.parallel
-    model_parallel = par.tensor * par.pipeline * par.context
-    if world_size % model_parallel:
-        raise ConfigError(
-            f"world size {world_size} is not divisible by parallel.tensor x pipeline x context = {model_parallel}; "
-            f"launch a multiple of {model_parallel} processes or change the parallel sizes"
-        )
+    check_world_size(cfg, world_size)
     device = resolve_device(cfg, local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":

@@ -29,6 +29,13 @@ from moba_train.config import Config
 _DECAY_STYLE = {"cosine": "cosine", "wsd": "WSD", "constant": "constant"}
 
 
+def use_distributed_optimizer(cfg: Config, device: torch.device) -> bool:
+    """parallel.distributed_optimizer, default on CUDA and off on CPU."""
+    if cfg.parallel.distributed_optimizer is None:
+        return device.type == "cuda"
+    return cfg.parallel.distributed_optimizer
+
+
 def build_optimizer(cfg: Config, model_chunks: list, *, bf16: bool, distributed: bool) -> MegatronOptimizer:
     """AdamW over the DDP-wrapped model chunks (Megatron `DistributedDataParallel` modules)."""
     train = cfg.train

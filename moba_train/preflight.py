@@ -5,6 +5,9 @@ building a model first, and every rank raises the same SharedConfigError, which 
 - model.max_position_embeddings must cover train.seq_length;
 - indexed data: the blend, the split, the tokenizer and every dataset's .bin/.idx pair must be readable
   (moba_train.data's own checks, without the pass over the tokens);
+- the model must fit: moba_train.memory's estimate per process against the GPU's memory, or on CPU the
+  machine's available memory shared by the node's processes (a 70 GB model on a 24 GB machine is one
+  line, not a crash minutes later);
 - run.output_dir and the checkpoint directory must be writable, and the checkpoint directory must have
   room for one more checkpoint (estimated from the model's size: 12 bytes per parameter in fp32, the
   weights and Adam's two moments; 14 in bf16, which adds the fp32 main weights).
@@ -12,16 +15,18 @@ building a model first, and every rank raises the same SharedConfigError, which 
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import psutil
 import torch
 
 from moba_train.checkpointing import checkpoint_dir
 from moba_train.cli import SharedConfigError
 from moba_train.config import Config, ConfigError
-from moba_train.distributed import resolve_device
+from moba_train.distributed import check_world_size, resolve_device
 from moba_train.model import compute_dtype, matrix_params, padded_vocab_size
 
 
@@ -74,9 +79,48 @@ def _size(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
+MEMORY_MARGIN = 0.8
+"""Refuse a launch whose estimated memory per process is more than available / MEMORY_MARGIN: the estimate
+(moba_train/memory.py) came within about 10% of the measured peaks, so a run refused would not have fit."""
+
+
+def memory_estimate(cfg: Config, world_size: int):
+    """moba_train.memory's estimate for `cfg` on `world_size` processes of the device the recipe asks for."""
+    from moba_train.memory import estimate
+    from moba_train.optimizer import use_distributed_optimizer
+
+    device = resolve_device(cfg, int(os.environ.get("LOCAL_RANK", 0)))
+    return estimate(cfg, world_size, compute_dtype(cfg, device) == torch.bfloat16,
+                    use_distributed_optimizer(cfg, device))
+
+
+def _memory(cfg: Config) -> None:
+    device = resolve_device(cfg, int(os.environ.get("LOCAL_RANK", 0)))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        check_world_size(cfg, world)
+    except ConfigError as err:
+        raise SharedConfigError(str(err)) from None
+    need = memory_estimate(cfg, world).total
+    if device.type == "cuda":  # the whole GPU is the process's
+        available = torch.cuda.mem_get_info(device)[1]
+        where = f"GPU {device.index} ({torch.cuda.get_device_name(device)})"
+    else:  # the node's processes share its memory
+        available = psutil.virtual_memory().available // max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), 1)
+        where = "this machine's available memory per process"
+    if need * MEMORY_MARGIN > available:
+        raise SharedConfigError(
+            f"this recipe needs about {need / 2**30:.1f} GiB per process on {world} process(es) (weights, optimizer "
+            f"state and activations; `scripts/pretrain.py --dry-run` itemizes it) but {where} has "
+            f"{available / 2**30:.1f} GiB; launch it on the parallel layout it was written for, or shrink the model, "
+            "train.seq_length or train.micro_batch_size, or set train.recompute=full"
+        )
+
+
 def check(cfg: Config) -> None:
     """SharedConfigError for the first problem found (see the module docstring)."""
     _positions(cfg)
+    _memory(cfg)
     _data(cfg)
     ckpt_dir = checkpoint_dir(cfg)
     _writable(Path(cfg.run.output_dir), "run.output_dir")
@@ -87,3 +131,34 @@ def check(cfg: Config) -> None:
             f"the checkpoint directory '{ckpt_dir}' has {_size(free)} free, but a checkpoint of this model takes "
             f"about {_size(needed)}; free some space or set checkpoint.dir to another disk"
         )
+
+
+def dry_run(cfg: Config, world_size: int) -> str:
+    """What `scripts/pretrain.py --dry-run` prints: the parallel layout of `world_size` processes and the
+    memory estimate per process, without building anything (ConfigError if the launch cannot work)."""
+    check_world_size(cfg, world_size)
+    m, par, train, att = cfg.model, cfg.parallel, cfg.train, cfg.attention
+    dp = world_size // (par.tensor * par.pipeline * par.context)
+    micro = train.global_batch_size // (train.micro_batch_size * dp) if train.global_batch_size % (
+        train.micro_batch_size * dp) == 0 else None
+    kinds = cfg.layer_kinds()
+    device = resolve_device(cfg)
+    estimate = memory_estimate(cfg, world_size)
+    lines = [
+        f"dry run: {world_size} process(es) on {device.type}; nothing is built",
+        f"layout: tensor {par.tensor} x context {par.context} x pipeline {par.pipeline} x data {dp} = {world_size}",
+        f"  per tensor rank: {m.num_attention_heads // par.tensor} query / {m.num_query_groups // par.tensor} KV "
+        f"heads, {m.ffn_hidden_size // par.tensor} FFN columns, "
+        f"{padded_vocab_size(cfg, par.tensor) // par.tensor} vocabulary rows",
+        f"  each {train.seq_length}-token sequence: "
+        + (f"{2 * par.context} chunks of {train.seq_length // (2 * par.context)}, {train.seq_length // par.context} "
+           f"tokens per context rank ({par.context_comm})" if par.context > 1 else "whole on every rank"),
+        f"  {micro} micro-batch(es) of {train.micro_batch_size} per step on each data-parallel rank"
+        if micro else f"  train.global_batch_size ({train.global_batch_size}) does not split into micro-batches of "
+                      f"{train.micro_batch_size} over {dp} data-parallel rank(s): the launch would be refused",
+        f"layers: {kinds.count('moba')} MoBA (block {att.block_size}, top-{att.topk}), {kinds.count('full')} full",
+        f"memory per process (estimate; {'bf16' if compute_dtype(cfg, device) == torch.bfloat16 else 'fp32'}, "
+        f"recompute {train.recompute}; moba_train/memory.py):",
+        *estimate.lines(),
+    ]
+    return "\n".join(lines)

@@ -36,7 +36,7 @@ from moba_train.distributed import DistEnv, destroy_distributed, init_distribute
 from moba_train.flops import training_step_flops
 from moba_train.metrics import MetricLogger, attention_backends, perf_metrics
 from moba_train.model import build_model, compute_dtype, forward_step, local_batch, matrix_params, token_losses
-from moba_train.optimizer import build_optimizer, build_scheduler, optimizer_step
+from moba_train.optimizer import build_optimizer, build_scheduler, optimizer_step, use_distributed_optimizer
 from moba_train.resume import check_init_from, find_resume_point
 from moba_train.run_lock import hold_run_directory
 from moba_train.signals import StopSignal
@@ -65,16 +65,9 @@ def wrap_model(cfg: Config, model: torch.nn.Module, env: DistEnv) -> Distributed
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
-        use_distributed_optimizer=use_distributed_optimizer(cfg, env),
+        use_distributed_optimizer=use_distributed_optimizer(cfg, env.device),
     )
     return DistributedDataParallel(config, ddp_config, model)
-
-
-def use_distributed_optimizer(cfg: Config, env: DistEnv) -> bool:
-    """parallel.distributed_optimizer, default on CUDA and off on CPU."""
-    if cfg.parallel.distributed_optimizer is None:
-        return env.device.type == "cuda"
-    return cfg.parallel.distributed_optimizer
 
 
 def _step_flops(cfg: Config, seqlens: list[int]) -> float:
@@ -170,7 +163,7 @@ def _train(cfg: Config, env: DistEnv, stop: StopSignal) -> None:
     if env.is_main:
         for unfinished in checkpointing.remove_unfinished_saves(ckpt_root):
             print(f"removed {unfinished}: a save that a stopped run never finished", flush=True)
-    bf16, distributed = compute_dtype(cfg, env.device) == torch.bfloat16, use_distributed_optimizer(cfg, env)
+    bf16, distributed = compute_dtype(cfg, env.device) == torch.bfloat16, use_distributed_optimizer(cfg, env.device)
     layout = checkpointing.optimizer_layout(distributed, bf16)
     resume = find_resume_point(cfg, ckpt_root, layout, env.is_main) if cfg.checkpoint.resume else None
     if resume is not None and resume.state.step >= cfg.train.steps:

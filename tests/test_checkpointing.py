@@ -14,8 +14,8 @@ from moba_train.config import ConfigError, load_config
 from moba_train.data import build_dataloader, build_datasets
 from moba_train.distributed import destroy_distributed, init_distributed, set_seed
 from moba_train.model import build_model, compute_dtype, forward_step
-from moba_train.optimizer import build_optimizer, build_scheduler, optimizer_step
-from moba_train.training import use_distributed_optimizer, wrap_model
+from moba_train.optimizer import build_optimizer, build_scheduler, optimizer_step, use_distributed_optimizer
+from moba_train.training import wrap_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def _build(cfg, env, seed: int):
     set_seed(seed)
     model = wrap_model(cfg, build_model(cfg), env)
     bf16 = compute_dtype(cfg, env.device) == torch.bfloat16
-    optimizer = build_optimizer(cfg, [model], bf16=bf16, distributed=use_distributed_optimizer(cfg, env))
+    optimizer = build_optimizer(cfg, [model], bf16=bf16, distributed=use_distributed_optimizer(cfg, env.device))
     return model, optimizer, build_scheduler(cfg, optimizer)
 
 

@@ -1,0 +1,95 @@
+"""Memory per GPU of a recipe, estimated from the recipe alone (no model is built): what `pretrain.py
+--dry-run` prints and what the trainer checks against the device before it builds a 70 GB model on a
+24 GB machine.
+
+Per process, with tensor parallelism t, context parallelism c and data parallelism d (Megatron-Core's
+DDP and optimizer, bf16 training, gradients reduced in fp32):
+    weights       2 bytes per parameter in bf16 (4 in fp32) of this rank's shard (matrices / t)
+    gradients     4 bytes per parameter (the fp32 gradient buffer)
+    optimizer     12 bytes per parameter (fp32 main weights in bf16 training, Adam's two moments;
+                  8 in fp32 training), divided by d x c with the distributed optimizer
+    activations   what autograd keeps for the backward of one micro-batch of s / c tokens per layer:
+                  without recomputation, per token and layer (elements, 2 bytes in bf16)
+                      4 h                 the layer input, both norms' outputs, the residual
+                      (4 Hq + 3 Hkv) D / t  the fused QKV output, roped q and k, the attention output
+                                          and its layout copy for the output projection
+                      3 F / t             the SwiGLU input (2 F) and output (F)
+                  with full recomputation only every layer's input (h) plus one layer's activations;
+                  selective recomputation (the core attention) drops the attention's saved output.
+                  Under context parallelism (all_gather) each layer also keeps the gathered K and V
+                  prefixes: 2 (1 + 1 / 2c) s Hkv D / t elements.
+    logits        the output layer's logits and the cross-entropy's fp32 copy: 6 bytes per vocabulary
+                  entry (/ t) per token of the micro-batch
+The estimate ignores the allocator's fragmentation and the CUDA context (about 0.5-1 GiB).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moba_train.config import Config
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per process."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    logits: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits
+
+    def lines(self) -> list[str]:
+        gib = 2**30
+        parts = [("weights", self.weights), ("gradients", self.gradients), ("optimizer state", self.optimizer),
+                 ("activations", self.activations), ("logits and loss", self.logits)]
+        return [f"  {name:<16} {value / gib:8.1f} GiB" for name, value in parts] + [
+            f"  {'total':<16} {self.total / gib:8.1f} GiB"]
+
+
+def parameters_per_rank(cfg: Config) -> int:
+    """This tensor-parallel rank's parameters: its shard of every matrix and the embedding, the norms whole."""
+    from moba_train.model import padded_vocab_size
+
+    m, tp = cfg.model, cfg.parallel.tensor
+    h, d = m.hidden_size, m.head_dim
+    per_layer = (h * (m.num_attention_heads + 2 * m.num_query_groups) * d + m.num_attention_heads * d * h
+                 + 3 * h * m.ffn_hidden_size) // tp + 2 * h
+    vocab = padded_vocab_size(cfg, tp) // tp * h
+    return m.num_layers * per_layer + vocab * (1 if m.tie_embeddings else 2) + h
+
+
+def estimate(cfg: Config, world_size: int, bf16: bool, distributed_optimizer: bool) -> MemoryEstimate:
+    """The estimate of the module docstring for `cfg` launched on `world_size` processes."""
+    m, par, train = cfg.model, cfg.parallel, cfg.train
+    tp, cp = par.tensor, par.context
+    dp = max(world_size // (tp * par.pipeline * cp), 1)
+    params = parameters_per_rank(cfg)
+    element = 2 if bf16 else 4
+    shard = dp * cp if distributed_optimizer else 1
+    tokens = train.micro_batch_size * train.seq_length // cp
+    h, d = m.hidden_size, m.head_dim
+    hq, hkv, ffn = m.num_attention_heads // tp, m.num_query_groups // tp, m.ffn_hidden_size // tp
+    attention = (4 * hq + 3 * hkv) * d
+    layer = 4 * h + attention + 3 * ffn
+    if train.recompute == "full":
+        kept = m.num_layers * h + layer
+    elif train.recompute == "selective":  # the core attention's own saved output is recomputed
+        kept = m.num_layers * (layer - hq * d)
+    else:
+        kept = m.num_layers * layer
+    gathered = 0
+    if cp > 1 and par.context_comm == "all_gather":
+        gathered = m.num_layers * 2 * (train.micro_batch_size * train.seq_length) * (2 * cp + 1) // (2 * cp) * hkv * d
+    return MemoryEstimate(
+        weights=params * element,
+        gradients=params * 4,
+        optimizer=params * (12 if bf16 else 8) // shard,
+        activations=(tokens * kept + gathered) * element,
+        logits=tokens * (m.vocab_size // tp) * 6,
+    )

@@ -1,0 +1,71 @@
+"""The memory estimate behind `pretrain.py --dry-run` and the launch check: its parameter count is the
+built model's, its parts follow the formulas of moba_train/memory.py, and a recipe far too large for the
+machine is one line before anything is built."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moba_train import distributed
+from moba_train.config import load_config
+from moba_train.memory import estimate, parameters_per_rank
+from moba_train.model import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_parameters_per_rank_equal_the_built_models_parameter_count(tie):
+    cfg = load_config(ROOT / "configs" / "tiny_moba.yaml", ["data.kind=synthetic", f"model.tie_embeddings={tie}"])
+    distributed.init_distributed(cfg)
+    try:
+        distributed.set_seed(cfg.run.seed)
+        built = sum(p.numel() for p in build_model(cfg).parameters())
+    finally:
+        distributed.destroy_distributed()
+    assert parameters_per_rank(cfg) == built
+
+
+def test_the_8b_recipe_estimate_follows_its_formulas():
+    cfg = load_config(ROOT / "configs" / "llama8b_moba.yaml")
+    params = parameters_per_rank(cfg)
+    e = estimate(cfg, world_size=64, bf16=True, distributed_optimizer=True)  # data parallel 2
+    tokens = 131072 // 4  # one 128K sequence over context parallel 4
+    per_layer = 4 * 4096 + (4 * 4 + 3 * 1) * 128 + 3 * 14336 // 8  # TP 8: 4 query / 1 KV heads
+    kept = 32 * 4096 + per_layer  # full recompute: every layer's input and one layer's activations
+    gathered = 32 * 2 * 131072 * 9 // 8 * 1 * 128  # all_gather: K and V prefixes of 1 + 1/8 sequences
+    assert (e.weights, e.gradients, e.optimizer) == (2 * params, 4 * params, 12 * params // 8)
+    assert e.activations == 2 * (tokens * kept + gathered)
+    assert e.logits == tokens * (128256 // 8) * 6
+    assert 15 * 2**30 < e.total < 40 * 2**30  # fits an 80 GB GPU
+
+
+def _pretrain(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "pretrain.py"), *args], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def test_dry_run_prints_the_layout_and_the_estimate_without_building_anything(tmp_path):
+    result = _pretrain("--config", str(ROOT / "configs" / "llama8b_moba.yaml"), f"run.output_dir={tmp_path}/run",
+                       "--dry-run")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "layout: tensor 8 x context 4 x pipeline 1 x data 1 = 32" in out
+    assert "8 chunks of 16384, 32768 tokens per context rank (all_gather)" in out
+    assert "layers: 29 MoBA (block 4096, top-12), 3 full" in out
+    total = estimate(load_config(ROOT / "configs" / "llama8b_moba.yaml"), 32, True, True).total
+    assert f"total {total / 2**30:12.1f} GiB".replace("total ", "total").split()[-2] in out
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_too_large_for_the_machine_is_one_line_before_anything_is_built(tmp_path):
+    result = _pretrain("--config", str(ROOT / "configs" / "llama8b_moba.yaml"), "parallel.tensor=1",
+                       "parallel.context=1", f"run.output_dir={tmp_path}/run", "run.device=cpu")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: this recipe needs about ") and "GiB per process" in lines[0]
