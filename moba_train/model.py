@@ -181,7 +181,9 @@ def build_model(cfg: Config) -> GPTModel:
     # fills RotaryEmbedding's cache.
     rope = model.rotary_pos_emb
     rope.inv_freq = rope_inv_freq(cfg).to(rope.inv_freq.device)
-    return model
+    # Megatron allocates its linear layers on the current device but torch norms (WrappedTorchNorm) on the CPU;
+    # only the distributed optimizer's buffers would move them. Megatron-LM moves the whole model likewise.
+    return model.to(torch.cuda.current_device())
 
 
 def packed_seq_params(batch: dict, context_parallel_size: int = 1) -> Optional[PackedSeqParams]:
