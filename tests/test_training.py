@@ -112,15 +112,16 @@ def test_an_accumulated_step_equals_one_step_computed_directly_on_the_concatenat
     cfg = load_config(ROOT / "configs" / "tiny_moba.yaml", [
         f"run.output_dir={tmp_path}", "train.seq_length=128", "train.micro_batch_size=1", "train.global_batch_size=3",
         "train.lr_schedule=constant", "train.warmup_steps=0", "train.weight_decay=0", "train.clip_grad=0",
-        "data.kind=synthetic"])
+        "train.precision=fp32", "parallel.distributed_optimizer=false", "data.kind=synthetic"])
     env = init_distributed(cfg)
     try:
         set_seed(cfg.run.seed)
         model = build_model(cfg)
         set_seed(cfg.run.seed)
         direct = build_model(cfg)  # the same initial weights, outside DDP and the optimizer
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), direct.parameters()))
+        direct.to(env.device)  # DDP moves `model` there (its parameters become views of its buffers)
         initial = {name: p.detach().clone() for name, p in direct.named_parameters()}
-        assert all(torch.equal(p, initial[name]) for name, p in model.named_parameters())
         wrapped = wrap_model(cfg, model, env)
         optimizer = build_optimizer(cfg, [wrapped], bf16=False, distributed=False)
         build_scheduler(cfg, optimizer).step(1)
@@ -142,7 +143,7 @@ def test_an_accumulated_step_equals_one_step_computed_directly_on_the_concatenat
         want_norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads.values()))
         lr, eps = optimizer.param_groups[0]["lr"], cfg.train.adam_eps
         assert updated and lr == cfg.train.lr
-        assert loss == pytest.approx(want_loss.item(), rel=1e-6)
+        assert loss == pytest.approx(want_loss.item(), rel=1e-5)
         assert grad_norm == pytest.approx(want_norm.item(), rel=1e-5)
         # The two gradients differ by fp32 rounding (~1e-11); where |g| is as small as eps that moves Adam's
         # update by up to ~0.1% of lr, while either mutation of the accumulation moves some by ~lr.
