@@ -30,7 +30,7 @@ CATEGORIES = {  # first match wins, on the lower-cased kernel name
     "loss": ("cross_entropy", "log_softmax", "nll_loss", "softmax"),
     "optimizer": ("adam", "multi_tensor", "l2norm", "foreach", "lerp", "sqrt"),
     "communication": ("nccl",),
-    "matmul": ("gemm", "sm90_xmma", "cutlass", "cublas", "xmma", "ampere", "hopper", "matmul", "_mm_"),
+    "matmul": ("gemm", "nvjet", "sm90_xmma", "cutlass", "cublas", "xmma", "ampere", "hopper", "matmul", "_mm_"),
     "norm_activation_rope": ("norm", "silu", "swiglu", "rotary", "rope", "elementwise", "vectorized", "mul",
                              "add", "copy", "cat", "index", "reduce", "fill"),
 }

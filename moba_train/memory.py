@@ -20,7 +20,12 @@ DDP and optimizer, bf16 training, gradients reduced in fp32):
                   prefixes: 2 (1 + 1 / 2c) s Hkv D / t elements.
     logits        the output layer's logits and the cross-entropy's fp32 copy: 6 bytes per vocabulary
                   entry (/ t) per token of the micro-batch
-The estimate ignores the allocator's fragmentation and the CUDA context (about 0.5-1 GiB).
+The estimate ignores the allocator's fragmentation, the CUDA context (about 0.5-1 GiB) and transient
+buffers. Measured against it (the 1.1B recipe, 32K tokens, one H200, bench/results/train-h200-647beb5-32k.json
+and the recipe's earlier runs): with full recomputation the estimate (29.2 GiB) was 8% above the measured
+peak (26.9 GiB); without recomputation it (66.1 GiB) was 18% below full attention's peak (80.7 GiB) and 26%
+below MoBA's (89.2 GiB): the activations kept per layer are larger than the formula's (not yet itemized).
+Read it as a lower bound without recomputation.
 """
 
 from __future__ import annotations

@@ -80,8 +80,9 @@ def _size(n: float) -> str:
 
 
 MEMORY_MARGIN = 0.8
-"""Refuse a launch whose estimated memory per process is more than available / MEMORY_MARGIN: the estimate
-(moba_train/memory.py) came within about 10% of the measured peaks, so a run refused would not have fit."""
+"""Refuse a launch whose estimated memory per process is more than available / MEMORY_MARGIN. The estimate
+(moba_train/memory.py) was at most 8% above a measured peak (and up to 26% below one), so a refused run would
+not have fit; runs somewhat too large still start and meet the allocator's out-of-memory error."""
 
 
 def memory_estimate(cfg: Config, world_size: int):
