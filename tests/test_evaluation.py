@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from moba_train import convert, distributed
+from moba_train import checksums, convert, distributed
 from moba_train.checkpointing import save_model_checkpoint
 from moba_train.config import Config, ConfigError, load_config
 from moba_train.data.corpus import train_tokenizer
@@ -265,6 +265,7 @@ def test_a_checkpoint_of_a_tensor_parallel_run_loads_in_a_process_of_its_own(che
     shutil.copytree(checkpoint, tmp_path / "step_00000001")
     recipe = tmp_path / "step_00000001/config.yaml"
     recipe.write_text(recipe.read_text().replace("tensor: 1", "tensor: 2"))
+    checksums.write_manifest(tmp_path / "step_00000001")  # the edit is deliberate: record it, or loading finds damage
     assert load_config(recipe).parallel.tensor == 2
     tokens = torch.from_numpy(random_windows(1, 64, seed=3))
     expected = logits(load_model(checkpoint), tokens)

@@ -330,14 +330,15 @@ def test_job_past_its_time_limit_gets_the_warning_saves_requeues_and_resumes_and
 
 
 def test_job_whose_attempts_publish_no_checkpoint_fails_at_the_requeue_limit(cluster, tmp_path):
-    # A batch that two processes cannot split (2 sequences in micro-batches of 2, data parallel 2) passes
-    # the checks before submitting and fails in the trainer every time. max_requeues 0: no second attempt.
+    # A dataset that does not exist passes the checks before submitting (the recipe is valid; the files are
+    # the job's to read) and fails in the trainer every time. max_requeues 0: no second attempt.
     out = tmp_path / "failing"
-    job = _submit_job(cluster, out, "train.micro_batch_size=2", "--time", "10", "--max-requeues", "0")
+    job = _submit_job(cluster, out, "data.kind=indexed", f"data.blend=[{tmp_path / 'missing'}]", "data.tokenizer=null",
+                      "--time", "10", "--max-requeues", "0")
     state = _wait_for_end(cluster, job, 300)
     log = _log(out, job)
     assert (state["JobState"], state["Restarts"]) == ("FAILED", "0"), log[-5000:]
-    assert "must be a multiple of micro_batch_size x data-parallel size" in log
+    assert f"indexed dataset '{tmp_path / 'missing'}' is missing" in log
     assert _attempts(out, job) == [{"attempt": 1, "started_from": None, "ended_at": None, "signal": None,
                                     "exit_code": 1, "decision": "give-up"}]
     assert "[slurm] attempt 1: giving up, 1 attempt(s) in a row published no new checkpoint" in log
