@@ -339,16 +339,20 @@ class MobaAttentionFunction(torch.autograd.Function):
         return grad_q.view(total, hq, dim).to(q_thd.dtype), grad_k, grad_v, None, None, None
 
 
+def routed(q, k, bounds_q, bounds_k, block_size, topk, shared_gqa_selection, selection=None):
+    """(layout, GLOBAL selection) of a call: the gate's, or the caller's local `selection` made global."""
+    layout = BlockLayout.build(bounds_q, bounds_k, block_size, q.device)
+    if selection is None:
+        return layout, select_blocks(q, k, layout, topk, shared_gqa_selection)
+    return layout, global_selection(selection, layout)
+
+
 def moba_attention_torch(
     q, k, v, *, bounds_q, bounds_k, block_size, topk, softmax_scale, shared_gqa_selection, selection=None,
     return_lse=False,
 ):
     """MoBA on [Tq, Hq, D] / [Tk, Hkv, D] tensors (validated by the caller); bounds_q / bounds_k are the
     offsets as lists of ints; `selection` (local, int32) replaces the gate when given."""
-    layout = BlockLayout.build(bounds_q, bounds_k, block_size, q.device)
-    if selection is None:
-        selection = select_blocks(q, k, layout, topk, shared_gqa_selection)
-    else:
-        selection = global_selection(selection, layout)
+    layout, selection = routed(q, k, bounds_q, bounds_k, block_size, topk, shared_gqa_selection, selection)
     out, lse = MobaAttentionFunction.apply(q, k, v, selection, layout, softmax_scale)
     return (out, lse) if return_lse else out

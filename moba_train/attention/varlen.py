@@ -21,7 +21,7 @@ import inspect
 
 import torch
 
-from moba_train.attention.torch_backend import BlockLayout, global_selection, select_blocks
+from moba_train.attention.torch_backend import BlockLayout, routed
 
 try:
     from torch.nn.attention.varlen import varlen_attn
@@ -227,10 +227,6 @@ def moba_attention_varlen(
     """MoBA on [Tq, Hq, D] / [Tk, Hkv, D] CUDA fp16/bf16 tensors (validated by the caller); bounds_q /
     bounds_k are the offsets as ints. With return_lse the lse carries no gradient (see the caller)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    layout = BlockLayout.build(bounds_q, bounds_k, block_size, q.device)
-    if selection is None:
-        selection = select_blocks(q, k, layout, topk, shared_gqa_selection)
-    else:
-        selection = global_selection(selection, layout)
+    layout, selection = routed(q, k, bounds_q, bounds_k, block_size, topk, shared_gqa_selection, selection)
     out, lse = MobaVarlenFunction.apply(q, k, v, selection, layout, softmax_scale)
     return (out, lse) if return_lse else out
