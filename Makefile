@@ -8,9 +8,10 @@ NPROC ?= 2
 install:  ## torch first (a plain `torch` requirement would pull the multi-GB CUDA build), then the package
 	$(PYTHON) -m pip install -q "torch==$(TORCH_VERSION)" || $(PYTHON) -m pip install -q torch
 	$(PYTHON) -m pip install -q -e ".[dev,triton]"
-	@# The SLURM tests start a one-node cluster from Debian's packages (as root; they skip without them).
-	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! dpkg -s slurm-wlm munge >/dev/null 2>&1; then \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge; fi
+	@# The SLURM tests start a one-node cluster from Debian's packages, and the signal test reads the
+	@# workers' exit codes with strace (as root; the tests skip without them).
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! dpkg -s slurm-wlm munge strace >/dev/null 2>&1; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge strace; fi
 
 test:
 	$(PYTHON) -m pytest -q tests
