@@ -37,6 +37,15 @@ def test_llama1b_recipe_has_the_notes_shape_at_32k():
     assert cfg.train.seq_length == 32768 and cfg.train.seq_length % cfg.attention.block_size == 0
 
 
+def test_the_sparser_32k_recipe_differs_from_the_1b_recipe_only_in_its_blocks_and_name():
+    dense, sparse = (load_config(CONFIGS / name).model_dump() for name in ("llama1b_moba_32k.yaml",
+                                                                            "llama1b_moba_32k_b512.yaml"))
+    assert (sparse["attention"]["block_size"], sparse["attention"]["topk"]) == (512, 3)
+    for changed in ("attention", "run"):
+        dense.pop(changed), sparse.pop(changed)
+    assert sparse == dense
+
+
 def test_overrides_apply_on_top_of_the_recipe():
     overrides = ["train.lr=1e-5", "train.min_lr=0", "attention.topk=8", "attention.layer_kinds=[full,moba,full]"]
     cfg = load_config(CONFIGS / "tiny_moba.yaml", overrides)
