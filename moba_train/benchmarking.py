@@ -17,7 +17,7 @@ import gc
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -186,7 +186,3 @@ def amdahl_bound(full: StepBenchmark, moba_layers: int) -> float | None:
     saved = attention * moba_layers / len(full.layer_kinds)
     profiled = sum(full.breakdown_s.values())
     return profiled / max(profiled - saved, 1e-12)
-
-
-def as_record(result: StepBenchmark) -> dict:
-    return asdict(result)

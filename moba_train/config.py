@@ -342,6 +342,17 @@ class Config(_Section):
             raise ValueError("data.kind is 'indexed' but data.blend is empty; list at least one dataset prefix")
         return self
 
+    def microbatches(self, data_parallel: int) -> int:
+        """Micro-batches per step on each of `data_parallel` ranks; ConfigError if the global batch does not split."""
+        per_pass = self.train.micro_batch_size * data_parallel
+        if self.train.global_batch_size % per_pass:
+            raise ConfigError(
+                f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of micro_batch_size x "
+                f"data-parallel size ({self.train.micro_batch_size} x {data_parallel}); change the batch sizes or the "
+                "process count"
+            )
+        return self.train.global_batch_size // per_pass
+
     def layer_kinds(self) -> list[str]:
         """The attention kind of every layer, first to last: the hybrid plan in one place."""
         n = self.model.num_layers

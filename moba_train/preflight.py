@@ -95,13 +95,16 @@ def memory_estimate(cfg: Config, world_size: int):
                     use_distributed_optimizer(cfg, device))
 
 
+def _launch(cfg: Config) -> None:
+    try:
+        check_world_size(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    except ConfigError as err:
+        raise SharedConfigError(str(err)) from None
+
+
 def _memory(cfg: Config) -> None:
     device = resolve_device(cfg, int(os.environ.get("LOCAL_RANK", 0)))
     world = int(os.environ.get("WORLD_SIZE", 1))
-    try:
-        check_world_size(cfg, world)
-    except ConfigError as err:
-        raise SharedConfigError(str(err)) from None
     need = memory_estimate(cfg, world).total
     if device.type == "cuda":  # the whole GPU is the process's
         available = torch.cuda.mem_get_info(device)[1]
@@ -121,6 +124,7 @@ def _memory(cfg: Config) -> None:
 def check(cfg: Config) -> None:
     """SharedConfigError for the first problem found (see the module docstring)."""
     _positions(cfg)
+    _launch(cfg)
     _memory(cfg)
     _data(cfg)
     ckpt_dir = checkpoint_dir(cfg)
@@ -140,8 +144,10 @@ def dry_run(cfg: Config, world_size: int) -> str:
     check_world_size(cfg, world_size)
     m, par, train, att = cfg.model, cfg.parallel, cfg.train, cfg.attention
     dp = world_size // (par.tensor * par.pipeline * par.context)
-    micro = train.global_batch_size // (train.micro_batch_size * dp) if train.global_batch_size % (
-        train.micro_batch_size * dp) == 0 else None
+    try:
+        batches = f"  {cfg.microbatches(dp)} micro-batch(es) of {train.micro_batch_size} per step on each data rank"
+    except ConfigError as err:
+        batches = f"  the launch would be refused: {err}"
     kinds = cfg.layer_kinds()
     device = resolve_device(cfg)
     estimate = memory_estimate(cfg, world_size)
@@ -154,9 +160,7 @@ def dry_run(cfg: Config, world_size: int) -> str:
         f"  each {train.seq_length}-token sequence: "
         + (f"{2 * par.context} chunks of {train.seq_length // (2 * par.context)}, {train.seq_length // par.context} "
            f"tokens per context rank ({par.context_comm})" if par.context > 1 else "whole on every rank"),
-        f"  {micro} micro-batch(es) of {train.micro_batch_size} per step on each data-parallel rank"
-        if micro else f"  train.global_batch_size ({train.global_batch_size}) does not split into micro-batches of "
-                      f"{train.micro_batch_size} over {dp} data-parallel rank(s): the launch would be refused",
+        batches,
         f"layers: {kinds.count('moba')} MoBA (block {att.block_size}, top-{att.topk}), {kinds.count('full')} full",
         f"memory per process (estimate; {'bf16' if compute_dtype(cfg, device) == torch.bfloat16 else 'fp32'}, "
         f"recompute {train.recompute}; moba_train/memory.py):",

@@ -227,13 +227,7 @@ def plan_job(recipe: str | Path, overrides: Sequence[str], nodes: int, profile: 
     _check_writable(job.run_dir, "run.output_dir")
     if cfg.checkpoint.dir:
         _check_writable(_absolute(cfg.checkpoint.dir, workdir), "checkpoint.dir")
-    per_pass = cfg.train.micro_batch_size * (world // model_parallel)
-    if cfg.train.global_batch_size % per_pass:
-        raise ConfigError(
-            f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of micro_batch_size x "
-            f"data-parallel size ({cfg.train.micro_batch_size} x {world // model_parallel}) on {world} processes; "
-            "change the batch sizes, --nodes or --gpus-per-node"
-        )
+    cfg.microbatches(world // model_parallel)
     return job
 
 

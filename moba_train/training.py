@@ -47,14 +47,11 @@ class TrainingAborted(RuntimeError):
 
 
 def num_microbatches(cfg: Config, env: DistEnv) -> int:
-    """Micro-batches per step on each data-parallel rank."""
-    per_pass = cfg.train.micro_batch_size * env.dp
-    if cfg.train.global_batch_size % per_pass:
-        raise SharedConfigError(
-            f"train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of micro_batch_size x "
-            f"data-parallel size ({cfg.train.micro_batch_size} x {env.dp}); change the batch sizes or the process count"
-        )
-    return cfg.train.global_batch_size // per_pass
+    """Micro-batches per step on each data-parallel rank (every rank decides it alike)."""
+    try:
+        return cfg.microbatches(env.dp)
+    except ConfigError as err:
+        raise SharedConfigError(str(err)) from None
 
 
 def wrap_model(cfg: Config, model: torch.nn.Module, env: DistEnv) -> DistributedDataParallel:

@@ -16,6 +16,7 @@ On the GPU machine pass the commit: GIT_COMMIT=<sha> python scripts/bench_train.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -58,7 +59,7 @@ def main(argv=None) -> None:
 
     import torch
 
-    from moba_train.benchmarking import amdahl_bound, as_record, run_arm
+    from moba_train.benchmarking import amdahl_bound, run_arm
 
     results = []
     for name, overrides, cfg in arms:
@@ -75,7 +76,7 @@ def main(argv=None) -> None:
     full = next((r for r in results if r.name == "full"), None)
     records = []
     for r in results:
-        record = as_record(r)
+        record = dataclasses.asdict(r)
         if full is not None and r is not full and full.seq_length == r.seq_length:
             record["speedup_vs_full"] = r.tokens_per_s / full.tokens_per_s
             bound = amdahl_bound(full, r.layer_kinds.count("moba"))
