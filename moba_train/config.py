@@ -44,6 +44,17 @@ class RopeScalingConfig(_Section):
     original_max_position_embeddings: int = Field(8192, ge=1)
 
 
+class FusionsConfig(_Section):
+    """Fused kernels for the dense parts (moba_train/fusions.py). auto: on CUDA the fastest measured on an
+    H200 (Liger-Kernel's RMSNorm, SwiGLU and cross-entropy, RoPE through torch.compile), on CPU the plain
+    paths."""
+
+    rmsnorm: Literal["auto", "torch", "liger", "compile"] = "auto"
+    swiglu: Literal["auto", "torch", "megatron", "liger"] = "auto"
+    rope: Literal["auto", "torch", "compile"] = "auto"
+    cross_entropy: Literal["auto", "megatron", "megatron_fused", "liger"] = "auto"
+
+
 class ModelConfig(_Section):
     """Llama architecture: RMSNorm, SwiGLU, RoPE, GQA, no biases."""
 
@@ -79,6 +90,8 @@ class ModelConfig(_Section):
     """local: pure PyTorch layer spec (runs anywhere); te: Transformer Engine spec (must be installed)."""
     init_from_hf: Optional[str] = None
     """Hugging Face Llama directory to import weights from at start (instead of a separate conversion)."""
+    fusions: FusionsConfig = Field(default_factory=FusionsConfig)
+    """Which implementation of RMSNorm, SwiGLU, RoPE and the cross-entropy; each computes the same function."""
 
     @model_validator(mode="after")
     def _heads(self):
@@ -168,7 +181,9 @@ class TrainConfig(_Section):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto: bf16 on CUDA, fp32 on CPU."""
     recompute: Literal["none", "full", "selective"] = "none"
-    """Activation recomputation (Megatron-Core's recompute_granularity)."""
+    """Activation recomputation: full recomputes every layer from its input (Megatron-Core's full
+    granularity); selective recomputes the MLP from its input (Megatron-Core's selective granularity with
+    recompute_modules [mlp]), keeping the attention's activations, so the attention never runs twice."""
     max_nonfinite_steps: int = Field(5, ge=1)
     """Abort after this many consecutive steps with a non-finite loss or gradient norm (each is skipped)."""
     log_interval: int = Field(1, ge=1)

@@ -10,6 +10,7 @@ fourteen lines, repeated by every rank).
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 _FALLBACK_WARNINGS = (
@@ -21,10 +22,23 @@ _FALLBACK_WARNINGS = (
 )
 
 
+class _NoCudaRuntimeNotice(logging.Filter):
+    """PyTorch's extension builder logs "No CUDA runtime is found, using CUDA_HOME=..." when it is imported on a
+    machine with a CUDA toolkit but no GPU; Megatron-Core imports it (megatron.core.nccl_allocator) and nothing
+    here builds an extension, so on such machines every rank printed it for nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+
 def quiet_megatron_fallbacks() -> None:
-    """Ignore Megatron-Core's warnings about Transformer Engine and Apex being absent (`describe` says it)."""
+    """Ignore Megatron-Core's warnings about Transformer Engine and Apex being absent (`describe` says it),
+    and PyTorch's no-CUDA-runtime notice that importing Megatron-Core triggers."""
     for message in _FALLBACK_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=UserWarning, module=r"megatron\.core\.")
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _NoCudaRuntimeNotice) for f in logger.filters):
+        logger.addFilter(_NoCudaRuntimeNotice())
 
 
 def describe() -> str:

@@ -13,13 +13,15 @@ DDP and optimizer, bf16 training, gradients reduced in fp32):
                       4 h                 the layer input, both norms' outputs, the residual
                       (4 Hq + 3 Hkv) D / t  the fused QKV output, roped q and k, the attention output
                                           and its layout copy for the output projection
-                      3 F / t             the SwiGLU input (2 F) and output (F)
+                      3 F / t             the SwiGLU input (2 F) and output (F); 2 F / t fused (its
+                                          input only: model.fusions.swiglu megatron or liger)
                   with full recomputation only every layer's input (h) plus one layer's activations;
-                  selective recomputation (the core attention) drops the attention's saved output.
+                  selective recomputation (the MLP, from its input) drops the SwiGLU's 3 F / t.
                   Under context parallelism (all_gather) each layer also keeps the gathered K and V
                   prefixes: 2 (1 + 1 / 2c) s Hkv D / t elements.
     logits        the output layer's logits and the cross-entropy's fp32 copy: 6 bytes per vocabulary
-                  entry (/ t) per token of the micro-batch
+                  entry (/ t) per token of the micro-batch; 2 with Liger's cross-entropy (it writes the
+                  gradient into the bf16 logits in the forward)
 The estimate ignores the allocator's fragmentation, the CUDA context (about 0.5-1 GiB) and transient
 buffers. Measured against it (the 1.1B recipe, 32K tokens, one H200, bench/results/train-h200-647beb5-32k.json
 and the recipe's earlier runs): with full recomputation the estimate (29.2 GiB) was 8% above the measured
@@ -69,8 +71,13 @@ def parameters_per_rank(cfg: Config) -> int:
     return m.num_layers * per_layer + vocab * (1 if m.tie_embeddings else 2) + h
 
 
-def estimate(cfg: Config, world_size: int, bf16: bool, distributed_optimizer: bool) -> MemoryEstimate:
-    """The estimate of the module docstring for `cfg` launched on `world_size` processes."""
+def estimate(cfg: Config, world_size: int, bf16: bool, distributed_optimizer: bool,
+             fused: dict[str, str] | None = None) -> MemoryEstimate:
+    """The estimate of the module docstring for `cfg` launched on `world_size` processes; `fused` is
+    `fusions.resolve`'s choice for the device (default: the plain paths)."""
+    from moba_train.fusions import PLAIN
+
+    fused = fused or PLAIN
     m, par, train = cfg.model, cfg.parallel, cfg.train
     tp, cp = par.tensor, par.context
     dp = max(world_size // (tp * par.pipeline * cp), 1)
@@ -81,11 +88,12 @@ def estimate(cfg: Config, world_size: int, bf16: bool, distributed_optimizer: bo
     h, d = m.hidden_size, m.head_dim
     hq, hkv, ffn = m.num_attention_heads // tp, m.num_query_groups // tp, m.ffn_hidden_size // tp
     attention = (4 * hq + 3 * hkv) * d
-    layer = 4 * h + attention + 3 * ffn
+    swiglu = 3 * ffn if fused["swiglu"] == "torch" else 2 * ffn  # fused: the fc1 output only
+    layer = 4 * h + attention + swiglu
     if train.recompute == "full":
         kept = m.num_layers * h + layer
-    elif train.recompute == "selective":  # the core attention's own saved output is recomputed
-        kept = m.num_layers * (layer - hq * d)
+    elif train.recompute == "selective":  # the MLP recomputed from its input (a norm output, kept in 4 h)
+        kept = m.num_layers * (4 * h + attention)
     else:
         kept = m.num_layers * layer
     gathered = 0
@@ -96,5 +104,5 @@ def estimate(cfg: Config, world_size: int, bf16: bool, distributed_optimizer: bo
         gradients=params * 4,
         optimizer=params * (12 if bf16 else 8) // shard,
         activations=(tokens * kept + gathered) * element,
-        logits=tokens * (m.vocab_size // tp) * 6,
+        logits=tokens * (m.vocab_size // tp) * (2 if fused["cross_entropy"] == "liger" else 6),
     )

@@ -32,7 +32,7 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from moba_train import context_parallel
+from moba_train import context_parallel, fusions
 from moba_train.config import Config, ConfigError
 from moba_train.core_attention import FullCoreAttention, MoBACoreAttention
 from moba_train.distributed import resolve_device
@@ -63,8 +63,12 @@ def transformer_config(cfg: Config) -> TransformerConfig:
     recompute = {
         "none": {},
         "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
-        "selective": {"recompute_granularity": "selective"},
+        # The MLP only: Megatron-Core 0.16's norm recomputation (recompute_modules "layernorm") needs
+        # Transformer Engine (CheckpointWithoutOutput() takes itself for FP8 and calls TE's FP8 state).
+        "selective": {"recompute_granularity": "selective", "recompute_modules": ["mlp"]},
     }[cfg.train.recompute]
+    chosen = fusions.resolve(cfg, resolve_device(cfg))
+    fusions.install_rope(chosen)  # before TransformerConfig, which checks that a fused RoPE exists
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -90,13 +94,19 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         params_dtype=torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         **recompute,
+        **fusions.transformer_config_kwargs(chosen),
     )
 
 
 def _base_layer_spec(cfg: Config) -> tuple[ModuleSpec, type]:
     """The Llama layer spec for model.transformer_impl, and its final-norm module."""
     if cfg.model.transformer_impl == "local":
-        return get_gpt_layer_local_spec(normalization="RMSNorm"), WrappedTorchNorm
+        chosen = fusions.resolve(cfg, resolve_device(cfg))
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        norm = fusions.norm_module(chosen, WrappedTorchNorm)
+        spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = norm
+        spec.submodules.mlp.submodules.activation_func = fusions.activation_module(chosen)
+        return spec, norm
     try:
         import transformer_engine  # noqa: F401
     except ImportError:
@@ -161,11 +171,26 @@ def rope_inv_freq(cfg: Config) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+class LlamaModel(GPTModel):
+    """Megatron-Core's GPTModel, whose cross-entropy may be replaced (model.fusions.cross_entropy=liger)."""
+
+    def __init__(self, *args, loss_function=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_function = loss_function
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if self.loss_function is None:
+            return super().compute_language_model_loss(labels, logits)
+        loss = self.loss_function(logits, labels.transpose(0, 1).contiguous(), self.pg_collection.tp)
+        return loss.transpose(0, 1).contiguous()
+
+
 def build_model(cfg: Config) -> GPTModel:
     """GPTModel (Llama) in fp32 on the current device; needs `init_distributed` (and `set_seed`) first."""
     config = transformer_config(cfg)
     _, final_norm = _base_layer_spec(cfg)
-    model = GPTModel(
+    model = LlamaModel(
+        loss_function=fusions.loss_function(fusions.resolve(cfg, resolve_device(cfg))),
         config=config,
         transformer_layer_spec=TransformerBlockSubmodules(layer_specs=layer_specs(cfg), layer_norm=final_norm),
         vocab_size=padded_vocab_size(cfg, cfg.parallel.tensor),

@@ -87,12 +87,13 @@ not have fit; runs somewhat too large still start and meet the allocator's out-o
 
 def memory_estimate(cfg: Config, world_size: int):
     """moba_train.memory's estimate for `cfg` on `world_size` processes of the device the recipe asks for."""
+    from moba_train.fusions import resolve
     from moba_train.memory import estimate
     from moba_train.optimizer import use_distributed_optimizer
 
     device = resolve_device(cfg, int(os.environ.get("LOCAL_RANK", 0)))
     return estimate(cfg, world_size, compute_dtype(cfg, device) == torch.bfloat16,
-                    use_distributed_optimizer(cfg, device))
+                    use_distributed_optimizer(cfg, device), resolve(cfg, device))
 
 
 def _launch(cfg: Config) -> None:

@@ -187,7 +187,7 @@ def time_ms(step, reps: int, device) -> list[float]:
     return times
 
 
-def measure(backend: str, shape: Shape, passes: str, device, dtype) -> dict:
+def measure(backend: str, shape: Shape, passes: str, device, dtype, kernel_times: bool = False) -> dict:
     row = dict(shape=shape.name, backend=backend, passes=passes, status="ok", ms=None, tflops=None,
                peak_mem_gib=None, max_rel_err=None, reps=0)
     if backend == "moba-torch" and shape.seqlen > TORCH_BACKEND_MAX_SEQLEN:
@@ -229,6 +229,8 @@ def measure(backend: str, shape: Shape, passes: str, device, dtype) -> dict:
                                             shape.block if moba else None, shape.topk if moba else None)
         total = fwd * (1 + flops.BACKWARD_FACTOR) if grad else fwd
         row["tflops"] = total / (row["ms"] * 1e-3) / 1e12
+        if kernel_times and device.type == "cuda":
+            row["kernels_ms"] = kernel_breakdown(step, 5)
     except torch.OutOfMemoryError:
         row["status"] = "oom"
     except (RuntimeError, ValueError) as error:
@@ -239,6 +241,23 @@ def measure(backend: str, shape: Shape, passes: str, device, dtype) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return row
+
+
+def kernel_breakdown(step, reps: int) -> dict[str, float]:
+    """GPU milliseconds per call of each kernel name over `reps` calls of `step` (PyTorch's profiler), the
+    fifteen longest: where two backends' times differ, this says which kernel differs."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            times[event.name] = times.get(event.name, 0.0) + event.device_time / 1e3 / reps
+    return dict(sorted(times.items(), key=lambda item: -item[1])[:15])
 
 
 def measure_cp_shaped(shape: Shape, cp: int, device, dtype) -> dict:
@@ -336,6 +355,8 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline", help="a directory holding an earlier `kernels` package (moba-triton-baseline)")
     parser.add_argument("--cp-shaped", type=int, metavar="CP",
                         help="instead: each rank's queries at this context-parallel size against the unsplit call")
+    parser.add_argument("--kernel-times", action="store_true",
+                        help="also record each kernel's GPU time per call (PyTorch's profiler; CUDA only)")
     parser.add_argument("--out", help="JSON output path (default: bench/results/attention-<gpu>-<time>.json)")
     args = parser.parse_args(argv)
 
@@ -383,7 +404,7 @@ def main(argv=None) -> int:
         passes = [p for p in shape.passes if not args.passes or p in args.passes.split(",")]
         for p in passes:
             for backend in backends:
-                rows.append(measure(backend, shape, p, device, dtype))
+                rows.append(measure(backend, shape, p, device, dtype, args.kernel_times))
                 print(format_row(rows[-1]), flush=True)
     meta = environment(device)
     print()

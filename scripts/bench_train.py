@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import datetime
 import json
 import os
@@ -59,11 +60,28 @@ def main(argv=None) -> None:
 
     import torch
 
-    from moba_train.benchmarking import amdahl_bound, run_arm
+    from moba_train.benchmarking import run_arm
 
-    results = []
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    meta = dict(commit=_commit(), gpu=gpu, torch=torch.__version__, recipe=args.config,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                protocol=dict(warmup=args.warmup, steps=args.steps))
+    out = Path(args.out or f"bench/results/train-{gpu.replace(' ', '_')}-{meta['commit'][:7]}-"
+                           f"{meta['date'].replace(':', '')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results, failed = [], []
     for name, overrides, cfg in arms:
-        results.append(run_arm(cfg, name, overrides, args.warmup, args.steps, args.profile, args.diagnostics))
+        try:
+            results.append(run_arm(cfg, name, overrides, args.warmup, args.steps, args.profile, args.diagnostics))
+        except torch.OutOfMemoryError as error:  # one arm too large must not lose the others
+            failed.append(dict(name=name, overrides=overrides, error=f"out of memory: {str(error).splitlines()[0]}"))
+            print(f"{name}: out of memory", flush=True)
+            _write(out, meta, _records(results) + failed)
+            continue
+        finally:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         r = results[-1]
         print(f"{name}: {r.tokens_per_s:,.0f} tokens/s, median step {r.median_step_s:.3f} s, "
               f"{r.tflops_per_gpu:.1f} TFLOP/s/GPU" + (f", MFU {100 * r.mfu:.1f}%" if r.mfu is not None else "")
@@ -73,28 +91,34 @@ def main(argv=None) -> None:
                   f"at logging.moba_diag_interval={cfg.logging.moba_diag_interval}", flush=True)
         if r.breakdown_s:
             print("  breakdown (s): " + ", ".join(f"{k} {v:.3f}" for k, v in r.breakdown_s.items()), flush=True)
+        _write(out, meta, _records(results) + failed)  # after every arm: a stopped run keeps what it measured
+    for record in _records(results):
+        if "speedup_vs_full" in record:
+            print(f"{record['name']} / full: {record['speedup_vs_full']:.2f}x"
+                  + (f" (Amdahl bound {record['amdahl_bound_vs_full']:.2f}x)"
+                     if record.get("amdahl_bound_vs_full") else ""), flush=True)
+    print(f"wrote {out}")
+
+
+def _records(results: list) -> list[dict]:
+    """The arms as JSON records, each MoBA arm with its speed-up over the arm named `full` at its length."""
+    from moba_train.benchmarking import amdahl_bound
+
     full = next((r for r in results if r.name == "full"), None)
     records = []
     for r in results:
         record = dataclasses.asdict(r)
         if full is not None and r is not full and full.seq_length == r.seq_length:
             record["speedup_vs_full"] = r.tokens_per_s / full.tokens_per_s
-            bound = amdahl_bound(full, r.layer_kinds.count("moba"))
-            record["amdahl_bound_vs_full"] = bound
-            print(f"{r.name} / full: {record['speedup_vs_full']:.2f}x"
-                  + (f" (Amdahl bound {bound:.2f}x)" if bound else ""), flush=True)
+            record["amdahl_bound_vs_full"] = amdahl_bound(full, r.layer_kinds.count("moba"))
         records.append(record)
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    meta = dict(commit=_commit(), gpu=gpu, torch=torch.__version__, recipe=args.config,
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                protocol=dict(warmup=args.warmup, steps=args.steps))
-    out = Path(args.out or f"bench/results/train-{gpu.replace(' ', '_')}-{meta['commit'][:7]}-"
-                           f"{meta['date'].replace(':', '')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    return records
+
+
+def _write(out: Path, meta: dict, records: list[dict]) -> None:
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(dict(meta=meta, arms=records), indent=1))
     tmp.replace(out)
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU runs of session 6 (bench/NOTES.md), one H200, from the repository root of a device call:
+#   bash bench/h200_session6.sh fusions   # GPU tests, the fused kernels, the 32K training arms, #12's probe
+#   bash bench/h200_session6.sh long      # the 128K training arms
+# Wheels (.whl: megatron-core, pydantic, datasets, liger-kernel) and .baseline (the 1456a3d kernels) are carried.
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 GIT_COMMIT=${GIT_COMMIT:-unknown}
+ln -sfn ../kernels moba_train/kernels     # the GPU image's pip cannot install the checkout (see bench/NOTES.md)
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+RECIPE=configs/llama1b_moba_32k.yaml
+COMMON="data.kind=synthetic logging.progress_bar=off train.global_batch_size=2"
+PLAIN="model.fusions.rmsnorm=torch,model.fusions.swiglu=torch,model.fusions.rope=torch,model.fusions.cross_entropy=megatron"
+case "${1:-}" in
+fusions)
+  python3 -m pytest -q -p no:cacheprovider tests/test_fusions.py -k cuda 2>&1 | tail -3 | tee "$OUT/gpu-tests.log"
+  python3 scripts/bench_fusions.py --config $RECIPE --out "$OUT/fusions.json" 2>&1 | grep -v -i warn
+  python3 scripts/bench_attention.py --shapes s32k-b512,s32k-b128 --passes fwd --backends moba-triton,moba-triton-baseline \
+    --baseline .baseline --kernel-times --out "$OUT/attention-b512-fwd-kernels.json" 2>&1 | grep -v -i warn | tail -8
+  python3 scripts/bench_train.py --config $RECIPE $COMMON train.recompute=none --warmup 2 --steps 4 --profile \
+    --arm "full_plain:attention.mode=full,$PLAIN" --arm full:attention.mode=full \
+    --arm "moba512:attention.block_size=512,attention.topk=3" \
+    --arm "moba512_all:attention.block_size=512,attention.topk=3,attention.full_layers=0" \
+    --arm moba2048: --out "$OUT/train-32k.json" 2>&1 | grep -v -i warn | tail -30
+  ;;
+long)
+  L="train.seq_length=131072 model.max_position_embeddings=131072 train.global_batch_size=1"
+  python3 scripts/bench_train.py --config $RECIPE data.kind=synthetic logging.progress_bar=off $L --warmup 1 --steps 2 --profile \
+    --arm full:attention.mode=full,train.recompute=selective \
+    --arm "moba4096:attention.block_size=4096,attention.topk=4,train.recompute=selective" \
+    --arm "moba4096_all:attention.block_size=4096,attention.topk=4,attention.full_layers=0,train.recompute=selective" \
+    --arm "moba2048:attention.block_size=2048,attention.topk=4,train.recompute=selective" \
+    --arm "full_fullrecompute:attention.mode=full,train.recompute=full" \
+    --out "$OUT/train-128k.json" 2>&1 | grep -v -i warn | tail -30
+  ;;
+*) echo "usage: bash bench/h200_session6.sh fusions|long" >&2; exit 2 ;;
+esac

@@ -1,0 +1,210 @@
+"""Fused kernels for the dense parts of a Llama layer without Transformer Engine (`model.fusions`).
+
+Four operations, each with its plain path and the fused ones measured against it
+(`scripts/bench_fusions.py`, bench/results/fusions-*.json):
+
+    rmsnorm        torch    torch.nn.RMSNorm (Megatron's WrappedTorchNorm)
+                   liger    Liger-Kernel's Triton RMSNorm (LigerMegatronRMSNorm: one kernel each way,
+                            keeps only the input and the inverse RMS)
+                   compile  the Llama RMSNorm through torch.compile
+    swiglu         torch    Megatron's unfused chunk, SiLU, multiply (keeps both halves and SiLU's output)
+                   megatron Megatron's own fused SwiGLU (bias_activation_fusion: torch.compile'd
+                            forward and backward, keeps the fc1 output only)
+                   liger    Liger-Kernel's gate-up SiLU-multiply kernel on the concatenated fc1 output
+    rope           torch    Megatron's unfused rotation (cos and sin recomputed, four passes over q/k)
+                   compile  the same function through torch.compile (one kernel each way), installed
+                            where Megatron looks for Transformer Engine's fused RoPE
+    cross_entropy  megatron Megatron's vocab-parallel cross-entropy (unfused: several fp32 passes)
+                   megatron_fused  Megatron's native fused cross-entropy (cross_entropy_loss_fusion;
+                            it rounds the logits' gradient to bf16 whatever the training precision)
+                   liger    Liger-Kernel's vocab-parallel cross-entropy kernel (LigerMegatronCrossEntropy)
+
+`auto` (the default) takes FUSED_DEFAULTS on CUDA, the fastest alternative measured on an H200 at the
+1.1B recipe's shapes, and the plain path on CPU. Liger-Kernel's kernels run on CUDA only (its Triton
+kernels do not run in Triton's CPU interpreter); asking for one on CPU, or without the package, is one
+clear error. Every choice computes the same function: tests/test_fusions.py compares the fused model's
+loss and gradients with the plain one's (CPU: the torch.compile and Megatron paths; CUDA: all).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import Callable
+
+import torch
+
+from moba_train.config import Config, ConfigError
+
+OPS = ("rmsnorm", "swiglu", "rope", "cross_entropy")
+PLAIN = {"rmsnorm": "torch", "swiglu": "torch", "rope": "torch", "cross_entropy": "megatron"}
+FUSED_DEFAULTS = {"rmsnorm": "liger", "swiglu": "liger", "rope": "compile", "cross_entropy": "liger"}
+"""`auto` on CUDA. The measured choice per operation (bench/NOTES.md, session 6)."""
+WITHOUT_LIGER = {"rmsnorm": "compile", "swiglu": "megatron", "cross_entropy": "megatron_fused"}
+"""`auto` on CUDA where Liger-Kernel is not installed."""
+
+
+def liger_available() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def resolve(cfg: Config, device: torch.device) -> dict[str, str]:
+    """The implementation of each operation for `cfg` on `device` (`auto` resolved); ConfigError for a
+    choice this machine cannot run."""
+    chosen = {}
+    for op in OPS:
+        value = getattr(cfg.model.fusions, op)
+        if cfg.model.transformer_impl == "te" and op in ("rmsnorm", "swiglu"):
+            if value not in ("auto", "torch"):
+                raise ConfigError(f"model.fusions.{op}={value} applies to model.transformer_impl=local (Transformer "
+                                  f"Engine's layers fuse it themselves); set model.fusions.{op}=auto")
+            value = "torch"  # the spec's own: Transformer Engine's
+        if value == "auto":
+            value = FUSED_DEFAULTS[op] if device.type == "cuda" else PLAIN[op]
+            if value == "liger" and not liger_available():
+                value = WITHOUT_LIGER[op]
+        elif value == "liger" and device.type != "cuda":
+            raise ConfigError(f"model.fusions.{op}=liger needs a CUDA device (Liger-Kernel's Triton kernels do not run "
+                              f"on {device.type}); set model.fusions.{op}={PLAIN[op]} or auto")
+        elif value == "liger" and not liger_available():
+            raise ConfigError(f"model.fusions.{op}=liger needs liger-kernel (pip install liger-kernel); install it or "
+                              f"set model.fusions.{op}=auto")
+        chosen[op] = value
+    return chosen
+
+
+def transformer_config_kwargs(chosen: dict[str, str]) -> dict:
+    """TransformerConfig fields for the chosen implementations (install_rope first for rope=compile)."""
+    kwargs = {}
+    if chosen["swiglu"] == "megatron":
+        kwargs["bias_activation_fusion"] = True
+    elif chosen["swiglu"] == "liger":
+        # Megatron's MLP builds its activation from the spec's module when this flag is set (its hook for
+        # Transformer Engine's activations); the module sees the whole [gate | up] fc1 output.
+        kwargs["use_te_activation_func"] = True
+    if chosen["rope"] == "compile":
+        kwargs["apply_rope_fusion"] = True
+    if chosen["cross_entropy"] == "megatron_fused":
+        kwargs.update(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="native")
+    return kwargs
+
+
+def norm_module(chosen: dict[str, str], default: type) -> type:
+    """The RMSNorm module class for Megatron's layer specs (and the final norm)."""
+    if chosen["rmsnorm"] == "liger":
+        from liger_kernel.megatron import LigerMegatronRMSNorm
+
+        return LigerMegatronRMSNorm
+    if chosen["rmsnorm"] == "compile":
+        return CompiledRMSNorm
+    return default
+
+
+def activation_module(chosen: dict[str, str]) -> type | None:
+    return LigerSwiGLU if chosen["swiglu"] == "liger" else None
+
+
+def loss_function(chosen: dict[str, str]) -> Callable | None:
+    """Replacement for Megatron's cross-entropy, (logits [s, b, V/t], labels [s, b], tp_group) -> [s, b];
+    None keeps Megatron's (plain or native fused, decided by the TransformerConfig)."""
+    if chosen["cross_entropy"] != "liger":
+        return None
+    from liger_kernel.megatron import LigerMegatronCrossEntropy
+
+    return LigerMegatronCrossEntropy()
+
+
+# --- RMSNorm through torch.compile ------------------------------------------------------------------
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm: statistics in fp32, normalised input cast back, then the weight."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+@functools.cache
+def _compiled_rms_norm() -> Callable:
+    return torch.compile(_rms_norm, dynamic=False)
+
+
+class CompiledRMSNorm(torch.nn.Module):
+    """RMSNorm with Megatron's norm-module signature, computed by `_rms_norm` through torch.compile.
+    Its parameter is `weight`, as torch.nn.RMSNorm's: checkpoints and conversions are unchanged."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
+                 zero_centered_gamma: bool = False, normalization: str = "RMSNorm"):
+        super().__init__()
+        if normalization != "RMSNorm" or zero_centered_gamma:
+            raise ConfigError("model.fusions.rmsnorm=compile implements Llama's RMSNorm only")
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+        setattr(self.weight, "sequence_parallel", bool(getattr(config, "sequence_parallel", False)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _compiled_rms_norm()(x, self.weight, self.eps)
+
+
+# --- SwiGLU through Liger-Kernel ----------------------------------------------------------------------
+
+
+class LigerSwiGLU(torch.nn.Module):
+    """SiLU(gate) * up over Megatron's concatenated [gate | up] fc1 output, by Liger-Kernel's kernel (it
+    keeps the fc1 output only and recomputes SiLU in the backward)."""
+
+    def __init__(self, config=None):
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from liger_kernel.ops import LigerFusedGateUpSiLUMulFunction
+
+        shape = x.shape
+        out = LigerFusedGateUpSiLUMulFunction.apply(x.reshape(-1, shape[-1]), False)
+        return out.view(*shape[:-1], shape[-1] // 2)
+
+
+# --- RoPE through torch.compile -----------------------------------------------------------------------
+
+
+@functools.cache
+def _compiled_rope_bshd() -> Callable:
+    from megatron.core.models.common.embeddings import rope_utils
+
+    def rope(t: torch.Tensor, freqs: torch.Tensor, rotary_interleaved: bool = False) -> torch.Tensor:
+        return rope_utils._apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=rotary_interleaved)
+
+    return torch.compile(rope, dynamic=False)
+
+
+def _fused_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False, **_) -> torch.Tensor:
+    """Transformer Engine's fused_apply_rotary_pos_emb signature, [s, b, h, d] with freqs [s, 1, 1, d]."""
+    return _compiled_rope_bshd()(t, freqs, interleaved)
+
+
+def _fused_rope_thd(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor, cp_size: int = 1,
+                    cp_rank: int = 0, **_) -> torch.Tensor:
+    """Packed sequences (thd) stay on Megatron's own per-sequence path: the compiled kernel would be
+    recompiled for every document length."""
+    from megatron.core import parallel_state
+    from megatron.core.models.common.embeddings import rope_utils
+
+    group = parallel_state.get_context_parallel_group()
+    if (group.size(), group.rank()) != (cp_size, cp_rank):
+        raise RuntimeError(f"RoPE was asked for context-parallel rank {cp_rank} of {cp_size}, but this process is "
+                           f"rank {group.rank()} of {group.size()}")
+    return rope_utils._apply_rotary_pos_emb_thd(t, cu_seqlens, freqs, cp_group=group)
+
+
+def install_rope(chosen: dict[str, str]) -> None:
+    """For rope=compile, fill Megatron's hooks for a fused RoPE (left None without Transformer Engine, and
+    checked by TransformerConfig) with the compiled function. Process-wide, like the hooks themselves;
+    models whose config leaves apply_rope_fusion off never call them."""
+    if chosen["rope"] != "compile":
+        return
+    from megatron.core.models.common.embeddings import rope_utils
+
+    if rope_utils.fused_apply_rotary_pos_emb is None:
+        rope_utils.fused_apply_rotary_pos_emb = _fused_rope
+    if rope_utils.fused_apply_rotary_pos_emb_thd is None:
+        rope_utils.fused_apply_rotary_pos_emb_thd = _fused_rope_thd

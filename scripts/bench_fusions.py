@@ -1,0 +1,157 @@
+"""The dense parts' fused kernels against each other (moba_train/fusions.py): forward + backward time and
+error of every `model.fusions` choice at one recipe's shapes (one micro-batch), on one GPU.
+
+    python scripts/bench_fusions.py --config configs/llama1b_moba_32k.yaml [--out bench/results/fusions.json]
+
+Per operation: the median of do_bench (ms, forward and backward with a fixed output gradient), the memory
+the forward keeps for the backward (GiB), and the largest error of the output and of the input gradient
+against an fp32 computation of the same function, relative to that reference's largest magnitude.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from moba_train.cli import run_entry
+from moba_train.config import Config, load_config
+
+
+def cases(cfg: Config, device) -> dict:
+    """{op: (make_inputs, {choice: fn(*inputs) -> output tensor}, reference fp32 fn)}."""
+    import torch.nn.functional as F
+    from megatron.core import parallel_state
+    from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
+    from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    from moba_train import fusions
+    from moba_train.model import transformer_config
+
+    m, s = cfg.model, cfg.train.seq_length * cfg.train.micro_batch_size
+    h, ffn, d, bf16 = m.hidden_size, m.ffn_hidden_size, m.head_dim, torch.bfloat16
+    config = transformer_config(cfg)
+    tp = parallel_state.get_tensor_model_parallel_group()
+    out = {}
+
+    def norm(module_type):
+        module = module_type(config=config, hidden_size=h, eps=m.norm_epsilon).to(device, bf16)
+        return lambda x: module(x)
+
+    choices = {"torch": norm(WrappedTorchNorm), "compile": norm(fusions.CompiledRMSNorm)}
+    if fusions.liger_available():
+        from liger_kernel.megatron import LigerMegatronRMSNorm
+
+        choices["liger"] = norm(LigerMegatronRMSNorm)
+    out["rmsnorm"] = (lambda: (torch.randn(s, 1, h, device=device, dtype=bf16),),
+                      choices, lambda x: fusions._rms_norm(x.float(), torch.ones(h, device=device), m.norm_epsilon))
+
+    def swiglu_plain(x):
+        gate, up = torch.chunk(x, 2, dim=-1)
+        return F.silu(gate) * up
+
+    choices = {"torch": swiglu_plain, "megatron": lambda x: bias_swiglu_impl(x, None)}
+    if fusions.liger_available():
+        liger_swiglu = fusions.LigerSwiGLU()
+        choices["liger"] = liger_swiglu
+    out["swiglu"] = (lambda: (torch.randn(s, 1, 2 * ffn, device=device, dtype=bf16),), choices,
+                     lambda x: swiglu_plain(x.float()))
+
+    inv_freq = 1.0 / (m.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+    freqs = torch.outer(torch.arange(s, device=device, dtype=torch.float32), inv_freq)
+    freqs = torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
+    out["rope"] = (lambda: (torch.randn(s, 1, m.num_attention_heads, d, device=device, dtype=bf16),),
+                   {"torch": lambda t: rope_utils._apply_rotary_pos_emb_bshd(t, freqs),
+                    "compile": lambda t: fusions._fused_rope(t, freqs)},
+                   lambda t: rope_utils._apply_rotary_pos_emb_bshd(t.float(), freqs))
+
+    vocab = m.vocab_size
+    labels = torch.randint(0, vocab, (s, 1), device=device)
+    choices = {"megatron": lambda z: vocab_parallel_cross_entropy(z, labels),
+               "megatron_fused": lambda z: fused_vocab_parallel_cross_entropy(z, labels, tp)}
+    if fusions.liger_available():
+        from liger_kernel.megatron import LigerMegatronCrossEntropy
+
+        liger_ce = LigerMegatronCrossEntropy()
+        choices["liger"] = lambda z: liger_ce(z, labels, tp)
+    out["cross_entropy"] = (lambda: (torch.randn(s, 1, vocab, device=device, dtype=bf16) * 3,), choices,
+                            lambda z: F.cross_entropy(z.float().view(-1, vocab), labels.view(-1),
+                                                      reduction="none").view(s, 1))
+    return out
+
+
+def measure(make_inputs, fn, reference) -> dict:
+    from triton.testing import do_bench
+
+    inputs = [x.requires_grad_() for x in make_inputs()]
+    with torch.no_grad():
+        sample = fn(*inputs)
+    grad_out = torch.randn_like(sample)
+
+    def step():
+        fn(*inputs).backward(grad_out)
+        for x in inputs:
+            x.grad = None
+
+    step()  # compile / autotune
+    ms = do_bench(step, warmup=10, rep=100, return_mode="median")
+    # Fresh inputs for the error and memory (Megatron's cross-entropy overwrites its logits in place).
+    fresh = [x.detach() for x in make_inputs()]
+    inputs = [x.clone().requires_grad_() for x in fresh]
+    leaves = [x.float().requires_grad_() for x in fresh]
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    result = fn(*inputs)
+    kept = torch.cuda.memory_allocated() - before - result.numel() * result.element_size()
+    result.backward(grad_out)
+    want = reference(*leaves)
+    want.backward(grad_out.float())
+
+    def rel(a, b):
+        return ((a.float() - b).abs().max() / b.abs().max()).item()
+
+    return {"ms": ms, "kept_gib": kept / 2**30, "out_rel_err": rel(result.detach(), want.detach()),
+            "grad_rel_err": rel(inputs[0].grad, leaves[0].grad)}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="recipe YAML (its model and train.seq_length set the shapes)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    parser.add_argument("--out", help="JSON path (default bench/results/fusions-<gpu>-<commit>.json)")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, [*args.overrides, "run.device=cuda"])
+    if not torch.cuda.is_available():
+        parser.error("CUDA is not available: the fused kernels are measured on a GPU")
+    from moba_train import distributed
+
+    distributed.init_distributed(cfg)
+    device = torch.device("cuda")
+    results = {}
+    for op, (make_inputs, choices, reference) in cases(cfg, device).items():
+        results[op] = {}
+        for choice, fn in choices.items():
+            results[op][choice] = record = measure(make_inputs, fn, reference)
+            print(f"{op:14} {choice:15} {record['ms']:8.3f} ms  kept {record['kept_gib']:6.2f} GiB  "
+                  f"err out {record['out_rel_err']:.1e} grad {record['grad_rel_err']:.1e}", flush=True)
+            torch.cuda.empty_cache()
+    commit = os.environ.get("GIT_COMMIT", "unknown")
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit,
+            "config": args.config, "overrides": args.overrides, "tokens": cfg.train.seq_length * cfg.train.micro_batch_size,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    out = Path(args.out or f"bench/results/fusions-{meta['gpu'].replace(' ', '_')}-{commit[:7]}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    print(f"wrote {out}")
+    distributed.destroy_distributed()
+
+
+if __name__ == "__main__":
+    run_entry(main)

@@ -1,0 +1,139 @@
+"""model.fusions: every fused implementation computes what the plain model computes (loss and every
+gradient), the choices resolve per device, and what a machine cannot run is one clear error.
+
+On CPU the torch.compile and Megatron fusions run here; Liger-Kernel's Triton kernels run on CUDA only
+(the CUDA test runs in the GPU session: bench/results/gpu-tests-*.log)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moba_train import distributed, fusions
+from moba_train.config import Config, ConfigError
+from moba_train.model import build_model, forward_step
+
+SEQ = 64
+
+
+def tiny(fused: dict | None = None, **sections) -> Config:
+    raw = {
+        "model": {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 160, "num_attention_heads": 4,
+                  "num_query_groups": 2, "vocab_size": 250, "make_vocab_size_divisible_by": 64,
+                  "fusions": dict(fusions.PLAIN, **(fused or {}))},
+        "attention": {"block_size": 16, "topk": 2, "full_layers": 1},
+        "train": {"seq_length": SEQ},
+    }
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return Config.model_validate(raw)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_process():
+    distributed.init_distributed(tiny())
+    yield
+    distributed.destroy_distributed()
+
+
+def batch(b: int = 2, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 250, (b, SEQ + 1), generator=gen)
+    return {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
+            "loss_mask": (torch.rand(b, SEQ, generator=gen) > 0.2).float(),
+            "position_ids": torch.arange(SEQ).expand(b, SEQ).contiguous(),
+            "cu_seqlens": torch.arange(0, (b + 1) * SEQ, SEQ, dtype=torch.int32)}
+
+
+def loss_and_grads(cfg: Config, data: dict):
+    distributed.set_seed(7)
+    model = build_model(cfg)
+    loss_sum, count = forward_step(model, data)
+    (loss_sum / count).backward()
+    return (loss_sum / count).detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, model
+
+
+def test_auto_is_plain_on_cpu_and_the_measured_fusions_on_cuda():
+    cfg = Config.model_validate({})
+    assert fusions.resolve(cfg, torch.device("cpu")) == fusions.PLAIN
+    expected = fusions.FUSED_DEFAULTS if fusions.liger_available() else dict(fusions.FUSED_DEFAULTS, **fusions.WITHOUT_LIGER)
+    assert fusions.resolve(cfg, torch.device("cuda")) == expected
+
+
+def test_what_this_machine_cannot_run_is_one_clear_error():
+    cfg = Config.model_validate({"model": {"fusions": {"rmsnorm": "liger"}}})
+    with pytest.raises(ConfigError, match=r"model.fusions.rmsnorm=liger needs a CUDA device.*set model.fusions"):
+        fusions.resolve(cfg, torch.device("cpu"))
+    te = Config.model_validate({"model": {"transformer_impl": "te", "fusions": {"swiglu": "megatron"}}})
+    with pytest.raises(ConfigError, match="Transformer Engine's layers fuse it themselves"):
+        fusions.resolve(te, torch.device("cuda"))
+
+
+@pytest.mark.parametrize("op,choice", [("rmsnorm", "compile"), ("swiglu", "megatron"), ("rope", "compile"),
+                                       ("cross_entropy", "megatron_fused")])
+def test_each_fusion_computes_the_plain_models_loss_and_gradients(op, choice):
+    data = batch()
+    reference_loss, reference_grads, plain = loss_and_grads(tiny(), data)
+    loss, grads, fused = loss_and_grads(tiny({op: choice}), data)
+    assert fused.state_dict().keys() == plain.state_dict().keys()  # checkpoints and conversions unchanged
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == reference_grads.keys()
+    # Megatron's native fused cross-entropy rounds the logits' gradient to bf16 (its code does, whatever the
+    # training precision): about 2^-9 relative, so its gradients are compared at bf16's resolution.
+    for name, grad in grads.items():
+        reference = reference_grads[name]
+        rtol, atol = (1e-2, 4e-3 * reference.abs().max().item()) if choice == "megatron_fused" else (1e-4, 1e-6)
+        torch.testing.assert_close(grad, reference, rtol=rtol, atol=atol, msg=name)
+    # The choice took effect where it should (a fusion that silently fell back would pass the above).
+    layer = fused.decoder.layers[0]
+    if op == "rmsnorm":
+        assert isinstance(layer.input_layernorm, fusions.CompiledRMSNorm)
+        assert isinstance(fused.decoder.final_layernorm, fusions.CompiledRMSNorm)
+    elif op == "swiglu":
+        assert layer.config.bias_activation_fusion
+    elif op == "rope":
+        from megatron.core.models.common.embeddings import rope_utils
+
+        assert layer.config.apply_rope_fusion and rope_utils.fused_apply_rotary_pos_emb is fusions._fused_rope
+    else:
+        assert layer.config.cross_entropy_loss_fusion and layer.config.cross_entropy_fusion_impl == "native"
+
+
+def test_the_compiled_rope_keeps_packed_documents_exact():
+    """Packed documents (thd) take Megatron's per-sequence RoPE through the hook."""
+    data = batch()
+    data["cu_seqlens"] = torch.tensor([0, 20, 64, 100, 128], dtype=torch.int32)
+    positions = torch.cat([torch.arange(n) for n in (20, 44, 36, 28)]).view(2, SEQ)
+    data["position_ids"] = positions
+    reference_loss, reference_grads, _ = loss_and_grads(tiny(), data)
+    loss, grads, _ = loss_and_grads(tiny({"rope": "compile"}), data)
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_selective_recomputation_recomputes_the_mlp_only():
+    data = batch()
+    reference_loss, reference_grads, _ = loss_and_grads(tiny(), data)
+    loss, grads, model = loss_and_grads(tiny(train={"recompute": "selective"}), data)
+    layer = model.decoder.layers[0]
+    assert layer.recompute_mlp and layer.config.recompute_modules == ["mlp"]  # the attention never runs twice
+    torch.testing.assert_close(loss, reference_loss, rtol=0, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger-Kernel's kernels run on CUDA only")
+def test_liger_fusions_compute_the_plain_models_loss_and_gradients_on_cuda():
+    pytest.importorskip("liger_kernel")
+    data = batch()
+    liger = {"rmsnorm": "liger", "swiglu": "liger", "cross_entropy": "liger"}
+    reference_loss, reference_grads, _ = loss_and_grads(tiny(run={"device": "cuda"}, train={"precision": "fp32"}), data)
+    loss, grads, model = loss_and_grads(tiny(liger, run={"device": "cuda"}, train={"precision": "fp32"}), data)
+    from liger_kernel.megatron import LigerMegatronRMSNorm
+
+    assert isinstance(model.decoder.layers[0].input_layernorm, LigerMegatronRMSNorm)
+    assert isinstance(model.decoder.layers[0].mlp.activation_func, fusions.LigerSwiGLU)
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], rtol=1e-3, atol=1e-5, msg=name)
