@@ -24,14 +24,23 @@ fusions)
     --arm moba2048: --out "$OUT/train-32k.json" 2>&1 | grep -v -i warn | tail -30
   ;;
 long)
+  python3 -m pytest -q -p no:cacheprovider tests/attention/test_sdpa_backend.py tests/test_fusions.py -k cuda 2>&1 | tail -3 | tee "$OUT/gpu-tests-long.log"
+  python3 scripts/bench_attention.py --set recipes --shapes r32k-b2048 --passes fwdbwd --backends sdpa,sdpa-cudnn \
+    --out "$OUT/attention-full-r32k.json" 2>&1 | grep -v -i warn | tail -3
+  python3 scripts/bench_attention.py --shapes s32k-b512 --passes fwd --backends moba-triton,moba-triton-direct,moba-triton-baseline \
+    --baseline .baseline --kernel-times --out "$OUT/attention-b512-fwd-direct.json" 2>&1 | grep -v -i warn | tail -4
   L="train.seq_length=131072 model.max_position_embeddings=131072 train.global_batch_size=1"
   python3 scripts/bench_train.py --config $RECIPE data.kind=synthetic logging.progress_bar=off $L --warmup 1 --steps 2 --profile \
-    --arm full:attention.mode=full,train.recompute=selective \
     --arm "moba4096:attention.block_size=4096,attention.topk=4,train.recompute=selective" \
+    --arm full:attention.mode=full,train.recompute=selective \
     --arm "moba4096_all:attention.block_size=4096,attention.topk=4,attention.full_layers=0,train.recompute=selective" \
+    --arm "moba4096_fullrc:attention.block_size=4096,attention.topk=4,train.recompute=full" \
     --arm "moba2048:attention.block_size=2048,attention.topk=4,train.recompute=selective" \
-    --arm "full_fullrecompute:attention.mode=full,train.recompute=full" \
-    --out "$OUT/train-128k.json" 2>&1 | grep -v -i warn | tail -30
+    --arm "full_cudnn:attention.mode=full,attention.full_backend=cudnn,train.recompute=selective" \
+    --out "$OUT/train-128k.json" 2>&1 | grep -v -i warn | tail -24
+  python3 scripts/bench_train.py --config $RECIPE $COMMON train.recompute=none --warmup 2 --steps 4 --profile \
+    --arm full:attention.mode=full --arm full_cudnn:attention.mode=full,attention.full_backend=cudnn \
+    --out "$OUT/train-32k-full.json" 2>&1 | grep -v -i warn | tail -8
   ;;
 *) echo "usage: bash bench/h200_session6.sh fusions|long" >&2; exit 2 ;;
 esac

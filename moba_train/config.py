@@ -46,8 +46,8 @@ class RopeScalingConfig(_Section):
 
 class FusionsConfig(_Section):
     """Fused kernels for the dense parts (moba_train/fusions.py). auto: on CUDA the fastest measured on an
-    H200 (Liger-Kernel's RMSNorm, SwiGLU and cross-entropy, RoPE through torch.compile), on CPU the plain
-    paths."""
+    H200 (PyTorch's RMSNorm, Liger-Kernel's SwiGLU and cross-entropy, RoPE through torch.compile), on CPU the
+    plain paths."""
 
     rmsnorm: Literal["auto", "torch", "liger", "compile"] = "auto"
     swiglu: Literal["auto", "torch", "megatron", "liger"] = "auto"
@@ -129,6 +129,10 @@ class AttentionConfig(_Section):
     """MoBA implementation (see moba_train.attention); auto picks the fastest for the device and shape."""
     shared_gqa_selection: bool = False
     """Heads of one KV group share one block selection (sum of their gate scores)."""
+    full_backend: Literal["auto", "sdpa", "cudnn"] = "auto"
+    """Full-attention layers' kernel for sequences of one length (packed documents take FA2 varlen): sdpa is
+    PyTorch's choice (FlashAttention-2 on an H200), cudnn is cuDNN's fused attention through SDPA (CUDA;
+    K/V repeated to the query heads). auto: see moba_train.attention.full_attention."""
 
 
 class ParallelConfig(_Section):

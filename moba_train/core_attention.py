@@ -170,7 +170,11 @@ class MoBACoreAttention(_CoreAttention):
 
 
 class FullCoreAttention(_CoreAttention):
-    """Full causal attention per sequence (moba_train.attention.full_attention)."""
+    """Full causal attention per sequence (moba_train.attention.full_attention; attention.full_backend)."""
+
+    def __init__(self, *args, sdpa_backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sdpa_backend = sdpa_backend
 
     def attend(self, q, k, v, **offsets):
-        return full_attention(q, k, v, **offsets, softmax_scale=self.softmax_scale)
+        return full_attention(q, k, v, **offsets, softmax_scale=self.softmax_scale, sdpa_backend=self.sdpa_backend)

@@ -137,7 +137,7 @@ def layer_specs(cfg: Config) -> list[ModuleSpec]:
                 "shared_gqa_selection": att.shared_gqa_selection,
             },
         ),
-        "full": ModuleSpec(module=FullCoreAttention),
+        "full": ModuleSpec(module=FullCoreAttention, params={"sdpa_backend": att.full_backend}),
     }
     base, _ = _base_layer_spec(cfg)
     specs = []

@@ -82,7 +82,12 @@ TINY = [
     Shape("tiny-b32", 2, 4, 256, 32, 3, ("fwd", "fwdbwd"), head_dim=32),
     Shape("tiny-b16", 1, 2, 200, 16, 8, ("fwd",), head_dim=32),
 ]
-BACKENDS = ("sdpa", "fa2-varlen", "moba-torch", "moba-varlen", "moba-triton", "moba-triton-baseline")
+BACKENDS = ("sdpa", "sdpa-cudnn", "fa2-varlen", "moba-torch", "moba-varlen", "moba-triton", "moba-triton-direct",
+            "moba-triton-baseline")
+"""sdpa-cudnn: SDPA restricted to cuDNN's attention (K/V repeated to the query heads where it refuses GQA);
+moba-triton-direct: the kernels' own entry, moba_train.kernels.moba_attention_triton, as moba-triton-baseline
+calls the baseline's (moba-triton goes through moba_train.attention.moba_attention, whose Python checks and
+dispatch a forward-only timing, which synchronises every call, also counts)."""
 SETS = {"standard": STANDARD, "recipes": RECIPES, "tiny": TINY}
 BASELINE = None  # the `kernels` package of --baseline DIR
 TORCH_BACKEND_MAX_SEQLEN = 32 * K
@@ -93,11 +98,13 @@ CHECK_TOKENS_NAIVE = 2 * K
 
 
 def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
-    names = ["sdpa"]
+    names = ["sdpa"] + (["sdpa-cudnn"] if device.type == "cuda" else [])
     if varlen.available(device, dtype):
         names.append("fa2-varlen")
     names.append("moba-torch")
     names += [f"moba-{b}" for b in ("varlen", "triton") if backend_available(b, device, dtype)]
+    if "moba-triton" in names:
+        names.append("moba-triton-direct")
     return names
 
 
@@ -111,6 +118,22 @@ def attention_fn(backend: str, shape: Shape):
             out = F.scaled_dot_product_attention(q_b, k_b, v_b, is_causal=True, enable_gqa=shape.hkv != shape.heads)
             return out.transpose(1, 2).reshape(q.shape)
         return sdpa
+    if backend == "sdpa-cudnn":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def sdpa_cudnn(q, k, v, cu):
+            b = cu.numel() - 1
+            q_b, k_b, v_b = (x.view(b, -1, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
+            if shape.hkv != shape.heads:
+                k_b, v_b = (x.repeat_interleave(shape.heads // shape.hkv, dim=1) for x in (k_b, v_b))
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                out = F.scaled_dot_product_attention(q_b, k_b, v_b, is_causal=True)
+            return out.transpose(1, 2).reshape(q.shape)
+        return sdpa_cudnn
+    if backend == "moba-triton-direct":
+        from moba_train.kernels import moba_attention_triton
+
+        return lambda q, k, v, cu: moba_attention_triton(q, k, v, cu, shape.block, shape.topk)
     if backend == "moba-triton-baseline":
         return lambda q, k, v, cu: BASELINE.moba_attention_triton(q, k, v, cu, shape.block, shape.topk)
     if backend == "fa2-varlen":
@@ -125,7 +148,7 @@ def attention_fn(backend: str, shape: Shape):
 def reference_fn(backend: str, shape: Shape, device: torch.device):
     if backend == "sdpa":
         return None
-    if backend == "fa2-varlen":
+    if backend in ("fa2-varlen", "sdpa-cudnn"):
         return lambda q, k, v, cu: full_attention(q.float(), k.float(), v.float(), cu_seqlens=cu)
     if device.type == "cpu" or backend == "moba-torch":
         return attention_fn("moba-naive", shape)

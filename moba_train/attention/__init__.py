@@ -319,8 +319,14 @@ def moba_selection(
     return torch_backend.local_selection(torch_backend.select_blocks(q, k, layout, topk, shared_gqa_selection), layout)
 
 
+SDPA_BACKENDS = ("auto", "sdpa", "cudnn")
+AUTO_SDPA_BACKEND = "sdpa"
+"""What sdpa_backend="auto" takes on CUDA (bench/NOTES.md, session 6, measured both on an H200)."""
+
+
 def full_attention(
-    q, k, v, *, cu_seqlens=None, softmax_scale=None, cu_seqlens_q=None, cu_seqlens_k=None, host_cu_seqlens=None
+    q, k, v, *, cu_seqlens=None, softmax_scale=None, cu_seqlens_q=None, cu_seqlens_k=None, host_cu_seqlens=None,
+    sdpa_backend="auto",
 ) -> torch.Tensor:
     """Causal attention per sequence: q [Tq, Hq, D], k/v [Tk, Hkv, D] -> [Tq, Hq, D]. Differentiable.
     Offsets as for `moba_attention` (queries a suffix of their keys: bottom-right causal alignment).
@@ -328,8 +334,16 @@ def full_attention(
     CUDA with fp16/bf16 and several sequences (or queries fewer than keys): one FA2 `varlen_attn` call.
     Otherwise SDPA (GQA through `enable_gqa`, no repeated K/V): one batched call when all sequences have
     the same lengths, else one call per sequence; a bottom-right causal mask where queries are fewer.
+    `sdpa_backend` "cudnn" runs the batched call on cuDNN's fused attention (CUDA only; K/V repeated to the
+    query heads, which it needs), "sdpa" leaves the choice to PyTorch, "auto" is AUTO_SDPA_BACKEND on CUDA.
     """
     _check_tensors(q, k, v)
+    if sdpa_backend not in SDPA_BACKENDS:
+        raise ValueError(f"sdpa_backend must be one of {', '.join(SDPA_BACKENDS)}, got {sdpa_backend!r}.")
+    if sdpa_backend == "cudnn" and q.device.type != "cuda":
+        raise ValueError(f"sdpa_backend 'cudnn' needs CUDA tensors, got {q.device.type}; use 'sdpa' or 'auto'.")
+    cudnn = q.device.type == "cuda" and (sdpa_backend == "cudnn" or (sdpa_backend == "auto"
+                                                                     and AUTO_SDPA_BACKEND == "cudnn"))
     _, _, bounds_q, bounds_k = _offsets(q, k, cu_seqlens, cu_seqlens_q, cu_seqlens_k, host_cu_seqlens)
     scale = _scale(softmax_scale, q.shape[-1])
     lengths_q = [b - a for a, b in zip(bounds_q[:-1], bounds_q[1:])]
@@ -343,7 +357,15 @@ def full_attention(
     if pairs and all(pair == pairs[0] for pair in pairs) and not suffix:
         n = pairs[0][0]
         q_b, k_b, v_b = (x.view(-1, n, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
-        out = F.scaled_dot_product_attention(q_b, k_b, v_b, is_causal=True, scale=scale, enable_gqa=gqa)
+        if cudnn:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            if gqa:
+                k_b, v_b = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k_b, v_b))
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                out = F.scaled_dot_product_attention(q_b, k_b, v_b, is_causal=True, scale=scale)
+        else:
+            out = F.scaled_dot_product_attention(q_b, k_b, v_b, is_causal=True, scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2).reshape(q.shape)
     parts = []
     for qa, qb, ka, kb in zip(bounds_q[:-1], bounds_q[1:], bounds_k[:-1], bounds_k[1:]):
