@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU runs of session 6 (bench/NOTES.md), one H200, from the repository root of a device call:
 #   bash bench/h200_session6.sh fusions   # GPU tests, the fused kernels, the 32K training arms, #12's probe
-#   bash bench/h200_session6.sh long      # the 128K training arms
+#   bash bench/h200_session6.sh long      # the 128K training arms, cuDNN attention, the direct kernel entry
+#   bash bench/h200_session6.sh sparse    # 128K: sparser MoBA settings against full attention
 # Wheels (.whl: megatron-core, pydantic, datasets, liger-kernel) and .baseline (the 1456a3d kernels) are carried.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -42,5 +43,15 @@ long)
     --arm full:attention.mode=full --arm full_cudnn:attention.mode=full,attention.full_backend=cudnn \
     --out "$OUT/train-32k-full.json" 2>&1 | grep -v -i warn | tail -8
   ;;
-*) echo "usage: bash bench/h200_session6.sh fusions|long" >&2; exit 2 ;;
+sparse)
+  L="train.seq_length=131072 model.max_position_embeddings=131072 train.global_batch_size=1 train.recompute=selective"
+  python3 scripts/bench_train.py --config $RECIPE data.kind=synthetic logging.progress_bar=off $L --warmup 1 --steps 2 --profile \
+    --arm "moba1024:attention.block_size=1024,attention.topk=4" \
+    --arm "moba2048t3:attention.block_size=2048,attention.topk=3" \
+    --arm "moba1024_all:attention.block_size=1024,attention.topk=4,attention.full_layers=0" \
+    --arm "moba2048_all:attention.block_size=2048,attention.topk=4,attention.full_layers=0" \
+    --arm full:attention.mode=full \
+    --out "$OUT/train-128k-sparse.json" 2>&1 | grep -v -i warn | tail -20
+  ;;
+*) echo "usage: bash bench/h200_session6.sh fusions|long|sparse" >&2; exit 2 ;;
 esac
