@@ -6,6 +6,7 @@
         --arm moba: --arm full:attention.mode=full --profile
     python scripts/bench_train.py --config configs/tiny_moba.yaml data.kind=synthetic --arm moba: --steps 2 --warmup 1
         # a CPU smoke run (the test suite runs one)
+    python scripts/bench_train.py --table bench/results/train-*.json   # a Markdown table of committed results
 
 Each arm is NAME:OVERRIDES (comma-separated section.key=value, applied after the common ones). The arm
 named `full` (if any) is the reference of the speed-up column; with --profile the table also gives the
@@ -40,6 +41,11 @@ def _commit() -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--table"]:  # the README's training table from committed results
+        print(markdown_table([json.loads(Path(path).read_text()) for path in argv[1:]]))
+        return
     parser.add_argument("--config", required=True, help="recipe YAML")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every arm")
     parser.add_argument("--arm", action="append", required=True, metavar="NAME:OVERRIDES")
@@ -98,6 +104,30 @@ def main(argv=None) -> None:
                   + (f" (Amdahl bound {record['amdahl_bound_vs_full']:.2f}x)"
                      if record.get("amdahl_bound_vs_full") else ""), flush=True)
     print(f"wrote {out}")
+
+
+def markdown_table(runs: list[dict]) -> str:
+    """One row per arm of the given result files (bench_train's JSON): the README's training table."""
+    lines = ["| run (commit) | arm | seq | attention | recompute | tokens/s | MFU | peak GiB | vs full | Amdahl bound |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        for arm in run["arms"]:
+            if "error" in arm:
+                lines.append(f"| {run['meta']['commit'][:7]} | {arm['name']} | | | | {arm['error']} | | | | |")
+                continue
+            kinds = arm["layer_kinds"]
+            moba = kinds.count("moba")
+            cfg = load_config(run["meta"]["recipe"], arm["overrides"])  # the arm's block and top-k
+            attention = "full" if not moba else (f"MoBA b{cfg.attention.block_size} top-{cfg.attention.topk}, "
+                                                 f"{len(kinds) - moba} full")
+            speedup, bound = arm.get("speedup_vs_full"), arm.get("amdahl_bound_vs_full")
+            mfu = "" if arm.get("mfu") is None else f"{100 * arm['mfu']:.1f}%"
+            peak = "" if arm.get("peak_allocated_gib") is None else f"{arm['peak_allocated_gib']:.1f}"
+            lines.append(
+                f"| {run['meta']['commit'][:7]} | {arm['name']} | {arm['seq_length'] // 1024}K | {attention} | "
+                f"{arm['recompute']} | {arm['tokens_per_s']:,.0f} | {mfu} | {peak} | "
+                f"{'' if speedup is None else f'{speedup:.2f}x'} | {'' if not bound else f'{bound:.2f}x'} |")
+    return "\n".join(lines)
 
 
 def _records(results: list) -> list[dict]:

@@ -31,6 +31,14 @@ def test_two_arms_write_consistent_records(tmp_path):
         assert abs(r["tflops_per_gpu"] - flops / r["median_step_s"] / 1e12) < 1e-9
     assert arms["full"]["layer_kinds"] == ["full"] * 3 and arms["moba"]["layer_kinds"] == ["moba", "moba", "full"]
     assert abs(arms["moba"]["speedup_vs_full"] - arms["moba"]["tokens_per_s"] / arms["full"]["tokens_per_s"]) < 1e-9
+    # The README's table from the same JSON: one row per arm with the recipe's block and top-k and the rates.
+    table = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--table", str(out)],
+                           capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0, table.stderr[-2000:]
+    rows = [line for line in table.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    moba_row = next(r for r in rows if "| moba |" in r)
+    assert "MoBA b64 top-3, 1 full" in moba_row and f"{arms['moba']['tokens_per_s']:,.0f}" in moba_row
+    assert f"{arms['moba']['speedup_vs_full']:.2f}x" in moba_row and len(rows) == 2
 
 
 def test_a_bad_arm_is_one_line_and_exit_2():
