@@ -30,7 +30,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "ruff"],
-        "triton": ["triton>=3.2"],
+        "triton": ["triton>=3.2", "liger-kernel>=0.8"],  # the MoBA kernels; Liger's fused dense kernels (CUDA)
         # Optional accelerations; never required, never pinned.
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],
     },

@@ -50,9 +50,13 @@ class FusionsConfig(_Section):
     plain paths."""
 
     rmsnorm: Literal["auto", "torch", "liger", "compile"] = "auto"
+    """torch (PyTorch's RMSNorm, auto), liger (Liger-Kernel, CUDA) or compile (torch.compile)."""
     swiglu: Literal["auto", "torch", "megatron", "liger"] = "auto"
+    """torch (unfused), megatron (Megatron's fused SwiGLU) or liger (Liger-Kernel, CUDA; auto on CUDA)."""
     rope: Literal["auto", "torch", "compile"] = "auto"
+    """torch (Megatron's unfused RoPE) or compile (torch.compile, auto on CUDA)."""
     cross_entropy: Literal["auto", "megatron", "megatron_fused", "liger"] = "auto"
+    """megatron (unfused), megatron_fused (its gradient rounded to bf16) or liger (Liger-Kernel, CUDA; auto on CUDA)."""
 
 
 class ModelConfig(_Section):
