@@ -7,12 +7,14 @@ not counted), peak memory allocated and reserved.
 With `profile=True` one more step runs under the PyTorch profiler and its GPU kernel time is split by
 kernel name into: MoBA attention (the Triton kernels of moba_train.kernels), full attention (flash / SDPA
 kernels), matrix products (GEMMs), norms/activations/RoPE and other elementwise kernels, loss (cross
-entropy), optimizer (Adam and the gradient-norm kernels), communication (NCCL); host gaps are the step's
-wall time not covered by any kernel.
+entropy), optimizer (Adam and the gradient-norm kernels), communication (NCCL); host gaps are the median
+unprofiled step's time not covered by any kernel (`gpu_idle`; the train-*.json results of session 6 and
+before took the profiled step's own wall time, which counted the profiler's overhead as gaps).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import statistics
@@ -68,17 +70,29 @@ class StepBenchmark:
     diagnostics_overhead: float | None = None  # diagnostics_s / (logging.moba_diag_interval x median step)
 
 
-def _breakdown(step, device) -> dict[str, float]:
-    """Seconds of GPU kernel time per category over one step, plus host gaps."""
+def gpu_idle(busy_us: list[tuple[float, float]], step_s: float) -> float:
+    """Seconds of a step of `step_s` in which no kernel ran: the step minus the union of the kernels'
+    (start, end) intervals in microseconds. `step_s` is the unprofiled step's time: the profiler slows the
+    host side of the step it records (by about 0.17 s of a 1.9 s step at 32K), so that step's own wall time
+    would count its overhead as idle GPU."""
+    covered, end = 0.0, -math.inf
+    for start, stop in sorted(busy_us):
+        if stop > end:
+            covered += (stop - max(start, end)) / 1e6
+            end = stop
+    return max(step_s - covered, 0.0)
+
+
+def _breakdown(step, device, step_s: float) -> dict[str, float]:
+    """Seconds of GPU kernel time per category over one step, plus host gaps (`gpu_idle` of a step of
+    `step_s`, the median unprofiled step)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    started = time.perf_counter()
     with profile(activities=activities) as prof:
         step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    wall = time.perf_counter() - started
     seconds: dict[str, float] = {}
     busy = []
     for event in prof.events():
@@ -86,12 +100,7 @@ def _breakdown(step, device) -> dict[str, float]:
             seconds[kernel_category(event.name)] = seconds.get(kernel_category(event.name), 0.0) + \
                 event.device_time / 1e6
             busy.append((event.time_range.start, event.time_range.end))
-    covered, end = 0.0, -math.inf
-    for start, stop in sorted(busy):  # union of kernel intervals (microseconds)
-        if stop > end:
-            covered += (stop - max(start, end)) / 1e6
-            end = stop
-    seconds["host_gaps"] = max(wall - covered, 0.0)
+    seconds["host_gaps"] = gpu_idle(busy, step_s)
     return dict(sorted(seconds.items()))
 
 
@@ -142,8 +151,8 @@ def run_arm(cfg: Config, name: str, overrides: list[str], warmup: int, steps: in
         cuda = env.device.type == "cuda"
         peak = (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30) if cuda \
             else (None, None)
-        breakdown = _breakdown(step, env.device) if profile else {}
         median = statistics.median(times)
+        breakdown = _breakdown(step, env.device, median) if profile else {}
         diagnostics_s = overhead = None
         if diagnostics and "moba" in cfg.layer_kinds() and cfg.logging.moba_diag_interval:
             from moba_train.diagnostics import RoutingDiagnostics
@@ -177,12 +186,14 @@ def run_arm(cfg: Config, name: str, overrides: list[str], warmup: int, steps: in
             torch.cuda.empty_cache()
 
 
-def amdahl_bound(full: StepBenchmark, moba_layers: int) -> float | None:
+def amdahl_bound(full: StepBenchmark | dict, moba_layers: int) -> float | None:
     """The largest MoBA / full speed-up the full-attention arm allows: its step time over the step time left
-    if the attention of the layers that MoBA replaces cost nothing (needs the full arm's breakdown)."""
-    attention = full.breakdown_s.get("full_attention")
+    if the attention of the layers that MoBA replaces cost nothing (needs the full arm's breakdown). Takes
+    the arm or its JSON record; the step is the median unprofiled one (the profiled step is slower)."""
+    record = dataclasses.asdict(full) if isinstance(full, StepBenchmark) else full
+    attention = (record.get("breakdown_s") or {}).get("full_attention")
     if attention is None:
         return None
-    saved = attention * moba_layers / len(full.layer_kinds)
-    profiled = sum(full.breakdown_s.values())
-    return profiled / max(profiled - saved, 1e-12)
+    saved = attention * moba_layers / len(record["layer_kinds"])
+    step = record["median_step_s"]
+    return step / max(step - saved, 1e-12)

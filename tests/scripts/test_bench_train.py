@@ -46,3 +46,15 @@ def test_a_bad_arm_is_one_line_and_exit_2():
         [sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--config", str(ROOT / "configs" / "tiny_moba.yaml"),
          "--arm", "nocolon"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().startswith("error: --arm 'nocolon' is not NAME:OVERRIDES")
+
+
+def test_gpu_idle_is_the_unprofiled_step_minus_the_union_of_kernel_intervals():
+    """The profiled step runs slower on the host than the timed ones; only the timed step's length counts
+    (the 32K full-attention arm reported 0.17 s of host gaps that were the profiler's own overhead: its
+    kernels covered 1.917 s of a 1.921 s step)."""
+    from moba_train.benchmarking import gpu_idle
+
+    kernels_us = [(0.0, 400_000.0), (300_000.0, 900_000.0), (1_000_000.0, 1_500_000.0)]  # overlap counted once
+    assert abs(gpu_idle(kernels_us, 1.6) - 0.2) < 1e-12  # 1.6 s minus 1.4 s busy
+    assert gpu_idle(kernels_us, 1.3) == 0.0  # never negative
+    assert abs(gpu_idle([], 0.5) - 0.5) < 1e-12  # no kernels (CPU): the whole step
