@@ -144,7 +144,8 @@ def main(argv=None) -> None:
             torch.cuda.empty_cache()
     commit = os.environ.get("GIT_COMMIT", "unknown")
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit,
-            "config": args.config, "overrides": args.overrides, "tokens": cfg.train.seq_length * cfg.train.micro_batch_size,
+            "config": args.config, "overrides": args.overrides,
+            "tokens": cfg.train.seq_length * cfg.train.micro_batch_size,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     out = Path(args.out or f"bench/results/fusions-{meta['gpu'].replace(' ', '_')}-{commit[:7]}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

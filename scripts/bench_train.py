@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import datetime
+import gc
 import json
 import os
 import subprocess
@@ -108,8 +108,8 @@ def main(argv=None) -> None:
 
 def markdown_table(runs: list[dict]) -> str:
     """One row per arm of the given result files (bench_train's JSON): the README's training table."""
-    lines = ["| run (commit) | arm | seq | attention | recompute | tokens/s | MFU | peak GiB | vs full | Amdahl bound |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run (commit) | arm | seq | attention | recompute | tokens/s | MFU | peak GiB | vs full "
+             "| Amdahl bound |", "|---|---|---|---|---|---|---|---|---|---|"]
     from moba_train.benchmarking import amdahl_bound
 
     for run in runs:

@@ -56,7 +56,9 @@ def loss_and_grads(cfg: Config, data: dict):
 def test_auto_is_plain_on_cpu_and_the_measured_fusions_on_cuda():
     cfg = Config.model_validate({})
     assert fusions.resolve(cfg, torch.device("cpu")) == fusions.PLAIN
-    expected = fusions.FUSED_DEFAULTS if fusions.liger_available() else dict(fusions.FUSED_DEFAULTS, **fusions.WITHOUT_LIGER)
+    expected = dict(fusions.FUSED_DEFAULTS)
+    if not fusions.liger_available():
+        expected.update(fusions.WITHOUT_LIGER)
     assert fusions.resolve(cfg, torch.device("cuda")) == expected
 
 
