@@ -22,8 +22,9 @@ Four operations, each with its plain path and the fused ones measured against it
 `auto` (the default) takes FUSED_DEFAULTS on CUDA, the fastest alternative measured on an H200 at the
 1.1B recipe's shapes (Liger's RMSNorm lost to PyTorch's own), and the plain path on CPU. Liger-Kernel's
 kernels run on CUDA only (its Triton kernels do not run in Triton's CPU interpreter); asking for one on
-CPU, or without the package, is one clear error. Every choice computes the same function: tests/test_fusions.py compares the fused model's
-loss and gradients with the plain one's (CPU: the torch.compile and Megatron paths; CUDA: all).
+CPU, or without the package, is one clear error. Every choice computes the same function:
+tests/test_fusions.py compares the fused model's loss and gradients with the plain one's (CPU: the
+torch.compile and Megatron paths; CUDA: all).
 """
 
 from __future__ import annotations
