@@ -3,7 +3,6 @@
 #   bash bench/h200_session6.sh fusions   # GPU tests, the fused kernels, the 32K training arms, #12's probe
 #   bash bench/h200_session6.sh long      # the 128K training arms, cuDNN attention, the direct kernel entry
 #   bash bench/h200_session6.sh sparse    # 128K: sparser MoBA settings against full attention
-#   bash bench/h200_session6.sh sparser   # 128K: block 512 / top-4 and block 1024 / top-3
 # Wheels (.whl: megatron-core, pydantic, datasets, liger-kernel) and .baseline (the 1456a3d kernels) are carried.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -54,13 +53,5 @@ sparse)
     --arm full:attention.mode=full \
     --out "$OUT/train-128k-sparse.json" 2>&1 | grep -v -i warn | tail -20
   ;;
-sparser)
-  L="train.seq_length=131072 model.max_position_embeddings=131072 train.global_batch_size=1 train.recompute=selective"
-  python3 scripts/bench_train.py --config $RECIPE data.kind=synthetic logging.progress_bar=off $L --warmup 1 --steps 2 --profile \
-    --arm "moba512t4:attention.block_size=512,attention.topk=4" \
-    --arm "moba1024t3:attention.block_size=1024,attention.topk=3" \
-    --arm full:attention.mode=full \
-    --out "$OUT/train-128k-sparser.json" 2>&1 | grep -v -i warn | tail -12
-  ;;
-*) echo "usage: bash bench/h200_session6.sh fusions|long|sparse|sparser" >&2; exit 2 ;;
+*) echo "usage: bash bench/h200_session6.sh fusions|long|sparse" >&2; exit 2 ;;
 esac
