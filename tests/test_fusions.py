@@ -8,25 +8,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_model import SEQ, make_batch
+from test_model import tiny as model_tiny
 
 from moba_train import distributed, fusions
 from moba_train.config import Config, ConfigError
 from moba_train.model import build_model, forward_step
 
-SEQ = 64
-
 
 def tiny(fused: dict | None = None, **sections) -> Config:
-    raw = {
-        "model": {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 160, "num_attention_heads": 4,
-                  "num_query_groups": 2, "vocab_size": 250, "make_vocab_size_divisible_by": 64,
-                  "fusions": dict(fusions.PLAIN, **(fused or {}))},
-        "attention": {"block_size": 16, "topk": 2, "full_layers": 1},
-        "train": {"seq_length": SEQ},
-    }
-    for name, values in sections.items():
-        raw.setdefault(name, {}).update(values)
-    return Config.model_validate(raw)
+    """test_model's 2-layer model with its last layer full and the given fusions (the rest plain)."""
+    model = {"fusions": dict(fusions.PLAIN, **(fused or {})), **sections.pop("model", {})}
+    attention = {"full_layers": 1, **sections.pop("attention", {})}
+    return model_tiny(model=model, attention=attention, **sections)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,12 +31,7 @@ def single_process():
 
 
 def batch(b: int = 2, seed: int = 0) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, 250, (b, SEQ + 1), generator=gen)
-    return {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
-            "loss_mask": (torch.rand(b, SEQ, generator=gen) > 0.2).float(),
-            "position_ids": torch.arange(SEQ).expand(b, SEQ).contiguous(),
-            "cu_seqlens": torch.arange(0, (b + 1) * SEQ, SEQ, dtype=torch.int32)}
+    return make_batch(b, SEQ, seed=seed)
 
 
 def loss_and_grads(cfg: Config, data: dict):
