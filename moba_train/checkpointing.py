@@ -44,6 +44,7 @@ from moba_train import checksums
 from moba_train.checkpoint_writer import CheckpointWriteError, InProcessSaveStrategy, storage_errno
 from moba_train.cli import SharedConfigError
 from moba_train.config import Config, ConfigError
+from moba_train.optimizer import place_adam_steps
 
 COMPLETE = "COMPLETE"
 _OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -267,14 +268,6 @@ def _inner_adam_states(optimizer):
         yield from chained.optimizer.state.values()
 
 
-def _unshare_adam_steps(optimizer) -> None:
-    """Megatron-Core 0.16.1's DistributedOptimizer.load_state_dict (torch's Adam) gives every
-    parameter the same 'step' tensor; Adam increments it in place once per parameter, which would
-    break bias correction after a resume."""
-    for state in _inner_adam_states(optimizer):
-        state["step"] = state["step"].clone()
-
-
 def _materialize_optimizer_state(optimizer, adam_step: int) -> None:
     """Give every parameter of a fresh optimizer an Adam state (the checkpoint's update count, zero
     moments) for loading to overwrite. Megatron-Core 0.16.1's DistributedOptimizer on torch's Adam
@@ -306,7 +299,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
     loaded = dist_checkpointing.load(template, str(path))
     unwrap_model(model).load_state_dict(loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
-    _unshare_adam_steps(optimizer)
+    place_adam_steps(optimizer)  # its own step tensor per parameter, where the (fused) Adam reads it
     scheduler.load_state_dict(loaded["scheduler"])
     if "rng_state" in loaded:
         _set_rng_state(loaded["rng_state"])

@@ -235,6 +235,17 @@ def packed_seq_params(batch: dict, context_parallel_size: int = 1) -> Optional[P
     )
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the device: a copy from pageable memory would first
+    synchronise the stream (the host would wait for all queued work), so CUDA copies go through pinned
+    memory, asynchronously (PyTorch's pinned allocator keeps the staging buffer until the copy is done)."""
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def local_batch(batch: dict) -> dict:
     """The part of a micro-batch this process computes: all of it, or under context parallelism its shard
     (`context_parallel.shard_batch`: the one place a batch is split over the CP group)."""
@@ -252,7 +263,7 @@ def token_losses(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """
     device = next(model.parameters()).device
     params = packed_seq_params(batch, parallel_state.get_context_parallel_world_size())
-    tokens, labels, position_ids = (batch[key].to(device) for key in ("tokens", "labels", "position_ids"))
+    tokens, labels, position_ids = (to_device(batch[key], device) for key in ("tokens", "labels", "position_ids"))
     b, s = tokens.shape
     if params is not None:
         tokens, labels, position_ids = (x.reshape(1, b * s) for x in (tokens, labels, position_ids))
@@ -268,7 +279,7 @@ def forward_step(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, tor
     """
     batch = local_batch(batch)
     losses = token_losses(model, batch)
-    loss_mask = batch["loss_mask"].to(losses.device, torch.float32)
+    loss_mask = to_device(batch["loss_mask"], losses.device).float()
     return (losses * loss_mask).sum(), loss_mask.sum()
 
 

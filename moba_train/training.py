@@ -16,7 +16,6 @@ checkpoint.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -35,7 +34,15 @@ from moba_train.diagnostics import RoutingDiagnostics
 from moba_train.distributed import DistEnv, destroy_distributed, init_distributed, set_seed
 from moba_train.flops import training_step_flops
 from moba_train.metrics import MetricLogger, attention_backends, perf_metrics
-from moba_train.model import build_model, compute_dtype, forward_step, local_batch, matrix_params, token_losses
+from moba_train.model import (
+    build_model,
+    compute_dtype,
+    forward_step,
+    local_batch,
+    matrix_params,
+    to_device,
+    token_losses,
+)
 from moba_train.optimizer import build_optimizer, build_scheduler, optimizer_step, use_distributed_optimizer
 from moba_train.resume import check_init_from, find_resume_point
 from moba_train.run_lock import hold_run_directory
@@ -73,17 +80,18 @@ def _step_flops(cfg: Config, seqlens: list[int]) -> float:
                                      m.head_dim, att.block_size, att.topk))
 
 
-def train_step(model, optimizer, batches: list[dict], env: DistEnv) -> tuple[float, float, bool]:
-    """Forward/backward over this rank's micro-batches and one optimizer update.
+def train_step(model, optimizer, batches: list[dict], env: DistEnv) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward/backward over this rank's micro-batches and one optimizer update, queued without a host sync.
 
-    Returns (loss, grad_norm, updated); loss is the mean per counted token of the global batch.
+    Returns (loss, grad_norm, updated) as device tensors; loss is the mean per counted token of the global
+    batch. Reading them (`step_values`) waits for the step to finish.
     """
     model.zero_grad_buffer()
     optimizer.zero_grad()
     replicas = env.dp * env.cp
     # The micro-batches are whole (context-parallel ranks each hold the same ones and compute their shards):
     # the global count sums over data-parallel ranks only.
-    global_tokens = torch.tensor([sum(float(b["loss_mask"].sum()) for b in batches)], device=env.device)
+    global_tokens = to_device(torch.tensor([sum(float(b["loss_mask"].sum()) for b in batches)]), env.device)
     dist.all_reduce(global_tokens, group=parallel_state.get_data_parallel_group())
     loss_sum = torch.zeros(1, device=env.device)
     for batch in batches:
@@ -92,11 +100,15 @@ def train_step(model, optimizer, batches: list[dict], env: DistEnv) -> tuple[flo
         loss_sum += batch_loss.detach()
     finalize_model_grads([model])
     dist.all_reduce(loss_sum, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-    loss = float(loss_sum / global_tokens)
-    if not math.isfinite(loss):
-        return loss, float("nan"), False
-    updated, grad_norm = optimizer_step(optimizer)
+    loss = (loss_sum / global_tokens).squeeze(0)
+    updated, grad_norm = optimizer_step(optimizer, loss)
     return loss, grad_norm, updated
+
+
+def step_values(loss: torch.Tensor, grad_norm: torch.Tensor, updated: torch.Tensor) -> tuple[float, float, bool]:
+    """`train_step`'s results on the host, in one transfer (it waits for the step)."""
+    values = torch.stack([loss.float(), grad_norm.float().to(loss.device), updated.float().to(loss.device)]).tolist()
+    return values[0], values[1], bool(values[2])
 
 
 POSITION_BUCKETS = 4
@@ -211,7 +223,7 @@ def _train(cfg: Config, env: DistEnv, stop: StopSignal) -> None:
         started = time.perf_counter()
         micro_batches = [next(batches) for _ in range(n_micro)]
         data_time = time.perf_counter() - started
-        loss, grad_norm, updated = train_step(model, optimizer, micro_batches, env)
+        loss, grad_norm, updated = step_values(*train_step(model, optimizer, micro_batches, env))
         step_time = time.perf_counter() - started
         state.consumed_samples += cfg.train.global_batch_size
         if not updated:

@@ -1,13 +1,21 @@
 """The LR schedule (Megatron's OptimizerParamScheduler as configured by build_scheduler) against its
-closed form, update by update."""
+closed form, update by update; the update itself (`optimizer_step`) against Megatron-Core's own step,
+the refusal of non-finite updates, and (on CUDA) the absence of host syncs in a training step."""
 
 import math
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
-from moba_train.config import Config
-from moba_train.optimizer import build_scheduler
+from moba_train import platform
+from moba_train.config import Config, load_config
+from moba_train.data import build_dataloader, build_datasets
+from moba_train.distributed import destroy_distributed, init_distributed, set_seed
+from moba_train.model import build_model, compute_dtype, forward_step
+from moba_train.optimizer import build_optimizer, build_scheduler, optimizer_step, use_distributed_optimizer
+from moba_train.training import step_values, train_step, wrap_model
 
 
 def _closed_form(schedule: str, s: int, lr: float, min_lr: float, warmup: int, steps: int, frac: float) -> float:
@@ -63,3 +71,145 @@ def test_weight_decay_is_constant_and_skipped_for_no_wd_groups():
     for _ in range(10):
         scheduler.step(1)
         assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+
+
+# --- The update: torch's fused AdamW with the clip and the skip on the device, against Megatron's own step ---
+
+ROOT = Path(__file__).resolve().parents[1]
+PRECISIONS = {"fp32": [], "bf16-distributed-optimizer": ["train.precision=bf16", "parallel.distributed_optimizer=true"]}
+
+
+def _setup(tmp_path, precision: str, *extra: str):
+    cfg = load_config(ROOT / "configs" / "tiny_moba.yaml",
+                      [f"run.output_dir={tmp_path}", "train.seq_length=128", "data.kind=synthetic",
+                       "train.lr_schedule=constant", "train.warmup_steps=0", "train.lr=1e-2",
+                       *PRECISIONS[precision], *extra])
+    return cfg, init_distributed(cfg)
+
+
+def _build(cfg, env, fused: bool = True):
+    set_seed(cfg.run.seed)
+    model = wrap_model(cfg, build_model(cfg), env)
+    optimizer = build_optimizer(cfg, [model], bf16=compute_dtype(cfg, env.device) == torch.bfloat16,
+                                distributed=use_distributed_optimizer(cfg, env.device))
+    if not fused:  # Megatron-Core's choice without Transformer Engine or Apex: torch's AdamW, foreach
+        for o in optimizer.chained_optimizers:
+            for group in o.optimizer.param_groups:
+                group.update(fused=False, foreach=None)
+    build_scheduler(cfg, optimizer).step(1)
+    return model, optimizer
+
+
+def _backward(cfg, env, model, optimizer, step: int, poison: bool = False):
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    consumed = step * cfg.train.global_batch_size
+    loader = build_dataloader(build_datasets(cfg, env)[0], cfg, env, consumed_samples=consumed)
+    loss, tokens = forward_step(model, next(loader))
+    (loss / tokens).backward()
+    model.finish_grad_sync()
+    if poison:  # one NaN in the gradient buffer, as an overflow in one layer's backward would leave it
+        next(iter(model.buffers[0].grad_data.view(-1)[:1])).fill_(float("nan"))
+    return loss / tokens
+
+
+def _main_params(optimizer) -> list[torch.Tensor]:
+    return [p.detach().clone() for o in optimizer.chained_optimizers for g in o.optimizer.param_groups
+            for p in g["params"]]
+
+
+def _adam_state(optimizer) -> list[torch.Tensor]:
+    return [v.detach().clone() for o in optimizer.chained_optimizers for s in o.optimizer.state.values()
+            for v in s.values()]
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_update_equals_megatrons_own_step_with_clipping(tmp_path, precision):
+    """Updates through `optimizer_step` (fused kernel, clip as its grad_scale) and through Megatron's `step()`
+    on torch's foreach AdamW: the same gradient norms and main parameters. The clip (0.05) is far below the
+    norms, so a clip applied wrongly or not at all moves the later updates by a good part of lr (Adam's first
+    update is lr * sign(g) whatever the scale). In bf16 the weights after one update may round differently,
+    and Adam turns a small difference in a small gradient into one of order lr: there, the first update."""
+    cfg, env = _setup(tmp_path, precision, "train.clip_grad=0.05")
+    try:
+        model_a, ours = _build(cfg, env)
+        model_b, megatron = _build(cfg, env, fused=False)
+        assert all(g["fused"] for o in ours.chained_optimizers for g in o.optimizer.param_groups)
+        for step in range(3 if precision == "fp32" else 1):
+            _backward(cfg, env, model_a, ours, step)
+            updated, norm = optimizer_step(ours)
+            _backward(cfg, env, model_b, megatron, step)
+            with platform.cuda_stand_in():
+                success, want_norm, _ = megatron.step()
+            assert bool(updated) and success
+            assert want_norm > 10 * cfg.train.clip_grad
+            assert float(norm) == pytest.approx(want_norm, rel=1e-5)
+            # Rounding differs (a division by grad_scale against a multiplication by its inverse); where a
+            # gradient is as small as Adam's eps that moves an update by up to ~0.1% of lr.
+            for a, b in zip(_main_params(ours), _main_params(megatron)):
+                torch.testing.assert_close(a, b, rtol=0, atol=cfg.train.lr * 1e-3)
+    finally:
+        destroy_distributed()
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "megatron-step"])
+def test_a_non_finite_gradient_or_loss_changes_nothing(tmp_path, fused):
+    """After one update, a NaN in the gradients and then a NaN loss with finite gradients: both updates are
+    refused with the parameters and every Adam state (moments and step count) unchanged, and the next
+    update equals that of an optimizer that never saw them (its bias correction is that of update 2)."""
+    cfg, env = _setup(tmp_path, "bf16-distributed-optimizer")
+    try:
+        model, optimizer = _build(cfg, env, fused=fused)
+        twin_model, twin = _build(cfg, env, fused=fused)
+        for m, o in ((model, optimizer), (twin_model, twin)):
+            _backward(cfg, env, m, o, 0)
+            assert bool(optimizer_step(o)[0])
+        before, state = _main_params(optimizer), _adam_state(optimizer)
+        _backward(cfg, env, model, optimizer, 1, poison=True)
+        updated, norm = optimizer_step(optimizer)
+        assert not bool(updated) and not math.isfinite(float(norm))
+        loss = _backward(cfg, env, model, optimizer, 1)
+        updated, norm = optimizer_step(optimizer, loss * float("nan"))
+        assert not bool(updated) and math.isfinite(float(norm))
+        for a, b in zip(_main_params(optimizer), before):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert len(_adam_state(optimizer)) == len(state) > 0
+        for a, b in zip(_adam_state(optimizer), state):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+        for m, o in ((model, optimizer), (twin_model, twin)):
+            _backward(cfg, env, m, o, 2)
+            assert bool(optimizer_step(o)[0])
+        moved = 0.0
+        for a, b, c in zip(_main_params(optimizer), _main_params(twin), before):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            moved = max(moved, float((a - c).abs().max()))
+        assert moved > 0.5 * cfg.train.lr  # the update happened: Adam moves some parameter by about lr
+    finally:
+        destroy_distributed()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_step_queues_without_a_host_sync(tmp_path):
+    """A whole `train_step` (MoBA and full-attention layers, two micro-batches, the update) under PyTorch's
+    sync debug mode: no operation inside it waits for the GPU."""
+    cfg, env = _setup(tmp_path, "bf16-distributed-optimizer", "train.global_batch_size=2", "train.micro_batch_size=1")
+    try:
+        model, optimizer = _build(cfg, env)
+        loader = build_dataloader(build_datasets(cfg, env)[0], cfg, env, consumed_samples=0)
+        step_values(*train_step(model, optimizer, [next(loader) for _ in range(2)], env))  # warm-up: compiles, caches
+        batches = [next(loader) for _ in range(2)]
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                results = train_step(model, optimizer, batches, env)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "synchroniz" in str(w.message)]
+        assert not syncs, "\n".join(syncs)
+        loss, norm, updated = step_values(*results)
+        assert updated and math.isfinite(loss) and math.isfinite(norm)
+    finally:
+        destroy_distributed()

@@ -20,7 +20,7 @@ from moba_train.data import build_dataloader, build_datasets
 from moba_train.distributed import destroy_distributed, init_distributed, set_seed
 from moba_train.model import build_model, token_losses
 from moba_train.optimizer import build_optimizer, build_scheduler
-from moba_train.training import TrainingAborted, train, train_step, wrap_model
+from moba_train.training import TrainingAborted, step_values, train, train_step, wrap_model
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
@@ -132,7 +132,7 @@ def test_an_accumulated_step_equals_one_step_computed_directly_on_the_concatenat
             batch["loss_mask"] = batch["loss_mask"] * mask
         assert [int(b["loss_mask"].sum()) for b in batches] == [128, 7, 43]
 
-        loss, grad_norm, updated = train_step(wrapped, optimizer, batches, env)
+        loss, grad_norm, updated = step_values(*train_step(wrapped, optimizer, batches, env))
 
         whole = {key: torch.cat([b[key] for b in batches]) for key in ("tokens", "labels", "position_ids", "loss_mask")}
         whole["cu_seqlens"] = torch.arange(0, 3 * 128 + 1, 128, dtype=torch.int32)
