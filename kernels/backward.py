@@ -378,6 +378,8 @@ class DkdvTiles(NamedTuple):
 
 
 DKDV_TILES_128 = DkdvTiles(128, 32, 8, 3)
+DKDV_TILES_D64 = DKDV_TILES_128  # 128-key programs at head dim <= 64 (bench/NOTES.md, session 7)
+SMALL_DIM_WARPS = 4  # warps of the dQ kernels (current block, past slots) below head dim 128
 DQ_TRANSPOSED = True  # dQ partials as (K^T dS^T)^T: a 32-row dS^T operand is too small for wgmma
 MERGE_ROWS = 32  # query rows of a merging current-block program: more, shorter programs hide the gathers better
 MERGE_WARPS = 4  # warps of the current-block dQ kernel when it merges partials: more programs in flight
@@ -392,6 +394,8 @@ def dkdv_tiles(block_size: int, dim: int) -> DkdvTiles:
     block 512: 4 instead of 8). With 128 keys the query step is 32 rows (the flash-attention
     tutorial's 128 x 32 dK/dV tile) so the two fp32 [128, D] accumulators keep their registers."""
     keys = next(n for n in (128, 64, 32, 16) if block_size % n == 0)
+    if keys == 128 and dim <= 64:
+        return DKDV_TILES_D64
     if keys == 128 and dim <= 128:
         return DKDV_TILES_128
     return DkdvTiles(keys, 64, 8 if dim >= 128 else 4, 2)
@@ -433,7 +437,7 @@ def attention_backward(
         out, dout, delta if dlse is None else dlse, delta, total * hq, HEAD_DIM=dim, ROWS=64, DLSE=dlse is not None
     )
     block_n = key_tile(block_size)
-    warps = 8 if dim >= 128 else 4
+    warps = 8 if dim >= 128 else SMALL_DIM_WARPS
     kv_tiles = dkdv_tiles(block_size, dim)
     ktiles = block_size // kv_tiles.key_tile
     block_m = min(MERGE_ROWS if use_workspace else 64, triton.next_power_of_2(block_size))

@@ -68,6 +68,7 @@ class StepBenchmark:
     breakdown_s: dict[str, float] = field(default_factory=dict)
     diagnostics_s: float | None = None  # one routing-diagnostics pass (moba_train.diagnostics), after a warm-up one
     diagnostics_overhead: float | None = None  # diagnostics_s / (logging.moba_diag_interval x median step)
+    top_kernels: list[dict] = field(default_factory=list)  # the profiled step's costliest kernels (TOP_KERNELS)
 
 
 def gpu_idle(busy_us: list[tuple[float, float]], step_s: float) -> float:
@@ -83,9 +84,14 @@ def gpu_idle(busy_us: list[tuple[float, float]], step_s: float) -> float:
     return max(step_s - covered, 0.0)
 
 
-def _breakdown(step, device, step_s: float) -> dict[str, float]:
+TOP_KERNELS = 30
+"""Kernels listed by name in a profiled arm's JSON: enough to see what each category is made of."""
+
+
+def _breakdown(step, device, step_s: float) -> tuple[dict[str, float], list[dict]]:
     """Seconds of GPU kernel time per category over one step, plus host gaps (`gpu_idle` of a step of
-    `step_s`, the median unprofiled step)."""
+    `step_s`, the median unprofiled step); and the TOP_KERNELS costliest kernels by name (seconds, launches,
+    category)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -94,14 +100,20 @@ def _breakdown(step, device, step_s: float) -> dict[str, float]:
         if device.type == "cuda":
             torch.cuda.synchronize()
     seconds: dict[str, float] = {}
+    kernels: dict[str, list] = {}
     busy = []
     for event in prof.events():
         if device.type == "cuda" and event.device_type == torch.autograd.DeviceType.CUDA:
-            seconds[kernel_category(event.name)] = seconds.get(kernel_category(event.name), 0.0) + \
-                event.device_time / 1e6
+            category = kernel_category(event.name)
+            seconds[category] = seconds.get(category, 0.0) + event.device_time / 1e6
+            entry = kernels.setdefault(event.name, [0.0, 0, category])
+            entry[0] += event.device_time / 1e6
+            entry[1] += 1
             busy.append((event.time_range.start, event.time_range.end))
     seconds["host_gaps"] = gpu_idle(busy, step_s)
-    return dict(sorted(seconds.items()))
+    top = sorted(kernels.items(), key=lambda item: -item[1][0])[:TOP_KERNELS]
+    return dict(sorted(seconds.items())), [{"kernel": name[:160], "s": s, "launches": n, "category": c}
+                                           for name, (s, n, c) in top]
 
 
 def run_arm(cfg: Config, name: str, overrides: list[str], warmup: int, steps: int, profile: bool,
@@ -126,12 +138,12 @@ def run_arm(cfg: Config, name: str, overrides: list[str], warmup: int, steps: in
         train_set, _ = data.build_datasets(cfg, env)
         batches = data.build_dataloader(train_set, cfg, env, consumed_samples=0)
         n_micro = num_microbatches(cfg, env)
-        losses: list[float] = []
+        losses = []
 
         def step():
             scheduler.step(1)
             loss, _, _ = train_step(model, optimizer, [next(batches) for _ in range(n_micro)], env)
-            losses.append(loss)
+            losses.append(loss.float())  # read after the timed steps: a host read would add a sync
 
         def synced():
             if env.device.type == "cuda":
@@ -152,7 +164,7 @@ def run_arm(cfg: Config, name: str, overrides: list[str], warmup: int, steps: in
         peak = (torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30) if cuda \
             else (None, None)
         median = statistics.median(times)
-        breakdown = _breakdown(step, env.device, median) if profile else {}
+        breakdown, top_kernels = _breakdown(step, env.device, median) if profile else ({}, [])
         diagnostics_s = overhead = None
         if diagnostics and "moba" in cfg.layer_kinds() and cfg.logging.moba_diag_interval:
             from moba_train.diagnostics import RoutingDiagnostics
@@ -177,7 +189,8 @@ def run_arm(cfg: Config, name: str, overrides: list[str], warmup: int, steps: in
             layer_kinds=cfg.layer_kinds(), recompute=cfg.train.recompute, tokens_per_step=tokens,
             step_times=times, median_step_s=median, tokens_per_s=tokens / median, tflops_per_gpu=tflops,
             mfu=tflops / PEAK_BF16_TFLOPS if cuda else None, peak_allocated_gib=peak[0], peak_reserved_gib=peak[1],
-            losses=losses, breakdown_s=breakdown, diagnostics_s=diagnostics_s, diagnostics_overhead=overhead,
+            losses=[float(x) for x in losses], breakdown_s=breakdown, diagnostics_s=diagnostics_s,
+            diagnostics_overhead=overhead, top_kernels=top_kernels,
         )
     finally:
         destroy_distributed()

@@ -72,9 +72,10 @@ STANDARD = [
     Shape("s128k-b4096", 1, 32, 128 * K, 4096, 12, ("fwd",)),
     Shape("s1m-b4096", 1, 2, 1024 * K, 4096, 12, ("fwd",)),
 ]
-RECIPES = [  # configs/llama1b_moba_32k.yaml's attention (head dim 64, 32 query / 8 KV heads) and the sparser 32K one
+RECIPES = [  # configs/llama1b_moba_32k.yaml's attention (head dim 64, 32 query / 8 KV heads), sparser 32K and 128K
     Shape("r32k-b2048", 2, 32, 32 * K, 2048, 4, ("fwd", "fwdbwd"), head_dim=64, kv_heads=8),
     Shape("r32k-b512", 2, 32, 32 * K, 512, 3, ("fwd", "fwdbwd"), head_dim=64, kv_heads=8),
+    Shape("r128k-b1024", 1, 32, 128 * K, 1024, 4, ("fwdbwd",), head_dim=64, kv_heads=8),
     Shape("r128k-b2048", 1, 32, 128 * K, 2048, 4, ("fwdbwd",), head_dim=64, kv_heads=8),
     Shape("r128k-b4096", 1, 32, 128 * K, 4096, 4, ("fwdbwd",), head_dim=64, kv_heads=8),
 ]

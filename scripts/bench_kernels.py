@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 import triton
 from moba_train.kernels import moba_attention_triton, moba_selection_triton
+from moba_train.kernels.backward import DkdvTiles
+from moba_train.kernels.forward import SlotTiles
 from triton.testing import do_bench
 
 
@@ -57,16 +59,23 @@ def rel_err(a, b) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def check_correctness(naive) -> dict:
-    """bf16 out/grads vs the fp32 naive definition; selection vs naive on identical inputs."""
+CORRECTNESS_CASES = [  # name, cu_seqlens, Hq, Hkv, D, block, top-k, shared GQA selection
+    ("mha_b128_top8", [0, 3072, 6144], 16, 16, 128, 128, 8, False),
+    ("gqa_varlen_b64_top4_shared", [0, 1000, 1017, 3000], 8, 2, 64, 64, 4, True),
+    ("gqa_b48_top3", [0, 2000], 4, 2, 128, 48, 3, False),
+    ("gqa_varlen_b512_top3", [0, 4100, 6144], 8, 2, 128, 512, 3, False),
+    # the training recipes' head dim: workspace dQ (block 512) and slot passes both ways (block 2048)
+    ("gqa_d64_varlen_b512_top3", [0, 4100, 6144], 8, 2, 64, 512, 3, False),
+    ("gqa_d64_varlen_b2048_top4", [0, 9000, 12288], 8, 2, 64, 2048, 4, False),
+]
+
+
+def check_correctness(naive, only_dim: int | None = None) -> dict:
+    """bf16 out/grads vs the fp32 naive definition; selection vs naive on identical inputs (the cases of
+    head dim `only_dim` if given)."""
     results = {}
     torch.manual_seed(0)
-    cases = [
-        ("mha_b128_top8", [0, 3072, 6144], 16, 16, 128, 128, 8, False),
-        ("gqa_varlen_b64_top4_shared", [0, 1000, 1017, 3000], 8, 2, 64, 64, 4, True),
-        ("gqa_b48_top3", [0, 2000], 4, 2, 128, 48, 3, False),
-        ("gqa_varlen_b512_top3", [0, 4100, 6144], 8, 2, 128, 512, 3, False),
-    ]
+    cases = [case for case in CORRECTNESS_CASES if only_dim is None or case[4] == only_dim]
     for name, cu, hq, hkv, dim, block, topk, shared in cases:
         cu_t = torch.tensor(cu, dtype=torch.int32, device="cuda")
         total = cu[-1]
@@ -163,12 +172,12 @@ def measure(fn, backward: bool, reps_ms: int, params=()):
     return ms, peak, peak_total, sorted(synced)[5]
 
 
-def bench_shape(name, batch, heads, seq_len, block, topk, passes, dense: bool, dim=128):
+def bench_shape(name, batch, heads, seq_len, block, topk, passes, dense: bool, dim=128, kv_heads=None):
     total = batch * seq_len
     cu = torch.arange(0, total + 1, seq_len, dtype=torch.int32, device="cuda")
     q = torch.randn(total, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(total, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(total, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(total, kv_heads or heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(total, kv_heads or heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     rows = []
     fwd_flops = moba_flops(seq_len, block, topk, dim) * batch * heads
     dense_fwd = dense_flops(seq_len, dim) * batch * heads
@@ -203,12 +212,13 @@ def bench_shape(name, batch, heads, seq_len, block, topk, passes, dense: bool, d
     return rows
 
 
-def kernel_breakdown(name, batch, heads, seq_len, block, topk, passes, dense, dim=128):
+def kernel_breakdown(name, batch, heads, seq_len, block, topk, passes, dense, dim=128, kv_heads=None):
     """Per-kernel device time of one Triton MoBA call (torch.profiler), to see where the time goes."""
     total = batch * seq_len
     cu = torch.arange(0, total + 1, seq_len, dtype=torch.int32, device="cuda")
     q, k, v = (
-        torch.randn(total, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+        torch.randn(total, h, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for h in (heads, kv_heads or heads, kv_heads or heads)
     )
     backward = "fwd+bwd" in passes
 
@@ -248,6 +258,18 @@ VARIANTS = {  # the variants measured in each session are in bench/NOTES.md and 
     "int32_run_keys": ({"routing.SHORT_KEYS_MAX": 0}, ("small",)),
     "dq_merge_rows64": ({"backward.DQ_MERGE_ROWS": 64}, ("small",)),
     "slots": (SLOTS, ("bwd",)),
+    # head dim 64 (the training recipes): tilings of the slot passes, the dK/dV programs and the dQ kernels
+    "d64_base": ({}, ("d64",)),
+    "d64_fwd_k128": ({"forward.SLOT_TILES_D64": SlotTiles(128, 128, 8, 3)}, ("d64",)),
+    "d64_fwd_k128_s2": ({"forward.SLOT_TILES_D64": SlotTiles(128, 128, 8, 2)}, ("d64",)),
+    "d64_fwd_w4": ({"forward.SLOT_TILES_D64": SlotTiles(128, 64, 4, 3)}, ("d64",)),
+    "d64_fwd_s4": ({"forward.SLOT_TILES_D64": SlotTiles(128, 64, 8, 4)}, ("d64",)),
+    "d64_dkdv_m64": ({"backward.DKDV_TILES_D64": DkdvTiles(128, 64, 8, 3)}, ("d64",)),
+    "d64_dkdv_w4": ({"backward.DKDV_TILES_D64": DkdvTiles(128, 32, 4, 3)}, ("d64",)),
+    "d64_dkdv_m64_w4": ({"backward.DKDV_TILES_D64": DkdvTiles(128, 64, 4, 3)}, ("d64",)),
+    "d64_dkdv_s4": ({"backward.DKDV_TILES_D64": DkdvTiles(128, 32, 8, 4)}, ("d64",)),
+    "d64_dq_w8": ({"backward.SMALL_DIM_WARPS": 8}, ("d64",)),
+    "d64_ws_kt8": ({"workspace.MAX_KEY_TILES": 8}, ("d64",)),
 }
 VARIANT_SHAPES = {
     "s32k-b128": ((2, 16, 32768, 128, 8, ("fwd", "fwd+bwd"), False), "small"),
@@ -255,6 +277,10 @@ VARIANT_SHAPES = {
     "s32k-b512": ((2, 16, 32768, 512, 3, ("fwd", "fwd+bwd"), False), "bwd"),
     "s128k-b4096": ((1, 32, 131072, 4096, 12, ("fwd",), False), "all"),
     "s1m-b4096": ((1, 2, 1048576, 4096, 12, ("fwd",), False), "all"),
+    # the recipes' attention (bench_attention.py --set recipes): head dim 64, 32 query / 8 KV heads
+    "r32k-b2048": ((2, 32, 32768, 2048, 4, ("fwd", "fwd+bwd"), False, 64, 8), "d64"),
+    "r32k-b512": ((2, 32, 32768, 512, 3, ("fwd", "fwd+bwd"), False, 64, 8), "d64"),
+    "r128k-b1024": ((1, 32, 131072, 1024, 4, ("fwd", "fwd+bwd"), False, 64, 8), "d64"),
 }
 MODULES = {
     "workspace": moba_train.kernels.workspace,
@@ -301,10 +327,10 @@ def compare_variants(result: dict, save, names=None) -> None:
     naive = load_naive()
     result.update(correctness={}, timings=[], breakdown=[])
     variants = {name: VARIANTS[name] for name in (names or VARIANTS)}
-    for name, (overrides, _) in variants.items():
+    for name, (overrides, which) in variants.items():
         previous = apply_variant(overrides)
         print("== correctness", name, flush=True)
-        result["correctness"][name] = check_correctness(naive)
+        result["correctness"][name] = check_correctness(naive, 64 if which == ("d64",) else None)
         apply_variant(previous)
         save()
     for name, (overrides, which) in variants.items():
@@ -315,10 +341,11 @@ def compare_variants(result: dict, save, names=None) -> None:
                     result["timings"].append(dict(row, variant=name))
                 print(f"{name} {shape} done", flush=True)
                 save()
-        for shape in ("s32k-b128", "s32k-b512"):
+        for shape in ("s32k-b128", "s32k-b512", "r32k-b2048", "r32k-b512"):
             args, kind = VARIANT_SHAPES[shape]
-            if which == "all" or kind in which:
-                result["breakdown"].append(dict(kernel_breakdown(shape, *args[:5], ("fwd+bwd",), False), variant=name))
+            if which == "all" and kind != "d64" or kind in which:
+                result["breakdown"].append(
+                    dict(kernel_breakdown(shape, *args[:5], ("fwd+bwd",), False, *args[7:]), variant=name))
         save()
         apply_variant(previous)
     print(f"\n{'variant':22} {'shape':12} {'pass':8} {'ms':>9} {'synced':>9} {'TFLOP/s':>8} {'peakGiB':>8}")
