@@ -160,6 +160,10 @@ class LigerSwiGLU(torch.nn.Module):
     def __init__(self, config=None):
         super().__init__()
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        """Nothing to save (no parameters); Megatron's MLP asks each of its modules when it checkpoints."""
+        return {}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from liger_kernel.ops import LigerFusedGateUpSiLUMulFunction
 

@@ -270,6 +270,12 @@ VARIANTS = {  # the variants measured in each session are in bench/NOTES.md and 
     "d64_dkdv_s4": ({"backward.DKDV_TILES_D64": DkdvTiles(128, 32, 8, 4)}, ("d64",)),
     "d64_dq_w8": ({"backward.SMALL_DIM_WARPS": 8}, ("d64",)),
     "d64_ws_kt8": ({"workspace.MAX_KEY_TILES": 8}, ("d64",)),
+    # after session 7's first sweep (the base dK/dV tiling at D 64 became d64_dkdv_w4's)
+    "d64_dkdv_w4_s2": ({"backward.DKDV_TILES_D64": DkdvTiles(128, 32, 4, 2)}, ("d64",)),
+    "d64_dkdv_w4_s4": ({"backward.DKDV_TILES_D64": DkdvTiles(128, 32, 4, 4)}, ("d64",)),
+    "d64_dkdv_m16_w4": ({"backward.DKDV_TILES_D64": DkdvTiles(128, 16, 4, 3)}, ("d64",)),
+    "d64_dkdv_k64_w4": ({"backward.DKDV_TILES_D64": DkdvTiles(64, 32, 4, 3), "workspace.MAX_KEY_TILES": 8}, ("d64",)),
+    "d64_dq_w2": ({"backward.SMALL_DIM_WARPS": 2}, ("d64",)),
 }
 VARIANT_SHAPES = {
     "s32k-b128": ((2, 16, 32768, 128, 8, ("fwd", "fwd+bwd"), False), "small"),

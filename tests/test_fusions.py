@@ -128,3 +128,17 @@ def test_liger_fusions_compute_the_plain_models_loss_and_gradients_on_cuda():
     torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-5)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, reference_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_every_fused_module_takes_part_in_checkpoints(monkeypatch):
+    """Megatron's checkpoints walk the modules' sharded_state_dict: a fused module must answer it, with the
+    plain model's keys (Liger's modules are built here, on CPU, with the choice forced: building runs no
+    kernel, and on CUDA `auto` picks them)."""
+    pytest.importorskip("liger_kernel")
+    distributed.set_seed(7)
+    plain = build_model(tiny()).sharded_state_dict()
+    fused = {"rmsnorm": "liger", "swiglu": "liger", "rope": "compile", "cross_entropy": "liger"}
+    monkeypatch.setattr(fusions, "resolve", lambda cfg, device: dict(fused))
+    model = build_model(tiny())
+    assert type(model.decoder.layers[0].mlp.activation_func).__name__ == "LigerSwiGLU"
+    assert model.sharded_state_dict().keys() == plain.keys()
