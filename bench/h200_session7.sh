@@ -2,6 +2,7 @@
 # The GPU runs of session 7 (bench/NOTES.md), one H200, from the repository root of a device call:
 #   bash bench/h200_session7.sh tune    # GPU tests (optimizer, checkpoints), head-dim-64 kernel tilings, 32K full
 #   bash bench/h200_session7.sh main    # GPU tests, a second D-64 sweep, the 32K and 128K training arms
+#   bash bench/h200_session7.sh last    # the sync test, three dQ-merge variants, the shipped 32K recipe
 #   bash bench/h200_session7.sh train   # 32K and 128K training arms, the standard attention shapes vs 1456a3d
 # Wheels (.whl: megatron-core, pydantic, datasets, liger-kernel) and .baseline (the 1456a3d kernels) are carried.
 set -u
@@ -41,6 +42,15 @@ main)
     --arm full:attention.mode=full \
     --out "$OUT/train-128k.json" 2>&1 | grep -v -i warn | grep -v breakdown | tail -10
   ;;
+last)
+  python3 -m pytest -q -p no:cacheprovider tests/test_optimizer.py tests/test_fusions.py -k "cuda or checkpoint" \
+    > "$OUT/gpu-tests.log" 2>&1; tail -3 "$OUT/gpu-tests.log"
+  python3 scripts/bench_kernels.py --variants --commit "$GIT_COMMIT" --out "$OUT" \
+    --variant-names d64_base,d64_dq_untransposed,d64_merge_rows64,d64_merge_w8 2>&1 | grep -v -i warn | grep -A16 "^variant "
+  python3 scripts/bench_train.py --config $RECIPE $COMMON train.recompute=none --warmup 2 --steps 4 --profile \
+    --arm full:attention.mode=full --arm moba2048: --out "$OUT/train-32k-recipe.json" 2>&1 | grep -v -i warn \
+    | grep -v breakdown | tail -4
+  ;;
 train)
   python3 scripts/bench_train.py --config $RECIPE $COMMON train.recompute=none --warmup 2 --steps 4 --profile \
     --arm full:attention.mode=full \
@@ -58,5 +68,5 @@ train)
   python3 scripts/bench_attention.py --set recipes --backends moba-triton \
     --out "$OUT/attention-recipes.json" 2>&1 | grep -v -i warn | tail -8
   ;;
-*) echo "usage: bash bench/h200_session7.sh tune|main|train" >&2; exit 2 ;;
+*) echo "usage: bash bench/h200_session7.sh tune|main|last|train" >&2; exit 2 ;;
 esac

@@ -276,6 +276,9 @@ VARIANTS = {  # the variants measured in each session are in bench/NOTES.md and 
     "d64_dkdv_m16_w4": ({"backward.DKDV_TILES_D64": DkdvTiles(128, 16, 4, 3)}, ("d64",)),
     "d64_dkdv_k64_w4": ({"backward.DKDV_TILES_D64": DkdvTiles(64, 32, 4, 3), "workspace.MAX_KEY_TILES": 8}, ("d64",)),
     "d64_dq_w2": ({"backward.SMALL_DIM_WARPS": 2}, ("d64",)),
+    "d64_dq_untransposed": ({"backward.DQ_TRANSPOSED": False}, ("d64",)),
+    "d64_merge_rows64": ({"backward.MERGE_ROWS": 64}, ("d64",)),
+    "d64_merge_w8": ({"backward.MERGE_WARPS": 8}, ("d64",)),
 }
 VARIANT_SHAPES = {
     "s32k-b128": ((2, 16, 32768, 128, 8, ("fwd", "fwd+bwd"), False), "small"),

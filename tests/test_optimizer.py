@@ -193,6 +193,9 @@ def test_a_non_finite_gradient_or_loss_changes_nothing(tmp_path, fused):
         destroy_distributed()
 
 
+SYNC_WARNING = "called a synchronizing CUDA operation"  # PyTorch's sync debug mode, per synchronizing call
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_training_step_queues_without_a_host_sync(tmp_path):
     """A whole `train_step` (MoBA and full-attention layers, two micro-batches, the update) under PyTorch's
@@ -211,9 +214,18 @@ def test_cuda_training_step_queues_without_a_host_sync(tmp_path):
                 results = train_step(model, optimizer, batches, env)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        syncs = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "synchroniz" in str(w.message)]
+        syncs = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if SYNC_WARNING in str(w.message)]
         assert not syncs, "\n".join(syncs)
         loss, norm, updated = step_values(*results)
         assert updated and math.isfinite(loss) and math.isfinite(norm)
+        # The detector works here: reading the loss on the host is reported.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                results[0].item()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert any(SYNC_WARNING in str(w.message) for w in caught)
     finally:
         destroy_distributed()
