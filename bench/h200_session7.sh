@@ -2,7 +2,7 @@
 # The GPU runs of session 7 (bench/NOTES.md), one H200, from the repository root of a device call:
 #   bash bench/h200_session7.sh tune    # GPU tests (optimizer, checkpoints), head-dim-64 kernel tilings, 32K full
 #   bash bench/h200_session7.sh main    # GPU tests, a second D-64 sweep, the 32K and 128K training arms
-#   bash bench/h200_session7.sh last    # the sync test, three dQ-merge variants, the shipped 32K recipe
+#   bash bench/h200_session7.sh last    # the sync test, split dK/dV programs, 32K and 128K arms again
 #   bash bench/h200_session7.sh train   # 32K and 128K training arms, the standard attention shapes vs 1456a3d
 # Wheels (.whl: megatron-core, pydantic, datasets, liger-kernel) and .baseline (the 1456a3d kernels) are carried.
 set -u
@@ -46,10 +46,14 @@ last)
   python3 -m pytest -q -p no:cacheprovider tests/test_optimizer.py tests/test_fusions.py -k "cuda or checkpoint" \
     > "$OUT/gpu-tests.log" 2>&1; tail -3 "$OUT/gpu-tests.log"
   python3 scripts/bench_kernels.py --variants --commit "$GIT_COMMIT" --out "$OUT" \
-    --variant-names d64_base,d64_dq_untransposed,d64_merge_rows64,d64_merge_w8 2>&1 | grep -v -i warn | grep -A16 "^variant "
+    --variant-names d64_base,d64_splits1,d64_splits4,d64_splits8_w8 2>&1 | grep -v -i warn | grep -A24 "^variant "
   python3 scripts/bench_train.py --config $RECIPE $COMMON train.recompute=none --warmup 2 --steps 4 --profile \
-    --arm full:attention.mode=full --arm moba2048: --out "$OUT/train-32k-recipe.json" 2>&1 | grep -v -i warn \
-    | grep -v breakdown | tail -4
+    --arm full:attention.mode=full --arm "moba512:attention.block_size=512,attention.topk=3" \
+    --arm "moba512_all:attention.block_size=512,attention.topk=3,attention.full_layers=0" --arm moba2048: \
+    --out "$OUT/train-32k.json" 2>&1 | grep -v -i warn | grep -v breakdown | tail -8
+  python3 scripts/bench_train.py --config $RECIPE data.kind=synthetic logging.progress_bar=off $L --warmup 1 --steps 2 --profile \
+    --arm "moba1024:attention.block_size=1024,attention.topk=4" --arm full:attention.mode=full \
+    --out "$OUT/train-128k.json" 2>&1 | grep -v -i warn | grep -v breakdown | tail -4
   ;;
 train)
   python3 scripts/bench_train.py --config $RECIPE $COMMON train.recompute=none --warmup 2 --steps 4 --profile \

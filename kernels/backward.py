@@ -2,7 +2,11 @@
 
 - dK, dV: one program owns up to 128 keys of one (KV head, block) and loops over every query that
   attends them: the causal queries of the block itself (all heads of the KV group), then the
-  gathered queries of all past slots (one contiguous run of the routing rows).
+  gathered queries of all past slots (one contiguous run of the routing rows). In training the
+  routing is skewed (a few blocks, such as a sequence's first, are picked by most queries), so a
+  block's picks are split over `dkdv_splits` programs, each writing fp32 partial dK/dV that
+  `_dkdv_reduce_kernel` sums in a fixed order; otherwise one program walks every pick of a popular
+  block while the rest of the GPU idles.
 - dQ, workspace passes (kernels/workspace.py): every dK/dV program writes the dQ partials of its
   keys for its block's picks from the dS already in its registers (one row per pick and key tile, at
   the pick's (query head, token, slot) row). Blocks of one key tile (up to 128 keys): the program
@@ -82,6 +86,8 @@ def _dkdv_kernel(
     seg_count_ptr,
     part_dq_ptr,
     dq_ptr,
+    part_dk_ptr,
+    part_dv_ptr,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -91,6 +97,8 @@ def _dkdv_kernel(
     num_q_heads,
     num_blocks,
     num_tokens,
+    num_keys,
+    num_kv_heads,
     kv_head0,
     kv_heads,
     GROUP: tl.constexpr,
@@ -105,10 +113,14 @@ def _dkdv_kernel(
     DQ_TRANSPOSED: tl.constexpr,
     CURRENT_DQ: tl.constexpr,
     SUFFIX: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):
-    """dK, dV of BLOCK_N keys of one (block, KV head). Grid (NB * TILES_PER_BLOCK * kv_heads,): blocks
-    in the order of order_ptr (heaviest first: a sequence's first blocks are picked by most of its
-    queries), then KV heads kv_head0.., then key tiles. DQ_WORKSPACE: also write this key tile's dQ
+    """dK, dV of BLOCK_N keys of one (block, KV head). Grid (NB * TILES_PER_BLOCK * kv_heads * SPLITS,):
+    blocks in the order of order_ptr (heaviest first: a sequence's first blocks are picked by most of its
+    queries), then KV heads kv_head0.., then key tiles, then splits. SPLITS > 1: split s takes the s-th
+    of SPLITS equal ranges of the block's picks (split 0 also the causal queries) and writes its fp32
+    partial dK (scaled) and dV to part_dk/part_dv [SPLITS, num_keys, num_kv_heads, D], for
+    `_dkdv_reduce_kernel`. DQ_WORKSPACE: also write this key tile's dQ
     partial of every gathered pick into part_dq [rows, TILES_PER_BLOCK, D] at the pick's row
     (forward.workspace_rows + slot). CURRENT_DQ (one key tile per block): also write the dQ of the
     block's own queries from their causal dS, complete, into dq (contiguous [T, Hq, D]). The block's
@@ -117,6 +129,8 @@ def _dkdv_kernel(
     q and dO share q's strides; lse and delta are contiguous [T, Hq]; dK, dV share k's strides.
     """
     pid = tl.program_id(0)
+    split = pid % SPLITS
+    pid = pid // SPLITS
     blk = tl.load(order_ptr + pid // (TILES_PER_BLOCK * kv_heads))
     kv_head = kv_head0 + (pid // TILES_PER_BLOCK) % kv_heads
     ktile = pid % TILES_PER_BLOCK
@@ -143,9 +157,10 @@ def _dkdv_kernel(
         first_row = (tl.maximum(ktile * BLOCK_N - q_offset, 0) // BLOCK_M) * BLOCK_M
     else:
         first_row = (ktile * BLOCK_N // BLOCK_M) * BLOCK_M
+    causal_end = tl.where(split == 0, q_len, first_row)  # the causal queries belong to split 0
     for g in tl.static_range(GROUP):
         head = kv_head * GROUP + g
-        for m0 in range(first_row, q_len, BLOCK_M):
+        for m0 in range(first_row, causal_end, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
             row_ok = rows < q_len
             q_off = (q_start + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :]
@@ -164,9 +179,12 @@ def _dkdv_kernel(
                 tl.store(dq_ptr + dq_off, dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
     if SLOTS > 0:
         first, count = block_run(seg_start_ptr, seg_count_ptr, kv_head, blk, num_blocks, SEGS, SEGS_P2)
-        for i in range(0, count, BLOCK_M):
+        share = (count + SPLITS - 1) // SPLITS
+        lo = split * share
+        hi = tl.minimum(count, lo + share)
+        for i in range(lo, hi, BLOCK_M):
             r = i + tl.arange(0, BLOCK_M)
-            row_ok = r < count
+            row_ok = r < hi
             pick, flat, t, h = load_picks(rows_ptr, first + r, row_ok, SLOTS, num_q_heads)
             q_off = t[:, None] * stride_qt + h[:, None] * stride_qh + dims[None, :]
             q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
@@ -190,8 +208,34 @@ def _dkdv_kernel(
                     dq.to(part_dq_ptr.dtype.element_ty),
                     mask=row_ok[:, None],
                 )
-    tl.store(dk_ptr + kv_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(dv_ptr + kv_off, dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None])
+    if SPLITS == 1:
+        tl.store(dk_ptr + kv_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(dv_ptr + kv_off, dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None])
+    else:
+        part_row = (split * num_keys + start + cols).to(tl.int64) * num_kv_heads + kv_head
+        part_off = part_row[:, None] * HEAD_DIM + dims[None, :]
+        tl.store(part_dk_ptr + part_off, dk * scale, mask=col_ok[:, None])
+        tl.store(part_dv_ptr + part_off, dv, mask=col_ok[:, None])
+
+
+@triton.jit
+def _dkdv_reduce_kernel(
+    part_dk_ptr, part_dv_ptr, dk_ptr, dv_ptr, stride_kt, stride_kh, num_rows, num_kv_heads,
+    HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, SPLITS: tl.constexpr,
+):
+    """dK, dV rows [num_keys * num_kv_heads] (k's strides) = the sum of the SPLITS partials, in split order."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < num_rows
+    dims = tl.arange(0, HEAD_DIM)
+    dk = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+    for s in tl.static_range(SPLITS):
+        off = (s * num_rows + rows).to(tl.int64)[:, None] * HEAD_DIM + dims[None, :]
+        dk += tl.load(part_dk_ptr + off, mask=row_ok[:, None], other=0.0)
+        dv += tl.load(part_dv_ptr + off, mask=row_ok[:, None], other=0.0)
+    out = (rows // num_kv_heads)[:, None] * stride_kt + (rows % num_kv_heads)[:, None] * stride_kh + dims[None, :]
+    tl.store(dk_ptr + out, dk.to(dk_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -386,6 +430,9 @@ MERGE_WARPS = 4  # warps of the current-block dQ kernel when it merges partials:
 CURRENT_DQ_IN_DKDV = True  # blocks of one key tile: the dK/dV programs write the causal dQ, a pure merge adds partials
 DQ_MERGE_ROWS = 32  # tokens per program of the pure dQ merge (64: 0.92 ms, 32: 0.83 at s32k-b128)
 DQ_MERGE_WARPS = 4
+DKDV_REDUCE_ROWS = 32
+MAX_DKDV_SPLITS = 8  # programs sharing one (KV head, block, key tile)'s picks (see the module docstring)
+DKDV_SPLIT_BYTES = 2 << 30  # cap on the fp32 partial dK/dV of all splits: fewer splits for long inputs
 
 
 def dkdv_tiles(block_size: int, dim: int) -> DkdvTiles:
@@ -399,6 +446,14 @@ def dkdv_tiles(block_size: int, dim: int) -> DkdvTiles:
     if keys == 128 and dim <= 128:
         return DKDV_TILES_128
     return DkdvTiles(keys, 64, 8 if dim >= 128 else 4, 2)
+
+
+def dkdv_splits(num_keys: int, num_kv_heads: int, dim: int, slots: int) -> int:
+    """Programs per dK/dV tile: MAX_DKDV_SPLITS while their partials fit DKDV_SPLIT_BYTES (1 without picks)."""
+    if slots == 0:
+        return 1
+    per_split = 2 * num_keys * num_kv_heads * dim * 4
+    return max(1, min(MAX_DKDV_SPLITS, DKDV_SPLIT_BYTES // per_split))
 
 
 def attention_backward(
@@ -443,9 +498,14 @@ def attention_backward(
     block_m = min(MERGE_ROWS if use_workspace else 64, triton.next_power_of_2(block_size))
     per_block = triton.cdiv(block_size, block_m)
     current_dq = use_workspace and ktiles == 1 and CURRENT_DQ_IN_DKDV
+    splits = dkdv_splits(k.shape[0], hkv, dim, slots)
+    part_dk = part_dv = dk
+    if splits > 1:
+        part_dk, part_dv = (torch.empty(splits, k.shape[0], hkv, dim, dtype=torch.float32, device=k.device)
+                            for _ in range(2))
 
     def dkdv(kv_head0, heads, part_dq):
-        _dkdv_kernel[(nb * ktiles * heads,)](
+        _dkdv_kernel[(nb * ktiles * heads * splits,)](
             q,
             k,
             v,
@@ -465,6 +525,8 @@ def attention_backward(
             routing.seg_count,
             dq if part_dq is None else part_dq,
             dq,
+            part_dk,
+            part_dv,
             q.stride(0),
             q.stride(1),
             k.stride(0),
@@ -474,6 +536,8 @@ def attention_backward(
             hq,
             nb,
             total,
+            k.shape[0],
+            hkv,
             kv_head0,
             heads,
             GROUP=group,
@@ -488,9 +552,18 @@ def attention_backward(
             DQ_TRANSPOSED=DQ_TRANSPOSED,
             CURRENT_DQ=current_dq,
             SUFFIX=layout.suffix,
+            SPLITS=splits,
             num_warps=kv_tiles.warps,
             num_stages=kv_tiles.stages,
         )
+
+    def reduce_dkdv():
+        if splits > 1:
+            rows = k.shape[0] * hkv
+            _dkdv_reduce_kernel[(triton.cdiv(rows, DKDV_REDUCE_ROWS),)](
+                part_dk, part_dv, dk, dv, k.stride(0), k.stride(1), rows, hkv,
+                HEAD_DIM=dim, ROWS=DKDV_REDUCE_ROWS, SPLITS=splits, num_warps=4,
+            )
 
     def current(head0, heads, part_dq):
         _current_block_dq_kernel[(nb * per_block, heads)](
@@ -532,6 +605,7 @@ def attention_backward(
 
     if not use_workspace:
         dkdv(0, hkv, None)
+        reduce_dkdv()
         current(0, hq, None)
         for slot in range(slots):
             _past_slot_dq_kernel[(routing.tile_seg.shape[1],)](
@@ -584,4 +658,5 @@ def attention_backward(
             )
         else:
             current(h0 * group, heads * group, part_dq)
+    reduce_dkdv()
     return dq, dk, dv

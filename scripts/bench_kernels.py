@@ -172,12 +172,20 @@ def measure(fn, backward: bool, reps_ms: int, params=()):
     return ms, peak, peak_total, sorted(synced)[5]
 
 
-def bench_shape(name, batch, heads, seq_len, block, topk, passes, dense: bool, dim=128, kv_heads=None):
+def bench_shape(name, batch, heads, seq_len, block, topk, passes, dense: bool, dim=128, kv_heads=None, skew=False):
+    """`skew`: every query draws its sequence's first block (a shared offset in the queries and in that block's
+    keys), the extreme of the skewed routing of training."""
     total = batch * seq_len
     cu = torch.arange(0, total + 1, seq_len, dtype=torch.int32, device="cuda")
-    q = torch.randn(total, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(total, kv_heads or heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q = torch.randn(total, heads, dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(total, kv_heads or heads, dim, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(total, kv_heads or heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    if skew:
+        q += 1.0
+        for start in range(0, total, seq_len):
+            k[start:start + block] += 2.0
+    q.requires_grad_()
+    k.requires_grad_()
     rows = []
     fwd_flops = moba_flops(seq_len, block, topk, dim) * batch * heads
     dense_fwd = dense_flops(seq_len, dim) * batch * heads
@@ -279,6 +287,10 @@ VARIANTS = {  # the variants measured in each session are in bench/NOTES.md and 
     "d64_dq_untransposed": ({"backward.DQ_TRANSPOSED": False}, ("d64",)),
     "d64_merge_rows64": ({"backward.MERGE_ROWS": 64}, ("d64",)),
     "d64_merge_w8": ({"backward.MERGE_WARPS": 8}, ("d64",)),
+    # dK/dV of one block split over programs (backward.dkdv_splits): training's routing is skewed
+    "d64_splits1": ({"backward.MAX_DKDV_SPLITS": 1}, ("d64",)),
+    "d64_splits4": ({"backward.MAX_DKDV_SPLITS": 4}, ("d64",)),
+    "d64_splits8_w8": ({"backward.DKDV_TILES_D64": DkdvTiles(128, 32, 8, 3)}, ("d64",)),
 }
 VARIANT_SHAPES = {
     "s32k-b128": ((2, 16, 32768, 128, 8, ("fwd", "fwd+bwd"), False), "small"),
@@ -290,6 +302,7 @@ VARIANT_SHAPES = {
     "r32k-b2048": ((2, 32, 32768, 2048, 4, ("fwd", "fwd+bwd"), False, 64, 8), "d64"),
     "r32k-b512": ((2, 32, 32768, 512, 3, ("fwd", "fwd+bwd"), False, 64, 8), "d64"),
     "r128k-b1024": ((1, 32, 131072, 1024, 4, ("fwd", "fwd+bwd"), False, 64, 8), "d64"),
+    "r32k-b512-skew": ((1, 32, 32768, 512, 3, ("fwd+bwd",), False, 64, 8, True), "d64"),
 }
 MODULES = {
     "workspace": moba_train.kernels.workspace,

@@ -340,3 +340,29 @@ def test_nan_in_the_keys_gives_the_same_outputs_as_the_definition():
     assert (out.float()[finite] - ref[finite]).abs().max() / ref[finite].abs().max() < 4e-3
     assert torch.equal(moba_selection_triton(q, k, cu_t, block, topk),
                        moba_selection_naive(q, k, cu_seqlens=cu_t, block_size=block, topk=topk))
+
+
+@pytest.mark.parametrize("splits", [1, 3, 8])
+def test_dkdv_split_over_programs_matches_naive_when_one_block_draws_every_pick(splits, monkeypatch):
+    """A shared offset in the queries and in block 0's keys makes every query pick block 0 (the skew of
+    training: a few blocks drawn by most queries), so the split of its picks over programs is uneven and
+    some splits of other blocks are empty; dK, dV (and the rest) equal the definition for any split count."""
+    from moba_train.kernels import backward
+
+    monkeypatch.setattr(backward, "MAX_DKDV_SPLITS", splits)
+    cu, hq, hkv, dim, block, topk = [0, 200, 300], 4, 2, 16, 16, 3
+    q, k, v, cu_t = inputs(cu, hq, hkv, dim, torch.float16, seed=3)
+    q, k = q + 1.0, k.clone()
+    k[0:16] += 2.0
+    k[200:216] += 2.0
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    picks = moba_selection_naive(q.float(), k.float(), cu_seqlens=cu_t, block_size=block, topk=topk)
+    assert bool((picks[32:200] == 0).any(-1).all()) and bool((picks[232:300] == 0).any(-1).all())
+    out = moba_attention_triton(q, k, v, cu_t, block, topk)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, out.dtype)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref = moba_attention_naive(q.float(), k.float(), v.float(), cu_seqlens=cu_t, block_size=block, topk=topk)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout.float())
+    for name, got, want in [("out", out, ref), *zip(("dq", "dk", "dv"), grads, ref_grads)]:
+        err = (got.float() - want).abs().max() / want.abs().max()
+        assert err < 4e-3, f"{name}: max error {err:.2e} relative to the largest value"
