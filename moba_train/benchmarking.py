@@ -88,10 +88,33 @@ TOP_KERNELS = 30
 """Kernels listed by name in a profiled arm's JSON: enough to see what each category is made of."""
 
 
+def tally(events, step_s: float) -> tuple[dict[str, float], list[dict]]:
+    """Seconds of GPU kernel time per category over the profiler's `events`, plus host gaps (`gpu_idle` of a
+    step of `step_s`); and the TOP_KERNELS costliest kernels by name (seconds, launches, category).
+    Only kernels count: the profiler also puts user annotations (e.g. `Optimizer.step#AdamW.step`, the
+    whole update) on the GPU timeline, which would count twice and cover the idle time inside them."""
+    seconds: dict[str, float] = {}
+    kernels: dict[str, list] = {}
+    busy = []
+    for event in events:
+        kind = str(getattr(event, "activity_type", ""))
+        annotation = getattr(event, "is_user_annotation", False) or "annotation" in kind
+        if event.device_type != torch.autograd.DeviceType.CUDA or annotation:
+            continue
+        category = kernel_category(event.name)
+        seconds[category] = seconds.get(category, 0.0) + event.device_time / 1e6
+        entry = kernels.setdefault(event.name, [0.0, 0, category])
+        entry[0] += event.device_time / 1e6
+        entry[1] += 1
+        busy.append((event.time_range.start, event.time_range.end))
+    seconds["host_gaps"] = gpu_idle(busy, step_s)
+    top = sorted(kernels.items(), key=lambda item: -item[1][0])[:TOP_KERNELS]
+    return dict(sorted(seconds.items())), [{"kernel": name[:160], "s": s, "launches": n, "category": c}
+                                           for name, (s, n, c) in top]
+
+
 def _breakdown(step, device, step_s: float) -> tuple[dict[str, float], list[dict]]:
-    """Seconds of GPU kernel time per category over one step, plus host gaps (`gpu_idle` of a step of
-    `step_s`, the median unprofiled step); and the TOP_KERNELS costliest kernels by name (seconds, launches,
-    category)."""
+    """`tally` of one profiled step (`step_s`: the median unprofiled step, see `gpu_idle`)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -99,21 +122,7 @@ def _breakdown(step, device, step_s: float) -> tuple[dict[str, float], list[dict
         step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    seconds: dict[str, float] = {}
-    kernels: dict[str, list] = {}
-    busy = []
-    for event in prof.events():
-        if device.type == "cuda" and event.device_type == torch.autograd.DeviceType.CUDA:
-            category = kernel_category(event.name)
-            seconds[category] = seconds.get(category, 0.0) + event.device_time / 1e6
-            entry = kernels.setdefault(event.name, [0.0, 0, category])
-            entry[0] += event.device_time / 1e6
-            entry[1] += 1
-            busy.append((event.time_range.start, event.time_range.end))
-    seconds["host_gaps"] = gpu_idle(busy, step_s)
-    top = sorted(kernels.items(), key=lambda item: -item[1][0])[:TOP_KERNELS]
-    return dict(sorted(seconds.items())), [{"kernel": name[:160], "s": s, "launches": n, "category": c}
-                                           for name, (s, n, c) in top]
+    return tally(prof.events(), step_s)
 
 
 def run_arm(cfg: Config, name: str, overrides: list[str], warmup: int, steps: int, profile: bool,

@@ -48,6 +48,37 @@ def test_a_bad_arm_is_one_line_and_exit_2():
     assert result.returncode == 2 and result.stderr.strip().startswith("error: --arm 'nocolon' is not NAME:OVERRIDES")
 
 
+def test_the_breakdown_counts_kernels_only_not_the_profilers_annotation_ranges():
+    """On CUDA the profiler also puts user annotations on the GPU timeline (`Optimizer.step#AdamW.step`
+    spans the whole update): counted as a kernel it doubled the optimizer's time (10.8 of 23 ms at 32K) and,
+    as a busy interval, hid the idle time inside it."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from moba_train.benchmarking import tally
+
+    cuda = torch.autograd.DeviceType.CUDA
+
+    def event(name, start, end, annotation=False):
+        return SimpleNamespace(name=name, device_type=cuda, device_time=end - start, is_user_annotation=annotation,
+                               time_range=SimpleNamespace(start=start, end=end))
+
+    events = [
+        event("nvjet_sm90_tst_128x256", 0.0, 300_000.0),
+        event("multi_tensor_apply_kernel<FusedAdamMathFunctor>", 500_000.0, 600_000.0),
+        event("multi_tensor_apply_kernel<FusedAdamMathFunctor>", 700_000.0, 750_000.0),
+        event("Optimizer.step#AdamW.step", 400_000.0, 800_000.0, annotation=True),
+        SimpleNamespace(name="aten::mm", device_type=torch.autograd.DeviceType.CPU, device_time=0.0,
+                        is_user_annotation=False, time_range=SimpleNamespace(start=0.0, end=1.0)),
+    ]
+    seconds, top = tally(events, step_s=1.0)
+    assert seconds["matmul"] == 0.3 and abs(seconds["optimizer"] - 0.15) < 1e-12
+    assert abs(seconds["host_gaps"] - 0.55) < 1e-12  # 1 s minus 0.45 s of kernels
+    assert [(k["kernel"], k["launches"]) for k in top] == [("nvjet_sm90_tst_128x256", 1),
+                                                           ("multi_tensor_apply_kernel<FusedAdamMathFunctor>", 2)]
+
+
 def test_gpu_idle_is_the_unprofiled_step_minus_the_union_of_kernel_intervals():
     """The profiled step runs slower on the host than the timed ones; only the timed step's length counts
     (the 32K full-attention arm reported 0.17 s of host gaps that were the profiler's own overhead: its
