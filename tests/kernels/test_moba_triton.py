@@ -35,6 +35,13 @@ def inputs(cu, hq, hkv, dim, dtype, seed=0):
     return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), torch.tensor(cu, dtype=torch.int32, device=DEVICE)
 
 
+def assert_close_to_naive(out, grads, ref, ref_grads):
+    """fp16 inputs, fp32 accumulation, fp16 running output: a few fp16 ulps relative to the scale."""
+    for name, got, want in [("out", out, ref), *zip(("dq", "dk", "dv"), grads, ref_grads)]:
+        err = (got.float() - want).abs().max() / want.abs().max()
+        assert err < 4e-3, f"{name}: max error {err:.2e} relative to the largest value"
+
+
 # More than one chunk of 64 candidate blocks: the running top-k merges across chunks.
 MANY_BLOCKS = ([0, 1056], 1, 1, 16, 16, 4, False)
 
@@ -106,10 +113,7 @@ def test_attention_output_and_gradients_match_naive(case, passes, monkeypatch):
     )
     ref_grads = torch.autograd.grad(ref, (q, k, v), dout.float())
     assert out.dtype == torch.float16 and out.shape == ref.shape
-    # fp16 inputs, fp32 accumulation, fp16 running output: a few fp16 ulps relative to the scale.
-    for name, got, want in [("out", out, ref), *zip(("dq", "dk", "dv"), grads, ref_grads)]:
-        err = (got.float() - want).abs().max() / want.abs().max()
-        assert err < 4e-3, f"{name}: max error {err:.2e} relative to the largest value"
+    assert_close_to_naive(out, grads, ref, ref_grads)
 
 
 def test_attention_rejects_fp32_with_a_clear_error():
@@ -265,9 +269,7 @@ def test_suffix_queries_output_lse_and_gradients_match_naive(case, passes, monke
     ref_grads = torch.autograd.grad((ref, ref_lse), (q, k, v), (dout.float(), dlse))
     assert out.shape == ref.shape and lse.dtype == torch.float32 and lse.shape == ref_lse.shape
     assert (lse - ref_lse).abs().max() < 2e-3
-    for name, got, want in [("out", out, ref), *zip(("dq", "dk", "dv"), grads, ref_grads)]:
-        err = (got.float() - want).abs().max() / want.abs().max()
-        assert err < 4e-3, f"{name}: max error {err:.2e} relative to the largest value"
+    assert_close_to_naive(out, grads, ref, ref_grads)
     sel = moba_selection_triton(q, k, cu_q, block, topk, cu_seqlens_k=cu_k_t)
     assert torch.equal(sel, moba_selection_naive(q, k, cu_seqlens=cu_q, cu_seqlens_k=cu_k_t, block_size=block,
                                                  topk=topk))
@@ -363,6 +365,4 @@ def test_dkdv_split_over_programs_matches_naive_when_one_block_draws_every_pick(
     grads = torch.autograd.grad(out, (q, k, v), dout)
     ref = moba_attention_naive(q.float(), k.float(), v.float(), cu_seqlens=cu_t, block_size=block, topk=topk)
     ref_grads = torch.autograd.grad(ref, (q, k, v), dout.float())
-    for name, got, want in [("out", out, ref), *zip(("dq", "dk", "dv"), grads, ref_grads)]:
-        err = (got.float() - want).abs().max() / want.abs().max()
-        assert err < 4e-3, f"{name}: max error {err:.2e} relative to the largest value"
+    assert_close_to_naive(out, grads, ref, ref_grads)
