@@ -4,13 +4,7 @@
 #   bash bench/h200_session6.sh long      # the 128K training arms, cuDNN attention, the direct kernel entry
 #   bash bench/h200_session6.sh sparse    # 128K: sparser MoBA settings against full attention
 # Wheels (.whl: megatron-core, pydantic, datasets, liger-kernel) and .baseline (the 1456a3d kernels) are carried.
-set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 GIT_COMMIT=${GIT_COMMIT:-unknown}
-ln -sfn ../kernels moba_train/kernels     # the GPU image's pip cannot install the checkout (see bench/NOTES.md)
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-RECIPE=configs/llama1b_moba_32k.yaml
-COMMON="data.kind=synthetic logging.progress_bar=off train.global_batch_size=2"
+source bench/gpu_env.sh
 PLAIN="model.fusions.rmsnorm=torch,model.fusions.swiglu=torch,model.fusions.rope=torch,model.fusions.cross_entropy=megatron"
 case "${1:-}" in
 fusions)

@@ -5,13 +5,7 @@
 #   bash bench/h200_session7.sh last    # the sync test, split dK/dV programs, 32K and 128K arms again
 #   bash bench/h200_session7.sh train   # 32K and 128K training arms, the standard attention shapes vs 1456a3d
 # Wheels (.whl: megatron-core, pydantic, datasets, liger-kernel) and .baseline (the 1456a3d kernels) are carried.
-set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 GIT_COMMIT=${GIT_COMMIT:-unknown}
-ln -sfn ../kernels moba_train/kernels     # the GPU image's pip cannot install the checkout (see bench/NOTES.md)
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-RECIPE=configs/llama1b_moba_32k.yaml
-COMMON="data.kind=synthetic logging.progress_bar=off train.global_batch_size=2"
+source bench/gpu_env.sh
 L="train.seq_length=131072 model.max_position_embeddings=131072 train.global_batch_size=1 train.recompute=selective"
 case "${1:-}" in
 tune)

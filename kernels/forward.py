@@ -353,8 +353,8 @@ class SlotTiles(NamedTuple):
     stages: int  # software-pipelining depth of the forward key loop
 
 
-SLOT_TILES_D64 = SlotTiles(128, 64, 8, 3)
-"""Blocks >= 512 keys at head dim <= 64 (the training recipes' shape; bench/NOTES.md, session 7)."""
+LARGE_BLOCK_TILES = SlotTiles(128, 64, 8, 3)
+"""Blocks >= 512 keys, head dim <= 128 (at head dim 64 no other tiling measured faster: bench/NOTES.md, session 7)."""
 
 
 def slot_tiles(block_size: int, dim: int) -> SlotTiles:
@@ -362,10 +362,8 @@ def slot_tiles(block_size: int, dim: int) -> SlotTiles:
     of 128 gathered queries stay full; they halve the K/V re-reads per query and give wgmma 128-row
     operands (the flash-attention tutorial tile, 128 x 64, 8 warps, 3 stages). Smaller blocks keep
     64-row tiles: their segments are short and a half-empty 128-row tile wastes its matmuls."""
-    if block_size >= 512 and dim <= 64:
-        return SLOT_TILES_D64
     if block_size >= 512 and dim <= 128:
-        return SlotTiles(128, 64, 8, 3)
+        return LARGE_BLOCK_TILES
     return SlotTiles(64, key_tile(block_size), 8 if dim >= 128 else 4, 3)
 
 

@@ -263,11 +263,6 @@ def _model_parallel_sizes() -> tuple[int, int, int]:
             ps.get_context_parallel_world_size())
 
 
-def _inner_adam_states(optimizer):
-    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
-        yield from chained.optimizer.state.values()
-
-
 def _materialize_optimizer_state(optimizer, adam_step: int) -> None:
     """Give every parameter of a fresh optimizer an Adam state (the checkpoint's update count, zero
     moments) for loading to overwrite. Megatron-Core 0.16.1's DistributedOptimizer on torch's Adam

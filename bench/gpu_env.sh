@@ -1,0 +1,10 @@
+# Sourced by bench/h200_session*.sh at the repository root of a device call: the carried wheels (.whl:
+# megatron-core, pydantic, datasets, liger-kernel) installed into /tmp/site, the package on PYTHONPATH, $OUT,
+# and the 1.1B recipe's common training overrides.
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 GIT_COMMIT=${GIT_COMMIT:-unknown}
+ln -sfn ../kernels moba_train/kernels     # the GPU image's pip cannot install the checkout (see bench/NOTES.md)
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+RECIPE=configs/llama1b_moba_32k.yaml
+COMMON="data.kind=synthetic logging.progress_bar=off train.global_batch_size=2"
