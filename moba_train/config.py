@@ -53,8 +53,11 @@ class FusionsConfig(_Section):
     """torch (PyTorch's RMSNorm, auto), liger (Liger-Kernel, CUDA) or compile (torch.compile)."""
     swiglu: Literal["auto", "torch", "megatron", "liger"] = "auto"
     """torch (unfused), megatron (Megatron's fused SwiGLU) or liger (Liger-Kernel, CUDA; auto on CUDA)."""
-    rope: Literal["auto", "torch", "compile"] = "auto"
-    """torch (Megatron's unfused RoPE) or compile (torch.compile, auto on CUDA)."""
+    rope: Literal["auto", "torch", "compile", "triton"] = "auto"
+    """torch (Megatron's unfused RoPE), compile (torch.compile) or triton (our kernel, auto on CUDA)."""
+    grad_accumulation: Literal["auto", "torch", "fused"] = "auto"
+    """torch (a bf16 weight gradient added to the fp32 main gradient) or fused (the product accumulates into
+    the main gradient, auto on CUDA)."""
     cross_entropy: Literal["auto", "megatron", "megatron_fused", "liger"] = "auto"
     """megatron (unfused), megatron_fused (its gradient rounded to bf16) or liger (Liger-Kernel, CUDA; auto on CUDA)."""
 

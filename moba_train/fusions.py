@@ -12,8 +12,18 @@ Four operations, each with its plain path and the fused ones measured against it
                             forward and backward, keeps the fc1 output only)
                    liger    Liger-Kernel's gate-up SiLU-multiply kernel on the concatenated fc1 output
     rope           torch    Megatron's unfused rotation (cos and sin recomputed, four passes over q/k)
-                   compile  the same function through torch.compile (one kernel each way), installed
-                            where Megatron looks for Transformer Engine's fused RoPE
+                   compile  the same function through torch.compile (one kernel each way)
+                   triton   our kernel (moba_train.kernels.rope: one read and one write each way, the
+                            angles' cosines and sines computed once per position for all heads)
+                   (compile and triton are installed where Megatron looks for Transformer Engine's
+                   fused RoPE)
+    grad_accumulation
+                   torch    Megatron's default without Apex: each weight gradient is a bf16 product, which
+                            the DDP hook then adds to the fp32 main gradient (a second pass, unvectorised)
+                   fused    the weight-gradient product accumulates into the fp32 main gradient itself
+                            (Megatron's gradient_accumulation_fusion, whose Apex kernel is replaced by
+                            PyTorch's matmul with an fp32 output: cuBLAS's beta = 1 epilogue); only on
+                            models wrapped in Megatron's DDP, the owner of the main gradients
     cross_entropy  megatron Megatron's vocab-parallel cross-entropy (unfused: several fp32 passes)
                    megatron_fused  Megatron's native fused cross-entropy (cross_entropy_loss_fusion;
                             it rounds the logits' gradient to bf16 whatever the training precision)
@@ -31,15 +41,18 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from typing import Callable
 
 import torch
 
 from moba_train.config import Config, ConfigError
 
-OPS = ("rmsnorm", "swiglu", "rope", "cross_entropy")
-PLAIN = {"rmsnorm": "torch", "swiglu": "torch", "rope": "torch", "cross_entropy": "megatron"}
-FUSED_DEFAULTS = {"rmsnorm": "torch", "swiglu": "liger", "rope": "compile", "cross_entropy": "liger"}
+OPS = ("rmsnorm", "swiglu", "rope", "grad_accumulation", "cross_entropy")
+PLAIN = {"rmsnorm": "torch", "swiglu": "torch", "rope": "torch", "grad_accumulation": "torch",
+         "cross_entropy": "megatron"}
+FUSED_DEFAULTS = {"rmsnorm": "torch", "swiglu": "liger", "rope": "triton", "grad_accumulation": "fused",
+                  "cross_entropy": "liger"}
 """`auto` on CUDA: the fastest per operation, forward + backward at the 1.1B recipe's shapes on an H200
 (bench/results/fusions-NVIDIA_H200-77e30d9.json, ms): RMSNorm torch 0.33 / Liger 0.89 / compile 0.98 (PyTorch's
 own RMSNorm is a fused kernel now); SwiGLU Liger 1.00 / Megatron 1.31 / torch 3.84; RoPE compile 0.82 / torch
@@ -58,7 +71,7 @@ def resolve(cfg: Config, device: torch.device) -> dict[str, str]:
     chosen = {}
     for op in OPS:
         value = getattr(cfg.model.fusions, op)
-        if cfg.model.transformer_impl == "te" and op in ("rmsnorm", "swiglu"):
+        if cfg.model.transformer_impl == "te" and op in ("rmsnorm", "swiglu", "grad_accumulation"):
             if value not in ("auto", "torch"):
                 raise ConfigError(f"model.fusions.{op}={value} applies to model.transformer_impl=local (Transformer "
                                   f"Engine's layers fuse it themselves); set model.fusions.{op}=auto")
@@ -70,6 +83,9 @@ def resolve(cfg: Config, device: torch.device) -> dict[str, str]:
         elif value == "liger" and device.type != "cuda":
             raise ConfigError(f"model.fusions.{op}=liger needs a CUDA device (Liger-Kernel's Triton kernels do not run "
                               f"on {device.type}); set model.fusions.{op}={PLAIN[op]} or auto")
+        elif value == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError(f"model.fusions.{op}=triton needs a CUDA device (or TRITON_INTERPRET=1 for small CPU "
+                              f"runs); set model.fusions.{op}={PLAIN[op]} or auto")
         elif value == "liger" and not liger_available():
             raise ConfigError(f"model.fusions.{op}=liger needs liger-kernel (pip install liger-kernel); install it or "
                               f"set model.fusions.{op}=auto")
@@ -86,7 +102,7 @@ def transformer_config_kwargs(chosen: dict[str, str]) -> dict:
         # Megatron's MLP builds its activation from the spec's module when this flag is set (its hook for
         # Transformer Engine's activations); the module sees the whole [gate | up] fc1 output.
         kwargs["use_te_activation_func"] = True
-    if chosen["rope"] == "compile":
+    if chosen["rope"] in ("compile", "triton"):
         kwargs["apply_rope_fusion"] = True
     if chosen["cross_entropy"] == "megatron_fused":
         kwargs.update(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="native")
@@ -185,8 +201,16 @@ def _compiled_rope_bshd() -> Callable:
     return torch.compile(rope, dynamic=False)
 
 
+_ROPE = {"impl": "compile"}  # the fused RoPE of the last model built (`install_rope`)
+
+
 def _fused_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False, **_) -> torch.Tensor:
     """Transformer Engine's fused_apply_rotary_pos_emb signature, [s, b, h, d] with freqs [s, 1, 1, d]."""
+    if _ROPE["impl"] == "triton" and not interleaved:
+        from moba_train.kernels.rope import rope_supported, rope_triton
+
+        if rope_supported(t, freqs):
+            return rope_triton(t, freqs)
     return _compiled_rope_bshd()(t, freqs, interleaved)
 
 
@@ -205,14 +229,81 @@ def _fused_rope_thd(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tens
 
 
 def install_rope(chosen: dict[str, str]) -> None:
-    """For rope=compile, fill Megatron's hooks for a fused RoPE (left None without Transformer Engine, and
-    checked by TransformerConfig) with the compiled function. Process-wide, like the hooks themselves;
-    models whose config leaves apply_rope_fusion off never call them."""
-    if chosen["rope"] != "compile":
+    """For rope=compile or triton, fill Megatron's hooks for a fused RoPE (left None without Transformer
+    Engine, and checked by TransformerConfig) with ours. Process-wide, like the hooks themselves (the last
+    model built decides between compile and triton); models whose config leaves apply_rope_fusion off never
+    call them. Shapes the Triton kernel does not take (interleaved or partial rotation) are compiled."""
+    if chosen["rope"] not in ("compile", "triton"):
         return
     from megatron.core.models.common.embeddings import rope_utils
+
+    _ROPE["impl"] = chosen["rope"]
 
     if rope_utils.fused_apply_rotary_pos_emb is None:
         rope_utils.fused_apply_rotary_pos_emb = _fused_rope
     if rope_utils.fused_apply_rotary_pos_emb_thd is None:
         rope_utils.fused_apply_rotary_pos_emb_thd = _fused_rope_thd
+
+
+# --- Weight gradients accumulated into the fp32 main gradients ----------------------------------------
+
+
+def _wgrad_gemm_accum(total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
+    """main_grad += grad_output^T @ total_input over all leading dimensions (Apex's wgrad_gemm_accum_fp32 /
+    _fp16 contract): on CUDA with half-precision operands one cuBLAS product that reads and writes the
+    main gradient in its own dtype; otherwise in the main gradient's dtype."""
+    a = grad_output.reshape(-1, grad_output.shape[-1]).t()
+    b = total_input.reshape(-1, total_input.shape[-1])
+    if main_grad.is_cuda and a.dtype != main_grad.dtype and _ACCUMULATE["in_place"]:
+        torch.addmm(main_grad, a, b, out_dtype=main_grad.dtype, out=main_grad)
+    elif a.dtype != main_grad.dtype and main_grad.is_cuda:
+        main_grad.add_(torch.mm(a, b, out_dtype=main_grad.dtype))
+    else:
+        main_grad.addmm_(a.to(main_grad.dtype), b.to(main_grad.dtype))
+
+
+class _ApexWgrad:
+    """What Megatron's linear layers call for gradient_accumulation_fusion (Apex's fused_weight_gradient_mlp_cuda)."""
+
+    wgrad_gemm_accum_fp32 = staticmethod(_wgrad_gemm_accum)
+    wgrad_gemm_accum_fp16 = staticmethod(_wgrad_gemm_accum)
+
+
+_ACCUMULATE = {"in_place": True}
+
+
+def _probe_in_place_accumulation(device: torch.device) -> bool:
+    """Whether this PyTorch accumulates a bf16 product into an fp32 `out` that is also its input (checked
+    once, before training: the check reads the device)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(shape, generator=g) for shape in ((96, 80), (80, 64)))
+    c = torch.randn(96, 64, generator=g)
+    expected = c + a.bfloat16().float() @ b.bfloat16().float()
+    out = c.to(device)
+    try:
+        torch.addmm(out, a.to(device, torch.bfloat16), b.to(device, torch.bfloat16), out_dtype=torch.float32, out=out)
+    except (RuntimeError, TypeError):
+        return False
+    return torch.allclose(out.cpu(), expected, rtol=1e-3, atol=1e-3)
+
+
+def install_grad_accumulation(chosen: dict[str, str], ddp_model: torch.nn.Module, device: torch.device) -> int:
+    """For grad_accumulation=fused, turn on gradient_accumulation_fusion in every Megatron linear layer of a
+    model already wrapped in Megatron's DDP (which gave each weight its fp32 `main_grad`), with our product
+    in the place of Apex's kernel. Returns the number of layers switched (0 for the plain choice)."""
+    if chosen["grad_accumulation"] != "fused":
+        return 0
+    from megatron.core.tensor_parallel import layers
+
+    if getattr(layers, "fused_weight_gradient_mlp_cuda", None) is None:
+        layers.fused_weight_gradient_mlp_cuda = _ApexWgrad
+    if device.type == "cuda":
+        _ACCUMULATE["in_place"] = _probe_in_place_accumulation(device)
+    switched = 0
+    for module in ddp_model.modules():
+        if isinstance(module, (layers.ColumnParallelLinear, layers.RowParallelLinear)):
+            if module.weight is not None and not hasattr(module.weight, "main_grad"):  # None: the tied embedding's
+                raise RuntimeError("grad_accumulation=fused needs the model wrapped in Megatron's DDP first")
+            module.gradient_accumulation_fusion = True
+            switched += 1
+    return switched

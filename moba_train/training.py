@@ -26,7 +26,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
 from megatron.core.transformer.module import Float16Module
 
-from moba_train import checkpointing, data, implementations, preflight
+from moba_train import checkpointing, data, fusions, implementations, preflight
 from moba_train.checkpointing import TrainState
 from moba_train.cli import SharedConfigError
 from moba_train.config import Config, ConfigError
@@ -71,7 +71,9 @@ def wrap_model(cfg: Config, model: torch.nn.Module, env: DistEnv) -> Distributed
         overlap_grad_reduce=False,
         use_distributed_optimizer=use_distributed_optimizer(cfg, env.device),
     )
-    return DistributedDataParallel(config, ddp_config, model)
+    wrapped = DistributedDataParallel(config, ddp_config, model)
+    fusions.install_grad_accumulation(fusions.resolve(cfg, env.device), wrapped, env.device)
+    return wrapped
 
 
 def _step_flops(cfg: Config, seqlens: list[int]) -> float:

@@ -31,6 +31,7 @@ def cases(cfg: Config, device) -> dict:
     from megatron.core.models.common.embeddings import rope_utils
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from moba_train.kernels.rope import rope_triton
 
     from moba_train import fusions
     from moba_train.model import transformer_config
@@ -69,7 +70,8 @@ def cases(cfg: Config, device) -> dict:
     freqs = torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
     out["rope"] = (lambda: (torch.randn(s, 1, m.num_attention_heads, d, device=device, dtype=bf16),),
                    {"torch": lambda t: rope_utils._apply_rotary_pos_emb_bshd(t, freqs),
-                    "compile": lambda t: fusions._fused_rope(t, freqs)},
+                    "compile": lambda t: fusions._compiled_rope_bshd()(t, freqs, False),
+                    "triton": lambda t: rope_triton(t, freqs)},
                    lambda t: rope_utils._apply_rotary_pos_emb_bshd(t.float(), freqs))
 
     vocab = m.vocab_size
@@ -84,6 +86,23 @@ def cases(cfg: Config, device) -> dict:
     out["cross_entropy"] = (lambda: (torch.randn(s, 1, vocab, device=device, dtype=bf16) * 3,), choices,
                             lambda z: F.cross_entropy(z.float().view(-1, vocab), labels.view(-1),
                                                       reduction="none").view(s, 1))
+
+    # The output layer and the loss together: the logits materialised (Megatron's output layer, then the
+    # chosen cross-entropy) against Liger's chunked fused linear + cross-entropy, which never keeps them
+    # (its gradients are computed in the forward; it reads the count of loss tokens on the host).
+    if fusions.liger_available():
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+        flat = labels.view(-1)
+        choices = {
+            "output_layer+liger": lambda x, w: liger_ce(F.linear(x, w).view(s, 1, vocab), labels, tp).sum(),
+            "liger_fused_linear": lambda x, w: LigerFusedLinearCrossEntropyFunction.apply(
+                x, w, flat, None, None, -100, 0.0, 0.0, "sum"),
+        }
+        out["linear_cross_entropy"] = (
+            lambda: (torch.randn(s, h, device=device, dtype=bf16),
+                     torch.randn(vocab, h, device=device, dtype=bf16) * 0.02),
+            choices, lambda x, w: F.cross_entropy(F.linear(x, w), flat, reduction="sum"))
     return out
 
 

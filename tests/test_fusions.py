@@ -61,11 +61,16 @@ def test_what_this_machine_cannot_run_is_one_clear_error():
 
 
 @pytest.mark.parametrize("op,choice", [("rmsnorm", "compile"), ("swiglu", "megatron"), ("rope", "compile"),
-                                       ("cross_entropy", "megatron_fused")])
-def test_each_fusion_computes_the_plain_models_loss_and_gradients(op, choice):
+                                       ("rope", "triton"), ("cross_entropy", "megatron_fused")])
+def test_each_fusion_computes_the_plain_models_loss_and_gradients(op, choice, monkeypatch):
+    from moba_train.kernels import rope
+
+    calls = []
+    monkeypatch.setattr(rope, "rope_triton", lambda *a: calls.append(1) or rope._RoPE.apply(a[0], a[1][:, 0, 0]))
     data = batch()
     reference_loss, reference_grads, plain = loss_and_grads(tiny(), data)
     loss, grads, fused = loss_and_grads(tiny({op: choice}), data)
+    assert len(calls) == (4 if choice == "triton" else 0)  # queries and keys of both layers, no fallback
     assert fused.state_dict().keys() == plain.state_dict().keys()  # checkpoints and conversions unchanged
     torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
     assert grads.keys() == reference_grads.keys()
@@ -86,6 +91,7 @@ def test_each_fusion_computes_the_plain_models_loss_and_gradients(op, choice):
         from megatron.core.models.common.embeddings import rope_utils
 
         assert layer.config.apply_rope_fusion and rope_utils.fused_apply_rotary_pos_emb is fusions._fused_rope
+        assert fusions._ROPE["impl"] == choice
     else:
         assert layer.config.cross_entropy_loss_fusion and layer.config.cross_entropy_fusion_impl == "native"
 

@@ -229,3 +229,71 @@ def test_cuda_training_step_queues_without_a_host_sync(tmp_path):
         assert any(SYNC_WARNING in str(w.message) for w in caught)
     finally:
         destroy_distributed()
+
+
+# --- Weight gradients accumulated into the main gradients (model.fusions.grad_accumulation) ---
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("tied", [False, True])
+def test_fused_grad_accumulation_gives_megatrons_main_gradients(tmp_path, precision, tied):
+    """Two micro-batches accumulated by the fused path (the product adds into the fp32 main gradient) and by
+    Megatron's plain one (a weight gradient the DDP hook adds): the same main gradients, with the tied
+    output layer too (its embedding gradient arrives through the hook on top of the fused product). bf16:
+    the plain path rounds each product to bf16 before adding, so the two agree at bf16's resolution."""
+    from megatron.core.tensor_parallel import layers
+
+    main_grads = {}
+    for choice in ("torch", "fused"):
+        cfg, env = _setup(tmp_path, precision, f"model.fusions.grad_accumulation={choice}",
+                          f"model.tie_embeddings={str(tied).lower()}")
+        try:
+            model, _ = _build(cfg, env)
+            switched = [m for m in model.modules() if isinstance(m, (layers.ColumnParallelLinear,
+                                                                      layers.RowParallelLinear))]
+            assert all(m.gradient_accumulation_fusion == (choice == "fused") for m in switched) and switched
+            model.zero_grad_buffer()
+            loader = build_dataloader(build_datasets(cfg, env)[0], cfg, env, consumed_samples=0)
+            for _ in range(2):
+                loss, tokens = forward_step(model, next(loader))
+                (loss / tokens).backward()
+            model.finish_grad_sync()
+            main_grads[choice] = {n: p.main_grad.detach().clone() for n, p in model.named_parameters()}
+        finally:
+            destroy_distributed()
+    assert main_grads["fused"].keys() == main_grads["torch"].keys()
+    for name, grad in main_grads["fused"].items():
+        reference = main_grads["torch"][name]
+        assert reference.abs().max() > 0, name
+        scale = reference.abs().max().item()
+        rtol, atol = (1e-5, 1e-6 * scale) if precision == "fp32" else (2e-2, 1e-2 * scale)
+        torch.testing.assert_close(grad, reference, rtol=rtol, atol=atol, msg=name)
+
+
+def test_fused_grad_accumulation_needs_the_ddp_wrapper():
+    from moba_train import fusions
+
+    cfg = Config.model_validate({"model": {"fusions": {"grad_accumulation": "fused"}}})
+    chosen = fusions.resolve(cfg, torch.device("cpu"))
+    assert chosen["grad_accumulation"] == "fused"
+    init_distributed(cfg)
+    try:
+        with pytest.raises(RuntimeError, match="wrapped in Megatron's DDP first"):
+            fusions.install_grad_accumulation(chosen, build_model(cfg), torch.device("cpu"))
+    finally:
+        destroy_distributed()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fp32-output product runs on CUDA")
+def test_cuda_accumulation_adds_the_bf16_product_in_fp32():
+    from moba_train import fusions
+
+    assert fusions._probe_in_place_accumulation(torch.device("cuda"))
+    g = torch.Generator().manual_seed(3)
+    x, dy = torch.randn(3, 50, 40, generator=g), torch.randn(3, 50, 24, generator=g)
+    main = torch.randn(24, 40, generator=g)
+    x16, dy16 = x.bfloat16(), dy.bfloat16()
+    expected = main.double() + dy16.double().reshape(-1, 24).t() @ x16.double().reshape(-1, 40)
+    out = main.cuda()
+    fusions._wgrad_gemm_accum(x16.cuda(), dy16.cuda(), out)
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=1e-4, atol=1e-4)
