@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU runs of session 8 (bench/NOTES.md), one H200, from the repository root of a device call:
 #   bash bench/h200_session8.sh dense   # GPU tests of the new fusions, bench_fusions, 32K and 128K training arms
+#   bash bench/h200_session8.sh again   # the same with Liger-Kernel; 128K with 1 and 8 dK/dV splits
 # Wheels (.whl: megatron-core, pydantic, datasets, liger-kernel) are carried.
 source bench/gpu_env.sh
 L="train.seq_length=131072 model.max_position_embeddings=131072 train.global_batch_size=1 train.recompute=selective"
@@ -18,5 +19,21 @@ dense)
     --arm "moba1024:attention.block_size=1024,attention.topk=4" --arm full:attention.mode=full \
     --out "$OUT/train-128k.json" 2>&1 | grep -v -i warn | grep -v breakdown | tail -6
   ;;
-*) echo "usage: bash bench/h200_session8.sh dense" >&2; exit 2 ;;
+again)  # with Liger-Kernel carried (the first call lacked it: auto fell back to Megatron's SwiGLU and CE)
+  python3 -m pytest -q -p no:cacheprovider tests/kernels/test_rope.py tests/test_optimizer.py tests/test_fusions.py \
+    -k "rope or cuda or grad_accumulation" > "$OUT/gpu-tests.log" 2>&1; tail -4 "$OUT/gpu-tests.log"
+  python3 scripts/bench_train.py --config $RECIPE $COMMON train.recompute=none --warmup 2 --steps 4 --profile \
+    --arm full:attention.mode=full --arm "full_before:attention.mode=full,$OLD" --arm full_again:attention.mode=full \
+    --arm "moba512:attention.block_size=512,attention.topk=3" \
+    --out "$OUT/train-32k.json" 2>&1 | grep -v -i warn | grep -v breakdown | tail -8
+  python3 bench/run_with_knobs.py backward.DKDV_SPLIT_BYTES=1 -- scripts/bench_train.py --config $RECIPE \
+    data.kind=synthetic logging.progress_bar=off $L --warmup 1 --steps 2 --profile \
+    --arm "moba1024_nosplit:attention.block_size=1024,attention.topk=4" \
+    --out "$OUT/train-128k-nosplit.json" 2>&1 | grep -v -i warn | grep -v breakdown | tail -2
+  python3 bench/run_with_knobs.py backward.DKDV_SPLIT_BYTES=8589934592 -- scripts/bench_train.py --config $RECIPE \
+    data.kind=synthetic logging.progress_bar=off $L --warmup 1 --steps 2 --profile \
+    --arm "moba1024_split8:attention.block_size=1024,attention.topk=4" --arm full:attention.mode=full \
+    --out "$OUT/train-128k-split8.json" 2>&1 | grep -v -i warn | grep -v breakdown | tail -4
+  ;;
+*) echo "usage: bash bench/h200_session8.sh dense|again" >&2; exit 2 ;;
 esac

@@ -244,7 +244,7 @@ def test_fused_grad_accumulation_gives_megatrons_main_gradients(tmp_path, precis
     from megatron.core.tensor_parallel import layers
 
     main_grads = {}
-    for choice in ("torch", "fused"):
+    for run, choice in (("torch", "torch"), ("torch again", "torch"), ("fused", "fused")):
         cfg, env = _setup(tmp_path, precision, f"model.fusions.grad_accumulation={choice}",
                           f"model.tie_embeddings={str(tied).lower()}")
         try:
@@ -258,7 +258,7 @@ def test_fused_grad_accumulation_gives_megatrons_main_gradients(tmp_path, precis
                 loss, tokens = forward_step(model, next(loader))
                 (loss / tokens).backward()
             model.finish_grad_sync()
-            main_grads[choice] = {n: p.main_grad.detach().clone() for n, p in model.named_parameters()}
+            main_grads[run] = {n: p.main_grad.detach().clone() for n, p in model.named_parameters()}
         finally:
             destroy_distributed()
     assert main_grads["fused"].keys() == main_grads["torch"].keys()
@@ -266,8 +266,12 @@ def test_fused_grad_accumulation_gives_megatrons_main_gradients(tmp_path, precis
         reference = main_grads["torch"][name]
         assert reference.abs().max() > 0, name
         scale = reference.abs().max().item()
+        # GPU kernels need not repeat a sum bit for bit: the plain path run twice bounds that noise (0 on CPU)
+        noise = (main_grads["torch again"][name] - reference).abs().max().item()
         rtol, atol = (1e-5, 1e-6 * scale) if precision == "fp32" else (2e-2, 1e-2 * scale)
-        torch.testing.assert_close(grad, reference, rtol=rtol, atol=atol, msg=name)
+        err = (grad - reference).abs().max().item()
+        torch.testing.assert_close(grad, reference, rtol=rtol, atol=max(atol, 4 * noise),
+                                   msg=f"{name}: max error {err:.3g}, plain run-to-run {noise:.3g}, scale {scale:.3g}")
 
 
 def test_fused_grad_accumulation_needs_the_ddp_wrapper():

@@ -6,6 +6,8 @@ import pytest
 import torch
 from moba_train.kernels.rope import rope_supported, rope_triton
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on a GPU, interpreted on CPU (conftest)
+
 
 def angles(s: int, d: int, theta: float = 500000.0, offset: int = 0) -> torch.Tensor:
     inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
@@ -27,7 +29,7 @@ def test_rotation_matches_the_complex_form_at_far_positions(dtype, tol):
     s, b, h, d = 37, 2, 5, 16
     t = torch.randn(s, b, h, d, dtype=dtype)
     freqs = angles(s, d, offset=100_000)  # large angles: cos/sin argument reduction matters
-    out = rope_triton(t, freqs)
+    out = rope_triton(t.to(DEVICE), freqs.to(DEVICE)).cpu()
     assert out.dtype == dtype and out.shape == t.shape and out.is_contiguous()
     torch.testing.assert_close(out.double(), complex_rope(t.double(), freqs), rtol=tol, atol=tol)
     # a rotation keeps every pair's length: an error that scaled the output would fail here too
@@ -39,21 +41,21 @@ def test_strided_views_of_a_fused_projection_and_the_gradient():
     kernel reads them in place. The gradient is autograd's through the complex reference."""
     torch.manual_seed(1)
     s, b, groups, per_group, d = 24, 3, 2, 3, 8
-    qkv = torch.randn(s, b, groups, per_group + 2, d, dtype=torch.float64).float()
+    qkv = torch.randn(s, b, groups, per_group + 2, d, device=DEVICE)
     q = qkv[:, :, :, :per_group].reshape(s, b, groups * per_group, d)  # copies (non-contiguous reshape)
     k = qkv[:, :, :, per_group]  # [s, b, groups, d]: a strided view
     assert not k.is_contiguous()
     freqs = angles(s, d)
     for x in (q, k):
-        x = x.detach().requires_grad_(True)
-        ref = x.detach().double().requires_grad_(True)
-        out = rope_triton(x, freqs)
+        ref = x.detach().cpu().double().requires_grad_(True)
+        x = x.detach().requires_grad_(True)  # keeps the view's strides
+        out = rope_triton(x, freqs.to(DEVICE))
         expected = complex_rope(ref, freqs)
-        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-5, atol=1e-5)
         grad = torch.randn_like(expected)
-        out.backward(grad.float())
+        out.backward(grad.float().to(DEVICE))
         expected.backward(grad)
-        torch.testing.assert_close(x.grad.double(), ref.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x.grad.double().cpu(), ref.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_different_angles_per_half_follow_megatrons_definition():
@@ -66,18 +68,18 @@ def test_different_angles_per_half_follow_megatrons_definition():
     t = torch.randn(s, b, h, d, dtype=torch.float64, requires_grad=True)
     freqs = torch.rand(s, 1, 1, d, dtype=torch.float64) * 6
     expected = _apply_rotary_pos_emb_bshd(t, freqs)
-    tk = t.detach().float().requires_grad_(True)
-    out = rope_triton(tk, freqs.float())
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    tk = t.detach().float().to(DEVICE).requires_grad_(True)
+    out = rope_triton(tk, freqs.float().to(DEVICE))
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-5, atol=1e-5)
     grad = torch.randn_like(expected)
     expected.backward(grad)
-    out.backward(grad.float())
-    torch.testing.assert_close(tk.grad.double(), t.grad, rtol=1e-5, atol=1e-5)
+    out.backward(grad.float().to(DEVICE))
+    torch.testing.assert_close(tk.grad.double().cpu(), t.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_shapes_it_does_not_take_are_refused():
-    t = torch.randn(4, 1, 2, 12)
+    t = torch.randn(4, 1, 2, 12, device=DEVICE)
     assert not rope_supported(t, angles(4, 12))  # d/2 = 6 is not a power of two
     with pytest.raises(ValueError, match="rope_triton rotates"):
-        rope_triton(t, angles(4, 12))
+        rope_triton(t, angles(4, 12).to(DEVICE))
     assert not rope_supported(torch.randn(4, 1, 2, 16), angles(4, 8))  # partial rotation
