@@ -2,6 +2,7 @@
 # The GPU runs of session 8 (bench/NOTES.md), one H200, from the repository root of a device call:
 #   bash bench/h200_session8.sh dense   # GPU tests of the new fusions, bench_fusions, 32K and 128K training arms
 #   bash bench/h200_session8.sh again   # the same with Liger-Kernel; 128K with 1 and 8 dK/dV splits
+#   bash bench/h200_session8.sh split   # dK/dV splits from the tile count; block 1024 top-3 and top-4 at 128K
 # Wheels (.whl: megatron-core, pydantic, datasets, liger-kernel) are carried.
 source bench/gpu_env.sh
 L="train.seq_length=131072 model.max_position_embeddings=131072 train.global_batch_size=1 train.recompute=selective"
@@ -35,5 +36,20 @@ again)  # with Liger-Kernel carried (the first call lacked it: auto fell back to
     --arm "moba1024_split8:attention.block_size=1024,attention.topk=4" --arm full:attention.mode=full \
     --out "$OUT/train-128k-split8.json" 2>&1 | grep -v -i warn | grep -v breakdown | tail -4
   ;;
-*) echo "usage: bash bench/h200_session8.sh dense|again" >&2; exit 2 ;;
+split)  # dK/dV splits from the tile count (DKDV_TARGET_PROGRAMS 16384 / 8192), top-3 at 128K, 32K again
+  python3 -m pytest -q -p no:cacheprovider tests/test_optimizer.py tests/kernels/test_moba_triton.py \
+    -k "grad_accumulation or split" > "$OUT/gpu-tests.log" 2>&1; tail -3 "$OUT/gpu-tests.log"
+  python3 scripts/bench_train.py --config $RECIPE data.kind=synthetic logging.progress_bar=off $L --warmup 1 --steps 2 --profile \
+    --arm "moba1024:attention.block_size=1024,attention.topk=4" --arm "moba1024t3:attention.block_size=1024,attention.topk=3" \
+    --arm full:attention.mode=full --out "$OUT/train-128k.json" 2>&1 | grep -v -i warn | grep -v breakdown | tail -6
+  python3 bench/run_with_knobs.py backward.DKDV_TARGET_PROGRAMS=8192 -- scripts/bench_train.py --config $RECIPE \
+    data.kind=synthetic logging.progress_bar=off $L --warmup 1 --steps 2 --profile \
+    --arm "moba1024_t8192:attention.block_size=1024,attention.topk=4" \
+    --arm "moba1024t3_t8192:attention.block_size=1024,attention.topk=3" \
+    --out "$OUT/train-128k-target8192.json" 2>&1 | grep -v -i warn | grep -v breakdown | tail -3
+  python3 scripts/bench_train.py --config $RECIPE $COMMON train.recompute=none --warmup 2 --steps 4 --profile \
+    --arm full:attention.mode=full --arm "moba512:attention.block_size=512,attention.topk=3" \
+    --out "$OUT/train-32k.json" 2>&1 | grep -v -i warn | grep -v breakdown | tail -4
+  ;;
+*) echo "usage: bash bench/h200_session8.sh dense|again|split" >&2; exit 2 ;;
 esac

@@ -433,6 +433,7 @@ DQ_MERGE_WARPS = 4
 DKDV_REDUCE_ROWS = 32
 MAX_DKDV_SPLITS = 8  # programs sharing one (KV head, block, key tile)'s picks (see the module docstring)
 DKDV_SPLIT_BYTES = 2 << 30  # cap on the fp32 partial dK/dV of all splits: fewer splits for long inputs
+DKDV_TARGET_PROGRAMS = 16384  # programs the split aims for (`dkdv_splits`)
 
 
 def dkdv_tiles(block_size: int, dim: int) -> DkdvTiles:
@@ -448,12 +449,18 @@ def dkdv_tiles(block_size: int, dim: int) -> DkdvTiles:
     return DkdvTiles(keys, 64, 8 if dim >= 128 else 4, 2)
 
 
-def dkdv_splits(num_keys: int, num_kv_heads: int, dim: int, slots: int) -> int:
-    """Programs per dK/dV tile: MAX_DKDV_SPLITS while their partials fit DKDV_SPLIT_BYTES (1 without picks)."""
+def dkdv_splits(num_keys: int, num_kv_heads: int, dim: int, slots: int, tiles: int | None = None) -> int:
+    """Programs per dK/dV tile (1 without picks): enough for DKDV_TARGET_PROGRAMS programs in all over the
+    `tiles` (KV head, block, key tile) tiles, at most MAX_DKDV_SPLITS, and only while their partials fit
+    DKDV_SPLIT_BYTES. Splitting pays where tiles are few: a popular block's programs then set the kernel's
+    time (32K tokens, 2,048 tiles: 8 splits, 379 -> 236 ms of MoBA per step); with many tiles the GPU is
+    busy with the others while they run, and the partials' writes and their sum only cost (128K tokens in
+    blocks of 1024, 8,192 tiles: 1 split 515 ms of dK/dV per step, 4 splits 536, 8 splits 561)."""
     if slots == 0:
         return 1
     per_split = 2 * num_keys * num_kv_heads * dim * 4
-    return max(1, min(MAX_DKDV_SPLITS, DKDV_SPLIT_BYTES // per_split))
+    wanted = MAX_DKDV_SPLITS if tiles is None else triton.cdiv(DKDV_TARGET_PROGRAMS, max(tiles, 1))
+    return max(1, min(MAX_DKDV_SPLITS, wanted, DKDV_SPLIT_BYTES // per_split))
 
 
 def attention_backward(
@@ -498,7 +505,7 @@ def attention_backward(
     block_m = min(MERGE_ROWS if use_workspace else 64, triton.next_power_of_2(block_size))
     per_block = triton.cdiv(block_size, block_m)
     current_dq = use_workspace and ktiles == 1 and CURRENT_DQ_IN_DKDV
-    splits = dkdv_splits(k.shape[0], hkv, dim, slots)
+    splits = dkdv_splits(k.shape[0], hkv, dim, slots, tiles=nb * ktiles * hkv)
     part_dk = part_dv = dk
     if splits > 1:
         part_dk, part_dv = (torch.empty(splits, k.shape[0], hkv, dim, dtype=torch.float32, device=k.device)
