@@ -3,6 +3,7 @@
 #   bash bench/h200_session8.sh dense   # GPU tests of the new fusions, bench_fusions, 32K and 128K training arms
 #   bash bench/h200_session8.sh again   # the same with Liger-Kernel; 128K with 1 and 8 dK/dV splits
 #   bash bench/h200_session8.sh split   # dK/dV splits from the tile count; block 1024 top-3 and top-4 at 128K
+#   bash bench/h200_session8.sh kernels # attention benchmark (standard shapes vs 1456a3d, recipe shapes), fusions
 # Wheels (.whl: megatron-core, pydantic, datasets, liger-kernel) are carried.
 source bench/gpu_env.sh
 L="train.seq_length=131072 model.max_position_embeddings=131072 train.global_batch_size=1 train.recompute=selective"
@@ -51,5 +52,12 @@ split)  # dK/dV splits from the tile count (DKDV_TARGET_PROGRAMS 16384 / 8192), 
     --arm full:attention.mode=full --arm "moba512:attention.block_size=512,attention.topk=3" \
     --out "$OUT/train-32k.json" 2>&1 | grep -v -i warn | grep -v breakdown | tail -4
   ;;
-*) echo "usage: bash bench/h200_session8.sh dense|again|split" >&2; exit 2 ;;
+kernels)  # the standard attention shapes against the 1456a3d kernels (.baseline carried), the recipes' shapes, fusions
+  python3 scripts/bench_attention.py --backends moba-triton,moba-triton-baseline --baseline .baseline \
+    --out "$OUT/attention-standard.json" 2>&1 | grep -v -i warn | tail -14
+  python3 scripts/bench_attention.py --set recipes --backends moba-triton \
+    --out "$OUT/attention-recipes.json" 2>&1 | grep -v -i warn | tail -8
+  python3 scripts/bench_fusions.py --config $RECIPE --out "$OUT/fusions.json" 2>&1 | grep -v -i warn | tail -16
+  ;;
+*) echo "usage: bash bench/h200_session8.sh dense|again|split|kernels" >&2; exit 2 ;;
 esac
