@@ -4,6 +4,7 @@
 #   bash bench/h200_session8.sh again   # the same with Liger-Kernel; 128K with 1 and 8 dK/dV splits
 #   bash bench/h200_session8.sh split   # dK/dV splits from the tile count; block 1024 top-3 and top-4 at 128K
 #   bash bench/h200_session8.sh kernels # attention benchmark (standard shapes vs 1456a3d, recipe shapes), fusions
+#   bash bench/h200_session8.sh recheck # the regressed standard shapes after the no-split rule; fusions
 # Wheels (.whl: megatron-core, pydantic, datasets, liger-kernel) are carried.
 source bench/gpu_env.sh
 L="train.seq_length=131072 model.max_position_embeddings=131072 train.global_batch_size=1 train.recompute=selective"
@@ -59,5 +60,10 @@ kernels)  # the standard attention shapes against the 1456a3d kernels (.baseline
     --out "$OUT/attention-recipes.json" 2>&1 | grep -v -i warn | tail -8
   python3 scripts/bench_fusions.py --config $RECIPE --out "$OUT/fusions.json" 2>&1 | grep -v -i warn | tail -16
   ;;
-*) echo "usage: bash bench/h200_session8.sh dense|again|split|kernels" >&2; exit 2 ;;
+recheck)  # after the no-split rule from 8,192 tiles: the two standard shapes that regressed, and the fusions
+  python3 scripts/bench_attention.py --backends moba-triton,moba-triton-baseline --baseline .baseline \
+    --shapes s32k-b128,s32k-b512 --out "$OUT/attention-standard-recheck.json" 2>&1 | grep -v -i warn | tail -9
+  python3 scripts/bench_fusions.py --config $RECIPE --out "$OUT/fusions.json" 2>&1 | grep -v -i warn | tail -16
+  ;;
+*) echo "usage: bash bench/h200_session8.sh dense|again|split|kernels|recheck" >&2; exit 2 ;;
 esac

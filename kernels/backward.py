@@ -434,6 +434,7 @@ DKDV_REDUCE_ROWS = 32
 MAX_DKDV_SPLITS = 8  # programs sharing one (KV head, block, key tile)'s picks (see the module docstring)
 DKDV_SPLIT_BYTES = 2 << 30  # cap on the fp32 partial dK/dV of all splits: fewer splits for long inputs
 DKDV_TARGET_PROGRAMS = 16384  # programs the split aims for (`dkdv_splits`)
+DKDV_SPLIT_MAX_TILES = 8192  # from this many tiles on, no split (`dkdv_splits`)
 
 
 def dkdv_tiles(block_size: int, dim: int) -> DkdvTiles:
@@ -453,13 +454,18 @@ def dkdv_splits(num_keys: int, num_kv_heads: int, dim: int, slots: int, tiles: i
     """Programs per dK/dV tile (1 without picks): enough for DKDV_TARGET_PROGRAMS programs in all over the
     `tiles` (KV head, block, key tile) tiles, at most MAX_DKDV_SPLITS, and only while their partials fit
     DKDV_SPLIT_BYTES. Splitting pays where tiles are few: a popular block's programs then set the kernel's
-    time (32K tokens, 2,048 tiles: 8 splits, 379 -> 236 ms of MoBA per step); with many tiles the GPU is
-    busy with the others while they run, and the partials' writes and their sum only cost (128K tokens in
-    blocks of 1024, 8,192 tiles: 1 split 515 ms of dK/dV per step, 4 splits 536, 8 splits 561)."""
+    time (32K tokens, 2,048 tiles: 8 splits, 379 -> 236 ms of MoBA per step); from DKDV_SPLIT_MAX_TILES
+    tiles on the GPU is busy with the others while they run, and the partials' writes and their sum only
+    cost (128K tokens in blocks of 1024, 8,192 tiles: 1 split 515 ms of dK/dV per step, 4 splits 536, 8
+    splits 561; the standard benchmark shapes s32k-b128 and s32k-b512, 8,192 tiles of uniform routing: 2
+    splits 10-11% slower than one)."""
     if slots == 0:
         return 1
     per_split = 2 * num_keys * num_kv_heads * dim * 4
-    wanted = MAX_DKDV_SPLITS if tiles is None else triton.cdiv(DKDV_TARGET_PROGRAMS, max(tiles, 1))
+    if tiles is None:
+        wanted = MAX_DKDV_SPLITS
+    else:
+        wanted = 1 if tiles >= DKDV_SPLIT_MAX_TILES else triton.cdiv(DKDV_TARGET_PROGRAMS, max(tiles, 1))
     return max(1, min(MAX_DKDV_SPLITS, wanted, DKDV_SPLIT_BYTES // per_split))
 
 

@@ -97,7 +97,7 @@ def cases(cfg: Config, device) -> dict:
         choices = {
             "output_layer+liger": lambda x, w: liger_ce(F.linear(x, w).view(s, 1, vocab), labels, tp).sum(),
             "liger_fused_linear": lambda x, w: LigerFusedLinearCrossEntropyFunction.apply(
-                x, w, flat, None, None, -100, 0.0, 0.0, "sum"),
+                x, w, flat, None, None, -100, 0.0, 0.0, "sum")[0],  # (loss, z-loss, accuracy, ...)
         }
         out["linear_cross_entropy"] = (
             lambda: (torch.randn(s, h, device=device, dtype=bf16),

@@ -345,15 +345,18 @@ def test_nan_in_the_keys_gives_the_same_outputs_as_the_definition():
 
 
 def test_dkdv_split_count_follows_the_tiles_and_the_partials_cap(monkeypatch):
-    """Programs per dK/dV tile: DKDV_TARGET_PROGRAMS over the tiles, within [1, MAX_DKDV_SPLITS], and no
-    more than the fp32 partials' cap allows (the training shapes: 2,048 tiles at 32K, 8,192 at 128K)."""
+    """Programs per dK/dV tile: DKDV_TARGET_PROGRAMS over the tiles, within [1, MAX_DKDV_SPLITS], none from
+    DKDV_SPLIT_MAX_TILES tiles on, and no more than the fp32 partials' cap allows (the training shapes:
+    2,048 tiles at 32K, 8,192 at 128K)."""
     from moba_train.kernels import backward
 
     monkeypatch.setattr(backward, "DKDV_TARGET_PROGRAMS", 16384)
     monkeypatch.setattr(backward, "MAX_DKDV_SPLITS", 8)
     monkeypatch.setattr(backward, "DKDV_SPLIT_BYTES", 2 << 30)
+    monkeypatch.setattr(backward, "DKDV_SPLIT_MAX_TILES", 8192)
     assert backward.dkdv_splits(32768, 8, 64, slots=2, tiles=2048) == 8
-    assert backward.dkdv_splits(131072, 8, 64, slots=3, tiles=8192) == 2
+    assert backward.dkdv_splits(65536, 8, 64, slots=3, tiles=4096) == 4
+    assert backward.dkdv_splits(131072, 8, 64, slots=3, tiles=8192) == 1
     assert backward.dkdv_splits(131072, 8, 64, slots=3, tiles=20000) == 1
     assert backward.dkdv_splits(32768, 8, 64, slots=0, tiles=16) == 1  # no picks: nothing to split
     # 1M keys: one split's partials are 4 GiB, over the 2 GiB cap, so one program per tile whatever the tiles
