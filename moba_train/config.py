@@ -46,8 +46,8 @@ class RopeScalingConfig(_Section):
 
 class FusionsConfig(_Section):
     """Fused kernels for the dense parts (moba_train/fusions.py). auto: on CUDA the fastest measured on an
-    H200 (PyTorch's RMSNorm, Liger-Kernel's SwiGLU and cross-entropy, RoPE through torch.compile), on CPU the
-    plain paths."""
+    H200 (PyTorch's RMSNorm, Liger-Kernel's SwiGLU and cross-entropy, our Triton RoPE, weight gradients
+    accumulated into the fp32 main gradients), on CPU the plain paths."""
 
     rmsnorm: Literal["auto", "torch", "liger", "compile"] = "auto"
     """torch (PyTorch's RMSNorm, auto), liger (Liger-Kernel, CUDA) or compile (torch.compile)."""

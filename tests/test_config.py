@@ -46,6 +46,23 @@ def test_the_sparser_32k_recipe_differs_from_the_1b_recipe_only_in_its_blocks_an
     assert sparse == dense
 
 
+def test_the_128k_recipe_differs_from_the_sparser_32k_one_in_length_blocks_recompute_and_batch_only():
+    short, long = (load_config(CONFIGS / name).model_dump() for name in ("llama1b_moba_32k_b512.yaml",
+                                                                         "llama1b_moba_128k.yaml"))
+    attention = long["attention"]
+    assert (attention["block_size"], attention["topk"], attention["full_layers"]) == (1024, 3, 2)
+    assert (long["train"]["seq_length"], long["model"]["max_position_embeddings"]) == (131072, 131072)
+    assert long["train"]["recompute"] == "selective"
+    assert long["train"]["global_batch_size"] * long["train"]["seq_length"] == 262144  # as the 32K recipes' step
+    for section, keys in (("attention", ("block_size", "topk")), ("train", ("seq_length", "recompute",
+                                                                             "global_batch_size")),
+                          ("model", ("max_position_embeddings",))):
+        for key in keys:
+            short[section].pop(key), long[section].pop(key)
+    short.pop("run"), long.pop("run")
+    assert long == short
+
+
 def test_overrides_apply_on_top_of_the_recipe():
     overrides = ["train.lr=1e-5", "train.min_lr=0", "attention.topk=8", "attention.layer_kinds=[full,moba,full]"]
     cfg = load_config(CONFIGS / "tiny_moba.yaml", overrides)

@@ -39,6 +39,22 @@ def test_two_arms_write_consistent_records(tmp_path):
     moba_row = next(r for r in rows if "| moba |" in r)
     assert "MoBA b64 top-3, 1 full" in moba_row and f"{arms['moba']['tokens_per_s']:,.0f}" in moba_row
     assert f"{arms['moba']['speedup_vs_full']:.2f}x" in moba_row and len(rows) == 2
+    # Arms of one commit in two files (two processes of one device call): the MoBA-only file takes the other's
+    # full arm as its reference; a file of another commit does not.
+    run = json.loads(out.read_text())
+    moba_only, full_only = tmp_path / "moba.json", tmp_path / "full.json"
+    moba_arm = dict(run["arms"][0] if run["arms"][0]["name"] == "moba" else run["arms"][1])
+    moba_arm.pop("speedup_vs_full")
+    moba_only.write_text(json.dumps({**run, "arms": [moba_arm]}))
+    full_only.write_text(json.dumps({**run, "arms": [arms["full"]]}))
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**run, "meta": {**run["meta"], "commit": "0" * 40}, "arms": [arms["full"]]}))
+    speedup = f"{arms['moba']['speedup_vs_full']:.2f}x"
+    for files, expected in (([moba_only, full_only], speedup), ([moba_only, other], "")):
+        table = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--table", *map(str, files)],
+                               capture_output=True, text=True, timeout=120)
+        row = next(r for r in table.stdout.splitlines() if "| moba |" in r)
+        assert row.split("|")[9].strip() == expected, row
 
 
 def test_a_bad_arm_is_one_line_and_exit_2():
