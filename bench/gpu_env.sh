@@ -2,6 +2,10 @@
 # megatron-core, pydantic, datasets, liger-kernel) installed into /tmp/site, the package on PYTHONPATH, $OUT,
 # and the 1.1B recipe's common training overrides.
 set -u
+# ../shared/gpu_wheels.sh does not fetch Liger-Kernel: without it `model.fusions: auto` falls back to Megatron's
+# SwiGLU and cross-entropy, and the numbers are not the recipe's (session 8's first call).
+ls .whl/liger_kernel-*.whl >/dev/null 2>&1 || echo "warning: no liger-kernel wheel in .whl; run" \
+  "pip download liger-kernel --no-deps -d .whl here first" >&2
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 GIT_COMMIT=${GIT_COMMIT:-unknown}
 ln -sfn ../kernels moba_train/kernels     # the GPU image's pip cannot install the checkout (see bench/NOTES.md)
