@@ -4,8 +4,9 @@ Megatron-Core assumes CUDA in a few places that CPU runs (tests, CI, the demo) r
 `apply_cpu_accommodations(device)` replaces exactly the attributes listed in `PATCHES`; on CUDA it
 does nothing. Every other module runs the same code on both devices: nothing else under
 `moba_train/` patches torch or Megatron (tests/test_platform.py checks this), except that
-`fusions.install_rope` fills Megatron-Core's fused-RoPE hooks, which Transformer Engine fills when installed,
-on every device (model.fusions.rope=compile).
+`fusions.install_rope` fills Megatron-Core's fused-RoPE hooks, which Transformer Engine fills when installed
+(model.fusions.rope=compile or triton), and `fusions.install_grad_accumulation` fills its slot for Apex's
+weight-gradient accumulation kernel (model.fusions.grad_accumulation=fused), on every device.
 
 What is patched on CPU, and why:
 - `torch.cuda.current_device` -> "cpu": Megatron allocates parameters, buffers and RoPE tables on

@@ -62,11 +62,14 @@ def test_no_module_besides_platform_patches_torch_or_megatron():
     patching = re.compile(
         r"torch\.cuda\.\w+\s*=[^=]|setattr\(\s*(torch|megatron)|_(get|set)_cuda_rng_state|apply_cpu_accommodations"
         r"|TorchFunctionMode|TorchDispatchMode|megatron\.core\.\S+\s*=[^=]|rope_utils\.\w+\s*=[^=]"
+        r"|layers\.\w+\s*=[^=]"
     )
-    # The one other write into Megatron-Core, on every device: model.fusions.rope=compile fills the fused-RoPE
-    # hooks that Transformer Engine fills when installed (moba_train/fusions.py, install_rope).
+    # The other writes into Megatron-Core, on every device, each filling a hook an optional package fills when
+    # installed (moba_train/fusions.py): the fused-RoPE hooks (Transformer Engine's; install_rope) and the
+    # weight-gradient accumulation kernel (Apex's fused_weight_gradient_mlp_cuda; install_grad_accumulation).
     hooks = {"rope_utils.fused_apply_rotary_pos_emb = _fused_rope",
-             "rope_utils.fused_apply_rotary_pos_emb_thd = _fused_rope_thd"}
+             "rope_utils.fused_apply_rotary_pos_emb_thd = _fused_rope_thd",
+             "layers.fused_weight_gradient_mlp_cuda = _ApexWgrad"}
     offenders = []
     for path in sorted(PACKAGE.rglob("*.py")):
         if path.name == "platform.py":
