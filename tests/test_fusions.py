@@ -143,7 +143,8 @@ def test_every_fused_module_takes_part_in_checkpoints(monkeypatch):
     pytest.importorskip("liger_kernel")
     distributed.set_seed(7)
     plain = build_model(tiny()).sharded_state_dict()
-    fused = {"rmsnorm": "liger", "swiglu": "liger", "rope": "compile", "cross_entropy": "liger"}
+    fused = {"rmsnorm": "liger", "swiglu": "liger", "rope": "triton", "grad_accumulation": "fused",
+             "cross_entropy": "liger"}
     monkeypatch.setattr(fusions, "resolve", lambda cfg, device: dict(fused))
     model = build_model(tiny())
     assert type(model.decoder.layers[0].mlp.activation_func).__name__ == "LigerSwiGLU"
