@@ -256,9 +256,9 @@ def _wgrad_gemm_accum(total_input: torch.Tensor, grad_output: torch.Tensor, main
     main gradient in its own dtype; otherwise in the main gradient's dtype."""
     a = grad_output.reshape(-1, grad_output.shape[-1]).t()
     b = total_input.reshape(-1, total_input.shape[-1])
-    if main_grad.is_cuda and a.dtype != main_grad.dtype and _ACCUMULATE["in_place"]:
+    if main_grad.is_cuda and a.dtype != main_grad.dtype and _ACCUMULATE["mode"] == "in_place":
         torch.addmm(main_grad, a, b, out_dtype=main_grad.dtype, out=main_grad)
-    elif a.dtype != main_grad.dtype and main_grad.is_cuda:
+    elif main_grad.is_cuda and a.dtype != main_grad.dtype:
         main_grad.add_(torch.mm(a, b, out_dtype=main_grad.dtype))
     else:
         main_grad.addmm_(a.to(main_grad.dtype), b.to(main_grad.dtype))
@@ -271,36 +271,53 @@ class _ApexWgrad:
     wgrad_gemm_accum_fp16 = staticmethod(_wgrad_gemm_accum)
 
 
-_ACCUMULATE = {"in_place": True}
+_ACCUMULATE = {"mode": "in_place"}
 
 
-def _probe_in_place_accumulation(device: torch.device) -> bool:
-    """Whether this PyTorch accumulates a bf16 product into an fp32 `out` that is also its input (checked
-    once, before training: the check reads the device)."""
+def accumulation_mode(device: torch.device) -> str | None:
+    """How `_wgrad_gemm_accum` can accumulate a bf16 product in fp32 on `device`: "in_place" (into an fp32
+    `out` that is also its input), "out_dtype" (an fp32 product, then added), "cpu" (fp32 operands), or None
+    where this PyTorch has no fp32-output product (`out_dtype` of torch.mm is recent). Checked once, before
+    training: the check reads the device."""
+    if device.type != "cuda":
+        return "cpu"
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randn(shape, generator=g) for shape in ((96, 80), (80, 64)))
     c = torch.randn(96, 64, generator=g)
     expected = c + a.bfloat16().float() @ b.bfloat16().float()
-    out = c.to(device)
-    try:
-        torch.addmm(out, a.to(device, torch.bfloat16), b.to(device, torch.bfloat16), out_dtype=torch.float32, out=out)
-    except (RuntimeError, TypeError):
-        return False
-    return torch.allclose(out.cpu(), expected, rtol=1e-3, atol=1e-3)
+    a16, b16 = a.to(device, torch.bfloat16), b.to(device, torch.bfloat16)
+    for mode in ("in_place", "out_dtype"):
+        out = c.to(device)
+        try:
+            if mode == "in_place":
+                torch.addmm(out, a16, b16, out_dtype=torch.float32, out=out)
+            else:
+                out.add_(torch.mm(a16, b16, out_dtype=torch.float32))
+        except (RuntimeError, TypeError):
+            continue
+        if torch.allclose(out.cpu(), expected, rtol=1e-3, atol=1e-3):
+            return mode
+    return None
 
 
-def install_grad_accumulation(chosen: dict[str, str], ddp_model: torch.nn.Module, device: torch.device) -> int:
+def install_grad_accumulation(cfg: Config, ddp_model: torch.nn.Module, device: torch.device) -> int:
     """For grad_accumulation=fused, turn on gradient_accumulation_fusion in every Megatron linear layer of a
     model already wrapped in Megatron's DDP (which gave each weight its fp32 `main_grad`), with our product
-    in the place of Apex's kernel. Returns the number of layers switched (0 for the plain choice)."""
-    if chosen["grad_accumulation"] != "fused":
+    in the place of Apex's kernel. Returns the number of layers switched: 0 for the plain choice, and for
+    `auto` where this PyTorch cannot accumulate in fp32 (asked for explicitly, that is a ConfigError)."""
+    if resolve(cfg, device)["grad_accumulation"] != "fused":
         return 0
+    mode = accumulation_mode(device)
+    if mode is None:
+        if cfg.model.fusions.grad_accumulation == "fused":
+            raise ConfigError(f"model.fusions.grad_accumulation=fused needs PyTorch's fp32-output matmul, which torch "
+                              f"{torch.__version__} lacks; upgrade torch or set model.fusions.grad_accumulation=auto")
+        return 0
+    _ACCUMULATE["mode"] = mode
     from megatron.core.tensor_parallel import layers
 
     if getattr(layers, "fused_weight_gradient_mlp_cuda", None) is None:
         layers.fused_weight_gradient_mlp_cuda = _ApexWgrad
-    if device.type == "cuda":
-        _ACCUMULATE["in_place"] = _probe_in_place_accumulation(device)
     switched = 0
     for module in ddp_model.modules():
         if isinstance(module, (layers.ColumnParallelLinear, layers.RowParallelLinear)):

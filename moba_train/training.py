@@ -72,7 +72,7 @@ def wrap_model(cfg: Config, model: torch.nn.Module, env: DistEnv) -> Distributed
         use_distributed_optimizer=use_distributed_optimizer(cfg, env.device),
     )
     wrapped = DistributedDataParallel(config, ddp_config, model)
-    fusions.install_grad_accumulation(fusions.resolve(cfg, env.device), wrapped, env.device)
+    fusions.install_grad_accumulation(cfg, wrapped, env.device)
     return wrapped
 
 

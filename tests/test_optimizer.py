@@ -279,12 +279,37 @@ def test_fused_grad_accumulation_needs_the_ddp_wrapper():
     from moba_train import fusions
 
     cfg = Config.model_validate({"model": {"fusions": {"grad_accumulation": "fused"}}})
-    chosen = fusions.resolve(cfg, torch.device("cpu"))
-    assert chosen["grad_accumulation"] == "fused"
+    assert fusions.resolve(cfg, torch.device("cpu"))["grad_accumulation"] == "fused"
     init_distributed(cfg)
     try:
         with pytest.raises(RuntimeError, match="wrapped in Megatron's DDP first"):
-            fusions.install_grad_accumulation(chosen, build_model(cfg), torch.device("cpu"))
+            fusions.install_grad_accumulation(cfg, build_model(cfg), torch.device("cpu"))
+    finally:
+        destroy_distributed()
+
+
+def test_without_an_fp32_output_product_auto_stays_plain_and_fused_is_one_clear_error(tmp_path, monkeypatch):
+    """A PyTorch without the fp32-output matmul: `auto` (fused on CUDA) then keeps Megatron's plain
+    accumulation, and an explicit `fused` is refused in one sentence. (The DDP model is built on CPU, where
+    `auto` is plain; the install is then asked as for CUDA.)"""
+    from megatron.core.tensor_parallel import layers
+
+    from moba_train import fusions
+    from moba_train.config import ConfigError
+
+    cfg, env = _setup(tmp_path, "fp32")
+    try:
+        model, _ = _build(cfg, env)
+        monkeypatch.setattr(fusions, "accumulation_mode", lambda device: None)
+        cuda = torch.device("cuda")
+        assert fusions.resolve(cfg, cuda)["grad_accumulation"] == "fused"
+        assert fusions.install_grad_accumulation(cfg, model, cuda) == 0
+        linears = [m for m in model.modules() if isinstance(m, (layers.ColumnParallelLinear, layers.RowParallelLinear))]
+        assert linears and not any(m.gradient_accumulation_fusion for m in linears)
+        explicit = cfg.model_copy(update={"model": cfg.model.model_copy(
+            update={"fusions": cfg.model.fusions.model_copy(update={"grad_accumulation": "fused"})})})
+        with pytest.raises(ConfigError, match=r"grad_accumulation=fused needs PyTorch's fp32-output matmul.*set model"):
+            fusions.install_grad_accumulation(explicit, model, cuda)
     finally:
         destroy_distributed()
 
@@ -293,7 +318,7 @@ def test_fused_grad_accumulation_needs_the_ddp_wrapper():
 def test_cuda_accumulation_adds_the_bf16_product_in_fp32():
     from moba_train import fusions
 
-    assert fusions._probe_in_place_accumulation(torch.device("cuda"))
+    assert fusions.accumulation_mode(torch.device("cuda")) == "in_place"  # as on the H200 (torch 2.13)
     g = torch.Generator().manual_seed(3)
     x, dy = torch.randn(3, 50, 40, generator=g), torch.randn(3, 50, 24, generator=g)
     main = torch.randn(24, 40, generator=g)
