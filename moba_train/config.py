@@ -58,8 +58,9 @@ class FusionsConfig(_Section):
     grad_accumulation: Literal["auto", "torch", "fused"] = "auto"
     """torch (a bf16 weight gradient added to the fp32 main gradient) or fused (the product accumulates into
     the main gradient, auto on CUDA)."""
-    cross_entropy: Literal["auto", "megatron", "megatron_fused", "liger"] = "auto"
-    """megatron (unfused), megatron_fused (its gradient rounded to bf16) or liger (Liger-Kernel, CUDA; auto on CUDA)."""
+    cross_entropy: Literal["auto", "megatron", "megatron_fused", "liger", "fused_linear"] = "auto"
+    """megatron (unfused), megatron_fused (its gradient rounded to bf16), liger (Liger-Kernel, CUDA; auto on CUDA)
+    or fused_linear (with the output layer, in chunks: the logits are never kept; tensor parallel 1)."""
 
 
 class ModelConfig(_Section):

@@ -28,6 +28,10 @@ Four operations, each with its plain path and the fused ones measured against it
                    megatron_fused  Megatron's native fused cross-entropy (cross_entropy_loss_fusion;
                             it rounds the logits' gradient to bf16 whatever the training precision)
                    liger    Liger-Kernel's vocab-parallel cross-entropy kernel (LigerMegatronCrossEntropy)
+                   fused_linear  the output layer and the cross-entropy in chunks of tokens
+                            (`linear_cross_entropy`): the [tokens, vocabulary] logits never exist whole,
+                            for the price of the output layer's product once more in the backward; a
+                            memory choice for long contexts and large vocabularies (tensor parallel 1)
 
 `auto` (the default) takes FUSED_DEFAULTS on CUDA, the fastest alternative measured on an H200 at the
 1.1B recipe's shapes (Liger's RMSNorm lost to PyTorch's own), and the plain path on CPU. Liger-Kernel's
@@ -88,6 +92,9 @@ def resolve(cfg: Config, device: torch.device) -> dict[str, str]:
         elif value == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ConfigError(f"model.fusions.{op}=triton needs a CUDA device (or TRITON_INTERPRET=1 for small CPU "
                               f"runs); set model.fusions.{op}={PLAIN[op]} or auto")
+        elif value == "fused_linear" and cfg.parallel.tensor > 1:
+            raise ConfigError(f"model.fusions.{op}=fused_linear computes the whole vocabulary on one rank; with "
+                              f"parallel.tensor={cfg.parallel.tensor} set model.fusions.{op}=auto")
         elif value == "liger" and not liger_available():
             raise ConfigError(f"model.fusions.{op}=liger needs liger-kernel (pip install liger-kernel); install it or "
                               f"set model.fusions.{op}=auto")
@@ -326,3 +333,60 @@ def install_grad_accumulation(cfg: Config, ddp_model: torch.nn.Module, device: t
             module.gradient_accumulation_fusion = True
             switched += 1
     return switched
+
+
+# --- The output layer and the cross-entropy in chunks of tokens ---------------------------------------
+
+LINEAR_LOSS_CHUNK_BYTES = 512 << 20  # fp32 logits of one chunk (`linear_cross_entropy`)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy of the logits hidden @ weight^T, a chunk of tokens at a time: the logits of
+    all tokens never exist at once. The forward keeps each token's log-sum-exp; the backward recomputes a
+    chunk's logits (the output layer's product once more) and forms softmax - onehot, scaled by each token's
+    incoming gradient, so any use of the per-token losses (loss masks, weights) is exact and nothing is read
+    on the host."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+        n = hidden.shape[0]
+        losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(losses)
+        for start in range(0, n, chunk):
+            end = min(start + chunk, n)
+            logits = (hidden[start:end] @ weight.t()).float()
+            lse[start:end] = torch.logsumexp(logits, dim=-1)
+            losses[start:end] = lse[start:end] - logits.gather(1, labels[start:end, None]).squeeze(1)
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.chunk = chunk
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        n, chunk = hidden.shape[0], ctx.chunk
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        for start in range(0, n, chunk):
+            end = min(start + chunk, n)
+            h = hidden[start:end]
+            probs = torch.exp((h @ weight.t()).float() - lse[start:end, None])
+            probs.scatter_add_(1, labels[start:end, None], probs.new_full((end - start, 1), -1.0))
+            dlogits = (probs * grad[start:end, None].float()).to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:end] = dlogits @ weight
+            if grad_weight is not None:
+                grad_weight += dlogits.t() @ h if hidden.dtype == torch.float32 else (dlogits.t() @ h).float()
+        return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         chunk: int | None = None) -> torch.Tensor:
+    """Per-token losses `[N]` (fp32) of hidden `[N, H]` through the output layer's weight `[V, H]` against
+    labels `[N]`: Megatron's cross-entropy of the output layer's logits, without keeping `[N, V]` logits
+    (`model.fusions.cross_entropy=fused_linear`). `chunk` tokens at a time (default: fp32 logits of
+    LINEAR_LOSS_CHUNK_BYTES)."""
+    if chunk is None:
+        chunk = max(1, LINEAR_LOSS_CHUNK_BYTES // (4 * weight.shape[0]))
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk)

@@ -21,7 +21,8 @@ DDP and optimizer, bf16 training, gradients reduced in fp32):
                   prefixes: 2 (1 + 1 / 2c) s Hkv D / t elements.
     logits        the output layer's logits and the cross-entropy's fp32 copy: 6 bytes per vocabulary
                   entry (/ t) per token of the micro-batch; 2 with Liger's cross-entropy (it writes the
-                  gradient into the bf16 logits in the forward)
+                  gradient into the bf16 logits in the forward); with fused_linear 8 bytes per token (its
+                  losses and log-sum-exps) and one chunk's fp32 logits and probabilities
 The estimate ignores the allocator's fragmentation, the CUDA context (about 0.5-1 GiB) and transient
 buffers. Measured against it (the 1.1B recipe, 32K tokens, one H200, bench/results/train-h200-647beb5-32k.json
 and the recipe's earlier runs): with full recomputation the estimate (29.2 GiB) was 8% above the measured
@@ -75,7 +76,7 @@ def estimate(cfg: Config, world_size: int, bf16: bool, distributed_optimizer: bo
              fused: dict[str, str] | None = None) -> MemoryEstimate:
     """The estimate of the module docstring for `cfg` launched on `world_size` processes; `fused` is
     `fusions.resolve`'s choice for the device (default: the plain paths)."""
-    from moba_train.fusions import PLAIN
+    from moba_train.fusions import LINEAR_LOSS_CHUNK_BYTES, PLAIN
 
     fused = fused or PLAIN
     m, par, train = cfg.model, cfg.parallel, cfg.train
@@ -104,5 +105,6 @@ def estimate(cfg: Config, world_size: int, bf16: bool, distributed_optimizer: bo
         gradients=params * 4,
         optimizer=params * (12 if bf16 else 8) // shard,
         activations=(tokens * kept + gathered) * element,
-        logits=tokens * (m.vocab_size // tp) * (2 if fused["cross_entropy"] == "liger" else 6),
+        logits=8 * tokens + 2 * LINEAR_LOSS_CHUNK_BYTES if fused["cross_entropy"] == "fused_linear"
+        else tokens * (m.vocab_size // tp) * (2 if fused["cross_entropy"] == "liger" else 6),
     )

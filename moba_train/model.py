@@ -172,11 +172,28 @@ def rope_inv_freq(cfg: Config) -> torch.Tensor:
 
 
 class LlamaModel(GPTModel):
-    """Megatron-Core's GPTModel, whose cross-entropy may be replaced (model.fusions.cross_entropy=liger)."""
+    """Megatron-Core's GPTModel, whose cross-entropy may be replaced (model.fusions.cross_entropy=liger) or
+    computed with the output layer in chunks (fused_linear: `fusions.linear_cross_entropy`)."""
 
-    def __init__(self, *args, loss_function=None, **kwargs):
+    def __init__(self, *args, loss_function=None, fused_linear_loss: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_function = loss_function
+        self.fused_linear_loss = fused_linear_loss
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
+        """Megatron's, except that with fused_linear_loss the losses of labelled tokens come from the hidden
+        states and the output weight directly (no logits kept); inference and multi-token prediction keep
+        Megatron's path."""
+        inference = kwargs.get("inference_context") is not None and not self.training
+        if (not self.fused_linear_loss or labels is None or not self.post_process or inference
+                or self.config.mtp_num_layers is not None):
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights \
+            else self.output_layer.weight
+        s, b, h = hidden_states.shape
+        losses = fusions.linear_cross_entropy(hidden_states.reshape(s * b, h), weight,
+                                              labels.transpose(0, 1).reshape(s * b))
+        return losses.view(s, b).transpose(0, 1).contiguous()
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         if self.loss_function is None:
@@ -189,8 +206,10 @@ def build_model(cfg: Config) -> GPTModel:
     """GPTModel (Llama) in fp32 on the current device; needs `init_distributed` (and `set_seed`) first."""
     config = transformer_config(cfg)
     _, final_norm = _base_layer_spec(cfg)
+    chosen = fusions.resolve(cfg, resolve_device(cfg))
     model = LlamaModel(
-        loss_function=fusions.loss_function(fusions.resolve(cfg, resolve_device(cfg))),
+        loss_function=fusions.loss_function(chosen),
+        fused_linear_loss=chosen["cross_entropy"] == "fused_linear",
         config=config,
         transformer_layer_spec=TransformerBlockSubmodules(layer_specs=layer_specs(cfg), layer_norm=final_norm),
         vocab_size=padded_vocab_size(cfg, cfg.parallel.tensor),

@@ -88,21 +88,20 @@ def cases(cfg: Config, device) -> dict:
                                                       reduction="none").view(s, 1))
 
     # The output layer and the loss together: the logits materialised (Megatron's output layer, then the
-    # chosen cross-entropy) against Liger's chunked fused linear + cross-entropy, which never keeps them
-    # (its gradients are computed in the forward; it reads the count of loss tokens on the host).
+    # chosen cross-entropy) against losses computed in chunks of tokens, which never keep them: ours
+    # (recomputes a chunk's logits in the backward) and Liger's (gradients computed in the forward; it reads
+    # the count of loss tokens on the host).
+    flat = labels.view(-1)
+    choices = {"fused_linear": lambda x, w: fusions.linear_cross_entropy(x, w, flat).sum()}
     if fusions.liger_available():
         from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 
-        flat = labels.view(-1)
-        choices = {
-            "output_layer+liger": lambda x, w: liger_ce(F.linear(x, w).view(s, 1, vocab), labels, tp).sum(),
-            "liger_fused_linear": lambda x, w: LigerFusedLinearCrossEntropyFunction.apply(
-                x, w, flat, None, None, -100, 0.0, 0.0, "sum")[0],  # (loss, z-loss, accuracy, ...)
-        }
-        out["linear_cross_entropy"] = (
-            lambda: (torch.randn(s, h, device=device, dtype=bf16),
-                     torch.randn(vocab, h, device=device, dtype=bf16) * 0.02),
-            choices, lambda x, w: F.cross_entropy(F.linear(x, w), flat, reduction="sum"))
+        choices["output_layer+liger"] = lambda x, w: liger_ce(F.linear(x, w).view(s, 1, vocab), labels, tp).sum()
+        choices["liger_fused_linear"] = lambda x, w: LigerFusedLinearCrossEntropyFunction.apply(
+            x, w, flat, None, None, -100, 0.0, 0.0, "sum")[0]  # (loss, z-loss, accuracy, ...)
+    out["linear_cross_entropy"] = (
+        lambda: (torch.randn(s, h, device=device, dtype=bf16), torch.randn(vocab, h, device=device, dtype=bf16) * 0.02),
+        choices, lambda x, w: F.cross_entropy(F.linear(x, w), flat, reduction="sum"))
     return out
 
 

@@ -61,16 +61,20 @@ def test_what_this_machine_cannot_run_is_one_clear_error():
 
 
 @pytest.mark.parametrize("op,choice", [("rmsnorm", "compile"), ("swiglu", "megatron"), ("rope", "compile"),
-                                       ("rope", "triton"), ("cross_entropy", "megatron_fused")])
+                                       ("rope", "triton"), ("cross_entropy", "megatron_fused"),
+                                       ("cross_entropy", "fused_linear")])
 def test_each_fusion_computes_the_plain_models_loss_and_gradients(op, choice, monkeypatch):
     from moba_train.kernels import rope
 
-    calls = []
+    calls, chunked = [], []
     monkeypatch.setattr(rope, "rope_triton", lambda *a: calls.append(1) or rope._RoPE.apply(a[0], a[1][:, 0, 0]))
+    linear_cross_entropy = fusions.linear_cross_entropy
+    monkeypatch.setattr(fusions, "linear_cross_entropy", lambda *a: chunked.append(1) or linear_cross_entropy(*a))
     data = batch()
     reference_loss, reference_grads, plain = loss_and_grads(tiny(), data)
     loss, grads, fused = loss_and_grads(tiny({op: choice}), data)
     assert len(calls) == (4 if choice == "triton" else 0)  # queries and keys of both layers, no fallback
+    assert len(chunked) == (1 if choice == "fused_linear" else 0)
     assert fused.state_dict().keys() == plain.state_dict().keys()  # checkpoints and conversions unchanged
     torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
     assert grads.keys() == reference_grads.keys()
@@ -92,6 +96,8 @@ def test_each_fusion_computes_the_plain_models_loss_and_gradients(op, choice, mo
 
         assert layer.config.apply_rope_fusion and rope_utils.fused_apply_rotary_pos_emb is fusions._fused_rope
         assert fusions._ROPE["impl"] == choice
+    elif choice == "fused_linear":
+        assert fused.fused_linear_loss and not plain.fused_linear_loss
     else:
         assert layer.config.cross_entropy_loss_fusion and layer.config.cross_entropy_fusion_impl == "native"
 
@@ -149,3 +155,40 @@ def test_every_fused_module_takes_part_in_checkpoints(monkeypatch):
     model = build_model(tiny())
     assert type(model.decoder.layers[0].mlp.activation_func).__name__ == "LigerSwiGLU"
     assert model.sharded_state_dict().keys() == plain.keys()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunked_linear_cross_entropy_matches_the_definition_with_any_token_gradients(dtype, tol, chunk):
+    """Losses and both gradients against cross-entropy of the full logits in float64, with an arbitrary
+    gradient per token (a loss mask or weights), for chunks of one token, uneven chunks and one chunk."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    n, h, v = 37, 16, 50
+    hidden, weight = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g) * 0.5
+    labels, upstream = torch.randint(0, v, (n,), generator=g), torch.randn(n, generator=g)
+    upstream[::5] = 0.0  # masked tokens
+    ref_h, ref_w = (x.to(dtype).double().requires_grad_() for x in (hidden, weight))
+    expected = F.cross_entropy(ref_h @ ref_w.t(), labels, reduction="none")
+    expected.backward(upstream.double())
+    x, w = (t.to(dtype).requires_grad_() for t in (hidden, weight))
+    losses = fusions.linear_cross_entropy(x, w, labels, chunk)
+    losses.backward(upstream)
+    assert losses.dtype == torch.float32 and x.grad.dtype == w.grad.dtype == dtype
+    for got, want in ((losses, expected), (x.grad, ref_h.grad), (w.grad, ref_w.grad)):
+        torch.testing.assert_close(got.double(), want.detach(), rtol=tol, atol=tol * want.abs().max().item())
+
+
+def test_fused_linear_loss_with_tied_embeddings_and_its_tensor_parallel_refusal():
+    data = batch()
+    tied = {"tie_embeddings": True}
+    reference_loss, reference_grads, _ = loss_and_grads(tiny(model=tied), data)
+    loss, grads, model = loss_and_grads(tiny({"cross_entropy": "fused_linear"}, model=tied), data)
+    assert model.fused_linear_loss and model.share_embeddings_and_output_weights
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    cfg = Config.model_validate({"parallel": {"tensor": 2}, "model": {"fusions": {"cross_entropy": "fused_linear"}}})
+    with pytest.raises(ConfigError, match="fused_linear computes the whole vocabulary on one rank.*parallel.tensor=2"):
+        fusions.resolve(cfg, torch.device("cpu"))
