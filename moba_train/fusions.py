@@ -197,7 +197,7 @@ class LigerSwiGLU(torch.nn.Module):
         return out.view(*shape[:-1], shape[-1] // 2)
 
 
-# --- RoPE through torch.compile -----------------------------------------------------------------------
+# --- RoPE through torch.compile or our Triton kernel --------------------------------------------------
 
 
 @functools.cache
@@ -289,22 +289,23 @@ def accumulation_mode(device: torch.device) -> str | None:
     if device.type != "cuda":
         return "cpu"
     g = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(shape, generator=g) for shape in ((96, 80), (80, 64)))
-    c = torch.randn(96, 64, generator=g)
-    expected = c + a.bfloat16().float() @ b.bfloat16().float()
-    a16, b16 = a.to(device, torch.bfloat16), b.to(device, torch.bfloat16)
-    for mode in ("in_place", "out_dtype"):
-        out = c.to(device)
-        try:
-            if mode == "in_place":
-                torch.addmm(out, a16, b16, out_dtype=torch.float32, out=out)
-            else:
-                out.add_(torch.mm(a16, b16, out_dtype=torch.float32))
-        except (RuntimeError, TypeError):
-            continue
-        if torch.allclose(out.cpu(), expected, rtol=1e-3, atol=1e-3):
-            return mode
-    return None
+    total_input, grad_output = (torch.randn(80, n, generator=g).bfloat16() for n in (64, 96))
+    main_grad = torch.randn(96, 64, generator=g)
+    expected = main_grad + grad_output.float().t() @ total_input.float()
+    before = _ACCUMULATE["mode"]
+    try:
+        for mode in ("in_place", "out_dtype"):  # the product training runs, in each of its two forms
+            _ACCUMULATE["mode"] = mode
+            out = main_grad.to(device)
+            try:
+                _wgrad_gemm_accum(total_input.to(device), grad_output.to(device), out)
+            except (RuntimeError, TypeError):
+                continue
+            if torch.allclose(out.cpu(), expected, rtol=1e-3, atol=1e-3):
+                return mode
+        return None
+    finally:
+        _ACCUMULATE["mode"] = before
 
 
 def install_grad_accumulation(cfg: Config, ddp_model: torch.nn.Module, device: torch.device) -> int:
@@ -377,7 +378,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[start:end] = dlogits @ weight
             if grad_weight is not None:
-                grad_weight += dlogits.t() @ h if hidden.dtype == torch.float32 else (dlogits.t() @ h).float()
+                grad_weight += (dlogits.t() @ h).float()
         return grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype), None, None
 
 
