@@ -3,14 +3,18 @@
 A user error (ConfigError: bad recipe, override, launch size) prints one line on stderr and exits
 with code 2; an aborted run (TrainingAborted) prints one line and exits with code 1. No tracebacks
 for either. Under torchrun an error that every process raises alike (SharedConfigError, TrainingAborted)
-is printed by the first process of each node only, not once per rank.
+is printed by the first process of each node only, not once per rank. The others wait for it before
+they exit (up to FIRST_RANK_GRACE_S): torchrun ends every worker as soon as one fails, which would kill the
+first process before it printed if it got to the error last.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import time
 from typing import Callable, Sequence
 
 from moba_train.config import ConfigError, load_config
@@ -19,6 +23,19 @@ from moba_train.config import ConfigError, load_config
 class SharedConfigError(ConfigError):
     """A ConfigError that every process of a launch raises with the same message: it follows from the
     recipe, the launch and the files every process sees (or rank 0 decided it and told the others)."""
+
+
+FIRST_RANK_GRACE_S = 60.0
+
+
+def _exit_after_the_first(code: int) -> None:
+    """sys.exit(code); a process that is not the first of its node first waits up to FIRST_RANK_GRACE_S
+    for the launcher to end it, which it does when the first exits (on the same error, printed). A default
+    SIGTERM handler makes that end immediate."""
+    if not _first_on_its_node():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        time.sleep(FIRST_RANK_GRACE_S)
+    sys.exit(code)
 
 
 def _first_on_its_node() -> bool:
@@ -49,6 +66,8 @@ def run_entry(main: Callable[[], None]) -> None:
     except ConfigError as err:
         if not isinstance(err, SharedConfigError) or _first_on_its_node():
             print(f"error: {err}", file=sys.stderr, flush=True)
+        if isinstance(err, SharedConfigError):
+            _exit_after_the_first(2)
         sys.exit(2)
     except Exception as err:
         from moba_train.training import TrainingAborted
@@ -57,4 +76,4 @@ def run_entry(main: Callable[[], None]) -> None:
             raise
         if _first_on_its_node():  # every rank aborts alike: the loss is reduced, a failed save fails everywhere
             print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        _exit_after_the_first(1)

@@ -76,6 +76,27 @@ def test_under_torchrun_an_error_every_rank_raises_is_printed_once(tmp_path, ove
     assert result.returncode != 0  # torchrun reports the workers' exit code 2 as a failure
 
 
+def test_the_error_is_printed_when_the_printing_rank_gets_there_last(tmp_path):
+    # torchrun ends every worker as soon as one fails: if rank 1 exits on the error before rank 0 (the one
+    # that prints it) has got there, rank 0 must not be killed before it prints (a SLURM log once held no
+    # cause at all). Rank 0 starts 8 s late here, through a launcher script that then runs pretrain.py.
+    late_rank_0 = tmp_path / "late_rank_0.py"
+    late_rank_0.write_text(
+        "import os, runpy, sys, time\n"
+        "if os.environ['LOCAL_RANK'] == '0':\n    time.sleep(8)\n"
+        f"sys.argv[0] = {str(ROOT / 'scripts' / 'pretrain.py')!r}\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(late_rank_0),
+         "--config", str(TINY), f"run.output_dir={tmp_path / 'run'}", *SMALL, "data.kind=indexed",
+         f"data.blend=[{tmp_path / 'missing'}]", "data.tokenizer=null"],
+        capture_output=True, text=True, env=_env(), timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: indexed dataset '{tmp_path / 'missing'}' is missing"), \
+        result.stderr[-3000:]
+    assert result.returncode != 0
+
+
 def _unshare_works() -> bool:
     return shutil.which("unshare") is not None and subprocess.run(
         ["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True).returncode == 0
