@@ -249,6 +249,9 @@ class DataConfig(_Section):
     """Keep only documents of at least this many tokens (0 keeps all); kept documents are packed into sequences."""
     num_workers: int = Field(0, ge=0)
     """DataLoader worker processes per rank (0 loads in the training process)."""
+    passkey_mix: float = Field(0.0, ge=0.0, le=1.0)
+    """Indexed kind: the share of training samples made passkey-retrieval documents (moba_train.data.passkey:
+    the sample's text as haystack, a key at a random depth asked for at the end); 0 trains on the text as is."""
     synthetic: SyntheticDataConfig = Field(default_factory=SyntheticDataConfig)
 
 
@@ -367,6 +370,9 @@ class Config(_Section):
             )
         if self.data.kind == "indexed" and not self.data.blend:
             raise ValueError("data.kind is 'indexed' but data.blend is empty; list at least one dataset prefix")
+        if self.data.passkey_mix and self.data.kind != "indexed":
+            raise ValueError("data.passkey_mix plants passkeys in text and needs data.kind 'indexed'; "
+                             "set it to 0 for the synthetic task")
         return self
 
     def microbatches(self, data_parallel: int) -> int:

@@ -1,0 +1,149 @@
+"""Passkey retrieval (needle in a haystack): the prompts the evaluation scores, and the same task mixed
+into training data.
+
+A prompt of `context_length` tokens is haystack text with a needle stating a five-digit key at `depth`
+(0: the needle starts the context, 1: it ends right before the question), then the question; the answer
+is the key's tokens (moba_train.evaluation scores it exactly).
+
+`PasskeyMixDataset` turns a share of a training split's samples into passkey documents of the same
+length: the sample's own tokens are the haystack, and the key and the depth are drawn from the run's
+seed and the sample index (uniform depth in [0, 1]). A small model trained from scratch on a few
+million tokens of text retrieves nothing; a few percent of such documents give it the skill, so that a
+study can measure whether an attention plan (MoBA's block selection) learns it as well as full
+attention. The evaluation's prompts come from other text (the held-out split) and another seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from moba_train.data.preprocess import DataError
+
+PASSKEY_MIX_STREAM = 0x9A55
+"""Seeds the mix's random draws apart from the evaluation's prompts and the data order."""
+
+
+@dataclass(frozen=True)
+class PasskeySample:
+    """One retrieval prompt: `tokens` int64 [p] (haystack, the needle at `needle_start`, haystack, the
+    question), and the `answer` int64 [k] that must follow it. The prompt and the answer's first k - 1
+    tokens, what the scoring forward pass reads, are the context length: p = context_length - k + 1."""
+
+    tokens: np.ndarray
+    answer: np.ndarray
+    needle_start: int
+    depth: float
+
+
+def filler_length(needle: tuple[np.ndarray, np.ndarray, np.ndarray], question: np.ndarray,
+                  context_length: int) -> int:
+    """Haystack tokens a sample of `context_length` holds beside the needle, the question and the answer."""
+    before, answer, after = needle
+    return context_length - len(before) - len(answer) - len(after) - len(question) - (len(answer) - 1)
+
+
+def place_needle(haystack: np.ndarray, needle: tuple[np.ndarray, np.ndarray, np.ndarray], question: np.ndarray,
+                 context_length: int, depth: float) -> PasskeySample:
+    """A sample of `context_length` tokens (see PasskeySample): the first tokens of `haystack` with the
+    needle (before, answer, after) inserted after round(depth * filler) of them, then `question`."""
+    filler = filler_length(needle, question, context_length)
+    if filler < 0:
+        raise ValueError(f"a context of {context_length} tokens cannot hold the needle, question and answer "
+                         f"({context_length - filler} tokens); use longer contexts")
+    if len(haystack) < filler:
+        raise DataError(f"the haystack has {len(haystack)} tokens, fewer than the {filler} a context of "
+                        f"{context_length} needs; use more validation data or shorter contexts")
+    if not 0 <= depth <= 1:
+        raise ValueError(f"depth {depth} is not in [0, 1]")
+    start = round(depth * filler)
+    tokens = np.concatenate([haystack[:start], *needle, haystack[start:filler], question]).astype(np.int64)
+    return PasskeySample(tokens, np.asarray(needle[1], dtype=np.int64), start, depth)
+
+
+class PasskeyTask:
+    """Passkey retrieval in real text: a random five-digit key stated in a comment hidden in a haystack
+    of validation tokens (at a random place of the stream for every sample), asked for at the end:
+
+        ... haystack ...
+        # The pass key is 58231. Remember it.
+        ... haystack ...
+        # What is the pass key? The pass key is[ 58231]
+
+    Pieces are tokenized separately, so the answer's tokens inside the needle are the answer's tokens.
+    Sample (length, depth, index) is a pure function of `seed`."""
+
+    NEEDLE = ("\n# The pass key is", " {key}", ". Remember it.\n")
+    QUESTION = "\n# What is the pass key? The pass key is"
+
+    def __init__(self, tokenizer, haystack: np.ndarray, seed: int = 0, digits: int = 5):
+        self.haystack = np.asarray(haystack, dtype=np.int64)
+        self.seed = seed
+        self.digits = digits
+        self._encode = lambda text: np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+        self.before, self.after = self._encode(self.NEEDLE[0]), self._encode(self.NEEDLE[2])
+        self.question = self._encode(self.QUESTION)
+
+    def needle(self, key: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The needle's tokens stating `key`: (before, the key's tokens = the answer, after)."""
+        return self.before, self._encode(self.NEEDLE[1].format(key=key)), self.after
+
+    def random_key(self, rng: np.random.Generator) -> int:
+        return int(rng.integers(10 ** (self.digits - 1), 10**self.digits))
+
+    def sample(self, context_length: int, depth: float, index: int) -> PasskeySample:
+        rng = np.random.default_rng([self.seed, context_length, round(depth * 10**6), index])
+        needle = self.needle(self.random_key(rng))
+        filler = filler_length(needle, self.question, context_length)
+        offset = int(rng.integers(0, max(len(self.haystack) - filler, 0) + 1))
+        return place_needle(self.haystack[offset:], needle, self.question, context_length, depth)
+
+
+class PasskeyMixDataset(torch.utils.data.Dataset):
+    """`base` (a training split whose samples are dicts of [s] tensors: tokens, labels, loss_mask,
+    position_ids, cu_seqlens) with sample i replaced, when the draw of (seed, i) falls below `fraction`, by
+    a passkey document of the same s + 1 tokens: tokens = document[:-1], labels = document[1:], the loss on
+    every token (EOD labels masked if `eod_mask_loss`), positions 0..s-1 and one document (the haystack's
+    EOD tokens stay in it, as in the evaluation's prompts). Sample i stays a pure function of (seed, i)."""
+
+    def __init__(self, base, tokenizer, *, fraction: float, seed: int, eod: int, eod_mask_loss: bool,
+                 seq_length: int):
+        self.base, self.fraction, self.seed = base, fraction, seed
+        self.eod, self.eod_mask_loss = eod, eod_mask_loss
+        self.task = PasskeyTask(tokenizer, haystack=np.empty(0, dtype=np.int64), seed=seed)
+        longest_key = self.task.needle(10**self.task.digits - 1)
+        if filler_length(longest_key, self.task.question, seq_length) < 0:
+            raise DataError(f"train.seq_length ({seq_length}) cannot hold a passkey needle and question "
+                            f"({seq_length - filler_length(longest_key, self.task.question, seq_length)} tokens); "
+                            "set data.passkey_mix to 0 or train on longer sequences")
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def passkey_at(self, index: int) -> tuple[int, float] | None:
+        """(key, depth) of sample `index` if it is a passkey document, else None."""
+        rng = np.random.default_rng([self.seed, PASSKEY_MIX_STREAM, index])
+        if not rng.random() < self.fraction:
+            return None
+        return self.task.random_key(rng), float(rng.random())
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.base[index]
+        drawn = self.passkey_at(index)
+        if drawn is None:
+            return sample
+        key, depth = drawn
+        tokens = sample["tokens"]
+        s = tokens.shape[0]
+        haystack = np.concatenate([tokens.numpy(), sample["labels"][-1:].numpy()]).astype(np.int64)
+        prompt = place_needle(haystack, self.task.needle(key), self.task.question, s, depth)
+        document = torch.from_numpy(np.concatenate([prompt.tokens, prompt.answer]))
+        labels = document[1:].to(sample["labels"].dtype)
+        loss_mask = torch.ones(s, dtype=sample["loss_mask"].dtype)
+        if self.eod_mask_loss:
+            loss_mask[labels == self.eod] = 0
+        return {**sample, "tokens": document[:-1].to(tokens.dtype), "labels": labels, "loss_mask": loss_mask,
+                "position_ids": torch.arange(s, dtype=sample["position_ids"].dtype),
+                "cu_seqlens": torch.tensor([0, s], dtype=torch.int32)}
