@@ -64,11 +64,12 @@ def run_entry(main: Callable[[], None]) -> None:
     try:
         main()
     except ConfigError as err:
-        if not isinstance(err, SharedConfigError) or _first_on_its_node():
+        if not isinstance(err, SharedConfigError):
             print(f"error: {err}", file=sys.stderr, flush=True)
-        if isinstance(err, SharedConfigError):
-            _exit_after_the_first(2)
-        sys.exit(2)
+            sys.exit(2)
+        if _first_on_its_node():
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        _exit_after_the_first(2)
     except Exception as err:
         from moba_train.training import TrainingAborted
 

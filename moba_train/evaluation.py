@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from moba_train.checkpointing import is_complete, latest_checkpoint, load_model_weights
 from moba_train.config import Config, ConfigError, load_config
-from moba_train.data.passkey import PasskeySample, PasskeyTask, filler_length, place_needle  # noqa: F401
+from moba_train.data.passkey import PasskeySample, PasskeyTask
 from moba_train.data.preprocess import DataError
 from moba_train.data.synthetic import SyntheticRecallDataset
 

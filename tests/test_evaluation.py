@@ -19,17 +19,16 @@ from moba_train import checksums, convert, distributed
 from moba_train.checkpointing import save_model_checkpoint
 from moba_train.config import Config, ConfigError, load_config
 from moba_train.data.corpus import train_tokenizer
+from moba_train.data.passkey import PasskeyTask, place_needle
 from moba_train.data.preprocess import load_tokenizer
 from moba_train.data.synthetic import EOD, FACT, QUERY, SyntheticRecallDataset
 from moba_train.evaluation import (
-    PasskeyTask,
     answer_predictions,
     exact_answer,
     load_model,
     logits,
     loss_by_position,
     passkey_accuracy,
-    place_needle,
     recall_accuracy,
 )
 from moba_train.model import build_model

@@ -113,11 +113,10 @@ class PasskeyMixDataset(torch.utils.data.Dataset):
         self.base, self.fraction, self.seed = base, fraction, seed
         self.eod, self.eod_mask_loss = eod, eod_mask_loss
         self.task = PasskeyTask(tokenizer, haystack=np.empty(0, dtype=np.int64), seed=seed)
-        longest_key = self.task.needle(10**self.task.digits - 1)
-        if filler_length(longest_key, self.task.question, seq_length) < 0:
+        filler = filler_length(self.task.needle(10**self.task.digits - 1), self.task.question, seq_length)
+        if filler < 0:
             raise DataError(f"train.seq_length ({seq_length}) cannot hold a passkey needle and question "
-                            f"({seq_length - filler_length(longest_key, self.task.question, seq_length)} tokens); "
-                            "set data.passkey_mix to 0 or train on longer sequences")
+                            f"({seq_length - filler} tokens); set data.passkey_mix to 0 or train on longer sequences")
 
     def __len__(self) -> int:
         return len(self.base)
