@@ -5,12 +5,9 @@ A prompt of `context_length` tokens is haystack text with a needle stating a fiv
 (0: the needle starts the context, 1: it ends right before the question), then the question; the answer
 is the key's tokens (moba_train.evaluation scores it exactly).
 
-`PasskeyMixDataset` turns a share of a training split's samples into passkey documents of the same
-length: the sample's own tokens are the haystack, and the key and the depth are drawn from the run's
-seed and the sample index (uniform depth in [0, 1]). A small model trained from scratch on a few
-million tokens of text retrieves nothing; a few percent of such documents give it the skill, so that a
-study can measure whether an attention plan (MoBA's block selection) learns it as well as full
-attention. The evaluation's prompts come from other text (the held-out split) and another seed.
+`moba_train.data.mix` plants the same prompts in training samples (`data.passkey_mix`): the sample's
+own tokens are the haystack, the key and the depth are drawn from the run's seed and the sample index.
+The evaluation's prompts come from other text (the held-out split) and another seed.
 """
 
 from __future__ import annotations
@@ -18,12 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-
 from moba_train.data.preprocess import DataError
-
-PASSKEY_MIX_STREAM = 0x9A55
-"""Seeds the mix's random draws apart from the evaluation's prompts and the data order."""
 
 
 @dataclass(frozen=True)
@@ -99,50 +91,3 @@ class PasskeyTask:
         filler = filler_length(needle, self.question, context_length)
         offset = int(rng.integers(0, max(len(self.haystack) - filler, 0) + 1))
         return place_needle(self.haystack[offset:], needle, self.question, context_length, depth)
-
-
-class PasskeyMixDataset(torch.utils.data.Dataset):
-    """`base` (a training split whose samples are dicts of [s] tensors: tokens, labels, loss_mask,
-    position_ids, cu_seqlens) with sample i replaced, when the draw of (seed, i) falls below `fraction`, by
-    a passkey document of the same s + 1 tokens: tokens = document[:-1], labels = document[1:], the loss on
-    every token (EOD labels masked if `eod_mask_loss`), positions 0..s-1 and one document (the haystack's
-    EOD tokens stay in it, as in the evaluation's prompts). Sample i stays a pure function of (seed, i)."""
-
-    def __init__(self, base, tokenizer, *, fraction: float, seed: int, eod: int, eod_mask_loss: bool,
-                 seq_length: int):
-        self.base, self.fraction, self.seed = base, fraction, seed
-        self.eod, self.eod_mask_loss = eod, eod_mask_loss
-        self.task = PasskeyTask(tokenizer, haystack=np.empty(0, dtype=np.int64), seed=seed)
-        filler = filler_length(self.task.needle(10**self.task.digits - 1), self.task.question, seq_length)
-        if filler < 0:
-            raise DataError(f"train.seq_length ({seq_length}) cannot hold a passkey needle and question "
-                            f"({seq_length - filler} tokens); set data.passkey_mix to 0 or train on longer sequences")
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def passkey_at(self, index: int) -> tuple[int, float] | None:
-        """(key, depth) of sample `index` if it is a passkey document, else None."""
-        rng = np.random.default_rng([self.seed, PASSKEY_MIX_STREAM, index])
-        if not rng.random() < self.fraction:
-            return None
-        return self.task.random_key(rng), float(rng.random())
-
-    def __getitem__(self, index: int) -> dict:
-        sample = self.base[index]
-        drawn = self.passkey_at(index)
-        if drawn is None:
-            return sample
-        key, depth = drawn
-        tokens = sample["tokens"]
-        s = tokens.shape[0]
-        haystack = np.concatenate([tokens.numpy(), sample["labels"][-1:].numpy()]).astype(np.int64)
-        prompt = place_needle(haystack, self.task.needle(key), self.task.question, s, depth)
-        document = torch.from_numpy(np.concatenate([prompt.tokens, prompt.answer]))
-        labels = document[1:].to(sample["labels"].dtype)
-        loss_mask = torch.ones(s, dtype=sample["loss_mask"].dtype)
-        if self.eod_mask_loss:
-            loss_mask[labels == self.eod] = 0
-        return {**sample, "tokens": document[:-1].to(tokens.dtype), "labels": labels, "loss_mask": loss_mask,
-                "position_ids": torch.arange(s, dtype=sample["position_ids"].dtype),
-                "cu_seqlens": torch.tensor([0, s], dtype=torch.int32)}

@@ -1,9 +1,11 @@
-"""data.passkey_mix: a share of the training samples made passkey documents (moba_train.data.passkey).
+"""data.passkey_mix and data.recall_mix: shares of the training samples made retrieval documents
+(moba_train.data.mix).
 
 Built through the real path (build_datasets over a Megatron indexed dataset and a trained BPE), each
 mixed sample is checked against the plain build of the same recipe: the haystack is that sample's own
 text in order, the needle states the key where the depth says, the question ends the prompt and the
-key's tokens follow it as labels, in one document. Unmixed samples are the plain samples."""
+key's tokens follow it as labels, in one document. Recall documents are parsed back: every query's
+values are the values its key was planted with. Unmixed samples are the plain samples."""
 
 import numpy as np
 import pytest
@@ -12,8 +14,10 @@ from test_indexed import EOD, docs_in_range, recipe, write_ids
 
 from moba_train.config import ConfigError, load_config
 from moba_train.data import build_datasets
-from moba_train.data.passkey import PasskeyMixDataset, PasskeyTask, filler_length
+from moba_train.data.mix import TaskMixDataset
+from moba_train.data.passkey import PasskeyTask, filler_length
 from moba_train.data.preprocess import DataError, load_tokenizer
+from moba_train.data.synthetic import FACT, FIRST_ORDINARY_ID, QUERY
 
 SEQ = 256
 
@@ -40,7 +44,7 @@ def _encode(tokenizer_dir, text):
 
 def test_the_drawn_share_of_samples_becomes_passkey_documents_and_the_rest_stays_text(mixed_and_plain):
     mixed, plain, _, _ = mixed_and_plain
-    assert isinstance(mixed, PasskeyMixDataset) and len(mixed) == len(plain)
+    assert isinstance(mixed, TaskMixDataset) and len(mixed) == len(plain)
     n = 400
     drawn = [i for i in range(n) if mixed.passkey_at(i) is not None]
     sigma = (0.3 * 0.7 / n) ** 0.5
@@ -110,4 +114,86 @@ def test_sequences_too_short_for_a_needle_and_the_synthetic_task_are_refused(tmp
     recipe_path = tmp_path / "r.yaml"
     recipe_path.write_text("data:\n  kind: synthetic\n  passkey_mix: 0.1\n")
     with pytest.raises(ConfigError, match="data.passkey_mix plants passkeys in text and needs data.kind 'indexed'"):
+        load_config(recipe_path)
+
+
+@pytest.fixture(scope="module")
+def with_recall(tmp_path_factory, tokenizer_dir):
+    tmp_path = tmp_path_factory.mktemp("recall")
+    rng = np.random.default_rng(4)
+    prefix = write_ids(tmp_path / "text", docs_in_range(rng, 3, 290, 400, length=(20, 200)))
+    synthetic = {"num_facts": 6, "key_tokens": 2, "value_tokens": 3}
+    both, _ = _build(tmp_path, tokenizer_dir, prefix, "both", passkey_mix=0.3, recall_mix=0.4, eod_mask_loss=True,
+                     synthetic=synthetic)
+    answers, _ = _build(tmp_path, tokenizer_dir, prefix, "answers", recall_mix=0.5,
+                        synthetic={**synthetic, "loss": "answers"})
+    return both, answers, synthetic
+
+
+def _parse_recall(tokens: np.ndarray, key_tokens: int, value_tokens: int):
+    """{key: values} as planted after FACT, and [(key, values, position of the first value)] as queried."""
+    fact_len = 1 + key_tokens + value_tokens
+    planted, queried = {}, []
+    for pos in np.flatnonzero(tokens == FACT):
+        key = tuple(tokens[pos + 1 : pos + 1 + key_tokens])
+        planted[key] = tuple(tokens[pos + 1 + key_tokens : pos + fact_len])
+    for pos in np.flatnonzero(tokens == QUERY):
+        key = tuple(tokens[pos + 1 : pos + 1 + key_tokens])
+        queried.append((key, tuple(tokens[pos + 1 + key_tokens : pos + fact_len]), pos + 1 + key_tokens))
+    return planted, queried
+
+
+def test_recall_documents_take_their_share_apart_from_the_passkeys_which_stay_as_they_were(
+        with_recall, mixed_and_plain):
+    both, _, _ = with_recall
+    passkey_only, plain, _, _ = mixed_and_plain
+    n = 400
+    passkeys = {i for i in range(n) if both.passkey_at(i) is not None}
+    recalls = {i for i in range(n) if both.is_recall(i)}
+    assert not passkeys & recalls
+    for share, drawn in ((0.3, passkeys), (0.4, recalls)):
+        assert abs(len(drawn) / n - share) < 4 * (share * (1 - share) / n) ** 0.5, (share, len(drawn))
+    # Adding recall documents changes no passkey document and no text sample of the passkey-only build.
+    assert passkeys == {i for i in range(n) if passkey_only.passkey_at(i) is not None}
+    for i in range(40):
+        if i not in recalls:
+            assert torch.equal(both[i]["tokens"], passkey_only[i]["tokens"]), i
+        if i not in recalls | passkeys:
+            assert torch.equal(both[i]["tokens"], plain[i]["tokens"]), i
+
+
+def test_a_recall_document_queries_every_planted_fact_with_its_values_and_carries_the_chosen_loss(with_recall):
+    both, answers, synthetic = with_recall
+    kt, vt = synthetic["key_tokens"], synthetic["value_tokens"]
+    checked = 0
+    for mix, answers_only in ((both, False), (answers, True)):
+        for i in [i for i in range(60) if mix.is_recall(i)][:6]:
+            x = mix[i]
+            document = np.concatenate([x["tokens"].numpy(), x["labels"][-1:].numpy()])
+            assert np.array_equal(x["labels"][:-1].numpy(), x["tokens"][1:].numpy())
+            assert len(document) == SEQ + 1 and FIRST_ORDINARY_ID > QUERY and document.max() < 300
+            planted, queried = _parse_recall(document, kt, vt)
+            assert len(planted) == synthetic["num_facts"] and len(queried) == synthetic["num_facts"]
+            assert {key for key, _, _ in queried} == set(planted)
+            assert all(planted[key] == values for key, values, _ in queried)
+            # The loss: every token, or exactly the queried values (label j is document[j + 1]).
+            expected = np.ones(SEQ)
+            if answers_only:
+                expected = np.zeros(SEQ)
+                for _, _, first in queried:
+                    expected[first - 1 : first - 1 + vt] = 1
+            assert np.array_equal(x["loss_mask"].numpy(), expected)
+            assert x["cu_seqlens"].tolist() == [0, SEQ] and torch.equal(x["position_ids"], torch.arange(SEQ))
+            checked += 1
+    assert checked == 12
+
+
+def test_recall_mix_needs_text_data_and_the_shares_cannot_exceed_one(tmp_path):
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text("data:\n  kind: synthetic\n  recall_mix: 0.1\n")
+    with pytest.raises(ConfigError, match="data.recall_mix mixes recall documents into text and needs data.kind"):
+        load_config(recipe_path)
+    recipe_path.write_text("data:\n  kind: indexed\n  blend: [x]\n  tokenizer: t\n  passkey_mix: 0.6\n"
+                           "  recall_mix: 0.5\n")
+    with pytest.raises(ConfigError, match=r"data.passkey_mix \+ data.recall_mix is 1.1; the shares"):
         load_config(recipe_path)

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU runs of session 9, one H200, from the repository root of a device call:
+#   bash bench/h200_session9.sh speed       # GPU tests of the fusions and the fused accumulation; the chunked
+#                                            # linear + cross-entropy timed beside Liger's (kernel and 32K step)
+#   bash bench/h200_session9.sh study-full  # the quality study's arm 1 and what starts from it (arms 4 and 5)
+#   bash bench/h200_session9.sh study-moba  # arms 2 and 3
+# Wheels (.whl: megatron-core, pydantic, datasets, liger-kernel) and, for the study, data/site_corpus are carried.
+# TOKENS (tokens per pretraining arm) must be the same in both study calls.
+source bench/gpu_env.sh
+TOKENS=${TOKENS:-36700160}   # 560 steps of 8 x 8,192 tokens
+study() {  # $1: arms, $2: budget in minutes
+  mkdir -p runs/study && ln -sfn "$PWD/data/site_corpus" runs/study/corpus
+  python3 scripts/run_study.py --work-dir runs/study --results-dir "$OUT/quality" --budget-minutes "$2" \
+    --workers 14 --tokens-per-arm "$TOKENS" --arms "$1" > "$OUT/quality-console.log" 2>&1
+  grep -v -i warn "$OUT/quality-console.log" | grep "\[study\]\|Error\|error" | tail -30
+}
+case "${1:-}" in
+speed)
+  python3 -m pytest -q -p no:cacheprovider tests/test_fusions.py tests/test_optimizer.py \
+    > "$OUT/gpu-tests.log" 2>&1; tail -4 "$OUT/gpu-tests.log"
+  python3 scripts/bench_fusions.py --config $RECIPE --out "$OUT/fusions.json" 2>&1 | grep -v -i warn | tail -16
+  FL=model.fusions.cross_entropy=fused_linear
+  python3 scripts/bench_train.py --config $RECIPE $COMMON train.recompute=none --warmup 2 --steps 4 --profile \
+    --arm full:attention.mode=full --arm "full_fused_linear:attention.mode=full,$FL" \
+    --arm "moba512:attention.block_size=512,attention.topk=3" \
+    --arm "moba512_fused_linear:attention.block_size=512,attention.topk=3,$FL" \
+    --out "$OUT/train-32k.json" 2>&1 | grep -v -i warn | grep -v breakdown | tail -8
+  ;;
+study-full) study full,cpt,recall_full,recall_moba,recall_hybrid 9.3 ;;
+study-moba) study moba,hybrid 9.3 ;;
+*) echo "usage: bash bench/h200_session9.sh speed|study-full|study-moba" >&2; exit 2 ;;
+esac

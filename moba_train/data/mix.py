@@ -1,0 +1,113 @@
+"""Retrieval tasks mixed into text pretraining (`data.passkey_mix`, `data.recall_mix`).
+
+A model of a hundred million parameters trained from scratch on tens of millions of tokens of text
+retrieves nothing: induction over thousands of tokens forms later than that. A study that asks whether
+an attention plan (MoBA's block selection) learns retrieval as well as full attention needs training
+data that asks for it. `TaskMixDataset` replaces a share of a training split's samples by documents of
+the same length that do:
+
+- passkey documents (moba_train.data.passkey): the sample's own text as the haystack, a five-digit key
+  stated at a random depth in the evaluation's format, the question and the key at the end. A few
+  answer tokens per document: a weak signal.
+- recall documents (moba_train.data.synthetic, the recipe's `data.synthetic` settings): facts planted
+  in a counting filler, every fact queried at the end. Tens of recalled tokens per document, and the
+  filler costs nothing to predict: a strong signal for the same skill (find the key, copy what
+  followed it).
+
+One uniform draw per sample from (seed, index) decides: below passkey_mix a passkey document, then up to
+passkey_mix + recall_mix a recall document, else the text sample as it is. Sample i stays a pure
+function of (seed, i), whatever the order and the worker."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from moba_train.data.passkey import PasskeyTask, filler_length, place_needle
+from moba_train.data.preprocess import DataError
+from moba_train.data.synthetic import SyntheticRecallDataset
+
+PASSKEY_MIX_STREAM = 0x9A55
+"""Seeds the mix's draws apart from the evaluation's prompts and the data order."""
+RECALL_MIX_STREAM = 0x9A56
+"""The recall documents' `split` seed: apart from the synthetic task's own train (0) and valid (1) splits."""
+
+
+class TaskMixDataset(torch.utils.data.Dataset):
+    """`base` (a training split whose samples are dicts of [s] tensors: tokens, labels, loss_mask,
+    position_ids, cu_seqlens) with the drawn samples replaced by retrieval documents of s + 1 tokens, one
+    document each (positions 0..s-1, cu_seqlens [0, s]).
+
+    Passkey documents carry the loss on every token (EOD labels masked if `eod_mask_loss`; the haystack's
+    EOD tokens stay in it, as in the evaluation's prompts). Recall documents carry the loss that
+    `synthetic.loss` names (all tokens or the recalled values), over token ids below `vocab_size`."""
+
+    def __init__(self, base, tokenizer, *, passkey: float, recall: float, synthetic, seed: int, eod: int,
+                 eod_mask_loss: bool, seq_length: int, vocab_size: int):
+        if passkey + recall > 1:
+            raise ValueError(f"data.passkey_mix + data.recall_mix is {passkey + recall:g}; the shares cannot exceed 1")
+        self.base, self.passkey, self.recall, self.seed = base, passkey, recall, seed
+        self.eod, self.eod_mask_loss = eod, eod_mask_loss
+        self.task = PasskeyTask(tokenizer, haystack=np.empty(0, dtype=np.int64), seed=seed)
+        if passkey:
+            filler = filler_length(self.task.needle(10**self.task.digits - 1), self.task.question, seq_length)
+            if filler < 0:
+                raise DataError(f"train.seq_length ({seq_length}) cannot hold a passkey needle and question "
+                                f"({seq_length - filler} tokens); set data.passkey_mix to 0 or train on longer "
+                                f"sequences")
+        self.recall_docs = None
+        if recall:
+            try:
+                self.recall_docs = SyntheticRecallDataset(
+                    num_samples=len(base), seq_length=seq_length, vocab_size=vocab_size,
+                    num_facts=synthetic.num_facts, key_tokens=synthetic.key_tokens,
+                    value_tokens=synthetic.value_tokens, answers_only_loss=synthetic.loss == "answers",
+                    seed=seed, split=RECALL_MIX_STREAM)
+            except ValueError as e:
+                raise DataError(f"data.recall_mix: {e}") from None
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def _draw(self, index: int) -> tuple[float, np.random.Generator]:
+        rng = np.random.default_rng([self.seed, PASSKEY_MIX_STREAM, index])
+        return rng.random(), rng
+
+    def passkey_at(self, index: int) -> tuple[int, float] | None:
+        """(key, depth) of sample `index` if it is a passkey document, else None."""
+        u, rng = self._draw(index)
+        if not u < self.passkey:
+            return None
+        return self.task.random_key(rng), float(rng.random())
+
+    def is_recall(self, index: int) -> bool:
+        u, _ = self._draw(index)
+        return self.passkey <= u < self.passkey + self.recall
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.base[index]
+        s = sample["tokens"].shape[0]
+        drawn = self.passkey_at(index)
+        if drawn is not None:
+            document, loss_mask = self._passkey_document(sample, *drawn), None
+        elif self.is_recall(index):
+            recall = self.recall_docs[index]
+            document = torch.cat([recall["tokens"], recall["labels"][-1:]])
+            loss_mask = recall["loss_mask"].to(sample["loss_mask"].dtype)
+        else:
+            return sample
+        labels = document[1:].to(sample["labels"].dtype)
+        if loss_mask is None:
+            loss_mask = torch.ones(s, dtype=sample["loss_mask"].dtype)
+            if self.eod_mask_loss:
+                loss_mask[labels == self.eod] = 0
+        return {**sample, "tokens": document[:-1].to(sample["tokens"].dtype), "labels": labels,
+                "loss_mask": loss_mask, "position_ids": torch.arange(s, dtype=sample["position_ids"].dtype),
+                "cu_seqlens": torch.tensor([0, s], dtype=torch.int32)}
+
+    def _passkey_document(self, sample: dict, key: int, depth: float) -> torch.Tensor:
+        tokens = sample["tokens"]
+        s = tokens.shape[0]
+        haystack = np.concatenate([tokens.numpy(), sample["labels"][-1:].numpy()]).astype(np.int64)
+        prompt = place_needle(haystack, self.task.needle(key), self.task.question, s, depth)
+        return torch.from_numpy(np.concatenate([prompt.tokens, prompt.answer]))
