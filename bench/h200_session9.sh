@@ -7,7 +7,7 @@
 # Wheels (.whl: megatron-core, pydantic, datasets, liger-kernel) and, for the study, data/site_corpus are carried.
 # TOKENS (tokens per pretraining arm) must be the same in both study calls.
 source bench/gpu_env.sh
-TOKENS=${TOKENS:-36700160}   # 560 steps of 8 x 8,192 tokens
+TOKENS=${TOKENS:-34078720}   # 520 steps of 8 x 8,192 tokens
 study() {  # $1: arms, $2: budget in minutes
   mkdir -p runs/study && ln -sfn "$PWD/data/site_corpus" runs/study/corpus
   python3 scripts/run_study.py --work-dir runs/study --results-dir "$OUT/quality" --budget-minutes "$2" \
