@@ -8,15 +8,15 @@
 # TOKENS (tokens per pretraining arm) must be the same in both study calls.
 source bench/gpu_env.sh
 TOKENS=${TOKENS:-34078720}   # 520 steps of 8 x 8,192 tokens
-study() {  # $1: arms, $2: budget in minutes
+study() {  # $1: arms, $2: budget in minutes, then more flags of run_study.py
   mkdir -p runs/study && ln -sfn "$PWD/data/site_corpus" runs/study/corpus
   python3 scripts/run_study.py --work-dir runs/study --results-dir "$OUT/quality" --budget-minutes "$2" \
-    --workers 14 --tokens-per-arm "$TOKENS" --arms "$1" > "$OUT/quality-console.log" 2>&1
+    --workers 14 --tokens-per-arm "$TOKENS" --arms "$1" "${@:3}" > "$OUT/quality-console.log" 2>&1
   grep -v -i warn "$OUT/quality-console.log" | grep "\[study\]\|Error\|error" | tail -30
 }
 case "${1:-}" in
 speed)
-  python3 -m pytest -q -p no:cacheprovider tests/test_fusions.py tests/test_optimizer.py \
+  python3 -m pytest -q -p no:cacheprovider tests/test_fusions.py tests/test_optimizer.py tests/test_model.py \
     > "$OUT/gpu-tests.log" 2>&1; tail -4 "$OUT/gpu-tests.log"
   python3 scripts/bench_fusions.py --config $RECIPE --out "$OUT/fusions.json" 2>&1 | grep -v -i warn | tail -16
   FL=model.fusions.cross_entropy=fused_linear
@@ -26,7 +26,7 @@ speed)
     --arm "moba512_fused_linear:attention.block_size=512,attention.topk=3,$FL" \
     --out "$OUT/train-32k.json" 2>&1 | grep -v -i warn | grep -v breakdown | tail -8
   ;;
-study-full) study full,cpt,recall_full,recall_moba,recall_hybrid 9.3 ;;
+study-full) study full,cpt,recall_full,recall_moba,recall_hybrid 9.3 --recall-fraction 0.5 ;;
 study-moba) study moba,hybrid 9.3 ;;
 *) echo "usage: bash bench/h200_session9.sh speed|study-full|study-moba" >&2; exit 2 ;;
 esac

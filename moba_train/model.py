@@ -257,11 +257,13 @@ def packed_seq_params(batch: dict, context_parallel_size: int = 1) -> Optional[P
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on `device` without waiting for the device: a copy from pageable memory would first
     synchronise the stream (the host would wait for all queued work), so CUDA copies go through pinned
-    memory, asynchronously (PyTorch's pinned allocator keeps the staging buffer until the copy is done)."""
+    memory, asynchronously (PyTorch's pinned allocator keeps the staging buffer until the copy is done).
+    Pinning copies into a tensor of the same strides, which a broadcast view (stride 0: the evaluation's
+    position ids) cannot be written to, so views that are not contiguous are made so first."""
     if tensor.device == device:
         return tensor
     if device.type == "cuda" and tensor.device.type == "cpu":
-        return tensor.pin_memory().to(device, non_blocking=True)
+        return tensor.contiguous().pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
 
 

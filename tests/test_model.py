@@ -19,6 +19,7 @@ from moba_train.model import (
     matrix_params,
     packed_seq_params,
     rope_inv_freq,
+    to_device,
     token_losses,
 )
 
@@ -213,3 +214,14 @@ def test_activation_recomputation_keeps_loss_and_gradients(recompute):
     torch.testing.assert_close(loss, reference_loss, rtol=0, atol=0)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, reference_grads[name], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host copies need CUDA")
+def test_host_tensors_of_any_layout_reach_the_gpu_unchanged():
+    """The evaluation's batches hold a broadcast view (position ids: arange(s).expand(b, s)), slices and
+    transposes; each arrives on the GPU equal to itself (the study's GPU run of 10f4154 failed on the first)."""
+    base = torch.arange(24).reshape(4, 6)
+    for tensor in (torch.arange(6).expand(4, 6), base[:, 1:], base.t(), base):
+        moved = to_device(tensor, torch.device("cuda"))
+        torch.cuda.synchronize()
+        assert moved.is_cuda and torch.equal(moved.cpu(), tensor)
