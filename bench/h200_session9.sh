@@ -4,6 +4,7 @@
 #                                            # linear + cross-entropy timed beside Liger's (kernel and 32K step)
 #   bash bench/h200_session9.sh study-full  # the quality study's arm 1 and what starts from it (arms 4 and 5)
 #   bash bench/h200_session9.sh study-moba  # arms 2 and 3
+#   bash bench/h200_session9.sh study-recall  # arm 1, then arm 5 with 0.75 of its steps (arm 4 was measured at 2cfcafa)
 # Wheels (.whl: megatron-core, pydantic, datasets, liger-kernel) and, for the study, data/site_corpus are carried.
 # TOKENS (tokens per pretraining arm) must be the same in both study calls.
 source bench/gpu_env.sh
@@ -28,5 +29,6 @@ speed)
   ;;
 study-full) study full,cpt,recall_full,recall_moba,recall_hybrid 9.3 --recall-fraction 0.5 ;;
 study-moba) study moba,hybrid 9.3 ;;
-*) echo "usage: bash bench/h200_session9.sh speed|study-full|study-moba" >&2; exit 2 ;;
+study-recall) study full,recall_full,recall_moba,recall_hybrid 9.0 --recall-fraction 0.75 ;;
+*) echo "usage: bash bench/h200_session9.sh speed|study-full|study-moba|study-recall" >&2; exit 2 ;;
 esac
