@@ -27,8 +27,17 @@ speed)
     --arm "moba512_fused_linear:attention.block_size=512,attention.topk=3,$FL" \
     --out "$OUT/train-32k.json" 2>&1 | grep -v -i warn | grep -v breakdown | tail -8
   ;;
+speed-short)  # what 300 s of device time allow: the GPU tests, the kernels' timing, two 32K arms
+  python3 -m pytest -q -p no:cacheprovider tests/test_fusions.py tests/test_optimizer.py tests/test_model.py \
+    > "$OUT/gpu-tests.log" 2>&1; grep -m3 "Error\|error" "$OUT/gpu-tests.log"; tail -2 "$OUT/gpu-tests.log"
+  python3 scripts/bench_fusions.py --config $RECIPE --out "$OUT/fusions.json" 2>&1 | grep -v -i warn | tail -16
+  python3 scripts/bench_train.py --config $RECIPE $COMMON train.recompute=none --warmup 2 --steps 3 --profile \
+    --arm "moba512:attention.block_size=512,attention.topk=3" \
+    --arm "moba512_fused_linear:attention.block_size=512,attention.topk=3,model.fusions.cross_entropy=fused_linear" \
+    --out "$OUT/train-32k.json" 2>&1 | grep -v -i warn | grep -v breakdown | tail -5
+  ;;
 study-full) study full,cpt,recall_full,recall_moba,recall_hybrid 9.3 --recall-fraction 0.5 ;;
 study-moba) study moba,hybrid 9.3 ;;
 study-recall) study full,recall_full,recall_moba,recall_hybrid 9.0 --recall-fraction 0.75 ;;
-*) echo "usage: bash bench/h200_session9.sh speed|study-full|study-moba|study-recall" >&2; exit 2 ;;
+*) echo "usage: bash bench/h200_session9.sh speed|speed-short|study-full|study-moba|study-recall" >&2; exit 2 ;;
 esac
