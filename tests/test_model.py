@@ -28,8 +28,10 @@ BLOCK = 16
 
 
 def tiny(**sections) -> Config:
-    """A 2-layer GQA Llama with 16-token MoBA blocks, plus `sections` merged in."""
+    """A 2-layer GQA Llama with 16-token MoBA blocks on the CPU (the tests compare with CPU tensors, also on a
+    GPU machine), plus `sections` merged in."""
     raw = {
+        "run": {"device": "cpu"},
         "model": {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 160, "num_attention_heads": 4,
                   "num_query_groups": 2, "vocab_size": 250, "make_vocab_size_divisible_by": 64},
         "attention": {"block_size": BLOCK, "topk": 2},

@@ -297,7 +297,7 @@ def test_without_an_fp32_output_product_auto_stays_plain_and_fused_is_one_clear_
     from moba_train import fusions
     from moba_train.config import ConfigError
 
-    cfg, env = _setup(tmp_path, "fp32")
+    cfg, env = _setup(tmp_path, "fp32", "run.device=cpu")  # on a GPU machine too: there auto would fuse at build
     try:
         model, _ = _build(cfg, env)
         monkeypatch.setattr(fusions, "accumulation_mode", lambda device: None)
