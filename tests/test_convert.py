@@ -96,6 +96,31 @@ def test_imported_model_logits_match_transformers(tmp_path, single_process, vari
     torch.testing.assert_close(megatron_logits(model, tokens()), expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("variant", ["gqa", "tied"])
+def test_gradients_of_a_masked_loss_match_transformers(tmp_path, single_process, variant):
+    """Training, not only inference, is the reference's: the gradient of a loss on a few tokens (the sparse
+    loss masks of the recall task) reaches every weight as transformers' autograd computes it."""
+    hf = save_llama(tmp_path, **VARIANTS[variant]).train()
+    cfg = recipe(tmp_path)
+    cfg.model.make_vocab_size_divisible_by = 2  # no padded rows: their logits (0) would join the softmax
+    model = build_model(cfg)
+    convert.load_hf_weights(model, tmp_path, cfg)
+    toks = tokens(batch=2, seed=3)
+    inputs, labels = toks[:, :-1], toks[:, 1:]
+    mask = torch.zeros(labels.shape)
+    mask[:, -6:] = 1  # the loss on the last six tokens only
+    per_token = model(inputs, torch.arange(inputs.shape[1]).expand_as(inputs), attention_mask=None, labels=labels)
+    ((per_token * mask).sum() / mask.sum()).backward()
+    logits = hf(input_ids=inputs).logits
+    reference = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+    ((reference * mask.flatten()).sum() / mask.sum()).backward()
+    grads = {name: param.grad for name, param in model.named_parameters()}
+    ours = dict(convert.hf_tensors_from_megatron(grads, cfg.model))
+    for name, param in hf.named_parameters():
+        assert param.grad.norm() > 0, name
+        torch.testing.assert_close(ours[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_config_mapping_reads_published_rope_scaling_form():
     published = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
