@@ -399,7 +399,9 @@ class Study:
                 seq_length=cfg.train.seq_length, windows=s.eval_windows, bucket_size=s.bucket_size,
                 trailing_tokens=s.bucket_size, passkey_lengths=() if recall else s.passkey_lengths,
                 passkey_depths=s.passkey_depths, passkey_samples=s.passkey_samples,
-                recall_documents=s.recall_documents if recall else 0, batch_size=s.eval_batch_size)
+                # pretraining arms: the recall task they were mixed (data.recall_mix), if any
+                recall_documents=s.recall_documents if recall or cfg.data.recall_mix else 0,
+                batch_size=s.eval_batch_size)
             result = evaluate(loaded, settings, None if recall else self.corpus_dir / "python_valid",
                               self.corpus_dir / "tokenizer")
         finally:  # the next training starts its own set-up
@@ -537,8 +539,8 @@ def summary_markdown(state: dict) -> str:
     plan = state.get("plan", {})
     lines = [f"# Quality study results (commit {state.get('commit')}, {state['machine'].get('gpu') or 'CPU'})", "",
              f"Plan: {json.dumps(plan)}", "", "| arm | tokens | tokens/s | val loss | trailing loss (last 1K, "
-             "long docs) | passkey at trained length | passkey by depth (trained length) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "long docs) | passkey at trained length | passkey by depth (trained length) | recall of the mixed "
+             "task (facts / tokens) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for arm in PRETRAIN_ARMS:
         train = state["arms"].get(arm.name, {}).get("train", {})
         grid = _metric(state, arm.name, "passkey")
@@ -547,7 +549,9 @@ def summary_markdown(state: dict) -> str:
         lines.append(f"| {arm.title} | {_fmt(train.get('tokens'))} | {_fmt(train.get('tokens_per_s'), 0)} | "
                      f"{_fmt(_metric(state, arm.name, 'validation', 'loss'))} | "
                      f"{_fmt(long and long['trailing_loss'])} | "
-                     f"{_fmt(grid and 100 * grid['mean_by_length'][-1], 1)} | {by_depth} |")
+                     f"{_fmt(grid and 100 * grid['mean_by_length'][-1], 1)} | {by_depth} | "
+                     f"{_fmt(_metric(state, arm.name, 'recall', 'fact_accuracy'))} / "
+                     f"{_fmt(_metric(state, arm.name, 'recall', 'token_accuracy'))} |")
     lines += ["", "| arm 5 | tokens | tokens/s | recall (facts) | recall (tokens) | answer loss |",
               "| --- | --- | --- | --- | --- | --- |"]
     for arm in RECALL:

@@ -174,6 +174,7 @@ def test_a_tiny_study_runs_every_arm_on_cpu_resumes_and_reports(tiny_study):
         assert arms[name]["train"]["tokens"] == 1024  # equal tokens for every pretraining arm
         assert arms[name]["eval"]["validation"]["windows"] == 3
         assert len(arms[name]["eval"]["passkey"]["accuracy"]) == 2
+        assert arms[name]["eval"]["recall"]["facts"] == 2 * 3  # the recall task mixed into pretraining
     assert arms["full"]["train"]["layer_kinds"] == ["full"] * 3
     assert arms["moba"]["train"]["layer_kinds"] == ["moba"] * 3
     assert arms["hybrid"]["train"]["layer_kinds"] == ["moba", "full", "full"]

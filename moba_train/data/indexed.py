@@ -202,5 +202,5 @@ def build_indexed_datasets(cfg, env):
         train_ds = TaskMixDataset(train_ds, tokenizer, passkey=data.passkey_mix, recall=data.recall_mix,
                                   synthetic=data.synthetic, seed=cfg.run.seed, eod=info.eod,
                                   eod_mask_loss=data.eod_mask_loss, seq_length=train.seq_length,
-                                  vocab_size=info.vocab_size)
+                                  vocab_size=cfg.model.vocab_size)
     return train_ds, valid_ds

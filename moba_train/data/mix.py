@@ -40,7 +40,8 @@ class TaskMixDataset(torch.utils.data.Dataset):
 
     Passkey documents carry the loss on every token (EOD labels masked if `eod_mask_loss`; the haystack's
     EOD tokens stay in it, as in the evaluation's prompts). Recall documents carry the loss that
-    `synthetic.loss` names (all tokens or the recalled values), over token ids below `vocab_size`."""
+    `synthetic.loss` names (all tokens or the recalled values), over token ids below `vocab_size` (the
+    model's, as the evaluation's recall documents: moba_train.evaluation.recall_dataset)."""
 
     def __init__(self, base, tokenizer, *, passkey: float, recall: float, synthetic, seed: int, eod: int,
                  eod_mask_loss: bool, seq_length: int, vocab_size: int):

@@ -171,7 +171,7 @@ def test_a_recall_document_queries_every_planted_fact_with_its_values_and_carrie
             x = mix[i]
             document = np.concatenate([x["tokens"].numpy(), x["labels"][-1:].numpy()])
             assert np.array_equal(x["labels"][:-1].numpy(), x["tokens"][1:].numpy())
-            assert len(document) == SEQ + 1 and FIRST_ORDINARY_ID > QUERY and document.max() < 300
+            assert len(document) == SEQ + 1 and FIRST_ORDINARY_ID > QUERY and document.max() < both.recall_docs.value_lo + both.recall_docs.range_size
             planted, queried = _parse_recall(document, kt, vt)
             assert len(planted) == synthetic["num_facts"] and len(queried) == synthetic["num_facts"]
             assert {key for key, _, _ in queried} == set(planted)
@@ -186,6 +186,22 @@ def test_a_recall_document_queries_every_planted_fact_with_its_values_and_carrie
             assert x["cu_seqlens"].tolist() == [0, SEQ] and torch.equal(x["position_ids"], torch.arange(SEQ))
             checked += 1
     assert checked == 12
+
+
+def test_mixed_recall_documents_use_the_token_ranges_the_evaluation_scores(with_recall, tmp_path, tokenizer_dir):
+    """The evaluation's recall documents (moba_train.evaluation.recall_dataset) come from the model's
+    vocabulary; the mixed ones must use the same key and value ids, or a model trained on the mix would
+    be scored on tokens it never saw as values."""
+    from moba_train.evaluation import recall_dataset
+
+    both, _, synthetic = with_recall
+    cfg = recipe(tmp_path, tokenizer_dir, ["unused"], synthetic=synthetic)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seq_length": SEQ})})
+    evaluated = recall_dataset(cfg, 1)
+    mixed = both.recall_docs
+    assert cfg.model.vocab_size > 300  # the tokenizer's 300 tokens would give other ranges
+    assert (mixed.key_lo, mixed.value_lo, mixed.range_size) == (evaluated.key_lo, evaluated.value_lo,
+                                                                evaluated.range_size)
 
 
 def test_recall_mix_needs_text_data_and_the_shares_cannot_exceed_one(tmp_path):
