@@ -10,9 +10,9 @@ the same length that do:
   stated at a random depth in the evaluation's format, the question and the key at the end. A few
   answer tokens per document: a weak signal.
 - recall documents (moba_train.data.synthetic, the recipe's `data.synthetic` settings): facts planted
-  in a counting filler, every fact queried at the end. Tens of recalled tokens per document, and the
-  filler costs nothing to predict: a strong signal for the same skill (find the key, copy what
-  followed it).
+  in a counting filler, every fact queried at the end: tens of recalled tokens per document for the
+  same skill (find the key, copy what followed it). With the loss on every token they are still a
+  small share of the gradient (docs/quality.md measured it: no retrieval at the study's budget).
 
 One uniform draw per sample from (seed, index) decides: below passkey_mix a passkey document, then up to
 passkey_mix + recall_mix a recall document, else the text sample as it is. Sample i stays a pure
@@ -45,8 +45,6 @@ class TaskMixDataset(torch.utils.data.Dataset):
 
     def __init__(self, base, tokenizer, *, passkey: float, recall: float, synthetic, seed: int, eod: int,
                  eod_mask_loss: bool, seq_length: int, vocab_size: int):
-        if passkey + recall > 1:
-            raise ValueError(f"data.passkey_mix + data.recall_mix is {passkey + recall:g}; the shares cannot exceed 1")
         self.base, self.passkey, self.recall, self.seed = base, passkey, recall, seed
         self.eod, self.eod_mask_loss = eod, eod_mask_loss
         self.task = PasskeyTask(tokenizer, haystack=np.empty(0, dtype=np.int64), seed=seed)
@@ -70,45 +68,47 @@ class TaskMixDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def _draw(self, index: int) -> tuple[float, np.random.Generator]:
+    def _draw(self, index: int) -> tuple[str, int, float] | None:
+        """("passkey", key, depth), ("recall", 0, 0.0) or None (text) for sample `index`: one draw."""
         rng = np.random.default_rng([self.seed, PASSKEY_MIX_STREAM, index])
-        return rng.random(), rng
+        u = rng.random()
+        if u < self.passkey:
+            return "passkey", self.task.random_key(rng), float(rng.random())
+        if u < self.passkey + self.recall:
+            return "recall", 0, 0.0
+        return None
 
     def passkey_at(self, index: int) -> tuple[int, float] | None:
         """(key, depth) of sample `index` if it is a passkey document, else None."""
-        u, rng = self._draw(index)
-        if not u < self.passkey:
-            return None
-        return self.task.random_key(rng), float(rng.random())
+        drawn = self._draw(index)
+        return drawn[1:] if drawn and drawn[0] == "passkey" else None
 
     def is_recall(self, index: int) -> bool:
-        u, _ = self._draw(index)
-        return self.passkey <= u < self.passkey + self.recall
+        drawn = self._draw(index)
+        return bool(drawn) and drawn[0] == "recall"
 
     def __getitem__(self, index: int) -> dict:
         sample = self.base[index]
+        drawn = self._draw(index)
+        if drawn is None:
+            return sample
         s = sample["tokens"].shape[0]
-        drawn = self.passkey_at(index)
-        if drawn is not None:
-            document, loss_mask = self._passkey_document(sample, *drawn), None
-        elif self.is_recall(index):
+        if drawn[0] == "passkey":
+            document = self._passkey_document(sample, *drawn[1:])
+            loss_mask = torch.ones(s, dtype=sample["loss_mask"].dtype)
+            if self.eod_mask_loss:
+                loss_mask[document[1:] == self.eod] = 0
+        else:
             recall = self.recall_docs[index]
             document = torch.cat([recall["tokens"], recall["labels"][-1:]])
             loss_mask = recall["loss_mask"].to(sample["loss_mask"].dtype)
-        else:
-            return sample
-        labels = document[1:].to(sample["labels"].dtype)
-        if loss_mask is None:
-            loss_mask = torch.ones(s, dtype=sample["loss_mask"].dtype)
-            if self.eod_mask_loss:
-                loss_mask[labels == self.eod] = 0
-        return {**sample, "tokens": document[:-1].to(sample["tokens"].dtype), "labels": labels,
-                "loss_mask": loss_mask, "position_ids": torch.arange(s, dtype=sample["position_ids"].dtype),
+        return {**sample, "tokens": document[:-1].to(sample["tokens"].dtype),
+                "labels": document[1:].to(sample["labels"].dtype), "loss_mask": loss_mask,
+                "position_ids": torch.arange(s, dtype=sample["position_ids"].dtype),
                 "cu_seqlens": torch.tensor([0, s], dtype=torch.int32)}
 
     def _passkey_document(self, sample: dict, key: int, depth: float) -> torch.Tensor:
-        tokens = sample["tokens"]
-        s = tokens.shape[0]
-        haystack = np.concatenate([tokens.numpy(), sample["labels"][-1:].numpy()]).astype(np.int64)
+        s = sample["tokens"].shape[0]
+        haystack = np.concatenate([sample["tokens"].numpy(), sample["labels"][-1:].numpy()]).astype(np.int64)
         prompt = place_needle(haystack, self.task.needle(key), self.task.question, s, depth)
         return torch.from_numpy(np.concatenate([prompt.tokens, prompt.answer]))
