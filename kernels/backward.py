@@ -4,9 +4,10 @@
   attends them: the causal queries of the block itself (all heads of the KV group), then the
   gathered queries of all past slots (one contiguous run of the routing rows). In training the
   routing is skewed (a few blocks, such as a sequence's first, are picked by most queries), so a
-  block's picks are split over `dkdv_splits` programs, each writing fp32 partial dK/dV that
-  `_dkdv_reduce_kernel` sums in a fixed order; otherwise one program walks every pick of a popular
-  block while the rest of the GPU idles.
+  popular block's picks are split over several programs (the count from its run's length, on the
+  device: `dkdv_schedule`), each writing fp32 partial dK/dV that `_dkdv_reduce_kernel` sums in a
+  fixed order; otherwise one program walks every pick of a popular block while the rest of the GPU
+  idles. Blocks of ordinary popularity stay whole and write dK/dV directly.
 - dQ, workspace passes (kernels/workspace.py): every dK/dV program writes the dQ partials of its
   keys for its block's picks from the dS already in its registers (one row per pick and key tile, at
   the pick's (query head, token, slot) row). Blocks of one key tile (up to 128 keys): the program
@@ -101,6 +102,10 @@ def _dkdv_kernel(
     num_kv_heads,
     kv_head0,
     kv_heads,
+    split_rows,
+    extra_run_ptr,
+    extra_split_ptr,
+    extra_programs,
     GROUP: tl.constexpr,
     SLOTS: tl.constexpr,
     SEGS: tl.constexpr,
@@ -115,12 +120,16 @@ def _dkdv_kernel(
     SUFFIX: tl.constexpr,
     SPLITS: tl.constexpr,
 ):
-    """dK, dV of BLOCK_N keys of one (block, KV head). Grid (NB * TILES_PER_BLOCK * kv_heads * SPLITS,):
-    blocks in the order of order_ptr (heaviest first: a sequence's first blocks are picked by most of its
-    queries), then KV heads kv_head0.., then key tiles, then splits. SPLITS > 1: split s takes the s-th
-    of SPLITS equal ranges of the block's picks (split 0 also the causal queries) and writes its fp32
-    partial dK (scaled) and dV to part_dk/part_dv [SPLITS, num_keys, num_kv_heads, D], for
-    `_dkdv_reduce_kernel`. DQ_WORKSPACE: also write this key tile's dQ
+    """dK, dV of BLOCK_N keys of one (block, KV head). Grid (extra_programs + NB * TILES_PER_BLOCK * kv_heads,):
+    first the further splits of popular blocks, TILES_PER_BLOCK programs per entry of the extra_run /
+    extra_split lists (`extra_splits`; run -1 or a KV head outside this launch's: nothing to do), then one
+    program per tile: blocks in the order of order_ptr (heaviest first: a sequence's first blocks are
+    picked by most of its queries), then KV heads kv_head0.., then key tiles. A block whose run has
+    `count` picks is split over n = min(SPLITS, cdiv(count, split_rows)) programs (`block_splits`): split
+    s < n takes the s-th of n equal ranges of the picks (split 0, the tile's own program, also the causal
+    queries). n = 1: the program writes dK, dV; n > 1: each writes its fp32 partial dK (scaled) and dV to
+    part_dk/part_dv [SPLITS, num_keys, num_kv_heads, D], which `_dkdv_reduce_kernel` sums. DQ_WORKSPACE:
+    also write this key tile's dQ
     partial of every gathered pick into part_dq [rows, TILES_PER_BLOCK, D] at the pick's row
     (forward.workspace_rows + slot). CURRENT_DQ (one key tile per block): also write the dQ of the
     block's own queries from their causal dS, complete, into dq (contiguous [T, Hq, D]). The block's
@@ -129,11 +138,22 @@ def _dkdv_kernel(
     q and dO share q's strides; lse and delta are contiguous [T, Hq]; dK, dV share k's strides.
     """
     pid = tl.program_id(0)
-    split = pid % SPLITS
-    pid = pid // SPLITS
-    blk = tl.load(order_ptr + pid // (TILES_PER_BLOCK * kv_heads))
-    kv_head = kv_head0 + (pid // TILES_PER_BLOCK) % kv_heads
-    ktile = pid % TILES_PER_BLOCK
+    if SPLITS > 1:  # programs 0 .. extra_programs - 1: the further splits of popular blocks (heavy: first)
+        is_extra = pid < extra_programs
+        e = tl.minimum(pid, tl.maximum(extra_programs - 1, 0)) // TILES_PER_BLOCK
+        run = tl.load(extra_run_ptr + e, mask=is_extra, other=-1)
+        main = tl.maximum(pid - extra_programs, 0)
+        blk = tl.where(is_extra, tl.maximum(run, 0) % num_blocks,
+                       tl.load(order_ptr + main // (TILES_PER_BLOCK * kv_heads)))
+        kv_head = tl.where(is_extra, tl.maximum(run, 0) // num_blocks, kv_head0 + (main // TILES_PER_BLOCK) % kv_heads)
+        ktile = tl.where(is_extra, pid, main) % TILES_PER_BLOCK
+        listed = (run >= 0) & (kv_head >= kv_head0) & (kv_head < kv_head0 + kv_heads)  # this launch's KV heads
+        split = tl.where(is_extra, tl.where(listed, tl.load(extra_split_ptr + e, mask=is_extra, other=0), SPLITS), 0)
+    else:
+        split = 0
+        blk = tl.load(order_ptr + pid // (TILES_PER_BLOCK * kv_heads))
+        kv_head = kv_head0 + (pid // TILES_PER_BLOCK) % kv_heads
+        ktile = pid % TILES_PER_BLOCK
     start = tl.load(start_ptr + blk)
     length = tl.load(length_ptr + blk)
     if SUFFIX:  # queries a suffix of the keys: the block's own query rows
@@ -144,12 +164,19 @@ def _dkdv_kernel(
         q_start = start
         q_len = length
         q_offset = 0
+    if SLOTS > 0:
+        first, count = block_run(seg_start_ptr, seg_count_ptr, kv_head, blk, num_blocks, SEGS, SEGS_P2)
+        num_splits = block_splits(count, split_rows, SPLITS)
+    else:
+        num_splits = 1
     cols = ktile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < length
+    # Splits from num_splits on load and write nothing.
+    active_ok = cols < tl.where(split < num_splits, length, 0)
     dims = tl.arange(0, HEAD_DIM)
     kv_off = (start + cols)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
-    k = tl.load(k_ptr + kv_off, mask=col_ok[:, None], other=0.0)
-    v = tl.load(v_ptr + kv_off, mask=col_ok[:, None], other=0.0)
+    k = tl.load(k_ptr + kv_off, mask=active_ok[:, None], other=0.0)
+    v = tl.load(v_ptr + kv_off, mask=active_ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     # Causal queries of the block itself: rows from the first query tile that reaches these keys.
@@ -178,9 +205,8 @@ def _dkdv_kernel(
                 dq_off = ((q_start + rows) * num_q_heads + head)[:, None] * HEAD_DIM + dims[None, :]
                 tl.store(dq_ptr + dq_off, dq.to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
     if SLOTS > 0:
-        first, count = block_run(seg_start_ptr, seg_count_ptr, kv_head, blk, num_blocks, SEGS, SEGS_P2)
-        share = (count + SPLITS - 1) // SPLITS
-        lo = split * share
+        share = tl.cdiv(count, num_splits)
+        lo = tl.minimum(split * share, count)
         hi = tl.minimum(count, lo + share)
         for i in range(lo, hi, BLOCK_M):
             r = i + tl.arange(0, BLOCK_M)
@@ -191,8 +217,8 @@ def _dkdv_kernel(
             do = tl.load(do_ptr + q_off, mask=row_ok[:, None], other=0.0)
             lse = tl.load(lse_ptr + flat, mask=row_ok, other=0.0)
             delta = tl.load(delta_ptr + flat, mask=row_ok, other=0.0)
+            # Rows past the run load q = dO = lse = delta = 0: p = 1 and dS = 0, so they add exactly 0.
             p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
-            p_t = tl.where(row_ok[None, :], p_t, 0.0)
             dv += tl.dot(p_t.to(do.dtype), do)
             ds_t = (p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])).to(q.dtype)
             dk += tl.dot(ds_t, q)
@@ -212,30 +238,55 @@ def _dkdv_kernel(
         tl.store(dk_ptr + kv_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=col_ok[:, None])
         tl.store(dv_ptr + kv_off, dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None])
     else:
+        whole = cols < tl.where((num_splits == 1) & (split == 0), length, 0)  # an unsplit block's one program
+        tl.store(dk_ptr + kv_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=whole[:, None])
+        tl.store(dv_ptr + kv_off, dv.to(dv_ptr.dtype.element_ty), mask=whole[:, None])
         part_row = (split * num_keys + start + cols).to(tl.int64) * num_kv_heads + kv_head
         part_off = part_row[:, None] * HEAD_DIM + dims[None, :]
-        tl.store(part_dk_ptr + part_off, dk * scale, mask=col_ok[:, None])
-        tl.store(part_dv_ptr + part_off, dv, mask=col_ok[:, None])
+        partial = cols < tl.where((num_splits > 1) & (split < num_splits), length, 0)
+        tl.store(part_dk_ptr + part_off, dk * scale, mask=partial[:, None])
+        tl.store(part_dv_ptr + part_off, dv, mask=partial[:, None])
+
+
+@triton.jit
+def block_splits(count, split_rows, SPLITS: tl.constexpr):
+    """Programs sharing a run of `count` picks: cdiv(count, split_rows), within [1, SPLITS]."""
+    return tl.minimum(tl.maximum(tl.cdiv(count, split_rows), 1), SPLITS)
 
 
 @triton.jit
 def _dkdv_reduce_kernel(
-    part_dk_ptr, part_dv_ptr, dk_ptr, dv_ptr, stride_kt, stride_kh, num_rows, num_kv_heads,
-    HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, SPLITS: tl.constexpr,
+    part_dk_ptr, part_dv_ptr, dk_ptr, dv_ptr, start_ptr, length_ptr, seg_start_ptr, seg_count_ptr,
+    stride_kt, stride_kh, num_keys, num_kv_heads, num_blocks, split_rows,
+    TILES_PER_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+    SEGS: tl.constexpr, SEGS_P2: tl.constexpr, SPLITS: tl.constexpr,
 ):
-    """dK, dV rows [num_keys * num_kv_heads] (k's strides) = the sum of the SPLITS partials, in split order."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < num_rows
-    dims = tl.arange(0, HEAD_DIM)
-    dk = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
-    for s in tl.static_range(SPLITS):
-        off = (s * num_rows + rows).to(tl.int64)[:, None] * HEAD_DIM + dims[None, :]
-        dk += tl.load(part_dk_ptr + off, mask=row_ok[:, None], other=0.0)
-        dv += tl.load(part_dv_ptr + off, mask=row_ok[:, None], other=0.0)
-    out = (rows // num_kv_heads)[:, None] * stride_kt + (rows % num_kv_heads)[:, None] * stride_kh + dims[None, :]
-    tl.store(dk_ptr + out, dk.to(dk_ptr.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=row_ok[:, None])
+    """dK, dV of the BLOCK_N keys of one (block, KV head, key tile) that `_dkdv_kernel` split over n > 1
+    programs = the sum of their n partials, in split order (tiles of unsplit blocks were written whole).
+    Grid (NB * TILES_PER_BLOCK * num_kv_heads,)."""
+    pid = tl.program_id(0)
+    blk = pid // (TILES_PER_BLOCK * num_kv_heads)
+    kv_head = (pid // TILES_PER_BLOCK) % num_kv_heads
+    ktile = pid % TILES_PER_BLOCK
+    _, count = block_run(seg_start_ptr, seg_count_ptr, kv_head, blk, num_blocks, SEGS, SEGS_P2)
+    num_splits = block_splits(count, split_rows, SPLITS)
+    if num_splits > 1:
+        start = tl.load(start_ptr + blk)
+        length = tl.load(length_ptr + blk)
+        dims = tl.arange(0, HEAD_DIM)
+        for c in tl.static_range(BLOCK_N // ROWS):
+            cols = ktile * BLOCK_N + c * ROWS + tl.arange(0, ROWS)
+            ok = (cols < length)[:, None]
+            dk = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+            dv = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+            for s in range(0, num_splits):
+                row = (s * num_keys + start + cols).to(tl.int64) * num_kv_heads + kv_head
+                off = row[:, None] * HEAD_DIM + dims[None, :]
+                dk += tl.load(part_dk_ptr + off, mask=ok, other=0.0)
+                dv += tl.load(part_dv_ptr + off, mask=ok, other=0.0)
+            out = (start + cols)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
+            tl.store(dk_ptr + out, dk.to(dk_ptr.dtype.element_ty), mask=ok)
+            tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -422,7 +473,8 @@ class DkdvTiles(NamedTuple):
 
 
 DKDV_TILES_128 = DkdvTiles(128, 32, 8, 3)
-DKDV_TILES_D64 = DkdvTiles(128, 32, 4, 3)  # head dim <= 64: 4 warps, 17% faster at r32k-b2048 (bench/NOTES.md)
+DKDV_TILES_D64 = DkdvTiles(256, 32, 8, 3)  # head dim <= 64, blocks of 256k keys: 3-4% faster (bench/NOTES.md)
+DKDV_TILES_D64_128 = DkdvTiles(128, 32, 4, 3)  # head dim <= 64, other blocks: 4 warps, 17% faster than 8 warps
 SMALL_DIM_WARPS = 4  # warps of the dQ kernels (current block, past slots) below head dim 128
 DQ_TRANSPOSED = True  # dQ partials as (K^T dS^T)^T: a 32-row dS^T operand is too small for wgmma
 MERGE_ROWS = 32  # query rows of a merging current-block program: more, shorter programs hide the gathers better
@@ -433,40 +485,92 @@ DQ_MERGE_WARPS = 4
 DKDV_REDUCE_ROWS = 32
 MAX_DKDV_SPLITS = 8  # programs sharing one (KV head, block, key tile)'s picks (see the module docstring)
 DKDV_SPLIT_BYTES = 2 << 30  # cap on the fp32 partial dK/dV of all splits: fewer splits for long inputs
-DKDV_TARGET_PROGRAMS = 16384  # programs the split aims for (`dkdv_splits`)
-DKDV_SPLIT_MAX_TILES = 8192  # from this many tiles on, no split (`dkdv_splits`)
+DKDV_WARPS_PER_SM = 8  # warps of dK/dV programs resident per SM (two fp32 [128 or 256, D] accumulators each)
+DKDV_SPLIT_BALANCE = 2  # a split takes at most half a resident program's fair share of the picks
+DKDV_SPLIT_ROWS = None  # picks per split, fixed (tests force splits with it); None: `dkdv_schedule`'s rule
+DKDV_SPLIT_FROM_ROUTING = True  # False: session 8's rule, every block split alike (the benchmark compares)
+DKDV_TARGET_PROGRAMS = 16384  # session 8's rule: programs the split aims for
+DKDV_SPLIT_MAX_TILES = 8192  # session 8's rule: from this many tiles on, no split
 
 
 def dkdv_tiles(block_size: int, dim: int) -> DkdvTiles:
     """One program owns up to 128 keys of a block: every program re-gathers all queries of its
     (KV head, block), so fewer, wider key tiles cut the gathers (block 128: 1 program instead of 2,
     block 512: 4 instead of 8). With 128 keys the query step is 32 rows (the flash-attention
-    tutorial's 128 x 32 dK/dV tile) so the two fp32 [128, D] accumulators keep their registers."""
+    tutorial's 128 x 32 dK/dV tile) so the two fp32 [128, D] accumulators keep their registers. At head
+    dim <= 64 a program of 8 warps holds 256 keys (two fp32 [256, 64] accumulators) where the block is
+    a multiple of 256: half the gathers again (session 10: dK/dV 26.2 -> 25.1 ms at r32k-b2048)."""
     keys = next(n for n in (128, 64, 32, 16) if block_size % n == 0)
-    if keys == 128 and dim <= 64:
+    if dim <= 64 and block_size % DKDV_TILES_D64.key_tile == 0:
         return DKDV_TILES_D64
+    if keys == 128 and dim <= 64:
+        return DKDV_TILES_D64_128
     if keys == 128 and dim <= 128:
         return DKDV_TILES_128
     return DkdvTiles(keys, 64, 8 if dim >= 128 else 4, 2)
 
 
 def dkdv_splits(num_keys: int, num_kv_heads: int, dim: int, slots: int, tiles: int | None = None) -> int:
-    """Programs per dK/dV tile (1 without picks): enough for DKDV_TARGET_PROGRAMS programs in all over the
-    `tiles` (KV head, block, key tile) tiles, at most MAX_DKDV_SPLITS, and only while their partials fit
-    DKDV_SPLIT_BYTES. Splitting pays where tiles are few: a popular block's programs then set the kernel's
-    time (32K tokens, 2,048 tiles: 8 splits, 379 -> 236 ms of MoBA per step); from DKDV_SPLIT_MAX_TILES
-    tiles on the GPU is busy with the others while they run, and the partials' writes and their sum only
-    cost (128K tokens in blocks of 1024, 8,192 tiles: 1 split 515 ms of dK/dV per step, 4 splits 536, 8
-    splits 561; the standard benchmark shapes s32k-b128 and s32k-b512, 8,192 tiles of uniform routing: 2
-    splits 10-11% slower than one)."""
+    """Session 8's rule (`DKDV_SPLIT_FROM_ROUTING = False`): every tile split alike, enough for
+    DKDV_TARGET_PROGRAMS programs over the `tiles` (KV head, block, key tile) tiles, none from
+    DKDV_SPLIT_MAX_TILES tiles on; at most MAX_DKDV_SPLITS, and only while the partials fit DKDV_SPLIT_BYTES."""
     if slots == 0:
         return 1
-    per_split = 2 * num_keys * num_kv_heads * dim * 4
     if tiles is None:
         wanted = MAX_DKDV_SPLITS
     else:
         wanted = 1 if tiles >= DKDV_SPLIT_MAX_TILES else triton.cdiv(DKDV_TARGET_PROGRAMS, max(tiles, 1))
-    return max(1, min(MAX_DKDV_SPLITS, wanted, DKDV_SPLIT_BYTES // per_split))
+    return max(1, min(MAX_DKDV_SPLITS, wanted, DKDV_SPLIT_BYTES // (2 * num_keys * num_kv_heads * dim * 4)))
+
+
+def multiprocessors(device: torch.device) -> int:
+    """SMs of a CUDA device; 132 (an H100's or H200's) elsewhere, so the interpreter takes a GPU's schedule."""
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def dkdv_schedule(
+    num_tokens: int, num_q_heads: int, num_keys: int, num_kv_heads: int, dim: int, slots: int, key_tiles: int,
+    resident: int,
+) -> tuple[int, int]:
+    """(programs per dK/dV tile at most, picks per program): a (KV head, block)'s run of `count` picks is
+    split over min(splits, cdiv(count, split_rows)) programs (`block_splits`, on the device).
+
+    Routing in training is skewed: a few blocks (a sequence's first among them) are picked by most
+    queries, and one program walking all of a popular block's picks sets the kernel's time while the GPU
+    idles (32K tokens, block 512: 34.4 ms unsplit against 8.0 with 8 splits at the extreme skew). But
+    splitting every block costs where routing is even: partial writes and their sum (the benchmark's
+    uniform r32k-b2048: 48.6 ms unsplit, 50.7 with 4 splits; 128K in blocks of 1024: 515 ms of dK/dV per
+    step unsplit, 561 with 8 splits), and so do programs launched only to find nothing to do (8 per tile
+    at r32k-b512: dK/dV 7.9 -> 9.7 ms). So a block is split only where its run is longer than
+    1 / DKDV_SPLIT_BALANCE of the fair share of the `resident` programs the GPU runs at once (of all the
+    tiles' picks: the upper bound T * Hq * slots, each walked by every key tile of its block), into
+    pieces of that size, and only its further splits are launched (`extra_splits`). The most splits:
+    MAX_DKDV_SPLITS, within DKDV_SPLIT_BYTES of partials, and no more than the longest possible run
+    (T * group: every query of the group picks the block) needs; 1: no partials at all."""
+    if slots == 0:
+        return 1, 1
+    fair = num_tokens * num_q_heads * slots * key_tiles // resident
+    split_rows = DKDV_SPLIT_ROWS or max(1, fair // DKDV_SPLIT_BALANCE)
+    longest = num_tokens * (num_q_heads // num_kv_heads)
+    cap = DKDV_SPLIT_BYTES // (2 * num_keys * num_kv_heads * dim * 4)
+    return max(1, min(MAX_DKDV_SPLITS, cap, triton.cdiv(longest, split_rows))), split_rows
+
+
+def extra_splits(seg_count: torch.Tensor, split_rows: int, splits: int, bound: int):
+    """The further splits of the (KV head, block) runs, listed on the device (no host sync): run
+    kv_head * NB + block and split 1 .. n - 1 for each run of n = block_splits(count) programs, in run
+    order; `bound` entries (a host bound on their number), unused ones with run -1. int32 (run, split)."""
+    counts = seg_count.sum(-1).flatten()
+    extra = ((counts + split_rows - 1) // split_rows).clamp(1, splits) - 1
+    ends = extra.cumsum(0)
+    slot = torch.arange(bound, device=seg_count.device)
+    run = torch.searchsorted(ends, slot, right=True)
+    valid = run < counts.numel()
+    run = run.clamp(max=counts.numel() - 1)
+    split = slot - (ends[run] - extra[run]) + 1
+    return torch.where(valid, run, -1).to(torch.int32), split.to(torch.int32)
 
 
 def attention_backward(
@@ -511,14 +615,26 @@ def attention_backward(
     block_m = min(MERGE_ROWS if use_workspace else 64, triton.next_power_of_2(block_size))
     per_block = triton.cdiv(block_size, block_m)
     current_dq = use_workspace and ktiles == 1 and CURRENT_DQ_IN_DKDV
-    splits = dkdv_splits(k.shape[0], hkv, dim, slots, tiles=nb * ktiles * hkv)
+    if DKDV_SPLIT_FROM_ROUTING:
+        resident = multiprocessors(q.device) * DKDV_WARPS_PER_SM // kv_tiles.warps
+        splits, split_rows = dkdv_schedule(total, hq, k.shape[0], hkv, dim, slots, ktiles, resident)
+    else:
+        splits, split_rows = dkdv_splits(k.shape[0], hkv, dim, slots, tiles=nb * ktiles * hkv), 1
     part_dk = part_dv = dk
+    extra_run = extra_split = routing.num_past  # unread without extra programs
+    extra_programs = 0
     if splits > 1:
         part_dk, part_dv = (torch.empty(splits, k.shape[0], hkv, dim, dtype=torch.float32, device=k.device)
                             for _ in range(2))
+        # Further splits: at most cdiv(count, split_rows) - 1 <= count / split_rows per run, so at most
+        # (every pick's bound) / split_rows in all; and at most splits - 1 per run.
+        bound = min(hkv * nb * (splits - 1), total * hq * slots // split_rows)
+        if bound > 0:
+            extra_run, extra_split = extra_splits(routing.seg_count, split_rows, splits, bound)
+            extra_programs = bound * ktiles
 
     def dkdv(kv_head0, heads, part_dq):
-        _dkdv_kernel[(nb * ktiles * heads * splits,)](
+        _dkdv_kernel[(extra_programs + nb * ktiles * heads,)](
             q,
             k,
             v,
@@ -553,6 +669,10 @@ def attention_backward(
             hkv,
             kv_head0,
             heads,
+            split_rows,
+            extra_run,
+            extra_split,
+            extra_programs,
             GROUP=group,
             SLOTS=slots,
             SEGS=segs,
@@ -572,10 +692,11 @@ def attention_backward(
 
     def reduce_dkdv():
         if splits > 1:
-            rows = k.shape[0] * hkv
-            _dkdv_reduce_kernel[(triton.cdiv(rows, DKDV_REDUCE_ROWS),)](
-                part_dk, part_dv, dk, dv, k.stride(0), k.stride(1), rows, hkv,
-                HEAD_DIM=dim, ROWS=DKDV_REDUCE_ROWS, SPLITS=splits, num_warps=4,
+            _dkdv_reduce_kernel[(nb * ktiles * hkv,)](
+                part_dk, part_dv, dk, dv, layout.start, layout.length, routing.seg_start, routing.seg_count,
+                k.stride(0), k.stride(1), k.shape[0], hkv, nb, split_rows,
+                TILES_PER_BLOCK=ktiles, HEAD_DIM=dim, BLOCK_N=kv_tiles.key_tile, ROWS=min(DKDV_REDUCE_ROWS, kv_tiles.key_tile), SEGS=segs,
+                SEGS_P2=max(2, triton.next_power_of_2(segs)), SPLITS=splits, num_warps=4,
             )
 
     def current(head0, heads, part_dq):

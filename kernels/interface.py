@@ -26,7 +26,7 @@ class MobaAttentionFunction(torch.autograd.Function):
         grads = any(ctx.needs_input_grad[:3])
         fwd_work = workspace.forward_plan(q, k.shape[1], topk - 1, block_size, grads)
         key_tiles = block_size // dkdv_tiles(block_size, q.shape[-1]).key_tile
-        bwd_work = workspace.backward_plan(q, k.shape[1], topk - 1, key_tiles)
+        bwd_work = workspace.backward_plan(q, k.shape[1], topk - 1, key_tiles, block_size)
         ctx.set_materialize_grads(False)  # an unused lse output brings no gradient pass of its own
         routing = route(  # a fresh selection is freed inside route, before its sort
             select_blocks(q, k, layout, block_size, topk, shared_gqa_selection) if selection is None else selection,

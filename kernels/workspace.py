@@ -16,7 +16,7 @@ keys for the block's picks from the dS already in its registers, so a pick's dQ 
 partials (1 for blocks up to 128 keys, 4 for 512) and no pass recomputes scores for past dQ. Blocks
 of one key tile also get their causal dQ from the dK/dV programs and a pure merge adds the partials;
 larger blocks' current-block dQ kernel adds them to the causal part it computes. Blocks of more than
-MAX_KEY_TILES key tiles use slot passes. dQ partials are in q's dtype (the dtype of the dQ they
+MAX_BLOCK keys or MAX_KEY_TILES key tiles use slot passes. dQ partials are in q's dtype (the dtype of the dQ they
 sum to; fp32 partials measured slower for no gain that matters, bench/NOTES.md).
 
 Budgets, in bytes of q. Training: 3x q for the backward's partials (the slot passes needed an fp32
@@ -37,7 +37,8 @@ INFERENCE_BUDGET = 0.25
 TRAINING_BUDGET = 3.0
 FORWARD_MAX_BLOCK = 256
 DQ_PARTIAL_DTYPE = None  # None: q's dtype (benchmarks compare torch.float32)
-MAX_KEY_TILES = 4  # blocks of up to 512 keys: at most 4 dQ partials per pick
+MAX_KEY_TILES = 4  # at most 4 dQ partials per pick
+MAX_BLOCK = 512  # larger blocks take slot passes in the backward (1024 with 8 partials: 21% slower at 128K)
 MAX_CHUNK_KV_HEADS = None  # cap on KV heads per chunk (tests and benchmarks force chunking with it)
 
 
@@ -66,9 +67,12 @@ def forward_plan(q: torch.Tensor, num_kv_heads: int, slots: int, block_size: int
     return plan(q, num_kv_heads, capacity, dim * q.element_size() + 4, budget, q.dtype)
 
 
-def backward_plan(q: torch.Tensor, num_kv_heads: int, slots: int, key_tiles: int) -> Workspace:
-    """key_tiles dQ rows per pick."""
-    if slots == 0 or key_tiles > MAX_KEY_TILES:
+def backward_plan(
+    q: torch.Tensor, num_kv_heads: int, slots: int, key_tiles: int, block_size: int | None = None
+) -> Workspace:
+    """key_tiles dQ rows per pick (blocks of more than MAX_BLOCK keys, or more than MAX_KEY_TILES key
+    tiles: slot passes)."""
+    if slots == 0 or key_tiles > MAX_KEY_TILES or (block_size or 0) > MAX_BLOCK:
         return SLOT_PASSES
     total, hq, dim = q.shape
     dtype = DQ_PARTIAL_DTYPE or q.dtype

@@ -291,6 +291,15 @@ VARIANTS = {  # the variants measured in each session are in bench/NOTES.md and 
     "d64_splits1": ({"backward.MAX_DKDV_SPLITS": 1}, ("d64",)),
     "d64_splits4": ({"backward.MAX_DKDV_SPLITS": 4}, ("d64",)),
     "d64_splits8_w8": ({"backward.DKDV_TILES_D64": DkdvTiles(128, 32, 8, 3)}, ("d64",)),
+    # session 10: the split count from each block's picks (d64_base) against session 8's rule; dK/dV tilings
+    "d64_split_uniform": ({"backward.DKDV_SPLIT_FROM_ROUTING": False}, ("d64",)),
+    "d64_dkdv_w4_s5": ({"backward.DKDV_TILES_D64": DkdvTiles(128, 32, 4, 5)}, ("d64",)),
+    "d64_dkdv_k256_w8": ({"backward.DKDV_TILES_D64": DkdvTiles(256, 32, 8, 3)}, ("d64",)),
+    "d64_causal_masked": ({"backward.DKDV_CAUSAL_SPLIT": False}, ("d64",)),
+    "d64_row_mask": ({"backward.DKDV_ROW_MASK": True}, ("d64",)),
+    "d64_k256_splits1": ({"backward.DKDV_TILES_D64": DkdvTiles(256, 32, 8, 3), "backward.MAX_DKDV_SPLITS": 1},
+                         ("d64",)),
+    "d64_k256_w8_s2": ({"backward.DKDV_TILES_D64": DkdvTiles(256, 32, 8, 2)}, ("d64",)),
 }
 VARIANT_SHAPES = {
     "s32k-b128": ((2, 16, 32768, 128, 8, ("fwd", "fwd+bwd"), False), "small"),
@@ -343,9 +352,10 @@ def gating_probe(result: dict) -> None:
     print("gating probe:", probe, flush=True)
 
 
-def compare_variants(result: dict, save, names=None) -> None:
+def compare_variants(result: dict, save, names=None, shapes=None) -> None:
     """Correctness of every variant (selection, out, dq, dk, dv vs the fp32 naive definition), then
-    timings ("all" variants time every shape; others the shapes of their kind and "all")."""
+    timings ("all" variants time every shape; others the shapes of their kind and "all"; only `shapes` if
+    given)."""
     naive = load_naive()
     result.update(correctness={}, timings=[], breakdown=[])
     variants = {name: VARIANTS[name] for name in (names or VARIANTS)}
@@ -358,6 +368,8 @@ def compare_variants(result: dict, save, names=None) -> None:
     for name, (overrides, which) in variants.items():
         previous = apply_variant(overrides)
         for shape, (args, kind) in VARIANT_SHAPES.items():
+            if shapes and shape not in shapes:
+                continue
             if which == "all" or kind in which:
                 for row in bench_shape(shape, *args):
                     result["timings"].append(dict(row, variant=name))
@@ -365,7 +377,7 @@ def compare_variants(result: dict, save, names=None) -> None:
                 save()
         for shape in ("s32k-b128", "s32k-b512", "r32k-b2048", "r32k-b512"):
             args, kind = VARIANT_SHAPES[shape]
-            if which == "all" and kind != "d64" or kind in which:
+            if (which == "all" and kind != "d64" or kind in which) and (not shapes or shape in shapes):
                 result["breakdown"].append(
                     dict(kernel_breakdown(shape, *args[:5], ("fwd+bwd",), False, *args[7:]), variant=name))
         save()
@@ -394,6 +406,7 @@ def main():
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--variants", action="store_true", help="compare variants (writes variants.json)")
     parser.add_argument("--variant-names", help="comma-separated subset of VARIANTS (default: all)")
+    parser.add_argument("--variant-shapes", help="comma-separated subset of VARIANT_SHAPES (default: all)")
     parser.add_argument("--gating-probe", action="store_true", help="time selection at top-8 and top-2")
     head = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True).stdout.strip()
     parser.add_argument(
@@ -418,7 +431,8 @@ def main():
     if args.variants:
         if args.gating_probe:
             gating_probe(result)
-        compare_variants(result, save, args.variant_names.split(",") if args.variant_names else None)
+        compare_variants(result, save, args.variant_names.split(",") if args.variant_names else None,
+                         args.variant_shapes.split(",") if args.variant_shapes else None)
         return
 
     if not args.skip_check:
