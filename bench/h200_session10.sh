@@ -3,6 +3,7 @@
 #   bash bench/h200_session10.sh kernels  # GPU kernel tests; recipe shapes against the previous kernels; D-64 variants
 #   bash bench/h200_session10.sh variants # after the first: what each change does at D 64 (and 256-key dK/dV tiles)
 #   bash bench/h200_session10.sh final    # GPU kernel tests; the kept changes against session 8's split rule; recipes
+#   bash bench/h200_session10.sh last     # after compacting the split partials: GPU tests, the shapes they touch
 #   bash bench/h200_session10.sh speed    # 32K training (full, MoBA 512 / top-3); standard shapes against the previous kernels
 # Wheels (.whl: megatron-core, pydantic, datasets, liger-kernel) are carried; .baseline/kernels holds the kernels
 # of the commit before this session's (git archive 7863827 kernels), untracked, so it travels with the tree.
@@ -29,6 +30,15 @@ final)
   timeout 150 python3 scripts/bench_attention.py --set recipes --backends moba-triton,moba-triton-baseline \
     --baseline .baseline --out "$OUT/attention-recipes.json" 2>&1 | grep -v -i warn | tail -16
   ;;
+last)
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_moba_triton.py \
+    -k "dkdv or extra_splits or output_and_gradients or suffix or inference" > "$OUT/gpu-tests.log" 2>&1
+  tail -3 "$OUT/gpu-tests.log"
+  timeout 70 python3 scripts/bench_attention.py --backends moba-triton,moba-triton-baseline --baseline .baseline \
+    --shapes s32k-b128,s32k-b512 --out "$OUT/attention-standard.json" 2>&1 | grep -v -i warn | tail -9
+  timeout 70 python3 scripts/bench_attention.py --set recipes --backends moba-triton,moba-triton-baseline \
+    --baseline .baseline --shapes r32k-b2048,r32k-b512 --out "$OUT/attention-recipes.json" 2>&1 | grep -v -i warn | tail -9
+  ;;
 speed)
   timeout 130 python3 scripts/bench_train.py --config $RECIPE $COMMON train.recompute=none --warmup 2 --steps 4 --profile \
     --arm full:attention.mode=full --arm "moba512:attention.block_size=512,attention.topk=3" \
@@ -36,5 +46,5 @@ speed)
   timeout 200 python3 scripts/bench_attention.py --backends moba-triton,moba-triton-baseline --baseline .baseline \
     --out "$OUT/attention-standard.json" 2>&1 | grep -v -i warn | tail -14
   ;;
-*) echo "usage: bash bench/h200_session10.sh kernels|variants|final|speed" >&2; exit 2 ;;
+*) echo "usage: bash bench/h200_session10.sh kernels|variants|final|speed|last" >&2; exit 2 ;;
 esac

@@ -1,6 +1,6 @@
 """Run a script with module constants of the MoBA kernels set first (tuning experiments on the GPU):
 
-    python3 bench/run_with_knobs.py backward.DKDV_SPLIT_BYTES=8589934592 -- scripts/bench_train.py --config ...
+    python3 bench/run_with_knobs.py backward.MAX_DKDV_SPLITS=1 -- scripts/bench_train.py --config ...
 
 Each NAME=VALUE sets `moba_train.kernels.<module>.<NAME>` to the Python literal VALUE before the script runs
 in this process (as `bench_kernels.py --variants` does for its variants)."""

@@ -98,14 +98,14 @@ def _dkdv_kernel(
     num_q_heads,
     num_blocks,
     num_tokens,
-    num_keys,
-    num_kv_heads,
     kv_head0,
     kv_heads,
     split_rows,
     extra_run_ptr,
     extra_split_ptr,
+    run_first_ptr,
     extra_programs,
+    bound,
     GROUP: tl.constexpr,
     SLOTS: tl.constexpr,
     SEGS: tl.constexpr,
@@ -128,7 +128,7 @@ def _dkdv_kernel(
     `count` picks is split over n = min(SPLITS, cdiv(count, split_rows)) programs (`block_splits`): split
     s < n takes the s-th of n equal ranges of the picks (split 0, the tile's own program, also the causal
     queries). n = 1: the program writes dK, dV; n > 1: each writes its fp32 partial dK (scaled) and dV to
-    part_dk/part_dv [SPLITS, num_keys, num_kv_heads, D], which `_dkdv_reduce_kernel` sums. DQ_WORKSPACE:
+    part_dk/part_dv [2 * bound, block keys, D] (`partial_slot`), which `_dkdv_reduce_kernel` sums. DQ_WORKSPACE:
     also write this key tile's dQ
     partial of every gathered pick into part_dq [rows, TILES_PER_BLOCK, D] at the pick's row
     (forward.workspace_rows + slot). CURRENT_DQ (one key tile per block): also write the dQ of the
@@ -150,6 +150,8 @@ def _dkdv_kernel(
         listed = (run >= 0) & (kv_head >= kv_head0) & (kv_head < kv_head0 + kv_heads)  # this launch's KV heads
         split = tl.where(is_extra, tl.where(listed, tl.load(extra_split_ptr + e, mask=is_extra, other=0), SPLITS), 0)
     else:
+        is_extra = False
+        e = 0
         split = 0
         blk = tl.load(order_ptr + pid // (TILES_PER_BLOCK * kv_heads))
         kv_head = kv_head0 + (pid // TILES_PER_BLOCK) % kv_heads
@@ -241,8 +243,9 @@ def _dkdv_kernel(
         whole = cols < tl.where((num_splits == 1) & (split == 0), length, 0)  # an unsplit block's one program
         tl.store(dk_ptr + kv_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=whole[:, None])
         tl.store(dv_ptr + kv_off, dv.to(dv_ptr.dtype.element_ty), mask=whole[:, None])
-        part_row = (split * num_keys + start + cols).to(tl.int64) * num_kv_heads + kv_head
-        part_off = part_row[:, None] * HEAD_DIM + dims[None, :]
+        first_extra = tl.load(run_first_ptr + kv_head * num_blocks + blk, mask=num_splits > 1, other=0)
+        slot = partial_slot(is_extra, e, first_extra, bound)
+        part_off = ((slot * TILES_PER_BLOCK * BLOCK_N + cols).to(tl.int64) * HEAD_DIM)[:, None] + dims[None, :]
         partial = cols < tl.where((num_splits > 1) & (split < num_splits), length, 0)
         tl.store(part_dk_ptr + part_off, dk * scale, mask=partial[:, None])
         tl.store(part_dv_ptr + part_off, dv, mask=partial[:, None])
@@ -255,14 +258,23 @@ def block_splits(count, split_rows, SPLITS: tl.constexpr):
 
 
 @triton.jit
+def partial_slot(is_extra, e, first_extra, bound):
+    """Slot of a split program's partial dK/dV: entry e of the further splits' list for those, bound plus
+    the run's first entry for split 0 of a split run (so the partials take 2 * bound slots, not one per
+    tile and split)."""
+    return tl.where(is_extra, e, bound + first_extra)
+
+
+@triton.jit
 def _dkdv_reduce_kernel(
-    part_dk_ptr, part_dv_ptr, dk_ptr, dv_ptr, start_ptr, length_ptr, seg_start_ptr, seg_count_ptr,
-    stride_kt, stride_kh, num_keys, num_kv_heads, num_blocks, split_rows,
+    part_dk_ptr, part_dv_ptr, dk_ptr, dv_ptr, start_ptr, length_ptr, seg_start_ptr, seg_count_ptr, run_first_ptr,
+    stride_kt, stride_kh, num_kv_heads, num_blocks, split_rows, bound,
     TILES_PER_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
     SEGS: tl.constexpr, SEGS_P2: tl.constexpr, SPLITS: tl.constexpr,
 ):
     """dK, dV of the BLOCK_N keys of one (block, KV head, key tile) that `_dkdv_kernel` split over n > 1
-    programs = the sum of their n partials, in split order (tiles of unsplit blocks were written whole).
+    programs = the sum of their n partials, in split order (tiles of unsplit blocks were written whole):
+    split 0's at slot bound + the run's first entry, then the further splits' entries.
     Grid (NB * TILES_PER_BLOCK * num_kv_heads,)."""
     pid = tl.program_id(0)
     blk = pid // (TILES_PER_BLOCK * num_kv_heads)
@@ -271,17 +283,18 @@ def _dkdv_reduce_kernel(
     _, count = block_run(seg_start_ptr, seg_count_ptr, kv_head, blk, num_blocks, SEGS, SEGS_P2)
     num_splits = block_splits(count, split_rows, SPLITS)
     if num_splits > 1:
+        first_extra = tl.load(run_first_ptr + kv_head * num_blocks + blk)
         start = tl.load(start_ptr + blk)
         length = tl.load(length_ptr + blk)
         dims = tl.arange(0, HEAD_DIM)
         for c in tl.static_range(BLOCK_N // ROWS):
-            cols = ktile * BLOCK_N + c * ROWS + tl.arange(0, ROWS)
+            cols = ktile * BLOCK_N + c * ROWS + tl.arange(0, ROWS)  # within the block
             ok = (cols < length)[:, None]
             dk = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
             dv = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
-            for s in range(0, num_splits):
-                row = (s * num_keys + start + cols).to(tl.int64) * num_kv_heads + kv_head
-                off = row[:, None] * HEAD_DIM + dims[None, :]
+            for j in range(0, num_splits):
+                slot = tl.where(j == 0, bound + first_extra, first_extra + j - 1)
+                off = ((slot * TILES_PER_BLOCK * BLOCK_N + cols).to(tl.int64) * HEAD_DIM)[:, None] + dims[None, :]
                 dk += tl.load(part_dk_ptr + off, mask=ok, other=0.0)
                 dv += tl.load(part_dv_ptr + off, mask=ok, other=0.0)
             out = (start + cols)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
@@ -484,13 +497,9 @@ DQ_MERGE_ROWS = 32  # tokens per program of the pure dQ merge (64: 0.92 ms, 32: 
 DQ_MERGE_WARPS = 4
 DKDV_REDUCE_ROWS = 32
 MAX_DKDV_SPLITS = 8  # programs sharing one (KV head, block, key tile)'s picks (see the module docstring)
-DKDV_SPLIT_BYTES = 2 << 30  # cap on the fp32 partial dK/dV of all splits: fewer splits for long inputs
 DKDV_WARPS_PER_SM = 8  # warps of dK/dV programs resident per SM (two fp32 [128 or 256, D] accumulators each)
 DKDV_SPLIT_BALANCE = 2  # a split takes at most half a resident program's fair share of the picks
 DKDV_SPLIT_ROWS = None  # picks per split, fixed (tests force splits with it); None: `dkdv_schedule`'s rule
-DKDV_SPLIT_FROM_ROUTING = True  # False: session 8's rule, every block split alike (the benchmark compares)
-DKDV_TARGET_PROGRAMS = 16384  # session 8's rule: programs the split aims for
-DKDV_SPLIT_MAX_TILES = 8192  # session 8's rule: from this many tiles on, no split
 
 
 def dkdv_tiles(block_size: int, dim: int) -> DkdvTiles:
@@ -510,19 +519,6 @@ def dkdv_tiles(block_size: int, dim: int) -> DkdvTiles:
     return DkdvTiles(keys, 64, 8 if dim >= 128 else 4, 2)
 
 
-def dkdv_splits(num_keys: int, num_kv_heads: int, dim: int, slots: int, tiles: int | None = None) -> int:
-    """Session 8's rule (`DKDV_SPLIT_FROM_ROUTING = False`): every tile split alike, enough for
-    DKDV_TARGET_PROGRAMS programs over the `tiles` (KV head, block, key tile) tiles, none from
-    DKDV_SPLIT_MAX_TILES tiles on; at most MAX_DKDV_SPLITS, and only while the partials fit DKDV_SPLIT_BYTES."""
-    if slots == 0:
-        return 1
-    if tiles is None:
-        wanted = MAX_DKDV_SPLITS
-    else:
-        wanted = 1 if tiles >= DKDV_SPLIT_MAX_TILES else triton.cdiv(DKDV_TARGET_PROGRAMS, max(tiles, 1))
-    return max(1, min(MAX_DKDV_SPLITS, wanted, DKDV_SPLIT_BYTES // (2 * num_keys * num_kv_heads * dim * 4)))
-
-
 def multiprocessors(device: torch.device) -> int:
     """SMs of a CUDA device; 132 (an H100's or H200's) elsewhere, so the interpreter takes a GPU's schedule."""
     if device.type != "cuda":
@@ -531,8 +527,7 @@ def multiprocessors(device: torch.device) -> int:
 
 
 def dkdv_schedule(
-    num_tokens: int, num_q_heads: int, num_keys: int, num_kv_heads: int, dim: int, slots: int, key_tiles: int,
-    resident: int,
+    num_tokens: int, num_q_heads: int, num_kv_heads: int, slots: int, key_tiles: int, resident: int
 ) -> tuple[int, int]:
     """(programs per dK/dV tile at most, picks per program): a (KV head, block)'s run of `count` picks is
     split over min(splits, cdiv(count, split_rows)) programs (`block_splits`, on the device).
@@ -547,21 +542,23 @@ def dkdv_schedule(
     1 / DKDV_SPLIT_BALANCE of the fair share of the `resident` programs the GPU runs at once (of all the
     tiles' picks: the upper bound T * Hq * slots, each walked by every key tile of its block), into
     pieces of that size, and only its further splits are launched (`extra_splits`). The most splits:
-    MAX_DKDV_SPLITS, within DKDV_SPLIT_BYTES of partials, and no more than the longest possible run
-    (T * group: every query of the group picks the block) needs; 1: no partials at all."""
+    MAX_DKDV_SPLITS, and no more than the longest possible run (T * group: every query of the group picks
+    the block) needs; 1: no partials at all. The partials of all split programs fit 2 * (T * Hq * slots /
+    split_rows) blocks, i.e. 4 * resident / key_tiles blocks of fp32 dK and dV (about 70 MB at head
+    dim 64 on an H200), not one per tile and split."""
     if slots == 0:
         return 1, 1
     fair = num_tokens * num_q_heads * slots * key_tiles // resident
     split_rows = DKDV_SPLIT_ROWS or max(1, fair // DKDV_SPLIT_BALANCE)
     longest = num_tokens * (num_q_heads // num_kv_heads)
-    cap = DKDV_SPLIT_BYTES // (2 * num_keys * num_kv_heads * dim * 4)
-    return max(1, min(MAX_DKDV_SPLITS, cap, triton.cdiv(longest, split_rows))), split_rows
+    return max(1, min(MAX_DKDV_SPLITS, triton.cdiv(longest, split_rows))), split_rows
 
 
 def extra_splits(seg_count: torch.Tensor, split_rows: int, splits: int, bound: int):
     """The further splits of the (KV head, block) runs, listed on the device (no host sync): run
     kv_head * NB + block and split 1 .. n - 1 for each run of n = block_splits(count) programs, in run
-    order; `bound` entries (a host bound on their number), unused ones with run -1. int32 (run, split)."""
+    order; `bound` entries (a host bound on their number), unused ones with run -1. Returns int32 (run,
+    split) of each entry and each run's first entry (where its further splits start)."""
     counts = seg_count.sum(-1).flatten()
     extra = ((counts + split_rows - 1) // split_rows).clamp(1, splits) - 1
     ends = extra.cumsum(0)
@@ -570,7 +567,7 @@ def extra_splits(seg_count: torch.Tensor, split_rows: int, splits: int, bound: i
     valid = run < counts.numel()
     run = run.clamp(max=counts.numel() - 1)
     split = slot - (ends[run] - extra[run]) + 1
-    return torch.where(valid, run, -1).to(torch.int32), split.to(torch.int32)
+    return torch.where(valid, run, -1).to(torch.int32), split.to(torch.int32), (ends - extra).to(torch.int32)
 
 
 def attention_backward(
@@ -615,23 +612,21 @@ def attention_backward(
     block_m = min(MERGE_ROWS if use_workspace else 64, triton.next_power_of_2(block_size))
     per_block = triton.cdiv(block_size, block_m)
     current_dq = use_workspace and ktiles == 1 and CURRENT_DQ_IN_DKDV
-    if DKDV_SPLIT_FROM_ROUTING:
-        resident = multiprocessors(q.device) * DKDV_WARPS_PER_SM // kv_tiles.warps
-        splits, split_rows = dkdv_schedule(total, hq, k.shape[0], hkv, dim, slots, ktiles, resident)
-    else:
-        splits, split_rows = dkdv_splits(k.shape[0], hkv, dim, slots, tiles=nb * ktiles * hkv), 1
+    resident = multiprocessors(q.device) * DKDV_WARPS_PER_SM // kv_tiles.warps
+    splits, split_rows = dkdv_schedule(total, hq, hkv, slots, ktiles, resident)
+    # Further splits: cdiv(count, split_rows) - 1 <= count / split_rows per run, so at most (the bound on
+    # all picks) / split_rows in all; and at most splits - 1 per run.
+    bound = min(hkv * nb * (splits - 1), total * hq * slots // split_rows)
+    if bound == 0:
+        splits = 1
     part_dk = part_dv = dk
-    extra_run = extra_split = routing.num_past  # unread without extra programs
+    extra_run = extra_split = run_first = routing.num_past  # unread without splits
     extra_programs = 0
     if splits > 1:
-        part_dk, part_dv = (torch.empty(splits, k.shape[0], hkv, dim, dtype=torch.float32, device=k.device)
-                            for _ in range(2))
-        # Further splits: at most cdiv(count, split_rows) - 1 <= count / split_rows per run, so at most
-        # (every pick's bound) / split_rows in all; and at most splits - 1 per run.
-        bound = min(hkv * nb * (splits - 1), total * hq * slots // split_rows)
-        if bound > 0:
-            extra_run, extra_split = extra_splits(routing.seg_count, split_rows, splits, bound)
-            extra_programs = bound * ktiles
+        extra_run, extra_split, run_first = extra_splits(routing.seg_count, split_rows, splits, bound)
+        extra_programs = bound * ktiles
+        part_dk, part_dv = (torch.empty(2 * bound, ktiles * kv_tiles.key_tile, dim, dtype=torch.float32,
+                                        device=k.device) for _ in range(2))
 
     def dkdv(kv_head0, heads, part_dq):
         _dkdv_kernel[(extra_programs + nb * ktiles * heads,)](
@@ -665,14 +660,14 @@ def attention_backward(
             hq,
             nb,
             total,
-            k.shape[0],
-            hkv,
             kv_head0,
             heads,
             split_rows,
             extra_run,
             extra_split,
+            run_first,
             extra_programs,
+            bound,
             GROUP=group,
             SLOTS=slots,
             SEGS=segs,
@@ -694,7 +689,7 @@ def attention_backward(
         if splits > 1:
             _dkdv_reduce_kernel[(nb * ktiles * hkv,)](
                 part_dk, part_dv, dk, dv, layout.start, layout.length, routing.seg_start, routing.seg_count,
-                k.stride(0), k.stride(1), k.shape[0], hkv, nb, split_rows,
+                run_first, k.stride(0), k.stride(1), hkv, nb, split_rows, bound,
                 TILES_PER_BLOCK=ktiles, HEAD_DIM=dim, BLOCK_N=kv_tiles.key_tile, ROWS=min(DKDV_REDUCE_ROWS, kv_tiles.key_tile), SEGS=segs,
                 SEGS_P2=max(2, triton.next_power_of_2(segs)), SPLITS=splits, num_warps=4,
             )

@@ -291,8 +291,7 @@ VARIANTS = {  # the variants measured in each session are in bench/NOTES.md and 
     "d64_splits1": ({"backward.MAX_DKDV_SPLITS": 1}, ("d64",)),
     "d64_splits4": ({"backward.MAX_DKDV_SPLITS": 4}, ("d64",)),
     "d64_splits8_w8": ({"backward.DKDV_TILES_D64": DkdvTiles(128, 32, 8, 3)}, ("d64",)),
-    # session 10: the split count from each block's picks (d64_base) against session 8's rule; dK/dV tilings
-    "d64_split_uniform": ({"backward.DKDV_SPLIT_FROM_ROUTING": False}, ("d64",)),
+    # session 10 (d64_split_uniform, session 8's rule of splitting every block alike, was removed after its run)
     "d64_dkdv_w4_s5": ({"backward.DKDV_TILES_D64": DkdvTiles(128, 32, 4, 5)}, ("d64",)),
     "d64_dkdv_k256_w8": ({"backward.DKDV_TILES_D64": DkdvTiles(256, 32, 8, 3)}, ("d64",)),
     "d64_causal_masked": ({"backward.DKDV_CAUSAL_SPLIT": False}, ("d64",)),

@@ -344,46 +344,23 @@ def test_nan_in_the_keys_gives_the_same_outputs_as_the_definition():
                        moba_selection_naive(q, k, cu_seqlens=cu_t, block_size=block, topk=topk))
 
 
-def test_dkdv_split_count_follows_the_tiles_and_the_partials_cap(monkeypatch):
-    """Programs per dK/dV tile: DKDV_TARGET_PROGRAMS over the tiles, within [1, MAX_DKDV_SPLITS], none from
-    DKDV_SPLIT_MAX_TILES tiles on, and no more than the fp32 partials' cap allows (the training shapes:
-    2,048 tiles at 32K, 8,192 at 128K)."""
-    from moba_train.kernels import backward
-
-    monkeypatch.setattr(backward, "DKDV_TARGET_PROGRAMS", 16384)
-    monkeypatch.setattr(backward, "MAX_DKDV_SPLITS", 8)
-    monkeypatch.setattr(backward, "DKDV_SPLIT_BYTES", 2 << 30)
-    monkeypatch.setattr(backward, "DKDV_SPLIT_MAX_TILES", 8192)
-    assert backward.dkdv_splits(32768, 8, 64, slots=2, tiles=2048) == 8
-    assert backward.dkdv_splits(65536, 8, 64, slots=3, tiles=4096) == 4
-    assert backward.dkdv_splits(131072, 8, 64, slots=3, tiles=8192) == 1
-    assert backward.dkdv_splits(131072, 8, 64, slots=3, tiles=20000) == 1
-    assert backward.dkdv_splits(32768, 8, 64, slots=0, tiles=16) == 1  # no picks: nothing to split
-    # 1M keys: one split's partials are 4 GiB, over the 2 GiB cap, so one program per tile whatever the tiles
-    assert backward.dkdv_splits(1 << 20, 8, 64, slots=3, tiles=64) == 1
-    assert backward.dkdv_splits(65536, 8, 64, slots=3, tiles=64) == 8
-
-
 def test_dkdv_schedule_splits_only_where_a_run_outgrows_its_share(monkeypatch):
     """The recipes' shapes on an H200 (132 SMs, one 8-warp program of 256 keys each at head dim 64). Block
     2048 (8 key tiles): runs split past 190,650 picks, so the longest possible run (65,536 tokens x 4
     heads) needs 2 programs at most and even routing's busiest run (about 61K) none. Block 512 (2 key
     tiles): past 31,775 picks, up to 8. 128K in blocks of 1024 (4 key tiles): 3. No picks, nothing to
-    split; a fixed split size from DKDV_SPLIT_ROWS; the cap of the partials' memory."""
+    split; a fixed split size from DKDV_SPLIT_ROWS."""
     from moba_train.kernels import backward
 
     monkeypatch.setattr(backward, "MAX_DKDV_SPLITS", 8)
-    monkeypatch.setattr(backward, "DKDV_SPLIT_BYTES", 2 << 30)
     monkeypatch.setattr(backward, "DKDV_SPLIT_BALANCE", 2)
-    assert backward.dkdv_schedule(65536, 32, 65536, 8, 64, 3, 8, 132) == (2, 190650)
-    assert backward.dkdv_schedule(65536, 32, 65536, 8, 64, 2, 2, 132) == (8, 31775)
-    assert backward.dkdv_schedule(131072, 32, 131072, 8, 64, 3, 4, 132)[0] == 3
-    assert backward.dkdv_schedule(32768, 32, 32768, 8, 64, 0, 2, 132) == (1, 1)
+    assert backward.dkdv_schedule(65536, 32, 8, 3, 8, 132) == (2, 190650)
+    assert backward.dkdv_schedule(65536, 32, 8, 2, 2, 132) == (8, 31775)
+    assert backward.dkdv_schedule(131072, 32, 8, 3, 4, 132)[0] == 3
+    assert backward.dkdv_schedule(32768, 32, 8, 0, 2, 132) == (1, 1)
     monkeypatch.setattr(backward, "DKDV_SPLIT_ROWS", 1000)
-    assert backward.dkdv_schedule(32768, 32, 32768, 8, 64, 2, 2, 132) == (8, 1000)
-    assert backward.dkdv_schedule(1000, 4, 1000, 2, 16, 2, 1, 132) == (2, 1000)
-    monkeypatch.setattr(backward, "DKDV_SPLIT_BYTES", 1 << 30)  # 1M keys: 4 GiB of partials per split
-    assert backward.dkdv_schedule(1 << 20, 32, 1 << 20, 8, 64, 3, 4, 132)[0] == 1
+    assert backward.dkdv_schedule(32768, 32, 8, 2, 2, 132) == (8, 1000)
+    assert backward.dkdv_schedule(1000, 4, 2, 2, 1, 132) == (2, 1000)
 
 
 def test_extra_splits_list_every_further_split_of_each_run():
@@ -393,25 +370,22 @@ def test_extra_splits_list_every_further_split_of_each_run():
     from moba_train.kernels import backward
 
     seg_count = torch.tensor([[[0, 0], [2, 3], [20, 5]], [[12, 0], [40, 0], [0, 0]]], dtype=torch.int32)
-    run, split = backward.extra_splits(seg_count, 10, 3, 8)
+    run, split, first = backward.extra_splits(seg_count, 10, 3, 8)
     assert run.tolist() == [2, 2, 3, 4, 4, -1, -1, -1]
     assert split.tolist()[:5] == [1, 2, 1, 1, 2]
+    assert first.tolist()[2:5] == [0, 2, 3]  # where each split run's further splits start
 
 
-@pytest.mark.parametrize("splits, split_rows", [(1, None), (3, None), (8, None), (8, 40), (3, "uniform")])
+@pytest.mark.parametrize("splits, split_rows", [(1, None), (3, None), (8, None), (8, 40)])
 def test_dkdv_split_over_programs_matches_naive_when_one_block_draws_every_pick(splits, split_rows, monkeypatch):
     """A shared offset in the queries and in block 0's keys makes every query pick block 0 (the skew of
     training: a few blocks drawn by most queries), so the split of its picks over programs is uneven, some
     splits of other blocks are empty and (split size 40) most other blocks stay whole in the same launch;
-    dK, dV (and the rest) equal the definition for any split count, and with session 8's rule (every
-    block split alike)."""
+    dK, dV (and the rest) equal the definition for any split count."""
     from moba_train.kernels import backward
 
     monkeypatch.setattr(backward, "MAX_DKDV_SPLITS", splits)
-    if split_rows == "uniform":
-        monkeypatch.setattr(backward, "DKDV_SPLIT_FROM_ROUTING", False)
-    else:
-        monkeypatch.setattr(backward, "DKDV_SPLIT_ROWS", split_rows)
+    monkeypatch.setattr(backward, "DKDV_SPLIT_ROWS", split_rows)
     cu, hq, hkv, dim, block, topk = [0, 200, 300], 4, 2, 16, 16, 3
     q, k, v, cu_t = inputs(cu, hq, hkv, dim, torch.float16, seed=3)
     q, k = q + 1.0, k.clone()
