@@ -486,7 +486,7 @@ class DkdvTiles(NamedTuple):
 
 
 DKDV_TILES_128 = DkdvTiles(128, 32, 8, 3)
-DKDV_TILES_D64 = DkdvTiles(256, 32, 8, 3)  # head dim <= 64, blocks of 256k keys: 3-4% faster (bench/NOTES.md)
+DKDV_TILES_D64 = DkdvTiles(256, 32, 8, 3)  # head dim <= 64, blocks a multiple of 256 keys (bench/NOTES.md, session 10)
 DKDV_TILES_D64_128 = DkdvTiles(128, 32, 4, 3)  # head dim <= 64, other blocks: 4 warps, 17% faster than 8 warps
 SMALL_DIM_WARPS = 4  # warps of the dQ kernels (current block, past slots) below head dim 128
 DQ_TRANSPOSED = True  # dQ partials as (K^T dS^T)^T: a 32-row dS^T operand is too small for wgmma
