@@ -254,7 +254,10 @@ class DataConfig(_Section):
     the sample's text as haystack, a key at a random depth asked for at the end); 0 trains on the text as is."""
     recall_mix: float = Field(0.0, ge=0.0, le=1.0)
     """Indexed kind: the share of training samples made synthetic recall documents (data.synthetic's facts and
-    loss, moba_train.data.mix); with passkey_mix, the two shares add up to at most 1."""
+    loss, moba_train.data.mix); with passkey_mix and copy_mix, the shares add up to at most 1."""
+    copy_mix: float = Field(0.0, ge=0.0, le=1.0)
+    """Indexed kind: the share of training samples made copy documents (a random token sequence repeated, the
+    loss on the repeats, moba_train.data.mix): they teach the copying that retrieval needs."""
     synthetic: SyntheticDataConfig = Field(default_factory=SyntheticDataConfig)
 
 
@@ -379,10 +382,13 @@ class Config(_Section):
         if self.data.recall_mix and self.data.kind != "indexed":
             raise ValueError("data.recall_mix mixes recall documents into text and needs data.kind 'indexed'; "
                              "the synthetic kind is all recall documents already: set it to 0")
-        if self.data.passkey_mix + self.data.recall_mix > 1:
-            raise ValueError(f"data.passkey_mix + data.recall_mix is "
-                             f"{self.data.passkey_mix + self.data.recall_mix:g}; the shares of mixed samples cannot "
-                             f"exceed 1")
+        if self.data.copy_mix and self.data.kind != "indexed":
+            raise ValueError("data.copy_mix mixes copy documents into text and needs data.kind 'indexed'; "
+                             "set it to 0 for the synthetic task")
+        shares = self.data.passkey_mix + self.data.recall_mix + self.data.copy_mix
+        if shares > 1:
+            raise ValueError(f"data.passkey_mix + data.recall_mix + data.copy_mix is {shares:g}; the shares of "
+                             f"mixed samples cannot exceed 1")
         return self
 
     def microbatches(self, data_parallel: int) -> int:

@@ -283,7 +283,8 @@ class Study:
             out = self.work / "calibrate" / arm.name
             shutil.rmtree(out, ignore_errors=True)
             cfg = self.config(arm, CALIBRATION_STEPS, (f"run.output_dir={_yaml(out)}", "data.kind=synthetic",
-                                                            "data.passkey_mix=0", "data.recall_mix=0"))
+                                                            "data.passkey_mix=0", "data.recall_mix=0",
+                                                            "data.copy_mix=0"))
             started = time.monotonic()
             records = self.train(cfg)
             wall = time.monotonic() - started

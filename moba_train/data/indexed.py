@@ -9,7 +9,7 @@ rank must call `build_indexed_datasets`.
 
 `data.min_doc_length > 0` keeps only documents of at least that many tokens (long-context recipes);
 0 packs every document. Samples gain per-document `cu_seqlens` from their EOD tokens instead of
-Megatron's dense attention mask. `data.passkey_mix` and `data.recall_mix` make those shares of the
+Megatron's dense attention mask. `data.passkey_mix`, `data.recall_mix` and `data.copy_mix` make those shares of the
 training samples retrieval documents (moba_train.data.mix); validation samples stay text.
 """
 
@@ -196,10 +196,11 @@ def build_indexed_datasets(cfg, env):
         train_ds, valid_ds, _ = builder.build()
     if train_ds is None or len(train_ds) == 0:
         raise DataError(f"data.split '{data.split}' leaves no training documents; give the train split a share")
-    if data.passkey_mix or data.recall_mix:
+    if data.passkey_mix or data.recall_mix or data.copy_mix:
         from moba_train.data.mix import TaskMixDataset
 
         train_ds = TaskMixDataset(train_ds, tokenizer, passkey=data.passkey_mix, recall=data.recall_mix,
+                                  copy=data.copy_mix,
                                   synthetic=data.synthetic, seed=cfg.run.seed, eod=info.eod,
                                   eod_mask_loss=data.eod_mask_loss, seq_length=train.seq_length,
                                   vocab_size=cfg.model.vocab_size)

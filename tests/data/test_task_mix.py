@@ -1,11 +1,12 @@
-"""data.passkey_mix and data.recall_mix: shares of the training samples made retrieval documents
-(moba_train.data.mix).
+"""data.passkey_mix, data.recall_mix and data.copy_mix: shares of the training samples made retrieval
+documents (moba_train.data.mix).
 
 Built through the real path (build_datasets over a Megatron indexed dataset and a trained BPE), each
 mixed sample is checked against the plain build of the same recipe: the haystack is that sample's own
 text in order, the needle states the key where the depth says, the question ends the prompt and the
 key's tokens follow it as labels, in one document. Recall documents are parsed back: every query's
-values are the values its key was planted with. Unmixed samples are the plain samples."""
+values are the values its key was planted with. Copy documents are checked for their smallest period,
+found from the tokens. Unmixed samples are the plain samples."""
 
 import numpy as np
 import pytest
@@ -211,5 +212,60 @@ def test_recall_mix_needs_text_data_and_the_shares_cannot_exceed_one(tmp_path):
         load_config(recipe_path)
     recipe_path.write_text("data:\n  kind: indexed\n  blend: [x]\n  tokenizer: t\n  passkey_mix: 0.6\n"
                            "  recall_mix: 0.5\n")
-    with pytest.raises(ConfigError, match=r"data.passkey_mix \+ data.recall_mix is 1.1; the shares"):
+    with pytest.raises(ConfigError, match=r"data.passkey_mix \+ data.recall_mix \+ data.copy_mix is 1.1; the shares"):
         load_config(recipe_path)
+    recipe_path.write_text("data:\n  kind: indexed\n  blend: [x]\n  tokenizer: t\n  recall_mix: 0.5\n"
+                           "  copy_mix: 0.6\n")
+    with pytest.raises(ConfigError, match=r"data.copy_mix is 1.1; the shares of mixed samples cannot exceed 1"):
+        load_config(recipe_path)
+    recipe_path.write_text("data:\n  kind: synthetic\n  copy_mix: 0.1\n")
+    with pytest.raises(ConfigError, match="data.copy_mix mixes copy documents into text and needs data.kind"):
+        load_config(recipe_path)
+
+
+@pytest.fixture(scope="module")
+def with_copy(tmp_path_factory, tokenizer_dir):
+    tmp_path = tmp_path_factory.mktemp("copy")
+    rng = np.random.default_rng(4)
+    prefix = write_ids(tmp_path / "text", docs_in_range(rng, 3, 290, 400, length=(20, 200)))
+    synthetic = {"num_facts": 6, "key_tokens": 2, "value_tokens": 3}
+    tasks, _ = _build(tmp_path, tokenizer_dir, prefix, "tasks", passkey_mix=0.3, recall_mix=0.4, synthetic=synthetic)
+    copies, _ = _build(tmp_path, tokenizer_dir, prefix, "copies", passkey_mix=0.3, recall_mix=0.4, copy_mix=0.2,
+                       synthetic=synthetic)
+    return tasks, copies
+
+
+def test_copy_documents_take_their_share_after_the_other_tasks_which_stay_as_they_were(with_copy):
+    tasks, copies = with_copy
+    n = 400
+    copied = {i for i in range(n) if copies.is_copy(i)}
+    assert abs(len(copied) / n - 0.2) < 4 * (0.2 * 0.8 / n) ** 0.5, len(copied)
+    for name in ("passkey_at", "is_recall"):
+        before = {i for i in range(n) if getattr(tasks, name)(i) not in (None, False)}
+        assert before == {i for i in range(n) if getattr(copies, name)(i) not in (None, False)}
+        assert not before & copied
+    for i in [i for i in range(60) if i not in copied][:20]:
+        assert torch.equal(copies[i]["tokens"], tasks[i]["tokens"]), i
+        assert torch.equal(copies[i]["loss_mask"], tasks[i]["loss_mask"]), i
+
+
+def _smallest_period(document: np.ndarray) -> int:
+    return next(p for p in range(1, len(document)) if np.array_equal(document[p:], document[:-p]))
+
+
+def test_a_copy_document_repeats_its_first_period_and_carries_the_loss_on_the_repeats(with_copy):
+    _, copies = with_copy
+    periods = []
+    for i in [i for i in range(200) if copies.is_copy(i)][:30]:
+        x = copies[i]
+        document = np.concatenate([x["tokens"].numpy(), x["labels"][-1:].numpy()])
+        assert len(document) == SEQ + 1 and np.array_equal(x["labels"][:-1].numpy(), x["tokens"][1:].numpy())
+        period = _smallest_period(document)
+        assert 16 <= period <= (SEQ + 1) // 2
+        assert document.min() >= FIRST_ORDINARY_ID and document.max() < copies.vocab_size
+        # The loss: exactly the labels that repeat an earlier token (label j is document[j + 1]).
+        assert np.array_equal(x["loss_mask"].numpy(), (np.arange(SEQ) + 1 >= period).astype(np.float32))
+        assert x["cu_seqlens"].tolist() == [0, SEQ] and torch.equal(x["position_ids"], torch.arange(SEQ))
+        periods.append(period)
+    # Log-uniform from 16 to 128: short and long reaches both occur.
+    assert len(periods) == 30 and min(periods) < 32 and max(periods) > 64
