@@ -690,7 +690,8 @@ def attention_backward(
             _dkdv_reduce_kernel[(nb * ktiles * hkv,)](
                 part_dk, part_dv, dk, dv, layout.start, layout.length, routing.seg_start, routing.seg_count,
                 run_first, k.stride(0), k.stride(1), hkv, nb, split_rows, bound,
-                TILES_PER_BLOCK=ktiles, HEAD_DIM=dim, BLOCK_N=kv_tiles.key_tile, ROWS=min(DKDV_REDUCE_ROWS, kv_tiles.key_tile), SEGS=segs,
+                TILES_PER_BLOCK=ktiles, HEAD_DIM=dim, BLOCK_N=kv_tiles.key_tile,
+                ROWS=min(DKDV_REDUCE_ROWS, kv_tiles.key_tile), SEGS=segs,
                 SEGS_P2=max(2, triton.next_power_of_2(segs)), SPLITS=splits, num_warps=4,
             )
 

@@ -172,7 +172,8 @@ def test_a_recall_document_queries_every_planted_fact_with_its_values_and_carrie
             x = mix[i]
             document = np.concatenate([x["tokens"].numpy(), x["labels"][-1:].numpy()])
             assert np.array_equal(x["labels"][:-1].numpy(), x["tokens"][1:].numpy())
-            assert len(document) == SEQ + 1 and FIRST_ORDINARY_ID > QUERY and document.max() < both.recall_docs.value_lo + both.recall_docs.range_size
+            values_end = both.recall_docs.value_lo + both.recall_docs.range_size
+            assert len(document) == SEQ + 1 and FIRST_ORDINARY_ID > QUERY and document.max() < values_end
             planted, queried = _parse_recall(document, kt, vt)
             assert len(planted) == synthetic["num_facts"] and len(queried) == synthetic["num_facts"]
             assert {key for key, _, _ in queried} == set(planted)
