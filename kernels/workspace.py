@@ -11,13 +11,14 @@ Slot passes (the fallback): one launch per slot merges into every query's state 
 no workspace, so they serve shapes where even one KV head's partials would not fit the budget
 (1M tokens with top-12: 3 GB per head).
 
-In the backward the dK/dV program (up to 128 keys of a block) computes the dQ partials of its
-keys for the block's picks from the dS already in its registers, so a pick's dQ comes in key-tiles
-partials (1 for blocks up to 128 keys, 4 for 512) and no pass recomputes scores for past dQ. Blocks
-of one key tile also get their causal dQ from the dK/dV programs and a pure merge adds the partials;
-larger blocks' current-block dQ kernel adds them to the causal part it computes. Blocks of more than
-MAX_BLOCK keys or MAX_KEY_TILES key tiles use slot passes. dQ partials are in q's dtype (the dtype of the dQ they
-sum to; fp32 partials measured slower for no gain that matters, bench/NOTES.md).
+In the backward the dK/dV program (up to 128 keys of a block, 256 at head dim 64) computes the dQ
+partials of its keys for the block's picks from the dS already in its registers, so a pick's dQ comes
+in key-tiles partials (1 for blocks up to 128 keys, 4 for 512, 2 for 512 at head dim 64) and no pass
+recomputes scores for past dQ. Blocks of one key tile also get their causal dQ from the dK/dV programs
+and a pure merge adds the partials; larger blocks' current-block dQ kernel adds them to the causal part
+it computes. Blocks of more than MAX_BLOCK keys or MAX_KEY_TILES key tiles use slot passes. dQ partials
+are in q's dtype (the dtype of the dQ they sum to; fp32 partials measured slower for no gain that
+matters, bench/NOTES.md).
 
 Budgets, in bytes of q. Training: 3x q for the backward's partials (the slot passes needed an fp32
 dQ accumulator of 2x q; fewer, larger chunks measured faster, and 3x keeps the benchmark's peak
