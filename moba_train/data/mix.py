@@ -20,8 +20,8 @@ the same length that do:
   reaches back anywhere from a few tokens to thousands (with MoBA, the gate must pick the right block).
   On CPU, a 2-layer transformers Llama given half its documents as copies learned much of a recall task
   in 1,500 steps, where the same model on recall documents alone did not (answer loss 0.53 and 2.94 nats
-  against 4.60 and 4.86, seeds 0 and 1); through our trainer, with these copies, the gain was small (4.13
-  against 4.53, one seed; docs/quality.md).
+  against 4.60 and 4.86, seeds 0 and 1); through our trainer, with these copies, the gain was smaller (4.13
+  and 3.80 against 4.53 and 4.57; docs/quality.md).
 
 One uniform draw per sample from (seed, index) decides: below passkey_mix a passkey document, then up to
 passkey_mix + recall_mix a recall document, then up to + copy_mix a copy document, else the text sample
