@@ -6,7 +6,8 @@
 #   bash bench/h200_session10.sh last     # after compacting the split partials: GPU tests, the shapes they touch
 #   bash bench/h200_session10.sh speed    # 32K training (full, MoBA 512 / top-3); standard shapes against the previous kernels
 # Wheels (.whl: megatron-core, pydantic, datasets, liger-kernel) are carried; .baseline/kernels holds the kernels
-# of the commit before this session's (git archive 7863827 kernels), untracked, so it travels with the tree.
+# of the commit before this session's (git archive 7863827 kernels | tar -x -C .baseline), ignored by git: carry
+# it too (session 10 ran with it untracked, before /.baseline/ was ignored).
 source bench/gpu_env.sh
 case "${1:-}" in
 kernels)
