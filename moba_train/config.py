@@ -376,15 +376,14 @@ class Config(_Section):
             )
         if self.data.kind == "indexed" and not self.data.blend:
             raise ValueError("data.kind is 'indexed' but data.blend is empty; list at least one dataset prefix")
-        if self.data.passkey_mix and self.data.kind != "indexed":
-            raise ValueError("data.passkey_mix plants passkeys in text and needs data.kind 'indexed'; "
-                             "set it to 0 for the synthetic task")
-        if self.data.recall_mix and self.data.kind != "indexed":
-            raise ValueError("data.recall_mix mixes recall documents into text and needs data.kind 'indexed'; "
-                             "the synthetic kind is all recall documents already: set it to 0")
-        if self.data.copy_mix and self.data.kind != "indexed":
-            raise ValueError("data.copy_mix mixes copy documents into text and needs data.kind 'indexed'; "
-                             "set it to 0 for the synthetic task")
+        for name, does, advice in (
+            ("passkey_mix", "plants passkeys in text", "set it to 0 for the synthetic task"),
+            ("recall_mix", "mixes recall documents into text",
+             "the synthetic kind is all recall documents already: set it to 0"),
+            ("copy_mix", "mixes copy documents into text", "set it to 0 for the synthetic task"),
+        ):
+            if getattr(self.data, name) and self.data.kind != "indexed":
+                raise ValueError(f"data.{name} {does} and needs data.kind 'indexed'; {advice}")
         shares = self.data.passkey_mix + self.data.recall_mix + self.data.copy_mix
         if shares > 1:
             raise ValueError(f"data.passkey_mix + data.recall_mix + data.copy_mix is {shares:g}; the shares of "

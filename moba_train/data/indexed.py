@@ -9,8 +9,8 @@ rank must call `build_indexed_datasets`.
 
 `data.min_doc_length > 0` keeps only documents of at least that many tokens (long-context recipes);
 0 packs every document. Samples gain per-document `cu_seqlens` from their EOD tokens instead of
-Megatron's dense attention mask. `data.passkey_mix`, `data.recall_mix` and `data.copy_mix` make those shares of the
-training samples retrieval documents (moba_train.data.mix); validation samples stay text.
+Megatron's dense attention mask. `data.passkey_mix`, `data.recall_mix` and `data.copy_mix` make those
+shares of the training samples retrieval documents (moba_train.data.mix); validation samples stay text.
 """
 
 from __future__ import annotations

@@ -83,7 +83,8 @@ class TaskMixDataset(torch.utils.data.Dataset):
         return len(self.base)
 
     def _draw(self, index: int) -> tuple[str, int, float] | None:
-        """("passkey", key, depth), ("recall", 0, 0.0) or None (text) for sample `index`: one draw."""
+        """("passkey", key, depth), ("recall", 0, 0.0), ("copy", 0, 0.0) or None (text) for sample `index`: one
+        draw."""
         rng = np.random.default_rng([self.seed, PASSKEY_MIX_STREAM, index])
         u = rng.random()
         if u < self.passkey:
@@ -99,13 +100,15 @@ class TaskMixDataset(torch.utils.data.Dataset):
         drawn = self._draw(index)
         return drawn[1:] if drawn and drawn[0] == "passkey" else None
 
-    def is_recall(self, index: int) -> bool:
+    def _kind(self, index: int) -> str | None:
         drawn = self._draw(index)
-        return bool(drawn) and drawn[0] == "recall"
+        return drawn and drawn[0]
+
+    def is_recall(self, index: int) -> bool:
+        return self._kind(index) == "recall"
 
     def is_copy(self, index: int) -> bool:
-        drawn = self._draw(index)
-        return bool(drawn) and drawn[0] == "copy"
+        return self._kind(index) == "copy"
 
     def copy_document(self, index: int, length: int) -> tuple[np.ndarray, int]:
         """A copy document of `length` tokens and its period: a random sequence of `period` ids tiled."""

@@ -29,11 +29,19 @@ def _build(tmp_path, tokenizer_dir, prefix, name, **data):
     return build_datasets(cfg, None)
 
 
+SYNTHETIC = {"num_facts": 6, "key_tokens": 2, "value_tokens": 3}
+
+
 @pytest.fixture(scope="module")
-def mixed_and_plain(tmp_path_factory, tokenizer_dir):
-    tmp_path = tmp_path_factory.mktemp("mix")
+def text_prefix(tmp_path_factory):
+    """400 text documents as an indexed dataset: the text every mixed build starts from."""
     rng = np.random.default_rng(4)
-    prefix = write_ids(tmp_path / "text", docs_in_range(rng, 3, 290, 400, length=(20, 200)))
+    return write_ids(tmp_path_factory.mktemp("text") / "text", docs_in_range(rng, 3, 290, 400, length=(20, 200)))
+
+
+@pytest.fixture(scope="module")
+def mixed_and_plain(tmp_path_factory, tokenizer_dir, text_prefix):
+    tmp_path, prefix = tmp_path_factory.mktemp("mix"), text_prefix
     mixed, mixed_valid = _build(tmp_path, tokenizer_dir, prefix, "mixed", passkey_mix=0.3, eod_mask_loss=True)
     plain, plain_valid = _build(tmp_path, tokenizer_dir, prefix, "plain", eod_mask_loss=True)
     return mixed, plain, mixed_valid, plain_valid
@@ -119,11 +127,8 @@ def test_sequences_too_short_for_a_needle_and_the_synthetic_task_are_refused(tmp
 
 
 @pytest.fixture(scope="module")
-def with_recall(tmp_path_factory, tokenizer_dir):
-    tmp_path = tmp_path_factory.mktemp("recall")
-    rng = np.random.default_rng(4)
-    prefix = write_ids(tmp_path / "text", docs_in_range(rng, 3, 290, 400, length=(20, 200)))
-    synthetic = {"num_facts": 6, "key_tokens": 2, "value_tokens": 3}
+def with_recall(tmp_path_factory, tokenizer_dir, text_prefix):
+    tmp_path, prefix, synthetic = tmp_path_factory.mktemp("recall"), text_prefix, SYNTHETIC
     both, _ = _build(tmp_path, tokenizer_dir, prefix, "both", passkey_mix=0.3, recall_mix=0.4, eod_mask_loss=True,
                      synthetic=synthetic)
     answers, _ = _build(tmp_path, tokenizer_dir, prefix, "answers", recall_mix=0.5,
@@ -225,14 +230,11 @@ def test_recall_mix_needs_text_data_and_the_shares_cannot_exceed_one(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def with_copy(tmp_path_factory, tokenizer_dir):
-    tmp_path = tmp_path_factory.mktemp("copy")
-    rng = np.random.default_rng(4)
-    prefix = write_ids(tmp_path / "text", docs_in_range(rng, 3, 290, 400, length=(20, 200)))
-    synthetic = {"num_facts": 6, "key_tokens": 2, "value_tokens": 3}
-    tasks, _ = _build(tmp_path, tokenizer_dir, prefix, "tasks", passkey_mix=0.3, recall_mix=0.4, synthetic=synthetic)
-    copies, _ = _build(tmp_path, tokenizer_dir, prefix, "copies", passkey_mix=0.3, recall_mix=0.4, copy_mix=0.2,
-                       synthetic=synthetic)
+def with_copy(tmp_path_factory, tokenizer_dir, text_prefix, with_recall):
+    """(the recall fixture's passkey + recall build, the same recipe with copy documents added)."""
+    tasks, _, _ = with_recall
+    copies, _ = _build(tmp_path_factory.mktemp("copy"), tokenizer_dir, text_prefix, "copies", passkey_mix=0.3,
+                       recall_mix=0.4, copy_mix=0.2, eod_mask_loss=True, synthetic=SYNTHETIC)
     return tasks, copies
 
 
