@@ -1,4 +1,5 @@
-"""Evaluation of trained models: validation loss, loss by position, passkey retrieval, synthetic recall.
+"""Evaluation of trained models: validation loss, loss by position, passkey retrieval, synthetic recall,
+copying.
 
     loaded = load_model("runs/x/checkpoints", ["attention.mode=full"])  # or an exported Hugging Face directory
     windows = validation_windows("data/site_corpus/python_valid", seq_length=8192, count=64)
@@ -30,6 +31,9 @@ one forward pass), which is exactly when greedy decoding would write the answer.
 
 Synthetic recall (moba_train.data.synthetic): each queried value token is predicted from the
 document before it; a fact counts when all its value tokens are right.
+
+Copying (moba_train.data.mix copy documents: a random sequence tiled): every repeated token is predicted
+from the ones before it; accuracy by period says how far back the model finds what to copy.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from tqdm import tqdm
 
 from moba_train.checkpointing import is_complete, latest_checkpoint, load_model_weights
 from moba_train.config import Config, ConfigError, load_config
+from moba_train.data.mix import COPY_MIN_PERIOD, copy_document
 from moba_train.data.passkey import PasskeySample, PasskeyTask
 from moba_train.data.preprocess import DataError
 from moba_train.data.synthetic import SyntheticRecallDataset
@@ -328,6 +333,55 @@ def recall_accuracy(loaded: LoadedModel, dataset: SyntheticRecallDataset, *, bat
 
 
 # ---------------------------------------------------------------------------------------------
+# Copying
+
+
+COPY_EVAL_STREAM = 0xC0E7
+"""Seeds the evaluation's copy documents apart from training's (moba_train.data.mix.COPY_MIX_STREAM)."""
+
+
+def copy_documents(count: int, seq_length: int, vocab_size: int, seed: int = 0) -> list[tuple[np.ndarray, int]]:
+    """`count` held-out copy documents of `seq_length + 1` tokens and their periods, drawn as the
+    training mix draws its copies (moba_train.data.mix.copy_document) from another stream."""
+    return [copy_document(np.random.default_rng([seed, COPY_EVAL_STREAM, i]), seq_length + 1, vocab_size)
+            for i in range(count)]
+
+
+@torch.no_grad()
+def copy_accuracy(loaded: LoadedModel, documents: list[tuple[np.ndarray, int]], *, batch_size: int = 4,
+                  progress: bool = False) -> dict:
+    """Token accuracy and loss on the repeats of copy documents (every token from the second period on,
+    predicted from the ones before it: what training's copy documents carry the loss on), over all
+    documents and by period bucket: [16, 64), [64, 256), ... The period is how far back the copied token
+    stands, so a model that cannot reach that far fails the long periods' buckets."""
+    hits, losses, periods = [], [], []
+    for batch in tqdm(_batches(len(documents), batch_size), desc="copy", disable=not progress):
+        docs = [documents[i] for i in batch]
+        tokens = np.stack([doc[:-1] for doc, _ in docs])
+        _check_tokens(loaded, tokens, "the copy documents")
+        out = logits(loaded, torch.from_numpy(tokens))
+        for row, (doc, period) in enumerate(docs):
+            labels = torch.from_numpy(doc[period:]).to(out.device)  # label j is doc[j + 1], j >= period - 1
+            row_logits = out[row, period - 1:]
+            hits.append((row_logits.argmax(-1) == labels).cpu().numpy())
+            losses.append(torch.nn.functional.cross_entropy(row_logits, labels, reduction="none").cpu().numpy())
+            periods.append(period)
+
+    def summary(rows: list[int]) -> dict:
+        return {"documents": len(rows), "tokens": int(sum(hits[i].size for i in rows)),
+                "token_accuracy": float(np.concatenate([hits[i] for i in rows]).mean()),
+                "loss": float(np.concatenate([losses[i] for i in rows]).mean())}
+
+    buckets, low = [], COPY_MIN_PERIOD
+    while low <= max(periods):
+        rows = [i for i, p in enumerate(periods) if low <= p < 4 * low]
+        if rows:
+            buckets.append({"periods": [low, 4 * low], **summary(rows)})
+        low *= 4
+    return {**summary(list(range(len(periods)))), "by_period": buckets}
+
+
+# ---------------------------------------------------------------------------------------------
 # Everything at once
 
 
@@ -343,6 +397,7 @@ class EvalSettings:
     passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     passkey_samples: int = 20
     recall_documents: int = 0
+    copy_documents: int = 0
     batch_size: int = 4
     seed: int = 0
 
@@ -351,7 +406,8 @@ def evaluate(loaded: LoadedModel, settings: EvalSettings, data_prefix: str | os.
              tokenizer: str | os.PathLike | None = None, progress: bool = False) -> dict:
     """Validation loss and loss by position (packed and long-document windows of `data_prefix`), passkey
     accuracy (haystack from `data_prefix`, needles through `tokenizer`, default the recipe's
-    data.tokenizer), synthetic recall accuracy (the recipe's task); each only when asked for."""
+    data.tokenizer), synthetic recall accuracy (the recipe's task), copying accuracy (held-out copy documents
+    of `seq_length`); each only when asked for."""
     cfg = loaded.config
     results = {"model": str(loaded.source), "attention": {
         "mode": cfg.attention.mode, "layer_kinds": cfg.layer_kinds(), "block_size": cfg.attention.block_size,
@@ -382,6 +438,9 @@ def evaluate(loaded: LoadedModel, settings: EvalSettings, data_prefix: str | os.
     if settings.recall_documents:
         results["recall"] = recall_accuracy(loaded, recall_dataset(cfg, settings.recall_documents),
                                             batch_size=settings.batch_size, progress=progress)
+    if settings.copy_documents:
+        documents = copy_documents(settings.copy_documents, settings.seq_length, loaded.vocab_size, settings.seed)
+        results["copy"] = copy_accuracy(loaded, documents, batch_size=settings.batch_size, progress=progress)
     return results
 
 
@@ -421,6 +480,11 @@ def report_summary(results: dict) -> str:
         r = results["recall"]
         lines.append(f"recall: {100 * r['fact_accuracy']:.1f}% of {r['facts']} facts, "
                      f"{100 * r['token_accuracy']:.1f}% of value tokens, answer loss {r['answer_loss']:.4f}")
+    if results.get("copy"):
+        c = results["copy"]
+        lines.append(f"copy: {100 * c['token_accuracy']:.1f}% of {c['tokens']} repeated tokens, loss {c['loss']:.4f}; "
+                     "by period " + ", ".join(f"{b['periods'][0]}-{b['periods'][1]}: {100 * b['token_accuracy']:.1f}%"
+                                              for b in c["by_period"]))
     return "\n".join(lines)
 
 

@@ -118,6 +118,8 @@ class StudySettings:
     passkey_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     passkey_samples: int = 20
     recall_documents: int = 32
+    copy_documents: int = 32
+    """Held-out copy documents scored per pretraining arm whose recipe mixes copies (data.copy_mix)."""
     eval_batch_size: int = 4
 
 
@@ -402,6 +404,7 @@ class Study:
                 passkey_depths=s.passkey_depths, passkey_samples=s.passkey_samples,
                 # pretraining arms: the recall task they were mixed (data.recall_mix), if any
                 recall_documents=s.recall_documents if recall or cfg.data.recall_mix else 0,
+                copy_documents=0 if recall or not cfg.data.copy_mix else s.copy_documents,
                 batch_size=s.eval_batch_size)
             result = evaluate(loaded, settings, None if recall else self.corpus_dir / "python_valid",
                               self.corpus_dir / "tokenizer")
@@ -535,13 +538,22 @@ def _fmt(value, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _copy_cell(state: dict, arm: str) -> str:
+    copy = _metric(state, arm, "copy")
+    if not copy:
+        return "-"
+    buckets = ", ".join(f"{b['periods'][0]}+: {b['token_accuracy']:.2f}" for b in copy["by_period"])
+    return f"{copy['token_accuracy']:.4f} ({buckets})"
+
+
 def summary_markdown(state: dict) -> str:
     """The result tables of docs/quality.md, from the study state."""
     plan = state.get("plan", {})
     lines = [f"# Quality study results (commit {state.get('commit')}, {state['machine'].get('gpu') or 'CPU'})", "",
              f"Plan: {json.dumps(plan)}", "", "| arm | tokens | tokens/s | val loss | trailing loss (last 1K, "
              "long docs) | passkey at trained length | passkey by depth (trained length) | recall of the mixed "
-             "task (facts / tokens) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "task (facts / tokens) | copy, repeated tokens (by period) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for arm in PRETRAIN_ARMS:
         train = state["arms"].get(arm.name, {}).get("train", {})
         grid = _metric(state, arm.name, "passkey")
@@ -552,7 +564,7 @@ def summary_markdown(state: dict) -> str:
                      f"{_fmt(long and long['trailing_loss'])} | "
                      f"{_fmt(grid and 100 * grid['mean_by_length'][-1], 1)} | {by_depth} | "
                      f"{_fmt(_metric(state, arm.name, 'recall', 'fact_accuracy'))} / "
-                     f"{_fmt(_metric(state, arm.name, 'recall', 'token_accuracy'))} |")
+                     f"{_fmt(_metric(state, arm.name, 'recall', 'token_accuracy'))} | {_copy_cell(state, arm.name)} |")
     lines += ["", "| arm 5 | tokens | tokens/s | recall (facts) | recall (tokens) | answer loss |",
               "| --- | --- | --- | --- | --- | --- |"]
     for arm in RECALL:

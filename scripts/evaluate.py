@@ -1,5 +1,5 @@
 """Evaluate a moba-train checkpoint or an exported Hugging Face model: validation loss, loss by position,
-passkey retrieval, synthetic recall (see moba_train/evaluation.py).
+passkey retrieval, synthetic recall, copying (see moba_train/evaluation.py).
 
     python scripts/evaluate.py runs/study/arms/moba/checkpoints --data data/site_corpus/python_valid \\
         --out eval/moba [--attention full] [--passkey-lengths 2048,8192] [section.key=value ...]
@@ -35,6 +35,8 @@ def main(argv=None) -> None:
     parser.add_argument("--passkey-samples", type=int, default=20, help="prompts per cell (default: 20)")
     parser.add_argument("--recall-documents", type=int, default=0,
                         help="documents of the recipe's synthetic recall task to score (default: 0)")
+    parser.add_argument("--copy-documents", type=int, default=0,
+                        help="held-out copy documents of the window length to score (default: 0)")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default: 4)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="e.g. attention.topk=8 run.device=cpu (not the model's shapes)")
@@ -44,9 +46,9 @@ def main(argv=None) -> None:
     from moba_train.config import ConfigError
     from moba_train.distributed import destroy_distributed
 
-    if args.data is None and (args.passkey_lengths or not args.recall_documents):
+    if args.data is None and (args.passkey_lengths or not (args.recall_documents or args.copy_documents)):
         raise ConfigError("--data is needed for the validation loss and passkey prompts; pass a validation prefix "
-                          "(or only --recall-documents N for the synthetic task)")
+                          "(or only --recall-documents N / --copy-documents N for the synthetic tasks)")
     mode = [] if args.attention == "trained" else [f"attention.mode={args.attention}"]
     loaded = evaluation.load_model(args.model, [*mode, *args.overrides])
     try:
@@ -54,7 +56,8 @@ def main(argv=None) -> None:
             seq_length=args.seq_length or loaded.config.train.seq_length, windows=args.windows,
             bucket_size=args.bucket, trailing_tokens=args.bucket, passkey_lengths=args.passkey_lengths,
             passkey_depths=args.passkey_depths, passkey_samples=args.passkey_samples,
-            recall_documents=args.recall_documents, batch_size=args.batch_size)
+            recall_documents=args.recall_documents, copy_documents=args.copy_documents,
+            batch_size=args.batch_size)
         results = evaluation.evaluate(loaded, settings, args.data, args.tokenizer, progress=sys.stderr.isatty())
     finally:
         destroy_distributed()

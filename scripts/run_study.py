@@ -50,6 +50,8 @@ def main(argv=None) -> None:
                         help="needle depths, 0 = start of the context (0,0.25,0.5,0.75,1)")
     parser.add_argument("--passkey-samples", type=int, default=20, help="prompts per passkey cell (20)")
     parser.add_argument("--recall-documents", type=int, default=32, help="recall documents per arm-5 model (32)")
+    parser.add_argument("--copy-documents", type=int, default=32,
+                        help="copy documents per pretraining arm, when its recipe mixes copies (32)")
     parser.add_argument("--eval-batch-size", type=int, default=4, help="sequences per evaluation forward (4)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every arm's recipe")
     args = parser.parse_args(argv)
@@ -69,7 +71,8 @@ def main(argv=None) -> None:
         valid_fraction=args.valid_fraction, tokenizer_mb=args.tokenizer_mb, workers=max(1, args.workers),
         eval_windows=args.eval_windows, bucket_size=args.bucket, passkey_lengths=args.passkey_lengths,
         passkey_depths=args.passkey_depths, passkey_samples=args.passkey_samples,
-        recall_documents=args.recall_documents, eval_batch_size=args.eval_batch_size,
+        recall_documents=args.recall_documents, copy_documents=args.copy_documents,
+        eval_batch_size=args.eval_batch_size,
     )
     failed = Study(settings).run()
     if failed:

@@ -19,11 +19,14 @@ from moba_train import checksums, convert, distributed
 from moba_train.checkpointing import save_model_checkpoint
 from moba_train.config import Config, ConfigError, load_config
 from moba_train.data.corpus import train_tokenizer
+from moba_train.data.mix import COPY_MIN_PERIOD, TaskMixDataset
 from moba_train.data.passkey import PasskeyTask, place_needle
 from moba_train.data.preprocess import load_tokenizer
 from moba_train.data.synthetic import EOD, FACT, QUERY, SyntheticRecallDataset
 from moba_train.evaluation import (
     answer_predictions,
+    copy_accuracy,
+    copy_documents,
     exact_answer,
     load_model,
     logits,
@@ -87,6 +90,60 @@ def test_loss_by_position_equals_a_direct_computation(checkpoint):
     assert report["loss"] == pytest.approx(per_position.mean(), abs=1e-5)
     assert math.log(VOCAB) * 0.5 < report["loss"]  # a random model: the buckets are not trivially equal
     assert np.ptp([b["loss"] for b in report["buckets"]]) > 1e-3
+
+
+# --- copying -----------------------------------------------------------------------------------
+
+
+def test_copy_documents_tile_their_period_apart_from_trainings_copies():
+    docs = copy_documents(40, 255, VOCAB, seed=3)
+    periods = [period for _, period in docs]
+    for doc, period in docs:
+        assert doc.shape == (256,) and 3 <= doc.min() and doc.max() < VOCAB
+        np.testing.assert_array_equal(doc[period:], doc[:-period])  # every token repeats the one a period back
+        assert COPY_MIN_PERIOD <= period <= 128
+    assert min(periods) < 32 and max(periods) > 64  # log-uniform over 16..128
+    training = TaskMixDataset.__new__(TaskMixDataset)  # only copy_document's fields
+    training.seed, training.vocab_size = 3, VOCAB
+    assert not any(np.array_equal(training.copy_document(i, 256)[0], docs[i][0]) for i in range(40))
+
+
+@torch.no_grad()
+def test_copy_accuracy_equals_a_direct_computation_and_counts_only_the_repeats(checkpoint):
+    loaded = load_model(checkpoint)
+    docs = copy_documents(7, 64, VOCAB, seed=1)
+    report = copy_accuracy(loaded, docs, batch_size=3)
+
+    hits, losses, periods = [], [], []
+    for doc, period in docs:
+        raw = loaded.model(torch.from_numpy(doc[None, :-1]), torch.arange(64)[None], attention_mask=None)
+        scores = raw[0, :, :VOCAB].double()
+        targets = torch.from_numpy(doc[1:])
+        loss = F.cross_entropy(scores, targets, reduction="none").numpy()
+        hit = (scores.argmax(-1) == targets).numpy()
+        hits.append(hit[period - 1:])  # position j predicts doc[j + 1]: the repeats start at j = period - 1
+        losses.append(loss[period - 1:])
+        periods.append(period)
+    assert report["documents"] == 7 and report["tokens"] == sum(65 - p for p in periods)
+    assert report["loss"] == pytest.approx(np.concatenate(losses).mean(), abs=1e-5)
+    assert report["token_accuracy"] == pytest.approx(np.concatenate(hits).mean(), abs=1e-9)
+    assert sum(b["documents"] for b in report["by_period"]) == 7
+    for bucket in report["by_period"]:
+        low, high = bucket["periods"]
+        rows = [i for i, p in enumerate(periods) if low <= p < high]
+        assert bucket["documents"] == len(rows) > 0 and high == 4 * low
+        assert bucket["loss"] == pytest.approx(np.concatenate([losses[i] for i in rows]).mean(), abs=1e-5)
+
+    # Documents whose every scored token is the model's own greedy prediction score 1; a one-token shift of
+    # the scored positions would score about 1 / vocabulary.
+    greedy = []
+    for doc, period in docs:
+        doc = doc.copy()
+        for j in range(period - 1, 64):
+            raw = loaded.model(torch.from_numpy(doc[None, : j + 1]), torch.arange(j + 1)[None], attention_mask=None)
+            doc[j + 1] = int(raw[0, -1, :VOCAB].argmax())
+        greedy.append((doc, period))
+    assert copy_accuracy(loaded, greedy, batch_size=4)["token_accuracy"] == 1.0
 
 
 # --- passkey generator and scorer ---------------------------------------------------------------

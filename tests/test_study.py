@@ -123,7 +123,7 @@ TINY = [
     "--tokens-per-arm", "1024", "--corpus-source", "stdlib", "--corpus-mb", "0.6", "--vocab-size", "300",
     "--valid-fraction", "0.25", "--tokenizer-mb", "0.6", "--workers", "1", "--eval-windows", "3", "--bucket", "32",
     "--passkey-lengths", "96,128", "--passkey-depths", "0,1", "--passkey-samples", "2", "--recall-documents", "2",
-    "--eval-batch-size", "2",
+    "--copy-documents", "3", "--eval-batch-size", "2",
     "model.num_layers=3", "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_attention_heads=2",
     "model.num_query_groups=1", "model.vocab_size=384", "model.max_position_embeddings=256", "train.seq_length=128",
     "train.micro_batch_size=2", "train.global_batch_size=2", "attention.block_size=32", "attention.topk=2",
@@ -175,6 +175,7 @@ def test_a_tiny_study_runs_every_arm_on_cpu_resumes_and_reports(tiny_study):
         assert arms[name]["eval"]["validation"]["windows"] == 3
         assert len(arms[name]["eval"]["passkey"]["accuracy"]) == 2
         assert arms[name]["eval"]["recall"]["facts"] == 2 * 3  # the recall task mixed into pretraining
+        assert arms[name]["eval"]["copy"]["documents"] == 3  # and the copies
     assert arms["full"]["train"]["layer_kinds"] == ["full"] * 3
     assert arms["moba"]["train"]["layer_kinds"] == ["moba"] * 3
     assert arms["hybrid"]["train"]["layer_kinds"] == ["moba", "full", "full"]
@@ -188,7 +189,7 @@ def test_a_tiny_study_runs_every_arm_on_cpu_resumes_and_reports(tiny_study):
     assert second.count(init_line) == 3
     for name in ("recall_full", "recall_moba", "recall_hybrid"):
         assert arms[name]["train"]["steps"] == plan["recall_steps"] == 2  # at least 2 (a quarter of 4 is 1)
-        assert arms[name]["eval"]["recall"]["facts"] == 2 * 3
+        assert arms[name]["eval"]["recall"]["facts"] == 2 * 3 and "copy" not in arms[name]["eval"]
     assert arms["full"]["eval_moba"]["attention"]["mode"] == "moba"
     assert arms["moba"]["eval_full"]["attention"]["mode"] == "full"
     assert {"moba_validation_loss_vs_full", "cpt_passkey_vs_full", "recall_moba_vs_full"} <= set(state["targets"])

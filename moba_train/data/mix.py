@@ -45,6 +45,18 @@ COPY_MIX_STREAM = 0x9A57
 COPY_MIN_PERIOD = 16
 
 
+def copy_document(rng: np.random.Generator, length: int, vocab_size: int) -> tuple[np.ndarray, int]:
+    """A copy document of `length` tokens and its period: a sequence of `period` ids drawn uniformly from
+    [FIRST_ORDINARY_ID, vocab_size), tiled to `length`. The period is log-uniform from COPY_MIN_PERIOD to
+    half the length, so token j >= period repeats token j - period. Training's copy documents
+    (`TaskMixDataset`) and the evaluation's (moba_train.evaluation.copy_accuracy) come from here."""
+    top = max(COPY_MIN_PERIOD, length // 2)
+    period = int(np.exp(rng.uniform(np.log(COPY_MIN_PERIOD), np.log(top + 1))))
+    period = min(max(period, COPY_MIN_PERIOD), top)
+    sequence = rng.integers(FIRST_ORDINARY_ID, vocab_size, size=period)
+    return np.resize(sequence, length), period
+
+
 class TaskMixDataset(torch.utils.data.Dataset):
     """`base` (a training split whose samples are dicts of [s] tensors: tokens, labels, loss_mask,
     position_ids, cu_seqlens) with the drawn samples replaced by retrieval documents of s + 1 tokens, one
@@ -111,13 +123,8 @@ class TaskMixDataset(torch.utils.data.Dataset):
         return self._kind(index) == "copy"
 
     def copy_document(self, index: int, length: int) -> tuple[np.ndarray, int]:
-        """A copy document of `length` tokens and its period: a random sequence of `period` ids tiled."""
-        rng = np.random.default_rng([self.seed, COPY_MIX_STREAM, index])
-        top = max(COPY_MIN_PERIOD, length // 2)
-        period = int(np.exp(rng.uniform(np.log(COPY_MIN_PERIOD), np.log(top + 1))))
-        period = min(max(period, COPY_MIN_PERIOD), top)
-        sequence = rng.integers(FIRST_ORDINARY_ID, self.vocab_size, size=period)
-        return np.resize(sequence, length), period
+        """Sample `index`'s copy document of `length` tokens and its period (`copy_document`)."""
+        return copy_document(np.random.default_rng([self.seed, COPY_MIX_STREAM, index]), length, self.vocab_size)
 
     def __getitem__(self, index: int) -> dict:
         sample = self.base[index]
