@@ -256,8 +256,8 @@ class DataConfig(_Section):
     """Indexed kind: the share of training samples made synthetic recall documents (data.synthetic's facts and
     loss, moba_train.data.mix); with passkey_mix and copy_mix, the shares add up to at most 1."""
     copy_mix: float = Field(0.0, ge=0.0, le=1.0)
-    """Indexed kind: the share of training samples made copy documents (a random token sequence repeated, the
-    loss on the repeats, moba_train.data.mix): they teach the copying that retrieval needs."""
+    """Indexed kind: the share of training samples made copy documents (the start of the sample's own text
+    repeated, the loss on the repeats, moba_train.data.mix): they teach the copying that retrieval needs."""
     synthetic: SyntheticDataConfig = Field(default_factory=SyntheticDataConfig)
 
 

@@ -32,8 +32,9 @@ one forward pass), which is exactly when greedy decoding would write the answer.
 Synthetic recall (moba_train.data.synthetic): each queried value token is predicted from the
 document before it; a fact counts when all its value tokens are right.
 
-Copying (moba_train.data.mix copy documents: a random sequence tiled): every repeated token is predicted
-from the ones before it; accuracy by period says how far back the model finds what to copy.
+Copying (moba_train.data.mix copy documents: the start of a held-out text window tiled): every repeated
+token is predicted from the ones before it; accuracy by period says how far back the model finds what to
+copy, and the accuracy on the first reading of the same text is the baseline without copying.
 """
 
 from __future__ import annotations
@@ -340,11 +341,12 @@ COPY_EVAL_STREAM = 0xC0E7
 """Seeds the evaluation's copy documents apart from training's (moba_train.data.mix.COPY_MIX_STREAM)."""
 
 
-def copy_documents(count: int, seq_length: int, vocab_size: int, seed: int = 0) -> list[tuple[np.ndarray, int]]:
-    """`count` held-out copy documents of `seq_length + 1` tokens and their periods, drawn as the
-    training mix draws its copies (moba_train.data.mix.copy_document) from another stream."""
-    return [copy_document(np.random.default_rng([seed, COPY_EVAL_STREAM, i]), seq_length + 1, vocab_size)
-            for i in range(count)]
+def copy_documents(windows: np.ndarray, seed: int = 0) -> list[tuple[np.ndarray, int]]:
+    """One copy document per text window int64 [count, seq_length + 1] (e.g. `validation_windows`): the
+    window's first `period` tokens tiled, as training's copy documents tile their sample's text
+    (moba_train.data.mix.copy_document), with the periods drawn from another stream."""
+    return [copy_document(window, np.random.default_rng([seed, COPY_EVAL_STREAM, i]))
+            for i, window in enumerate(windows)]
 
 
 @torch.no_grad()
@@ -353,8 +355,10 @@ def copy_accuracy(loaded: LoadedModel, documents: list[tuple[np.ndarray, int]], 
     """Token accuracy and loss on the repeats of copy documents (every token from the second period on,
     predicted from the ones before it: what training's copy documents carry the loss on), over all
     documents and by period bucket: [16, 64), [64, 256), ... The period is how far back the copied token
-    stands, so a model that cannot reach that far fails the long periods' buckets."""
-    hits, losses, periods = [], [], []
+    stands, so a model that cannot reach that far fails the long periods' buckets. `first_period` scores
+    the same text where it is read the first time (tokens 1 to period - 1): what the model predicts with
+    nothing to copy, the baseline the repeats improve on."""
+    hits, losses, periods, first = [], [], [], []
     for batch in tqdm(_batches(len(documents), batch_size), desc="copy", disable=not progress):
         docs = [documents[i] for i in batch]
         tokens = np.stack([doc[:-1] for doc, _ in docs])
@@ -366,6 +370,7 @@ def copy_accuracy(loaded: LoadedModel, documents: list[tuple[np.ndarray, int]], 
             hits.append((row_logits.argmax(-1) == labels).cpu().numpy())
             losses.append(torch.nn.functional.cross_entropy(row_logits, labels, reduction="none").cpu().numpy())
             periods.append(period)
+            first.append((out[row, : period - 1].argmax(-1).cpu().numpy() == doc[1:period]))
 
     def summary(rows: list[int]) -> dict:
         return {"documents": len(rows), "tokens": int(sum(hits[i].size for i in rows)),
@@ -378,7 +383,8 @@ def copy_accuracy(loaded: LoadedModel, documents: list[tuple[np.ndarray, int]], 
         if rows:
             buckets.append({"periods": [low, 4 * low], **summary(rows)})
         low *= 4
-    return {**summary(list(range(len(periods)))), "by_period": buckets}
+    return {**summary(list(range(len(periods)))), "by_period": buckets,
+            "first_period_token_accuracy": float(np.concatenate(first).mean())}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,8 +445,11 @@ def evaluate(loaded: LoadedModel, settings: EvalSettings, data_prefix: str | os.
         results["recall"] = recall_accuracy(loaded, recall_dataset(cfg, settings.recall_documents),
                                             batch_size=settings.batch_size, progress=progress)
     if settings.copy_documents:
-        documents = copy_documents(settings.copy_documents, settings.seq_length, loaded.vocab_size, settings.seed)
-        results["copy"] = copy_accuracy(loaded, documents, batch_size=settings.batch_size, progress=progress)
+        if data_prefix is None:
+            raise ConfigError("copy documents repeat held-out text; pass its indexed prefix (--data)")
+        windows = validation_windows(data_prefix, settings.seq_length, settings.copy_documents)
+        results["copy"] = copy_accuracy(loaded, copy_documents(windows, settings.seed),
+                                        batch_size=settings.batch_size, progress=progress)
     return results
 
 
@@ -482,7 +491,8 @@ def report_summary(results: dict) -> str:
                      f"{100 * r['token_accuracy']:.1f}% of value tokens, answer loss {r['answer_loss']:.4f}")
     if results.get("copy"):
         c = results["copy"]
-        lines.append(f"copy: {100 * c['token_accuracy']:.1f}% of {c['tokens']} repeated tokens, loss {c['loss']:.4f}; "
+        lines.append(f"copy: {100 * c['token_accuracy']:.1f}% of {c['tokens']} repeated tokens (the first reading: "
+                     f"{100 * c['first_period_token_accuracy']:.1f}%), loss {c['loss']:.4f}; "
                      "by period " + ", ".join(f"{b['periods'][0]}-{b['periods'][1]}: {100 * b['token_accuracy']:.1f}%"
                                               for b in c["by_period"]))
     return "\n".join(lines)

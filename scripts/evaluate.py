@@ -36,7 +36,7 @@ def main(argv=None) -> None:
     parser.add_argument("--recall-documents", type=int, default=0,
                         help="documents of the recipe's synthetic recall task to score (default: 0)")
     parser.add_argument("--copy-documents", type=int, default=0,
-                        help="held-out copy documents of the window length to score (default: 0)")
+                        help="copy documents (held-out text windows, their start tiled) to score (default: 0)")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default: 4)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="e.g. attention.topk=8 run.device=cpu (not the model's shapes)")
@@ -46,9 +46,9 @@ def main(argv=None) -> None:
     from moba_train.config import ConfigError
     from moba_train.distributed import destroy_distributed
 
-    if args.data is None and (args.passkey_lengths or not (args.recall_documents or args.copy_documents)):
-        raise ConfigError("--data is needed for the validation loss and passkey prompts; pass a validation prefix "
-                          "(or only --recall-documents N / --copy-documents N for the synthetic tasks)")
+    if args.data is None and (args.passkey_lengths or args.copy_documents or not args.recall_documents):
+        raise ConfigError("--data is needed for the validation loss, passkey prompts and copy documents; pass a "
+                          "validation prefix (or only --recall-documents N for the synthetic task)")
     mode = [] if args.attention == "trained" else [f"attention.mode={args.attention}"]
     loaded = evaluation.load_model(args.model, [*mode, *args.overrides])
     try:

@@ -95,26 +95,26 @@ def test_loss_by_position_equals_a_direct_computation(checkpoint):
 # --- copying -----------------------------------------------------------------------------------
 
 
-def test_copy_documents_tile_their_period_apart_from_trainings_copies():
-    docs = copy_documents(40, 255, VOCAB, seed=3)
+def test_copy_documents_tile_the_start_of_their_window_with_periods_apart_from_trainings():
+    windows = random_windows(40, 256, seed=3)
+    docs = copy_documents(windows, seed=3)
     periods = [period for _, period in docs]
-    for doc, period in docs:
-        assert doc.shape == (256,) and 3 <= doc.min() and doc.max() < VOCAB
-        np.testing.assert_array_equal(doc[period:], doc[:-period])  # every token repeats the one a period back
+    for window, (doc, period) in zip(windows, docs):
         assert COPY_MIN_PERIOD <= period <= 128
+        np.testing.assert_array_equal(doc, np.resize(window[:period], 256))
     assert min(periods) < 32 and max(periods) > 64  # log-uniform over 16..128
-    training = TaskMixDataset.__new__(TaskMixDataset)  # only copy_document's fields
-    training.seed, training.vocab_size = 3, VOCAB
-    assert not any(np.array_equal(training.copy_document(i, 256)[0], docs[i][0]) for i in range(40))
+    training = TaskMixDataset.__new__(TaskMixDataset)  # only copy_document's field
+    training.seed = 3
+    assert periods != [training.copy_document(i, window)[1] for i, window in enumerate(windows)]
 
 
 @torch.no_grad()
 def test_copy_accuracy_equals_a_direct_computation_and_counts_only_the_repeats(checkpoint):
     loaded = load_model(checkpoint)
-    docs = copy_documents(7, 64, VOCAB, seed=1)
+    docs = copy_documents(random_windows(7, 65), seed=1)
     report = copy_accuracy(loaded, docs, batch_size=3)
 
-    hits, losses, periods = [], [], []
+    hits, losses, periods, first = [], [], [], []
     for doc, period in docs:
         raw = loaded.model(torch.from_numpy(doc[None, :-1]), torch.arange(64)[None], attention_mask=None)
         scores = raw[0, :, :VOCAB].double()
@@ -124,9 +124,11 @@ def test_copy_accuracy_equals_a_direct_computation_and_counts_only_the_repeats(c
         hits.append(hit[period - 1:])  # position j predicts doc[j + 1]: the repeats start at j = period - 1
         losses.append(loss[period - 1:])
         periods.append(period)
+        first.append(hit[: period - 1])
     assert report["documents"] == 7 and report["tokens"] == sum(65 - p for p in periods)
     assert report["loss"] == pytest.approx(np.concatenate(losses).mean(), abs=1e-5)
     assert report["token_accuracy"] == pytest.approx(np.concatenate(hits).mean(), abs=1e-9)
+    assert report["first_period_token_accuracy"] == pytest.approx(np.concatenate(first).mean(), abs=1e-9)
     assert sum(b["documents"] for b in report["by_period"]) == 7
     for bucket in report["by_period"]:
         low, high = bucket["periods"]

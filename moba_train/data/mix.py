@@ -13,15 +13,17 @@ the same length that do:
   in a counting filler, every fact queried at the end: tens of recalled tokens per document for the
   same skill (find the key, copy what followed it). With the loss on every token they are still a
   small share of the gradient (docs/quality.md measured it: no retrieval at the study's budget).
-- copy documents: a random token sequence repeated to the end of the sample, the loss on the repeats
-  (every token after the first period). They teach the copy mechanism itself (find where the current
-  token was before, predict what followed it), which passkey and recall answers need and text of this
-  size teaches late. The period is log-uniform from COPY_MIN_PERIOD to half the sample, so the copy
+- copy documents: the start of the sample's own text repeated to the end of the sample, the loss on
+  the repeats (every token after the first period). They teach the copy mechanism itself (find where the
+  current token was before, predict what followed it), which passkey and recall answers need and text of
+  this size teaches late. The period is log-uniform from COPY_MIN_PERIOD to half the sample, so the copy
   reaches back anywhere from a few tokens to thousands (with MoBA, the gate must pick the right block).
-  On CPU, a 2-layer transformers Llama given half its documents as copies learned much of a recall task
-  in 1,500 steps, where the same model on recall documents alone did not (answer loss 0.53 and 2.94 nats
-  against 4.60 and 4.86, seeds 0 and 1); through our trainer, with these copies, the gain was smaller (4.13
-  and 3.80 against 4.53 and 4.57; docs/quality.md).
+  The copied tokens are text, not random ids: copying a token means mapping its embedding to its own
+  output row, which the model learns for the ids it sees often. With ids drawn uniformly from a 32K
+  vocabulary, most of them rare, nothing learned to copy (docs/quality.md: a 2-layer model on CPU
+  stayed at a uniform guess for 700 steps, and so did the 126M study model on the GPU after 1,040),
+  where the same 2-layer model copying its text got 41% of the repeated tokens right after 1,000 steps
+  (8% where it first read them).
 
 One uniform draw per sample from (seed, index) decides: below passkey_mix a passkey document, then up to
 passkey_mix + recall_mix a recall document, then up to + copy_mix a copy document, else the text sample
@@ -34,7 +36,7 @@ import torch
 
 from moba_train.data.passkey import PasskeyTask, filler_length, place_needle
 from moba_train.data.preprocess import DataError
-from moba_train.data.synthetic import FIRST_ORDINARY_ID, SyntheticRecallDataset
+from moba_train.data.synthetic import SyntheticRecallDataset
 
 PASSKEY_MIX_STREAM = 0x9A55
 """Seeds the mix's draws apart from the evaluation's prompts and the data order."""
@@ -45,16 +47,16 @@ COPY_MIX_STREAM = 0x9A57
 COPY_MIN_PERIOD = 16
 
 
-def copy_document(rng: np.random.Generator, length: int, vocab_size: int) -> tuple[np.ndarray, int]:
-    """A copy document of `length` tokens and its period: a sequence of `period` ids drawn uniformly from
-    [FIRST_ORDINARY_ID, vocab_size), tiled to `length`. The period is log-uniform from COPY_MIN_PERIOD to
-    half the length, so token j >= period repeats token j - period. Training's copy documents
-    (`TaskMixDataset`) and the evaluation's (moba_train.evaluation.copy_accuracy) come from here."""
+def copy_document(text: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """A copy document as long as `text` and its period: the first `period` tokens of `text` tiled, so
+    token j >= period repeats token j - period. The period is log-uniform from COPY_MIN_PERIOD to half the
+    length. Training's copy documents (`TaskMixDataset`: the sample's own text) and the evaluation's
+    (moba_train.evaluation.copy_accuracy: held-out text) come from here."""
+    length = len(text)
     top = max(COPY_MIN_PERIOD, length // 2)
     period = int(np.exp(rng.uniform(np.log(COPY_MIN_PERIOD), np.log(top + 1))))
     period = min(max(period, COPY_MIN_PERIOD), top)
-    sequence = rng.integers(FIRST_ORDINARY_ID, vocab_size, size=period)
-    return np.resize(sequence, length), period
+    return np.resize(text[:period], length), period
 
 
 class TaskMixDataset(torch.utils.data.Dataset):
@@ -66,7 +68,7 @@ class TaskMixDataset(torch.utils.data.Dataset):
     EOD tokens stay in it, as in the evaluation's prompts). Recall documents carry the loss that
     `synthetic.loss` names (all tokens or the recalled values), over token ids below `vocab_size` (the
     model's, as the evaluation's recall documents: moba_train.evaluation.recall_dataset). Copy documents
-    carry the loss on their repeats, over token ids in [FIRST_ORDINARY_ID, vocab_size)."""
+    (the sample's own text, its first period tiled) carry the loss on their repeats."""
 
     def __init__(self, base, tokenizer, *, passkey: float, recall: float, synthetic, seed: int, eod: int,
                  eod_mask_loss: bool, seq_length: int, vocab_size: int, copy: float = 0.0):
@@ -122,9 +124,9 @@ class TaskMixDataset(torch.utils.data.Dataset):
     def is_copy(self, index: int) -> bool:
         return self._kind(index) == "copy"
 
-    def copy_document(self, index: int, length: int) -> tuple[np.ndarray, int]:
-        """Sample `index`'s copy document of `length` tokens and its period (`copy_document`)."""
-        return copy_document(np.random.default_rng([self.seed, COPY_MIX_STREAM, index]), length, self.vocab_size)
+    def copy_document(self, index: int, text: np.ndarray) -> tuple[np.ndarray, int]:
+        """Sample `index`'s copy document of its own `text` and its period (`copy_document`)."""
+        return copy_document(text, np.random.default_rng([self.seed, COPY_MIX_STREAM, index]))
 
     def __getitem__(self, index: int) -> dict:
         sample = self.base[index]
@@ -138,7 +140,8 @@ class TaskMixDataset(torch.utils.data.Dataset):
             if self.eod_mask_loss:
                 loss_mask[document[1:] == self.eod] = 0
         elif drawn[0] == "copy":
-            tiled, period = self.copy_document(index, s + 1)
+            text = torch.cat([sample["tokens"], sample["labels"][-1:]]).numpy()
+            tiled, period = self.copy_document(index, text)
             document = torch.from_numpy(tiled)
             loss_mask = torch.zeros(s, dtype=sample["loss_mask"].dtype)
             loss_mask[period - 1:] = 1  # label j is document[j + 1]: a repeat from j = period - 1 on

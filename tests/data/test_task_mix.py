@@ -252,20 +252,17 @@ def test_copy_documents_take_their_share_after_the_other_tasks_which_stay_as_the
         assert torch.equal(copies[i]["loss_mask"], tasks[i]["loss_mask"]), i
 
 
-def _smallest_period(document: np.ndarray) -> int:
-    return next(p for p in range(1, len(document)) if np.array_equal(document[p:], document[:-p]))
-
-
-def test_a_copy_document_repeats_its_first_period_and_carries_the_loss_on_the_repeats(with_copy):
-    _, copies = with_copy
+def test_a_copy_document_repeats_the_start_of_its_text_and_carries_the_loss_on_the_repeats(with_copy):
+    tasks, copies = with_copy
     periods = []
     for i in [i for i in range(200) if copies.is_copy(i)][:30]:
-        x = copies[i]
+        x, plain = copies[i], tasks[i]  # sample i is text in the build without copies
         document = np.concatenate([x["tokens"].numpy(), x["labels"][-1:].numpy()])
+        text = np.concatenate([plain["tokens"].numpy(), plain["labels"][-1:].numpy()])
         assert len(document) == SEQ + 1 and np.array_equal(x["labels"][:-1].numpy(), x["tokens"][1:].numpy())
-        period = _smallest_period(document)
+        # The shortest start of its own text that, tiled, gives the document.
+        period = next(p for p in range(1, SEQ + 1) if np.array_equal(document, np.resize(text[:p], SEQ + 1)))
         assert 16 <= period <= (SEQ + 1) // 2
-        assert document.min() >= FIRST_ORDINARY_ID and document.max() < copies.vocab_size
         # The loss: exactly the labels that repeat an earlier token (label j is document[j + 1]).
         assert np.array_equal(x["loss_mask"].numpy(), (np.arange(SEQ) + 1 >= period).astype(np.float32))
         assert x["cu_seqlens"].tolist() == [0, SEQ] and torch.equal(x["position_ids"], torch.arange(SEQ))

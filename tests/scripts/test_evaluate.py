@@ -60,7 +60,7 @@ def test_evaluating_a_checkpoint_writes_json_and_plots(model_and_data, tmp_path)
     root = model_and_data
     result = evaluate(str(root / "ckpt"), "--data", str(root / "valid"), "--out", str(tmp_path / "out"),
                       "--attention", "full", "--windows", "3", "--bucket", "32", "--passkey-lengths", "96,128",
-                      "--passkey-depths", "0,1", "--passkey-samples", "2")
+                      "--passkey-depths", "0,1", "--passkey-samples", "2", "--copy-documents", "3")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "out/eval.json").read_text())
     assert report["attention"]["mode"] == "full" and report["attention"]["layer_kinds"] == ["full", "full"]
@@ -69,6 +69,9 @@ def test_evaluating_a_checkpoint_writes_json_and_plots(model_and_data, tmp_path)
     assert report["passkey"]["lengths"] == [96, 128] and np.asarray(report["passkey"]["accuracy"]).shape == (2, 2)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["eval.json", "loss_by_position.png", "passkey.png"]
     assert f"validation loss {report['validation']['loss']:.4f} over 3 windows of 128 tokens" in result.stdout
+    copy = report["copy"]
+    assert copy["documents"] == 3 and sum(b["documents"] for b in copy["by_period"]) == 3
+    assert f"copy: {100 * copy['token_accuracy']:.1f}% of {copy['tokens']} repeated tokens" in result.stdout
 
 
 def test_a_missing_model_is_one_line_and_exit_code_2(tmp_path):
@@ -88,4 +91,7 @@ def test_a_flag_that_contradicts_the_weights_is_one_clear_error(model_and_data, 
     with pytest.raises(ConfigError, match="holds a model with model.num_query_groups=1 but the flags set 2; drop"):
         script.main([str(root / "ckpt"), "--data", str(root / "valid"), "--out", str(tmp_path / "out"),
                      "model.num_query_groups=2"])
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="^--data is needed for the validation loss, passkey prompts and copy"):
+        script.main([str(root / "ckpt"), "--out", str(tmp_path / "out"), "--copy-documents", "2"])
     assert not (tmp_path / "out").exists()
