@@ -6,9 +6,9 @@
 #   bash bench/h200_session11.sh study-full  # the next study: arm 1, then arms 4 and 5 from it (text copies)
 #   bash bench/h200_session11.sh study-moba  # then arms 2 and 3, in a second call (the machine keeps runs/study
 #                                            # while it stays warm; otherwise rerun study-full's arm 1 first)
-# Carried: .whl (megatron-core, pydantic, datasets, liger-kernel) and data/site_corpus.tar.xz (the study corpus,
-# tar -cJf of data/site_corpus: the corpus itself, 54 MiB, no longer fits the 64 MiB a call carries beside the
-# tracked files and the wheels).
+# Carried: .whl (megatron-core, pydantic, datasets, liger-kernel) and data/site_corpus.tar.xz, the study corpus
+# packed here with `tar -cJf data/site_corpus.tar.xz -C data site_corpus` (14 MB, 30 s; the corpus itself, 54 MiB,
+# no longer fits the 64 MiB a call carries beside the tracked files and the wheels).
 tar -xJf data/site_corpus.tar.xz -C data || exit 1
 source bench/gpu_env.sh
 TOKENS=${TOKENS:-34078720}   # 1,040 steps of 4 x 8,192 tokens: session 10's study had 520 of 8 x 8,192
