@@ -364,13 +364,14 @@ def copy_accuracy(loaded: LoadedModel, documents: list[tuple[np.ndarray, int]], 
         tokens = np.stack([doc[:-1] for doc, _ in docs])
         _check_tokens(loaded, tokens, "the copy documents")
         out = logits(loaded, torch.from_numpy(tokens))
+        predicted = out.argmax(-1).cpu().numpy()  # position j predicts doc[j + 1]
         for row, (doc, period) in enumerate(docs):
-            labels = torch.from_numpy(doc[period:]).to(out.device)  # label j is doc[j + 1], j >= period - 1
-            row_logits = out[row, period - 1:]
-            hits.append((row_logits.argmax(-1) == labels).cpu().numpy())
-            losses.append(torch.nn.functional.cross_entropy(row_logits, labels, reduction="none").cpu().numpy())
+            first.append(predicted[row, : period - 1] == doc[1:period])
+            hits.append(predicted[row, period - 1:] == doc[period:])  # the repeats: j >= period - 1
+            labels = torch.from_numpy(doc[period:]).to(out.device)
+            loss = torch.nn.functional.cross_entropy(out[row, period - 1:], labels, reduction="none")
+            losses.append(loss.cpu().numpy())
             periods.append(period)
-            first.append((out[row, : period - 1].argmax(-1).cpu().numpy() == doc[1:period]))
 
     def summary(rows: list[int]) -> dict:
         return {"documents": len(rows), "tokens": int(sum(hits[i].size for i in rows)),
