@@ -11,6 +11,11 @@ Stages, in this order; each one's results are saved before the next starts, and 
     corpus         moba_train.data.corpus over every installed package: 32K BPE, packages held out
     (plan)         the steps of every arm, sized to the time left (once; kept in the state) unless
                    --tokens-per-arm fixes them; the calibration decides which stages still fit
+    short          with --short-tokens: a start shared by arms 1-3, the same model trained on short
+                   sequences (512 tokens) of copy and passkey documents, where copying forms within
+                   hundreds of steps (at 8K it did not form in 1,040: docs/quality.md). Full attention: at
+                   512 tokens and blocks of 512, MoBA is full attention, so the start is every arm's own.
+                   Arms 1-3 start from its weights (arms 4 and 5 through arm 1); it is evaluated too
     full           arm 1, full attention, S steps (its checkpoint at S/2 is kept for arm 4)
     moba           arm 2, MoBA (block 512, top-3), S steps
     hybrid         arm 3, MoBA with the last 2 layers full, S steps
@@ -91,6 +96,10 @@ RECALL = tuple(Arm(f"recall_{arm.name}", "recall.yaml", arm.overrides, f"5 spars
                for arm in (FULL, MOBA, HYBRID))
 PRETRAIN_ARMS = (FULL, MOBA, HYBRID, CPT)
 ARMS = PRETRAIN_ARMS + RECALL
+SHORT = Arm("short", "pretrain.yaml", ("attention.mode=full", "attention.full_layers=0"),
+            "0 shared start (short sequences)")
+"""The shared start (--short-tokens): not an arm of its own, the first part of arms 1-3."""
+FROM_SHORT = (FULL, MOBA, HYBRID)
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,11 @@ class StudySettings:
     copy_documents: int = 32
     """Held-out copy documents scored per pretraining arm whose recipe mixes copies (data.copy_mix)."""
     eval_batch_size: int = 4
+    short_tokens: int = 0
+    """Tokens of the shared start on short sequences (0: none; the arms start from random weights)."""
+    short_seq_length: int = 512
+    short_mix: tuple[tuple[str, float], ...] = (("copy_mix", 0.5), ("passkey_mix", 0.25), ("recall_mix", 0.0))
+    """The shared start's training mix (data.* shares; the rest is text)."""
 
 
 class StudyInterrupted(Exception):
@@ -261,6 +275,19 @@ class Study:
         )
         return load_config(RECIPES / arm.recipe, [*arm.overrides, *common, *self.s.overrides, *extra])
 
+    def short_overrides(self) -> tuple[str, ...]:
+        """The shared start's recipe changes: short sequences, as many per step as keep the pretraining
+        arms' tokens per step (and per micro-batch: the same activation memory), its own mix, one checkpoint."""
+        plan, base = self.state["plan"], self.config(FULL, MIN_STEPS).train
+        seq = plan["short_seq_length"]
+        batch = max(1, plan["tokens_per_step"] // seq)
+        micro = max(1, min(batch, base.micro_batch_size * base.seq_length // seq))
+        while batch % micro:
+            micro -= 1
+        return (f"train.seq_length={seq}", f"train.global_batch_size={batch}", f"train.micro_batch_size={micro}",
+                *(f"data.{key}={share}" for key, share in plan["short_mix"].items()),
+                f"checkpoint.interval={plan['short_steps']}", "checkpoint.keep_last=1")
+
     # --- stages ----------------------------------------------------------------------------------
 
     def build_corpus(self) -> dict:
@@ -305,9 +332,14 @@ class Study:
         else:
             cal = self.state["calibration"]
             step_s = {name: cal[name]["step_s"] for name in ("full", "moba")}
-            steps = plan_steps(self.remaining(), step_s, cal["full"]["overhead_s"], self.eval_estimate(),
+            short_s = 0.0  # the shared start at the full recipe's seconds per step: an over-estimate (shorter
+            if self.short_steps(tokens_per_step):  # sequences, cheaper attention), plus a stage and an evaluation
+                short_s = (cal["full"]["overhead_s"] + self.eval_estimate()
+                           + self.short_steps(tokens_per_step) * step_s["full"])
+            steps = plan_steps(self.remaining() - short_s, step_s, cal["full"]["overhead_s"], self.eval_estimate(),
                                cfg.model.num_layers, self.s.recall_fraction)
         recall_steps = max(2, math.ceil(steps * self.s.recall_fraction))
+        short_steps = self.short_steps(tokens_per_step)
         moba = self.config(MOBA, MIN_STEPS)
         device = resolve_device(moba)
         backend = attention_backends(moba, device, compute_dtype(moba, device))["moba"]
@@ -317,11 +349,20 @@ class Study:
             "seq_length": cfg.train.seq_length, "global_batch_size": cfg.train.global_batch_size,
             "moba_backend": backend,
         }
+        if short_steps:
+            self.state["plan"].update(short_steps=short_steps, short_seq_length=self.s.short_seq_length,
+                                      short_tokens=short_steps * tokens_per_step, short_mix=dict(self.s.short_mix))
         print(f"[study] plan: {json.dumps(self.state['plan'])}", flush=True)
         if device.type == "cuda" and backend != "triton":
             print(f"[study] warning: MoBA layers run on the {backend!r} backend, not the Triton kernels (does "
                   "moba_train.kernels import? `pip install --no-deps --no-build-isolation -e .`): losses are "
                   "comparable, MoBA's tokens/s are not", flush=True)
+
+    def short_steps(self, tokens_per_step: int) -> int:
+        """Steps of the shared start: none unless asked for and one of the arms that start from it runs."""
+        if not self.s.short_tokens or not any(arm.name in self.s.arms for arm in FROM_SHORT):
+            return 0
+        return max(1, self.s.short_tokens // tokens_per_step)
 
     def eval_estimate(self) -> float:
         """Seconds for one evaluation: the longest so far, else model loading (half a training stage's
@@ -352,13 +393,18 @@ class Study:
 
     def train_arm(self, arm: Arm) -> dict:
         plan = self.state["plan"]
-        if arm in RECALL:
+        if arm is SHORT:
+            cfg = self.config(arm, plan["short_steps"], self.short_overrides())
+        elif arm in RECALL:
             cfg = self.config(arm, plan["recall_steps"], (
                 f"checkpoint.init_from={_yaml(self.arm_dir(FULL.name) / 'checkpoints')}", "checkpoint.keep_last=1",
                 f"checkpoint.interval={plan['recall_steps']}"))
         else:  # arm 1 keeps its checkpoint at S/2 for arm 4; the others save only at the end
             interval, keep = (plan["steps"] // 2, 2) if arm is FULL else (plan["steps"], 1)
-            cfg = self.config(arm, plan["steps"], (f"checkpoint.interval={interval}", f"checkpoint.keep_last={keep}"))
+            start = (f"checkpoint.init_from={_yaml(self.arm_dir(SHORT.name) / 'checkpoints')}",) \
+                if arm in FROM_SHORT and plan.get("short_steps") else ()
+            cfg = self.config(arm, plan["steps"], (f"checkpoint.interval={interval}", f"checkpoint.keep_last={keep}",
+                                                   *start))
         if arm is CPT:
             self.start_from_half_of_full(cfg)
         records = self.train(cfg)
@@ -366,6 +412,7 @@ class Study:
         steady = records[2:] or records
         summary = {
             "steps": cfg.train.steps, "tokens": cfg.train.steps * plan["tokens_per_step"],
+            "seq_length": cfg.train.seq_length, "init_from": cfg.checkpoint.init_from,
             "steps_this_run": len(records), "layer_kinds": cfg.layer_kinds(),
             "attention_backends": attention_backends(cfg, device, compute_dtype(cfg, device)),
             "tokens_per_s": sum(plan["tokens_per_step"] for _ in steady) / sum(r["perf/step_time_s"] for r in steady),
@@ -398,9 +445,13 @@ class Study:
             loaded = load_model(self.arm_dir(arm.name) / "checkpoints", overrides)
             cfg = loaded.config
             recall = arm in RECALL
+            seq, bucket, passkey_lengths = cfg.train.seq_length, s.bucket_size, () if recall else s.passkey_lengths
+            if arm is SHORT:  # its own length, and the longer ones the arms train for: does it carry over?
+                bucket = min(bucket, seq)
+                passkey_lengths = (seq, *(length for length in s.passkey_lengths if length > seq))
             settings = EvalSettings(
-                seq_length=cfg.train.seq_length, windows=s.eval_windows, bucket_size=s.bucket_size,
-                trailing_tokens=s.bucket_size, passkey_lengths=() if recall else s.passkey_lengths,
+                seq_length=seq, windows=s.eval_windows, bucket_size=bucket,
+                trailing_tokens=bucket, passkey_lengths=passkey_lengths,
                 passkey_depths=s.passkey_depths, passkey_samples=s.passkey_samples,
                 # pretraining arms: the recall task they were mixed (data.recall_mix), if any
                 recall_documents=s.recall_documents if recall or cfg.data.recall_mix else 0,
@@ -440,8 +491,15 @@ class Study:
             self.make_plan()
             self.save()
         plan, cal = self.state["plan"], self.state["calibration"]
+        if plan.get("short_steps"):
+            self.stage(SHORT.name, self.train_estimate(SHORT, plan, cal), lambda: self.train_arm(SHORT),
+                       needs=("corpus",))
+            self.stage(f"{SHORT.name}_eval", self.eval_estimate(), lambda: self.evaluate_arm(SHORT),
+                       needs=(SHORT.name,))
         for arm in wanted:
             needs = ("corpus",) + ((FULL.name,) if arm is CPT or arm in RECALL else ())
+            if arm in FROM_SHORT and plan.get("short_steps"):
+                needs += (SHORT.name,)
             estimate = self.train_estimate(arm, plan, cal)
             self.stage(arm.name, estimate, lambda arm=arm: self.train_arm(arm), needs=needs)
             self.stage(f"{arm.name}_eval", self.eval_estimate(), lambda arm=arm: self.evaluate_arm(arm),
@@ -457,10 +515,11 @@ class Study:
         step_s = {name: cal[name]["step_s"] for name in ("full", "moba")}
         overhead = cal["full"]["overhead_s"]
         num_layers = self.config(FULL, MIN_STEPS).model.num_layers
-        kind_s = {"full": step_s["full"], "moba": step_s["moba"],
-                  "hybrid": pretrain_step_seconds(step_s, num_layers, 2), "cpt": step_s["moba"]}
+        kind_s = {"full": step_s["full"], "moba": step_s["moba"], "cpt": step_s["moba"], "short": step_s["full"],
+                  "hybrid": pretrain_step_seconds(step_s, num_layers, 2)}
         kind = arm.name.removeprefix("recall_")
-        steps = {"cpt": plan["steps"] // 2}.get(arm.name, plan["recall_steps"] if arm in RECALL else plan["steps"])
+        steps = {"cpt": plan["steps"] // 2, "short": plan.get("short_steps", 0)}.get(
+            arm.name, plan["recall_steps"] if arm in RECALL else plan["steps"])
         return overhead + steps * kind_s[kind]
 
 
@@ -565,6 +624,19 @@ def summary_markdown(state: dict) -> str:
                      f"{_fmt(grid and 100 * grid['mean_by_length'][-1], 1)} | {by_depth} | "
                      f"{_fmt(_metric(state, arm.name, 'recall', 'fact_accuracy'))} / "
                      f"{_fmt(_metric(state, arm.name, 'recall', 'token_accuracy'))} | {_copy_cell(state, arm.name)} |")
+    if "train" in state["arms"].get(SHORT.name, {}):
+        train = state["arms"][SHORT.name]["train"]
+        grid = _metric(state, SHORT.name, "passkey")
+        by_length = " / ".join(f"{length}: {100 * a:.0f}"
+                               for length, a in zip(grid["lengths"], grid["mean_by_length"])) if grid else "-"
+        lines += ["", "Arms 1-3 start from the shared start (arm 4 through arm 1, arm 5 from arm 1's final weights):",
+                  "", "| shared start | sequence | tokens | tokens/s | val loss | passkey % by length | copy, repeated "
+                  "tokens (by period) | copy, same tokens at first reading |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |",
+                  f"| {SHORT.title} | {train.get('seq_length')} | {_fmt(train.get('tokens'))} | "
+                  f"{_fmt(train.get('tokens_per_s'), 0)} | {_fmt(_metric(state, SHORT.name, 'validation', 'loss'))} | "
+                  f"{by_length} | {_copy_cell(state, SHORT.name)} | "
+                  f"{_fmt(_metric(state, SHORT.name, 'copy', 'first_period_token_accuracy'))} |"]
     lines += ["", "| arm 5 | tokens | tokens/s | recall (facts) | recall (tokens) | answer loss |",
               "| --- | --- | --- | --- | --- | --- |"]
     for arm in RECALL:
@@ -595,7 +667,7 @@ def write_plots(state: dict, out_dir: Path) -> None:
     grids = {k: v for k, v in grids.items() if v}
     if grids:
         plot_passkey(grids, out_dir / "passkey.png")
-    curves = {arm.title: state["arms"][arm.name]["train"]["loss_curve"] for arm in ARMS
+    curves = {arm.title: state["arms"][arm.name]["train"]["loss_curve"] for arm in (SHORT, *ARMS)
               if "train" in state["arms"].get(arm.name, {})}
     if curves:
         plot_training_loss(curves, out_dir / "training_loss.png")

@@ -21,6 +21,18 @@ def _list(kind):
     return lambda text: tuple(kind(x) for x in text.split(","))
 
 
+def _mix(text):
+    shares = {"copy_mix": 0.0, "passkey_mix": 0.0, "recall_mix": 0.0}  # a share not given is none
+    for part in text.split(","):
+        name, _, share = part.partition("=")
+        if name not in ("copy", "passkey", "recall") or not share:
+            raise argparse.ArgumentTypeError(f"{part!r} is not copy=SHARE, passkey=SHARE or recall=SHARE")
+        shares[f"{name}_mix"] = float(share)
+    if sum(shares.values()) > 1 or min(shares.values()) < 0:
+        raise argparse.ArgumentTypeError(f"the shares {text!r} must be at least 0 and sum to at most 1")
+    return tuple(shares.items())
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", type=Path, default=Path("runs/study"),
@@ -52,6 +64,12 @@ def main(argv=None) -> None:
     parser.add_argument("--recall-documents", type=int, default=32, help="recall documents per arm-5 model (32)")
     parser.add_argument("--copy-documents", type=int, default=32,
                         help="copy documents per pretraining arm, when its recipe mixes copies (32)")
+    parser.add_argument("--short-tokens", type=int, default=0,
+                        help="tokens of a start on short sequences shared by arms 1-3 (default 0: none)")
+    parser.add_argument("--short-seq-length", type=int, default=512, help="the shared start's sequence length (512)")
+    parser.add_argument("--short-mix", type=_mix, default=None,
+                        help="the shared start's mix, e.g. copy=0.5,passkey=0.25,recall=0 (the rest is text; "
+                             "default: moba_train.study.StudySettings.short_mix)")
     parser.add_argument("--eval-batch-size", type=int, default=4, help="sequences per evaluation forward (4)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every arm's recipe")
     args = parser.parse_args(argv)
@@ -72,7 +90,8 @@ def main(argv=None) -> None:
         eval_windows=args.eval_windows, bucket_size=args.bucket, passkey_lengths=args.passkey_lengths,
         passkey_depths=args.passkey_depths, passkey_samples=args.passkey_samples,
         recall_documents=args.recall_documents, copy_documents=args.copy_documents,
-        eval_batch_size=args.eval_batch_size,
+        eval_batch_size=args.eval_batch_size, short_tokens=args.short_tokens, short_seq_length=args.short_seq_length,
+        **({"short_mix": args.short_mix} if args.short_mix else {}),
     )
     failed = Study(settings).run()
     if failed:

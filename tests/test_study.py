@@ -123,7 +123,7 @@ TINY = [
     "--tokens-per-arm", "1024", "--corpus-source", "stdlib", "--corpus-mb", "0.6", "--vocab-size", "300",
     "--valid-fraction", "0.25", "--tokenizer-mb", "0.6", "--workers", "1", "--eval-windows", "3", "--bucket", "32",
     "--passkey-lengths", "96,128", "--passkey-depths", "0,1", "--passkey-samples", "2", "--recall-documents", "2",
-    "--copy-documents", "3", "--eval-batch-size", "2",
+    "--copy-documents", "3", "--eval-batch-size", "2", "--short-tokens", "512", "--short-seq-length", "96",
     "model.num_layers=3", "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_attention_heads=2",
     "model.num_query_groups=1", "model.vocab_size=384", "model.max_position_embeddings=256", "train.seq_length=128",
     "train.micro_batch_size=2", "train.global_batch_size=2", "attention.block_size=32", "attention.topk=2",
@@ -170,6 +170,19 @@ def test_a_tiny_study_runs_every_arm_on_cpu_resumes_and_reports(tiny_study):
     plan = state["plan"]
     assert plan["steps"] == 4 and plan["tokens_per_arm"] == 4 * 2 * 128 == 1024
     arms = state["arms"]
+    # The shared start: 2 steps of 96-token sequences (2 a step: the tokens of a step at most the arms'), its
+    # own mix, evaluated at its length and the longer passkey lengths; arms 1-3 started from its weights.
+    short = arms["short"]["train"]
+    assert plan["short_steps"] == 2 and short["steps"] == 2 and short["seq_length"] == 96
+    assert plan["short_mix"] == {"copy_mix": 0.5, "passkey_mix": 0.25, "recall_mix": 0.0}
+    short_cfg = load_config(root / "work/arms/short/checkpoints/step_00000002/config.yaml")
+    assert (short_cfg.train.global_batch_size, short_cfg.data.copy_mix, short_cfg.data.recall_mix) == (2, 0.5, 0.0)
+    assert arms["short"]["eval"]["passkey"]["lengths"] == [96, 128] and arms["short"]["eval"]["copy"]["documents"] == 3
+    for name in ("full", "moba", "hybrid"):
+        assert arms[name]["train"]["init_from"] == str(root / "work/arms/short/checkpoints")
+    assert arms["cpt"]["train"]["init_from"] is None  # it resumes arm 1 (which started from the shared start)
+    short_line = f"initialised model weights from {root / 'work/arms/short/checkpoints/step_00000002'}"
+    assert second.count(short_line) == 1  # the hybrid arm (arms 1-2 ran in the first invocation)
     for name in ("full", "moba", "hybrid", "cpt"):
         assert arms[name]["train"]["tokens"] == 1024  # equal tokens for every pretraining arm
         assert arms[name]["eval"]["validation"]["windows"] == 3
@@ -218,6 +231,18 @@ def test_calibration_times_both_recipes_and_the_plan_fits_the_budget(tmp_path):
     overhead = calibration["full"]["overhead_s"]
     assert steps % 2 == 0 and steps >= MIN_STEPS
     assert total_seconds(steps, step_s, overhead, study.eval_estimate(), 0.25, num_layers=3) <= SAFETY * 600
+
+
+@pytest.mark.parametrize("mix, message", [("copy=0.5,text=0.5", "'text=0.5' is not copy=SHARE"),
+                                          ("copy=0.8,passkey=0.4", "must be at least 0 and sum to at most 1")])
+def test_a_bad_short_mix_is_one_clear_error(mix, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_study_main(["--short-mix", mix])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_short_mix_names_every_share():
+    assert _script._mix("copy=0.6") == (("copy_mix", 0.6), ("passkey_mix", 0.0), ("recall_mix", 0.0))
 
 
 def test_an_unknown_arm_is_one_clear_error():
