@@ -226,6 +226,9 @@ class SyntheticDataConfig(_Section):
     """Documents in the training split (the sampler wraps around after them)."""
     loss: Literal["all", "answers"] = "all"
     """all: full LM loss (filler pattern, facts, answers); answers: loss on the recalled value tokens only."""
+    id_range: Optional[int] = Field(None, ge=1)
+    """Ids per range (filler, keys, values: three ranges from id 3 up); default a third of the vocabulary.
+    Small ranges keep the ids among a tokenizer's first, most frequent ones."""
 
 
 class DataConfig(_Section):

@@ -306,7 +306,7 @@ def recall_dataset(cfg: Config, documents: int) -> SyntheticRecallDataset:
     return SyntheticRecallDataset(
         num_samples=documents, seq_length=cfg.train.seq_length, vocab_size=cfg.model.vocab_size,
         num_facts=syn.num_facts, key_tokens=syn.key_tokens, value_tokens=syn.value_tokens,
-        answers_only_loss=True, seed=cfg.run.seed, split=1,
+        answers_only_loss=True, seed=cfg.run.seed, split=1, id_range=syn.id_range,
     )
 
 

@@ -46,6 +46,8 @@ def test_recipes_share_the_model_and_describe_the_issues_study():
     assert (pretrain.attention.block_size, pretrain.attention.topk) == (512, 3)
     syn = recall.data.synthetic
     assert syn.loss == "answers" and 0.008 <= syn.num_facts * syn.value_tokens / recall.train.seq_length <= 0.012
+    # Recall ids from the tokenizer's first (frequent) ids, the same in the pretraining mix and in arm 5
+    assert syn.id_range == pretrain.data.synthetic.id_range <= 256
 
 
 def total_seconds(steps: int, step_s: dict, overhead: float, evaluation: float, fraction: float,
@@ -127,7 +129,7 @@ TINY = [
     "model.num_layers=3", "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_attention_heads=2",
     "model.num_query_groups=1", "model.vocab_size=384", "model.max_position_embeddings=256", "train.seq_length=128",
     "train.micro_batch_size=2", "train.global_batch_size=2", "attention.block_size=32", "attention.topk=2",
-    "data.synthetic.num_facts=3", "train.log_interval=10",
+    "data.synthetic.num_facts=3", "data.synthetic.id_range=64", "train.log_interval=10",
 ]
 
 

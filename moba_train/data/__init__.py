@@ -33,6 +33,7 @@ def build_datasets(cfg, env):
             answers_only_loss=syn.loss == "answers",
             seed=cfg.run.seed,
             split=index,
+            id_range=syn.id_range,
         )
 
     return split(0), split(1)

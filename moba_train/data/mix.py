@@ -89,7 +89,7 @@ class TaskMixDataset(torch.utils.data.Dataset):
                     num_samples=len(base), seq_length=seq_length, vocab_size=vocab_size,
                     num_facts=synthetic.num_facts, key_tokens=synthetic.key_tokens,
                     value_tokens=synthetic.value_tokens, answers_only_loss=synthetic.loss == "answers",
-                    seed=seed, split=RECALL_MIX_STREAM)
+                    seed=seed, split=RECALL_MIX_STREAM, id_range=synthetic.id_range)
             except ValueError as e:
                 raise DataError(f"data.recall_mix: {e}") from None
 

@@ -11,7 +11,10 @@ Token ids (vocab V = model.vocab_size, ids >= 3 split in three equal ranges):
                                   from a random start; it continues across the facts that interrupt it
     keys:   [3 + n, 3 + 2n)      random; the first key token differs between the facts of a document
     values: [3 + 2n, 3 + 3n)     random
-with n = (V - 3) // 3.
+with n = (V - 3) // 3, or `id_range` (data.synthetic.id_range) where given. On a real tokenizer's
+vocabulary a small range keeps the ids among its first, most frequent ones (a byte-level BPE starts
+with the bytes): a model that learned to copy text copies ids it has seen often, and does not learn
+to copy ids drawn from a third of a 32K vocabulary, most of them rare (docs/quality.md).
 
 Predicting the value tokens after a QUERY needs attention to the one distant place where that key was
 planted: with MoBA, to the right block. The filler is learnable from the previous token alone, so a
@@ -47,12 +50,20 @@ class SyntheticRecallDataset(torch.utils.data.Dataset):
         answers_only_loss: bool,
         seed: int,
         split: int,
+        id_range: int | None = None,
     ):
         n = (vocab_size - FIRST_ORDINARY_ID) // 3
+        if id_range is not None:
+            if id_range > n:
+                raise ValueError(
+                    f"data.synthetic.id_range ({id_range}) does not fit three times in model.vocab_size "
+                    f"({vocab_size}) after {FIRST_ORDINARY_ID} special ids; use at most {n}"
+                )
+            n = id_range
         if n < num_facts:
             raise ValueError(
-                f"model.vocab_size ({vocab_size}) is too small for {num_facts} distinct synthetic facts; "
-                f"use a vocabulary of at least {FIRST_ORDINARY_ID + 3 * num_facts} tokens or fewer facts"
+                f"model.vocab_size ({vocab_size}) or data.synthetic.id_range ({n} ids per range) is too small "
+                f"for {num_facts} distinct synthetic facts; use at least {num_facts} ids per range or fewer facts"
             )
         fact_len = 1 + key_tokens + value_tokens
         needed = 2 * num_facts * fact_len + 2

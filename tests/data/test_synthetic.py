@@ -87,3 +87,38 @@ def test_too_short_sequence_is_a_one_sentence_error():
     with pytest.raises(ValueError, match="cannot hold 4 synthetic facts"):
         SyntheticRecallDataset(num_samples=1, seq_length=20, vocab_size=1024, num_facts=4, key_tokens=2,
                                value_tokens=2, answers_only_loss=False, seed=0, split=0)
+
+
+def test_id_range_draws_every_range_from_the_first_ids_and_keeps_the_task():
+    """data.synthetic.id_range: filler, keys and values each from `id_range` ids right after the specials,
+    so on a BPE vocabulary the task uses its first (frequent) ids; answers still match the planted facts."""
+    ds = SyntheticRecallDataset(num_samples=100, seq_length=512, vocab_size=32768, num_facts=4, key_tokens=2,
+                                value_tokens=3, answers_only_loss=False, seed=7, split=0, id_range=16)
+    seen = set()
+    for index in range(20):
+        doc = ds.document(index)[0].tolist()
+        planted, queried = parse(doc, 2, 3)
+        assert sorted(queried) == sorted(planted.items()) and len(planted) == 4
+        for key, value in planted.items():
+            assert all(19 <= t < 35 for t in key) and all(35 <= t < 51 for t in value)
+        seen |= set(doc)
+    assert seen <= {EOD, FACT, QUERY} | set(range(3, 51)) and len(seen & set(range(35, 51))) == 16
+    filler = [t for t in ds.document(3)[0].tolist() if 3 <= t < 19]
+    assert all((b - a) % 16 == 1 for a, b in zip(filler, filler[1:]))
+
+
+def test_an_id_range_too_large_for_the_vocabulary_is_a_one_sentence_error():
+    with pytest.raises(ValueError, match=r"id_range \(400\) does not fit three times in model.vocab_size \(1024\)"):
+        SyntheticRecallDataset(num_samples=1, seq_length=256, vocab_size=1024, num_facts=4, key_tokens=2,
+                               value_tokens=2, answers_only_loss=False, seed=0, split=0, id_range=400)
+
+
+def test_the_recipe_id_range_reaches_training_and_evaluation_documents():
+    from moba_train.evaluation import recall_dataset
+
+    cfg = Config.model_validate({"train": {"seq_length": 128}, "attention": {"block_size": 32},
+                                 "model": {"vocab_size": 1024}, "data": {"synthetic": {"id_range": 8}}})
+    train, _ = build_datasets(cfg, None)
+    for ds in (train, recall_dataset(cfg, 2)):
+        doc = ds.document(0)[0]
+        assert int(doc.max()) < 3 + 3 * 8

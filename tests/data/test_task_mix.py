@@ -132,7 +132,7 @@ def with_recall(tmp_path_factory, tokenizer_dir, text_prefix):
     both, _ = _build(tmp_path, tokenizer_dir, prefix, "both", passkey_mix=0.3, recall_mix=0.4, eod_mask_loss=True,
                      synthetic=synthetic)
     answers, _ = _build(tmp_path, tokenizer_dir, prefix, "answers", recall_mix=0.5,
-                        synthetic={**synthetic, "loss": "answers"})
+                        synthetic={**synthetic, "loss": "answers", "id_range": 20})  # ids 3 to 62 only
     return both, answers, synthetic
 
 
@@ -177,7 +177,9 @@ def test_a_recall_document_queries_every_planted_fact_with_its_values_and_carrie
             x = mix[i]
             document = np.concatenate([x["tokens"].numpy(), x["labels"][-1:].numpy()])
             assert np.array_equal(x["labels"][:-1].numpy(), x["tokens"][1:].numpy())
-            values_end = both.recall_docs.value_lo + both.recall_docs.range_size
+            values_end = mix.recall_docs.value_lo + mix.recall_docs.range_size
+            assert values_end == (FIRST_ORDINARY_ID + 3 * 20 if answers_only else mix.recall_docs.value_lo
+                                  + (mix.vocab_size - FIRST_ORDINARY_ID) // 3)
             assert len(document) == SEQ + 1 and FIRST_ORDINARY_ID > QUERY and document.max() < values_end
             planted, queried = _parse_recall(document, kt, vt)
             assert len(planted) == synthetic["num_facts"] and len(queried) == synthetic["num_facts"]
