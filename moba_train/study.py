@@ -410,12 +410,13 @@ class Study:
         records = self.train(cfg)
         device = resolve_device(cfg)
         steady = records[2:] or records
+        tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length  # the shared start's may differ
         summary = {
-            "steps": cfg.train.steps, "tokens": cfg.train.steps * plan["tokens_per_step"],
+            "steps": cfg.train.steps, "tokens": cfg.train.steps * tokens_per_step,
             "seq_length": cfg.train.seq_length, "init_from": cfg.checkpoint.init_from,
             "steps_this_run": len(records), "layer_kinds": cfg.layer_kinds(),
             "attention_backends": attention_backends(cfg, device, compute_dtype(cfg, device)),
-            "tokens_per_s": sum(plan["tokens_per_step"] for _ in steady) / sum(r["perf/step_time_s"] for r in steady),
+            "tokens_per_s": tokens_per_step * len(steady) / sum(r["perf/step_time_s"] for r in steady),
             "final_train_loss": records[-1]["train/loss"],
             "loss_curve": [[r["step"], round(r["train/loss"], 4)] for r in records],
         }

@@ -176,6 +176,7 @@ def test_a_tiny_study_runs_every_arm_on_cpu_resumes_and_reports(tiny_study):
     # own mix, evaluated at its length and the longer passkey lengths; arms 1-3 started from its weights.
     short = arms["short"]["train"]
     assert plan["short_steps"] == 2 and short["steps"] == 2 and short["seq_length"] == 96
+    assert short["tokens"] == 2 * 2 * 96  # 2 steps of 2 x 96 (the arms' 2 x 128 do not divide by 96)
     assert plan["short_mix"] == {"copy_mix": 0.5, "passkey_mix": 0.25, "recall_mix": 0.0}
     short_cfg = load_config(root / "work/arms/short/checkpoints/step_00000002/config.yaml")
     assert (short_cfg.train.global_batch_size, short_cfg.data.copy_mix, short_cfg.data.recall_mix) == (2, 0.5, 0.0)
