@@ -24,6 +24,9 @@ Stages, in this order; each one's results are saved before the next starts, and 
                    arm 5, arm 1's final weights fine-tuned on the synthetic recall task with the loss on
                    the answers only, R = S * recall_fraction steps each
     swap           arm 1 evaluated with MoBA and arm 2 with full attention (only if time is left)
+    moba_eval_topkK
+                   arm 2 evaluated with twice its top-k (K = 6 for the recipe's 3), if time is left: how
+                   much of MoBA's gap to full attention the blocks its gate leaves out explain
 
 Every arm is evaluated right after it trains (moba_train.evaluation): validation loss on the held-out
 packages, loss by position on held-out documents of at least 8K tokens (the trailing-token loss is the
@@ -511,6 +514,11 @@ class Study:
                            lambda arm=arm, mode=mode: self.evaluate_arm(arm, (f"attention.mode={mode}",),
                                                                         f"eval_{mode}"),
                            needs=(arm.name,))
+        if MOBA.name in self.s.arms:  # arm 2 reading twice the blocks: is its gap the blocks its gate leaves out?
+            topk = 2 * self.config(MOBA, MIN_STEPS).attention.topk
+            self.stage(f"moba_eval_topk{topk}", self.eval_estimate(),
+                       lambda: self.evaluate_arm(MOBA, (f"attention.topk={topk}",), f"eval_topk{topk}"),
+                       needs=(MOBA.name,))
 
     def train_estimate(self, arm: Arm, plan: dict, cal: dict) -> float:
         step_s = {name: cal[name]["step_s"] for name in ("full", "moba")}

@@ -208,6 +208,7 @@ def test_a_tiny_study_runs_every_arm_on_cpu_resumes_and_reports(tiny_study):
         assert arms[name]["eval"]["recall"]["facts"] == 2 * 3 and "copy" not in arms[name]["eval"]
     assert arms["full"]["eval_moba"]["attention"]["mode"] == "moba"
     assert arms["moba"]["eval_full"]["attention"]["mode"] == "full"
+    assert arms["moba"]["eval_topk4"]["attention"] == {**arms["moba"]["eval"]["attention"], "topk": 4}  # 2 x 2
     assert {"moba_validation_loss_vs_full", "cpt_passkey_vs_full", "recall_moba_vs_full"} <= set(state["targets"])
     assert state["corpus"]["splits"]["valid"]["documents"] > 0
 
