@@ -330,19 +330,18 @@ class Study:
     def make_plan(self) -> None:
         cfg = self.config(FULL, MIN_STEPS)
         tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length
+        short_steps = self.short_steps(tokens_per_step)
         if self.s.tokens_per_arm is not None:
             steps = max(2, self.s.tokens_per_arm // tokens_per_step // 2 * 2)
         else:
             cal = self.state["calibration"]
             step_s = {name: cal[name]["step_s"] for name in ("full", "moba")}
             short_s = 0.0  # the shared start at the full recipe's seconds per step: an over-estimate (shorter
-            if self.short_steps(tokens_per_step):  # sequences, cheaper attention), plus a stage and an evaluation
-                short_s = (cal["full"]["overhead_s"] + self.eval_estimate()
-                           + self.short_steps(tokens_per_step) * step_s["full"])
+            if short_steps:  # sequences, cheaper attention), plus a stage and an evaluation
+                short_s = cal["full"]["overhead_s"] + self.eval_estimate() + short_steps * step_s["full"]
             steps = plan_steps(self.remaining() - short_s, step_s, cal["full"]["overhead_s"], self.eval_estimate(),
                                cfg.model.num_layers, self.s.recall_fraction)
         recall_steps = max(2, math.ceil(steps * self.s.recall_fraction))
-        short_steps = self.short_steps(tokens_per_step)
         moba = self.config(MOBA, MIN_STEPS)
         device = resolve_device(moba)
         backend = attention_backends(moba, device, compute_dtype(moba, device))["moba"]
@@ -366,6 +365,10 @@ class Study:
         if not self.s.short_tokens or not any(arm.name in self.s.arms for arm in FROM_SHORT):
             return 0
         return max(1, self.s.short_tokens // tokens_per_step)
+
+    def starts_from_short(self, arm: Arm) -> bool:
+        """Whether `arm` starts from the shared start's weights (the plan has one and the arm is 1-3)."""
+        return arm in FROM_SHORT and bool(self.state["plan"].get("short_steps"))
 
     def eval_estimate(self) -> float:
         """Seconds for one evaluation: the longest so far, else model loading (half a training stage's
@@ -405,7 +408,7 @@ class Study:
         else:  # arm 1 keeps its checkpoint at S/2 for arm 4; the others save only at the end
             interval, keep = (plan["steps"] // 2, 2) if arm is FULL else (plan["steps"], 1)
             start = (f"checkpoint.init_from={_yaml(self.arm_dir(SHORT.name) / 'checkpoints')}",) \
-                if arm in FROM_SHORT and plan.get("short_steps") else ()
+                if self.starts_from_short(arm) else ()
             cfg = self.config(arm, plan["steps"], (f"checkpoint.interval={interval}", f"checkpoint.keep_last={keep}",
                                                    *start))
         if arm is CPT:
@@ -502,7 +505,7 @@ class Study:
                        needs=(SHORT.name,))
         for arm in wanted:
             needs = ("corpus",) + ((FULL.name,) if arm is CPT or arm in RECALL else ())
-            if arm in FROM_SHORT and plan.get("short_steps"):
+            if self.starts_from_short(arm):
                 needs += (SHORT.name,)
             estimate = self.train_estimate(arm, plan, cal)
             self.stage(arm.name, estimate, lambda arm=arm: self.train_arm(arm), needs=needs)
