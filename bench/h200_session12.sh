@@ -4,7 +4,9 @@
 #   bash bench/h200_session12.sh study-b   # arm 4 and the three arm-5 runs, in a second call while the machine
 #                                          # still holds runs/study (otherwise it retrains the start and arm 1 first)
 # Ran at 8668204 (bench/results/quality/h200-8668204-short/: 567 s and 302 s). Since 5892d9b the study recipes
-# draw recall ids from the tokenizer's first 771 (data.synthetic.id_range): the same two calls give arm 5's verdict.
+# draw recall ids from the tokenizer's first 771 (data.synthetic.id_range). Ran again at f617509 (session 13,
+# bench/results/quality/h200-f617509-a/ and -b/): study-b found no machine held and retrained the start and arms 1-2,
+# so its budget ended after arm 5's full-attention run. bench/h200_session13.sh's calls stand alone.
 # Carried: .whl (megatron-core, pydantic, datasets, liger-kernel) and data/site_corpus.tar.xz, the study corpus
 # packed here with `tar -cJf data/site_corpus.tar.xz -C data site_corpus` (14 MB, 30 s).
 # Set GIT_COMMIT=<sha> in the call: the copied tree's .git may be stale.

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The quality study's GPU calls after session 13 (docs/quality.md), one H200, from the repository root of a
+# device call. Each mode is one self-contained call: a machine is not always held from one call to the next
+# (session 13's second call found none and retrained everything), so no mode relies on the previous call.
+#   GIT_COMMIT=<sha> bash bench/h200_session13.sh arm5   # the start, arm 1, then arm 5 for full attention, MoBA
+#                                                       # and the hybrid, all from that arm 1 (about 8 min)
+#   GIT_COMMIT=<sha> bash bench/h200_session13.sh pair   # the start, arms 1 and 3 once more: another pair for
+#                                                       # the hybrid's 0.5% loss floor (about 7 min)
+# Carried: .whl (megatron-core, pydantic, datasets, liger-kernel) and data/site_corpus.tar.xz (see
+# bench/h200_session12.sh, which holds session 12's and 13's study-a / study-b calls).
+case "${1:-}" in
+arm5|pair) ;;
+*) echo "usage: bash bench/h200_session13.sh arm5|pair" >&2; exit 2 ;;
+esac
+tar -xJf data/site_corpus.tar.xz -C data || exit 1
+source bench/gpu_env.sh
+study() {  # $1: arms, $2: budget in minutes, then more flags of run_study.py
+  mkdir -p runs/study && ln -sfn "$PWD/data/site_corpus" runs/study/corpus
+  python3 scripts/run_study.py --work-dir runs/study --results-dir "$OUT/quality" --budget-minutes "$2" \
+    --workers 14 --tokens-per-arm 34078720 --short-tokens 26214400 --recall-fraction 0.5 \
+    --copy-documents 64 --arms "$1" "${@:3}" > "$OUT/quality-console.log" 2>&1
+  grep -v -i warn "$OUT/quality-console.log" | grep "\[study\]\|Error\|error" | tail -30
+}
+case "$1" in
+arm5) study full,recall_full,recall_moba,recall_hybrid 9.2 ;;
+pair) study full,hybrid 8.5 ;;
+esac
