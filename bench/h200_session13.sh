@@ -4,8 +4,9 @@
 # (session 13's second call found none and retrained everything), so no mode relies on the previous call.
 #   GIT_COMMIT=<sha> bash bench/h200_session13.sh arm5   # the start, arm 1, then arm 5 for full attention, MoBA
 #                                                       # and the hybrid, all from that arm 1 (about 8 min)
-#   GIT_COMMIT=<sha> bash bench/h200_session13.sh pair   # the start, arms 1 and 3 once more: another pair for
-#                                                       # the hybrid's 0.5% loss floor (about 7 min)
+#   GIT_COMMIT=<sha> bash bench/h200_session13.sh pair   # the start, arms 1, 3 and 4 once more: another pair for
+#                                                       # the hybrid's and arm 4's floors (about 8 min);
+#                                                       # scripts/pool_study.py pools the runs' verdicts
 # Carried: .whl (megatron-core, pydantic, datasets, liger-kernel) and data/site_corpus.tar.xz (see
 # bench/h200_session12.sh, which holds session 12's and 13's study-a / study-b calls).
 case "${1:-}" in
@@ -23,5 +24,5 @@ study() {  # $1: arms, $2: budget in minutes, then more flags of run_study.py
 }
 case "$1" in
 arm5) study full,recall_full,recall_moba,recall_hybrid 9.2 ;;
-pair) study full,hybrid 8.5 ;;
+pair) study full,hybrid,cpt 9.2 ;;
 esac

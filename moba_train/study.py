@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import json
 import math
 import os
@@ -160,6 +161,11 @@ def git_commit() -> str | None:
     return result.stdout.strip() or None
 
 
+def recipe_hashes() -> dict[str, str]:
+    """SHA-256 of each study recipe this run trains from (scripts/pool_study.py pools only runs that agree)."""
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(RECIPES.glob("*.yaml"))}
+
+
 def machine() -> dict:
     import torch
 
@@ -201,6 +207,7 @@ class Study:
             "study": "moba-train quality study (docs/quality.md)", "stages": {}, "arms": {}}
         self.state["commit"] = git_commit()
         self.state["machine"] = machine()
+        self.state["recipes"] = recipe_hashes()
         self.state["settings"] = {k: (str(v) if isinstance(v, Path) else v)
                                   for k, v in dataclasses.asdict(settings).items()}
 

@@ -1,0 +1,166 @@
+"""The study's targets over repeated runs: one verdict from several study.json files.
+
+One run of an arm pair is one sample of a noisy difference. Four runs of arm 1 with one seed spread over
+1.4% in validation loss on the H200 (docs/quality.md, session 13), more than the hybrid's 0.5% floor, so a
+single run cannot decide that floor. Here every run contributes its own paired gap (the arm against full
+attention trained in the same run, from the same start), and the runs' gaps give a mean, a standard error
+and a two-sided 95% Student-t interval:
+
+    met        the whole interval is within the limit
+    missed     the whole interval is beyond it
+    undecided  the interval holds the limit, or there is only one run (no spread to judge it by)
+
+Accuracy targets skip the runs where full attention itself scores under 10% (`study.INFORMATIVE_ACCURACY`,
+marked `uninformative` in that run's targets). Arm 5 against pure MoBA has no limit (the issue asks for its
+gap only): it is reported, without a verdict.
+
+    python scripts/pool_study.py bench/results/quality/h200-8668204-short bench/results/quality/h200-f617509-a ...
+
+Runs pool only if they share the plan (steps, tokens, lengths, the shared start) and, where both recorded
+them, the study recipes (`recipes` in study.json: a SHA-256 of each configs/study file).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+from moba_train.config import ConfigError
+from moba_train.study import targets
+
+LEVEL = 0.95
+"""Two-sided coverage of the intervals."""
+
+
+def t_two_sided(t: float, df: int) -> float:
+    """P(|T| < t) for Student's t with df degrees of freedom, in closed form (Abramowitz and Stegun 26.7.3-4:
+    theta = atan(t / sqrt(df)); a finite series in cos(theta) whose length grows with df)."""
+    if df < 1:
+        raise ValueError("df must be at least 1")
+    theta = math.atan(abs(t) / math.sqrt(df))
+    cos2, sin = math.cos(theta) ** 2, math.sin(theta)
+    if df % 2:  # odd: 2/pi (theta + sin theta (cos theta + 2/3 cos^3 theta + ... + cos^(df-2) theta))
+        if df == 1:
+            return 2 * theta / math.pi
+        term = total = math.cos(theta)
+        for k in range(1, (df - 1) // 2):
+            term *= cos2 * (2 * k) / (2 * k + 1)
+            total += term
+        return 2 / math.pi * (theta + sin * total)
+    term = total = 1.0  # even: sin theta (1 + 1/2 cos^2 theta + 1*3/(2*4) cos^4 theta + ... + cos^(df-2) theta)
+    for k in range(1, df // 2):
+        term *= cos2 * (2 * k - 1) / (2 * k)
+        total += term
+    return sin * total
+
+
+def t_quantile(level: float, df: int) -> float:
+    """The t with P(|T| < t) = level (e.g. 12.706 for 0.95 and df 1, 1.96 as df grows), by bisection."""
+    lo, hi = 0.0, 1.0
+    while t_two_sided(hi, df) < level:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_two_sided(mid, df) < level else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _samples(state: dict) -> dict[str, tuple[float, float | None]]:
+    """One run's targets as (value, limit): loss gaps in percent, accuracies in points below full attention;
+    uninformative accuracy targets are left out."""
+    out = {}
+    for name, record in targets(state).items():
+        if "relative_gap" in record:
+            out[name] = (100 * record["relative_gap"], 100 * record["limit"])
+        elif "uninformative" not in record:
+            out[name] = (record["points_below_full"], record["limit"])
+    return out
+
+
+def pool(runs: dict[str, dict]) -> dict:
+    """{run name: study.json state} -> per target: the runs' values, mean, sd, se, the 95% interval and the
+    verdict. ConfigError if the runs do not share one plan and recipe."""
+    if not runs:
+        raise ConfigError("no study runs to pool: give one or more results directories holding study.json")
+    names = list(runs)
+    first = runs[names[0]]
+    for name in names[1:]:
+        state = runs[name]
+        if state.get("plan") != first.get("plan"):
+            raise ConfigError(f"{name} ran another plan than {names[0]} ({state.get('plan')} against "
+                              f"{first.get('plan')}): pool only runs of one plan")
+        a, b = first.get("recipes"), state.get("recipes")
+        if a and b and a != b:
+            raise ConfigError(f"{name} trained other study recipes than {names[0]} (configs/study hashes "
+                              "differ): pool only runs of one recipe")
+    values: dict[str, dict] = {}
+    for name in names:
+        for target, (value, limit) in _samples(runs[name]).items():
+            entry = values.setdefault(target, {"limit": limit, "runs": {}})
+            entry["runs"][name] = value
+    out = {"level": LEVEL, "runs": {name: {"commit": runs[name].get("commit"),
+                                           "overrides": runs[name].get("settings", {}).get("overrides", [])}
+                                    for name in names},
+           "plan": first.get("plan"), "targets": {}}
+    for target, entry in sorted(values.items()):
+        xs = list(entry["runs"].values())
+        record = {"unit": "percent" if target.endswith("loss_vs_full") else "points", "limit": entry["limit"],
+                  "runs": entry["runs"], "n": len(xs), "mean": statistics.fmean(xs)}
+        if len(xs) > 1:
+            sd = statistics.stdev(xs)
+            se = sd / math.sqrt(len(xs))
+            half = t_quantile(LEVEL, len(xs) - 1) * se
+            record.update(sd=sd, se=se, interval=[record["mean"] - half, record["mean"] + half])
+        record["verdict"] = _verdict(record)
+        out["targets"][target] = record
+    return out
+
+
+def _verdict(record: dict) -> str:
+    if record["limit"] is None:
+        return "reported"
+    if "interval" not in record:
+        return "undecided"
+    lo, hi = record["interval"]
+    return "met" if hi <= record["limit"] else "missed" if lo > record["limit"] else "undecided"
+
+
+def load_runs(dirs: list[str | Path]) -> dict[str, dict]:
+    """{directory name: state} from each directory's study.json (or a study.json path itself)."""
+    runs = {}
+    for entry in dirs:
+        path = Path(entry)
+        path = path / "study.json" if path.is_dir() else path
+        if not path.is_file():
+            raise ConfigError(f"{entry} holds no study.json: give the results directories of study runs")
+        try:
+            state = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path} is not valid JSON ({err}): give the study.json a study run wrote") from err
+        if not isinstance(state, dict) or "arms" not in state:
+            raise ConfigError(f"{path} is not a study.json (no 'arms'): give the study.json a study run wrote")
+        name = path.parent.name
+        if name in runs:
+            raise ConfigError(f"two runs are named {name}: give each run once")
+        runs[name] = state
+    return runs
+
+
+def pooled_markdown(pooled: dict) -> str:
+    lines = [f"# The study's targets over {len(pooled['runs'])} runs ({100 * pooled['level']:.0f}% Student-t "
+             "intervals of the runs' paired gaps)", "",
+             "| run | commit | overrides |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {run['commit']} | {' '.join(run['overrides']) or '-'} |"
+              for name, run in pooled["runs"].items()]
+    lines += ["", "| target | unit | runs | values | mean | sd | 95% interval | limit | verdict |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, t in pooled["targets"].items():
+        values = ", ".join(f"{v:.2f}" for v in t["runs"].values())
+        interval = "-" if "interval" not in t else f"{t['interval'][0]:.2f} to {t['interval'][1]:.2f}"
+        sd = "-" if "sd" not in t else f"{t['sd']:.2f}"
+        limit = "-" if t["limit"] is None else f"{t['limit']:.2f}"
+        lines.append(f"| {name} | {t['unit']} | {t['n']} | {values} | {t['mean']:.2f} | {sd} | {interval} | "
+                     f"{limit} | {t['verdict']} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,34 @@
+"""The quality study's targets over repeated runs: a paired gap per run, their mean and 95% interval, and
+met / missed / undecided (moba_train/study_pool.py).
+
+    python scripts/pool_study.py bench/results/quality/h200-8668204-short bench/results/quality/h200-f617509-a \
+        --out-dir bench/results/quality/pooled
+
+Prints the table; with --out-dir also writes pooled.json and pooled.md there.
+"""
+
+import argparse
+from pathlib import Path
+
+from moba_train.cli import run_entry
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="results directories of study runs (each holding study.json)")
+    parser.add_argument("--out-dir", type=Path, default=None, help="write pooled.json and pooled.md here")
+    args = parser.parse_args(argv)
+
+    from moba_train.evaluation import write_json, write_text
+    from moba_train.study_pool import load_runs, pool, pooled_markdown
+
+    pooled = pool(load_runs(args.runs))
+    text = pooled_markdown(pooled)
+    print(text, end="")
+    if args.out_dir is not None:
+        write_json(args.out_dir / "pooled.json", pooled)
+        write_text(args.out_dir / "pooled.md", text)
+
+
+if __name__ == "__main__":
+    run_entry(main)

@@ -1,0 +1,141 @@
+"""The study's targets over repeated runs (moba_train/study_pool.py, scripts/pool_study.py): the Student-t
+quantiles against published tables, a Monte Carlo sample and the normal limit; the pooled gaps against direct
+computation; the verdicts; runs that must not pool."""
+
+import hashlib
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moba_train.config import ConfigError
+from moba_train.study import RECIPES, recipe_hashes
+from moba_train.study_pool import load_runs, pool, t_quantile, t_two_sided
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAN = {"steps": 1040, "tokens_per_step": 32768, "seq_length": 8192}
+
+
+@pytest.mark.parametrize("df, table", [(1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (5, 2.571), (10, 2.228),
+                                       (30, 2.042), (120, 1.980)])
+def test_t_quantile_matches_published_tables(df, table):
+    # Two-sided 95% critical values of Student's t, as printed (three decimals) in every statistics table.
+    assert t_quantile(0.95, df) == pytest.approx(table, abs=6e-4)
+
+
+@pytest.mark.parametrize("df", [1, 2, 5, 8])
+def test_t_two_sided_matches_a_sample_of_the_distribution(df):
+    torch.manual_seed(df)
+    sample = torch.distributions.StudentT(float(df)).sample((400_000,)).abs()
+    for t in (0.5, 1.0, 2.0, 4.0):
+        empirical = (sample < t).double().mean().item()  # standard error <= 0.0008
+        assert t_two_sided(t, df) == pytest.approx(empirical, abs=0.004)
+
+
+def test_t_two_sided_tends_to_the_normal():
+    for t in (0.5, 1.96, 3.0):
+        assert t_two_sided(t, 4001) == pytest.approx(math.erf(t / math.sqrt(2)), abs=2e-4)
+        assert t_two_sided(t, 4000) == pytest.approx(math.erf(t / math.sqrt(2)), abs=2e-4)
+
+
+def _state(full, moba=None, hybrid=None, passkey=None, recall=None, plan=PLAN, recipes=None):
+    """A study.json state with the given validation losses (and passkey accuracies at the trained length)."""
+    arms = {}
+    for name, loss in (("full", full), ("moba", moba), ("hybrid", hybrid)):
+        if loss is None:
+            continue
+        ev = {"validation": {"loss": loss}}
+        if passkey is not None:
+            ev["passkey"] = {"mean_by_length": [0.5, passkey[name]]}
+        arms[name] = {"eval": ev}
+    for name, accuracy in (recall or {}).items():
+        arms[f"recall_{name}"] = {"eval": {"recall": {"fact_accuracy": accuracy}}}
+    state = {"arms": arms, "plan": dict(plan), "commit": "abc", "settings": {"overrides": []}}
+    if recipes is not None:
+        state["recipes"] = recipes
+    return state
+
+
+def test_pooled_gaps_equal_a_direct_computation():
+    fulls, mobas, hybrids = [2.72, 2.75, 2.71], [2.83, 2.85, 2.82], [2.7231, 2.7535, 2.7128]
+    runs = {f"r{i}": _state(f, m, h) for i, (f, m, h) in enumerate(zip(fulls, mobas, hybrids))}
+    out = pool(runs)["targets"]
+    for arm, losses, verdict in (("moba", mobas, "missed"), ("hybrid", hybrids, "met")):
+        gaps = [100 * (x / f - 1) for x, f in zip(losses, fulls)]
+        record = out[f"{arm}_validation_loss_vs_full"]
+        assert list(record["runs"].values()) == pytest.approx(gaps)
+        assert record["mean"] == pytest.approx(statistics.mean(gaps))
+        assert record["sd"] == pytest.approx(statistics.stdev(gaps))
+        half = 4.303 * statistics.stdev(gaps) / math.sqrt(3)  # the table's t for 2 degrees of freedom
+        assert record["interval"] == pytest.approx([statistics.mean(gaps) - half, statistics.mean(gaps) + half],
+                                                   rel=1e-3)
+        assert record["limit"] == pytest.approx(1.0 if arm == "moba" else 0.5)
+        assert record["verdict"] == verdict
+
+
+def test_verdicts_need_an_interval_clear_of_the_limit():
+    # Session 12 and 13's hybrid pair: +0.26% and +0.86% against a 0.5% floor: the interval holds the limit.
+    runs = {"a": _state(2.7275, hybrid=2.7275 * 1.0026), "b": _state(2.7147, hybrid=2.7147 * 1.0086)}
+    assert pool(runs)["targets"]["hybrid_validation_loss_vs_full"]["verdict"] == "undecided"
+    # A mean within the floor is not enough either: +0.1% and +0.6% average 0.35%, the interval reaches 3.5%.
+    runs = {"a": _state(2.7, hybrid=2.7 * 1.001), "b": _state(2.7, hybrid=2.7 * 1.006)}
+    assert pool(runs)["targets"]["hybrid_validation_loss_vs_full"]["verdict"] == "undecided"
+    one = pool({"a": _state(2.7, moba=3.5)})["targets"]["moba_validation_loss_vs_full"]
+    assert one["n"] == 1 and "interval" not in one and one["verdict"] == "undecided"  # no spread, no verdict
+
+
+def test_uninformative_runs_are_left_out_and_the_moba_recall_gap_is_reported():
+    runs = {
+        "a": _state(2.7, moba=2.8, passkey={"full": 0.30, "moba": 0.05}, recall={"full": 0.99, "moba": 0.20}),
+        "b": _state(2.7, moba=2.8, passkey={"full": 0.33, "moba": 0.07}, recall={"full": 1.0, "moba": 0.30}),
+        "c": _state(2.7, moba=2.8, passkey={"full": 0.09, "moba": 0.02}),  # full attention under 10%: no verdict
+    }
+    out = pool(runs)["targets"]
+    assert out["moba_passkey_vs_full"]["runs"] == pytest.approx({"a": 25.0, "b": 26.0})
+    assert out["moba_validation_loss_vs_full"]["n"] == 3
+    assert out["recall_moba_vs_full"]["verdict"] == "reported"
+    assert out["recall_moba_vs_full"]["mean"] == pytest.approx(74.5)
+
+
+def test_runs_of_other_plans_or_recipes_do_not_pool():
+    with pytest.raises(ConfigError, match="another plan"):
+        pool({"a": _state(2.7, moba=2.8), "b": _state(2.7, moba=2.8, plan={**PLAN, "steps": 520})})
+    with pytest.raises(ConfigError, match="other study recipes"):
+        pool({"a": _state(2.7, moba=2.8, recipes={"pretrain.yaml": "1"}),
+              "b": _state(2.7, moba=2.8, recipes={"pretrain.yaml": "2"})})
+    with pytest.raises(ConfigError, match="no study runs"):
+        pool({})
+
+
+def test_recipe_hashes_are_those_of_the_study_recipes():
+    files = sorted(RECIPES.glob("*.yaml"))
+    assert {"pretrain.yaml", "recall.yaml"} <= {f.name for f in files}
+    assert recipe_hashes() == {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def test_cli_writes_the_pooled_files_and_rejects_a_directory_without_a_run(tmp_path):
+    dirs = []
+    for i, (full, moba) in enumerate(((2.72, 2.83), (2.75, 2.85))):
+        d = tmp_path / f"run{i}"
+        d.mkdir()
+        (d / "study.json").write_text(json.dumps(_state(full, moba)))
+        dirs.append(str(d))
+    script = ROOT / "scripts" / "pool_study.py"
+    done = subprocess.run([sys.executable, str(script), *dirs, "--out-dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    written = json.loads((tmp_path / "out" / "pooled.json").read_text())
+    assert written["targets"] == json.loads(json.dumps(pool(load_runs(dirs))["targets"]))
+    assert "moba_validation_loss_vs_full" in (tmp_path / "out" / "pooled.md").read_text()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = subprocess.run([sys.executable, str(script), dirs[0], str(empty)], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {empty} holds no study.json: give the results directories of study runs"]
+    assert not (empty / "pooled.json").exists()
