@@ -8,6 +8,8 @@ ls .whl/liger_kernel-*.whl >/dev/null 2>&1 || echo "warning: no liger-kernel whe
   "pip download liger-kernel --no-deps -d .whl here first" >&2
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 GIT_COMMIT=${GIT_COMMIT:-unknown}
+[ "$GIT_COMMIT" = unknown ] && echo "GIT_COMMIT is not set: results will name commit 'unknown'; pass" \
+  "GIT_COMMIT=<sha> in the device command (sessions 12 and 13 corrected three results by hand)" >&2
 ln -sfn ../kernels moba_train/kernels     # the GPU image's pip cannot install the checkout (see bench/NOTES.md)
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 RECIPE=configs/llama1b_moba_32k.yaml
