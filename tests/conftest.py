@@ -6,9 +6,17 @@
 - Without a GPU, Triton kernels run under Triton's CPU interpreter, which reads TRITON_INTERPRET
   when `@triton.jit` functions are decorated: it must be set before anything (e.g. Megatron-Core)
   imports triton.
+- The checkout's root comes off sys.path. `python -m pytest` (make test) puts it first, and there the
+  kernels/ folder (installed as moba_train.kernels) would be found as a top-level `kernels`, ahead of
+  Hugging Face's hub package of that name, which transformers >= 5.25 requires and imports.
 """
 
 import os
+import sys
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [entry for entry in sys.path if Path(entry or os.curdir).resolve() != _ROOT]
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

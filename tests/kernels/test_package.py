@@ -48,3 +48,14 @@ def test_kernels_import_only_torch_triton_numpy_and_themselves():
                 continue
             for name in names:
                 assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
+
+
+def test_the_checkout_does_not_shadow_a_top_level_kernels_package():
+    # `python -m pytest` (make test) puts the checkout's root first on sys.path, where the kernels/ folder would
+    # be found as a top-level `kernels` ahead of Hugging Face's hub package of that name, which transformers
+    # >= 5.25 requires and imports: `from transformers import LlamaConfig` then fails. tests/conftest.py takes
+    # the root off sys.path.
+    import importlib.util
+
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or spec.origin is None or Path(spec.origin).resolve() != ROOT / "kernels" / "__init__.py"
