@@ -14,7 +14,7 @@ install:  ## torch first (a plain `torch` requirement would pull the multi-GB CU
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge strace; fi
 
 test:
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q --durations=15 tests
 
 data:  ## the embedded default corpus from this machine's Python sources (skipped when already complete)
 	$(PYTHON) scripts/build_corpus.py --out-dir data/corpus

@@ -5,8 +5,8 @@ computation; the verdicts; runs that must not pool."""
 import hashlib
 import json
 import math
+import runpy
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -118,24 +118,30 @@ def test_recipe_hashes_are_those_of_the_study_recipes():
     assert recipe_hashes() == {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
-def test_cli_writes_the_pooled_files_and_rejects_a_directory_without_a_run(tmp_path):
+def _pool_cli(args, monkeypatch):
+    """scripts/pool_study.py as `python scripts/pool_study.py ARGS` runs it (run_entry included), in this process:
+    a subprocess would spend 10 s importing the package."""
+    monkeypatch.setattr(sys, "argv", ["pool_study.py", *args])
+    runpy.run_path(str(ROOT / "scripts" / "pool_study.py"), run_name="__main__")
+
+
+def test_cli_writes_the_pooled_files_and_rejects_a_directory_without_a_run(tmp_path, monkeypatch, capsys):
     dirs = []
     for i, (full, moba) in enumerate(((2.72, 2.83), (2.75, 2.85))):
         d = tmp_path / f"run{i}"
         d.mkdir()
         (d / "study.json").write_text(json.dumps(_state(full, moba)))
         dirs.append(str(d))
-    script = ROOT / "scripts" / "pool_study.py"
-    done = subprocess.run([sys.executable, str(script), *dirs, "--out-dir", str(tmp_path / "out")],
-                          capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode == 0, done.stderr
+    _pool_cli([*dirs, "--out-dir", str(tmp_path / "out")], monkeypatch)
     written = json.loads((tmp_path / "out" / "pooled.json").read_text())
     assert written["targets"] == json.loads(json.dumps(pool(load_runs(dirs))["targets"]))
     assert "moba_validation_loss_vs_full" in (tmp_path / "out" / "pooled.md").read_text()
+    assert (tmp_path / "out" / "pooled.md").read_text() in capsys.readouterr().out
     empty = tmp_path / "empty"
     empty.mkdir()
-    bad = subprocess.run([sys.executable, str(script), dirs[0], str(empty)], capture_output=True, text=True, cwd=ROOT)
-    assert bad.returncode == 2
-    errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: {empty} holds no study.json: give the results directories of study runs"]
+    with pytest.raises(SystemExit) as exit_info:
+        _pool_cli([dirs[0], str(empty), "--out-dir", str(empty)], monkeypatch)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {empty} holds no study.json: give the results directories of study runs"]
     assert not (empty / "pooled.json").exists()
