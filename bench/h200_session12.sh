@@ -10,17 +10,8 @@
 # Carried: .whl (megatron-core, pydantic, datasets, liger-kernel) and data/site_corpus.tar.xz, the study corpus
 # packed here with `tar -cJf data/site_corpus.tar.xz -C data site_corpus` (14 MB, 30 s).
 # Set GIT_COMMIT=<sha> in the call: the copied tree's .git may be stale.
-tar -xJf data/site_corpus.tar.xz -C data || exit 1
 source bench/gpu_env.sh
-TOKENS=${TOKENS:-34078720}        # 1,040 steps of 4 x 8,192 tokens per arm, as session 11's pilot
-SHORT_TOKENS=${SHORT_TOKENS:-26214400}  # the shared start: 800 steps of 64 x 512 tokens
-study() {  # $1: arms, $2: budget in minutes, then more flags of run_study.py
-  mkdir -p runs/study && ln -sfn "$PWD/data/site_corpus" runs/study/corpus
-  python3 scripts/run_study.py --work-dir runs/study --results-dir "$OUT/quality" --budget-minutes "$2" \
-    --workers 14 --tokens-per-arm "$TOKENS" --short-tokens "$SHORT_TOKENS" --recall-fraction 0.5 \
-    --copy-documents 64 --arms "$1" "${@:3}" > "$OUT/quality-console.log" 2>&1
-  grep -v -i warn "$OUT/quality-console.log" | grep "\[study\]\|Error\|error" | tail -30
-}
+source bench/study_call.sh
 case "${1:-}" in
 study-a) study full,moba,hybrid 9.2 ;;
 study-b) study full,moba,cpt,recall_full,recall_moba,recall_hybrid 9.2 ;;  # moba: done in study-a; its top-k 6 evaluation runs here

@@ -16,16 +16,9 @@ case "${1:-}" in
 arm5|pair) ;;
 *) echo "usage: bash bench/h200_session13.sh arm5|pair" >&2; exit 2 ;;
 esac
-tar -xJf data/site_corpus.tar.xz -C data || exit 1
 source bench/gpu_env.sh
-study() {  # $1: arms, $2: budget in minutes, then more flags of run_study.py
-  mkdir -p runs/study && ln -sfn "$PWD/data/site_corpus" runs/study/corpus
-  python3 scripts/run_study.py --work-dir runs/study --results-dir "$OUT/quality" --budget-minutes "$2" \
-    --workers 14 --tokens-per-arm 34078720 --short-tokens 26214400 --recall-fraction 0.5 \
-    --copy-documents 64 --arms "$1" "${@:3}" "run.seed=${SEED:-1234}" > "$OUT/quality-console.log" 2>&1
-  grep -v -i warn "$OUT/quality-console.log" | grep "\[study\]\|Error\|error" | tail -30
-}
+source bench/study_call.sh
 case "$1" in
-arm5) study full,recall_full,recall_moba,recall_hybrid 9.2 ;;
-pair) study full,hybrid,cpt 9.2 ;;
+arm5) study full,recall_full,recall_moba,recall_hybrid 9.2 "run.seed=${SEED:-1234}" ;;
+pair) study full,hybrid,cpt 9.2 "run.seed=${SEED:-1234}" ;;
 esac

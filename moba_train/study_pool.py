@@ -67,15 +67,15 @@ def t_quantile(level: float, df: int) -> float:
     return (lo + hi) / 2
 
 
-def _samples(state: dict) -> dict[str, tuple[float, float | None]]:
-    """One run's targets as (value, limit): loss gaps in percent, accuracies in points below full attention;
-    uninformative accuracy targets are left out."""
+def _samples(state: dict) -> dict[str, tuple[float, float | None, str]]:
+    """One run's targets as (value, limit, unit): loss gaps in percent, accuracies in points below full
+    attention; uninformative accuracy targets are left out."""
     out = {}
     for name, record in targets(state).items():
         if "relative_gap" in record:
-            out[name] = (100 * record["relative_gap"], 100 * record["limit"])
+            out[name] = (100 * record["relative_gap"], 100 * record["limit"], "percent")
         elif "uninformative" not in record:
-            out[name] = (record["points_below_full"], record["limit"])
+            out[name] = (record["points_below_full"], record["limit"], "points")
     return out
 
 
@@ -97,8 +97,8 @@ def pool(runs: dict[str, dict]) -> dict:
                               "differ): pool only runs of one recipe")
     values: dict[str, dict] = {}
     for name in names:
-        for target, (value, limit) in _samples(runs[name]).items():
-            entry = values.setdefault(target, {"limit": limit, "runs": {}})
+        for target, (value, limit, unit) in _samples(runs[name]).items():
+            entry = values.setdefault(target, {"unit": unit, "limit": limit, "runs": {}})
             entry["runs"][name] = value
     out = {"level": LEVEL, "runs": {name: {"commit": runs[name].get("commit"),
                                            "overrides": runs[name].get("settings", {}).get("overrides", [])}
@@ -106,8 +106,7 @@ def pool(runs: dict[str, dict]) -> dict:
            "plan": first.get("plan"), "targets": {}}
     for target, entry in sorted(values.items()):
         xs = list(entry["runs"].values())
-        record = {"unit": "percent" if target.endswith("loss_vs_full") else "points", "limit": entry["limit"],
-                  "runs": entry["runs"], "n": len(xs), "mean": statistics.fmean(xs)}
+        record = {**entry, "n": len(xs), "mean": statistics.fmean(xs)}
         if len(xs) > 1:
             sd = statistics.stdev(xs)
             se = sd / math.sqrt(len(xs))

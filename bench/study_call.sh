@@ -1,0 +1,13 @@
+# Sourced by bench/h200_session12.sh and h200_session13.sh, after bench/gpu_env.sh, at the repository root of a
+# device call: the corpus unpacked (data/site_corpus.tar.xz, carried) and `study ARMS MINUTES [MORE...]`, one
+# scripts/run_study.py call over runs/study with the study's GPU plan; MORE: further flags or overrides.
+tar -xJf data/site_corpus.tar.xz -C data || exit 1
+TOKENS=${TOKENS:-34078720}        # 1,040 steps of 4 x 8,192 tokens per arm, as session 11's pilot
+SHORT_TOKENS=${SHORT_TOKENS:-26214400}  # the shared start: 800 steps of 64 x 512 tokens
+study() {
+  mkdir -p runs/study && ln -sfn "$PWD/data/site_corpus" runs/study/corpus
+  python3 scripts/run_study.py --work-dir runs/study --results-dir "$OUT/quality" --budget-minutes "$2" \
+    --workers 14 --tokens-per-arm "$TOKENS" --short-tokens "$SHORT_TOKENS" --recall-fraction 0.5 \
+    --copy-documents 64 --arms "$1" "${@:3}" > "$OUT/quality-console.log" 2>&1
+  grep -v -i warn "$OUT/quality-console.log" | grep "\[study\]\|Error\|error" | tail -30
+}
