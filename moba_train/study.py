@@ -205,11 +205,32 @@ class Study:
         self.state_path = self.work / "study.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {
             "study": "moba-train quality study (docs/quality.md)", "stages": {}, "arms": {}}
+        recipes = recipe_hashes()
+        self._check_resume(recipes)
         self.state["commit"] = git_commit()
         self.state["machine"] = machine()
-        self.state["recipes"] = recipe_hashes()
+        self.state["recipes"] = recipes
         self.state["settings"] = {k: (str(v) if isinstance(v, Path) else v)
                                   for k, v in dataclasses.asdict(settings).items()}
+
+    def _check_resume(self, recipes: dict) -> None:
+        """A work directory's done stages were trained with its recipes and overrides: resuming it with
+        others would pair arms trained differently (session 14's second call, SEED=3456, skipped the start
+        and arm 1 done at seed 1234 and trained only arms 3-4 at 3456), so that is refused."""
+        done = [name for name, rec in self.state["stages"].items() if rec.get("status") == "done"]
+        if not done:
+            return
+        before = list(self.state.get("settings", {}).get("overrides", []))
+        if before != list(self.s.overrides):
+            raise ConfigError(
+                f"{self.work} holds stages ({', '.join(done)}) trained with the overrides {before}, not "
+                f"{list(self.s.overrides)}; rerun with those overrides or give a new --work-dir")
+        changed = sorted(name for name, digest in self.state.get("recipes", recipes).items()
+                         if recipes.get(name) != digest)
+        if changed:
+            raise ConfigError(
+                f"{self.work} holds stages ({', '.join(done)}) trained with other versions of "
+                f"{', '.join(changed)}; restore those recipes or give a new --work-dir")
 
     # --- bookkeeping ---------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import moba_train.study as study_module
 from moba_train.config import ConfigError, load_config
 from moba_train.metrics import read_jsonl
 from moba_train.model import matrix_params, padded_vocab_size
@@ -271,3 +272,25 @@ def test_accuracy_targets_give_no_verdict_when_full_attention_itself_cannot_do_t
         assert weak[name]["met"] is None and "full attention" in weak[name]["uninformative"]
     strong = targets({"arms": {"full": arm(0.5), "moba": arm(0.46)}})
     assert strong["moba_passkey_vs_full"]["met"] is True and "uninformative" not in strong["moba_passkey_vs_full"]
+
+
+def test_a_work_dir_resumes_only_with_the_overrides_and_recipes_its_stages_were_trained_with(tmp_path, monkeypatch):
+    """A warm machine kept session 14's start and arm 1 (seed 1234) and the SEED=3456 call trained only arms
+    3-4 against them: a pair of two seeds. Resuming with other overrides or recipes is refused."""
+    def settings(*overrides):
+        return StudySettings(work_dir=tmp_path / "work", results_dir=tmp_path / "results", budget_s=60,
+                             overrides=overrides)
+
+    Study(settings("run.seed=1234")).stage("calibrate", 0.0, lambda: None)
+    Study(settings("run.seed=1234"))  # the same overrides resume
+    with pytest.raises(ConfigError, match=r"holds stages \(calibrate\) trained with the overrides \['run.seed=1234'\], "
+                                          r"not \['run.seed=3456'\]; rerun with those overrides or give a new"):
+        Study(settings("run.seed=3456"))
+    with pytest.raises(ConfigError, match="trained with the overrides"):
+        Study(settings())
+    real = study_module.recipe_hashes()
+    monkeypatch.setattr(study_module, "recipe_hashes", lambda: {**real, "recall.yaml": "0" * 64})
+    with pytest.raises(ConfigError, match=r"trained with other versions of recall.yaml; restore those recipes"):
+        Study(settings("run.seed=1234"))
+    Study(StudySettings(work_dir=tmp_path / "fresh", results_dir=tmp_path / "results", budget_s=60,
+                        overrides=("run.seed=3456",)))  # nothing done yet: any overrides
