@@ -119,6 +119,7 @@ def _dkdv_kernel(
     CURRENT_DQ: tl.constexpr,
     SUFFIX: tl.constexpr,
     SPLITS: tl.constexpr,
+    WARP_SPEC: tl.constexpr = False,
 ):
     """dK, dV of BLOCK_N keys of one (block, KV head). Grid (extra_programs + NB * TILES_PER_BLOCK * kv_heads,):
     first the further splits of popular blocks, TILES_PER_BLOCK programs per entry of the extra_run /
@@ -210,7 +211,7 @@ def _dkdv_kernel(
         share = tl.cdiv(count, num_splits)
         lo = tl.minimum(split * share, count)
         hi = tl.minimum(count, lo + share)
-        for i in range(lo, hi, BLOCK_M):
+        for i in tl.range(lo, hi, BLOCK_M, warp_specialize=WARP_SPEC):
             r = i + tl.arange(0, BLOCK_M)
             row_ok = r < hi
             pick, flat, t, h = load_picks(rows_ptr, first + r, row_ok, SLOTS, num_q_heads)
@@ -500,6 +501,7 @@ MAX_DKDV_SPLITS = 8  # programs sharing one (KV head, block, key tile)'s picks (
 DKDV_WARPS_PER_SM = 8  # warps of dK/dV programs resident per SM (two fp32 [128 or 256, D] accumulators each)
 DKDV_SPLIT_BALANCE = 2  # a split takes at most half a resident program's fair share of the picks
 DKDV_SPLIT_ROWS = None  # picks per split, fixed (tests force splits with it); None: `dkdv_schedule`'s rule
+DKDV_WARP_SPECIALIZE = False  # Triton's automatic warp specialisation of the gathered-query loop (a variant; bench/NOTES.md)
 
 
 def dkdv_tiles(block_size: int, dim: int) -> DkdvTiles:
@@ -681,6 +683,7 @@ def attention_backward(
             CURRENT_DQ=current_dq,
             SUFFIX=layout.suffix,
             SPLITS=splits,
+            WARP_SPEC=DKDV_WARP_SPECIALIZE,
             num_warps=kv_tiles.warps,
             num_stages=kv_tiles.stages,
         )

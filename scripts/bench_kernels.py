@@ -298,6 +298,10 @@ VARIANTS = {  # the variants measured in each session are in bench/NOTES.md and 
     "d64_row_mask": ({"backward.DKDV_ROW_MASK": True}, ("d64",)),
     "d64_k256_splits1": ({"backward.DKDV_TILES_D64": DkdvTiles(256, 32, 8, 3), "backward.MAX_DKDV_SPLITS": 1},
                          ("d64",)),
+    # session 14: Triton's automatic warp specialisation of the dK/dV gather loop (Hopper autoWS)
+    "d64_dkdv_ws": ({"backward.DKDV_WARP_SPECIALIZE": True}, ("d64",)),
+    "d64_dkdv_ws_k128_w4": ({"backward.DKDV_WARP_SPECIALIZE": True,
+                             "backward.DKDV_TILES_D64": DkdvTiles(128, 32, 4, 3)}, ("d64",)),
     "d64_k256_w8_s2": ({"backward.DKDV_TILES_D64": DkdvTiles(256, 32, 8, 2)}, ("d64",)),
 }
 VARIANT_SHAPES = {
