@@ -8,6 +8,8 @@ ls .whl/liger_kernel-*.whl >/dev/null 2>&1 || echo "warning: no liger-kernel whe
   "pip download liger-kernel --no-deps -d .whl here first" >&2
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 GIT_COMMIT=${GIT_COMMIT:-unknown}
+# Pass the commit as a literal sha: the device copy's .git can be older than the tree it carries, and
+# `GIT_COMMIT=$(git rev-parse HEAD)` in a device command named the previous commit (session 14).
 [ "$GIT_COMMIT" = unknown ] && echo "GIT_COMMIT is not set: results will name commit 'unknown'; pass" \
   "GIT_COMMIT=<sha> in the device command (sessions 12 and 13 corrected three results by hand)" >&2
 ln -sfn ../kernels moba_train/kernels     # the GPU image's pip cannot install the checkout (see bench/NOTES.md)
