@@ -17,6 +17,9 @@ arm5|pair) ;;
 *) echo "usage: bash bench/h200_session13.sh arm5|pair" >&2; exit 2 ;;
 esac
 source bench/gpu_env.sh
+# One work directory per seed: a machine still held from an earlier call resumes that seed's start and arm 1
+# (arm5 then pair at one seed share them) and starts afresh for a new seed (session 14's mixed call).
+WORK_DIR=runs/study-seed${SEED:-1234}
 source bench/study_call.sh
 case "$1" in
 arm5) study full,recall_full,recall_moba,recall_hybrid 9.2 "run.seed=${SEED:-1234}" ;;
