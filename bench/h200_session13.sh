@@ -19,9 +19,10 @@ esac
 source bench/gpu_env.sh
 # One work directory per seed: a machine still held from an earlier call resumes that seed's start and arm 1
 # (arm5 then pair at one seed share them) and starts afresh for a new seed (session 14's mixed call).
-WORK_DIR=runs/study-seed${SEED:-1234}
+SEED=${SEED:-1234}
+WORK_DIR=runs/study-seed$SEED
 source bench/study_call.sh
 case "$1" in
-arm5) study full,recall_full,recall_moba,recall_hybrid 9.2 "run.seed=${SEED:-1234}" ;;
-pair) study full,hybrid,cpt 9.2 "run.seed=${SEED:-1234}" ;;
+arm5) study full,recall_full,recall_moba,recall_hybrid 9.2 "run.seed=$SEED" ;;
+pair) study full,hybrid,cpt 9.2 "run.seed=$SEED" ;;
 esac
