@@ -17,7 +17,10 @@ gap only): it is reported, without a verdict.
     python scripts/pool_study.py bench/results/quality/h200-8668204-short bench/results/quality/h200-f617509-a ...
 
 Runs pool only if they share the plan (steps, tokens, lengths, the shared start) and, where both recorded
-them, the study recipes (`recipes` in study.json: a SHA-256 of each configs/study file).
+them, the study recipes (`recipes` in study.json: a SHA-256 of each configs/study file) and the corpus (its
+training and held-out token counts). The corpus is built from a machine's installed packages, so a fresh
+machine builds another one, with another held-out split; `mixed_corpora=True` (`--mixed-corpora`) pools such
+runs anyway, the corpus then one more source of spread, as the seed is, and each run's corpus in the table.
 """
 
 from __future__ import annotations
@@ -79,9 +82,17 @@ def _samples(state: dict) -> dict[str, tuple[float, float | None, str]]:
     return out
 
 
-def pool(runs: dict[str, dict]) -> dict:
+def corpus_name(state: dict) -> str | None:
+    """'training tokens / held-out tokens' of the corpus a run trained on; None where study.json has none."""
+    splits = (state.get("corpus") or {}).get("splits") or {}
+    if "train" not in splits or "valid" not in splits:
+        return None
+    return f"{splits['train']['tokens']:,} / {splits['valid']['tokens']:,}"
+
+
+def pool(runs: dict[str, dict], mixed_corpora: bool = False) -> dict:
     """{run name: study.json state} -> per target: the runs' values, mean, sd, se, the 95% interval and the
-    verdict. ConfigError if the runs do not share one plan and recipe."""
+    verdict. ConfigError if the runs do not share one plan and recipe, or (unless mixed_corpora) one corpus."""
     if not runs:
         raise ConfigError("no study runs to pool: give one or more results directories holding study.json")
     names = list(runs)
@@ -95,15 +106,25 @@ def pool(runs: dict[str, dict]) -> dict:
         if a and b and a != b:
             raise ConfigError(f"{name} trained other study recipes than {names[0]} (configs/study hashes "
                               "differ): pool only runs of one recipe")
+    corpora = {name: corpus_name(state) for name, state in runs.items()}
+    known = {name: corpus for name, corpus in corpora.items() if corpus is not None}
+    if len(set(known.values())) > 1 and not mixed_corpora:
+        a, *others = known
+        b = next(name for name in others if known[name] != known[a])
+        tokens = " training and ".join(known[b].split(" / "))
+        raise ConfigError(f"{b} was trained on another corpus than {a} ({tokens} held-out tokens against "
+                          f"{known[a]}): pool only runs of one corpus, or pass --mixed-corpora to count the "
+                          "corpus as one more source of spread")
     values: dict[str, dict] = {}
     for name in names:
         for target, (value, limit, unit) in _samples(runs[name]).items():
             entry = values.setdefault(target, {"unit": unit, "limit": limit, "runs": {}})
             entry["runs"][name] = value
     out = {"level": LEVEL, "runs": {name: {"commit": runs[name].get("commit"),
-                                           "overrides": runs[name].get("settings", {}).get("overrides", [])}
+                                           "overrides": runs[name].get("settings", {}).get("overrides", []),
+                                           "corpus": corpora[name] or "-"}
                                     for name in names},
-           "plan": first.get("plan"), "targets": {}}
+           "plan": first.get("plan"), "corpora": max(1, len(set(known.values()))), "targets": {}}
     for target, entry in sorted(values.items()):
         xs = list(entry["runs"].values())
         record = {**entry, "n": len(xs), "mean": statistics.fmean(xs)}
@@ -148,10 +169,12 @@ def load_runs(dirs: list[str | Path]) -> dict[str, dict]:
 
 
 def pooled_markdown(pooled: dict) -> str:
-    lines = [f"# The study's targets over {len(pooled['runs'])} runs ({100 * pooled['level']:.0f}% Student-t "
-             "intervals of the runs' paired gaps)", "",
-             "| run | commit | overrides |", "| --- | --- | --- |"]
-    lines += [f"| {name} | {run['commit']} | {' '.join(run['overrides']) or '-'} |"
+    corpora = pooled.get("corpora", 1)
+    lines = [f"# The study's targets over {len(pooled['runs'])} runs"
+             + (f" of {corpora} corpora" if corpora > 1 else "")
+             + f" ({100 * pooled['level']:.0f}% Student-t intervals of the runs' paired gaps)", "",
+             "| run | commit | overrides | corpus (training / held-out tokens) |", "| --- | --- | --- | --- |"]
+    lines += [f"| {name} | {run['commit']} | {' '.join(run['overrides']) or '-'} | {run.get('corpus', '-')} |"
               for name, run in pooled["runs"].items()]
     lines += ["", "| target | unit | runs | values | mean | sd | 95% interval | limit | verdict |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -17,12 +17,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="results directories of study runs (each holding study.json)")
     parser.add_argument("--out-dir", type=Path, default=None, help="write pooled.json and pooled.md here")
+    parser.add_argument("--mixed-corpora", action="store_true",
+                        help="pool runs trained on different corpora (each run's corpus is listed)")
     args = parser.parse_args(argv)
 
     from moba_train.evaluation import write_json, write_text
     from moba_train.study_pool import load_runs, pool, pooled_markdown
 
-    pooled = pool(load_runs(args.runs))
+    pooled = pool(load_runs(args.runs), mixed_corpora=args.mixed_corpora)
     text = pooled_markdown(pooled)
     print(text, end="")
     if args.out_dir is not None:

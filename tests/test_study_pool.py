@@ -15,7 +15,7 @@ import torch
 
 from moba_train.config import ConfigError
 from moba_train.study import RECIPES, recipe_hashes
-from moba_train.study_pool import load_runs, pool, t_quantile, t_two_sided
+from moba_train.study_pool import load_runs, pool, pooled_markdown, t_quantile, t_two_sided
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAN = {"steps": 1040, "tokens_per_step": 32768, "seq_length": 8192}
@@ -43,7 +43,7 @@ def test_t_two_sided_tends_to_the_normal():
         assert t_two_sided(t, 4000) == pytest.approx(math.erf(t / math.sqrt(2)), abs=2e-4)
 
 
-def _state(full, moba=None, hybrid=None, passkey=None, recall=None, plan=PLAN, recipes=None):
+def _state(full, moba=None, hybrid=None, passkey=None, recall=None, plan=PLAN, recipes=None, corpus=None):
     """A study.json state with the given validation losses (and passkey accuracies at the trained length)."""
     arms = {}
     for name, loss in (("full", full), ("moba", moba), ("hybrid", hybrid)):
@@ -58,6 +58,9 @@ def _state(full, moba=None, hybrid=None, passkey=None, recall=None, plan=PLAN, r
     state = {"arms": arms, "plan": dict(plan), "commit": "abc", "settings": {"overrides": []}}
     if recipes is not None:
         state["recipes"] = recipes
+    if corpus is not None:  # (training tokens, held-out tokens), as build_corpus's manifest records them
+        state["corpus"] = {"splits": {"train": {"tokens": corpus[0], "documents": 6135},
+                                      "valid": {"tokens": corpus[1], "documents": 218}}}
     return state
 
 
@@ -110,6 +113,22 @@ def test_runs_of_other_plans_or_recipes_do_not_pool():
               "b": _state(2.7, moba=2.8, recipes={"pretrain.yaml": "2"})})
     with pytest.raises(ConfigError, match="no study runs"):
         pool({})
+
+
+def test_runs_of_other_corpora_pool_only_when_asked_and_each_run_names_its_corpus():
+    # Session 15 rebuilt the corpus on a fresh machine: other installed packages, another held-out split.
+    old, new = (25_914_024, 789_952), (25_972_346, 741_390)
+    runs = {"a": _state(2.90, moba=3.01, corpus=old), "b": _state(2.72, moba=2.83, corpus=new),
+            "c": _state(2.80, moba=2.91)}  # a run from before study.json recorded its corpus
+    with pytest.raises(ConfigError, match="another corpus than a .*25,972,346 training and 741,390 held-out"):
+        pool(runs)
+    out = pool(runs, mixed_corpora=True)
+    assert [r["corpus"] for r in out["runs"].values()] == ["25,914,024 / 789,952", "25,972,346 / 741,390", "-"]
+    assert out["corpora"] == 2
+    assert out["targets"]["moba_validation_loss_vs_full"]["n"] == 3
+    assert pool({"a": runs["a"], "c": runs["c"]})["corpora"] == 1  # an unrecorded corpus does not count as another
+    markdown = pooled_markdown(out)
+    assert "| b | abc | - | 25,972,346 / 741,390 |" in markdown and "2 corpora" in markdown
 
 
 def test_recipe_hashes_are_those_of_the_study_recipes():
