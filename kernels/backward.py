@@ -501,7 +501,9 @@ MAX_DKDV_SPLITS = 8  # programs sharing one (KV head, block, key tile)'s picks (
 DKDV_WARPS_PER_SM = 8  # warps of dK/dV programs resident per SM (two fp32 [128 or 256, D] accumulators each)
 DKDV_SPLIT_BALANCE = 2  # a split takes at most half a resident program's fair share of the picks
 DKDV_SPLIT_ROWS = None  # picks per split, fixed (tests force splits with it); None: `dkdv_schedule`'s rule
-DKDV_WARP_SPECIALIZE = False  # Triton's automatic warp specialisation of the gathered-query loop (a variant; bench/NOTES.md)
+# Triton's automatic warp specialisation of the gathered-query loop (a variant that does not compile on sm_90 with
+# Triton 3.6; bench/NOTES.md, session 14).
+DKDV_WARP_SPECIALIZE = False
 
 
 def dkdv_tiles(block_size: int, dim: int) -> DkdvTiles:
