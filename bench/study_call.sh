@@ -1,6 +1,11 @@
 # Sourced by bench/h200_session12.sh and h200_session13.sh, after bench/gpu_env.sh, at the repository root of a
 # device call: the corpus unpacked (data/site_corpus.tar.xz, carried) and `study ARMS MINUTES [MORE...]`, one
 # scripts/run_study.py call over $WORK_DIR (default runs/study) with the study's GPU plan; MORE: further flags or overrides.
+if [ ! -f data/site_corpus.tar.xz ]; then
+  echo "error: data/site_corpus.tar.xz is not in this tree: build the corpus here (docs/quality.md, \"The corpus\"), pack" \
+    "it with 'tar -cJf data/site_corpus.tar.xz -C data site_corpus' and carry it" >&2
+  exit 2
+fi
 tar -xJf data/site_corpus.tar.xz -C data || exit 1
 TOKENS=${TOKENS:-34078720}        # 1,040 steps of 4 x 8,192 tokens per arm, as session 11's pilot
 SHORT_TOKENS=${SHORT_TOKENS:-26214400}  # the shared start: 800 steps of 64 x 512 tokens
