@@ -120,6 +120,7 @@ def _dkdv_kernel(
     SUFFIX: tl.constexpr,
     SPLITS: tl.constexpr,
     WARP_SPEC: tl.constexpr = False,
+    PROBE: tl.constexpr = 0,
 ):
     """dK, dV of BLOCK_N keys of one (block, KV head). Grid (extra_programs + NB * TILES_PER_BLOCK * kv_heads,):
     first the further splits of popular blocks, TILES_PER_BLOCK programs per entry of the extra_run /
@@ -135,6 +136,10 @@ def _dkdv_kernel(
     (forward.workspace_rows + slot). CURRENT_DQ (one key tile per block): also write the dQ of the
     block's own queries from their causal dS, complete, into dq (contiguous [T, Hq, D]). The block's
     own queries are its q_start/q_len rows, the first at position q_offset of the block.
+
+    PROBE (timing only, wrong results; `DKDV_PROBE`): bit 1 reads each step's 32 rows of the group's query
+    heads at consecutive tokens instead of the gathered picks (no index load, 512-byte runs); bit 2 drops the
+    dQ partials' product and store. The time each one saves is what the gathers and the partials cost.
 
     q and dO share q's strides; lse and delta are contiguous [T, Hq]; dK, dV share k's strides.
     """
@@ -214,7 +219,14 @@ def _dkdv_kernel(
         for i in tl.range(lo, hi, BLOCK_M, warp_specialize=WARP_SPEC):
             r = i + tl.arange(0, BLOCK_M)
             row_ok = r < hi
-            pick, flat, t, h = load_picks(rows_ptr, first + r, row_ok, SLOTS, num_q_heads)
+            if PROBE & 1:  # rows of this KV head's query heads at consecutive tokens, computed, not loaded
+                seq = first + r
+                t = (seq // GROUP) % num_tokens
+                h = kv_head * GROUP + seq % GROUP
+                flat = t * num_q_heads + h
+                pick = flat * SLOTS
+            else:
+                pick, flat, t, h = load_picks(rows_ptr, first + r, row_ok, SLOTS, num_q_heads)
             q_off = t[:, None] * stride_qt + h[:, None] * stride_qh + dims[None, :]
             q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
             do = tl.load(do_ptr + q_off, mask=row_ok[:, None], other=0.0)
@@ -225,7 +237,7 @@ def _dkdv_kernel(
             dv += tl.dot(p_t.to(do.dtype), do)
             ds_t = (p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])).to(q.dtype)
             dk += tl.dot(ds_t, q)
-            if DQ_WORKSPACE:
+            if DQ_WORKSPACE and (PROBE & 2) == 0:
                 if DQ_TRANSPOSED:  # K^T dS^T: M = head dim, a warpgroup-sized (wgmma) operand
                     dq = tl.trans(tl.dot(tl.trans(k), ds_t)) * scale
                 else:
@@ -504,6 +516,9 @@ DKDV_SPLIT_ROWS = None  # picks per split, fixed (tests force splits with it); N
 # Triton's automatic warp specialisation of the gathered-query loop (a variant that does not compile on sm_90 with
 # Triton 3.6; bench/NOTES.md, session 14).
 DKDV_WARP_SPECIALIZE = False
+# Timing probes of the gathered-query loop, 0 in use (the kernel's PROBE: 1 contiguous rows, 2 no dQ partials, 3
+# both; their results are wrong by design). scripts/bench_kernels.py's d64_probe_* variants set it.
+DKDV_PROBE = 0
 
 
 def dkdv_tiles(block_size: int, dim: int) -> DkdvTiles:
@@ -686,6 +701,7 @@ def attention_backward(
             SUFFIX=layout.suffix,
             SPLITS=splits,
             WARP_SPEC=DKDV_WARP_SPECIALIZE,
+            PROBE=DKDV_PROBE,
             num_warps=kv_tiles.warps,
             num_stages=kv_tiles.stages,
         )

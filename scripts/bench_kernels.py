@@ -303,6 +303,11 @@ VARIANTS = {  # the variants measured in each session are in bench/NOTES.md and 
     "d64_dkdv_ws_k128_w4": ({"backward.DKDV_WARP_SPECIALIZE": True,
                              "backward.DKDV_TILES_D64": DkdvTiles(128, 32, 4, 3)}, ("d64",)),
     "d64_k256_w8_s2": ({"backward.DKDV_TILES_D64": DkdvTiles(256, 32, 8, 2)}, ("d64",)),
+    # session 15: what the r32k-b512 dK/dV spends on the gathers and on the dQ partials (timing probes: their
+    # correctness rows are wrong by design; backward.DKDV_PROBE)
+    "d64_probe_rows": ({"backward.DKDV_PROBE": 1}, ("d64",)),
+    "d64_probe_no_dq": ({"backward.DKDV_PROBE": 2}, ("d64",)),
+    "d64_probe_both": ({"backward.DKDV_PROBE": 3}, ("d64",)),
 }
 VARIANT_SHAPES = {
     "s32k-b128": ((2, 16, 32768, 128, 8, ("fwd", "fwd+bwd"), False), "small"),
