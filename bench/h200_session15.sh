@@ -3,7 +3,8 @@
 # root of a device call; .whl carried:
 #   GIT_COMMIT=<sha> bash bench/h200_session15.sh probe   # r32k-b512: the kept kernel and the dK/dV timing probes
 #                                                        # (gathers replaced by computed rows, dQ partials dropped,
-#                                                        # both), each with its profile's per-kernel times (~3 min)
+#                                                        # both) and the packed dK/dV (backward.DKDV_PACKED), each
+#                                                        # with its profile's per-kernel times (~3-4 min)
 # The quality study's calls are bench/h200_session13.sh's (pair, hybrid, arm5).
 case "${1:-}" in
 probe) ;;
@@ -11,5 +12,5 @@ probe) ;;
 esac
 source bench/gpu_env.sh
 timeout 400 python3 scripts/bench_kernels.py --variants --out "$OUT/probe" --commit "$GIT_COMMIT" \
-  --variant-shapes r32k-b512 --variant-names d64_base,d64_probe_rows,d64_probe_no_dq,d64_probe_both 2>&1 \
+  --variant-shapes r32k-b512 --variant-names d64_base,d64_probe_rows,d64_probe_no_dq,d64_probe_both,d64_packed 2>&1 \
   | grep -v -i warn | grep -v "rel_err" | tail -40

@@ -67,6 +67,25 @@ def _delta_kernel(
 
 
 @triton.jit
+def _pack_picks_kernel(
+    q_ptr, do_ptr, lse_ptr, delta_ptr, rows_ptr, pq_ptr, pdo_ptr, plse_ptr, pdelta_ptr, num_rows, stride_qt,
+    stride_qh, num_q_heads, SLOTS: tl.constexpr, HEAD_DIM: tl.constexpr, ROWS: tl.constexpr,
+):
+    """q, dO, lse and delta of the picks copied in routing order (`DKDV_PACKED`): row j of the packed arrays
+    is pick rows[j]'s, so dK/dV reads a run's picks as contiguous rows. Grid (cdiv(num_rows, ROWS),)."""
+    at = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    ok = at < num_rows
+    pick, flat, t, h = load_picks(rows_ptr, at, ok, SLOTS, num_q_heads)
+    dims = tl.arange(0, HEAD_DIM)
+    src = t[:, None] * stride_qt + h[:, None] * stride_qh + dims[None, :]
+    dst = at.to(tl.int64)[:, None] * HEAD_DIM + dims[None, :]
+    tl.store(pq_ptr + dst, tl.load(q_ptr + src, mask=ok[:, None]), mask=ok[:, None])
+    tl.store(pdo_ptr + dst, tl.load(do_ptr + src, mask=ok[:, None]), mask=ok[:, None])
+    tl.store(plse_ptr + at, tl.load(lse_ptr + flat, mask=ok), mask=ok)
+    tl.store(pdelta_ptr + at, tl.load(delta_ptr + flat, mask=ok), mask=ok)
+
+
+@triton.jit
 def _dkdv_kernel(
     q_ptr,
     k_ptr,
@@ -106,6 +125,10 @@ def _dkdv_kernel(
     run_first_ptr,
     extra_programs,
     bound,
+    pq_ptr,
+    pdo_ptr,
+    plse_ptr,
+    pdelta_ptr,
     GROUP: tl.constexpr,
     SLOTS: tl.constexpr,
     SEGS: tl.constexpr,
@@ -121,6 +144,7 @@ def _dkdv_kernel(
     SPLITS: tl.constexpr,
     WARP_SPEC: tl.constexpr = False,
     PROBE: tl.constexpr = 0,
+    PACKED: tl.constexpr = False,
 ):
     """dK, dV of BLOCK_N keys of one (block, KV head). Grid (extra_programs + NB * TILES_PER_BLOCK * kv_heads,):
     first the further splits of popular blocks, TILES_PER_BLOCK programs per entry of the extra_run /
@@ -136,6 +160,9 @@ def _dkdv_kernel(
     (forward.workspace_rows + slot). CURRENT_DQ (one key tile per block): also write the dQ of the
     block's own queries from their causal dS, complete, into dq (contiguous [T, Hq, D]). The block's
     own queries are its q_start/q_len rows, the first at position q_offset of the block.
+
+    PACKED (`DKDV_PACKED`): the gathered loop reads q, dO, lse and delta from pq/pdo/plse/pdelta, the picks'
+    rows in routing order (`_pack_picks_kernel`), at its run positions: contiguous rows instead of gathers.
 
     PROBE (timing only, wrong results; `DKDV_PROBE`): bit 1 reads each step's 32 rows of the group's query
     heads at consecutive tokens instead of the gathered picks (no index load, 512-byte runs); bit 2 drops the
@@ -227,11 +254,19 @@ def _dkdv_kernel(
                 pick = flat * SLOTS
             else:
                 pick, flat, t, h = load_picks(rows_ptr, first + r, row_ok, SLOTS, num_q_heads)
-            q_off = t[:, None] * stride_qt + h[:, None] * stride_qh + dims[None, :]
-            q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_ptr + q_off, mask=row_ok[:, None], other=0.0)
-            lse = tl.load(lse_ptr + flat, mask=row_ok, other=0.0)
-            delta = tl.load(delta_ptr + flat, mask=row_ok, other=0.0)
+            if PACKED:  # the picks' rows in routing order: this step's are contiguous
+                at = (first + r).to(tl.int64)
+                p_off = at[:, None] * HEAD_DIM + dims[None, :]
+                q = tl.load(pq_ptr + p_off, mask=row_ok[:, None], other=0.0)
+                do = tl.load(pdo_ptr + p_off, mask=row_ok[:, None], other=0.0)
+                lse = tl.load(plse_ptr + at, mask=row_ok, other=0.0)
+                delta = tl.load(pdelta_ptr + at, mask=row_ok, other=0.0)
+            else:
+                q_off = t[:, None] * stride_qt + h[:, None] * stride_qh + dims[None, :]
+                q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
+                do = tl.load(do_ptr + q_off, mask=row_ok[:, None], other=0.0)
+                lse = tl.load(lse_ptr + flat, mask=row_ok, other=0.0)
+                delta = tl.load(delta_ptr + flat, mask=row_ok, other=0.0)
             # Rows past the run load q = dO = lse = delta = 0: p = 1 and dS = 0, so they add exactly 0.
             p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])
             dv += tl.dot(p_t.to(do.dtype), do)
@@ -519,6 +554,10 @@ DKDV_WARP_SPECIALIZE = False
 # Timing probes of the gathered-query loop, 0 in use (the kernel's PROBE: 1 contiguous rows, 2 no dQ partials, 3
 # both; their results are wrong by design). scripts/bench_kernels.py's d64_probe_* variants set it.
 DKDV_PROBE = 0
+# q, dO, lse and delta copied once into routing order so that dK/dV reads contiguous rows (a variant, off until
+# timed: bench/NOTES.md, session 15; S x T x Hq rows of 2 x D bf16 + 2 fp32 more memory).
+DKDV_PACKED = False
+PACK_ROWS = 64
 
 
 def dkdv_tiles(block_size: int, dim: int) -> DkdvTiles:
@@ -647,6 +686,16 @@ def attention_backward(
         part_dk, part_dv = (torch.empty(2 * bound, ktiles * kv_tiles.key_tile, dim, dtype=torch.float32,
                                         device=k.device) for _ in range(2))
 
+    packed = (q, dout, lse, delta)  # unread unless DKDV_PACKED
+    if DKDV_PACKED and slots > 0:
+        num_rows = routing.rows.numel()
+        packed = (q.new_empty(num_rows, dim), q.new_empty(num_rows, dim),
+                  *(torch.empty(num_rows, dtype=torch.float32, device=q.device) for _ in range(2)))
+        _pack_picks_kernel[(triton.cdiv(num_rows, PACK_ROWS),)](
+            q, dout, lse, delta, routing.rows, *packed, num_rows, q.stride(0), q.stride(1), hq,
+            SLOTS=slots, HEAD_DIM=dim, ROWS=PACK_ROWS,
+        )
+
     def dkdv(kv_head0, heads, part_dq):
         _dkdv_kernel[(extra_programs + nb * ktiles * heads,)](
             q,
@@ -687,6 +736,7 @@ def attention_backward(
             run_first,
             extra_programs,
             bound,
+            *packed,
             GROUP=group,
             SLOTS=slots,
             SEGS=segs,
@@ -702,6 +752,7 @@ def attention_backward(
             SPLITS=splits,
             WARP_SPEC=DKDV_WARP_SPECIALIZE,
             PROBE=DKDV_PROBE,
+            PACKED=DKDV_PACKED and slots > 0,
             num_warps=kv_tiles.warps,
             num_stages=kv_tiles.stages,
         )

@@ -308,6 +308,8 @@ VARIANTS = {  # the variants measured in each session are in bench/NOTES.md and 
     "d64_probe_rows": ({"backward.DKDV_PROBE": 1}, ("d64",)),
     "d64_probe_no_dq": ({"backward.DKDV_PROBE": 2}, ("d64",)),
     "d64_probe_both": ({"backward.DKDV_PROBE": 3}, ("d64",)),
+    # and the kernel the probes would call for: q, dO, lse and delta packed into routing order (a correct variant)
+    "d64_packed": ({"backward.DKDV_PACKED": True}, ("d64",)),
 }
 VARIANT_SHAPES = {
     "s32k-b128": ((2, 16, 32768, 128, 8, ("fwd", "fwd+bwd"), False), "small"),

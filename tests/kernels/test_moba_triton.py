@@ -376,6 +376,28 @@ def test_extra_splits_list_every_further_split_of_each_run():
     assert first.tolist()[2:5] == [0, 2, 3]  # where each split run's further splits start
 
 
+@pytest.mark.parametrize("case", [([0, 300, 620], 4, 2, 32, 64, 3, False), ([0, 1100], 2, 1, 16, 512, 2, False)],
+                         ids=["gqa-varlen-b64", "b512-two-key-tiles"])
+def test_packed_dkdv_matches_naive_and_the_gathered_kernel(case, monkeypatch):
+    """DKDV_PACKED (q, dO, lse and delta copied into routing order, read as contiguous rows) against the
+    definition, and against the gathered reads: the same products of the same rows, so the same bits."""
+    from moba_train.kernels import backward
+
+    cu, hq, hkv, dim, block, topk, shared = case
+    q, k, v, cu_t = inputs(cu, hq, hkv, dim, torch.float16, seed=5)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    dout = torch.randn(cu[-1], hq, dim, generator=torch.Generator().manual_seed(2)).to(DEVICE, q.dtype)
+    ref = moba_attention_naive(q.float(), k.float(), v.float(), cu_seqlens=cu_t, block_size=block, topk=topk)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout.float())
+    results = {}
+    for packed in (False, True):
+        monkeypatch.setattr(backward, "DKDV_PACKED", packed)
+        out = moba_attention_triton(q, k, v, cu_t, block, topk, shared_gqa_selection=shared)
+        results[packed] = torch.autograd.grad(out, (q, k, v), dout)
+    assert_close_to_naive(out, results[True], ref, ref_grads)
+    assert all(torch.equal(a, b) for a, b in zip(results[True], results[False]))
+
+
 @pytest.mark.parametrize("splits, split_rows", [(1, None), (3, None), (8, None), (8, 40)])
 def test_dkdv_split_over_programs_matches_naive_when_one_block_draws_every_pick(splits, split_rows, monkeypatch):
     """A shared offset in the queries and in block 0's keys makes every query pick block 0 (the skew of
