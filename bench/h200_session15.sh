@@ -11,6 +11,10 @@ probe) ;;
 *) echo "usage: bash bench/h200_session15.sh probe" >&2; exit 2 ;;
 esac
 source bench/gpu_env.sh
+# The dK/dV kernel gained the variants' arguments after its last GPU run: its compiled tests first.
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_moba_triton.py \
+  -k "dkdv or split or packed or output_and_gradients or suffix" > "$OUT/gpu-tests.log" 2>&1
+tail -3 "$OUT/gpu-tests.log"
 timeout 400 python3 scripts/bench_kernels.py --variants --out "$OUT/probe" --commit "$GIT_COMMIT" \
   --variant-shapes r32k-b512 --variant-names d64_base,d64_probe_rows,d64_probe_no_dq,d64_probe_both,d64_packed 2>&1 \
   | grep -v -i warn | grep -v "rel_err" | tail -40
