@@ -82,12 +82,12 @@ def _samples(state: dict) -> dict[str, tuple[float, float | None, str]]:
     return out
 
 
-def corpus_name(state: dict) -> str | None:
-    """'training tokens / held-out tokens' of the corpus a run trained on; None where study.json has none."""
+def corpus_tokens(state: dict) -> tuple[int, int] | None:
+    """(training tokens, held-out tokens) of the corpus a run trained on; None where study.json has none."""
     splits = (state.get("corpus") or {}).get("splits") or {}
     if "train" not in splits or "valid" not in splits:
         return None
-    return f"{splits['train']['tokens']:,} / {splits['valid']['tokens']:,}"
+    return splits["train"]["tokens"], splits["valid"]["tokens"]
 
 
 def pool(runs: dict[str, dict], mixed_corpora: bool = False) -> dict:
@@ -106,15 +106,15 @@ def pool(runs: dict[str, dict], mixed_corpora: bool = False) -> dict:
         if a and b and a != b:
             raise ConfigError(f"{name} trained other study recipes than {names[0]} (configs/study hashes "
                               "differ): pool only runs of one recipe")
-    corpora = {name: corpus_name(state) for name, state in runs.items()}
+    corpora = {name: corpus_tokens(state) for name, state in runs.items()}
     known = {name: corpus for name, corpus in corpora.items() if corpus is not None}
     if len(set(known.values())) > 1 and not mixed_corpora:
         a, *others = known
         b = next(name for name in others if known[name] != known[a])
-        tokens = " training and ".join(known[b].split(" / "))
-        raise ConfigError(f"{b} was trained on another corpus than {a} ({tokens} held-out tokens against "
-                          f"{known[a]}): pool only runs of one corpus, or pass --mixed-corpora to count the "
-                          "corpus as one more source of spread")
+        raise ConfigError(f"{b} was trained on another corpus than {a} ({known[b][0]:,} training and "
+                          f"{known[b][1]:,} held-out tokens against {known[a][0]:,} / {known[a][1]:,}): pool "
+                          "only runs of one corpus, or pass --mixed-corpora to count the corpus as one more "
+                          "source of spread")
     values: dict[str, dict] = {}
     for name in names:
         for target, (value, limit, unit) in _samples(runs[name]).items():
@@ -122,7 +122,8 @@ def pool(runs: dict[str, dict], mixed_corpora: bool = False) -> dict:
             entry["runs"][name] = value
     out = {"level": LEVEL, "runs": {name: {"commit": runs[name].get("commit"),
                                            "overrides": runs[name].get("settings", {}).get("overrides", []),
-                                           "corpus": corpora[name] or "-"}
+                                           "corpus": "-" if corpora[name] is None
+                                           else f"{corpora[name][0]:,} / {corpora[name][1]:,}"}
                                     for name in names},
            "plan": first.get("plan"), "corpora": max(1, len(set(known.values()))), "targets": {}}
     for target, entry in sorted(values.items()):
