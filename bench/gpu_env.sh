@@ -13,6 +13,9 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 GIT_COMMIT=${GIT_COMMIT:-unk
 [ "$GIT_COMMIT" = unknown ] && echo "GIT_COMMIT is not set: results will name commit 'unknown'; pass" \
   "GIT_COMMIT=<sha> in the device command (sessions 12 and 13 corrected three results by hand)" >&2
 ln -sfn ../kernels moba_train/kernels     # the GPU image's pip cannot install the checkout (see bench/NOTES.md)
+# tests/conftest.py takes the checkout's root off sys.path (its kernels/ would shadow the hub package of that name), so
+# pytest finds the package through /tmp/site (session 16's first call: the compiled tests failed to import it).
+ln -sfn "$PWD/moba_train" /tmp/site/moba_train
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 RECIPE=configs/llama1b_moba_32k.yaml
 COMMON="data.kind=synthetic logging.progress_bar=off train.global_batch_size=2"
