@@ -59,7 +59,7 @@ def rel_err(a, b) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-CORRECTNESS_CASES = [  # name, cu_seqlens, Hq, Hkv, D, block, top-k, shared GQA selection
+CORRECTNESS_CASES = [  # name, cu_seqlens, Hq, Hkv, D, block, top-k, shared GQA selection[, skewed routing]
     ("mha_b128_top8", [0, 3072, 6144], 16, 16, 128, 128, 8, False),
     ("gqa_varlen_b64_top4_shared", [0, 1000, 1017, 3000], 8, 2, 64, 64, 4, True),
     ("gqa_b48_top3", [0, 2000], 4, 2, 128, 48, 3, False),
@@ -67,6 +67,10 @@ CORRECTNESS_CASES = [  # name, cu_seqlens, Hq, Hkv, D, block, top-k, shared GQA 
     # the training recipes' head dim: workspace dQ (block 512) and slot passes both ways (block 2048)
     ("gqa_d64_varlen_b512_top3", [0, 4100, 6144], 8, 2, 64, 512, 3, False),
     ("gqa_d64_varlen_b2048_top4", [0, 9000, 12288], 8, 2, 64, 2048, 4, False),
+    # the quality study's attention (configs/study: 12 query / 4 KV heads, a group of 3), at its 8K length, with
+    # random routing and with training's skew (every query draws its sequence's first block: split dK/dV programs)
+    ("study_d64_g3_b512_top3", [0, 8192, 16384], 12, 4, 64, 512, 3, False),
+    ("study_d64_g3_b512_top3_skew", [0, 8192, 16384], 12, 4, 64, 512, 3, False, True),
 ]
 
 
@@ -76,12 +80,18 @@ def check_correctness(naive, only_dim: int | None = None) -> dict:
     results = {}
     torch.manual_seed(0)
     cases = [case for case in CORRECTNESS_CASES if only_dim is None or case[4] == only_dim]
-    for name, cu, hq, hkv, dim, block, topk, shared in cases:
+    for name, cu, hq, hkv, dim, block, topk, shared, *skew in cases:
         cu_t = torch.tensor(cu, dtype=torch.int32, device="cuda")
         total = cu[-1]
-        q = torch.randn(total, hq, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        k = torch.randn(total, hkv, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        q = torch.randn(total, hq, dim, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(total, hkv, dim, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(total, hkv, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        if skew and skew[0]:  # as bench_shape's skew
+            q += 1.0
+            for start in cu[:-1]:
+                k[start:start + block] += 2.0
+        q.requires_grad_()
+        k.requires_grad_()
         sel = moba_selection_triton(q, k, cu_t, block, topk, shared)
         sel_ref = naive.moba_selection_naive(
             q, k, cu_seqlens=cu_t, block_size=block, topk=topk, shared_gqa_selection=shared
@@ -310,6 +320,9 @@ VARIANTS = {  # the variants measured in each session are in bench/NOTES.md and 
     "d64_probe_both": ({"backward.DKDV_PROBE": 3}, ("d64",)),
     # and the kernel the probes would call for: q, dO, lse and delta packed into routing order (a correct variant)
     "d64_packed": ({"backward.DKDV_PACKED": True}, ("d64",)),
+    # session 16: the packed dK/dV at the standard shapes (head dim 128) too, before it could become the default
+    "std_base": ({}, ("small", "bwd")),
+    "std_packed": ({"backward.DKDV_PACKED": True}, ("small", "bwd")),
 }
 VARIANT_SHAPES = {
     "s32k-b128": ((2, 16, 32768, 128, 8, ("fwd", "fwd+bwd"), False), "small"),

@@ -15,11 +15,12 @@ from moba_train.attention.naive import moba_attention_naive, moba_selection_naiv
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 # (cu_seqlens, Hq, Hkv, D, block, topk, shared_gqa_selection): varlen with a 7-token sequence and
-# partial last blocks, GQA, a block size that is not a power of two, topk larger than the blocks.
+# partial last blocks, GQA (groups of 2 and 3), a block size that is not a power of two, topk larger than the blocks.
 CASES = [
     ([0, 100, 107, 200], 4, 2, 32, 16, 3, False),
     ([0, 150], 2, 1, 64, 48, 2, False),
     ([0, 90, 170], 4, 2, 16, 16, 8, True),
+    ([0, 130, 200], 6, 2, 16, 32, 3, False),  # a GQA group of 3 (the quality study's 12 / 4 heads)
 ]
 # Block 512: 128-row gathered query tiles (forward, dQ in 64-row sub-tiles) and 128-key dK/dV tiles;
 # a partial last block and more than 128 queries per past-block segment (two query tiles).

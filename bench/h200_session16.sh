@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Session 16's kernel call, one H200, from the repository root of a device call; .whl carried:
+#   GIT_COMMIT=<sha> bash bench/h200_session16.sh kernel   # the compiled kernel tests (session 15's did not import),
+#                                                         # correctness at the quality study's shape (12 / 4 heads,
+#                                                         # 8K, block 512, top-3; random and skewed routing), and
+#                                                         # the packed dK/dV (backward.DKDV_PACKED) against the
+#                                                         # kernel in use at the recipe and standard shapes (~4 min)
+# The quality study's calls are bench/h200_session13.sh's (pair, hybrid, arm5).
+case "${1:-}" in
+kernel) ;;
+*) echo "usage: bash bench/h200_session16.sh kernel" >&2; exit 2 ;;
+esac
+source bench/gpu_env.sh
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_moba_triton.py \
+  -k "dkdv or split or packed or output_and_gradients or suffix" > "$OUT/gpu-tests.log" 2>&1
+tail -3 "$OUT/gpu-tests.log"
+timeout 360 python3 scripts/bench_kernels.py --variants --out "$OUT/packed" --commit "$GIT_COMMIT" \
+  --variant-shapes r32k-b512,r32k-b2048,r32k-b512-skew,s32k-b128,s32k-b512 \
+  --variant-names d64_base,d64_packed,std_base,std_packed 2>&1 | grep -v -i warn | grep -v "rel_err" | tail -45
