@@ -5,12 +5,24 @@
 #                                                         # 8K, block 512, top-3; random and skewed routing), and
 #                                                         # the packed dK/dV (backward.DKDV_PACKED) against the
 #                                                         # kernel in use at the recipe and standard shapes (~4 min)
+#   GIT_COMMIT=<sha> bash bench/h200_session16.sh train    # after the packed dK/dV became the default where a block
+#                                                         # has several key tiles: its compiled tests, then the 1.1B
+#                                                         # recipe at 32K, full attention and MoBA b512 top-3 (~2 min)
 # The quality study's calls are bench/h200_session13.sh's (pair, hybrid, arm5).
 case "${1:-}" in
-kernel) ;;
-*) echo "usage: bash bench/h200_session16.sh kernel" >&2; exit 2 ;;
+kernel|train) ;;
+*) echo "usage: bash bench/h200_session16.sh kernel|train" >&2; exit 2 ;;
 esac
 source bench/gpu_env.sh
+if [ "$1" = train ]; then
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_moba_triton.py \
+    -k "packs_the_picks or packed_dkdv" > "$OUT/gpu-tests.log" 2>&1
+  tail -3 "$OUT/gpu-tests.log"
+  timeout 300 python3 scripts/bench_train.py --config $RECIPE $COMMON train.recompute=none --warmup 2 --steps 6 \
+    --profile --arm full:attention.mode=full --arm "moba512:attention.block_size=512,attention.topk=3" \
+    --out "$OUT/train-h200-${GIT_COMMIT:0:7}-32k.json" 2>&1 | grep -v -i warn | tail -30
+  exit
+fi
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_moba_triton.py \
   -k "dkdv or split or packed or output_and_gradients or suffix" > "$OUT/gpu-tests.log" 2>&1
 tail -3 "$OUT/gpu-tests.log"

@@ -554,9 +554,12 @@ DKDV_WARP_SPECIALIZE = False
 # Timing probes of the gathered-query loop, 0 in use (the kernel's PROBE: 1 contiguous rows, 2 no dQ partials, 3
 # both; their results are wrong by design). scripts/bench_kernels.py's d64_probe_* variants set it.
 DKDV_PROBE = 0
-# q, dO, lse and delta copied once into routing order so that dK/dV reads contiguous rows (a variant, off until
-# timed: bench/NOTES.md, session 15; S x T x Hq rows of 2 x D bf16 + 2 fp32 more memory).
-DKDV_PACKED = False
+# q, dO, lse and delta copied once into routing order so that dK/dV reads contiguous rows: S x T x Hq rows of
+# 2 x D bf16 + 2 fp32 more memory, for the backward pass only. None: where a block has more than one key tile (each
+# pick is then read by several programs, and one copy replaces their gathers); True / False: always / never.
+# Session 16 (bench/NOTES.md): fwd+bwd 256 -> 279 TFLOP/s at r32k-b2048, 184 -> 196 at r32k-b512, 202 -> 211 at
+# s32k-b512; at s32k-b128 (one key tile) 164 -> 160 and 3.5 GiB more, hence the rule.
+DKDV_PACKED: bool | None = None
 PACK_ROWS = 64
 
 
@@ -686,8 +689,9 @@ def attention_backward(
         part_dk, part_dv = (torch.empty(2 * bound, ktiles * kv_tiles.key_tile, dim, dtype=torch.float32,
                                         device=k.device) for _ in range(2))
 
-    packed = (q, dout, lse, delta)  # unread unless DKDV_PACKED
-    if DKDV_PACKED and slots > 0:
+    pack = slots > 0 and (ktiles > 1 if DKDV_PACKED is None else DKDV_PACKED)
+    packed = (q, dout, lse, delta)  # unread unless packed
+    if pack:
         num_rows = routing.rows.numel()
         packed = (q.new_empty(num_rows, dim), q.new_empty(num_rows, dim),
                   *(torch.empty(num_rows, dtype=torch.float32, device=q.device) for _ in range(2)))
@@ -752,7 +756,7 @@ def attention_backward(
             SPLITS=splits,
             WARP_SPEC=DKDV_WARP_SPECIALIZE,
             PROBE=DKDV_PROBE,
-            PACKED=DKDV_PACKED and slots > 0,
+            PACKED=pack,
             num_warps=kv_tiles.warps,
             num_stages=kv_tiles.stages,
         )

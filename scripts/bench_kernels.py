@@ -323,6 +323,8 @@ VARIANTS = {  # the variants measured in each session are in bench/NOTES.md and 
     # session 16: the packed dK/dV at the standard shapes (head dim 128) too, before it could become the default
     "std_base": ({}, ("small", "bwd")),
     "std_packed": ({"backward.DKDV_PACKED": True}, ("small", "bwd")),
+    # after session 16 (packed where a block has several key tiles): the gathered dK/dV everywhere, for comparison
+    "d64_gathered": ({"backward.DKDV_PACKED": False}, ("d64",)),
 }
 VARIANT_SHAPES = {
     "s32k-b128": ((2, 16, 32768, 128, 8, ("fwd", "fwd+bwd"), False), "small"),

@@ -423,3 +423,31 @@ def test_dkdv_split_over_programs_matches_naive_when_one_block_draws_every_pick(
     ref = moba_attention_naive(q.float(), k.float(), v.float(), cu_seqlens=cu_t, block_size=block, topk=topk)
     ref_grads = torch.autograd.grad(ref, (q, k, v), dout.float())
     assert_close_to_naive(out, grads, ref, ref_grads)
+
+
+def test_dkdv_packs_the_picks_only_where_a_block_has_several_key_tiles(monkeypatch):
+    """DKDV_PACKED None (the default): the copy into routing order runs where each pick is read by several
+    key-tile programs (block 512: two tiles of 256 keys at this head dim) and not where one program reads it
+    (block 64), where it would only add a copy (bench/NOTES.md, session 16)."""
+    from moba_train.kernels import backward
+
+    launches = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(backward, "_pack_picks_kernel", Spy(backward._pack_picks_kernel))
+    assert backward.DKDV_PACKED is None
+    for block, tiles, want in ((64, 1, 0), (512, 2, 1)):
+        assert backward.dkdv_tiles(block, 16).key_tile * tiles == block
+        launches.clear()
+        q, k, v, cu_t = inputs([0, 1100], 2, 1, 16, torch.float16, seed=3)
+        v.requires_grad_()
+        out = moba_attention_triton(q, k, v, cu_t, block, 3)
+        out.sum().backward()
+        assert len(launches) == want, (block, launches)
