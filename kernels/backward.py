@@ -166,7 +166,8 @@ def _dkdv_kernel(
 
     PROBE (timing only, wrong results; `DKDV_PROBE`): bit 1 reads each step's 32 rows of the group's query
     heads at consecutive tokens instead of the gathered picks (no index load, 512-byte runs); bit 2 drops the
-    dQ partials' product and store. The time each one saves is what the gathers and the partials cost.
+    dQ partials' product and store; bit 4 keeps the product but sums it in registers instead of transposing
+    and storing it. The time each one saves is what the gathers, the partials and their stores cost.
 
     q and dO share q's strides; lse and delta are contiguous [T, Hq]; dK, dV share k's strides.
     """
@@ -212,6 +213,8 @@ def _dkdv_kernel(
     kv_off = (start + cols)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
     k = tl.load(k_ptr + kv_off, mask=active_ok[:, None], other=0.0)
     v = tl.load(v_ptr + kv_off, mask=active_ok[:, None], other=0.0)
+    if PROBE & 4:  # the dQ partials' products, summed in registers (see the gathered loop)
+        dq_sum = tl.zeros([HEAD_DIM, BLOCK_M], dtype=tl.float32)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     # Causal queries of the block itself: rows from the first query tile that reaches these keys.
@@ -272,7 +275,9 @@ def _dkdv_kernel(
             dv += tl.dot(p_t.to(do.dtype), do)
             ds_t = (p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])).to(q.dtype)
             dk += tl.dot(ds_t, q)
-            if DQ_WORKSPACE and (PROBE & 2) == 0:
+            if DQ_WORKSPACE and (PROBE & 4) != 0:
+                dq_sum += tl.dot(tl.trans(k), ds_t)
+            if DQ_WORKSPACE and (PROBE & 6) == 0:
                 if DQ_TRANSPOSED:  # K^T dS^T: M = head dim, a warpgroup-sized (wgmma) operand
                     dq = tl.trans(tl.dot(tl.trans(k), ds_t)) * scale
                 else:
@@ -284,6 +289,8 @@ def _dkdv_kernel(
                     dq.to(part_dq_ptr.dtype.element_ty),
                     mask=row_ok[:, None],
                 )
+    if PROBE & 4:  # keeps the products alive: a term far below dK's bf16 resolution (x * 0.0 may fold away)
+        dk += tl.sum(dq_sum, 1)[None, :] * 1e-30
     if SPLITS == 1:
         tl.store(dk_ptr + kv_off, (dk * scale).to(dk_ptr.dtype.element_ty), mask=col_ok[:, None])
         tl.store(dv_ptr + kv_off, dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None])
@@ -552,7 +559,8 @@ DKDV_SPLIT_ROWS = None  # picks per split, fixed (tests force splits with it); N
 # Triton 3.6; bench/NOTES.md, session 14).
 DKDV_WARP_SPECIALIZE = False
 # Timing probes of the gathered-query loop, 0 in use (the kernel's PROBE: 1 contiguous rows, 2 no dQ partials, 3
-# both; their results are wrong by design). scripts/bench_kernels.py's d64_probe_* variants set it.
+# both, 4 the dQ partials' products without their stores; their results are wrong by design).
+# scripts/bench_kernels.py's d64_probe_* variants set it.
 DKDV_PROBE = 0
 # q, dO, lse and delta copied once into routing order so that dK/dV reads contiguous rows: S x T x Hq rows of
 # 2 x D bf16 + 2 fp32 more memory, for the backward pass only. None: where a block has more than one key tile (each

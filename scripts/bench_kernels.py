@@ -318,6 +318,8 @@ VARIANTS = {  # the variants measured in each session are in bench/NOTES.md and 
     "d64_probe_rows": ({"backward.DKDV_PROBE": 1}, ("d64",)),
     "d64_probe_no_dq": ({"backward.DKDV_PROBE": 2}, ("d64",)),
     "d64_probe_both": ({"backward.DKDV_PROBE": 3}, ("d64",)),
+    # session 16: of the dQ partials' 2.1 ms, the products alone (summed in registers, not transposed nor stored)
+    "d64_probe_dq_product": ({"backward.DKDV_PROBE": 4}, ("d64",)),
     # and the kernel the probes would call for: q, dO, lse and delta packed into routing order (a correct variant)
     "d64_packed": ({"backward.DKDV_PACKED": True}, ("d64",)),
     # session 16: the packed dK/dV at the standard shapes (head dim 128) too, before it could become the default
