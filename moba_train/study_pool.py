@@ -16,6 +16,11 @@ gap only): it is reported, without a verdict.
 
     python scripts/pool_study.py bench/results/quality/h200-8668204-short bench/results/quality/h200-f617509-a ...
 
+A mean hides a recipe that sometimes fails outright (session 16: of six hybrid runs whose recall was
+measured, one recalled 6% of the mixed recall task's facts, as pure MoBA does, where the others recalled
+98-99%). So the pool also counts, per arm, the runs whose recall of the mixed task is below half of full
+attention's in the same run (`retrieval_failures`), over the runs where full attention's recall is informative.
+
 Runs pool only if they share the plan (steps, tokens, lengths, the shared start) and, where both recorded
 them, the study recipes (`recipes` in study.json: a SHA-256 of each configs/study file) and the corpus (its
 training and held-out token counts). The corpus is built from a machine's installed packages, so a fresh
@@ -31,7 +36,7 @@ import statistics
 from pathlib import Path
 
 from moba_train.config import ConfigError
-from moba_train.study import targets
+from moba_train.study import INFORMATIVE_ACCURACY, targets
 
 LEVEL = 0.95
 """Two-sided coverage of the intervals."""
@@ -82,6 +87,31 @@ def _samples(state: dict) -> dict[str, tuple[float, float | None, str]]:
     return out
 
 
+RETRIEVAL_ARMS = ("moba", "hybrid", "cpt")
+"""Arms whose recall of the mixed task (`data.recall_mix` in their training) is compared with full attention's."""
+
+
+def _mixed_recall(state: dict, arm: str) -> float | None:
+    """An arm's exact-fact accuracy on the mixed recall task; None where the run did not train or measure it."""
+    recall = (((state.get("arms") or {}).get(arm) or {}).get("eval") or {}).get("recall")
+    return None if not recall else recall.get("fact_accuracy")
+
+
+def retrieval_failures(runs: dict[str, dict]) -> dict[str, dict]:
+    """Per arm: {runs: {name: (arm's recall, full's recall)}, failed: [names]}, over the runs where both were
+    measured and full attention's recall is informative; a run fails where the arm's is below half of full's."""
+    out = {}
+    for arm in RETRIEVAL_ARMS:
+        pairs = {}
+        for name, state in runs.items():
+            full, other = _mixed_recall(state, "full"), _mixed_recall(state, arm)
+            if full is not None and other is not None and full >= INFORMATIVE_ACCURACY:
+                pairs[name] = (other, full)
+        if pairs:
+            out[arm] = {"runs": pairs, "failed": [name for name, (a, f) in pairs.items() if a < f / 2]}
+    return out
+
+
 def corpus_tokens(state: dict) -> tuple[int, int] | None:
     """(training tokens, held-out tokens) of the corpus a run trained on; None where study.json has none."""
     splits = (state.get("corpus") or {}).get("splits") or {}
@@ -125,7 +155,8 @@ def pool(runs: dict[str, dict], mixed_corpora: bool = False) -> dict:
                                            "corpus": "-" if corpora[name] is None
                                            else f"{corpora[name][0]:,} / {corpora[name][1]:,}"}
                                     for name in names},
-           "plan": first.get("plan"), "corpora": max(1, len(set(known.values()))), "targets": {}}
+           "plan": first.get("plan"), "corpora": max(1, len(set(known.values()))), "targets": {},
+           "retrieval_failures": retrieval_failures(runs)}
     for target, entry in sorted(values.items()):
         xs = list(entry["runs"].values())
         record = {**entry, "n": len(xs), "mean": statistics.fmean(xs)}
@@ -186,4 +217,13 @@ def pooled_markdown(pooled: dict) -> str:
         limit = "-" if t["limit"] is None else f"{t['limit']:.2f}"
         lines.append(f"| {name} | {t['unit']} | {t['n']} | {values} | {t['mean']:.2f} | {sd} | {interval} | "
                      f"{limit} | {t['verdict']} |")
+    failures = pooled.get("retrieval_failures") or {}
+    if failures:
+        lines += ["", "Runs that learned no retrieval: the arm's recall of the mixed task's facts below half of full "
+                  "attention's in the same run.", "",
+                  "| arm | failed / runs | recall, arm / full (each run) | failed runs |", "| --- | --- | --- | --- |"]
+        for arm, record in failures.items():
+            each = ", ".join(f"{100 * a:.0f} / {100 * f:.0f}" for a, f in record["runs"].values())
+            lines.append(f"| {arm} | {len(record['failed'])} / {len(record['runs'])} | {each} | "
+                         f"{', '.join(record['failed']) or '-'} |")
     return "\n".join(lines) + "\n"

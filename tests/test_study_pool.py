@@ -164,3 +164,35 @@ def test_cli_writes_the_pooled_files_and_rejects_a_directory_without_a_run(tmp_p
     assert capsys.readouterr().err.splitlines() == [
         f"error: {empty} holds no study.json: give the results directories of study runs"]
     assert not (empty / "pooled.json").exists()
+
+
+def test_runs_where_an_arm_learned_no_retrieval_are_counted_and_named():
+    """A run fails where the arm's mixed-task recall is below half of full attention's in that run; runs where
+    full attention itself recalls too little to judge by, or where the arm's recall was not measured, do not count."""
+    mixed = {"ok": (0.98, 0.99), "failed": (0.057, 0.979), "edge": (0.5, 0.98), "weak_full": (0.01, 0.05),
+             "unmeasured": (None, 0.97)}
+    runs = {}
+    for name, (hybrid, full) in mixed.items():
+        state = _state(2.72, hybrid=2.73)
+        state["arms"]["full"]["eval"]["recall"] = {"fact_accuracy": full}
+        if hybrid is not None:
+            state["arms"]["hybrid"]["eval"]["recall"] = {"fact_accuracy": hybrid}
+        runs[name] = state
+    record = pool(runs)["retrieval_failures"]
+    assert list(record) == ["hybrid"]  # no MoBA or arm-4 recall measured in these runs
+    assert record["hybrid"]["runs"] == {"ok": (0.98, 0.99), "failed": (0.057, 0.979), "edge": (0.5, 0.98)}
+    assert record["hybrid"]["failed"] == ["failed"]  # 0.5 is above half of 0.98
+    text = pooled_markdown(pool(runs))
+    assert "| hybrid | 1 / 3 | 98 / 99, 6 / 98, 50 / 98 | failed |" in text
+
+
+def test_the_committed_session16_pool_is_what_its_runs_give():
+    """bench/results/quality/pooled-session16 against pooling its ten committed runs again: the same verdicts and
+    the same retrieval failures (seed 7890's hybrid, docs/quality.md, session 16)."""
+    committed = json.loads((ROOT / "bench/results/quality/pooled-session16/pooled.json").read_text())
+    again = pool(load_runs([ROOT / "bench/results/quality" / name for name in committed["runs"]]), mixed_corpora=True)
+    assert {k: v["verdict"] for k, v in again["targets"].items()} == {
+        k: v["verdict"] for k, v in committed["targets"].items()}
+    failed = {arm: record["failed"] for arm, record in again["retrieval_failures"].items()}
+    assert failed == {arm: record["failed"] for arm, record in committed["retrieval_failures"].items()}
+    assert failed["hybrid"] == ["h200-3f48023-seed7890"]
