@@ -204,6 +204,13 @@ class TrainConfig(_Section):
     """Validation every N steps; 0 disables."""
     eval_steps: int = Field(2, ge=1)
     """Validation micro-batches per evaluation."""
+    eval_passkey: int = Field(0, ge=0)
+    """Passkey prompts per evaluation, an in-training retrieval check (indexed data): a five-digit key hidden in
+    held-out text at train.seq_length, needle depths 0, 1/4, 1/2, 3/4 and 1 in turn, asked for at the end (the
+    prompts of scripts/evaluate.py). Logged: `val/passkey_loss`, the loss on the key's tokens (about ln 10 per
+    digit while the model guesses, near 0 once it retrieves), and `val/passkey_found`, the share of keys whose
+    every token gets over half the model's probability (a lower bound on exact-answer accuracy). Rounded up to
+    whole micro-batches on every data-parallel rank; 0: off."""
 
     @model_validator(mode="after")
     def _warmup(self):
@@ -387,6 +394,9 @@ class Config(_Section):
         ):
             if getattr(self.data, name) and self.data.kind != "indexed":
                 raise ValueError(f"data.{name} {does} and needs data.kind 'indexed'; {advice}")
+        if self.train.eval_passkey and (self.data.kind != "indexed" or not self.train.eval_interval):
+            raise ValueError("train.eval_passkey hides keys in held-out text at every evaluation and needs "
+                             "data.kind 'indexed' and train.eval_interval > 0; set it to 0 or give both")
         shares = self.data.passkey_mix + self.data.recall_mix + self.data.copy_mix
         if shares > 1:
             raise ValueError(f"data.passkey_mix + data.recall_mix + data.copy_mix is {shares:g}; the shares of "

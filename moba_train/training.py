@@ -16,6 +16,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -118,9 +119,12 @@ POSITION_BUCKETS = 4
 
 
 @torch.no_grad()
-def evaluate(model, dataset, cfg: Config, env: DistEnv) -> dict[str, float]:
+def evaluate(model, dataset, cfg: Config, env: DistEnv, passkey=None) -> dict[str, float]:
     """`val/loss`: mean per-token loss over the first `train.eval_steps` global micro-batches of `dataset`;
-    `val/loss_by_position/<first>-<end>`: the same over positions [first, end) of the sequences (quarters)."""
+    `val/loss_by_position/<first>-<end>`: the same over positions [first, end) of the sequences (quarters);
+    with the `passkey` documents (`data.build_passkey_validation`) also `val/passkey_loss` and
+    `val/passkey_found` (`passkey_check`)."""
+    result = passkey_check(model, passkey, cfg, env) if passkey is not None else {}
     model.eval()
     batches = data.build_dataloader(dataset, cfg, env, consumed_samples=0)
     length = cfg.train.seq_length
@@ -137,11 +141,37 @@ def evaluate(model, dataset, cfg: Config, env: DistEnv) -> dict[str, float]:
         sums[1].index_add_(0, bucket.flatten(), mask.flatten())
     dist.all_reduce(sums, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     model.train()
-    result = {"val/loss": float(sums[0].sum() / sums[1].sum())}
+    result["val/loss"] = float(sums[0].sum() / sums[1].sum())
     for i, (first, end) in enumerate(zip(edges[:-1], edges[1:])):
         if sums[1, i] > 0:
             result[f"val/loss_by_position/{first}-{end}"] = float(sums[0, i] / sums[1, i])
     return result
+
+
+FOUND = math.log(2.0)
+"""A key token whose loss is below ln 2 has over half the probability: the model's top choice."""
+
+
+@torch.no_grad()
+def passkey_check(model, dataset, cfg: Config, env: DistEnv) -> dict[str, float]:
+    """`val/passkey_loss`: mean loss over the key tokens of all of `dataset`'s documents (each carries its loss
+    mask on its key only); `val/passkey_found`: the share of documents whose every key token has a loss below
+    ln 2. A document's tokens may lie on several context-parallel ranks: its sums meet over that group first."""
+    model.eval()
+    batches = data.build_dataloader(dataset, cfg, env, consumed_samples=0)
+    totals = torch.zeros(4, device=env.device, dtype=torch.float64)  # loss sum, key tokens, found, documents
+    for _ in range(len(dataset) // (cfg.train.micro_batch_size * env.dp)):
+        batch = local_batch(next(batches))
+        losses = token_losses(model, batch)  # [b, s] of this rank's shard
+        mask = batch["loss_mask"].to(losses.device, torch.float32)
+        per_doc = torch.stack([(losses * mask).sum(1), mask.sum(1), ((losses >= FOUND) * mask).sum(1)])
+        if parallel_state.get_context_parallel_world_size() > 1:
+            dist.all_reduce(per_doc, group=parallel_state.get_context_parallel_group())
+        totals += torch.stack([per_doc[0].sum(), per_doc[1].sum(), (per_doc[2] == 0).sum(),
+                               torch.tensor(float(per_doc.shape[1]), device=per_doc.device)]).double()
+    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    model.train()
+    return {"val/passkey_loss": float(totals[0] / totals[1]), "val/passkey_found": float(totals[2] / totals[3])}
 
 
 def train(cfg: Config) -> None:
@@ -207,6 +237,7 @@ def _train(cfg: Config, env: DistEnv, stop: StopSignal) -> None:
                   flush=True)
 
     train_dataset, valid_dataset = data.build_datasets(cfg, env)
+    passkey_dataset = data.build_passkey_validation(cfg, env, valid_dataset)
     batches = data.build_dataloader(train_dataset, cfg, env, state.consumed_samples)
     backends = attention_backends(cfg, env.device, compute_dtype(cfg, env.device))
     metrics = MetricLogger(cfg, state.step, enabled=env.is_main, wandb_run_id=state.wandb_run_id,
@@ -243,7 +274,7 @@ def _train(cfg: Config, env: DistEnv, stop: StopSignal) -> None:
                            _step_flops(cfg, seqlens) * env.dp, env.world_size, cuda=env.device.type == "cuda"),
         }
         if valid_dataset is not None and cfg.train.eval_interval and state.step % cfg.train.eval_interval == 0:
-            record.update(evaluate(model, valid_dataset, cfg, env))
+            record.update(evaluate(model, valid_dataset, cfg, env, passkey_dataset))
         if diagnostics.due(state.step):
             record.update(diagnostics.run(state.step, micro_batches[0]))
         metrics.log(state.step, record)

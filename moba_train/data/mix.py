@@ -45,6 +45,10 @@ RECALL_MIX_STREAM = 0x9A56
 COPY_MIX_STREAM = 0x9A57
 """Seeds the copy documents' periods and tokens."""
 COPY_MIN_PERIOD = 16
+PASSKEY_EVAL_STREAM = 0x9A58
+"""Seeds the keys of the in-training passkey check (`PasskeyValidationDataset`)."""
+PASSKEY_EVAL_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+"""Needle depths of the in-training passkey check, in turn."""
 
 
 def copy_document(text: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
@@ -155,7 +159,52 @@ class TaskMixDataset(torch.utils.data.Dataset):
                 "cu_seqlens": torch.tensor([0, s], dtype=torch.int32)}
 
     def _passkey_document(self, sample: dict, key: int, depth: float) -> torch.Tensor:
+        return passkey_document(self.task, sample, key, depth)
+
+
+def passkey_document(task: PasskeyTask, sample: dict, key: int, depth: float) -> torch.Tensor:
+    """s + 1 tokens for a sample of s: the prompt over the sample's own text, then the key's tokens (the last
+    labels of the sample made of it)."""
+    s = sample["tokens"].shape[0]
+    haystack = np.concatenate([sample["tokens"].numpy(), sample["labels"][-1:].numpy()]).astype(np.int64)
+    prompt = place_needle(haystack, task.needle(key), task.question, s, depth)
+    return torch.from_numpy(np.concatenate([prompt.tokens, prompt.answer]))
+
+
+class PasskeyValidationDataset(torch.utils.data.Dataset):
+    """`size` passkey documents for the in-training retrieval check (`train.eval_passkey`): document i hides a
+    key drawn from (seed, i) at depth PASSKEY_EVAL_DEPTHS[i % 5] in the text of held-out sample i (`base`, the
+    validation split, read in turn from its start), with the loss on the key's tokens only: what the model puts
+    on the answer after the question, as one document of s + 1 tokens (positions 0..s-1, cu_seqlens [0, s])."""
+
+    def __init__(self, base, tokenizer, *, size: int, seed: int, seq_length: int):
+        if len(base) == 0:
+            raise DataError("train.eval_passkey hides its keys in validation text, and the validation split is "
+                            "empty; give data.split a validation share")
+        self.base, self.size, self.seed = base, size, seed
+        self.task = PasskeyTask(tokenizer, haystack=np.empty(0, dtype=np.int64), seed=seed)
+        filler = filler_length(self.task.needle(10**self.task.digits - 1), self.task.question, seq_length)
+        if filler < 0:
+            raise DataError(f"train.seq_length ({seq_length}) cannot hold a passkey needle and question "
+                            f"({seq_length - filler} tokens); set train.eval_passkey to 0 or train on longer "
+                            "sequences")
+
+    def __len__(self) -> int:
+        return self.size
+
+    def key_at(self, index: int) -> tuple[int, float]:
+        """(key, depth) of document `index`."""
+        rng = np.random.default_rng([self.seed, PASSKEY_EVAL_STREAM, index])
+        return self.task.random_key(rng), PASSKEY_EVAL_DEPTHS[index % len(PASSKEY_EVAL_DEPTHS)]
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.base[index % len(self.base)]
+        key, depth = self.key_at(index)
+        document = passkey_document(self.task, sample, key, depth)
         s = sample["tokens"].shape[0]
-        haystack = np.concatenate([sample["tokens"].numpy(), sample["labels"][-1:].numpy()]).astype(np.int64)
-        prompt = place_needle(haystack, self.task.needle(key), self.task.question, s, depth)
-        return torch.from_numpy(np.concatenate([prompt.tokens, prompt.answer]))
+        loss_mask = torch.zeros(s, dtype=sample["loss_mask"].dtype)
+        loss_mask[s - len(self.task.needle(key)[1]):] = 1  # label j is document[j + 1]: the key ends it
+        return {**sample, "tokens": document[:-1].to(sample["tokens"].dtype),
+                "labels": document[1:].to(sample["labels"].dtype), "loss_mask": loss_mask,
+                "position_ids": torch.arange(s, dtype=sample["position_ids"].dtype),
+                "cu_seqlens": torch.tensor([0, s], dtype=torch.int32)}

@@ -14,8 +14,8 @@ import torch
 from test_indexed import EOD, docs_in_range, recipe, write_ids
 
 from moba_train.config import ConfigError, load_config
-from moba_train.data import build_datasets
-from moba_train.data.mix import TaskMixDataset
+from moba_train.data import build_datasets, build_passkey_validation
+from moba_train.data.mix import PASSKEY_EVAL_DEPTHS, PasskeyValidationDataset, TaskMixDataset
 from moba_train.data.passkey import PasskeyTask, filler_length
 from moba_train.data.preprocess import DataError, load_tokenizer
 from moba_train.data.synthetic import FACT, FIRST_ORDINARY_ID, QUERY
@@ -271,3 +271,58 @@ def test_a_copy_document_repeats_the_start_of_its_text_and_carries_the_loss_on_t
         periods.append(period)
     # Log-uniform from 16 to 128: short and long reaches both occur.
     assert len(periods) == 30 and min(periods) < 32 and max(periods) > 64
+
+
+def test_the_passkey_check_asks_for_keys_hidden_in_validation_text_with_the_loss_on_the_key_only(
+        mixed_and_plain, tokenizer_dir):
+    """train.eval_passkey's documents: held-out sample i's own text around a needle at depth 0, 1/4, ... in turn,
+    the question, then the key's tokens as the last labels, and the loss mask on exactly those."""
+    _, _, _, valid = mixed_and_plain
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    question = np.asarray(_encode(tokenizer_dir, PasskeyTask.QUESTION))
+    check = PasskeyValidationDataset(valid, tokenizer, size=12, seed=7, seq_length=SEQ)
+    keys = set()
+    for i in range(len(check)):
+        key, depth = check.key_at(i)
+        keys.add(key)
+        assert depth == PASSKEY_EVAL_DEPTHS[i % 5] and 10_000 <= key < 100_000
+        x, text = check[i], valid[i % len(valid)]
+        answer = np.asarray(_encode(tokenizer_dir, f" {key}"))
+        k = len(answer)
+        assert x["loss_mask"].tolist() == [0] * (SEQ - k) + [1] * k
+        assert np.array_equal(x["labels"][-k:].numpy(), answer)
+        document = np.concatenate([x["tokens"].numpy(), x["labels"][-1:].numpy()])
+        assert np.array_equal(document[-k - len(question) : -k], question)
+        stated = np.concatenate([_encode(tokenizer_dir, PasskeyTask.NEEDLE[0]), answer,
+                                 _encode(tokenizer_dir, PasskeyTask.NEEDLE[2])])
+        filler = SEQ - len(stated) - len(question) - (k - 1)
+        start = round(depth * filler)
+        assert np.array_equal(document[start : start + len(stated)], stated)
+        haystack = np.concatenate([text["tokens"].numpy(), text["labels"][-1:].numpy()])[:filler]
+        assert np.array_equal(np.concatenate([document[:start], document[start + len(stated) : -k - len(question)]]),
+                              haystack)
+        assert x["cu_seqlens"].tolist() == [0, SEQ] and torch.equal(x["position_ids"], torch.arange(SEQ))
+    assert len(keys) > 6  # keys drawn per document
+    again = PasskeyValidationDataset(valid, tokenizer, size=12, seed=7, seq_length=SEQ)
+    assert all(torch.equal(again[i]["tokens"], check[i]["tokens"]) for i in (9, 2, 5))
+
+
+def test_the_passkey_check_rounds_up_to_whole_micro_batches_and_refuses_what_it_cannot_do(
+        mixed_and_plain, tokenizer_dir, tmp_path):
+    _, _, _, valid = mixed_and_plain
+    cfg = load_config(None, ["data.kind=indexed", f"data.tokenizer={tokenizer_dir}", "data.blend=[x]",
+                             "train.micro_batch_size=2", "train.eval_interval=5", "train.eval_passkey=5",
+                             f"train.seq_length={SEQ}", "attention.block_size=64"])
+
+    class Env:
+        dp = 2
+
+    assert len(build_passkey_validation(cfg, Env, valid)) == 8  # 5 prompts -> two passes of 2 x 2
+    with pytest.raises(DataError, match="the validation split is empty; give data.split a validation share"):
+        PasskeyValidationDataset([], load_tokenizer(str(tokenizer_dir)), size=4, seed=0, seq_length=SEQ)
+    with pytest.raises(DataError, match=r"train.seq_length \(16\) cannot hold a passkey needle and question"):
+        PasskeyValidationDataset(valid, load_tokenizer(str(tokenizer_dir)), size=4, seed=0, seq_length=16)
+    with pytest.raises(ConfigError, match="train.eval_passkey hides keys in held-out text at every evaluation"):
+        load_config(None, ["train.eval_passkey=4", "train.eval_interval=5"])  # the synthetic kind
+    with pytest.raises(ConfigError, match="needs data.kind 'indexed' and train.eval_interval > 0"):
+        load_config(None, ["data.kind=indexed", "data.blend=[x]", "train.eval_passkey=4"])
