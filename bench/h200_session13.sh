@@ -10,6 +10,9 @@
 #   GIT_COMMIT=<sha> bash bench/h200_session13.sh hybrid # the start, arms 1 and 3 only (about 7 min): the one floor
 #                                                       # still undecided after session 15 is the hybrid's loss, and
 #                                                       # arm 4's are decided (missed), so its 70 s go to more pairs
+# Since session 16 the pair and hybrid modes also record each arm's retrieval during training (--track-passkey 16:
+# 16 passkey prompts at every eighth of the steps, a few seconds per arm; training is unchanged, and the runs pool
+# with the earlier ones): one hybrid run of seven learned no retrieval, and its gap opened in the first quarter.
 # SEED=<n> (default 1234, the runs so far) trains every stage with run.seed=<n>: repeats of one seed vary only by
 # the GPU's nondeterminism (arm 1 spread 1.4% over four); new seeds also vary the initial weights and data order
 # (seed 2345 moved arm 1 by 2.2%), which is the spread a verdict about the recipe should include.
@@ -27,6 +30,6 @@ WORK_DIR=runs/study-seed$SEED
 source bench/study_call.sh
 case "$1" in
 arm5) study full,recall_full,recall_moba,recall_hybrid 9.2 "run.seed=$SEED" ;;
-pair) study full,hybrid,cpt 9.2 "run.seed=$SEED" ;;
-hybrid) study full,hybrid 9.2 "run.seed=$SEED" ;;
+pair) study full,hybrid,cpt 9.2 --track-passkey 16 "run.seed=$SEED" ;;
+hybrid) study full,hybrid 9.2 --track-passkey 16 "run.seed=$SEED" ;;
 esac

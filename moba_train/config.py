@@ -245,6 +245,10 @@ class DataConfig(_Section):
     """Indexed kind: "weight prefix" strings, e.g. ["0.7 data/a", "0.3 data/b"], or bare prefixes (weighted by size)."""
     split: str = "98,2,0"
     """Train/valid/test split of each prefix's documents, Megatron-style."""
+    valid_blend: list[str] = Field(default_factory=list)
+    """Indexed kind: the validation data's own datasets, written as data.blend (Megatron-LM's --valid-data-path),
+    e.g. held-out packages. Every document of data.blend then trains, and data.split, if given, must give
+    validation no share (e.g. "100,0,0")."""
     tokenizer: Optional[str] = None
     """Hugging Face tokenizer (directory or tokenizer.json); its EOD id and vocabulary size are used."""
     cache_dir: Optional[str] = None
@@ -386,6 +390,15 @@ class Config(_Section):
             )
         if self.data.kind == "indexed" and not self.data.blend:
             raise ValueError("data.kind is 'indexed' but data.blend is empty; list at least one dataset prefix")
+        if self.data.valid_blend:
+            if self.data.kind != "indexed":
+                raise ValueError("data.valid_blend names indexed validation datasets and needs data.kind 'indexed'; "
+                                 "set data.kind to indexed or drop data.valid_blend")
+            shares = self.data.split.split(",")
+            if "split" in self.data.model_fields_set and len(shares) > 1 and shares[1].strip() not in ("0", "0.0"):
+                raise ValueError(f"data.split '{self.data.split}' holds out a validation share of data.blend, and "
+                                 "data.valid_blend is the validation data; give validation no share (e.g. "
+                                 "'100,0,0') or drop data.valid_blend")
         for name, does, advice in (
             ("passkey_mix", "plants passkeys in text", "set it to 0 for the synthetic task"),
             ("recall_mix", "mixes recall documents into text",

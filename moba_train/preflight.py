@@ -3,8 +3,8 @@ torch.distributed starts or anything is built: a mistake costs a second instead 
 building a model first, and every rank raises the same SharedConfigError, which is printed once per node.
 
 - model.max_position_embeddings must cover train.seq_length;
-- indexed data: the blend, the split, the tokenizer and every dataset's .bin/.idx pair must be readable
-  (moba_train.data's own checks, without the pass over the tokens);
+- indexed data: the blend, the validation blend, the split, the tokenizer and every dataset's .bin/.idx pair must
+  be readable (moba_train.data's own checks, without the pass over the tokens);
 - the model must fit: moba_train.memory's estimate per process against the GPU's memory, or on CPU the
   machine's available memory shared by the node's processes (a 70 GB model on a 24 GB machine is one
   line, not a crash minutes later);
@@ -47,6 +47,7 @@ def _data(cfg: Config) -> None:
 
     try:
         prefixes, _ = parse_blend(cfg.data.blend)
+        prefixes += parse_blend(cfg.data.valid_blend)[0] if cfg.data.valid_blend else []
         check_split(cfg.data.split)
         if cfg.data.tokenizer:
             load_tokenizer(cfg.data.tokenizer)

@@ -139,6 +139,10 @@ class StudySettings:
     short_seq_length: int = 512
     short_mix: tuple[tuple[str, float], ...] = (("copy_mix", 0.5), ("passkey_mix", 0.25), ("recall_mix", 0.0))
     """The shared start's training mix (data.* shares; the rest is text)."""
+    track_passkey: int = 0
+    """Passkey prompts of the in-training retrieval check (`train.eval_passkey`, over the held-out packages) at
+    every eighth of arms 1-4's steps, kept as each arm's `retrieval_curve`; 0: off. It does not change what
+    trains, so such runs pool with others."""
 
 
 class StudyInterrupted(Exception):
@@ -304,6 +308,10 @@ class Study:
             f"train.steps={steps}",
             f"train.warmup_steps={max(1, steps // 10)}",
         )
+        if self.s.track_passkey and arm in PRETRAIN_ARMS:
+            common += (f"data.valid_blend=[{_yaml(corpus / 'python_valid')}]",
+                       f"train.eval_passkey={self.s.track_passkey}", f"train.eval_interval={max(1, steps // 8)}",
+                       "train.eval_steps=1")
         return load_config(RECIPES / arm.recipe, [*arm.overrides, *common, *self.s.overrides, *extra])
 
     def short_overrides(self) -> tuple[str, ...]:
@@ -454,6 +462,9 @@ class Study:
             "final_train_loss": records[-1]["train/loss"],
             "loss_curve": [[r["step"], round(r["train/loss"], 4)] for r in records],
         }
+        if any("val/passkey_loss" in r for r in records):  # --track-passkey: [step, key loss, found share]
+            summary["retrieval_curve"] = [[r["step"], round(r["val/passkey_loss"], 4), r["val/passkey_found"]]
+                                          for r in records if "val/passkey_loss" in r]
         self.state["arms"].setdefault(arm.name, {})["train"] = summary
         return {}
 

@@ -71,6 +71,8 @@ def main(argv=None) -> None:
                         help="the shared start's mix, e.g. copy=0.5,passkey=0.25,recall=0 (the rest is text; "
                              "default: moba_train.study.StudySettings.short_mix)")
     parser.add_argument("--eval-batch-size", type=int, default=4, help="sequences per evaluation forward (4)")
+    parser.add_argument("--track-passkey", type=int, default=0,
+                        help="passkey prompts of an in-training retrieval check at every eighth of arms 1-4 (0: off)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every arm's recipe")
     args = parser.parse_args(argv)
 
@@ -91,6 +93,7 @@ def main(argv=None) -> None:
         passkey_depths=args.passkey_depths, passkey_samples=args.passkey_samples,
         recall_documents=args.recall_documents, copy_documents=args.copy_documents,
         eval_batch_size=args.eval_batch_size, short_tokens=args.short_tokens, short_seq_length=args.short_seq_length,
+        track_passkey=args.track_passkey,
         **({"short_mix": args.short_mix} if args.short_mix else {}),
     )
     failed = Study(settings).run()

@@ -157,7 +157,7 @@ def tiny_study(tmp_path_factory):
                                      "--arms", "full,moba", *TINY])
     finally:
         capture.undo()
-    second = run_study_script(root)
+    second = run_study_script(root, "--track-passkey", "2")  # arms 3-4 only: the in-training retrieval check
     return root, first_code, second.stdout
 
 
@@ -196,6 +196,18 @@ def test_a_tiny_study_runs_every_arm_on_cpu_resumes_and_reports(tiny_study):
     assert arms["full"]["train"]["layer_kinds"] == ["full"] * 3
     assert arms["moba"]["train"]["layer_kinds"] == ["moba"] * 3
     assert arms["hybrid"]["train"]["layer_kinds"] == ["moba", "full", "full"]
+    # --track-passkey (the second invocation): the check at every eighth of the 4 steps, i.e. every step, over
+    # the held-out packages; arm 4 from its resumed step on; arms trained without it have no curve.
+    for name, steps in (("hybrid", [1, 2, 3, 4]), ("cpt", [3, 4])):
+        curve = arms[name]["train"]["retrieval_curve"]
+        assert [step for step, _, _ in curve] == steps, name
+        assert all(loss > 0 and 0 <= found <= 1 for _, loss, found in curve), name
+        records = {r["step"]: r for r in read_jsonl(root / f"work/arms/{name}/metrics.jsonl")}
+        assert [records[step]["val/passkey_loss"] for step in steps] == pytest.approx([c[1] for c in curve], abs=1e-4)
+    hybrid_cfg = load_config(root / "work/arms/hybrid/checkpoints/step_00000004/config.yaml")
+    assert hybrid_cfg.data.valid_blend == [str(root / "work/corpus/python_valid")]
+    assert hybrid_cfg.train.eval_passkey == 2 and hybrid_cfg.train.eval_interval == 1
+    assert "retrieval_curve" not in arms["full"]["train"] and "retrieval_curve" not in arms["short"]["train"]
 
     # Arm 4 resumed arm 1's checkpoint at half the steps: it trained steps 3-4 only, with MoBA.
     cpt_steps = [r["step"] for r in read_jsonl(root / "work/arms/cpt/metrics.jsonl")]

@@ -172,14 +172,18 @@ def build_indexed_datasets(cfg, env):
     if info.vocab_size > cfg.model.vocab_size:
         raise DataError(f"tokenizer '{data.tokenizer}' has {info.vocab_size} tokens but model.vocab_size is "
                         f"{cfg.model.vocab_size}; set model.vocab_size to at least {info.vocab_size}")
-    for prefix in prefixes:
+    valid_prefixes, valid_weights = parse_blend(data.valid_blend) if data.valid_blend else ([], None)
+    for prefix in prefixes + valid_prefixes:
         check_indexed_dataset(prefix, info.vocab_size, data.tokenizer)
-    check_split(data.split)
+    if valid_prefixes:  # every document of data.blend trains; validation is its own blend (Megatron's per-split)
+        splits = dict(blend_per_split=[(prefixes, weights), (valid_prefixes, valid_weights), None])
+    else:
+        check_split(data.split)
+        splits = dict(blend=(prefixes, weights), split=data.split)
     config = LongContextGPTDatasetConfig(
         random_seed=cfg.run.seed,
         sequence_length=train.seq_length,
-        blend=(prefixes, weights),
-        split=data.split,
+        **splits,
         path_to_cache=data.cache_dir or str(Path(cfg.run.output_dir) / "data_cache"),
         tokenizer=info,
         reset_position_ids=data.reset_position_ids,

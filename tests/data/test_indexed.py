@@ -7,8 +7,9 @@ import pytest
 import torch
 from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+from pydantic import ValidationError
 
-from moba_train.config import Config
+from moba_train.config import Config, ConfigError, load_config
 from moba_train.data import build_datasets
 from moba_train.data.indexed import check_indexed_dataset, parse_blend
 from moba_train.data.preprocess import DataError
@@ -164,3 +165,28 @@ def test_a_split_left_without_documents_is_a_clear_error_not_an_endless_epoch_se
     expected = r"the valid split of .* holds no tokens \(0 documents under data.split='98,2,0'\)"
     with pytest.raises(DataError, match=expected):
         build_datasets(recipe(tmp_path, tokenizer_dir, [a], split="98,2,0"), None)
+
+
+def test_a_validation_blend_validates_on_its_own_datasets_and_trains_on_all_of_the_blend(tmp_path, tokenizer_dir):
+    """data.valid_blend (Megatron-LM's --valid-data-path): validation samples come from its datasets only, and
+    every document of data.blend trains; a split that would also hold out part of data.blend is refused."""
+    rng = np.random.default_rng(6)
+    train_prefix = write_ids(tmp_path / "train", docs_in_range(rng, 10, 20, 200))
+    valid_prefix = write_ids(tmp_path / "valid", docs_in_range(rng, 20, 30, 60))
+    cfg = recipe(tmp_path, tokenizer_dir, [train_prefix], valid_blend=[valid_prefix], split="100,0,0")
+    train, valid = build_datasets(cfg, None)
+    own = {EOD}
+    assert all(set(train[i]["tokens"].tolist()) <= own | set(range(10, 20)) for i in range(len(train)))
+    assert all(set(valid[i]["tokens"].tolist()) <= own | set(range(20, 30)) for i in range(len(valid)))
+    # Every training document is drawn, as with data.split giving validation no share.
+    plain_train, _ = build_datasets(recipe(tmp_path / "plain", tokenizer_dir, [train_prefix], split="100,0,0"), None)
+    assert all(torch.equal(train[i]["tokens"], plain_train[i]["tokens"]) for i in range(20))
+    unset = Config.model_validate({"data": {"kind": "indexed", "blend": [train_prefix], "valid_blend": [valid_prefix]}})
+    assert unset.data.split == "98,2,0"  # the default is not the user's: not refused, not used
+    with pytest.raises(ValidationError, match="data.split '90,10,0' holds out a validation share of data.blend"):
+        recipe(tmp_path, tokenizer_dir, [train_prefix], valid_blend=[valid_prefix], split="90,10,0")
+    with pytest.raises(ConfigError, match="data.valid_blend names indexed validation datasets"):
+        load_config(None, [f"data.valid_blend=[{valid_prefix}]"])
+    missing = recipe(tmp_path, tokenizer_dir, [train_prefix], valid_blend=[str(tmp_path / "nothing")], split="100")
+    with pytest.raises(DataError, match=f"indexed dataset '{tmp_path / 'nothing'}' is missing"):
+        build_datasets(missing, None)
