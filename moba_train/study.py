@@ -308,11 +308,16 @@ class Study:
             f"train.steps={steps}",
             f"train.warmup_steps={max(1, steps // 10)}",
         )
-        if self.s.track_passkey and arm in PRETRAIN_ARMS:
-            common += (f"data.valid_blend=[{_yaml(corpus / 'python_valid')}]",
-                       f"train.eval_passkey={self.s.track_passkey}", f"train.eval_interval={max(1, steps // 8)}",
-                       "train.eval_steps=1")
         return load_config(RECIPES / arm.recipe, [*arm.overrides, *common, *self.s.overrides, *extra])
+
+    def tracking(self, steps: int) -> tuple[str, ...]:
+        """--track-passkey's overrides of a pretraining arm of `steps` (not of the calibration, which trains on
+        the synthetic task, nor of the shared start): the check at every eighth, on the held-out packages."""
+        if not self.s.track_passkey:
+            return ()
+        return (f"data.valid_blend=[{_yaml(self.corpus_dir / 'python_valid')}]",
+                f"train.eval_passkey={self.s.track_passkey}", f"train.eval_interval={max(1, steps // 8)}",
+                "train.eval_steps=1")
 
     def short_overrides(self) -> tuple[str, ...]:
         """The shared start's recipe changes: short sequences, as many per step as keep the pretraining
@@ -446,7 +451,7 @@ class Study:
             start = (f"checkpoint.init_from={_yaml(self.arm_dir(SHORT.name) / 'checkpoints')}",) \
                 if self.starts_from_short(arm) else ()
             cfg = self.config(arm, plan["steps"], (f"checkpoint.interval={interval}", f"checkpoint.keep_last={keep}",
-                                                   *start))
+                                                   *start, *self.tracking(plan["steps"])))
         if arm is CPT:
             self.start_from_half_of_full(cfg)
         records = self.train(cfg)

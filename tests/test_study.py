@@ -154,10 +154,10 @@ def tiny_study(tmp_path_factory):
     capture.setenv("GIT_COMMIT", "test")
     try:
         first_code = run_study_main(["--work-dir", str(root / "work"), "--results-dir", str(root / "results"),
-                                     "--arms", "full,moba", *TINY])
+                                     "--arms", "full,moba", "--track-passkey", "2", *TINY])
     finally:
         capture.undo()
-    second = run_study_script(root, "--track-passkey", "2")  # arms 3-4 only: the in-training retrieval check
+    second = run_study_script(root, "--track-passkey", "2")  # the in-training retrieval check, in both
     return root, first_code, second.stdout
 
 
@@ -196,9 +196,9 @@ def test_a_tiny_study_runs_every_arm_on_cpu_resumes_and_reports(tiny_study):
     assert arms["full"]["train"]["layer_kinds"] == ["full"] * 3
     assert arms["moba"]["train"]["layer_kinds"] == ["moba"] * 3
     assert arms["hybrid"]["train"]["layer_kinds"] == ["moba", "full", "full"]
-    # --track-passkey (the second invocation): the check at every eighth of the 4 steps, i.e. every step, over
-    # the held-out packages; arm 4 from its resumed step on; arms trained without it have no curve.
-    for name, steps in (("hybrid", [1, 2, 3, 4]), ("cpt", [3, 4])):
+    # --track-passkey: the check at every eighth of the 4 steps, i.e. every step, over the held-out packages;
+    # arm 4 from its resumed step on; not in the calibration (synthetic data) nor in the shared start.
+    for name, steps in (("full", [1, 2, 3, 4]), ("moba", [1, 2, 3, 4]), ("hybrid", [1, 2, 3, 4]), ("cpt", [3, 4])):
         curve = arms[name]["train"]["retrieval_curve"]
         assert [step for step, _, _ in curve] == steps, name
         assert all(loss > 0 and 0 <= found <= 1 for _, loss, found in curve), name
@@ -207,7 +207,7 @@ def test_a_tiny_study_runs_every_arm_on_cpu_resumes_and_reports(tiny_study):
     hybrid_cfg = load_config(root / "work/arms/hybrid/checkpoints/step_00000004/config.yaml")
     assert hybrid_cfg.data.valid_blend == [str(root / "work/corpus/python_valid")]
     assert hybrid_cfg.train.eval_passkey == 2 and hybrid_cfg.train.eval_interval == 1
-    assert "retrieval_curve" not in arms["full"]["train"] and "retrieval_curve" not in arms["short"]["train"]
+    assert "retrieval_curve" not in arms["short"]["train"]
 
     # Arm 4 resumed arm 1's checkpoint at half the steps: it trained steps 3-4 only, with MoBA.
     cpt_steps = [r["step"] for r in read_jsonl(root / "work/arms/cpt/metrics.jsonl")]
@@ -236,7 +236,8 @@ def test_calibration_times_both_recipes_and_the_plan_fits_the_budget(tmp_path):
     # tokens) the estimated evaluations of a slow CPU alone outgrow the 600 s budget.
     settings = StudySettings(work_dir=tmp_path, results_dir=tmp_path / "results", budget_s=600, overrides=overrides,
                              eval_windows=3, bucket_size=32, passkey_lengths=(96, 128), passkey_depths=(0.0, 1.0),
-                             passkey_samples=2, recall_documents=2, eval_batch_size=2)
+                             passkey_samples=2, recall_documents=2, eval_batch_size=2,
+                             track_passkey=2)  # not applied to the calibration's synthetic-data runs
     study = Study(settings)
     study.calibrate()
     calibration = study.state["calibration"]
