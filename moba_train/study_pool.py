@@ -21,11 +21,12 @@ measured, one recalled 6% of the mixed recall task's facts, as pure MoBA does, w
 98-99%). So the pool also counts, per arm, the runs whose recall of the mixed task is below half of full
 attention's in the same run (`retrieval_failures`), over the runs where full attention's recall is informative.
 
-Runs pool only if they share the plan (steps, tokens, lengths, the shared start) and, where both recorded
-them, the study recipes (`recipes` in study.json: a SHA-256 of each configs/study file) and the corpus (its
-training and held-out token counts). The corpus is built from a machine's installed packages, so a fresh
-machine builds another one, with another held-out split; `mixed_corpora=True` (`--mixed-corpora`) pools such
-runs anyway, the corpus then one more source of spread, as the seed is, and each run's corpus in the table.
+Runs pool only if they share the plan (steps, tokens, lengths, the shared start), the recipe overrides other
+than run.seed and, where both recorded them, the study recipes (`recipes` in study.json: a SHA-256 of each
+configs/study file) and the corpus (its training and held-out token counts). The corpus is built from a
+machine's installed packages, so a fresh machine builds another one, with another held-out split;
+`mixed_corpora=True` (`--mixed-corpora`) pools such runs anyway, the corpus then one more source of spread, as
+the seed is, and each run's corpus in the table.
 """
 
 from __future__ import annotations
@@ -112,6 +113,13 @@ def retrieval_failures(runs: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
+def _recipe_overrides(state: dict) -> list[str]:
+    """The study's recipe overrides of a run (scripts/run_study.py's positional ones), run.seed aside: a seed is
+    one more sample of the same recipe; any other override (e.g. attention.full_layers=3) is another recipe."""
+    overrides = (state.get("settings") or {}).get("overrides") or []
+    return sorted(o for o in overrides if not o.replace(" ", "").startswith("run.seed="))
+
+
 def corpus_tokens(state: dict) -> tuple[int, int] | None:
     """(training tokens, held-out tokens) of the corpus a run trained on; None where study.json has none."""
     splits = (state.get("corpus") or {}).get("splits") or {}
@@ -136,6 +144,10 @@ def pool(runs: dict[str, dict], mixed_corpora: bool = False) -> dict:
         if a and b and a != b:
             raise ConfigError(f"{name} trained other study recipes than {names[0]} (configs/study hashes "
                               "differ): pool only runs of one recipe")
+        a, b = _recipe_overrides(first), _recipe_overrides(state)
+        if a != b:
+            raise ConfigError(f"{name} trained with the overrides {b or 'none'} and {names[0]} with {a or 'none'} "
+                              "(run.seed aside): pool only runs of one recipe, which may differ in run.seed alone")
     corpora = {name: corpus_tokens(state) for name, state in runs.items()}
     known = {name: corpus for name, corpus in corpora.items() if corpus is not None}
     if len(set(known.values())) > 1 and not mixed_corpora:

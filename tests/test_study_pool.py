@@ -196,3 +196,16 @@ def test_the_committed_session16_pool_is_what_its_runs_give():
     failed = {arm: record["failed"] for arm, record in again["retrieval_failures"].items()}
     assert failed == {arm: record["failed"] for arm, record in committed["retrieval_failures"].items()}
     assert failed["hybrid"] == ["h200-3f48023-seed7890"]
+
+
+def test_runs_pool_across_seeds_but_not_across_other_recipe_overrides():
+    """run.seed=<n> is another sample of one recipe; attention.full_layers=3 is another recipe (a hybrid with three
+    full layers must not be pooled into the two-layer hybrid's verdicts)."""
+    runs = {f"s{i}": _state(2.72 + 0.01 * i, hybrid=2.73 + 0.01 * i) for i in range(3)}
+    for i, overrides in enumerate((["run.seed=1"], ["run.seed=2"], [])):
+        runs[f"s{i}"]["settings"]["overrides"] = overrides
+    assert pool(runs)["targets"]["hybrid_validation_loss_vs_full"]["n"] == 3
+    runs["s2"]["settings"]["overrides"] = ["run.seed=3", "attention.full_layers=3"]
+    with pytest.raises(ConfigError, match=r"s2 trained with the overrides \['attention.full_layers=3'\] and s0 with "
+                                          r"none \(run.seed aside\): pool only runs of one recipe"):
+        pool(runs)
