@@ -10,7 +10,8 @@
 #                                                         # recipe at 32K, full attention and MoBA b512 top-3 (~2 min)
 #   GIT_COMMIT=<sha> bash bench/h200_session16.sh probe    # prepared, not yet run: of the dQ partials' 2.1 ms in
 #                                                         # r32k-b512's dK/dV, what the products alone take (probe
-#                                                         # 4) against none (probe 2), over the packed kernel (~3 min)
+#                                                         # 4) against none (probe 2), over the packed kernel, and
+#                                                         # two 64-row query steps (~4 min)
 # The quality study's calls are bench/h200_session13.sh's (pair, hybrid, arm5).
 case "${1:-}" in
 kernel|train|probe) ;;
@@ -28,7 +29,8 @@ if [ "$1" = train ]; then
 fi
 if [ "$1" = probe ]; then
   timeout 300 python3 scripts/bench_kernels.py --variants --out "$OUT/probe" --commit "$GIT_COMMIT" \
-    --variant-shapes r32k-b512 --variant-names d64_base,d64_gathered,d64_probe_no_dq,d64_probe_dq_product 2>&1 \
+    --variant-shapes r32k-b512 \
+    --variant-names d64_base,d64_gathered,d64_probe_no_dq,d64_probe_dq_product,d64_k128_m64,d64_k256_m64_s2 2>&1 \
     | grep -v -i warn | grep -v "rel_err" | tail -30
   exit
 fi

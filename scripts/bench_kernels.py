@@ -327,6 +327,10 @@ VARIANTS = {  # the variants measured in each session are in bench/NOTES.md and 
     "std_packed": ({"backward.DKDV_PACKED": True}, ("small", "bwd")),
     # after session 16 (packed where a block has several key tiles): the gathered dK/dV everywhere, for comparison
     "d64_gathered": ({"backward.DKDV_PACKED": False}, ("d64",)),
+    # and 64-row query steps over the packed rows: a dQ partial product of N = 64 instead of 32 (the dQ partials
+    # cost 2.1 of dK/dV's 7.6 ms at r32k-b512), against more registers (128 keys: 4 partials per pick)
+    "d64_k128_m64": ({"backward.DKDV_TILES_D64": DkdvTiles(128, 64, 8, 3)}, ("d64",)),
+    "d64_k256_m64_s2": ({"backward.DKDV_TILES_D64": DkdvTiles(256, 64, 8, 2)}, ("d64",)),
 }
 VARIANT_SHAPES = {
     "s32k-b128": ((2, 16, 32768, 128, 8, ("fwd", "fwd+bwd"), False), "small"),
