@@ -142,7 +142,9 @@ class ConsoleSink(Sink):
                 parts.append("SKIPPED (non-finite)")
             self.write(" | ".join(parts))
         if "val/loss" in metrics:
-            self.write(f"{head} | val loss {metrics['val/loss']:.4f}")
+            passkey = (f" | passkey loss {metrics['val/passkey_loss']:.4f}, found {metrics['val/passkey_found']:.0%}"
+                       if "val/passkey_loss" in metrics else "")
+            self.write(f"{head} | val loss {metrics['val/loss']:.4f}{passkey}")
         moba = [f"{label} {_number(metrics[key], spec)}" for key, label, spec in self.MOBA if key in metrics]
         if moba:
             self.write(" | ".join([head, "moba"] + moba))

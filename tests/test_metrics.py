@@ -96,6 +96,9 @@ def test_console_prints_every_interval_the_last_step_and_each_validation_and_dia
         ["step 5/5", "loss 0.4000"]]
     assert lines[2] == "step 3/5 | moba | gate recall 0.875"
     assert "grad_norm nan | MFU 25.0% | mem 1.50 GiB | ETA" in lines[0] and lines[3].endswith("SKIPPED (non-finite)")
+    assert lines[1] == "step 3/5 | val loss 1.2500"
+    console.log(5, {"val/loss": 1.5, "val/passkey_loss": 2.25, "val/passkey_found": 0.375})  # train.eval_passkey
+    assert lines[-1] == "step 5/5 | val loss 1.5000 | passkey loss 2.2500, found 38%"
 
 
 def test_perf_metrics_follow_their_definitions():
