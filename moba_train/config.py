@@ -395,7 +395,7 @@ class Config(_Section):
                 raise ValueError("data.valid_blend names indexed validation datasets and needs data.kind 'indexed'; "
                                  "set data.kind to indexed or drop data.valid_blend")
             shares = self.data.split.split(",")
-            if "split" in self.data.model_fields_set and len(shares) > 1 and shares[1].strip() not in ("0", "0.0"):
+            if "split" in self.data.model_fields_set and len(shares) > 1 and _number(shares[1]) != 0:
                 raise ValueError(f"data.split '{self.data.split}' holds out a validation share of data.blend, and "
                                  "data.valid_blend is the validation data; give validation no share (e.g. "
                                  "'100,0,0') or drop data.valid_blend")
@@ -450,6 +450,14 @@ def _known_keys(model_cls: type[BaseModel], prefix: str = "") -> list[str]:
             if isinstance(cand, type) and issubclass(cand, BaseModel):
                 keys.extend(_known_keys(cand, prefix + name + "."))
     return keys
+
+
+def _number(text: str) -> float:
+    """A data.split share as a number; 0 where it is not one (moba_train.data.indexed.check_split reports those)."""
+    try:
+        return float(text)
+    except ValueError:
+        return 0.0
 
 
 def _suggest(key: str) -> str:

@@ -37,7 +37,7 @@ import statistics
 from pathlib import Path
 
 from moba_train.config import ConfigError
-from moba_train.study import INFORMATIVE_ACCURACY, targets
+from moba_train.study import INFORMATIVE_ACCURACY, _metric, targets
 
 LEVEL = 0.95
 """Two-sided coverage of the intervals."""
@@ -92,12 +92,6 @@ RETRIEVAL_ARMS = ("moba", "hybrid", "cpt")
 """Arms whose recall of the mixed task (`data.recall_mix` in their training) is compared with full attention's."""
 
 
-def _mixed_recall(state: dict, arm: str) -> float | None:
-    """An arm's exact-fact accuracy on the mixed recall task; None where the run did not train or measure it."""
-    recall = (((state.get("arms") or {}).get(arm) or {}).get("eval") or {}).get("recall")
-    return None if not recall else recall.get("fact_accuracy")
-
-
 def retrieval_failures(runs: dict[str, dict]) -> dict[str, dict]:
     """Per arm: {runs: {name: (arm's recall, full's recall)}, failed: [names]}, over the runs where both were
     measured and full attention's recall is informative; a run fails where the arm's is below half of full's."""
@@ -105,7 +99,7 @@ def retrieval_failures(runs: dict[str, dict]) -> dict[str, dict]:
     for arm in RETRIEVAL_ARMS:
         pairs = {}
         for name, state in runs.items():
-            full, other = _mixed_recall(state, "full"), _mixed_recall(state, arm)
+            full, other = (_metric(state, name, "recall", "fact_accuracy") for name in ("full", arm))
             if full is not None and other is not None and full >= INFORMATIVE_ACCURACY:
                 pairs[name] = (other, full)
         if pairs:

@@ -159,7 +159,7 @@ def passkey_check(model, dataset, cfg: Config, env: DistEnv) -> dict[str, float]
     ln 2. A document's tokens may lie on several context-parallel ranks: its sums meet over that group first."""
     model.eval()
     batches = data.build_dataloader(dataset, cfg, env, consumed_samples=0)
-    totals = torch.zeros(4, device=env.device, dtype=torch.float64)  # loss sum, key tokens, found, documents
+    totals = torch.zeros(3, device=env.device, dtype=torch.float64)  # loss sum, key tokens, documents found
     for _ in range(len(dataset) // (cfg.train.micro_batch_size * env.dp)):
         batch = local_batch(next(batches))
         losses = token_losses(model, batch)  # [b, s] of this rank's shard
@@ -167,11 +167,10 @@ def passkey_check(model, dataset, cfg: Config, env: DistEnv) -> dict[str, float]
         per_doc = torch.stack([(losses * mask).sum(1), mask.sum(1), ((losses >= FOUND) * mask).sum(1)])
         if parallel_state.get_context_parallel_world_size() > 1:
             dist.all_reduce(per_doc, group=parallel_state.get_context_parallel_group())
-        totals += torch.stack([per_doc[0].sum(), per_doc[1].sum(), (per_doc[2] == 0).sum(),
-                               torch.tensor(float(per_doc.shape[1]), device=per_doc.device)]).double()
+        totals += torch.stack([per_doc[0].sum(), per_doc[1].sum(), (per_doc[2] == 0).sum()]).double()
     dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
     model.train()
-    return {"val/passkey_loss": float(totals[0] / totals[1]), "val/passkey_found": float(totals[2] / totals[3])}
+    return {"val/passkey_loss": float(totals[0] / totals[1]), "val/passkey_found": float(totals[2] / len(dataset))}
 
 
 def train(cfg: Config) -> None:

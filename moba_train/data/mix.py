@@ -139,7 +139,7 @@ class TaskMixDataset(torch.utils.data.Dataset):
             return sample
         s = sample["tokens"].shape[0]
         if drawn[0] == "passkey":
-            document = self._passkey_document(sample, *drawn[1:])
+            document = passkey_document(self.task, sample, *drawn[1:])
             loss_mask = torch.ones(s, dtype=sample["loss_mask"].dtype)
             if self.eod_mask_loss:
                 loss_mask[document[1:] == self.eod] = 0
@@ -153,13 +153,17 @@ class TaskMixDataset(torch.utils.data.Dataset):
             recall = self.recall_docs[index]
             document = torch.cat([recall["tokens"], recall["labels"][-1:]])
             loss_mask = recall["loss_mask"].to(sample["loss_mask"].dtype)
-        return {**sample, "tokens": document[:-1].to(sample["tokens"].dtype),
-                "labels": document[1:].to(sample["labels"].dtype), "loss_mask": loss_mask,
-                "position_ids": torch.arange(s, dtype=sample["position_ids"].dtype),
-                "cu_seqlens": torch.tensor([0, s], dtype=torch.int32)}
+        return as_sample(sample, document, loss_mask)
 
-    def _passkey_document(self, sample: dict, key: int, depth: float) -> torch.Tensor:
-        return passkey_document(self.task, sample, key, depth)
+
+def as_sample(sample: dict, document: torch.Tensor, loss_mask: torch.Tensor) -> dict:
+    """`sample` (of s tokens) replaced by one `document` of s + 1 tokens with `loss_mask` on its labels:
+    positions 0..s-1, cu_seqlens [0, s], the sample's dtypes."""
+    s = sample["tokens"].shape[0]
+    return {**sample, "tokens": document[:-1].to(sample["tokens"].dtype),
+            "labels": document[1:].to(sample["labels"].dtype), "loss_mask": loss_mask,
+            "position_ids": torch.arange(s, dtype=sample["position_ids"].dtype),
+            "cu_seqlens": torch.tensor([0, s], dtype=torch.int32)}
 
 
 def passkey_document(task: PasskeyTask, sample: dict, key: int, depth: float) -> torch.Tensor:
@@ -204,7 +208,4 @@ class PasskeyValidationDataset(torch.utils.data.Dataset):
         s = sample["tokens"].shape[0]
         loss_mask = torch.zeros(s, dtype=sample["loss_mask"].dtype)
         loss_mask[s - len(self.task.needle(key)[1]):] = 1  # label j is document[j + 1]: the key ends it
-        return {**sample, "tokens": document[:-1].to(sample["tokens"].dtype),
-                "labels": document[1:].to(sample["labels"].dtype), "loss_mask": loss_mask,
-                "position_ids": torch.arange(s, dtype=sample["position_ids"].dtype),
-                "cu_seqlens": torch.tensor([0, s], dtype=torch.int32)}
+        return as_sample(sample, document, loss_mask)
