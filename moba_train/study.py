@@ -50,6 +50,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -661,6 +662,15 @@ def _copy_cell(state: dict, arm: str) -> str:
     return f"{copy['token_accuracy']:.4f} ({buckets})"
 
 
+def arm_title(state: dict, arm: Arm) -> str:
+    """The arm's title with the count of full layers it trained with (its recorded layer kinds): an override such
+    as attention.full_layers=3 makes the hybrid "last 3 full", which its default title would misname."""
+    kinds = state["arms"].get(arm.name, {}).get("train", {}).get("layer_kinds")
+    if not kinds or "moba" not in kinds:
+        return arm.title
+    return re.sub(r"last \d+ full", f"last {kinds.count('full')} full", arm.title)
+
+
 def summary_markdown(state: dict) -> str:
     """The result tables of docs/quality.md, from the study state."""
     plan = state.get("plan", {})
@@ -674,7 +684,8 @@ def summary_markdown(state: dict) -> str:
         grid = _metric(state, arm.name, "passkey")
         long = _metric(state, arm.name, "long_documents") or _metric(state, arm.name, "validation")
         by_depth = " / ".join(f"{100 * a:.0f}" for a in grid["accuracy"][-1]) if grid else "-"
-        lines.append(f"| {arm.title} | {_fmt(train.get('tokens'))} | {_fmt(train.get('tokens_per_s'), 0)} | "
+        lines.append(f"| {arm_title(state, arm)} | {_fmt(train.get('tokens'))} | "
+                     f"{_fmt(train.get('tokens_per_s'), 0)} | "
                      f"{_fmt(_metric(state, arm.name, 'validation', 'loss'))} | "
                      f"{_fmt(long and long['trailing_loss'])} | "
                      f"{_fmt(grid and 100 * grid['mean_by_length'][-1], 1)} | {by_depth} | "
@@ -713,17 +724,17 @@ def summary_markdown(state: dict) -> str:
 
 def write_plots(state: dict, out_dir: Path) -> None:
     """loss_by_position.png, passkey.png and training_loss.png from the arms evaluated so far."""
-    positions = {arm.title: _metric(state, arm.name, "long_documents") or _metric(state, arm.name, "validation")
-                 for arm in PRETRAIN_ARMS}
+    positions = {arm_title(state, arm): _metric(state, arm.name, "long_documents")
+                 or _metric(state, arm.name, "validation") for arm in PRETRAIN_ARMS}
     positions = {k: v for k, v in positions.items() if v}
     if positions:
         plot_loss_by_position(positions, out_dir / "loss_by_position.png",
                               "held-out documents of >= 8K tokens (packed windows where none)")
-    grids = {arm.title: _metric(state, arm.name, "passkey") for arm in PRETRAIN_ARMS}
+    grids = {arm_title(state, arm): _metric(state, arm.name, "passkey") for arm in PRETRAIN_ARMS}
     grids = {k: v for k, v in grids.items() if v}
     if grids:
         plot_passkey(grids, out_dir / "passkey.png")
-    curves = {arm.title: state["arms"][arm.name]["train"]["loss_curve"] for arm in (SHORT, *ARMS)
+    curves = {arm_title(state, arm): state["arms"][arm.name]["train"]["loss_curve"] for arm in (SHORT, *ARMS)
               if "train" in state["arms"].get(arm.name, {})}
     if curves:
         plot_training_loss(curves, out_dir / "training_loss.png")

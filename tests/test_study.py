@@ -307,3 +307,19 @@ def test_a_work_dir_resumes_only_with_the_overrides_and_recipes_its_stages_were_
         Study(settings("run.seed=1234"))
     Study(StudySettings(work_dir=tmp_path / "fresh", results_dir=tmp_path / "results", budget_s=60,
                         overrides=("run.seed=3456",)))  # nothing done yet: any overrides
+
+
+def test_the_hybrid_is_titled_with_the_full_layers_it_trained_with():
+    """Session 17's hybrid with attention.full_layers=3 was reported as "last 2 full" (the arm's default title)."""
+    def state(kinds):
+        train = {"tokens": 8, "tokens_per_s": 1.0, "layer_kinds": kinds, "loss_curve": [[1, 3.0]]}
+        return {"arms": {"hybrid": {"train": train, "eval": {"validation": {"loss": 2.5, "trailing_loss": 2.4}}}},
+                "machine": {}, "stages": {}}
+
+    def hybrid_row(kinds):
+        rows = [line for line in study_module.summary_markdown(state(kinds)).splitlines() if "hybrid" in line]
+        return rows[0]
+
+    assert hybrid_row(["moba"] * 9 + ["full"] * 3).startswith("| 3 hybrid (last 3 full) | 8 |")
+    assert hybrid_row(["moba"] * 10 + ["full"] * 2).startswith("| 3 hybrid (last 2 full) | 8 |")
+    assert hybrid_row(None).startswith("| 3 hybrid (last 2 full) | 8 |")  # older runs did not record the kinds
