@@ -186,16 +186,23 @@ def test_runs_where_an_arm_learned_no_retrieval_are_counted_and_named():
     assert "| hybrid | 1 / 3 | 98 / 99, 6 / 98, 50 / 98 | failed |" in text
 
 
-def test_the_committed_session16_pool_is_what_its_runs_give():
-    """bench/results/quality/pooled-session16 against pooling its ten committed runs again: the same verdicts and
-    the same retrieval failures (seed 7890's hybrid, docs/quality.md, session 16)."""
-    committed = json.loads((ROOT / "bench/results/quality/pooled-session16/pooled.json").read_text())
-    again = pool(load_runs([ROOT / "bench/results/quality" / name for name in committed["runs"]]), mixed_corpora=True)
+@pytest.mark.parametrize("name, runs, failed_hybrids", [
+    ("pooled-session16", 10, ["h200-3f48023-seed7890"]),
+    ("pooled-session17", 12, ["h200-3f48023-seed7890", "h200-daeb3a0-seed1357"]),
+])
+def test_a_committed_pool_is_what_its_runs_give(name, runs, failed_hybrids):
+    """A committed pool of bench/results/quality against pooling its committed runs again: the same verdicts and
+    the same retrieval failures (the hybrids of seeds 7890 and 1357, docs/quality.md, sessions 16 and 17)."""
+    committed = json.loads((ROOT / "bench/results/quality" / name / "pooled.json").read_text())
+    assert len(committed["runs"]) == runs
+    again = pool(load_runs([ROOT / "bench/results/quality" / run for run in committed["runs"]]), mixed_corpora=True)
     assert {k: v["verdict"] for k, v in again["targets"].items()} == {
         k: v["verdict"] for k, v in committed["targets"].items()}
+    assert {k: v["mean"] for k, v in again["targets"].items()} == pytest.approx(
+        {k: v["mean"] for k, v in committed["targets"].items()})
     failed = {arm: record["failed"] for arm, record in again["retrieval_failures"].items()}
     assert failed == {arm: record["failed"] for arm, record in committed["retrieval_failures"].items()}
-    assert failed["hybrid"] == ["h200-3f48023-seed7890"]
+    assert failed["hybrid"] == failed_hybrids
 
 
 def test_runs_pool_across_seeds_but_not_across_other_recipe_overrides():
