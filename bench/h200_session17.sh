@@ -8,12 +8,32 @@
 #                                                        # hybrid learn retrieval there? Arm 1 of those seeds is in
 #                                                        # bench/results/quality/h200-3f48023-seed7890 and
 #                                                        # h200-daeb3a0-seed1357.
+#   SEED=<n> GIT_COMMIT=<sha> bash bench/h200_session17.sh pair3   # prepared, not yet run: the shared start, arm 1
+#                                                        # and the hybrid with 3 full layers at one new seed (about
+#                                                        # 7 min), so that recipe gets paired runs of its own;
+#                                                        # scripts/pool_study.py pools them apart from the 2-layer runs
+#   GIT_COMMIT=<sha> bash bench/h200_session17.sh train128k  # prepared, not yet run: the 128K recipe since the
+#                                                        # packed dK/dV (d07b199): full attention, the recipe (block
+#                                                        # 1024, top-3, last 2 full) and all-MoBA (about 3 min)
 case "${1:-}" in
-full3) ;;
-*) echo "usage: bash bench/h200_session17.sh full3" >&2; exit 2 ;;
+full3|pair3|train128k) ;;
+*) echo "usage: bash bench/h200_session17.sh full3|pair3|train128k" >&2; exit 2 ;;
 esac
 source bench/gpu_env.sh
+if [ "$1" = train128k ]; then
+  timeout 500 python3 scripts/bench_train.py --config configs/llama1b_moba_128k.yaml data.kind=synthetic \
+    logging.progress_bar=off train.global_batch_size=1 --warmup 1 --steps 2 --profile --arm full:attention.mode=full \
+    --arm moba1024t3: --arm moba1024t3_all:attention.full_layers=0 \
+    --out "$OUT/train-h200-${GIT_COMMIT:0:7}-128k.json" 2>&1 | grep -v -i warn | grep -v breakdown | tail -12
+  exit
+fi
 source bench/study_call.sh
+if [ "$1" = pair3 ]; then
+  SEED=${SEED:?set SEED=<a seed not run before>}
+  WORK_DIR=runs/study-seed$SEED-full3
+  study full,hybrid 9.2 --track-passkey 16 "run.seed=$SEED" attention.full_layers=3
+  exit
+fi
 ROOT_OUT=$OUT
 for SEED in ${SEEDS:-1357 7890}; do
   OUT=$ROOT_OUT/seed$SEED; mkdir -p "$OUT"
