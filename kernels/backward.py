@@ -145,6 +145,7 @@ def _dkdv_kernel(
     WARP_SPEC: tl.constexpr = False,
     PROBE: tl.constexpr = 0,
     PACKED: tl.constexpr = False,
+    TMA: tl.constexpr = False,
 ):
     """dK, dV of BLOCK_N keys of one (block, KV head). Grid (extra_programs + NB * TILES_PER_BLOCK * kv_heads,):
     first the further splits of popular blocks, TILES_PER_BLOCK programs per entry of the extra_run /
@@ -163,6 +164,9 @@ def _dkdv_kernel(
 
     PACKED (`DKDV_PACKED`): the gathered loop reads q, dO, lse and delta from pq/pdo/plse/pdelta, the picks'
     rows in routing order (`_pack_picks_kernel`), at its run positions: contiguous rows instead of gathers.
+    TMA (`DKDV_TMA`, with PACKED): pq and pdo are tensor descriptors, and each step's rows of q and dO arrive as
+    one TMA copy each (rows past the run are zeroed after the load: a descriptor masks only its bounds); lse and
+    delta stay pointer loads (a descriptor's innermost offset must be 16-byte aligned, and a run starts anywhere).
 
     PROBE (timing only, wrong results; `DKDV_PROBE`): bit 1 reads each step's 32 rows of the group's query
     heads at consecutive tokens instead of the gathered picks (no index load, 512-byte runs); bit 2 drops the
@@ -257,7 +261,13 @@ def _dkdv_kernel(
                 pick = flat * SLOTS
             else:
                 pick, flat, t, h = load_picks(rows_ptr, first + r, row_ok, SLOTS, num_q_heads)
-            if PACKED:  # the picks' rows in routing order: this step's are contiguous
+            if PACKED and TMA:  # one bulk copy each of this step's contiguous q and dO rows
+                at = (first + r).to(tl.int64)
+                q = tl.where(row_ok[:, None], pq_ptr.load([first + i, 0]), 0.0)
+                do = tl.where(row_ok[:, None], pdo_ptr.load([first + i, 0]), 0.0)
+                lse = tl.load(plse_ptr + at, mask=row_ok, other=0.0)
+                delta = tl.load(pdelta_ptr + at, mask=row_ok, other=0.0)
+            elif PACKED:  # the picks' rows in routing order: this step's are contiguous
                 at = (first + r).to(tl.int64)
                 p_off = at[:, None] * HEAD_DIM + dims[None, :]
                 q = tl.load(pq_ptr + p_off, mask=row_ok[:, None], other=0.0)
@@ -569,6 +579,10 @@ DKDV_PROBE = 0
 # s32k-b512; at s32k-b128 (one key tile) 164 -> 160 and 3.5 GiB more, hence the rule.
 DKDV_PACKED: bool | None = None
 PACK_ROWS = 64
+# With the packed rows: read them by TMA (host tensor descriptors) instead of pointer loads. A variant, not yet
+# timed (bench/NOTES.md, session 17): over descriptors, Triton's warp specialisation (DKDV_WARP_SPECIALIZE) may
+# compile where it failed over the gathered rows (session 14).
+DKDV_TMA = False
 
 
 def dkdv_tiles(block_size: int, dim: int) -> DkdvTiles:
@@ -707,6 +721,11 @@ def attention_backward(
             q, dout, lse, delta, routing.rows, *packed, num_rows, q.stride(0), q.stride(1), hq,
             SLOTS=slots, HEAD_DIM=dim, ROWS=PACK_ROWS,
         )
+        if DKDV_TMA:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            step = kv_tiles.query_step
+            packed = (*(TensorDescriptor.from_tensor(x, [step, dim]) for x in packed[:2]), *packed[2:])
 
     def dkdv(kv_head0, heads, part_dq):
         _dkdv_kernel[(extra_programs + nb * ktiles * heads,)](
@@ -765,6 +784,7 @@ def attention_backward(
             WARP_SPEC=DKDV_WARP_SPECIALIZE,
             PROBE=DKDV_PROBE,
             PACKED=pack,
+            TMA=pack and DKDV_TMA,
             num_warps=kv_tiles.warps,
             num_stages=kv_tiles.stages,
         )

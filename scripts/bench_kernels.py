@@ -331,6 +331,15 @@ VARIANTS = {  # the variants measured in each session are in bench/NOTES.md and 
     # cost 2.1 of dK/dV's 7.6 ms at r32k-b512), against more registers (128 keys: 4 partials per pick)
     "d64_k128_m64": ({"backward.DKDV_TILES_D64": DkdvTiles(128, 64, 8, 3)}, ("d64",)),
     "d64_k256_m64_s2": ({"backward.DKDV_TILES_D64": DkdvTiles(256, 64, 8, 2)}, ("d64",)),
+    # session 17: the packed rows of q and dO by TMA (backward.DKDV_TMA), and Triton's warp specialisation over
+    # them (it failed to compile over gathered rows in session 14); the probe without dQ partials says what warp
+    # specialisation gives the products alone
+    "d64_packed_tma": ({"backward.DKDV_TMA": True}, ("d64",)),
+    "d64_packed_ws": ({"backward.DKDV_WARP_SPECIALIZE": True}, ("d64",)),
+    "d64_packed_tma_ws": ({"backward.DKDV_TMA": True, "backward.DKDV_WARP_SPECIALIZE": True}, ("d64",)),
+    "d64_probe_no_dq_tma": ({"backward.DKDV_PROBE": 2, "backward.DKDV_TMA": True}, ("d64",)),
+    "d64_probe_no_dq_tma_ws": ({"backward.DKDV_PROBE": 2, "backward.DKDV_TMA": True,
+                                "backward.DKDV_WARP_SPECIALIZE": True}, ("d64",)),
 }
 VARIANT_SHAPES = {
     "s32k-b128": ((2, 16, 32768, 128, 8, ("fwd", "fwd+bwd"), False), "small"),
@@ -390,13 +399,22 @@ def compare_variants(result: dict, save, names=None, shapes=None) -> None:
     naive = load_naive()
     result.update(correctness={}, timings=[], breakdown=[])
     variants = {name: VARIANTS[name] for name in (names or VARIANTS)}
+    failed = set()
     for name, (overrides, which) in variants.items():
         previous = apply_variant(overrides)
         print("== correctness", name, flush=True)
-        result["correctness"][name] = check_correctness(naive, 64 if which == ("d64",) else None)
-        apply_variant(previous)
+        try:
+            result["correctness"][name] = check_correctness(naive, 64 if which == ("d64",) else None)
+        except Exception as error:  # a variant that does not compile must not cost the others their call
+            result["correctness"][name] = {"error": f"{type(error).__name__}: {error}"[:2000]}
+            failed.add(name)
+            print(f"{name}: {result['correctness'][name]['error'][:300]}", flush=True)
+        finally:
+            apply_variant(previous)
         save()
     for name, (overrides, which) in variants.items():
+        if name in failed:
+            continue
         previous = apply_variant(overrides)
         for shape, (args, kind) in VARIANT_SHAPES.items():
             if shapes and shape not in shapes:
@@ -424,6 +442,9 @@ def compare_variants(result: dict, save, names=None, shapes=None) -> None:
                 f" {row['peak_total_gib']:8.2f}"
             )
     for name, cases in result["correctness"].items():
+        if "error" in cases:
+            print(f"{name:22} FAILED {cases['error'][:100]}")
+            continue
         worst = max(max(v for key, v in row.items() if key.endswith("rel_err")) for row in cases.values())
         ok = all(
             row["deterministic"] and not row["nan"] and row["selection_mismatch_frac"] == 0 for row in cases.values()

@@ -380,8 +380,9 @@ def test_extra_splits_list_every_further_split_of_each_run():
 @pytest.mark.parametrize("case", [([0, 300, 620], 4, 2, 32, 64, 3, False), ([0, 1100], 2, 1, 16, 512, 2, False)],
                          ids=["gqa-varlen-b64", "b512-two-key-tiles"])
 def test_packed_dkdv_matches_naive_and_the_gathered_kernel(case, monkeypatch):
-    """DKDV_PACKED (q, dO, lse and delta copied into routing order, read as contiguous rows) against the
-    definition, and against the gathered reads: the same products of the same rows, so the same bits."""
+    """DKDV_PACKED (q, dO, lse and delta copied into routing order, read as contiguous rows), with pointer loads
+    and with TMA (DKDV_TMA), against the definition, and against the gathered reads: the same products of the
+    same rows, so the same bits."""
     from moba_train.kernels import backward
 
     cu, hq, hkv, dim, block, topk, shared = case
@@ -391,12 +392,15 @@ def test_packed_dkdv_matches_naive_and_the_gathered_kernel(case, monkeypatch):
     ref = moba_attention_naive(q.float(), k.float(), v.float(), cu_seqlens=cu_t, block_size=block, topk=topk)
     ref_grads = torch.autograd.grad(ref, (q, k, v), dout.float())
     results = {}
-    for packed in (False, True):
+    for packed, tma in ((False, False), (True, False), (True, True)):
         monkeypatch.setattr(backward, "DKDV_PACKED", packed)
+        monkeypatch.setattr(backward, "DKDV_TMA", tma)
         out = moba_attention_triton(q, k, v, cu_t, block, topk, shared_gqa_selection=shared)
-        results[packed] = torch.autograd.grad(out, (q, k, v), dout)
-    assert_close_to_naive(out, results[True], ref, ref_grads)
-    assert all(torch.equal(a, b) for a, b in zip(results[True], results[False]))
+        results[packed, tma] = torch.autograd.grad(out, (q, k, v), dout)
+        assert_close_to_naive(out, results[packed, tma], ref, ref_grads)
+    assert all(torch.equal(a, b) for a, b in zip(results[True, False], results[False, False]))
+    # DKDV_TMA: the packed rows by tensor descriptor, the run's end masked after the load: the same bits again
+    assert all(torch.equal(a, b) for a, b in zip(results[True, True], results[False, False]))
 
 
 @pytest.mark.parametrize("splits, split_rows", [(1, None), (3, None), (8, None), (8, 40)])
