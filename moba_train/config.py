@@ -207,8 +207,8 @@ class TrainConfig(_Section):
     eval_passkey: int = Field(0, ge=0)
     """Passkey prompts per evaluation, an in-training retrieval check (indexed data): a five-digit key hidden in
     held-out text at train.seq_length, needle depths 0, 1/4, 1/2, 3/4 and 1 in turn, asked for at the end (the
-    prompts of scripts/evaluate.py). Logged: `val/passkey_loss`, the loss on the key's tokens (about ln 10 per
-    digit while the model guesses, near 0 once it retrieves), and `val/passkey_found`, the share of keys whose
+    prompts of scripts/evaluate.py). Logged: `val/passkey_loss`, the mean loss on the key's tokens (falling
+    toward 0 as the model retrieves), and `val/passkey_found`, the share of keys whose
     every token gets over half the model's probability (a lower bound on exact-answer accuracy). Rounded up to
     whole micro-batches on every data-parallel rank; 0: off."""
 
