@@ -59,3 +59,6 @@ for SEED in ${SEEDS:-1357 7890}; do
   echo "seed $SEED"
   study hybrid 4.8 --track-passkey 16 "run.seed=$SEED" attention.full_layers=3
 done
+# The device tool returns at most 8 files per call and both seeds write 7 (session 17 lost seed 7890's study.json
+# that way): one archive of both instead.
+tar -czf "$ROOT_OUT/full3.tar.gz" -C "$ROOT_OUT" $(cd "$ROOT_OUT" && ls -d seed*) && rm -rf "$ROOT_OUT"/seed*
