@@ -637,6 +637,24 @@ INFORMATIVE_ACCURACY = 0.10
 """Full attention's accuracy below which an accuracy target gives no verdict: when the reference itself
 cannot do the task, "within 5 points of it" (0 against 0) says nothing about MoBA."""
 
+RETRIEVAL_ARMS = ("moba", "hybrid", "cpt")
+"""Arms whose recall of the mixed task (`data.recall_mix` in their training) is compared with full attention's."""
+
+
+def retrieval_pairs(state: dict) -> dict[str, tuple[float, float]]:
+    """Per arm of RETRIEVAL_ARMS: (its recall of the mixed task's facts, full attention's) where both were measured
+    and full attention's is informative. An arm learned no retrieval where its recall is under half of full's
+    (`learned_no_retrieval`)."""
+    full = _metric(state, "full", "recall", "fact_accuracy")
+    if full is None or full < INFORMATIVE_ACCURACY:
+        return {}
+    pairs = {arm: (_metric(state, arm, "recall", "fact_accuracy"), full) for arm in RETRIEVAL_ARMS}
+    return {arm: pair for arm, pair in pairs.items() if pair[0] is not None}
+
+
+def learned_no_retrieval(arm_recall: float, full_recall: float) -> bool:
+    return arm_recall < full_recall / 2
+
 
 def _accuracy_target(full: float, arm: float, limit: float | None) -> dict:
     gap = full - arm
@@ -717,6 +735,12 @@ def summary_markdown(state: dict) -> str:
         value = t.get("relative_gap", t.get("points_below_full"))
         verdict = f"no verdict: {t['uninformative']}" if "uninformative" in t else _fmt(t["met"])
         lines.append(f"| {name} | {_fmt(value)} | {_fmt(t['limit'])} | {verdict} |")
+    pairs = retrieval_pairs(state)
+    if pairs:
+        lines += ["", "| arm | recall of the mixed task's facts | full attention's | learned retrieval (over half of "
+                  "full's) |", "| --- | --- | --- | --- |"]
+        lines += [f"| {arm} | {_fmt(a)} | {_fmt(f)} | {'no' if learned_no_retrieval(a, f) else 'yes'} |"
+                  for arm, (a, f) in pairs.items()]
     lines += ["", "| stage | status | seconds |", "| --- | --- | --- |"]
     lines += [f"| {name} | {rec['status']} | {_fmt(rec.get('seconds'), 1)} |" for name, rec in state["stages"].items()]
     return "\n".join(lines) + "\n"

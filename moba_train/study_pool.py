@@ -37,7 +37,7 @@ import statistics
 from pathlib import Path
 
 from moba_train.config import ConfigError
-from moba_train.study import INFORMATIVE_ACCURACY, _metric, targets
+from moba_train.study import RETRIEVAL_ARMS, learned_no_retrieval, retrieval_pairs, targets
 
 LEVEL = 0.95
 """Two-sided coverage of the intervals."""
@@ -88,22 +88,16 @@ def _samples(state: dict) -> dict[str, tuple[float, float | None, str]]:
     return out
 
 
-RETRIEVAL_ARMS = ("moba", "hybrid", "cpt")
-"""Arms whose recall of the mixed task (`data.recall_mix` in their training) is compared with full attention's."""
-
-
 def retrieval_failures(runs: dict[str, dict]) -> dict[str, dict]:
     """Per arm: {runs: {name: (arm's recall, full's recall)}, failed: [names]}, over the runs where both were
-    measured and full attention's recall is informative; a run fails where the arm's is below half of full's."""
+    measured and full attention's recall is informative (`study.retrieval_pairs`); a run fails where the arm's
+    is below half of full's (`study.learned_no_retrieval`)."""
     out = {}
     for arm in RETRIEVAL_ARMS:
-        pairs = {}
-        for name, state in runs.items():
-            full, other = (_metric(state, name, "recall", "fact_accuracy") for name in ("full", arm))
-            if full is not None and other is not None and full >= INFORMATIVE_ACCURACY:
-                pairs[name] = (other, full)
+        pairs = {name: pair[arm] for name, pair in ((name, retrieval_pairs(state)) for name, state in runs.items())
+                 if arm in pair}
         if pairs:
-            out[arm] = {"runs": pairs, "failed": [name for name, (a, f) in pairs.items() if a < f / 2]}
+            out[arm] = {"runs": pairs, "failed": [name for name, (a, f) in pairs.items() if learned_no_retrieval(a, f)]}
     return out
 
 

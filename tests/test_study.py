@@ -323,3 +323,17 @@ def test_the_hybrid_is_titled_with_the_full_layers_it_trained_with():
     assert hybrid_row(["moba"] * 9 + ["full"] * 3).startswith("| 3 hybrid (last 3 full) | 8 |")
     assert hybrid_row(["moba"] * 10 + ["full"] * 2).startswith("| 3 hybrid (last 2 full) | 8 |")
     assert hybrid_row(None).startswith("| 3 hybrid (last 2 full) | 8 |")  # older runs did not record the kinds
+
+
+def test_the_report_says_which_arms_learned_no_retrieval():
+    """A run's own report flags an arm whose recall of the mixed task is under half of full attention's (seed
+    1357's hybrid, 9.8% against 98.8%), as scripts/pool_study.py counts them over runs."""
+    def arm(recall):
+        return {"train": {}, "eval": {"recall": {"fact_accuracy": recall, "token_accuracy": recall}}}
+
+    state = {"arms": {"full": arm(0.988), "hybrid": arm(0.098), "moba": arm(0.6)}, "machine": {}, "stages": {}}
+    report = study_module.summary_markdown(state)
+    assert "| hybrid | 0.0980 | 0.9880 | no |" in report
+    assert "| moba | 0.6000 | 0.9880 | yes |" in report
+    state["arms"]["full"] = arm(0.05)  # full attention itself cannot do the task: no verdict, no table
+    assert "learned retrieval" not in study_module.summary_markdown(state)
