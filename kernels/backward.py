@@ -261,17 +261,15 @@ def _dkdv_kernel(
                 pick = flat * SLOTS
             else:
                 pick, flat, t, h = load_picks(rows_ptr, first + r, row_ok, SLOTS, num_q_heads)
-            if PACKED and TMA:  # one bulk copy each of this step's contiguous q and dO rows
+            if PACKED:  # the picks' rows in routing order: this step's are contiguous
                 at = (first + r).to(tl.int64)
-                q = tl.where(row_ok[:, None], pq_ptr.load([first + i, 0]), 0.0)
-                do = tl.where(row_ok[:, None], pdo_ptr.load([first + i, 0]), 0.0)
-                lse = tl.load(plse_ptr + at, mask=row_ok, other=0.0)
-                delta = tl.load(pdelta_ptr + at, mask=row_ok, other=0.0)
-            elif PACKED:  # the picks' rows in routing order: this step's are contiguous
-                at = (first + r).to(tl.int64)
-                p_off = at[:, None] * HEAD_DIM + dims[None, :]
-                q = tl.load(pq_ptr + p_off, mask=row_ok[:, None], other=0.0)
-                do = tl.load(pdo_ptr + p_off, mask=row_ok[:, None], other=0.0)
+                if TMA:  # one bulk copy each of this step's q and dO rows
+                    q = tl.where(row_ok[:, None], pq_ptr.load([first + i, 0]), 0.0)
+                    do = tl.where(row_ok[:, None], pdo_ptr.load([first + i, 0]), 0.0)
+                else:
+                    p_off = at[:, None] * HEAD_DIM + dims[None, :]
+                    q = tl.load(pq_ptr + p_off, mask=row_ok[:, None], other=0.0)
+                    do = tl.load(pdo_ptr + p_off, mask=row_ok[:, None], other=0.0)
                 lse = tl.load(plse_ptr + at, mask=row_ok, other=0.0)
                 delta = tl.load(pdelta_ptr + at, mask=row_ok, other=0.0)
             else:

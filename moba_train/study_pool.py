@@ -92,10 +92,10 @@ def retrieval_failures(runs: dict[str, dict]) -> dict[str, dict]:
     """Per arm: {runs: {name: (arm's recall, full's recall)}, failed: [names]}, over the runs where both were
     measured and full attention's recall is informative (`study.retrieval_pairs`); a run fails where the arm's
     is below half of full's (`study.learned_no_retrieval`)."""
+    by_run = {name: retrieval_pairs(state) for name, state in runs.items()}
     out = {}
     for arm in RETRIEVAL_ARMS:
-        pairs = {name: pair[arm] for name, pair in ((name, retrieval_pairs(state)) for name, state in runs.items())
-                 if arm in pair}
+        pairs = {name: run[arm] for name, run in by_run.items() if arm in run}
         if pairs:
             out[arm] = {"runs": pairs, "failed": [name for name, (a, f) in pairs.items() if learned_no_retrieval(a, f)]}
     return out
