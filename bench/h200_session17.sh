@@ -8,17 +8,17 @@
 #                                                        # hybrid learn retrieval there? Arm 1 of those seeds is in
 #                                                        # bench/results/quality/h200-3f48023-seed7890 and
 #                                                        # h200-daeb3a0-seed1357.
-#   SEED=<n> GIT_COMMIT=<sha> bash bench/h200_session17.sh pair3   # prepared, not yet run: the shared start, arm 1
+#   SEED=<n> GIT_COMMIT=<sha> bash bench/h200_session17.sh pair3   # run in session 18 (seeds 2468, 3579, 4680): the shared start, arm 1
 #                                                        # and the hybrid with 3 full layers at one new seed (about
 #                                                        # 7 min), so that recipe gets paired runs of its own;
 #                                                        # scripts/pool_study.py pools them apart from the 2-layer runs
-#   GIT_COMMIT=<sha> bash bench/h200_session17.sh tma       # prepared, not yet run: the compiled packed-dK/dV tests
+#   GIT_COMMIT=<sha> bash bench/h200_session17.sh tma       # run in session 18 (bench/NOTES.md): the compiled packed-dK/dV tests
 #                                                        # (TMA included), then at r32k-b512 the packed rows by TMA
 #                                                        # (backward.DKDV_TMA) and, in a second process (a variant
 #                                                        # that fails to compile must not lose the first's numbers),
 #                                                        # Triton's warp specialisation over them, also without the
 #                                                        # dQ partials (about 5 min)
-#   GIT_COMMIT=<sha> bash bench/h200_session17.sh train128k  # prepared, not yet run: the 128K recipe since the
+#   GIT_COMMIT=<sha> bash bench/h200_session17.sh train128k  # run in session 18: the 128K recipe since the
 #                                                        # packed dK/dV (d07b199): full attention, the recipe (block
 #                                                        # 1024, top-3, last 2 full) and all-MoBA (about 3 min)
 case "${1:-}" in

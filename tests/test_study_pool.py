@@ -189,10 +189,12 @@ def test_runs_where_an_arm_learned_no_retrieval_are_counted_and_named():
 @pytest.mark.parametrize("name, runs, failed_hybrids", [
     ("pooled-session16", 10, ["h200-3f48023-seed7890"]),
     ("pooled-session17", 12, ["h200-3f48023-seed7890", "h200-daeb3a0-seed1357"]),
+    ("pooled-session18-full3", 3, []),
 ])
 def test_a_committed_pool_is_what_its_runs_give(name, runs, failed_hybrids):
     """A committed pool of bench/results/quality against pooling its committed runs again: the same verdicts and
-    the same retrieval failures (the hybrids of seeds 7890 and 1357, docs/quality.md, sessions 16 and 17)."""
+    the same retrieval failures (the hybrids of seeds 7890 and 1357, docs/quality.md, sessions 16 and 17; none of
+    session 18's three hybrids with 3 full layers)."""
     committed = json.loads((ROOT / "bench/results/quality" / name / "pooled.json").read_text())
     assert len(committed["runs"]) == runs
     again = pool(load_runs([ROOT / "bench/results/quality" / run for run in committed["runs"]]), mixed_corpora=True)
