@@ -218,3 +218,38 @@ def test_runs_pool_across_seeds_but_not_across_other_recipe_overrides():
     with pytest.raises(ConfigError, match=r"s2 trained with the overrides \['attention.full_layers=3'\] and s0 with "
                                           r"none \(run.seed aside\): pool only runs of one recipe"):
         pool(runs)
+
+
+STANDING_TARGETS = {  # the first words of a row of docs/quality.md's "Where it stands" table -> the pool's target
+    "MoBA loss": "moba_validation_loss_vs_full", "MoBA passkey": "moba_passkey_vs_full",
+    "hybrid loss": "hybrid_validation_loss_vs_full", "hybrid passkey": "hybrid_passkey_vs_full",
+    "arm 4 loss": "cpt_validation_loss_vs_full", "arm 4 passkey": "cpt_passkey_vs_full",
+    "arm 5 hybrid recall": "recall_hybrid_vs_full", "arm 5 MoBA recall": "recall_moba_vs_full",
+}
+
+
+def test_the_quality_page_states_its_pools_verdicts():
+    """docs/quality.md's summary table against the committed pools it names: each row's run count, mean gap
+    (as printed, "below"/"above" for the sign of a points gap), interval and verdict."""
+    text = (ROOT / "docs/quality.md").read_text()
+    table = text.split("**Where it stands")[1].split("\n\n")[1]
+    rows = [line.split(" | ") for line in table.splitlines()[2:]]
+    assert len(rows) == 10
+    for target, _recipe, pool_name, runs, gap, verdict in rows:
+        key = STANDING_TARGETS[target.strip("| ").split(" (")[0]]
+        stats = json.loads((ROOT / "bench/results/quality" / pool_name.strip("`") / "pooled.json").read_text())
+        stats = stats["targets"][key]
+        assert int(runs) == stats["n"], (target, pool_name)
+        assert verdict.strip(" |") == stats["verdict"], (target, pool_name)
+        printed = gap.split(" (")[0]
+        number = float(printed.split()[0].rstrip("%").replace("−", "-"))
+        mean = -stats["mean"] if printed.endswith("above") else stats["mean"]
+        assert number == pytest.approx(mean, abs=0.051), (target, pool_name)
+        low, high = stats["interval"]
+        shown = gap.split(" (")[1].rstrip(")")
+        if "above" in shown:  # "A above to B below": the interval from -A to B in points below full attention
+            low_shown, high_shown = (float(part.split()[0]) for part in shown.split(" to "))
+            low_shown = -low_shown
+        else:
+            low_shown, high_shown = (float(part.split()[0].rstrip("%").replace("−", "-")) for part in shown.split(" to "))
+        assert (low_shown, high_shown) == pytest.approx((low, high), abs=0.051), (target, pool_name)
