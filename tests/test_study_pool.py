@@ -251,5 +251,6 @@ def test_the_quality_page_states_its_pools_verdicts():
             low_shown, high_shown = (float(part.split()[0]) for part in shown.split(" to "))
             low_shown = -low_shown
         else:
-            low_shown, high_shown = (float(part.split()[0].rstrip("%").replace("−", "-")) for part in shown.split(" to "))
+            low_shown, high_shown = (float(part.split()[0].rstrip("%").replace("−", "-"))
+                                     for part in shown.split(" to "))
         assert (low_shown, high_shown) == pytest.approx((low, high), abs=0.051), (target, pool_name)
