@@ -254,3 +254,39 @@ def test_the_quality_page_states_its_pools_verdicts():
             low_shown, high_shown = (float(part.split()[0].rstrip("%").replace("−", "-"))
                                      for part in shown.split(" to "))
         assert (low_shown, high_shown) == pytest.approx((low, high), abs=0.051), (target, pool_name)
+
+
+README_ROWS = {  # the README quality table's arm column -> (pool, loss target, passkey target)
+    "MoBA, block 512, top-3": ("pooled-session17", "moba_validation_loss_vs_full", "moba_passkey_vs_full"),
+    "hybrid, last 2 layers full": ("pooled-session17", "hybrid_validation_loss_vs_full", "hybrid_passkey_vs_full"),
+    "hybrid, last 3 layers full": ("pooled-session18-full3", "hybrid_validation_loss_vs_full",
+                                   "hybrid_passkey_vs_full"),
+    "full for half, then MoBA": ("pooled-session17", "cpt_validation_loss_vs_full", "cpt_passkey_vs_full"),
+}
+
+
+def test_the_readme_quality_table_states_the_pools():
+    """The README's quality table against the committed pools: each arm's loss gap, its run count and interval,
+    and its passkey gap (points below full attention, rounded as printed)."""
+    import re
+    text = (ROOT / "README.md").read_text()
+    table = text.split("| arm (against full attention) |")[1].split("\n\n")[0]
+    seen = set()
+    for line in table.splitlines()[2:]:
+        arm, loss, passkey = (cell.strip() for cell in line.strip("|").split("|")[:3])
+        if arm not in README_ROWS:
+            continue
+        seen.add(arm)
+        name, loss_key, passkey_key = README_ROWS[arm]
+        targets = json.loads((ROOT / "bench/results/quality" / name / "pooled.json").read_text())["targets"]
+        m = re.fullmatch(r"\+([\d.]+)% \((\d+) runs, interval (-?[\d.]+)-([\d.]+)%\)", loss)
+        assert m, loss
+        stats = targets[loss_key]
+        assert float(m[1]) == pytest.approx(stats["mean"], abs=0.0051) and int(m[2]) == stats["n"], arm
+        assert (float(m[3]), float(m[4])) == pytest.approx(tuple(stats["interval"]), abs=0.0051), arm
+        m = re.match(r"([\d.]+) points below \((\d+) runs", passkey)
+        assert m, passkey
+        stats = targets[passkey_key]
+        decimals = len(m[1].split(".")[1]) if "." in m[1] else 0
+        assert float(m[1]) == pytest.approx(stats["mean"], abs=0.51 * 10 ** -decimals) and int(m[2]) == stats["n"], arm
+    assert seen == set(README_ROWS)
