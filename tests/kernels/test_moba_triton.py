@@ -43,6 +43,20 @@ def assert_close_to_naive(out, grads, ref, ref_grads):
         assert err < 4e-3, f"{name}: max error {err:.2e} relative to the largest value"
 
 
+def attention_matches_naive(q, k, v, cu_t, block, topk, **kwargs):
+    """The Triton attention's output and gradients (for a seeded dO) against the naive definition's in fp32;
+    returns the Triton output."""
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out = moba_attention_triton(q, k, v, cu_t, block, topk, **kwargs)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, out.dtype)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref = moba_attention_naive(q.float(), k.float(), v.float(), cu_seqlens=cu_t, block_size=block, topk=topk, **kwargs)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout.float())
+    assert out.shape == ref.shape
+    assert_close_to_naive(out, grads, ref, ref_grads)
+    return out
+
+
 # More than one chunk of 64 candidate blocks: the running top-k merges across chunks.
 MANY_BLOCKS = ([0, 1056], 1, 1, 16, 16, 4, False)
 
@@ -105,31 +119,16 @@ def test_attention_output_and_gradients_match_naive(case, passes, monkeypatch):
     monkeypatch.setattr(workspace, "MAX_CHUNK_KV_HEADS", max_heads)
     cu, hq, hkv, dim, block, topk, shared = case
     q, k, v, cu_t = inputs(cu, hq, hkv, dim, torch.float16)
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
-    out = moba_attention_triton(q, k, v, cu_t, block, topk, shared_gqa_selection=shared)
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, out.dtype)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    ref = moba_attention_naive(
-        q.float(), k.float(), v.float(), cu_seqlens=cu_t, block_size=block, topk=topk, shared_gqa_selection=shared
-    )
-    ref_grads = torch.autograd.grad(ref, (q, k, v), dout.float())
-    assert out.dtype == torch.float16 and out.shape == ref.shape
-    assert_close_to_naive(out, grads, ref, ref_grads)
+    out = attention_matches_naive(q, k, v, cu_t, block, topk, shared_gqa_selection=shared)
+    assert out.dtype == torch.float16
 
 
 def test_head_dim_64_blocks_of_one_256_key_tile_match_naive():
     """Head dim 64 with blocks of 256 keys, GQA 3 (the quality study's heads at block 256, top-6 in
     bench/h200_session18.sh moba256): one 256-key dK/dV program per block, which writes the block's causal dQ
     itself; a partial last block."""
-    cu, hq, hkv, dim, block, topk = [0, 1100], 3, 1, 64, 256, 3
-    q, k, v, cu_t = inputs(cu, hq, hkv, dim, torch.float16)
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
-    out = moba_attention_triton(q, k, v, cu_t, block, topk)
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, out.dtype)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    ref = moba_attention_naive(q.float(), k.float(), v.float(), cu_seqlens=cu_t, block_size=block, topk=topk)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), dout.float())
-    assert_close_to_naive(out, grads, ref, ref_grads)
+    q, k, v, cu_t = inputs([0, 1100], 3, 1, 64, torch.float16)
+    attention_matches_naive(q, k, v, cu_t, 256, 3)
 
 
 def test_attention_rejects_fp32_with_a_clear_error():
@@ -433,15 +432,9 @@ def test_dkdv_split_over_programs_matches_naive_when_one_block_draws_every_pick(
     q, k = q + 1.0, k.clone()
     k[0:16] += 2.0
     k[200:216] += 2.0
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
     picks = moba_selection_naive(q.float(), k.float(), cu_seqlens=cu_t, block_size=block, topk=topk)
     assert bool((picks[32:200] == 0).any(-1).all()) and bool((picks[232:300] == 0).any(-1).all())
-    out = moba_attention_triton(q, k, v, cu_t, block, topk)
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, out.dtype)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    ref = moba_attention_naive(q.float(), k.float(), v.float(), cu_seqlens=cu_t, block_size=block, topk=topk)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), dout.float())
-    assert_close_to_naive(out, grads, ref, ref_grads)
+    attention_matches_naive(q, k, v, cu_t, block, topk)
 
 
 def test_dkdv_packs_the_picks_only_where_a_block_has_several_key_tiles(monkeypatch):
