@@ -279,7 +279,7 @@ def test_the_readme_quality_table_states_the_pools():
         seen.add(arm)
         name, loss_key, passkey_key = README_ROWS[arm]
         targets = json.loads((ROOT / "bench/results/quality" / name / "pooled.json").read_text())["targets"]
-        m = re.fullmatch(r"\+([\d.]+)% \((\d+) runs, interval (-?[\d.]+)-([\d.]+)%\)", loss)
+        m = re.fullmatch(r"\+([\d.]+)% \((\d+) runs, interval (-?[\d.]+)(?:-| to )([\d.]+)%\)", loss)
         assert m, loss
         stats = targets[loss_key]
         assert float(m[1]) == pytest.approx(stats["mean"], abs=0.0051) and int(m[2]) == stats["n"], arm
