@@ -577,9 +577,9 @@ DKDV_PROBE = 0
 # s32k-b512; at s32k-b128 (one key tile) 164 -> 160 and 3.5 GiB more, hence the rule.
 DKDV_PACKED: bool | None = None
 PACK_ROWS = 64
-# With the packed rows: read them by TMA (host tensor descriptors) instead of pointer loads. A variant, not yet
-# timed (bench/NOTES.md, session 17): over descriptors, Triton's warp specialisation (DKDV_WARP_SPECIALIZE) may
-# compile where it failed over the gathered rows (session 14).
+# With the packed rows: read them by TMA (host tensor descriptors) instead of pointer loads. Off: 6% slower at
+# r32k-b512, and Triton 3.6's warp specialisation (DKDV_WARP_SPECIALIZE) fails to compile over it too (bench/NOTES.md,
+# session 18).
 DKDV_TMA = False
 
 

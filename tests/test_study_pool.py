@@ -186,6 +186,11 @@ def test_runs_where_an_arm_learned_no_retrieval_are_counted_and_named():
     assert "| hybrid | 1 / 3 | 98 / 99, 6 / 98, 50 / 98 | failed |" in text
 
 
+def committed_pool(name: str) -> dict:
+    """A pool committed under bench/results/quality (scripts/pool_study.py's pooled.json)."""
+    return json.loads((ROOT / "bench/results/quality" / name / "pooled.json").read_text())
+
+
 @pytest.mark.parametrize("name, runs, failed_hybrids", [
     ("pooled-session16", 10, ["h200-3f48023-seed7890"]),
     ("pooled-session17", 12, ["h200-3f48023-seed7890", "h200-daeb3a0-seed1357"]),
@@ -195,7 +200,7 @@ def test_a_committed_pool_is_what_its_runs_give(name, runs, failed_hybrids):
     """A committed pool of bench/results/quality against pooling its committed runs again: the same verdicts and
     the same retrieval failures (the hybrids of seeds 7890 and 1357, docs/quality.md, sessions 16 and 17; none of
     session 18's three hybrids with 3 full layers)."""
-    committed = json.loads((ROOT / "bench/results/quality" / name / "pooled.json").read_text())
+    committed = committed_pool(name)
     assert len(committed["runs"]) == runs
     again = pool(load_runs([ROOT / "bench/results/quality" / run for run in committed["runs"]]), mixed_corpora=True)
     assert {k: v["verdict"] for k, v in again["targets"].items()} == {
@@ -237,23 +242,20 @@ def test_the_quality_page_states_its_pools_verdicts():
     assert len(rows) == 10
     for target, _recipe, pool_name, runs, gap, verdict in rows:
         key = STANDING_TARGETS[target.strip("| ").split(" (")[0]]
-        stats = json.loads((ROOT / "bench/results/quality" / pool_name.strip("`") / "pooled.json").read_text())
-        stats = stats["targets"][key]
+        stats = committed_pool(pool_name.strip("`"))["targets"][key]
         assert int(runs) == stats["n"], (target, pool_name)
         assert verdict.strip(" |") == stats["verdict"], (target, pool_name)
-        printed = gap.split(" (")[0]
-        number = float(printed.split()[0].rstrip("%").replace("−", "-"))
-        mean = -stats["mean"] if printed.endswith("above") else stats["mean"]
-        assert number == pytest.approx(mean, abs=0.051), (target, pool_name)
-        low, high = stats["interval"]
-        shown = gap.split(" (")[1].rstrip(")")
-        if "above" in shown:  # "A above to B below": the interval from -A to B in points below full attention
-            low_shown, high_shown = (float(part.split()[0]) for part in shown.split(" to "))
-            low_shown = -low_shown
-        else:
-            low_shown, high_shown = (float(part.split()[0].rstrip("%").replace("−", "-"))
-                                     for part in shown.split(" to "))
-        assert (low_shown, high_shown) == pytest.approx((low, high), abs=0.051), (target, pool_name)
+        printed, shown = gap.split(" (")
+        assert _gap(printed) == pytest.approx(stats["mean"], abs=0.051), (target, pool_name)
+        interval = tuple(_gap(part) for part in shown.rstrip(")").split(" to "))
+        assert interval == pytest.approx(tuple(stats["interval"]), abs=0.051), (target, pool_name)
+
+
+def _gap(printed: str) -> float:
+    """A printed gap as the pool stores it: "+3.87%" or "−2.10" as the number, "A below" as A and "A above" as -A
+    (points below full attention)."""
+    number = float(printed.split()[0].rstrip("%").replace("−", "-"))
+    return -number if printed.endswith("above") else number
 
 
 README_ROWS = {  # the README quality table's arm column -> (pool, loss target, passkey target)
@@ -278,7 +280,7 @@ def test_the_readme_quality_table_states_the_pools():
             continue
         seen.add(arm)
         name, loss_key, passkey_key = README_ROWS[arm]
-        targets = json.loads((ROOT / "bench/results/quality" / name / "pooled.json").read_text())["targets"]
+        targets = committed_pool(name)["targets"]
         m = re.fullmatch(r"\+([\d.]+)% \((\d+) runs, interval (-?[\d.]+)(?:-| to )([\d.]+)%\)", loss)
         assert m, loss
         stats = targets[loss_key]
