@@ -1,0 +1,72 @@
+"""Compile every MoBA kernel launch for an NVIDIA GPU, on a machine without one (moba_train/kernels/aot.py).
+
+Records the launches of small forward and backward calls under Triton's interpreter (the recipes' tilings,
+the standard shapes', suffix queries, skewed routing, RoPE), then builds each one for the target with Triton's
+compiler and ptxas. Prints one line per launch and exits 1 if any fails to compile. Before a device call,
+`--variant` checks a benchmark variant of scripts/bench_kernels.py the same way.
+
+    python scripts/compile_kernels.py                          # every workload, sm_90 (H100 / H200)
+    python scripts/compile_kernels.py --workloads d64_b512_gqa4 --variant d64_packed_ws
+    python scripts/compile_kernels.py --capability 100 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels must be JIT functions here, not interpreted ones
+    os.environ["TRITON_INTERPRET"] = "0"
+
+import triton  # noqa: E402
+from moba_train.kernels import aot  # noqa: E402
+
+BENCH_KERNELS = Path(__file__).resolve().parent / "bench_kernels.py"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", default="",
+                        help=f"comma-separated, of: {', '.join(aot.WORKLOADS)} (default all)")
+    parser.add_argument("--variant", default="", help="a variant name of scripts/bench_kernels.py's VARIANTS")
+    parser.add_argument("--capability", type=int, default=90, help="compute capability x 10 (default 90: sm_90)")
+    parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compiler processes")
+    parser.add_argument("--json", default="", help="also write the results here")
+    args = parser.parse_args(argv)
+    names = [name for name in args.workloads.split(",") if name]
+    unknown = [name for name in names if name not in aot.WORKLOADS]
+    if unknown:
+        print(f"error: unknown workload {unknown[0]!r}; choose from {', '.join(aot.WORKLOADS)}", file=sys.stderr)
+        return 2
+    try:
+        launches = aot.record_in_child(names, str(BENCH_KERNELS), args.variant)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with ProcessPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(aot.compile_launch, launches, [args.capability] * len(launches)))
+    for result in results:
+        status = "ok  " if result.ok else "FAIL"
+        extra = (f"{result.registers} registers, {result.stack_bytes} B spilled ({result.loop_spills} spill "
+                 f"instructions in loops), {result.shared_bytes // 1024} KiB shared"
+                 + (", warp-specialised" if result.warp_specialized else ""))
+        print(f"{status} {result.seconds:5.1f}s  {result.launch.label()}  ({extra if result.ok else result.error})")
+    failed = sum(not result.ok for result in results)
+    print(f"{len(results) - failed} of {len(results)} launches compile for sm_{args.capability}"
+          + (f" ({args.variant})" if args.variant else ""))
+    if args.json:
+        out = Path(args.json)  # atomically: a temporary sibling renamed into place
+        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+        meta = {"triton": triton.__version__, "capability": args.capability, "variant": args.variant or None}
+        tmp.write_text(json.dumps({**meta, "launches": [asdict(result) for result in results]}, indent=1) + "\n")
+        os.replace(tmp, out)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
