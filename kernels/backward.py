@@ -563,8 +563,9 @@ MAX_DKDV_SPLITS = 8  # programs sharing one (KV head, block, key tile)'s picks (
 DKDV_WARPS_PER_SM = 8  # warps of dK/dV programs resident per SM (two fp32 [128 or 256, D] accumulators each)
 DKDV_SPLIT_BALANCE = 2  # a split takes at most half a resident program's fair share of the picks
 DKDV_SPLIT_ROWS = None  # picks per split, fixed (tests force splits with it); None: `dkdv_schedule`'s rule
-# Triton's automatic warp specialisation of the gathered-query loop (a variant that does not compile on sm_90 with
-# Triton 3.6; bench/NOTES.md, session 14).
+# Triton's automatic warp specialisation of the gathered-query loop. On sm_90 (Triton 3.6 and 3.9) it builds nothing
+# here: 8-warp tilings compile to the same PTX, 4-warp ones fail (K and V are pointer loads, and the dQ partials
+# are a fifth product; bench/NOTES.md, session 19, and bench/hopper_ws_probe.py).
 DKDV_WARP_SPECIALIZE = False
 # Timing probes of the gathered-query loop, 0 in use (the kernel's PROBE: 1 contiguous rows, 2 no dQ partials, 3
 # both, 4 the dQ partials' products without their stores; their results are wrong by design).
@@ -578,8 +579,7 @@ DKDV_PROBE = 0
 DKDV_PACKED: bool | None = None
 PACK_ROWS = 64
 # With the packed rows: read them by TMA (host tensor descriptors) instead of pointer loads. Off: 6% slower at
-# r32k-b512, and Triton 3.6's warp specialisation (DKDV_WARP_SPECIALIZE) fails to compile over it too (bench/NOTES.md,
-# session 18).
+# r32k-b512 (bench/NOTES.md, session 18), and it does not let DKDV_WARP_SPECIALIZE build either (session 19).
 DKDV_TMA = False
 
 
