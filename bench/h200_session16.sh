@@ -8,7 +8,7 @@
 #   GIT_COMMIT=<sha> bash bench/h200_session16.sh train    # after the packed dK/dV became the default where a block
 #                                                         # has several key tiles: its compiled tests, then the 1.1B
 #                                                         # recipe at 32K, full attention and MoBA b512 top-3 (~2 min)
-#   GIT_COMMIT=<sha> bash bench/h200_session16.sh probe    # prepared, not yet run: of the dQ partials' 2.1 ms in
+#   GIT_COMMIT=<sha> bash bench/h200_session16.sh probe    # run in session 17 (bench/NOTES.md): of the dQ partials' 2.1 ms in
 #                                                         # r32k-b512's dK/dV, what the products alone take (probe
 #                                                         # 4) against none (probe 2), over the packed kernel, and
 #                                                         # two 64-row query steps (~4 min)

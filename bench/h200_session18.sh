@@ -13,7 +13,8 @@
 #                                                        # per query in smaller blocks: block 256, top-6, paired
 #                                                        # with full attention in one process (the shared start,
 #                                                        # arm 1 and arm 2; about 7 min)
-#   GIT_COMMIT=<sha> bash bench/h200_session18.sh kernel    # prepared, not yet run: r32k-b512 with the dQ partials
+#   GIT_COMMIT=<sha> bash bench/h200_session18.sh kernel    # superseded by bench/h200_session19.sh kernel, which
+#                                                        # times these two with four more: r32k-b512 with the dQ partials
 #                                                        # as dS K (a 32-row operand) against the shipped K^T dS^T,
 #                                                        # over the packed dK/dV; the transposed product won 4% in
 #                                                        # an early session (bench/NOTES.md, "Designs tried"), at

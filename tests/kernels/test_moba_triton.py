@@ -417,6 +417,22 @@ def test_packed_dkdv_matches_naive_and_the_gathered_kernel(case, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(results[True, True], results[False, False]))
 
 
+@pytest.mark.parametrize("transposed, query_step", [(False, 32), (False, 16), (True, 16)])
+def test_dq_partials_of_the_packed_dkdv_match_naive_in_each_form(transposed, query_step, monkeypatch):
+    """The dQ partials of the packed 256-key dK/dV programs (block 512, the workspace passes) as dS K instead of
+    (K^T dS^T)^T, and with 16-row query steps: the forms bench/h200_session19.sh times, whose main loops spill
+    fewer registers on sm_90 (bench/NOTES.md, session 19), against the definition."""
+    from moba_train.kernels import backward
+
+    for name in ("INFERENCE_BUDGET", "TRAINING_BUDGET"):
+        monkeypatch.setattr(workspace, name, 1e9)
+    monkeypatch.setattr(backward, "DQ_TRANSPOSED", transposed)
+    monkeypatch.setattr(backward, "DKDV_TILES_D64", backward.DkdvTiles(256, query_step, 8, 2))
+    assert backward.dkdv_tiles(512, 16) == backward.DkdvTiles(256, query_step, 8, 2)
+    q, k, v, cu_t = inputs([0, 1100], 2, 1, 16, torch.float16, seed=7)
+    attention_matches_naive(q, k, v, cu_t, 512, 3)
+
+
 @pytest.mark.parametrize("splits, split_rows", [(1, None), (3, None), (8, None), (8, 40)])
 def test_dkdv_split_over_programs_matches_naive_when_one_block_draws_every_pick(splits, split_rows, monkeypatch):
     """A shared offset in the queries and in block 0's keys makes every query pick block 0 (the skew of

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Session 19's prepared call, one H200, from the repository root of a device call; .whl carried:
+#   GIT_COMMIT=<sha> bash bench/h200_session19.sh kernel   # prepared, not yet run (no GPU was lent in session 19):
+#                                                        # r32k-b512 with dK/dV forms whose main loop spills less
+#                                                        # on sm_90 (scripts/compile_kernels.py, bench/NOTES.md
+#                                                        # session 19): the shipped loop has 57 spill instructions,
+#                                                        # dS K for the dQ partials 7, at 2 stages 5, with 16-row
+#                                                        # steps 0; 128-key tiles 0 (d64_splits8_w8) and 9
+#                                                        # (d64_k128_m64). Their compiled tests first (about 4 min)
+# The study calls stay in bench/h200_session18.sh (long, moba256) and bench/h200_session17.sh (pair3).
+case "${1:-}" in
+kernel) ;;
+*) echo "usage: bash bench/h200_session19.sh kernel" >&2; exit 2 ;;
+esac
+source bench/gpu_env.sh
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_moba_triton.py \
+  -k "dq_partials_of_the_packed or packed_dkdv" > "$OUT/gpu-tests.log" 2>&1
+tail -3 "$OUT/gpu-tests.log"
+timeout 360 python3 scripts/bench_kernels.py --variants --out "$OUT/kernel" --commit "$GIT_COMMIT" \
+  --variant-shapes r32k-b512 \
+  --variant-names d64_base,d64_dq_untransposed,d64_dq_untransposed_s2,d64_dq_untransposed_m16,d64_splits8_w8,d64_k128_m64 \
+  2>&1 | grep -v -i warn | grep -v "rel_err" | grep -v "^ " | tail -14
