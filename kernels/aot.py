@@ -266,9 +266,10 @@ def _rope():
 # What the recipes and the benchmark's standard shapes launch, at the smallest lengths that still take each
 # path (the tilings depend on the block and head dim, not on the length): the 32K recipe (head dim 64, GQA 32/8,
 # block 512: packed dK/dV over 256-key tiles; block 2048), the 128K recipe's block 1024, the quality study's
-# group of 3, a block of one key tile (the dK/dV programs write the current block's dQ), the standard shapes'
-# head dim 128, suffix queries (context parallelism), training's skewed routing (split programs), slot passes
-# (the backward's plan where the workspace does not fit), and RoPE.
+# group of 3 (block 512, and block 256 top-6: one 256-key tile), a block of one key tile (the dK/dV programs
+# write the current block's dQ), the standard shapes' head dim 128, suffix queries (context parallelism),
+# training's skewed routing (split programs), slot passes (the backward's plan where the workspace does not
+# fit), and RoPE.
 WORKLOADS = {
     "d64_b512_gqa4": lambda: _attention(1152, 4, 1, 64, 512, 3),
     "d64_b512_slot_passes": lambda: _attention(1152, 4, 1, 64, 512, 3, workspace=False),
@@ -276,6 +277,7 @@ WORKLOADS = {
     "d64_b1024_gqa4": lambda: _attention(1152, 4, 1, 64, 1024, 3),
     "d64_b2048_gqa4": lambda: _attention(2176, 4, 1, 64, 2048, 2),
     "d64_b512_gqa3": lambda: _attention(1152, 3, 1, 64, 512, 3),
+    "d64_b256_gqa3": lambda: _attention(1152, 3, 1, 64, 256, 6),
     "d64_b64_shared": lambda: _attention(256, 4, 2, 64, 64, 4, shared=True),
     "d128_b128": lambda: _attention(384, 2, 2, 128, 128, 3),
     "d128_b512": lambda: _attention(1152, 2, 1, 128, 512, 3),
