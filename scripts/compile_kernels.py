@@ -1,4 +1,4 @@
-"""Compile every MoBA kernel launch for an NVIDIA GPU, on a machine without one (moba_train/kernels/aot.py).
+"""Compile every MoBA kernel launch for an NVIDIA GPU, on a machine without one (moba_train/kernel_compile.py).
 
 Records the launches of small forward and backward calls under Triton's interpreter (the recipes' tilings,
 the standard shapes', suffix queries, skewed routing, RoPE), then builds each one for the target with Triton's
@@ -24,7 +24,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels must be JIT functio
     os.environ["TRITON_INTERPRET"] = "0"
 
 import triton  # noqa: E402
-from moba_train.kernels import aot  # noqa: E402
+
+from moba_train import kernel_compile  # noqa: E402
 
 BENCH_KERNELS = Path(__file__).resolve().parent / "bench_kernels.py"
 
@@ -32,24 +33,25 @@ BENCH_KERNELS = Path(__file__).resolve().parent / "bench_kernels.py"
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", default="",
-                        help=f"comma-separated, of: {', '.join(aot.WORKLOADS)} (default all)")
+                        help=f"comma-separated, of: {', '.join(kernel_compile.WORKLOADS)} (default all)")
     parser.add_argument("--variant", default="", help="a variant name of scripts/bench_kernels.py's VARIANTS")
     parser.add_argument("--capability", type=int, default=90, help="compute capability x 10 (default 90: sm_90)")
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compiler processes")
     parser.add_argument("--json", default="", help="also write the results here")
     args = parser.parse_args(argv)
     names = [name for name in args.workloads.split(",") if name]
-    unknown = [name for name in names if name not in aot.WORKLOADS]
+    unknown = [name for name in names if name not in kernel_compile.WORKLOADS]
     if unknown:
-        print(f"error: unknown workload {unknown[0]!r}; choose from {', '.join(aot.WORKLOADS)}", file=sys.stderr)
+        choices = ", ".join(kernel_compile.WORKLOADS)
+        print(f"error: unknown workload {unknown[0]!r}; choose from {choices}", file=sys.stderr)
         return 2
     try:
-        launches = aot.record_in_child(names, str(BENCH_KERNELS), args.variant)
+        launches = kernel_compile.record_in_child(names, str(BENCH_KERNELS), args.variant)
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     with ProcessPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(aot.compile_launch, launches, [args.capability] * len(launches)))
+        results = list(pool.map(kernel_compile.compile_launch, launches, [args.capability] * len(launches)))
     for result in results:
         status = "ok  " if result.ok else "FAIL"
         extra = (f"{result.registers} registers, {result.stack_bytes} B spilled ({result.loop_spills} spill "

@@ -5,7 +5,8 @@ tests/conftest.py sets TRITON_INTERPRET=1 on machines without a GPU before anyth
 run the compiled kernels (`python -m pytest tests/kernels` there); a CPU machine with the interpreter
 turned off skips them.
 
-Under the interpreter, `aot.patch_interpreter_for_numpy2` makes Triton 3.6's interpreter take numpy 2.
+Under the interpreter, `moba_train.kernel_compile.patch_interpreter_for_numpy2` makes Triton 3.6's interpreter
+take numpy 2.
 """
 
 import os
@@ -16,6 +17,6 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRETED and not torch.cuda.is_available():
     collect_ignore = ["test_moba_triton.py"]
 elif INTERPRETED:
-    from moba_train.kernels.aot import patch_interpreter_for_numpy2
+    from moba_train.kernel_compile import patch_interpreter_for_numpy2
 
     patch_interpreter_for_numpy2()

@@ -1,5 +1,5 @@
 """The kernels compiled for sm_90 (H100 / H200) on a machine without a GPU: scripts/compile_kernels.py over
-moba_train/kernels/aot.py. The launches are recorded under the interpreter; the compile runs Triton's own
+moba_train/kernel_compile.py. The launches are recorded under the interpreter; the compile runs Triton's own
 compiler and ptxas, as a device call would."""
 
 import json
@@ -39,10 +39,10 @@ def test_a_launch_that_does_not_compile_is_reported_with_the_compilers_error(tmp
     script = """
 import json, sys
 from dataclasses import replace
-from moba_train.kernels import aot
-launch = aot.record_in_child(["rope"])[0]
-good = aot.compile_launch(launch)
-bad = aot.compile_launch(replace(launch, constexprs=dict(launch.constexprs, HALF=24)))
+from moba_train import kernel_compile
+launch = kernel_compile.record_in_child(["rope"])[0]
+good = kernel_compile.compile_launch(launch)
+bad = kernel_compile.compile_launch(replace(launch, constexprs=dict(launch.constexprs, HALF=24)))
 print(json.dumps([good.ok, bad.ok, bad.error]))
 """
     done = subprocess.run([sys.executable, "-c", script], env=COMPILED, capture_output=True, text=True, timeout=600)
@@ -65,7 +65,7 @@ def test_an_unknown_workload_or_variant_is_one_clear_line():
 def test_loop_spills_counts_local_loads_and_stores_inside_loops_only():
     """A spill before the loop and a reload after it cost once; the two inside the loop (a backward branch's
     target to the branch, the predicated one too) cost every iteration."""
-    from moba_train.kernels.aot import loop_spills
+    from moba_train.kernel_compile import loop_spills
 
     sass = """
         /*0000*/                   MOV R1, c[0x0][0x28] ;         /* 0x00000a0000017a02 */

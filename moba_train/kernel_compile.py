@@ -10,7 +10,8 @@ target such as sm_90 (H100/H200) in a process with the interpreter off:
     launches = record_launches(workload)        # TRITON_INTERPRET=1: runs the call, keeps every launch
     compiled = compile_launch(launches[0], 90)  # interpreter off: ptx and cubin, or the compiler's error
 
-`python -m moba_train.kernels.aot` does both (a child process records): `scripts/compile_kernels.py`.
+`scripts/compile_kernels.py` does both (`record_in_child` records in a child process). It lives outside kernels/,
+which imports only torch, triton and numpy.
 The recorded signature leaves out Triton's launch-time specialisations (integers equal to 1, 16-byte
 divisibility), so a kernel compiles here as a launch with unaligned arguments would; those only add hints.
 """
@@ -225,8 +226,8 @@ def _attention(total, hq, hkv, dim, block, topk, lengths_q=None, skew=False, sha
     `lengths_q` tokens per sequence); `skew`: every query draws the first block (split dK/dV programs);
     `workspace`: the workspace passes wherever they apply, as at training's lengths (at these short lengths
     the budget would pick slot passes), else slot passes."""
-    from . import moba_attention_triton
-    from . import workspace as plans
+    from moba_train.kernels import moba_attention_triton
+    from moba_train.kernels import workspace as plans
 
     saved = plans.INFERENCE_BUDGET, plans.TRAINING_BUDGET
     plans.INFERENCE_BUDGET = plans.TRAINING_BUDGET = 1e9 if workspace else 0.0
@@ -256,7 +257,7 @@ def _attention_call(moba_attention_triton, total, hq, hkv, dim, block, topk, len
 
 
 def _rope():
-    from .rope import rope_triton
+    from moba_train.kernels.rope import rope_triton
 
     t = torch.randn(64, 1, 4, 64).bfloat16().requires_grad_()
     angles = torch.randn(64, 1, 1, 64)
