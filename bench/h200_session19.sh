@@ -3,10 +3,11 @@
 #   GIT_COMMIT=<sha> bash bench/h200_session19.sh kernel   # prepared, not yet run (no GPU was lent in session 19):
 #                                                        # r32k-b512 with dK/dV forms whose main loop spills less
 #                                                        # on sm_90 (scripts/compile_kernels.py, bench/NOTES.md
-#                                                        # session 19): the shipped loop has 57 spill instructions,
-#                                                        # dS K for the dQ partials 7, at 2 stages 5, with 16-row
-#                                                        # steps 0; 128-key tiles 0 (d64_splits8_w8) and 9
-#                                                        # (d64_k128_m64). Their compiled tests first (about 4 min)
+#                                                        # session 19): the shipped loop has 33 spill instructions;
+#                                                        # none with dS K for the dQ partials (also at 2 stages and
+#                                                        # with 16-row steps), with 128-key tiles (d64_splits8_w8)
+#                                                        # or 64-row steps (d64_k128_m64). Their compiled tests
+#                                                        # first (about 4 min)
 # The study calls stay in bench/h200_session18.sh (long, moba256) and bench/h200_session17.sh (pair3).
 case "${1:-}" in
 kernel) ;;

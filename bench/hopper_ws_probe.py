@@ -4,7 +4,8 @@ machine without a GPU (the compiler and ptxas need none; bench/NOTES.md, session
 The loop is the packed dK/dV's, reduced to what decides the pass: K and V of one key tile loaded before the
 loop, each step's q and dO rows and their lse and delta loaded in it, four products (S^T, dV, dP^T, dK) and,
 with DQ, the dQ partials' fifth (K^T dS^T) stored per step. Each form is compiled with `warp_specialize=True`;
-a form is warp-specialised when its PTX splits registers between warp groups (setmaxnreg).
+a form is warp-specialised when its PTX splits registers between warp groups (setmaxnreg). Pointers carry the
+16-byte alignment hint, as the launcher gives aligned tensors.
 
     python bench/hopper_ws_probe.py [--json bench/results/hopper_ws_probe_triton<version>.json]
 """
@@ -70,7 +71,9 @@ def probe(tma_kv: bool, tma_rows: bool, dq: bool, warps: int, block_m=32, block_
     sig.update({name: "constexpr" for name in consts})
     form = {"tma_kv": tma_kv, "tma_rows": tma_rows, "dq_product": dq, "warps": warps}
     try:
-        kernel = triton.compile(ASTSource(dkdv_loop, {n: sig[n] for n in dkdv_loop.arg_names}, constexprs=consts),
+        pointers = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(dkdv_loop.arg_names) if sig[n][0] == "*"}
+        source = ASTSource(dkdv_loop, {n: sig[n] for n in dkdv_loop.arg_names}, constexprs=consts, attrs=pointers)
+        kernel = triton.compile(source,
                                 target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 2})
     except Exception as exc:  # the compiler's verdict is the result
         return {**form, "compiles": False, "error": str(exc).strip().splitlines()[-1][:200]}

@@ -12,8 +12,8 @@ target such as sm_90 (H100/H200) in a process with the interpreter off:
 
 `scripts/compile_kernels.py` does both (`record_in_child` records in a child process). It lives outside kernels/,
 which imports only torch, triton and numpy.
-The recorded signature leaves out Triton's launch-time specialisations (integers equal to 1, 16-byte
-divisibility), so a kernel compiles here as a launch with unaligned arguments would; those only add hints.
+The recorded signature carries Triton's launch-time specialisations (integers equal to 1, 16-byte divisibility),
+taken by the launcher's own function, so the code compiled here is the code the GPU runs.
 """
 
 from __future__ import annotations
@@ -32,47 +32,39 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-TORCH_TYPES = {
-    torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
-    torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8",
-    torch.bool: "i1",
-}
-
 
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch as the compiler sees it: `signature` maps every argument to its Triton type
-    ("*bf16", "i32", "fp32", "tensordesc<bf16[32, 64]>", or "constexpr"), `constexprs` the constexpr values."""
+    ("*bf16", "i32", "fp32", "tensordesc<bf16[32, 64]>", or "constexpr"), `constexprs` the constexpr values,
+    `divisible` the arguments divisible by 16 (`specialize`)."""
 
     module: str
     kernel: str
     signature: dict = field(hash=False)
     constexprs: dict = field(hash=False)
+    divisible: list = field(hash=False, default_factory=list)
     num_warps: int = 4
     num_stages: int = 3
 
     def key(self) -> str:
-        return json.dumps([self.module, self.kernel, self.signature, self.constexprs, self.num_warps, self.num_stages],
-                          sort_keys=True)
+        return json.dumps([self.module, self.kernel, self.signature, self.constexprs, self.divisible, self.num_warps,
+                           self.num_stages], sort_keys=True)
 
     def label(self) -> str:
         shown = {k: v for k, v in self.constexprs.items() if v not in (None, False, 0)}
         return f"{self.kernel}[w{self.num_warps} s{self.num_stages}] " + " ".join(f"{k}={v}" for k, v in shown.items())
 
 
-def arg_type(value) -> str:
-    """Triton's type of a launch argument."""
-    if isinstance(value, torch.Tensor):
-        return "*" + TORCH_TYPES[value.dtype]
-    if type(value).__name__ == "TensorDescriptor":  # triton.tools.tensor_descriptor (host descriptors)
-        return f"tensordesc<{TORCH_TYPES[value.base.dtype]}{list(value.block_shape)}>"
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -(2**31) <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"no Triton type for a launch argument of type {type(value).__name__}")
+def specialize(value) -> tuple[str, object]:
+    """(Triton type or "constexpr", key) of a launch argument, by the function Triton's JIT launcher itself uses:
+    an integer equal to 1 becomes a constexpr (key 1), and key "D" marks a pointer or integer divisible by 16
+    (an alignment hint that lets the compiler vectorise). The interpreter's CPU tensors keep the byte offsets of
+    the views a GPU launch would pass."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    return native_specialize_impl(BaseBackend, value, False, True, True)
 
 
 def constexpr_names(fn) -> set[str]:
@@ -96,14 +88,18 @@ def describe(fn, args, kwargs) -> Launch:
     bound = inspect.signature(fn).bind(*args, **kwargs)
     bound.apply_defaults()
     consts = constexpr_names(fn)
-    signature, constexprs = {}, {}
+    signature, constexprs, divisible = {}, {}, []
     for name, value in bound.arguments.items():
         if name in consts or value is None:
             signature[name] = "constexpr"
             constexprs[name] = GPU_CONSTEXPRS.get(name, value)
-        else:
-            signature[name] = arg_type(value)
-    return Launch(fn.__module__, fn.__name__, signature, constexprs, **options)
+            continue
+        signature[name], key = specialize(value)
+        if signature[name] == "constexpr":
+            constexprs[name] = key
+        elif key == "D":
+            divisible.append(name)
+    return Launch(fn.__module__, fn.__name__, signature, constexprs, divisible, **options)
 
 
 def patch_interpreter_for_numpy2() -> None:
@@ -207,7 +203,9 @@ def compile_launch(launch: Launch, capability: int = 90) -> Compiled:
     fn = getattr(importlib.import_module(launch.module), launch.kernel)
     if not isinstance(fn, triton.runtime.JITFunction):
         raise RuntimeError(f"{launch.module}.{launch.kernel} is not a compilable JIT function: unset TRITON_INTERPRET")
-    source = ASTSource(fn, launch.signature, constexprs=launch.constexprs)
+    hint = [["tt.divisibility", 16]]
+    source = ASTSource(fn, launch.signature, constexprs=launch.constexprs,
+                       attrs={(fn.arg_names.index(name),): hint for name in launch.divisible})
     start = time.perf_counter()
     try:
         kernel = triton.compile(source, target=GPUTarget("cuda", capability, 32),

@@ -340,8 +340,8 @@ VARIANTS = {  # the variants measured in each session are in bench/NOTES.md and 
     "d64_probe_no_dq_tma": ({"backward.DKDV_PROBE": 2, "backward.DKDV_TMA": True}, ("d64",)),
     "d64_probe_no_dq_tma_ws": ({"backward.DKDV_PROBE": 2, "backward.DKDV_TMA": True,
                                 "backward.DKDV_WARP_SPECIALIZE": True}, ("d64",)),
-    # session 19 (no GPU; scripts/compile_kernels.py): the shipped 256-key dK/dV spills in its main loop on sm_90 (57
-    # spill instructions; 7 with the dQ partials as dS K, 5 more at 2 stages, 0 with 16-row query steps)
+    # session 19 (no GPU; scripts/compile_kernels.py): the shipped 256-key dK/dV spills in its main loop on sm_90 (33
+    # spill instructions); with the dQ partials as dS K, at 3 or 2 stages or with 16-row query steps, it does not
     "d64_dq_untransposed_s2": ({"backward.DQ_TRANSPOSED": False,
                                 "backward.DKDV_TILES_D64": DkdvTiles(256, 32, 8, 2)}, ("d64",)),
     "d64_dq_untransposed_m16": ({"backward.DQ_TRANSPOSED": False,

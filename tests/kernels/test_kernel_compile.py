@@ -30,6 +30,9 @@ def test_the_recipes_kernels_compile_for_sm90(tmp_path):
     packed = [r["launch"]["constexprs"] for r in results if r["launch"]["kernel"] == "_dkdv_kernel"
               and r["launch"]["constexprs"]["PACKED"]]
     assert packed and packed[0]["BLOCK_N"] == 256 and packed[0]["HEAD_DIM"] == 64
+    # compiled as the GPU's launcher specialises it: its 16-byte-aligned pointers and strides carry the hint
+    dkdv = next(r["launch"] for r in results if r["launch"]["kernel"] == "_dkdv_kernel")
+    assert {"q_ptr", "k_ptr", "v_ptr", "dk_ptr", "stride_qh"} <= set(dkdv["divisible"])
     assert f"{len(results)} of {len(results)} launches compile for sm_90" in done.stdout
 
 

@@ -420,8 +420,8 @@ def test_packed_dkdv_matches_naive_and_the_gathered_kernel(case, monkeypatch):
 @pytest.mark.parametrize("transposed, query_step", [(False, 32), (False, 16), (True, 16)])
 def test_dq_partials_of_the_packed_dkdv_match_naive_in_each_form(transposed, query_step, monkeypatch):
     """The dQ partials of the packed 256-key dK/dV programs (block 512, the workspace passes) as dS K instead of
-    (K^T dS^T)^T, and with 16-row query steps: the forms bench/h200_session19.sh times, whose main loops spill
-    fewer registers on sm_90 (bench/NOTES.md, session 19), against the definition."""
+    (K^T dS^T)^T, and with 16-row query steps (either form), against the definition: bench/h200_session19.sh times
+    the dS K forms, whose main loops do not spill registers on sm_90 (bench/NOTES.md, session 19)."""
     from moba_train.kernels import backward
 
     for name in ("INFERENCE_BUDGET", "TRAINING_BUDGET"):
