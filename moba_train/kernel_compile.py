@@ -18,6 +18,7 @@ taken by the launcher's own function, so the code compiled here is the code the 
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import json
@@ -165,6 +166,7 @@ class Compiled:
     registers: int = 0  # per thread, as ptxas allocated them
     stack_bytes: int = 0  # per thread: these kernels keep no local arrays, so a stack frame is register spills
     loop_spills: int = 0  # spill loads and stores inside loops (`loop_spills`), paid every iteration
+    ptx_sha256: str = ""  # to match the kernel a GPU's JIT builds for the same launch (`gpu_kernels`)
 
 
 def _cuobjdump(cubin: bytes, *flags: str) -> str:
@@ -216,7 +218,39 @@ def compile_launch(launch: Launch, capability: int = 90) -> Compiled:
     registers, stack = resource_usage(kernel.asm["cubin"])
     return Compiled(launch, True, time.perf_counter() - start, shared_bytes=kernel.metadata.shared,
                     warp_specialized="setmaxnreg" in kernel.asm["ptx"], registers=registers, stack_bytes=stack,
-                    loop_spills=loop_spills(_cuobjdump(kernel.asm["cubin"], "-sass")) if stack else 0)
+                    loop_spills=loop_spills(_cuobjdump(kernel.asm["cubin"], "-sass")) if stack else 0,
+                    ptx_sha256=hashlib.sha256(kernel.asm["ptx"].encode()).hexdigest())
+
+
+def gpu_kernels(names) -> list[dict]:
+    """On a CUDA machine, interpreter off: run WORKLOADS[names] compiled, and return what Triton's JIT built for
+    them: per kernel, its name, warps, stages, the driver's registers and spilled bytes, and its PTX's sha256. A
+    launch compiled here with `compile_launch` and the same hash is the same kernel, which checks this module's
+    recorded signatures and specialisations against the launcher's."""
+    import triton
+
+    from moba_train.kernels import backward, forward, gating, layout, rope, routing
+
+    _DEVICE[0] = "cuda"
+    try:
+        for name in names:
+            WORKLOADS[name]()
+        torch.cuda.synchronize()
+    finally:
+        _DEVICE[0] = "cpu"
+    built = []
+    for module in (forward, backward, gating, layout, rope, routing):
+        for fn in vars(module).values():
+            if not isinstance(fn, triton.runtime.JITFunction):
+                continue
+            for cache in fn.device_caches.values():
+                for kernel in cache[0].values():
+                    built.append({"kernel": fn.__name__, "num_warps": kernel.metadata.num_warps,
+                                  "num_stages": kernel.metadata.num_stages,
+                                  "n_regs": getattr(kernel, "n_regs", None),
+                                  "n_spills": getattr(kernel, "n_spills", None),
+                                  "ptx_sha256": hashlib.sha256(kernel.asm["ptx"].encode()).hexdigest()})
+    return built
 
 
 def _attention(total, hq, hkv, dim, block, topk, lengths_q=None, skew=False, shared=False, workspace=True):
@@ -235,6 +269,9 @@ def _attention(total, hq, hkv, dim, block, topk, lengths_q=None, skew=False, sha
         plans.INFERENCE_BUDGET, plans.TRAINING_BUDGET = saved
 
 
+_DEVICE = ["cpu"]  # where the workloads run: the interpreter's CPU, or a GPU (`gpu_kernels`)
+
+
 def _attention_call(moba_attention_triton, total, hq, hkv, dim, block, topk, lengths_q, skew, shared):
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(total if lengths_q is None else sum(lengths_q), hq, dim, generator=gen)
@@ -242,13 +279,14 @@ def _attention_call(moba_attention_triton, total, hq, hkv, dim, block, topk, len
     if skew:
         q += 1.0
         k[:block] += 2.0
-    q, k = q.bfloat16().requires_grad_(), k.bfloat16().requires_grad_()
-    v = torch.randn(total, hkv, dim, generator=gen).bfloat16().requires_grad_()
-    cu = torch.tensor([0, total], dtype=torch.int32)
+    device = _DEVICE[0]
+    q, k = (x.to(device, torch.bfloat16).requires_grad_() for x in (q, k))
+    v = torch.randn(total, hkv, dim, generator=gen).to(device, torch.bfloat16).requires_grad_()
+    cu = torch.tensor([0, total], dtype=torch.int32, device=device)
     kwargs = {"shared_gqa_selection": shared}
     if lengths_q is not None:
         kwargs.update(cu_seqlens_k=cu, return_lse=True)
-        cu = torch.tensor([0, lengths_q[0]], dtype=torch.int32)
+        cu = torch.tensor([0, lengths_q[0]], dtype=torch.int32, device=device)
     out = moba_attention_triton(q, k, v, cu, block, topk, **kwargs)
     out = out[0] + out[1][..., None] if lengths_q is not None else out
     out.float().square().sum().backward()
@@ -257,8 +295,8 @@ def _attention_call(moba_attention_triton, total, hq, hkv, dim, block, topk, len
 def _rope():
     from moba_train.kernels.rope import rope_triton
 
-    t = torch.randn(64, 1, 4, 64).bfloat16().requires_grad_()
-    angles = torch.randn(64, 1, 1, 64)
+    t = torch.randn(64, 1, 4, 64).to(_DEVICE[0], torch.bfloat16).requires_grad_()
+    angles = torch.randn(64, 1, 1, 64).to(_DEVICE[0])
     rope_triton(t, angles).float().sum().backward()
 
 

@@ -8,6 +8,7 @@ compiler and ptxas. Prints one line per launch and exits 1 if any fails to compi
     python scripts/compile_kernels.py                          # every workload, sm_90 (H100 / H200)
     python scripts/compile_kernels.py --workloads d64_b512_gqa4 --variant d64_packed_ws
     python scripts/compile_kernels.py --capability 100 --json out.json
+    python scripts/compile_kernels.py --workloads d64_b512_gqa4 --against-gpu   # on the GPU machine: same PTX?
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels must be JIT functions here, not interpreted ones
     os.environ["TRITON_INTERPRET"] = "0"
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 
 from moba_train import kernel_compile  # noqa: E402
@@ -38,12 +40,18 @@ def main(argv=None) -> int:
     parser.add_argument("--capability", type=int, default=90, help="compute capability x 10 (default 90: sm_90)")
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compiler processes")
     parser.add_argument("--json", default="", help="also write the results here")
+    parser.add_argument("--against-gpu", action="store_true",
+                        help="on a CUDA machine: also run the workloads compiled and check that each kernel Triton's "
+                             "JIT built there is one compiled here (the same PTX)")
     args = parser.parse_args(argv)
     names = [name for name in args.workloads.split(",") if name]
     unknown = [name for name in names if name not in kernel_compile.WORKLOADS]
     if unknown:
         choices = ", ".join(kernel_compile.WORKLOADS)
         print(f"error: unknown workload {unknown[0]!r}; choose from {choices}", file=sys.stderr)
+        return 2
+    if args.against_gpu and not torch.cuda.is_available():
+        print("error: --against-gpu needs a CUDA device; run it on the GPU machine", file=sys.stderr)
         return 2
     try:
         launches = kernel_compile.record_in_child(names, str(BENCH_KERNELS), args.variant)
@@ -61,11 +69,25 @@ def main(argv=None) -> int:
     failed = sum(not result.ok for result in results)
     print(f"{len(results) - failed} of {len(results)} launches compile for sm_{args.capability}"
           + (f" ({args.variant})" if args.variant else ""))
+    gpu = []
+    if args.against_gpu:
+        here = {result.ptx_sha256: result for result in results if result.ok}
+        gpu = kernel_compile.gpu_kernels(names or list(kernel_compile.WORKLOADS))
+        for kernel in gpu:
+            match = here.get(kernel["ptx_sha256"])
+            kernel["identical"] = match is not None
+            kernel["registers_here"] = match.registers if match else None
+            print(f"{'same' if match else 'DIFF'}  {kernel['kernel']}[w{kernel['num_warps']} s{kernel['num_stages']}]"
+                  f"  GPU: {kernel['n_regs']} registers, {kernel['n_spills']} B spilled"
+                  + (f"; here: {match.registers} registers, {match.stack_bytes} B stack" if match else ""))
+        same = sum(kernel["identical"] for kernel in gpu)
+        print(f"{same} of {len(gpu)} kernels built by the GPU's JIT have the PTX of a launch compiled here")
     if args.json:
         out = Path(args.json)  # atomically: a temporary sibling renamed into place
         tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
         meta = {"triton": triton.__version__, "capability": args.capability, "variant": args.variant or None}
-        tmp.write_text(json.dumps({**meta, "launches": [asdict(result) for result in results]}, indent=1) + "\n")
+        report = {**meta, "launches": [asdict(result) for result in results], "gpu": gpu}
+        tmp.write_text(json.dumps(report, indent=1) + "\n")
         os.replace(tmp, out)
     return 1 if failed else 0
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[2]
 COMPILED = dict(os.environ, TRITON_INTERPRET="0")  # this process's kernels are interpreted: compile elsewhere
 
@@ -55,9 +57,11 @@ print(json.dumps([good.ok, bad.ok, bad.error]))
     assert "power of 2" in error
 
 
-def test_an_unknown_workload_or_variant_is_one_clear_line():
+def test_an_unknown_workload_or_variant_or_a_missing_gpu_is_one_clear_line():
     for flags, message in ((["--workloads", "d64_b999"], "unknown workload 'd64_b999'"),
-                           (["--workloads", "rope", "--variant", "d64_nope"], "no variant 'd64_nope'")):
+                           (["--workloads", "rope", "--variant", "d64_nope"], "no variant 'd64_nope'"),
+                           *([(["--workloads", "rope", "--against-gpu"], "needs a CUDA device")]
+                             if not torch.cuda.is_available() else [])):
         done = subprocess.run([sys.executable, str(ROOT / "scripts" / "compile_kernels.py"), *flags],
                               env=COMPILED, capture_output=True, text=True, timeout=300)
         assert done.returncode == 2
