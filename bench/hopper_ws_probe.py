@@ -13,14 +13,13 @@ a form is warp-specialised when its PTX splits registers between warp groups (se
 from __future__ import annotations
 
 import argparse
-import json
-import os
-from pathlib import Path
 
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+from moba_train.staging import write_json
 
 
 @triton.jit
@@ -92,10 +91,7 @@ def main() -> None:
         print(f"warps {r['warps']}  dQ product {'yes' if r['dq_product'] else 'no '}  K/V by TMA "
               f"{'yes' if r['tma_kv'] else 'no '}  lse/delta by TMA {'yes' if r['tma_rows'] else 'no '}: {verdict}")
     if args.json:
-        out = Path(args.json)
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"triton": triton.__version__, "target": "sm_90", "forms": results}, indent=1) + "\n")
-        os.replace(tmp, out)
+        write_json(args.json, {"triton": triton.__version__, "target": "sm_90", "forms": results})
 
 
 if __name__ == "__main__":

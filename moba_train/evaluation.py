@@ -57,6 +57,7 @@ from moba_train.data.mix import COPY_MIN_PERIOD, copy_document
 from moba_train.data.passkey import PasskeySample, PasskeyTask
 from moba_train.data.preprocess import DataError
 from moba_train.data.synthetic import SyntheticRecallDataset
+from moba_train.staging import write_json
 
 WEIGHT_SHAPE_FIELDS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "head_dim",
@@ -497,21 +498,6 @@ def report_summary(results: dict) -> str:
                      "by period " + ", ".join(f"{b['periods'][0]}-{b['periods'][1]}: {100 * b['token_accuracy']:.1f}%"
                                               for b in c["by_period"]))
     return "\n".join(lines)
-
-
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` atomically: to a temporary sibling, renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
-def write_json(path: str | os.PathLike, data: dict) -> Path:
-    """Write `data` as indented JSON, atomically."""
-    return write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def save_figure(fig, path: str | os.PathLike) -> Path:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import json
 import os
@@ -30,6 +31,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 
@@ -143,16 +145,12 @@ def recording():
         InterpretedFunction.run = run
 
 
-def record_launches(workload) -> list[Launch]:
-    """The distinct launches of `workload()`, in first-launch order."""
+def record_launches(*workloads) -> list[Launch]:
+    """The distinct launches of the workloads, called in order, in first-launch order."""
     with recording() as launches:
-        workload()
-    seen, distinct = set(), []
-    for launch in launches:
-        if launch.key() not in seen:
-            seen.add(launch.key())
-            distinct.append(launch)
-    return distinct
+        for workload in workloads:
+            workload()
+    return list({launch.key(): launch for launch in launches}.values())
 
 
 @dataclass
@@ -169,7 +167,8 @@ class Compiled:
     ptx_sha256: str = ""  # to match the kernel a GPU's JIT builds for the same launch (`gpu_kernels`)
 
 
-def _cuobjdump(cubin: bytes, *flags: str) -> str:
+def cuobjdump(cubin: bytes) -> str:
+    """The resource usage and the SASS of a cubin, from the cuobjdump that Triton ships."""
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -177,12 +176,12 @@ def _cuobjdump(cubin: bytes, *flags: str) -> str:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        return subprocess.run([tool, *flags, path], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([tool, "-res-usage", "-sass", path], capture_output=True, text=True, check=True).stdout
 
 
-def resource_usage(cubin: bytes) -> tuple[int, int]:
-    """(registers, stack bytes) per thread of a cubin's one kernel, from the cuobjdump that Triton ships."""
-    usage = dict(re.findall(r"(REG|STACK):(\d+)", _cuobjdump(cubin, "-res-usage")))
+def resource_usage(report: str) -> tuple[int, int]:
+    """(registers, stack bytes) per thread of the one kernel in a `cuobjdump` report."""
+    usage = dict(re.findall(r"(REG|STACK):(\d+)", report))
     return int(usage.get("REG", 0)), int(usage.get("STACK", 0))
 
 
@@ -215,10 +214,11 @@ def compile_launch(launch: Launch, capability: int = 90) -> Compiled:
     except Exception as exc:  # the compiler's error is the result
         lines = [line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
         return Compiled(launch, False, time.perf_counter() - start, f"{type(exc).__name__}: {lines[-1][:300]}")
-    registers, stack = resource_usage(kernel.asm["cubin"])
+    report = cuobjdump(kernel.asm["cubin"])
+    registers, stack = resource_usage(report)
     return Compiled(launch, True, time.perf_counter() - start, shared_bytes=kernel.metadata.shared,
                     warp_specialized="setmaxnreg" in kernel.asm["ptx"], registers=registers, stack_bytes=stack,
-                    loop_spills=loop_spills(_cuobjdump(kernel.asm["cubin"], "-sass")) if stack else 0,
+                    loop_spills=loop_spills(report),
                     ptx_sha256=hashlib.sha256(kernel.asm["ptx"].encode()).hexdigest())
 
 
@@ -231,13 +231,9 @@ def gpu_kernels(names) -> list[dict]:
 
     from moba_train.kernels import backward, forward, gating, layout, rope, routing
 
-    _DEVICE[0] = "cuda"
-    try:
-        for name in names:
-            WORKLOADS[name]()
-        torch.cuda.synchronize()
-    finally:
-        _DEVICE[0] = "cpu"
+    for name in names:
+        WORKLOADS[name](device="cuda")
+    torch.cuda.synchronize()
     built = []
     for module in (forward, backward, gating, layout, rope, routing):
         for fn in vars(module).values():
@@ -253,7 +249,8 @@ def gpu_kernels(names) -> list[dict]:
     return built
 
 
-def _attention(total, hq, hkv, dim, block, topk, lengths_q=None, skew=False, shared=False, workspace=True):
+def _attention(total, hq, hkv, dim, block, topk, lengths_q=None, skew=False, shared=False, workspace=True,
+               device="cpu"):
     """One bf16 forward and backward of the Triton attention (self-attention, or suffix queries of
     `lengths_q` tokens per sequence); `skew`: every query draws the first block (split dK/dV programs);
     `workspace`: the workspace passes wherever they apply, as at training's lengths (at these short lengths
@@ -261,25 +258,12 @@ def _attention(total, hq, hkv, dim, block, topk, lengths_q=None, skew=False, sha
     from moba_train.kernels import moba_attention_triton
     from moba_train.kernels import workspace as plans
 
-    saved = plans.INFERENCE_BUDGET, plans.TRAINING_BUDGET
-    plans.INFERENCE_BUDGET = plans.TRAINING_BUDGET = 1e9 if workspace else 0.0
-    try:
-        _attention_call(moba_attention_triton, total, hq, hkv, dim, block, topk, lengths_q, skew, shared)
-    finally:
-        plans.INFERENCE_BUDGET, plans.TRAINING_BUDGET = saved
-
-
-_DEVICE = ["cpu"]  # where the workloads run: the interpreter's CPU, or a GPU (`gpu_kernels`)
-
-
-def _attention_call(moba_attention_triton, total, hq, hkv, dim, block, topk, lengths_q, skew, shared):
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(total if lengths_q is None else sum(lengths_q), hq, dim, generator=gen)
     k = torch.randn(total, hkv, dim, generator=gen)
     if skew:
         q += 1.0
         k[:block] += 2.0
-    device = _DEVICE[0]
     q, k = (x.to(device, torch.bfloat16).requires_grad_() for x in (q, k))
     v = torch.randn(total, hkv, dim, generator=gen).to(device, torch.bfloat16).requires_grad_()
     cu = torch.tensor([0, total], dtype=torch.int32, device=device)
@@ -287,16 +271,21 @@ def _attention_call(moba_attention_triton, total, hq, hkv, dim, block, topk, len
     if lengths_q is not None:
         kwargs.update(cu_seqlens_k=cu, return_lse=True)
         cu = torch.tensor([0, lengths_q[0]], dtype=torch.int32, device=device)
-    out = moba_attention_triton(q, k, v, cu, block, topk, **kwargs)
-    out = out[0] + out[1][..., None] if lengths_q is not None else out
-    out.float().square().sum().backward()
+    saved = plans.INFERENCE_BUDGET, plans.TRAINING_BUDGET
+    plans.INFERENCE_BUDGET = plans.TRAINING_BUDGET = 1e9 if workspace else 0.0
+    try:
+        out = moba_attention_triton(q, k, v, cu, block, topk, **kwargs)
+        out = out[0] + out[1][..., None] if lengths_q is not None else out
+        out.float().square().sum().backward()
+    finally:
+        plans.INFERENCE_BUDGET, plans.TRAINING_BUDGET = saved
 
 
-def _rope():
+def _rope(device="cpu"):
     from moba_train.kernels.rope import rope_triton
 
-    t = torch.randn(64, 1, 4, 64).to(_DEVICE[0], torch.bfloat16).requires_grad_()
-    angles = torch.randn(64, 1, 1, 64).to(_DEVICE[0])
+    t = torch.randn(64, 1, 4, 64).to(device, torch.bfloat16).requires_grad_()
+    angles = torch.randn(64, 1, 1, 64).to(device)
     rope_triton(t, angles).float().sum().backward()
 
 
@@ -306,19 +295,19 @@ def _rope():
 # group of 3 (block 512, and block 256 top-6: one 256-key tile), a block of one key tile (the dK/dV programs
 # write the current block's dQ), the standard shapes' head dim 128, suffix queries (context parallelism),
 # training's skewed routing (split programs), slot passes (the backward's plan where the workspace does not
-# fit), and RoPE.
+# fit), and RoPE. Each takes `device` (default the CPU, where the interpreter runs them).
 WORKLOADS = {
-    "d64_b512_gqa4": lambda: _attention(1152, 4, 1, 64, 512, 3),
-    "d64_b512_slot_passes": lambda: _attention(1152, 4, 1, 64, 512, 3, workspace=False),
-    "d64_b512_skew": lambda: _attention(1152, 4, 1, 64, 512, 3, skew=True),
-    "d64_b1024_gqa4": lambda: _attention(1152, 4, 1, 64, 1024, 3),
-    "d64_b2048_gqa4": lambda: _attention(2176, 4, 1, 64, 2048, 2),
-    "d64_b512_gqa3": lambda: _attention(1152, 3, 1, 64, 512, 3),
-    "d64_b256_gqa3": lambda: _attention(1152, 3, 1, 64, 256, 6),
-    "d64_b64_shared": lambda: _attention(256, 4, 2, 64, 64, 4, shared=True),
-    "d128_b128": lambda: _attention(384, 2, 2, 128, 128, 3),
-    "d128_b512": lambda: _attention(1152, 2, 1, 128, 512, 3),
-    "d64_b512_suffix": lambda: _attention(1152, 4, 1, 64, 512, 3, lengths_q=[640]),
+    "d64_b512_gqa4": partial(_attention, 1152, 4, 1, 64, 512, 3),
+    "d64_b512_slot_passes": partial(_attention, 1152, 4, 1, 64, 512, 3, workspace=False),
+    "d64_b512_skew": partial(_attention, 1152, 4, 1, 64, 512, 3, skew=True),
+    "d64_b1024_gqa4": partial(_attention, 1152, 4, 1, 64, 1024, 3),
+    "d64_b2048_gqa4": partial(_attention, 2176, 4, 1, 64, 2048, 2),
+    "d64_b512_gqa3": partial(_attention, 1152, 3, 1, 64, 512, 3),
+    "d64_b256_gqa3": partial(_attention, 1152, 3, 1, 64, 256, 6),
+    "d64_b64_shared": partial(_attention, 256, 4, 2, 64, 64, 4, shared=True),
+    "d128_b128": partial(_attention, 384, 2, 2, 128, 128, 3),
+    "d128_b512": partial(_attention, 1152, 2, 1, 128, 512, 3),
+    "d64_b512_suffix": partial(_attention, 1152, 4, 1, 64, 512, 3, lengths_q=[640]),
     "rope": _rope,
 }
 
@@ -332,13 +321,7 @@ def record_main(names, variant_file, variant) -> list[Launch]:
         if variant not in bench.VARIANTS:
             raise SystemExit(f"error: no variant {variant!r} in {variant_file}; choose one of its VARIANTS")
         bench.apply_variant(bench.VARIANTS[variant][0])
-    launches, seen = [], set()
-    for name in names or WORKLOADS:
-        for launch in record_launches(WORKLOADS[name]):
-            if launch.key() not in seen:
-                seen.add(launch.key())
-                launches.append(launch)
-    return launches
+    return record_launches(*(WORKLOADS[name] for name in names or WORKLOADS))
 
 
 def record_in_child(names=(), variant_file="", variant="") -> list[Launch]:

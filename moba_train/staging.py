@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import glob
+import json
 import os
 import shutil
 import tempfile
@@ -103,3 +104,18 @@ def replace_dir(new: Path, target: Path) -> None:
     _fsync_dir(target.parent)
     if previous is not None:
         shutil.rmtree(previous)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` atomically: to a temporary sibling, renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: str | os.PathLike, data) -> Path:
+    """Write `data` as indented JSON, atomically."""
+    return write_text(path, json.dumps(data, indent=2) + "\n")

@@ -68,11 +68,10 @@ from moba_train.evaluation import (
     plot_loss_by_position,
     plot_passkey,
     save_figure,
-    write_json,
-    write_text,
 )
 from moba_train.metrics import attention_backends
 from moba_train.model import compute_dtype
+from moba_train.staging import write_json, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "configs" / "study"

@@ -14,7 +14,6 @@ compiler and ptxas. Prints one line per launch and exits 1 if any fails to compi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -28,6 +27,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from moba_train import kernel_compile  # noqa: E402
+from moba_train.staging import write_json  # noqa: E402
 
 BENCH_KERNELS = Path(__file__).resolve().parent / "bench_kernels.py"
 
@@ -83,12 +83,8 @@ def main(argv=None) -> int:
         same = sum(kernel["identical"] for kernel in gpu)
         print(f"{same} of {len(gpu)} kernels built by the GPU's JIT have the PTX of a launch compiled here")
     if args.json:
-        out = Path(args.json)  # atomically: a temporary sibling renamed into place
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
         meta = {"triton": triton.__version__, "capability": args.capability, "variant": args.variant or None}
-        report = {**meta, "launches": [asdict(result) for result in results], "gpu": gpu}
-        tmp.write_text(json.dumps(report, indent=1) + "\n")
-        os.replace(tmp, out)
+        write_json(args.json, {**meta, "launches": [asdict(result) for result in results], "gpu": gpu})
     return 1 if failed else 0
 
 

@@ -21,7 +21,7 @@ def main(argv=None) -> None:
                         help="pool runs trained on different corpora (each run's corpus is listed)")
     args = parser.parse_args(argv)
 
-    from moba_train.evaluation import write_json, write_text
+    from moba_train.staging import write_json, write_text
     from moba_train.study_pool import load_runs, pool, pooled_markdown
 
     pooled = pool(load_runs(args.runs), mixed_corpora=args.mixed_corpora)
