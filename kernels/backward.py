@@ -546,13 +546,17 @@ class DkdvTiles(NamedTuple):
     query_step: int  # queries per inner-loop step
     warps: int
     stages: int
+    # dQ partials as (K^T dS^T)^T, whose M is the head dim (a warpgroup-sized wgmma operand), or as dS K, whose M is
+    # the 32-row query step. At head dim 64 and 256 keys dS K spills nothing in the main loop on sm_90 (the
+    # transposed form: 33 spill instructions) and is 2-3% faster at r32k-b512 (bench/NOTES.md, session 20).
+    dq_transposed: bool = True
 
 
 DKDV_TILES_128 = DkdvTiles(128, 32, 8, 3)
-DKDV_TILES_D64 = DkdvTiles(256, 32, 8, 3)  # head dim <= 64, blocks a multiple of 256 keys (bench/NOTES.md, session 10)
+# head dim <= 64, blocks a multiple of 256 keys (bench/NOTES.md, sessions 10 and 20)
+DKDV_TILES_D64 = DkdvTiles(256, 32, 8, 3, dq_transposed=False)
 DKDV_TILES_D64_128 = DkdvTiles(128, 32, 4, 3)  # head dim <= 64, other blocks: 4 warps, 17% faster than 8 warps
 SMALL_DIM_WARPS = 4  # warps of the dQ kernels (current block, past slots) below head dim 128
-DQ_TRANSPOSED = True  # dQ partials as (K^T dS^T)^T: a 32-row dS^T operand is too small for wgmma
 MERGE_ROWS = 32  # query rows of a merging current-block program: more, shorter programs hide the gathers better
 MERGE_WARPS = 4  # warps of the current-block dQ kernel when it merges partials: more programs in flight
 CURRENT_DQ_IN_DKDV = True  # blocks of one key tile: the dK/dV programs write the causal dQ, a pure merge adds partials
@@ -775,7 +779,7 @@ def attention_backward(
             BLOCK_M=kv_tiles.query_step,
             BLOCK_N=kv_tiles.key_tile,
             DQ_WORKSPACE=part_dq is not None,
-            DQ_TRANSPOSED=DQ_TRANSPOSED,
+            DQ_TRANSPOSED=kv_tiles.dq_transposed,
             CURRENT_DQ=current_dq,
             SUFFIX=layout.suffix,
             SPLITS=splits,

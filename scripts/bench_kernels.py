@@ -294,7 +294,7 @@ VARIANTS = {  # the variants measured in each session are in bench/NOTES.md and 
     "d64_dkdv_m16_w4": ({"backward.DKDV_TILES_D64": DkdvTiles(128, 16, 4, 3)}, ("d64",)),
     "d64_dkdv_k64_w4": ({"backward.DKDV_TILES_D64": DkdvTiles(64, 32, 4, 3), "workspace.MAX_KEY_TILES": 8}, ("d64",)),
     "d64_dq_w2": ({"backward.SMALL_DIM_WARPS": 2}, ("d64",)),
-    "d64_dq_untransposed": ({"backward.DQ_TRANSPOSED": False}, ("d64",)),
+    "d64_dq_untransposed": ({"backward.DKDV_TILES_D64": DkdvTiles(256, 32, 8, 3, False)}, ("d64",)),
     "d64_merge_rows64": ({"backward.MERGE_ROWS": 64}, ("d64",)),
     "d64_merge_w8": ({"backward.MERGE_WARPS": 8}, ("d64",)),
     # dK/dV of one block split over programs (backward.dkdv_splits): training's routing is skewed
@@ -342,10 +342,10 @@ VARIANTS = {  # the variants measured in each session are in bench/NOTES.md and 
                                 "backward.DKDV_WARP_SPECIALIZE": True}, ("d64",)),
     # session 19 (no GPU; scripts/compile_kernels.py): the shipped 256-key dK/dV spills in its main loop on sm_90 (33
     # spill instructions); with the dQ partials as dS K, at 3 or 2 stages or with 16-row query steps, it does not
-    "d64_dq_untransposed_s2": ({"backward.DQ_TRANSPOSED": False,
-                                "backward.DKDV_TILES_D64": DkdvTiles(256, 32, 8, 2)}, ("d64",)),
-    "d64_dq_untransposed_m16": ({"backward.DQ_TRANSPOSED": False,
-                                 "backward.DKDV_TILES_D64": DkdvTiles(256, 16, 8, 3)}, ("d64",)),
+    "d64_dq_untransposed_s2": ({"backward.DKDV_TILES_D64": DkdvTiles(256, 32, 8, 2, False)}, ("d64",)),
+    "d64_dq_untransposed_m16": ({"backward.DKDV_TILES_D64": DkdvTiles(256, 16, 8, 3, False)}, ("d64",)),
+    # session 20 (dS K became the 256-key tiling's form): the form shipped before, for comparison
+    "d64_dq_transposed": ({"backward.DKDV_TILES_D64": DkdvTiles(256, 32, 8, 3, True)}, ("d64",)),
 }
 VARIANT_SHAPES = {
     "s32k-b128": ((2, 16, 32768, 128, 8, ("fwd", "fwd+bwd"), False), "small"),

@@ -420,15 +420,16 @@ def test_packed_dkdv_matches_naive_and_the_gathered_kernel(case, monkeypatch):
 @pytest.mark.parametrize("transposed, query_step", [(False, 32), (False, 16), (True, 16)])
 def test_dq_partials_of_the_packed_dkdv_match_naive_in_each_form(transposed, query_step, monkeypatch):
     """The dQ partials of the packed 256-key dK/dV programs (block 512, the workspace passes) as dS K instead of
-    (K^T dS^T)^T, and with 16-row query steps (either form), against the definition: bench/h200_session19.sh times
-    the dS K forms, whose main loops do not spill registers on sm_90 (bench/NOTES.md, session 19)."""
+    (K^T dS^T)^T, and with 16-row query steps (either form), against the definition. dS K is the 256-key tiling's
+    form since session 20 (no spills in its main loop on sm_90, 2-3% faster at r32k-b512; bench/NOTES.md); the
+    transposed form stays for the other tilings."""
     from moba_train.kernels import backward
 
     for name in ("INFERENCE_BUDGET", "TRAINING_BUDGET"):
         monkeypatch.setattr(workspace, name, 1e9)
-    monkeypatch.setattr(backward, "DQ_TRANSPOSED", transposed)
-    monkeypatch.setattr(backward, "DKDV_TILES_D64", backward.DkdvTiles(256, query_step, 8, 2))
-    assert backward.dkdv_tiles(512, 16) == backward.DkdvTiles(256, query_step, 8, 2)
+    tiles = backward.DkdvTiles(256, query_step, 8, 2, dq_transposed=transposed)
+    monkeypatch.setattr(backward, "DKDV_TILES_D64", tiles)
+    assert backward.dkdv_tiles(512, 16) == tiles
     q, k, v, cu_t = inputs([0, 1100], 2, 1, 16, torch.float16, seed=7)
     attention_matches_naive(q, k, v, cu_t, 512, 3)
 
