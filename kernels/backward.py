@@ -548,7 +548,8 @@ class DkdvTiles(NamedTuple):
     stages: int
     # dQ partials as (K^T dS^T)^T, whose M is the head dim (a warpgroup-sized wgmma operand), or as dS K, whose M is
     # the 32-row query step. At head dim 64 and 256 keys dS K spills nothing in the main loop on sm_90 (the
-    # transposed form: 33 spill instructions) and is 2-3% faster at r32k-b512 (bench/NOTES.md, session 20).
+    # transposed form: 33 spill instructions with Triton 3.6) and is 2-3% faster at r32k-b512 (bench/NOTES.md,
+    # session 20).
     dq_transposed: bool = True
 
 
