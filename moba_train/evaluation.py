@@ -501,13 +501,18 @@ def report_summary(results: dict) -> str:
 
 
 def save_figure(fig, path: str | os.PathLike) -> Path:
-    """Save a matplotlib figure as a PNG, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+    """Save a pyplot figure as a PNG, atomically, and close it (saved or not)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+        return path
+    finally:
+        plt.close(fig)
 
 
 def plot_loss_by_position(reports: dict[str, dict], path: str | os.PathLike, title: str = "") -> Path:
@@ -526,10 +531,7 @@ def plot_loss_by_position(reports: dict[str, dict], path: str | os.PathLike, tit
     ax.set_title(title or "loss by position")
     ax.grid(alpha=0.3)
     ax.legend()
-    try:
-        return save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path)
 
 
 def plot_passkey(grids: dict[str, dict], path: str | os.PathLike) -> Path:
@@ -552,7 +554,4 @@ def plot_passkey(grids: dict[str, dict], path: str | os.PathLike) -> Path:
         ax.set_title(label)
     axes[0][0].set_ylabel("context")
     fig.colorbar(image, ax=axes[0].tolist(), label="exact-answer accuracy")
-    try:
-        return save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path)

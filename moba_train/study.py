@@ -780,7 +780,4 @@ def plot_training_loss(curves: dict[str, list], path: Path) -> None:
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend()
-    try:
-        save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)

@@ -21,6 +21,11 @@ measured, one recalled 6% of the mixed recall task's facts, as pure MoBA does, w
 98-99%). So the pool also counts, per arm, the runs whose recall of the mixed task is below half of full
 attention's in the same run (`retrieval_failures`), over the runs where full attention's recall is informative.
 
+Where the loss gap lies: per arm, the paired gap of each position bucket of the long held-out documents
+(`long_documents` in each arm's evaluation: the first 8K tokens of documents at least that long), pooled the same
+way (`gaps_by_position`). A gap that grows with position is one of long-range context: before position block x
+top-k, MoBA attends to every earlier key, as full attention does.
+
 Runs pool only if they share the plan (steps, tokens, lengths, the shared start), the recipe overrides other
 than run.seed and, where both recorded them, the study recipes (`recipes` in study.json: a SHA-256 of each
 configs/study file) and the corpus (its training and held-out token counts). The corpus is built from a
@@ -101,6 +106,56 @@ def retrieval_failures(runs: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
+def _interval(xs: list[float]) -> dict:
+    """mean, and (with two or more values) sd, se and the two-sided Student-t interval at LEVEL."""
+    record = {"n": len(xs), "mean": statistics.fmean(xs)}
+    if len(xs) > 1:
+        sd = statistics.stdev(xs)
+        se = sd / math.sqrt(len(xs))
+        half = t_quantile(LEVEL, len(xs) - 1) * se
+        record.update(sd=sd, se=se, interval=[record["mean"] - half, record["mean"] + half])
+    return record
+
+
+def position_gaps(state: dict) -> dict[str, tuple[list[list[int]], list[float]]]:
+    """One run's loss gaps by position: per arm of RETRIEVAL_ARMS evaluated on the long held-out documents, as full
+    attention was, (the buckets' [start, end) positions, the arm's loss in each against full's, in percent)."""
+    def buckets(arm):
+        report = ((state.get("arms", {}).get(arm) or {}).get("eval") or {}).get("long_documents") or {}
+        return report.get("buckets") or []
+
+    full = buckets("full")
+    out = {}
+    for arm in RETRIEVAL_ARMS:
+        own = buckets(arm)
+        if not own or not full:
+            continue
+        edges = [[b["start"], b["end"]] for b in own]
+        if edges != [[b["start"], b["end"]] for b in full]:
+            raise ConfigError(f"the {arm} arm was evaluated on other position buckets than full attention in the "
+                              "same run: evaluate both with one --bucket-size")
+        out[arm] = (edges, [100 * (b["loss"] / f["loss"] - 1) for b, f in zip(own, full)])
+    return out
+
+
+def gaps_by_position(runs: dict[str, dict]) -> dict[str, dict]:
+    """Per arm: {buckets, runs: {name: [gap per bucket]}, pooled: [mean, sd, interval of each bucket]}, over the
+    runs whose arm and full attention were evaluated on the long held-out documents. ConfigError where two runs
+    bucketed the positions differently."""
+    out: dict[str, dict] = {}
+    for name, state in runs.items():
+        for arm, (edges, gaps) in position_gaps(state).items():
+            entry = out.setdefault(arm, {"buckets": edges, "first": name, "runs": {}})
+            if edges != entry["buckets"]:
+                raise ConfigError(f"{name} bucketed the positions of its long documents otherwise than "
+                                  f"{entry['first']} ({edges} against {entry['buckets']}): pool runs of one evaluation")
+            entry["runs"][name] = gaps
+    for entry in out.values():
+        del entry["first"]
+        entry["pooled"] = [_interval(list(column)) for column in zip(*entry["runs"].values())]
+    return out
+
+
 def _recipe_overrides(state: dict) -> list[str]:
     """The study's recipe overrides of a run (scripts/run_study.py's positional ones), run.seed aside: a seed is
     one more sample of the same recipe; any other override (e.g. attention.full_layers=3) is another recipe."""
@@ -156,15 +211,9 @@ def pool(runs: dict[str, dict], mixed_corpora: bool = False) -> dict:
                                            else f"{corpora[name][0]:,} / {corpora[name][1]:,}"}
                                     for name in names},
            "plan": first.get("plan"), "corpora": max(1, len(set(known.values()))), "targets": {},
-           "retrieval_failures": retrieval_failures(runs)}
+           "retrieval_failures": retrieval_failures(runs), "by_position": gaps_by_position(runs)}
     for target, entry in sorted(values.items()):
-        xs = list(entry["runs"].values())
-        record = {**entry, "n": len(xs), "mean": statistics.fmean(xs)}
-        if len(xs) > 1:
-            sd = statistics.stdev(xs)
-            se = sd / math.sqrt(len(xs))
-            half = t_quantile(LEVEL, len(xs) - 1) * se
-            record.update(sd=sd, se=se, interval=[record["mean"] - half, record["mean"] + half])
+        record = {**entry, **_interval(list(entry["runs"].values()))}
         record["verdict"] = _verdict(record)
         out["targets"][target] = record
     return out
@@ -226,4 +275,53 @@ def pooled_markdown(pooled: dict) -> str:
             each = ", ".join(f"{100 * a:.0f} / {100 * f:.0f}" for a, f in record["runs"].values())
             lines.append(f"| {arm} | {len(record['failed'])} / {len(record['runs'])} | {each} | "
                          f"{', '.join(record['failed']) or '-'} |")
+    by_position = pooled.get("by_position") or {}
+    if by_position:
+        arms = list(by_position)
+        lines += ["", "Loss gap by position on the long held-out documents: percent above full attention in the same "
+                  "run, mean (95% interval) over the runs.", "",
+                  "| positions | " + " | ".join(f"{arm} ({len(by_position[arm]['runs'])} runs)" for arm in arms) + " |",
+                  "| --- |" + " --- |" * len(arms)]
+        edges = max((by_position[arm]["buckets"] for arm in arms), key=len)
+        for i, (start, end) in enumerate(edges):
+            cells = []
+            for arm in arms:
+                record = by_position[arm]["pooled"][i] if i < len(by_position[arm]["pooled"]) else None
+                if record is None:
+                    cells.append("-")
+                elif "interval" in record:
+                    lo, hi = record["interval"]
+                    cells.append(f"{record['mean']:+.2f} ({lo:+.2f} to {hi:+.2f})")
+                else:
+                    cells.append(f"{record['mean']:+.2f}")
+            lines.append(f"| {start}-{end} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plot_gaps_by_position(pooled: dict, path: str | Path) -> Path:
+    """One line per arm: the pooled loss gap of each position bucket (percent above full attention) with its 95%
+    interval as a band, and each run's gaps as faint lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moba_train.evaluation import save_figure
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm, entry in pooled["by_position"].items():
+        centers = [(start + end) / 2 / 1024 for start, end in entry["buckets"]]
+        means = [record["mean"] for record in entry["pooled"]]
+        (line,) = ax.plot(centers, means, marker="o", label=f"{arm} ({len(entry['runs'])} runs)")
+        for gaps in entry["runs"].values():
+            ax.plot(centers, gaps, color=line.get_color(), alpha=0.15, linewidth=1)
+        if all("interval" in record for record in entry["pooled"]):
+            ax.fill_between(centers, [r["interval"][0] for r in entry["pooled"]],
+                            [r["interval"][1] for r in entry["pooled"]], color=line.get_color(), alpha=0.2)
+    ax.axhline(0, color="k", linewidth=0.8)
+    ax.set_xlabel("position in the document (K tokens, bucket centre)")
+    ax.set_ylabel("loss above full attention (%)")
+    ax.set_title("loss gap by position, long held-out documents")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save_figure(fig, path)

@@ -4,7 +4,8 @@ met / missed / undecided (moba_train/study_pool.py).
     python scripts/pool_study.py bench/results/quality/h200-8668204-short bench/results/quality/h200-f617509-a \
         --out-dir bench/results/quality/pooled
 
-Prints the table; with --out-dir also writes pooled.json and pooled.md there.
+Prints the table; with --out-dir also writes pooled.json, pooled.md and (where the runs evaluated the long held-out
+documents) gap_by_position.png there.
 """
 
 import argparse
@@ -16,13 +17,14 @@ from moba_train.cli import run_entry
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="results directories of study runs (each holding study.json)")
-    parser.add_argument("--out-dir", type=Path, default=None, help="write pooled.json and pooled.md here")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="write pooled.json, pooled.md and gap_by_position.png here")
     parser.add_argument("--mixed-corpora", action="store_true",
                         help="pool runs trained on different corpora (each run's corpus is listed)")
     args = parser.parse_args(argv)
 
     from moba_train.staging import write_json, write_text
-    from moba_train.study_pool import load_runs, pool, pooled_markdown
+    from moba_train.study_pool import load_runs, plot_gaps_by_position, pool, pooled_markdown
 
     pooled = pool(load_runs(args.runs), mixed_corpora=args.mixed_corpora)
     text = pooled_markdown(pooled)
@@ -30,6 +32,8 @@ def main(argv=None) -> None:
     if args.out_dir is not None:
         write_json(args.out_dir / "pooled.json", pooled)
         write_text(args.out_dir / "pooled.md", text)
+        if pooled["by_position"]:
+            plot_gaps_by_position(pooled, args.out_dir / "gap_by_position.png")
 
 
 if __name__ == "__main__":

@@ -81,6 +81,50 @@ def test_pooled_gaps_equal_a_direct_computation():
         assert record["verdict"] == verdict
 
 
+def _with_positions(state: dict, losses: dict[str, list[float]], bucket: int = 1024) -> dict:
+    """The state with each arm's long-document loss per position bucket (evaluation's loss_by_position report)."""
+    for arm, values in losses.items():
+        report = {"buckets": [{"start": i * bucket, "end": (i + 1) * bucket, "loss": v} for i, v in enumerate(values)]}
+        state["arms"].setdefault(arm, {"eval": {}})["eval"]["long_documents"] = report
+    return state
+
+
+def test_gaps_by_position_equal_a_direct_computation():
+    """Per arm and position bucket: each run's gap against full attention in the same run, then their mean and
+    Student-t interval, as the targets are pooled; an arm without the long documents' report is left out."""
+    full = [[3.3, 2.8, 2.7], [3.2, 2.9, 2.6], [3.4, 2.7, 2.8]]
+    moba = [[3.31, 2.9, 2.95], [3.21, 3.0, 2.9], [3.42, 2.78, 3.05]]
+    runs = {f"r{i}": _with_positions(_state(2.7, 2.8, 2.71), {"full": f, "moba": m}) for i, (f, m) in
+            enumerate(zip(full, moba))}
+    out = pool(runs)["by_position"]
+    assert set(out) == {"moba"}  # the hybrid arm has no long-document report
+    assert out["moba"]["buckets"] == [[0, 1024], [1024, 2048], [2048, 3072]]
+    for j in range(3):
+        gaps = [100 * (m[j] / f[j] - 1) for f, m in zip(full, moba)]
+        assert [out["moba"]["runs"][f"r{i}"][j] for i in range(3)] == pytest.approx(gaps)
+        record = out["moba"]["pooled"][j]
+        half = 4.303 * statistics.stdev(gaps) / math.sqrt(3)  # the table's t for 2 degrees of freedom
+        assert record["mean"] == pytest.approx(statistics.mean(gaps))
+        assert record["interval"] == pytest.approx([statistics.mean(gaps) - half, statistics.mean(gaps) + half],
+                                                   abs=1e-3 * half)
+    text = pooled_markdown(pool(runs))
+    last = out["moba"]["pooled"][2]
+    assert (f"| 2048-3072 | {last['mean']:+.2f} ({last['interval'][0]:+.2f} to {last['interval'][1]:+.2f}) |"
+            in text)
+
+
+def test_gaps_by_position_refuse_runs_bucketed_otherwise():
+    """Buckets of another size in one run (or for one arm against full attention) cannot be paired: one clear
+    error instead of gaps of different positions averaged together."""
+    runs = {"a": _with_positions(_state(2.7, 2.8), {"full": [3.0, 2.8], "moba": [3.1, 2.9]}),
+            "b": _with_positions(_state(2.7, 2.8), {"full": [3.0, 2.8], "moba": [3.1, 2.9]}, bucket=512)}
+    with pytest.raises(ConfigError, match="b bucketed the positions of its long documents otherwise than a"):
+        pool(runs)
+    runs["b"] = _with_positions(_with_positions(_state(2.7, 2.8), {"full": [3.0, 2.8]}), {"moba": [3.1, 2.9]}, 512)
+    with pytest.raises(ConfigError, match="the moba arm was evaluated on other position buckets than full"):
+        pool(runs)
+
+
 def test_verdicts_need_an_interval_clear_of_the_limit():
     # Session 12 and 13's hybrid pair: +0.26% and +0.86% against a 0.5% floor: the interval holds the limit.
     runs = {"a": _state(2.7275, hybrid=2.7275 * 1.0026), "b": _state(2.7147, hybrid=2.7147 * 1.0086)}
@@ -149,11 +193,14 @@ def test_cli_writes_the_pooled_files_and_rejects_a_directory_without_a_run(tmp_p
     for i, (full, moba) in enumerate(((2.72, 2.83), (2.75, 2.85))):
         d = tmp_path / f"run{i}"
         d.mkdir()
-        (d / "study.json").write_text(json.dumps(_state(full, moba)))
+        state = _with_positions(_state(full, moba), {"full": [3.3, 2.8], "moba": [3.31, 2.9 + 0.01 * i]})
+        (d / "study.json").write_text(json.dumps(state))
         dirs.append(str(d))
     _pool_cli([*dirs, "--out-dir", str(tmp_path / "out")], monkeypatch)
     written = json.loads((tmp_path / "out" / "pooled.json").read_text())
     assert written["targets"] == json.loads(json.dumps(pool(load_runs(dirs))["targets"]))
+    assert written["by_position"] == json.loads(json.dumps(pool(load_runs(dirs))["by_position"]))
+    assert (tmp_path / "out" / "gap_by_position.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "moba_validation_loss_vs_full" in (tmp_path / "out" / "pooled.md").read_text()
     assert (tmp_path / "out" / "pooled.md").read_text() in capsys.readouterr().out
     empty = tmp_path / "empty"
@@ -210,6 +257,9 @@ def test_a_committed_pool_is_what_its_runs_give(name, runs, failed_hybrids):
     failed = {arm: record["failed"] for arm, record in again["retrieval_failures"].items()}
     assert failed == {arm: record["failed"] for arm, record in committed["retrieval_failures"].items()}
     assert failed["hybrid"] == failed_hybrids
+    if "by_position" in committed:  # pools written before session 20 have none
+        assert {arm: [r["mean"] for r in e["pooled"]] for arm, e in again["by_position"].items()} == pytest.approx(
+            {arm: [r["mean"] for r in e["pooled"]] for arm, e in committed["by_position"].items()})
 
 
 def test_runs_pool_across_seeds_but_not_across_other_recipe_overrides():
