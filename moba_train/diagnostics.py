@@ -98,21 +98,60 @@ def _token_blocks(bounds: list[int], block_size: int, device) -> torch.Tensor:
 
 
 def _sequence_recall(q_mhd, k_lgd, picked_mhn, positions_m, block_size: int, scale: float) -> torch.Tensor:
-    """Sum over queries and heads of the dense-attention mass on the keys MoBA attends, for queries of one
-    sequence at key positions `positions_m` (int64 [m]), q [m, H, D], that sequence's keys [L, G, D]
-    (query head h reads KV head h // (H // G)) and picks as a bool [m, H, num_blocks] block mask."""
+    """float64 [m]: per query, the sum over heads of the dense-attention mass on the keys MoBA attends, for
+    queries of one sequence at key positions `positions_m` (int64 [m]), q [m, H, D], that sequence's keys
+    [L, G, D] (query head h reads KV head h // (H // G)) and picks as a bool [m, H, num_blocks] block mask."""
     heads, kv_heads = q_mhd.shape[1], k_lgd.shape[1]
     keys = k_lgd.float().repeat_interleave(heads // kv_heads, dim=1)  # [L, H, D]
     key_pos = torch.arange(keys.shape[0], device=keys.device)
-    total = torch.zeros((), dtype=torch.float64, device=keys.device)
+    sums = []
     for lo in range(0, q_mhd.shape[0], RECALL_CHUNK):
         q, pos, picked = (x[lo:lo + RECALL_CHUNK] for x in (q_mhd, positions_m, picked_mhn))
         causal = key_pos[None, :] <= pos[:, None]  # [c, L]
         logits = torch.einsum("chd,lhd->chl", q.float(), keys) * scale
         probs = torch.softmax(logits.masked_fill(~causal[:, None, :], float("-inf")), dim=-1)
         attended = picked[:, :, key_pos // block_size] & causal[:, None, :]  # [c, H, L]
-        total += (probs * attended).sum(dtype=torch.float64)
-    return total
+        sums.append((probs * attended).sum(dim=(1, 2), dtype=torch.float64))
+    return torch.cat(sums) if sums else torch.zeros(0, dtype=torch.float64, device=keys.device)
+
+
+def _past_picks(selection, token_block, queries, num_blocks: int) -> torch.Tensor:
+    """bool [n, H, num_blocks]: the earlier blocks that each query of `queries` picked, per head, from a
+    moba_selection [T, H, topk] (int64) and each token's local block index."""
+    picks = selection[queries]
+    past = (picks >= 0) & (picks != token_block[queries][:, None, None])
+    picked = torch.zeros(*picks.shape[:2], num_blocks + 1, dtype=torch.bool, device=picks.device)
+    picked.scatter_(2, torch.where(past, picks, num_blocks), True)
+    return picked[..., :num_blocks]
+
+
+def _attended_recall(q, k, bounds: list[int], picked, token_block, queries, block_size: int, scale: float):
+    """float64 [n]: per query of `queries`, the dense-attention mass on what MoBA attends (the past picks
+    `picked` and its own block up to it), summed over the heads of q."""
+    attended = picked.clone()
+    attended.scatter_(2, token_block[queries][:, None, None].expand(-1, q.shape[1], 1), True)  # the current block
+    recall = torch.zeros(len(queries), dtype=torch.float64, device=q.device)
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        in_seq = (queries >= start) & (queries < end)
+        if in_seq.any():
+            recall[in_seq] = _sequence_recall(q[queries[in_seq]], k[start:end], attended[in_seq],
+                                              queries[in_seq] - start, block_size, scale)
+    return recall
+
+
+def query_gate_recall(q, k, cu_seqlens, *, block_size: int, topk: int, softmax_scale: float, queries: torch.Tensor,
+                      shared_gqa_selection: bool = False) -> torch.Tensor:
+    """float64 [n]: for each query position of `queries` (int64, over the packed tokens of q [T, H, D]; k
+    [T, G, D]), the share of exact dense causal attention's probability mass that falls on the keys MoBA
+    attends, averaged over the heads. 1 where the query's sequence has no more earlier blocks than topk - 1."""
+    bounds = cu_seqlens.tolist()
+    selection = moba_selection(q, k, cu_seqlens=cu_seqlens, block_size=block_size, topk=topk,
+                               shared_gqa_selection=shared_gqa_selection).long()
+    token_block = _token_blocks(bounds, block_size, q.device)
+    num_blocks = int(token_block.max().item()) + 1 if len(token_block) else 1
+    queries = queries.to(q.device)
+    picked = _past_picks(selection, token_block, queries, num_blocks)
+    return _attended_recall(q, k, bounds, picked, token_block, queries, block_size, softmax_scale) / q.shape[1]
 
 
 def layer_routing(q, k, cu_seqlens, *, block_size: int, topk: int, softmax_scale: float, queries: torch.Tensor,
@@ -143,9 +182,7 @@ def layer_routing(q, k, cu_seqlens, *, block_size: int, topk: int, softmax_scale
     previous = ((picks == own - 1) & past).any(-1).sum().item() / pairs
     popularity = torch.bincount(picks[past], minlength=num_blocks).to(torch.float64) / pairs
 
-    picked = torch.zeros(len(queries), heads, num_blocks + 1, dtype=torch.bool, device=q.device)
-    picked.scatter_(2, torch.where(past, picks, num_blocks), True)
-    picked = picked[..., :num_blocks]  # [n, H, num_blocks]: past picks only
+    picked = _past_picks(selection, token_block, queries, num_blocks)  # [n, H, num_blocks]
     group = heads // k.shape[1]
     overlap = None
     if group > 1:
@@ -154,15 +191,7 @@ def layer_routing(q, k, cu_seqlens, *, block_size: int, topk: int, softmax_scale
         off_diagonal = ~torch.eye(group, dtype=torch.bool, device=q.device)
         overlap = (shared[..., off_diagonal].mean() / (topk - 1)).item()
 
-    attended = picked.clone()
-    attended.scatter_(2, token_block[queries][:, None, None].expand(-1, heads, 1), True)  # the current block
-    recall = torch.zeros((), dtype=torch.float64, device=q.device)
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        in_seq = (queries >= start) & (queries < end)
-        if not in_seq.any():
-            continue
-        recall += _sequence_recall(q[queries[in_seq]], k[start:end], attended[in_seq], queries[in_seq] - start,
-                                   block_size, softmax_scale)
+    recall = _attended_recall(q, k, bounds, picked, token_block, queries, block_size, softmax_scale).sum()
     return LayerRouting(
         distance_counts=distance_counts.cpu().numpy(),
         previous_block_share=previous,
@@ -173,7 +202,7 @@ def layer_routing(q, k, cu_seqlens, *, block_size: int, topk: int, softmax_scale
     )
 
 
-def _layer_index(name: str) -> int:
+def layer_index(name: str) -> int:
     match = re.search(r"layers\.(\d+)\.", name)
     assert match, f"core attention module {name} is not inside a transformer layer"
     return int(match.group(1))
@@ -239,6 +268,15 @@ def save_heatmaps(heatmaps: dict[int, np.ndarray], step: int, out_dir: Path) -> 
     return stem.with_suffix(".png")
 
 
+def attention_inputs(module: MoBACoreAttention, args, kwargs):
+    """(q [T, H, D], k [T, G, D], int32 cu_seqlens, the bound arguments) of one call of a MoBA core attention,
+    as the attention receives them (`core_attention.to_thd`); for forward pre-hooks registered with_kwargs."""
+    bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    q, k, _, cu_seqlens = to_thd(bound.arguments["query"], bound.arguments["key"], bound.arguments["value"],
+                                 bound.arguments.get("packed_seq_params"))
+    return q, k, cu_seqlens, bound
+
+
 class RoutingDiagnostics:
     """The trainer's hook: `due(step)` says when, `run(step, batch)` measures (all ranks call it; rank 0,
     `enabled`, computes and returns the moba/ metrics, the others return {})."""
@@ -248,7 +286,7 @@ class RoutingDiagnostics:
         self.model = model
         self.enabled = enabled
         self.interval = cfg.logging.moba_diag_interval
-        self.modules = {_layer_index(name): module for name, module in model.named_modules()
+        self.modules = {layer_index(name): module for name, module in model.named_modules()
                         if isinstance(module, MoBACoreAttention)}
         self.out_dir = Path(cfg.run.output_dir) / "diagnostics"
 
@@ -265,10 +303,8 @@ class RoutingDiagnostics:
         sampled: dict = {}
 
         def capture(layer: int, module: MoBACoreAttention, args, kwargs) -> None:
-            bound = inspect.signature(module.forward).bind(*args, **kwargs)
+            q, k, cu_seqlens, bound = attention_inputs(module, args, kwargs)
             params = bound.arguments.get("packed_seq_params")
-            q, k, _, cu_seqlens = to_thd(bound.arguments["query"], bound.arguments["key"], bound.arguments["value"],
-                                         params)
             if module.cp_group is not None:  # every CP rank sends its shard; rank 0 measures whole sequences
                 host = host_offsets(bound.arguments["query"], params)
                 lengths = [b - a for a, b in zip(host[:-1], host[1:])]

@@ -40,6 +40,7 @@ copy, and the accuracy on the first reading of the same text is the baseline wit
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -253,6 +254,57 @@ def loss_by_position(loaded: LoadedModel, windows: np.ndarray, *, bucket_size: i
             "buckets": buckets}
 
 
+@torch.no_grad()
+def gate_recall_by_position(loaded: LoadedModel, windows: np.ndarray, *, bucket_size: int = 1024,
+                            queries_per_bucket: int = 16, batch_size: int = 4, seed: int = 0,
+                            progress: bool = False) -> dict | None:
+    """Where MoBA's gate finds what full attention would read: for every MoBA layer, at `queries_per_bucket`
+    positions drawn in each position bucket (the same in every window), the share of exact dense causal
+    attention's probability mass (its own q and k, fp32 softmax over every earlier key) that falls on the
+    keys MoBA attends, averaged over heads, windows and the bucket's positions (`diagnostics.query_gate_recall`).
+    1 where a query has no more earlier blocks than topk - 1. None for a model without MoBA layers."""
+    from moba_train.core_attention import MoBACoreAttention
+    from moba_train.diagnostics import attention_inputs, layer_index, query_gate_recall
+
+    modules = {layer_index(name): module for name, module in loaded.model.named_modules()
+               if isinstance(module, MoBACoreAttention)}
+    if not modules:
+        return None
+    _check_tokens(loaded, windows, "the validation data")
+    s = windows.shape[1] - 1
+    edges = [(a, min(a + bucket_size, s)) for a in range(0, s, bucket_size)]
+    rng = np.random.default_rng(seed)
+    positions = np.concatenate([np.sort(rng.choice(np.arange(a, b), min(queries_per_bucket, b - a), replace=False))
+                                for a, b in edges])
+    bucket_of = np.searchsorted([b for _, b in edges], positions, side="right")
+    sums = {layer: np.zeros(len(edges)) for layer in modules}
+    counts = np.zeros(len(edges))
+
+    def capture(layer: int, module: MoBACoreAttention, args, kwargs) -> None:
+        q, k, cu_seqlens, _ = attention_inputs(module, args, kwargs)
+        starts = cu_seqlens[:-1].long()
+        queries = (starts[:, None] + torch.from_numpy(positions).to(starts.device)[None, :]).reshape(-1)
+        recall = query_gate_recall(q, k, cu_seqlens, block_size=module.block_size, topk=module.topk,
+                                   softmax_scale=module.softmax_scale, queries=queries,
+                                   shared_gqa_selection=module.shared_gqa_selection)
+        np.add.at(sums[layer], bucket_of, recall.view(len(starts), -1).sum(0).cpu().numpy())
+
+    handles = [module.register_forward_pre_hook(functools.partial(capture, layer), with_kwargs=True)
+               for layer, module in modules.items()]
+    try:
+        for batch in tqdm(_batches(len(windows), batch_size), desc="gate recall", disable=not progress):
+            logits(loaded, torch.from_numpy(windows[batch][:, :-1]))
+            np.add.at(counts, bucket_of, len(batch))
+    finally:
+        for handle in handles:
+            handle.remove()
+    by_layer = {f"layer_{layer:02d}": (sums[layer] / counts).tolist() for layer in sorted(modules)}
+    mean = np.mean([sums[layer] / counts for layer in modules], axis=0)
+    return {"windows": len(windows), "seq_length": s, "queries_per_bucket": queries_per_bucket,
+            "buckets": [{"start": a, "end": b, "gate_recall": float(r)} for (a, b), r in zip(edges, mean)],
+            "layers": by_layer}
+
+
 # ---------------------------------------------------------------------------------------------
 # Passkey retrieval
 
@@ -406,13 +458,15 @@ class EvalSettings:
     passkey_samples: int = 20
     recall_documents: int = 0
     copy_documents: int = 0
+    gate_recall_queries: int = 0  # per position bucket of the long documents; 0: not measured
     batch_size: int = 4
     seed: int = 0
 
 
 def evaluate(loaded: LoadedModel, settings: EvalSettings, data_prefix: str | os.PathLike | None = None,
              tokenizer: str | os.PathLike | None = None, progress: bool = False) -> dict:
-    """Validation loss and loss by position (packed and long-document windows of `data_prefix`), passkey
+    """Validation loss and loss by position (packed and long-document windows of `data_prefix`; on the
+    latter, the MoBA gate's recall by position when `gate_recall_queries` is set), passkey
     accuracy (haystack from `data_prefix`, needles through `tokenizer`, default the recipe's
     data.tokenizer), synthetic recall accuracy (the recipe's task), copying accuracy (held-out copy documents
     of `seq_length`); each only when asked for."""
@@ -431,6 +485,10 @@ def evaluate(loaded: LoadedModel, settings: EvalSettings, data_prefix: str | os.
         try:
             long = validation_windows(data_prefix, settings.seq_length, settings.windows, long_documents=True)
             results["long_documents"] = loss_by_position(loaded, long, **options)
+            if settings.gate_recall_queries:
+                results["gate_recall"] = gate_recall_by_position(
+                    loaded, long, bucket_size=settings.bucket_size, queries_per_bucket=settings.gate_recall_queries,
+                    batch_size=settings.batch_size, seed=settings.seed, progress=progress)
         except DataError:
             results["long_documents"] = None  # no held-out document is that long
         if settings.passkey_lengths:
@@ -483,6 +541,10 @@ def report_summary(results: dict) -> str:
         d = results["long_documents"]
         lines.append(f"long documents ({d['windows']}): loss {d['loss']:.4f}, last {d['trailing_tokens']} tokens "
                      f"{d['trailing_loss']:.4f}")
+    if results.get("gate_recall"):
+        g = results["gate_recall"]
+        lines.append("gate recall (dense attention's mass on the keys MoBA attends) by position: " + ", ".join(
+            f"{b['start']}-{b['end']}: {100 * b['gate_recall']:.1f}%" for b in g["buckets"]))
     if results.get("passkey"):
         p = results["passkey"]
         lines.append("passkey exact-answer accuracy by context length: " + ", ".join(

@@ -134,6 +134,8 @@ class StudySettings:
     copy_documents: int = 32
     """Held-out copy documents scored per pretraining arm whose recipe mixes copies (data.copy_mix)."""
     eval_batch_size: int = 4
+    gate_recall_queries: int = 16
+    """Positions per bucket of the long documents at which a MoBA arm's gate recall is measured (0: none)."""
     short_tokens: int = 0
     """Tokens of the shared start on short sequences (0: none; the arms start from random weights)."""
     short_seq_length: int = 512
@@ -507,7 +509,7 @@ class Study:
                 # pretraining arms: the recall task they were mixed (data.recall_mix), if any
                 recall_documents=s.recall_documents if recall or cfg.data.recall_mix else 0,
                 copy_documents=0 if recall or not cfg.data.copy_mix else s.copy_documents,
-                batch_size=s.eval_batch_size)
+                gate_recall_queries=s.gate_recall_queries, batch_size=s.eval_batch_size)
             result = evaluate(loaded, settings, None if recall else self.corpus_dir / "python_valid",
                               self.corpus_dir / "tokenizer")
         finally:  # the next training starts its own set-up

@@ -37,6 +37,9 @@ def main(argv=None) -> None:
                         help="documents of the recipe's synthetic recall task to score (default: 0)")
     parser.add_argument("--copy-documents", type=int, default=0,
                         help="copy documents (held-out text windows, their start tiled) to score (default: 0)")
+    parser.add_argument("--gate-recall", type=int, default=0, metavar="N",
+                        help="MoBA models: the gate's recall of dense attention's mass at N positions of each "
+                             "position bucket of the long documents (default: 0, not measured)")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default: 4)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="e.g. attention.topk=8 run.device=cpu (not the model's shapes)")
@@ -57,7 +60,7 @@ def main(argv=None) -> None:
             bucket_size=args.bucket, trailing_tokens=args.bucket, passkey_lengths=args.passkey_lengths,
             passkey_depths=args.passkey_depths, passkey_samples=args.passkey_samples,
             recall_documents=args.recall_documents, copy_documents=args.copy_documents,
-            batch_size=args.batch_size)
+            gate_recall_queries=args.gate_recall, batch_size=args.batch_size)
         results = evaluation.evaluate(loaded, settings, args.data, args.tokenizer, progress=sys.stderr.isatty())
     finally:
         destroy_distributed()

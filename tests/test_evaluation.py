@@ -16,18 +16,22 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from moba_train import checksums, convert, distributed
+from moba_train.attention.naive import moba_selection_naive
 from moba_train.checkpointing import save_model_checkpoint
 from moba_train.config import Config, ConfigError, load_config
+from moba_train.core_attention import MoBACoreAttention
 from moba_train.data.corpus import train_tokenizer
 from moba_train.data.mix import COPY_MIN_PERIOD, TaskMixDataset
 from moba_train.data.passkey import PasskeyTask, place_needle
 from moba_train.data.preprocess import load_tokenizer
 from moba_train.data.synthetic import EOD, FACT, QUERY, SyntheticRecallDataset
+from moba_train.diagnostics import attention_inputs
 from moba_train.evaluation import (
     answer_predictions,
     copy_accuracy,
     copy_documents,
     exact_answer,
+    gate_recall_by_position,
     load_model,
     logits,
     loss_by_position,
@@ -93,6 +97,57 @@ def test_loss_by_position_equals_a_direct_computation(checkpoint):
 
 
 # --- copying -----------------------------------------------------------------------------------
+
+
+def _gate_recall_reference(loaded, windows, block, topk, bucket):
+    """Per position bucket, mean over MoBA layers of the mean over windows, positions and heads of the dense
+    causal softmax mass (float64, every earlier key of the window) on the blocks the naive selection picks."""
+    captured = {}
+    modules = [m for m in loaded.model.modules() if isinstance(m, MoBACoreAttention)]
+    handles = [m.register_forward_pre_hook(
+        lambda module, args, kwargs, i=i: captured.__setitem__(i, attention_inputs(module, args, kwargs)[:3]),
+        with_kwargs=True) for i, m in enumerate(modules)]
+    try:
+        logits(loaded, torch.from_numpy(windows[:, :-1]))
+    finally:
+        for h in handles:
+            h.remove()
+    s = windows.shape[1] - 1
+    per_layer = []
+    for q, k, cu in captured.values():
+        picks = moba_selection_naive(q.float(), k.float(), cu_seqlens=cu, block_size=block, topk=topk)
+        heads, group = q.shape[1], q.shape[1] // k.shape[1]
+        recall = np.zeros((len(windows), s))
+        for w in range(len(windows)):
+            for p in range(s):
+                t = w * s + p
+                for h in range(heads):
+                    scores = (k[w * s:t + 1, h // group].double() @ q[t, h].double()) / math.sqrt(q.shape[-1])
+                    probs = torch.softmax(scores, 0)
+                    blocks = torch.arange(p + 1) // block
+                    kept = torch.isin(blocks, picks[t, h][picks[t, h] >= 0].long())
+                    recall[w, p] += probs[kept].sum().item() / heads
+        per_layer.append([recall[:, a:a + bucket].mean() for a in range(0, s, bucket)])
+    return np.mean(per_layer, axis=0)
+
+
+def test_gate_recall_by_position_equals_a_direct_computation(checkpoint):
+    """The share of dense attention's mass on what MoBA attends, per 16-token bucket (every position), against
+    the naive selection and a float64 softmax; exactly 1 in the blocks whose queries see every earlier block
+    (the first two at top-2), below 1 after; 1 everywhere when top-k covers every block; none under full
+    attention."""
+    loaded = load_model(checkpoint)
+    windows = random_windows(3, 65, seed=4)
+    report = gate_recall_by_position(loaded, windows, bucket_size=16, queries_per_bucket=16, batch_size=2)
+    got = np.array([b["gate_recall"] for b in report["buckets"]])
+    assert [(b["start"], b["end"]) for b in report["buckets"]] == [(0, 16), (16, 32), (32, 48), (48, 64)]
+    np.testing.assert_allclose(got, _gate_recall_reference(loaded, windows, 16, 2, 16), rtol=0, atol=2e-5)
+    np.testing.assert_allclose(got[:2], 1.0, atol=1e-6)
+    assert (got[2:] < 0.99).all()
+    assert set(report["layers"]) == {"layer_00", "layer_01"}
+    wide = gate_recall_by_position(load_model(checkpoint, ["attention.topk=4"]), windows, bucket_size=16)
+    np.testing.assert_allclose([b["gate_recall"] for b in wide["buckets"]], 1.0, atol=1e-6)
+    assert gate_recall_by_position(load_model(checkpoint, ["attention.mode=full"]), windows) is None
 
 
 def test_copy_documents_tile_the_start_of_their_window_with_periods_apart_from_trainings():

@@ -74,6 +74,21 @@ def test_evaluating_a_checkpoint_writes_json_and_plots(model_and_data, tmp_path)
     assert f"copy: {100 * copy['token_accuracy']:.1f}% of {copy['tokens']} repeated tokens" in result.stdout
 
 
+def test_gate_recall_is_measured_on_the_long_documents_of_a_moba_model(model_and_data, tmp_path):
+    """--gate-recall N: the MoBA gate's share of dense attention's mass by position bucket, in eval.json and on the
+    console; exactly 1 in the first two blocks (top-2 attends every earlier block there)."""
+    root = model_and_data
+    result = evaluate(str(root / "ckpt"), "--data", str(root / "valid"), "--out", str(tmp_path / "out"),
+                      "--windows", "2", "--bucket", "32", "--gate-recall", "8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    gate = json.loads((tmp_path / "out/eval.json").read_text())["gate_recall"]
+    assert gate["windows"] == 2 and gate["queries_per_bucket"] == 8 and set(gate["layers"]) == {"layer_00", "layer_01"}
+    recall = [b["gate_recall"] for b in gate["buckets"]]
+    assert [(b["start"], b["end"]) for b in gate["buckets"]] == [(0, 32), (32, 64), (64, 96), (96, 128)]
+    assert recall[:2] == pytest.approx([1.0, 1.0], abs=1e-6) and all(0 < r < 1 for r in recall[2:])
+    assert "gate recall (dense attention's mass on the keys MoBA attends) by position: 0-32: 100.0%" in result.stdout
+
+
 def test_a_missing_model_is_one_line_and_exit_code_2(tmp_path):
     result = evaluate(str(tmp_path / "nothing"), "--data", str(tmp_path / "valid"), "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
