@@ -710,6 +710,21 @@ def summary_markdown(state: dict) -> str:
                      f"{_fmt(grid and 100 * grid['mean_by_length'][-1], 1)} | {by_depth} | "
                      f"{_fmt(_metric(state, arm.name, 'recall', 'fact_accuracy'))} / "
                      f"{_fmt(_metric(state, arm.name, 'recall', 'token_accuracy'))} | {_copy_cell(state, arm.name)} |")
+    by_position = [(arm, _metric(state, arm.name, "long_documents"), _metric(state, arm.name, "gate_recall"))
+                   for arm in PRETRAIN_ARMS]
+    by_position = [(arm, long, gate) for arm, long, gate in by_position if long]
+    if by_position:
+        def tokens(n: int) -> str:
+            return f"{n // 1024}K" if n and n % 1024 == 0 else str(n)
+
+        edges = " / ".join(f"{tokens(b['start'])}-{tokens(b['end'])}" for b in by_position[0][1]["buckets"])
+        lines += ["", f"By position on the long held-out documents ({edges}): the loss, and the share of dense "
+                  "attention's mass on the keys MoBA attends (gate recall, %):", "",
+                  "| arm | loss by position | gate recall by position |", "| --- | --- | --- |"]
+        for arm, long, gate in by_position:
+            losses = " / ".join(f"{b['loss']:.3f}" for b in long["buckets"])
+            recall = " / ".join(f"{100 * b['gate_recall']:.1f}" for b in gate["buckets"]) if gate else "-"
+            lines.append(f"| {arm_title(state, arm)} | {losses} | {recall} |")
     if "train" in state["arms"].get(SHORT.name, {}):
         train = state["arms"][SHORT.name]["train"]
         grid = _metric(state, SHORT.name, "passkey")

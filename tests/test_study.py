@@ -228,6 +228,19 @@ def test_a_tiny_study_runs_every_arm_on_cpu_resumes_and_reports(tiny_study):
     results = sorted(p.name for p in (root / "results").iterdir())
     assert results == ["loss_by_position.png", "passkey.png", "study.json", "study.md", "training_loss.png"]
     assert "| 2 MoBA | 1024 |" in (root / "results/study.md").read_text()
+    # The gate's recall of dense attention's mass on the long held-out documents: MoBA layers only
+    gate = arms["moba"]["eval"]["gate_recall"]
+    assert set(gate["layers"]) == {"layer_00", "layer_01", "layer_02"} and gate["queries_per_bucket"] == 16
+    recall = [b["gate_recall"] for b in gate["buckets"]]  # 32-token buckets (block 32, top-2)
+    assert recall[:2] == pytest.approx([1.0, 1.0], abs=1e-6) and all(0 < r < 1 for r in recall[2:])
+    assert set(arms["hybrid"]["eval"]["gate_recall"]["layers"]) == {"layer_00"}
+    assert arms["full"]["eval"]["gate_recall"] is None
+    report = (root / "results/study.md").read_text()
+    assert "By position on the long held-out documents (0-32 / 32-64 / 64-96 / 96-128)" in report
+    losses = {arm: " / ".join(f"{b['loss']:.3f}" for b in arms[arm]["eval"]["long_documents"]["buckets"])
+              for arm in ("full", "moba")}
+    assert f"| 2 MoBA | {losses['moba']} | {' / '.join(f'{100 * r:.1f}' for r in recall)} |" in report
+    assert f"| 1 full attention | {losses['full']} | - |" in report
 
 
 def test_calibration_times_both_recipes_and_the_plan_fits_the_budget(tmp_path):
