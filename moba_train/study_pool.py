@@ -140,8 +140,9 @@ def position_gaps(state: dict) -> dict[str, tuple[list[list[int]], list[float]]]
 
 def gaps_by_position(runs: dict[str, dict]) -> dict[str, dict]:
     """Per arm: {buckets, runs: {name: [gap per bucket]}, pooled: [mean, sd, interval of each bucket]}, over the
-    runs whose arm and full attention were evaluated on the long held-out documents. ConfigError where two runs
-    bucketed the positions differently."""
+    runs whose arm and full attention were evaluated on the long held-out documents, and where runs measured it
+    (session 20 on) the same for the arm's gate recall in percent (`gate_recall`: {runs, pooled}). ConfigError
+    where two runs bucketed the positions differently."""
     out: dict[str, dict] = {}
     for name, state in runs.items():
         for arm, (edges, gaps) in position_gaps(state).items():
@@ -150,9 +151,14 @@ def gaps_by_position(runs: dict[str, dict]) -> dict[str, dict]:
                 raise ConfigError(f"{name} bucketed the positions of its long documents otherwise than "
                                   f"{entry['first']} ({edges} against {entry['buckets']}): pool runs of one evaluation")
             entry["runs"][name] = gaps
+            gate = ((state["arms"][arm].get("eval") or {}).get("gate_recall") or {}).get("buckets")
+            if gate and [[b["start"], b["end"]] for b in gate] == edges:
+                entry.setdefault("gate_recall", {"runs": {}})["runs"][name] = [100 * b["gate_recall"] for b in gate]
     for entry in out.values():
         del entry["first"]
-        entry["pooled"] = [_interval(list(column)) for column in zip(*entry["runs"].values())]
+        for record in (entry, entry.get("gate_recall")):
+            if record:
+                record["pooled"] = [_interval(list(column)) for column in zip(*record["runs"].values())]
     return out
 
 
@@ -282,20 +288,34 @@ def pooled_markdown(pooled: dict) -> str:
                   "run, mean (95% interval) over the runs.", "",
                   "| positions | " + " | ".join(f"{arm} ({len(by_position[arm]['runs'])} runs)" for arm in arms) + " |",
                   "| --- |" + " --- |" * len(arms)]
-        edges = max((by_position[arm]["buckets"] for arm in arms), key=len)
-        for i, (start, end) in enumerate(edges):
-            cells = []
-            for arm in arms:
-                record = by_position[arm]["pooled"][i] if i < len(by_position[arm]["pooled"]) else None
-                if record is None:
-                    cells.append("-")
-                elif "interval" in record:
-                    lo, hi = record["interval"]
-                    cells.append(f"{record['mean']:+.2f} ({lo:+.2f} to {hi:+.2f})")
-                else:
-                    cells.append(f"{record['mean']:+.2f}")
-            lines.append(f"| {start}-{end} | " + " | ".join(cells) + " |")
+        lines += _position_rows({arm: by_position[arm] for arm in arms}, "+.2f")
+    gated = {arm: entry["gate_recall"] for arm, entry in by_position.items() if entry.get("gate_recall")}
+    if gated:
+        lines += ["", "Gate recall by position on the same documents: the share (%) of dense attention's mass on the "
+                  "keys MoBA attends, mean (95% interval) over the runs.", "",
+                  "| positions | " + " | ".join(f"{arm} ({len(gated[arm]['runs'])} runs)" for arm in gated) + " |",
+                  "| --- |" + " --- |" * len(gated)]
+        lines += _position_rows({arm: {**gated[arm], "buckets": by_position[arm]["buckets"]} for arm in gated}, ".1f")
     return "\n".join(lines) + "\n"
+
+
+def _position_rows(columns: dict[str, dict], spec: str) -> list[str]:
+    """Table rows, one per position bucket: each column's pooled mean (and interval) in the format `spec`."""
+    edges = max((entry["buckets"] for entry in columns.values()), key=len)
+    rows = []
+    for i, (start, end) in enumerate(edges):
+        cells = []
+        for entry in columns.values():
+            record = entry["pooled"][i] if i < len(entry["pooled"]) else None
+            if record is None:
+                cells.append("-")
+            elif "interval" in record:
+                lo, hi = record["interval"]
+                cells.append(f"{record['mean']:{spec}} ({lo:{spec}} to {hi:{spec}})")
+            else:
+                cells.append(f"{record['mean']:{spec}}")
+        rows.append(f"| {start}-{end} | " + " | ".join(cells) + " |")
+    return rows
 
 
 def plot_gaps_by_position(pooled: dict, path: str | Path) -> Path:

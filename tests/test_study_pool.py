@@ -111,6 +111,17 @@ def test_gaps_by_position_equal_a_direct_computation():
     last = out["moba"]["pooled"][2]
     assert (f"| 2048-3072 | {last['mean']:+.2f} ({last['interval'][0]:+.2f} to {last['interval'][1]:+.2f}) |"
             in text)
+    assert "gate_recall" not in out["moba"] and "Gate recall by position" not in text
+    # runs that measured the gate's recall (session 20 on): pooled per bucket, in percent
+    recalls = [[1.0, 0.9, 0.6], [1.0, 0.8, 0.5], [1.0, 0.85, 0.4]]
+    for i, recall in enumerate(recalls):
+        runs[f"r{i}"]["arms"]["moba"]["eval"]["gate_recall"] = {"buckets": [
+            {"start": 1024 * j, "end": 1024 * (j + 1), "gate_recall": r} for j, r in enumerate(recall)]}
+    gate = pool(runs)["by_position"]["moba"]["gate_recall"]
+    assert [r["mean"] for r in gate["pooled"]] == pytest.approx([100, 85, 50])
+    half = 4.303 * 5 / math.sqrt(3)  # sd 5 over three runs, the table's t for 2 degrees of freedom
+    assert gate["pooled"][1]["interval"] == pytest.approx([85 - half, 85 + half], rel=1e-3)
+    assert "| 1024-2048 | 85.0 (72.6 to 97.4) |" in pooled_markdown(pool(runs))
 
 
 def test_gaps_by_position_refuse_runs_bucketed_otherwise():
