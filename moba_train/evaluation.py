@@ -266,6 +266,9 @@ def gate_recall_by_position(loaded: LoadedModel, windows: np.ndarray, *, bucket_
     from moba_train.core_attention import MoBACoreAttention
     from moba_train.diagnostics import attention_inputs, layer_index, query_gate_recall
 
+    if queries_per_bucket < 1:
+        raise ConfigError(f"gate recall needs at least 1 position per bucket, not {queries_per_bucket}; pass a "
+                          "positive --gate-recall (or 0 to skip it)")
     modules = {layer_index(name): module for name, module in loaded.model.named_modules()
                if isinstance(module, MoBACoreAttention)}
     if not modules:

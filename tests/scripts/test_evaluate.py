@@ -110,3 +110,7 @@ def test_a_flag_that_contradicts_the_weights_is_one_clear_error(model_and_data, 
     with pytest.raises(ConfigError, match="^--data is needed for the validation loss, passkey prompts and copy"):
         script.main([str(root / "ckpt"), "--out", str(tmp_path / "out"), "--copy-documents", "2"])
     assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match=r"^gate recall needs at least 1 position per bucket, not -2; pass a"):
+        script.main([str(root / "ckpt"), "--data", str(root / "valid"), "--out", str(tmp_path / "out"),
+                     "--windows", "1", "--gate-recall", "-2"])
+    assert not (tmp_path / "out").exists()
