@@ -265,6 +265,7 @@ def gate_recall_by_position(loaded: LoadedModel, windows: np.ndarray, *, bucket_
     1 where a query has no more earlier blocks than topk - 1. None for a model without MoBA layers."""
     from moba_train.core_attention import MoBACoreAttention
     from moba_train.diagnostics import attention_inputs, layer_index, query_gate_recall
+    from moba_train.model import token_losses
 
     if queries_per_bucket < 1:
         raise ConfigError(f"gate recall needs at least 1 position per bucket, not {queries_per_bucket}; pass a "
@@ -296,7 +297,7 @@ def gate_recall_by_position(loaded: LoadedModel, windows: np.ndarray, *, bucket_
                for layer, module in modules.items()]
     try:
         for batch in tqdm(_batches(len(windows), batch_size), desc="gate recall", disable=not progress):
-            logits(loaded, torch.from_numpy(windows[batch][:, :-1]))
+            token_losses(loaded.model, windows_batch(torch.from_numpy(windows[batch])))  # no [b, s, vocab] logits
             np.add.at(counts, bucket_of, len(batch))
     finally:
         for handle in handles:
