@@ -282,7 +282,6 @@ def gate_recall_by_position(loaded: LoadedModel, windows: np.ndarray, *, bucket_
                                 for a, b in edges])
     bucket_of = np.searchsorted([b for _, b in edges], positions, side="right")
     sums = {layer: np.zeros(len(edges)) for layer in modules}
-    counts = np.zeros(len(edges))
 
     def capture(layer: int, module: MoBACoreAttention, args, kwargs) -> None:
         q, k, cu_seqlens, _ = attention_inputs(module, args, kwargs)
@@ -298,10 +297,10 @@ def gate_recall_by_position(loaded: LoadedModel, windows: np.ndarray, *, bucket_
     try:
         for batch in tqdm(_batches(len(windows), batch_size), desc="gate recall", disable=not progress):
             token_losses(loaded.model, windows_batch(torch.from_numpy(windows[batch])))  # no [b, s, vocab] logits
-            np.add.at(counts, bucket_of, len(batch))
     finally:
         for handle in handles:
             handle.remove()
+    counts = len(windows) * np.bincount(bucket_of, minlength=len(edges))  # recalls summed into each bucket
     by_layer = {f"layer_{layer:02d}": (sums[layer] / counts).tolist() for layer in sorted(modules)}
     mean = np.mean([sums[layer] / counts for layer in modules], axis=0)
     return {"windows": len(windows), "seq_length": s, "queries_per_bucket": queries_per_bucket,

@@ -42,7 +42,7 @@ import statistics
 from pathlib import Path
 
 from moba_train.config import ConfigError
-from moba_train.study import RETRIEVAL_ARMS, learned_no_retrieval, retrieval_pairs, targets
+from moba_train.study import RETRIEVAL_ARMS, _metric, learned_no_retrieval, retrieval_pairs, targets
 
 LEVEL = 0.95
 """Two-sided coverage of the intervals."""
@@ -120,14 +120,10 @@ def _interval(xs: list[float]) -> dict:
 def position_gaps(state: dict) -> dict[str, tuple[list[list[int]], list[float]]]:
     """One run's loss gaps by position: per arm of RETRIEVAL_ARMS evaluated on the long held-out documents, as full
     attention was, (the buckets' [start, end) positions, the arm's loss in each against full's, in percent)."""
-    def buckets(arm):
-        report = ((state.get("arms", {}).get(arm) or {}).get("eval") or {}).get("long_documents") or {}
-        return report.get("buckets") or []
-
-    full = buckets("full")
+    full = _metric(state, "full", "long_documents", "buckets")
     out = {}
     for arm in RETRIEVAL_ARMS:
-        own = buckets(arm)
+        own = _metric(state, arm, "long_documents", "buckets")
         if not own or not full:
             continue
         edges = [[b["start"], b["end"]] for b in own]
@@ -151,7 +147,7 @@ def gaps_by_position(runs: dict[str, dict]) -> dict[str, dict]:
                 raise ConfigError(f"{name} bucketed the positions of its long documents otherwise than "
                                   f"{entry['first']} ({edges} against {entry['buckets']}): pool runs of one evaluation")
             entry["runs"][name] = gaps
-            gate = ((state["arms"][arm].get("eval") or {}).get("gate_recall") or {}).get("buckets")
+            gate = _metric(state, arm, "gate_recall", "buckets")
             if gate and [[b["start"], b["end"]] for b in gate] == edges:
                 entry.setdefault("gate_recall", {"runs": {}})["runs"][name] = [100 * b["gate_recall"] for b in gate]
     for entry in out.values():
@@ -283,26 +279,24 @@ def pooled_markdown(pooled: dict) -> str:
                          f"{', '.join(record['failed']) or '-'} |")
     by_position = pooled.get("by_position") or {}
     if by_position:
-        arms = list(by_position)
         lines += ["", "Loss gap by position on the long held-out documents: percent above full attention in the same "
-                  "run, mean (95% interval) over the runs.", "",
-                  "| positions | " + " | ".join(f"{arm} ({len(by_position[arm]['runs'])} runs)" for arm in arms) + " |",
-                  "| --- |" + " --- |" * len(arms)]
-        lines += _position_rows({arm: by_position[arm] for arm in arms}, "+.2f")
-    gated = {arm: entry["gate_recall"] for arm, entry in by_position.items() if entry.get("gate_recall")}
+                  "run, mean (95% interval) over the runs.", ""]
+        lines += _position_table(by_position, "+.2f")
+    gated = {arm: {**entry["gate_recall"], "buckets": entry["buckets"]} for arm, entry in by_position.items()
+             if entry.get("gate_recall")}
     if gated:
         lines += ["", "Gate recall by position on the same documents: the share (%) of dense attention's mass on the "
-                  "keys MoBA attends, mean (95% interval) over the runs.", "",
-                  "| positions | " + " | ".join(f"{arm} ({len(gated[arm]['runs'])} runs)" for arm in gated) + " |",
-                  "| --- |" + " --- |" * len(gated)]
-        lines += _position_rows({arm: {**gated[arm], "buckets": by_position[arm]["buckets"]} for arm in gated}, ".1f")
+                  "keys MoBA attends, mean (95% interval) over the runs.", ""]
+        lines += _position_table(gated, ".1f")
     return "\n".join(lines) + "\n"
 
 
-def _position_rows(columns: dict[str, dict], spec: str) -> list[str]:
-    """Table rows, one per position bucket: each column's pooled mean (and interval) in the format `spec`."""
+def _position_table(columns: dict[str, dict], spec: str) -> list[str]:
+    """A table with a column per arm ({buckets, runs, pooled}) and a row per position bucket: each arm's pooled mean
+    (and interval) in the format `spec`."""
     edges = max((entry["buckets"] for entry in columns.values()), key=len)
-    rows = []
+    heads = " | ".join(f"{arm} ({len(entry['runs'])} runs)" for arm, entry in columns.items())
+    rows = [f"| positions | {heads} |", "| --- |" + " --- |" * len(columns)]
     for i, (start, end) in enumerate(edges):
         cells = []
         for entry in columns.values():
