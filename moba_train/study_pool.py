@@ -47,6 +47,9 @@ from moba_train.study import RETRIEVAL_ARMS, _metric, learned_no_retrieval, retr
 LEVEL = 0.95
 """Two-sided coverage of the intervals."""
 
+TRAINING_PARTS = 8
+"""Spans of the training steps over which `training_gaps` averages the per-step loss gaps."""
+
 
 def t_two_sided(t: float, df: int) -> float:
     """P(|T| < t) for Student's t with df degrees of freedom, in closed form (Abramowitz and Stegun 26.7.3-4:
@@ -158,6 +161,41 @@ def gaps_by_position(runs: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
+def training_gaps(state: dict, parts: int = TRAINING_PARTS) -> dict[str, list[float | None]]:
+    """One run's training-loss gaps over its steps: per arm of RETRIEVAL_ARMS with a loss curve, the mean of (arm's
+    loss minus full attention's) over the steps both logged, in each of `parts` equal spans of full attention's
+    steps (nats). Both arms see the same batches in the same order, so each step is a paired difference. None for
+    a span where the arm did not train (arm 4's MoBA half starts at the middle)."""
+    full = dict(_metric(state, "full", "loss_curve", key="train") or [])
+    if not full:
+        return {}
+    last = max(full)
+    out = {}
+    for arm in RETRIEVAL_ARMS:
+        own = dict(_metric(state, arm, "loss_curve", key="train") or [])
+        if not own:
+            continue
+        spans: list[list[float]] = [[] for _ in range(parts)]
+        for step in sorted(own.keys() & full.keys()):
+            spans[min(parts - 1, (step - 1) * parts // last)].append(own[step] - full[step])
+        out[arm] = [statistics.fmean(gaps) if gaps else None for gaps in spans]
+    return out
+
+
+def training_gaps_pooled(runs: dict[str, dict], parts: int = TRAINING_PARTS) -> dict[str, dict]:
+    """Per arm: {runs: {name: [gap per span]}, pooled: [mean, sd, interval per span, None where no run trained]}
+    (`training_gaps` of each run). Does more training close an arm's gap? A gap that stays flat over the spans
+    says that, at this scale, more tokens would not."""
+    out: dict[str, dict] = {}
+    for name, state in runs.items():
+        for arm, gaps in training_gaps(state, parts).items():
+            out.setdefault(arm, {"runs": {}})["runs"][name] = gaps
+    for entry in out.values():
+        entry["pooled"] = [None if not (column := [g for g in span if g is not None]) else _interval(column)
+                           for span in zip(*entry["runs"].values())]
+    return out
+
+
 def _recipe_overrides(state: dict) -> list[str]:
     """The study's recipe overrides of a run (scripts/run_study.py's positional ones), run.seed aside: a seed is
     one more sample of the same recipe; any other override (e.g. attention.full_layers=3) is another recipe."""
@@ -213,7 +251,8 @@ def pool(runs: dict[str, dict], mixed_corpora: bool = False) -> dict:
                                            else f"{corpora[name][0]:,} / {corpora[name][1]:,}"}
                                     for name in names},
            "plan": first.get("plan"), "corpora": max(1, len(set(known.values()))), "targets": {},
-           "retrieval_failures": retrieval_failures(runs), "by_position": gaps_by_position(runs)}
+           "retrieval_failures": retrieval_failures(runs), "by_position": gaps_by_position(runs),
+           "by_training_span": training_gaps_pooled(runs)}
     for target, entry in sorted(values.items()):
         record = {**entry, **_interval(list(entry["runs"].values()))}
         record["verdict"] = _verdict(record)
@@ -288,6 +327,12 @@ def pooled_markdown(pooled: dict) -> str:
         lines += ["", "Gate recall by position on the same documents: the share (%) of dense attention's mass on the "
                   "keys MoBA attends, mean (95% interval) over the runs.", ""]
         lines += _position_table(gated, ".1f")
+    spans = pooled.get("by_training_span") or {}
+    if spans:
+        lines += ["", f"Training-loss gap over the steps: the arm's loss minus full attention's at the same step (the "
+                  f"same batches), averaged over each of {TRAINING_PARTS} equal spans of the steps, in nats; mean "
+                  "(95% interval) over the runs.", ""]
+        lines += _span_table(spans)
     return "\n".join(lines) + "\n"
 
 
@@ -309,6 +354,23 @@ def _position_table(columns: dict[str, dict], spec: str) -> list[str]:
             else:
                 cells.append(f"{record['mean']:{spec}}")
         rows.append(f"| {start}-{end} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def _span_table(spans: dict[str, dict]) -> list[str]:
+    heads = " | ".join(f"{arm} ({len(entry['runs'])} runs)" for arm, entry in spans.items())
+    rows = [f"| steps (span of {TRAINING_PARTS}) | {heads} |", "| --- |" + " --- |" * len(spans)]
+    for i in range(TRAINING_PARTS):
+        cells = []
+        for entry in spans.values():
+            record = entry["pooled"][i] if i < len(entry["pooled"]) else None
+            if record is None:
+                cells.append("-")
+            elif "interval" in record:
+                cells.append(f"{record['mean']:+.3f} ({record['interval'][0]:+.3f} to {record['interval'][1]:+.3f})")
+            else:
+                cells.append(f"{record['mean']:+.3f}")
+        rows.append(f"| {i + 1} | " + " | ".join(cells) + " |")
     return rows
 
 

@@ -136,6 +136,40 @@ def test_gaps_by_position_refuse_runs_bucketed_otherwise():
         pool(runs)
 
 
+def test_training_gaps_pair_each_step_and_pool_each_span():
+    """The training-loss gap of an arm over each eighth of full attention's steps: the mean of the per-step
+    differences at the steps both arms logged, pooled over the runs with the targets' interval; an arm that trained
+    only the second half (arm 4) has no gap in the first four spans."""
+    torch.manual_seed(0)
+    runs, direct = {}, {"moba": [], "cpt": []}
+    for i in range(3):
+        full = {step: 3.0 - step / 400 + 0.01 * torch.rand(()).item() for step in range(1, 161)}
+        moba = {step: loss + 0.05 + 0.01 * i + 0.02 * (step > 80) for step, loss in full.items() if step % 3}
+        cpt = {step: loss + 0.08 for step, loss in full.items() if step > 80}
+        state = _state(2.7, 2.8)
+        for arm, curve in (("full", full), ("moba", moba), ("cpt", cpt)):
+            state["arms"].setdefault(arm, {})["train"] = {"loss_curve": [[k, v] for k, v in curve.items()]}
+        runs[f"r{i}"] = state
+        direct["moba"].append([statistics.mean(moba[k] - full[k] for k in range(20 * j + 1, 20 * j + 21) if k % 3)
+                               for j in range(8)])
+        direct["cpt"].append([None] * 4 + [0.08] * 4)
+    out = pool(runs)["by_training_span"]
+    assert set(out) == {"moba", "cpt"}  # the hybrid arm has no loss curve here
+    for i in range(3):
+        assert out["moba"]["runs"][f"r{i}"] == pytest.approx(direct["moba"][i])
+        assert out["cpt"]["runs"][f"r{i}"][:4] == [None] * 4
+        assert out["cpt"]["runs"][f"r{i}"][4:] == pytest.approx([0.08] * 4)
+    spans = [[run[j] for run in direct["moba"]] for j in range(8)]
+    assert [r["mean"] for r in out["moba"]["pooled"]] == pytest.approx([statistics.mean(s) for s in spans])
+    assert out["moba"]["pooled"][0]["mean"] == pytest.approx(0.06) and out["moba"]["pooled"][7]["mean"] == (
+        pytest.approx(0.08))
+    half = 4.303 * 0.01 / math.sqrt(3)  # sd 0.01 over three runs, the table's t for 2 degrees of freedom
+    assert out["moba"]["pooled"][7]["interval"] == pytest.approx([0.08 - half, 0.08 + half], rel=1e-3)
+    assert out["cpt"]["pooled"][:4] == [None] * 4
+    text = pooled_markdown(pool(runs))
+    assert "| 1 | +0.060 (+0.035 to +0.085) | - |" in text
+
+
 def test_verdicts_need_an_interval_clear_of_the_limit():
     # Session 12 and 13's hybrid pair: +0.26% and +0.86% against a 0.5% floor: the interval holds the limit.
     runs = {"a": _state(2.7275, hybrid=2.7275 * 1.0026), "b": _state(2.7147, hybrid=2.7147 * 1.0086)}
@@ -273,6 +307,11 @@ def test_a_committed_pool_is_what_its_runs_give(name, runs, failed_hybrids):
         for arm, entry in committed["by_position"].items():
             assert [r["mean"] for r in again["by_position"][arm]["pooled"]] == pytest.approx(
                 [r["mean"] for r in entry["pooled"]])
+    if "by_training_span" in committed:  # pools written before session 21 have none
+        assert {arm: [None if r is None else r["mean"] for r in entry["pooled"]]
+                for arm, entry in again["by_training_span"].items()} == {
+            arm: [None if r is None else pytest.approx(r["mean"]) for r in entry["pooled"]]
+            for arm, entry in committed["by_training_span"].items()}
 
 
 def test_runs_pool_across_seeds_but_not_across_other_recipe_overrides():
