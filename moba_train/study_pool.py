@@ -332,7 +332,8 @@ def pooled_markdown(pooled: dict) -> str:
         lines += ["", f"Training-loss gap over the steps: the arm's loss minus full attention's at the same step (the "
                   f"same batches), averaged over each of {TRAINING_PARTS} equal spans of the steps, in nats; mean "
                   "(95% interval) over the runs.", ""]
-        lines += _span_table(spans)
+        lines += _pooled_table(spans, "+.3f", f"steps (span of {TRAINING_PARTS})",
+                               [str(i + 1) for i in range(TRAINING_PARTS)])
     return "\n".join(lines) + "\n"
 
 
@@ -340,9 +341,15 @@ def _position_table(columns: dict[str, dict], spec: str) -> list[str]:
     """A table with a column per arm ({buckets, runs, pooled}) and a row per position bucket: each arm's pooled mean
     (and interval) in the format `spec`."""
     edges = max((entry["buckets"] for entry in columns.values()), key=len)
+    return _pooled_table(columns, spec, "positions", [f"{start}-{end}" for start, end in edges])
+
+
+def _pooled_table(columns: dict[str, dict], spec: str, first: str, labels: list[str]) -> list[str]:
+    """A table with a column per arm ({runs, pooled}) and a row per label: each arm's pooled mean (and interval)
+    in the format `spec`, "-" where the arm has none."""
     heads = " | ".join(f"{arm} ({len(entry['runs'])} runs)" for arm, entry in columns.items())
-    rows = [f"| positions | {heads} |", "| --- |" + " --- |" * len(columns)]
-    for i, (start, end) in enumerate(edges):
+    rows = [f"| {first} | {heads} |", "| --- |" + " --- |" * len(columns)]
+    for i, label in enumerate(labels):
         cells = []
         for entry in columns.values():
             record = entry["pooled"][i] if i < len(entry["pooled"]) else None
@@ -353,24 +360,7 @@ def _position_table(columns: dict[str, dict], spec: str) -> list[str]:
                 cells.append(f"{record['mean']:{spec}} ({lo:{spec}} to {hi:{spec}})")
             else:
                 cells.append(f"{record['mean']:{spec}}")
-        rows.append(f"| {start}-{end} | " + " | ".join(cells) + " |")
-    return rows
-
-
-def _span_table(spans: dict[str, dict]) -> list[str]:
-    heads = " | ".join(f"{arm} ({len(entry['runs'])} runs)" for arm, entry in spans.items())
-    rows = [f"| steps (span of {TRAINING_PARTS}) | {heads} |", "| --- |" + " --- |" * len(spans)]
-    for i in range(TRAINING_PARTS):
-        cells = []
-        for entry in spans.values():
-            record = entry["pooled"][i] if i < len(entry["pooled"]) else None
-            if record is None:
-                cells.append("-")
-            elif "interval" in record:
-                cells.append(f"{record['mean']:+.3f} ({record['interval'][0]:+.3f} to {record['interval'][1]:+.3f})")
-            else:
-                cells.append(f"{record['mean']:+.3f}")
-        rows.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
     return rows
 
 
