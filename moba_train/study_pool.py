@@ -26,6 +26,10 @@ Where the loss gap lies: per arm, the paired gap of each position bucket of the 
 way (`gaps_by_position`). A gap that grows with position is one of long-range context: before position block x
 top-k, MoBA attends to every earlier key, as full attention does.
 
+Whether more training would close it: per arm, the training-loss gap paired step by step (every arm trains on the
+same batches in the same order as full attention), averaged over eighths of the steps and pooled the same way
+(`training_gaps_pooled`). A gap that stays flat over the eighths is not one that more tokens make up.
+
 Runs pool only if they share the plan (steps, tokens, lengths, the shared start), the recipe overrides other
 than run.seed and, where both recorded them, the study recipes (`recipes` in study.json: a SHA-256 of each
 configs/study file) and the corpus (its training and held-out token counts). The corpus is built from a
