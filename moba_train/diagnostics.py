@@ -112,14 +112,20 @@ def _sequence_recall(q_mhd, k_lgd, picked_mhn, positions_m, block_size: int, sca
         probs = torch.softmax(logits.masked_fill(~causal[:, None, :], float("-inf")), dim=-1)
         attended = picked[:, :, key_pos // block_size] & causal[:, None, :]  # [c, H, L]
         sums.append((probs * attended).sum(dim=(1, 2), dtype=torch.float64))
-    return torch.cat(sums) if sums else torch.zeros(0, dtype=torch.float64, device=keys.device)
+    return torch.cat(sums)
 
 
-def _past_picks(selection, token_block, queries, num_blocks: int) -> torch.Tensor:
-    """bool [n, H, num_blocks]: the earlier blocks that each query of `queries` picked, per head, from a
-    moba_selection [T, H, topk] (int64) and each token's local block index."""
+def _query_picks(selection, token_block, queries):
+    """(picks [n, H, topk], own block [n, 1, 1], past [n, H, topk] bool) of the queries `queries` from a
+    moba_selection [T, H, topk] (int64) and each token's local block index: past marks the picks of an
+    earlier block (not the query's own, not an empty slot)."""
     picks = selection[queries]
-    past = (picks >= 0) & (picks != token_block[queries][:, None, None])
+    own = token_block[queries][:, None, None]
+    return picks, own, (picks >= 0) & (picks != own)
+
+
+def _past_picks(picks, past, num_blocks: int) -> torch.Tensor:
+    """bool [n, H, num_blocks]: the earlier blocks that each query picked, per head (`_query_picks`)."""
     picked = torch.zeros(*picks.shape[:2], num_blocks + 1, dtype=torch.bool, device=picks.device)
     picked.scatter_(2, torch.where(past, picks, num_blocks), True)
     return picked[..., :num_blocks]
@@ -150,7 +156,8 @@ def query_gate_recall(q, k, cu_seqlens, *, block_size: int, topk: int, softmax_s
     token_block = _token_blocks(bounds, block_size, q.device)
     num_blocks = int(token_block.max().item()) + 1 if len(token_block) else 1
     queries = queries.to(q.device)
-    picked = _past_picks(selection, token_block, queries, num_blocks)
+    picks, _, past = _query_picks(selection, token_block, queries)
+    picked = _past_picks(picks, past, num_blocks)
     return _attended_recall(q, k, bounds, picked, token_block, queries, block_size, softmax_scale) / q.shape[1]
 
 
@@ -174,15 +181,13 @@ def layer_routing(q, k, cu_seqlens, *, block_size: int, topk: int, softmax_scale
     heat /= per_block.clamp(min=1)[:, None]
 
     queries = queries.to(q.device)
-    picks = selection[queries]  # [n, H, topk]
-    own = token_block[queries][:, None, None]
-    past = (picks >= 0) & (picks != own)
+    picks, own, past = _query_picks(selection, token_block, queries)  # [n, H, topk]
     pairs = len(queries) * heads
     distance_counts = torch.bincount((own - picks)[past], minlength=num_blocks)
     previous = ((picks == own - 1) & past).any(-1).sum().item() / pairs
     popularity = torch.bincount(picks[past], minlength=num_blocks).to(torch.float64) / pairs
 
-    picked = _past_picks(selection, token_block, queries, num_blocks)  # [n, H, num_blocks]
+    picked = _past_picks(picks, past, num_blocks)  # [n, H, num_blocks]
     group = heads // k.shape[1]
     overlap = None
     if group > 1:

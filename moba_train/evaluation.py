@@ -301,11 +301,11 @@ def gate_recall_by_position(loaded: LoadedModel, windows: np.ndarray, *, bucket_
         for handle in handles:
             handle.remove()
     counts = len(windows) * np.bincount(bucket_of, minlength=len(edges))  # recalls summed into each bucket
-    by_layer = {f"layer_{layer:02d}": (sums[layer] / counts).tolist() for layer in sorted(modules)}
-    mean = np.mean([sums[layer] / counts for layer in modules], axis=0)
+    per_layer = {layer: sums[layer] / counts for layer in sorted(modules)}
+    mean = np.mean(list(per_layer.values()), axis=0)
     return {"windows": len(windows), "seq_length": s, "queries_per_bucket": queries_per_bucket,
             "buckets": [{"start": a, "end": b, "gate_recall": float(r)} for (a, b), r in zip(edges, mean)],
-            "layers": by_layer}
+            "layers": {f"layer_{layer:02d}": recall.tolist() for layer, recall in per_layer.items()}}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -124,6 +124,13 @@ def _interval(xs: list[float]) -> dict:
     return record
 
 
+def _pool_columns(by_run: dict[str, list[float | None]]) -> list[dict | None]:
+    """Per column of the runs' equal-length lists: `_interval` of its values (None values left out), or None
+    where no run has one."""
+    return [_interval(values) if (values := [x for x in column if x is not None]) else None
+            for column in zip(*by_run.values())]
+
+
 def position_gaps(state: dict) -> dict[str, tuple[list[list[int]], list[float]]]:
     """One run's loss gaps by position: per arm of RETRIEVAL_ARMS evaluated on the long held-out documents, as full
     attention was, (the buckets' [start, end) positions, the arm's loss in each against full's, in percent)."""
@@ -161,7 +168,7 @@ def gaps_by_position(runs: dict[str, dict]) -> dict[str, dict]:
         del entry["first"]
         for record in (entry, entry.get("gate_recall")):
             if record:
-                record["pooled"] = [_interval(list(column)) for column in zip(*record["runs"].values())]
+                record["pooled"] = _pool_columns(record["runs"])
     return out
 
 
@@ -195,8 +202,7 @@ def training_gaps_pooled(runs: dict[str, dict], parts: int = TRAINING_PARTS) -> 
         for arm, gaps in training_gaps(state, parts).items():
             out.setdefault(arm, {"runs": {}})["runs"][name] = gaps
     for entry in out.values():
-        entry["pooled"] = [None if not (column := [g for g in span if g is not None]) else _interval(column)
-                           for span in zip(*entry["runs"].values())]
+        entry["pooled"] = _pool_columns(entry["runs"])
     return out
 
 
