@@ -67,3 +67,12 @@ class StopSignal:
         flag = torch.tensor([float(self.received is not None)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def leave_stopping_to_the_trainer(worker_id: int) -> None:
+    """A data-loader worker's `worker_init_fn`: ignore the stop signals. The workers are forked into their
+    training process's group, so a signal to the group (torchrun's forwarding, Ctrl-C, SLURM's signal to
+    every process) reaches them too; one that died of it made torch raise in the trainer mid-step, with
+    nothing saved. The trainer ends them when it stops, and torch's workers exit when their parent dies."""
+    for sig in StopSignal.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

@@ -47,9 +47,9 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
-def _torchrun(output_dir: Path) -> list[str]:
+def _torchrun(output_dir: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            str(ROOT / "scripts" / "pretrain.py"), *RECIPE, f"run.output_dir={output_dir}"]
+            str(ROOT / "scripts" / "pretrain.py"), *RECIPE, f"run.output_dir={output_dir}", *overrides]
 
 
 def _metrics(output_dir: Path) -> list[dict]:
@@ -71,21 +71,22 @@ def reference(tmp_path_factory) -> list[dict]:
     return _metrics(out)
 
 
-def _stop_with_group_signal(out: Path, trace: Path, sig: signal.Signals, after_steps: int) -> str:
-    """Launch the run, signal its process group once `after_steps` steps are logged (a periodic save of
-    this launch came before), check that the workers exit 0 and the launcher as LAUNCHER_EXIT says;
-    returns the launch's stdout."""
+def _stop_with_group_signal(out: Path, trace: Path, sig: signal.Signals, after_steps: int, *overrides: str) -> str:
+    """Launch the run (with `overrides` of the recipe), signal its process group once `after_steps` steps
+    are logged (a periodic save of this launch came before), check that the workers exit 0 and the
+    launcher as LAUNCHER_EXIT says; returns the launch's stdout."""
     # The launcher leads a new process group (as in a shell or a SLURM step) holding everything it starts;
     # strace, its parent, stays outside so that the signal cannot stop it.
     lead_a_group = "import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])"
     proc = subprocess.Popen([STRACE, "-f", "-q", "--seccomp-bpf", "-e", "trace=none",
-                             "-o", str(trace), sys.executable, "-c", lead_a_group, *_torchrun(out)],
+                             "-o", str(trace), sys.executable, "-c", lead_a_group, *_torchrun(out, *overrides)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     deadline = time.monotonic() + 240
     while len(_metrics(out)) < after_steps and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     launcher = psutil.Process(proc.pid).children()[0]
-    workers = [p.pid for p in launcher.children(recursive=True) if "pretrain.py" in " ".join(p.cmdline())]
+    # The training processes are the launcher's children; their data-loader workers (forked) are theirs.
+    workers = [p.pid for p in launcher.children() if "pretrain.py" in " ".join(p.cmdline())]
     os.killpg(launcher.pid, sig)
     stdout, stderr = proc.communicate(timeout=240)
 
@@ -118,3 +119,16 @@ def test_group_signals_stop_after_a_saved_step_and_relaunches_resume_exactly(ref
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
     for key in ("train/loss", "train/lr", "train/grad_norm"):
         assert [m[key] for m in got] == [m[key] for m in reference], key  # full-precision floats, exactly
+
+
+@pytest.mark.skipif(STRACE is None, reason="strace reads the workers' exit codes")
+def test_a_group_signal_also_reaching_the_data_loader_workers_still_stops_after_a_saved_step(tmp_path):
+    """The data loader's worker processes (data.num_workers > 0) are forked into each training process's
+    group, so torchrun's forwarded signal, SLURM's and Ctrl-C reach them too. They must leave stopping to
+    the trainer: a worker that died of the signal made torch raise in the trainer mid-step, with no save."""
+    out = tmp_path / "run"
+    stdout = _stop_with_group_signal(out, tmp_path / "strace.log", signal.SIGTERM, 3, "data.num_workers=1")
+    steps = len(_metrics(out))
+    assert 3 <= steps < STEPS
+    assert f"stopped by signal after step {steps}" in stdout
+    assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == f"step_{steps:08d}"

@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 
 from moba_train.data.batches import collate
+from moba_train.signals import leave_stopping_to_the_trainer
 
 
 class PretrainingSampler:
@@ -46,5 +47,6 @@ def build_dataloader(dataset, cfg, env, consumed_samples: int) -> Iterator[dict[
         collate_fn=functools.partial(collate, reset_attention_mask=cfg.data.reset_attention_mask),
         num_workers=cfg.data.num_workers,
         persistent_workers=cfg.data.num_workers > 0,
+        worker_init_fn=leave_stopping_to_the_trainer,
     )
     return iter(loader)
