@@ -512,9 +512,10 @@ def _single_process(cfg: Config):
 
 
 def _conversion_config(model: ModelConfig) -> Config:
-    """The recipe a conversion builds the model with: our model section, full attention, TP 1, CPU."""
+    """The recipe a conversion builds the model with: our model section, full attention, TP 1, CPU, and the
+    default fusions (a GPU run records CUDA-only ones; none of them changes a parameter)."""
     return Config.model_validate(
-        {"model": model.model_dump(), "attention": {"mode": "full"}, "run": {"device": "cpu"}}
+        {"model": model.model_dump(exclude={"fusions"}), "attention": {"mode": "full"}, "run": {"device": "cpu"}}
     )
 
 

@@ -171,6 +171,22 @@ def test_export_of_a_run_started_with_init_from_hf_keeps_the_source_config_and_t
     assert (tmp_path / "out/tokenizer.json").read_text() == "{}"
 
 
+def test_export_of_a_gpu_run_whose_recipe_names_cuda_only_fusions_is_lossless(tmp_path):
+    """A GPU run records its fused kernels (Liger's cross-entropy, our Triton RoPE); export runs on the CPU
+    and must not refuse the checkpoint for them: the fusions change no parameter."""
+    save_llama(tmp_path / "hf", dtype=torch.bfloat16, **VARIANTS["gqa"])
+    convert.import_hf(tmp_path / "hf", tmp_path / "ckpt")
+    shutil.rmtree(tmp_path / "ckpt/hf")
+    recorded = yaml.safe_load((tmp_path / "ckpt/config.yaml").read_text())
+    recorded["model"]["fusions"] = {"cross_entropy": "liger", "rope": "triton"}
+    (tmp_path / "ckpt/config.yaml").write_text(yaml.safe_dump(recorded))
+    checksums.write_manifest(tmp_path / "ckpt")
+    convert.export_hf(tmp_path / "ckpt", tmp_path / "out")
+    before, after = (load_file(tmp_path / d / "model.safetensors") for d in ("hf", "out"))
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
 def test_export_writes_sharded_safetensors_that_transformers_loads(tmp_path, monkeypatch):
     hf = save_llama(tmp_path / "hf", tie_word_embeddings=True)
     convert.import_hf(tmp_path / "hf", tmp_path / "ckpt")
