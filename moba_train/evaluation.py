@@ -148,7 +148,8 @@ def load_model(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Loaded
     else:
         from moba_train.convert import load_hf_weights
 
-        load_hf_weights(model, source, cfg)
+        # Checked and mapped against the weights' own recipe: an override may change the RoPE, not them.
+        load_hf_weights(model, source, cfg.model_copy(update={"model": trained.model}))
     model.eval()
     if compute_dtype(cfg, resolve_device(cfg)) == torch.bfloat16:
         model = Float16Module(model.config, model)

@@ -362,6 +362,17 @@ def test_checkpoint_and_its_hugging_face_export_load_to_the_same_logits(checkpoi
     torch.testing.assert_close(from_hf, from_checkpoint, rtol=0, atol=1e-5)
 
 
+def test_a_rope_flag_applies_to_a_checkpoint_and_its_hugging_face_export_alike(checkpoint, tmp_path):
+    # RoPE is no weight: evaluating at another base (e.g. to probe a context extension) is a flag on either path.
+    convert.export_hf(checkpoint, tmp_path / "hf", dtype=torch.float32)
+    tokens = torch.from_numpy(random_windows(1, 64, seed=4))
+    flag = ["attention.mode=full", "model.rope_theta=20000"]
+    from_checkpoint = logits(load_model(checkpoint, flag), tokens)
+    from_hf = logits(load_model(tmp_path / "hf", flag), tokens)
+    torch.testing.assert_close(from_hf, from_checkpoint, rtol=0, atol=1e-5)
+    assert (from_checkpoint - logits(load_model(checkpoint, flag[:1]), tokens)).abs().max() > 1e-3
+
+
 def test_the_attention_flag_changes_how_a_checkpoint_attends(checkpoint):
     tokens = torch.from_numpy(random_windows(1, 64, seed=2))
     trained = logits(load_model(checkpoint), tokens)
