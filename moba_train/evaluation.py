@@ -248,6 +248,7 @@ def loss_by_position(loaded: LoadedModel, windows: np.ndarray, *, bucket_size: i
     losses = np.concatenate(rows)  # [n, s]
     per_position = losses.mean(axis=0)
     s = losses.shape[1]
+    trailing_tokens = min(trailing_tokens, s)  # a window shorter than the trailing span: all of it
     buckets = [{"start": a, "end": min(a + bucket_size, s), "loss": float(per_position[a : a + bucket_size].mean())}
                for a in range(0, s, bucket_size)]
     return {"windows": len(windows), "seq_length": s, "loss": float(losses.mean()),
@@ -453,7 +454,7 @@ def copy_accuracy(loaded: LoadedModel, documents: list[tuple[np.ndarray, int]], 
 class EvalSettings:
     """What `evaluate` measures; lengths in tokens."""
 
-    seq_length: int
+    seq_length: int | None = None  # None: the recipe's train.seq_length
     windows: int = 64
     bucket_size: int = 1024
     trailing_tokens: int = 1024
@@ -466,6 +467,30 @@ class EvalSettings:
     batch_size: int = 4
     seed: int = 0
 
+    def __post_init__(self):
+        """ConfigError (one sentence) for settings that would fail, or mean nothing, after the model is loaded."""
+        for name in ("seq_length", "windows", "bucket_size", "trailing_tokens", "passkey_samples", "batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"evaluation setting {name} is {getattr(self, name)}; it must be at least 1")
+        if any(not 0 <= depth <= 1 for depth in self.passkey_depths):
+            raise ConfigError(f"passkey depths {list(self.passkey_depths)} are not all in [0, 1] (0: the start of the "
+                              "context, 1: right before the question); pass depths between 0 and 1")
+
+
+def _passkey_task(cfg: Config, settings: EvalSettings, data_prefix, tokenizer) -> PasskeyTask:
+    """The passkey prompts' task (haystack from `data_prefix`); ConfigError before any work when a context
+    length cannot hold the needle, the question and the answer."""
+    from moba_train.data.preprocess import load_tokenizer
+
+    tokenizer = tokenizer or cfg.data.tokenizer
+    if tokenizer is None:
+        raise ConfigError("passkey prompts need a tokenizer and the recipe names none; pass --tokenizer")
+    task = PasskeyTask(load_tokenizer(tokenizer), token_stream(data_prefix), seed=settings.seed)
+    if min(settings.passkey_lengths) < task.shortest_context():
+        raise ConfigError(f"a passkey context of {min(settings.passkey_lengths)} tokens cannot hold the needle, "
+                          f"question and answer; pass lengths of at least {task.shortest_context()} tokens")
+    return task
+
 
 def evaluate(loaded: LoadedModel, settings: EvalSettings, data_prefix: str | os.PathLike | None = None,
              tokenizer: str | os.PathLike | None = None, progress: bool = False) -> dict:
@@ -475,6 +500,7 @@ def evaluate(loaded: LoadedModel, settings: EvalSettings, data_prefix: str | os.
     data.tokenizer), synthetic recall accuracy (the recipe's task), copying accuracy (held-out copy documents
     of `seq_length`); each only when asked for."""
     cfg = loaded.config
+    settings = dataclasses.replace(settings, seq_length=settings.seq_length or cfg.train.seq_length)
     results = {"model": str(loaded.source), "attention": {
         "mode": cfg.attention.mode, "layer_kinds": cfg.layer_kinds(), "block_size": cfg.attention.block_size,
         "topk": cfg.attention.topk}, "settings": dataclasses.asdict(settings)}
@@ -482,6 +508,7 @@ def evaluate(loaded: LoadedModel, settings: EvalSettings, data_prefix: str | os.
         from moba_train.data.indexed import check_indexed_dataset
 
         check_indexed_dataset(str(data_prefix), cfg.model.vocab_size)  # ids the embedding has rows for
+        task = _passkey_task(cfg, settings, data_prefix, tokenizer) if settings.passkey_lengths else None
         options = dict(bucket_size=settings.bucket_size, trailing_tokens=settings.trailing_tokens,
                        batch_size=settings.batch_size, progress=progress)
         windows = validation_windows(data_prefix, settings.seq_length, settings.windows)
@@ -495,13 +522,7 @@ def evaluate(loaded: LoadedModel, settings: EvalSettings, data_prefix: str | os.
                     batch_size=settings.batch_size, seed=settings.seed, progress=progress)
         except DataError:
             results["long_documents"] = None  # no held-out document is that long
-        if settings.passkey_lengths:
-            from moba_train.data.preprocess import load_tokenizer
-
-            tokenizer = tokenizer or cfg.data.tokenizer
-            if tokenizer is None:
-                raise ConfigError("passkey prompts need a tokenizer and the recipe names none; pass --tokenizer")
-            task = PasskeyTask(load_tokenizer(tokenizer), token_stream(data_prefix), seed=settings.seed)
+        if task is not None:
             results["passkey"] = passkey_accuracy(loaded, task.sample, settings.passkey_lengths,
                                                   settings.passkey_depths, settings.passkey_samples,
                                                   batch_size=settings.batch_size, progress=progress)
@@ -600,6 +621,11 @@ def plot_loss_by_position(reports: dict[str, dict], path: str | os.PathLike, tit
     return save_figure(fig, path)
 
 
+def length_label(tokens: int) -> str:
+    """A context length as a tick label: whole multiples of 1,024 in K, others in tokens."""
+    return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
+
+
 def plot_passkey(grids: dict[str, dict], path: str | os.PathLike) -> Path:
     """One heatmap per model: exact-answer accuracy by context length (rows) and needle depth (columns)."""
     import matplotlib
@@ -613,7 +639,7 @@ def plot_passkey(grids: dict[str, dict], path: str | os.PathLike) -> Path:
         acc = np.asarray(grid["accuracy"])
         image = ax.imshow(acc, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_xticks(range(len(grid["depths"])), [f"{d:g}" for d in grid["depths"]])
-        ax.set_yticks(range(len(grid["lengths"])), [f"{n // 1024}K" if n >= 1024 else str(n) for n in grid["lengths"]])
+        ax.set_yticks(range(len(grid["lengths"])), [length_label(n) for n in grid["lengths"]])
         for (i, j), value in np.ndenumerate(acc):
             ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", color="w" if value < 0.6 else "k")
         ax.set_xlabel("needle depth")

@@ -52,15 +52,14 @@ def main(argv=None) -> None:
     if args.data is None and (args.passkey_lengths or args.copy_documents or not args.recall_documents):
         raise ConfigError("--data is needed for the validation loss, passkey prompts and copy documents; pass a "
                           "validation prefix (or only --recall-documents N for the synthetic task)")
+    settings = evaluation.EvalSettings(
+        seq_length=args.seq_length, windows=args.windows, bucket_size=args.bucket, trailing_tokens=args.bucket,
+        passkey_lengths=args.passkey_lengths, passkey_depths=args.passkey_depths,
+        passkey_samples=args.passkey_samples, recall_documents=args.recall_documents,
+        copy_documents=args.copy_documents, gate_recall_queries=args.gate_recall, batch_size=args.batch_size)
     mode = [] if args.attention == "trained" else [f"attention.mode={args.attention}"]
     loaded = evaluation.load_model(args.model, [*mode, *args.overrides])
     try:
-        settings = evaluation.EvalSettings(
-            seq_length=args.seq_length or loaded.config.train.seq_length, windows=args.windows,
-            bucket_size=args.bucket, trailing_tokens=args.bucket, passkey_lengths=args.passkey_lengths,
-            passkey_depths=args.passkey_depths, passkey_samples=args.passkey_samples,
-            recall_documents=args.recall_documents, copy_documents=args.copy_documents,
-            gate_recall_queries=args.gate_recall, batch_size=args.batch_size)
         results = evaluation.evaluate(loaded, settings, args.data, args.tokenizer, progress=sys.stderr.isatty())
     finally:
         destroy_distributed()

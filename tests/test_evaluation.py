@@ -32,6 +32,7 @@ from moba_train.evaluation import (
     copy_documents,
     exact_answer,
     gate_recall_by_position,
+    length_label,
     load_model,
     logits,
     loss_by_position,
@@ -94,6 +95,13 @@ def test_loss_by_position_equals_a_direct_computation(checkpoint):
     assert report["loss"] == pytest.approx(per_position.mean(), abs=1e-5)
     assert math.log(VOCAB) * 0.5 < report["loss"]  # a random model: the buckets are not trivially equal
     assert np.ptp([b["loss"] for b in report["buckets"]]) > 1e-3
+    # A window shorter than the trailing span: the trailing loss is the whole window's, and says so.
+    longer = loss_by_position(loaded, windows, bucket_size=16, trailing_tokens=100, batch_size=2)
+    assert longer["trailing_tokens"] == 64 and longer["trailing_loss"] == pytest.approx(report["loss"], abs=1e-6)
+
+
+def test_passkey_plot_labels_a_context_in_k_only_when_it_is_whole_thousands_of_1024():
+    assert [length_label(n) for n in (512, 1536, 2048, 2560, 8192)] == ["512", "1536", "2K", "2560", "8K"]
 
 
 # --- copying -----------------------------------------------------------------------------------

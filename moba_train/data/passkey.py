@@ -79,6 +79,12 @@ class PasskeyTask:
         self.before, self.after = self._encode(self.NEEDLE[0]), self._encode(self.NEEDLE[2])
         self.question = self._encode(self.QUESTION)
 
+    def shortest_context(self) -> int:
+        """The fewest tokens a context of any key needs: the needle, the question and the answer, with the key
+        at its longest (one token for its space and one per digit)."""
+        answer = self.digits + 1
+        return len(self.before) + len(self.after) + len(self.question) + 2 * answer - 1
+
     def needle(self, key: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The needle's tokens stating `key`: (before, the key's tokens = the answer, after)."""
         return self.before, self._encode(self.NEEDLE[1].format(key=key)), self.after

@@ -114,3 +114,21 @@ def test_a_flag_that_contradicts_the_weights_is_one_clear_error(model_and_data, 
         script.main([str(root / "ckpt"), "--data", str(root / "valid"), "--out", str(tmp_path / "out"),
                      "--windows", "1", "--gate-recall", "-2"])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--passkey-lengths", "8"], r"^a passkey context of 8 tokens cannot hold the needle, question and answer; pass "
+                                 r"lengths of at least \d+ tokens$"),
+    (["--passkey-lengths", "128", "--passkey-depths", "0,50"], r"^passkey depths \[0.0, 50.0\] are not all in \[0, 1\]"),
+    (["--windows", "0"], r"^evaluation setting windows is 0; it must be at least 1$"),
+], ids=["short-passkey-context", "depth-beyond-1", "no-windows"])
+def test_settings_that_cannot_be_evaluated_are_one_clear_error_before_any_work(model_and_data, tmp_path, flags,
+                                                                               message):
+    spec = importlib.util.spec_from_file_location("evaluate_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    root = model_and_data
+    with pytest.raises(ConfigError, match=message):
+        script.main([str(root / "ckpt"), "--data", str(root / "valid"), "--out", str(tmp_path / "out"),
+                     "--windows", "1", "--passkey-samples", "1", *flags])
+    assert not (tmp_path / "out").exists()
