@@ -119,7 +119,8 @@ def test_a_flag_that_contradicts_the_weights_is_one_clear_error(model_and_data, 
 @pytest.mark.parametrize("flags, message", [
     (["--passkey-lengths", "8"], r"^a passkey context of 8 tokens cannot hold the needle, question and answer; pass "
                                  r"lengths of at least \d+ tokens$"),
-    (["--passkey-lengths", "128", "--passkey-depths", "0,50"], r"^passkey depths \[0.0, 50.0\] are not all in \[0, 1\]"),
+    (["--passkey-lengths", "128", "--passkey-depths", "0,50"],
+     r"^passkey depths \[0.0, 50.0\] are not all in \[0, 1\]"),
     (["--windows", "0"], r"^evaluation setting windows is 0; it must be at least 1$"),
 ], ids=["short-passkey-context", "depth-beyond-1", "no-windows"])
 def test_settings_that_cannot_be_evaluated_are_one_clear_error_before_any_work(model_and_data, tmp_path, flags,
