@@ -61,6 +61,8 @@ class TrainState:
     step: int = 0
     consumed_samples: int = 0
     skipped_steps: int = 0
+    nonfinite_in_a_row: int = 0
+    """Non-finite steps just before this one (train.max_nonfinite_steps counts them across a relaunch)."""
     wandb_run_id: str | None = None
     """The W&B run this training logs to: a resumed run continues it (moba_train.metrics)."""
 

@@ -8,8 +8,8 @@ mean over every counted (loss_mask) token of the global batch: each micro-batch 
 `loss_sum * dp / global_tokens` (DDP averages over the dp ranks).
 
 Robustness. A step whose loss or gradient norm is NaN/inf changes nothing (no update; its data is
-consumed and it counts as a step); after `train.max_nonfinite_steps` such steps in a row training
-aborts. SIGTERM, SIGUSR1 and SIGINT set a flag (moba_train.signals): the current step finishes, a
+consumed and it counts as a step); after `train.max_nonfinite_steps` such steps in a row (counted across
+a relaunch) training aborts. SIGTERM, SIGUSR1 and SIGINT set a flag (moba_train.signals): the current step finishes, a
 checkpoint is saved, the run exits 0; relaunching the same command resumes from the newest complete
 checkpoint.
 """
@@ -247,7 +247,6 @@ def _train(cfg: Config, env: DistEnv, stop: StopSignal) -> None:
     diagnostics = RoutingDiagnostics(cfg, model, enabled=env.is_main)
 
     # Loop.
-    nonfinite_in_a_row = 0
     model.train()
     while state.step < cfg.train.steps:
         state.step += 1
@@ -260,9 +259,9 @@ def _train(cfg: Config, env: DistEnv, stop: StopSignal) -> None:
         state.consumed_samples += cfg.train.global_batch_size
         if not updated:
             state.skipped_steps += 1
-            nonfinite_in_a_row += 1
+            state.nonfinite_in_a_row += 1
         else:
-            nonfinite_in_a_row = 0
+            state.nonfinite_in_a_row = 0
 
         seqlens = [int(n) for b in micro_batches for n in b["cu_seqlens"].diff()]
         record = {
@@ -277,9 +276,9 @@ def _train(cfg: Config, env: DistEnv, stop: StopSignal) -> None:
         if diagnostics.due(state.step):
             record.update(diagnostics.run(state.step, micro_batches[0]))
         metrics.log(state.step, record)
-        if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+        if state.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
             raise TrainingAborted(
-                f"{nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient norm (last at step "
+                f"{state.nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient norm (last at step "
                 f"{state.step}); lower train.lr or check the data, then relaunch to resume from the last checkpoint"
             )
 

@@ -105,6 +105,18 @@ def test_nonfinite_steps_are_skipped_counted_and_abort_after_the_limit(tmp_path)
     assert not any(m["train/skipped"] for m in metrics[:-2])
 
 
+def test_a_relaunch_inside_a_run_of_nonfinite_steps_aborts_where_the_uninterrupted_run_does(tmp_path):
+    # Steps 2, 3, 4 are non-finite (step 1's update at lr 1e12 blows the weights up): the run aborts at step 4,
+    # after saving step 3 in the middle of the run of failures. Relaunched, it resumes there and must count
+    # the two failures before the save, as the uninterrupted run did.
+    recipe = ("train.lr=1e12", "train.min_lr=0", "train.clip_grad=0", "train.warmup_steps=0",
+              "train.max_nonfinite_steps=3", "checkpoint.interval=3")
+    for launch in ("first", "relaunch"):
+        with pytest.raises(TrainingAborted, match=r"^3 consecutive steps .* \(last at step 4\)"):
+            _train(tmp_path, *recipe)
+        assert latest_checkpoint(tmp_path / "checkpoints").name == "step_00000003", launch
+
+
 def test_an_accumulated_step_equals_one_step_computed_directly_on_the_concatenated_batch(tmp_path):
     """train_step over 3 micro-batches whose loss masks count 128, 7 and 43 tokens, against the definition:
     the mean token loss of the concatenated batch, its gradient's norm, and Adam's first update (bias
