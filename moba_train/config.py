@@ -113,6 +113,11 @@ class ModelConfig(_Section):
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads}) unless kv_channels is set"
             )
+        if self.init_from_hf and self.transformer_impl == "te":
+            raise ValueError(
+                "init_from_hf fills the local layer spec's parameters, not Transformer Engine's; import the model "
+                "first (scripts/convert_hf.py import) and start from it with checkpoint.init_from"
+            )
         return self
 
     @property

@@ -512,11 +512,11 @@ def _single_process(cfg: Config):
 
 
 def _conversion_config(model: ModelConfig) -> Config:
-    """The recipe a conversion builds the model with: our model section, full attention, TP 1, CPU, and the
-    default fusions (a GPU run records CUDA-only ones; none of them changes a parameter)."""
-    return Config.model_validate(
-        {"model": model.model_dump(exclude={"fusions"}), "attention": {"mode": "full"}, "run": {"device": "cpu"}}
-    )
+    """The recipe a conversion builds the model with: our model section, full attention, TP 1, CPU, the local
+    layer spec and the default fusions. A GPU run records CUDA-only fusions and maybe Transformer Engine; none of
+    them changes a parameter, and Megatron-Core's local spec saves and loads its norms under TE's keys."""
+    fields = model.model_dump(exclude={"fusions", "transformer_impl"})
+    return Config.model_validate({"model": fields, "attention": {"mode": "full"}, "run": {"device": "cpu"}})
 
 
 def _is_import(path: Path) -> bool:

@@ -78,6 +78,8 @@ def test_overrides_apply_on_top_of_the_recipe():
         (["attention.block_size=8"], ["'attention.block_size'", "greater than or equal to 16"]),
         (["train.warmup_steps=100", "train.steps=100"], ["warmup_steps (100) must be smaller than steps (100)"]),
         (["train.lr"], ["not of the form section.key=value"]),
+        (["model.init_from_hf=/hf/llama", "model.transformer_impl=te"],
+         ["'model'", "init_from_hf fills the local layer spec's parameters", "checkpoint.init_from"]),
     ],
 )
 def test_each_mistake_is_one_sentence_naming_the_key(overrides, fragments):

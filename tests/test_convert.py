@@ -171,14 +171,17 @@ def test_export_of_a_run_started_with_init_from_hf_keeps_the_source_config_and_t
     assert (tmp_path / "out/tokenizer.json").read_text() == "{}"
 
 
-def test_export_of_a_gpu_run_whose_recipe_names_cuda_only_fusions_is_lossless(tmp_path):
-    """A GPU run records its fused kernels (Liger's cross-entropy, our Triton RoPE); export runs on the CPU
-    and must not refuse the checkpoint for them: the fusions change no parameter."""
+def test_export_of_a_gpu_run_whose_recipe_names_cuda_only_kernels_is_lossless(tmp_path):
+    """A GPU run records its fused kernels (Liger's cross-entropy, our Triton RoPE) and maybe Transformer Engine;
+    export runs on the CPU and must not refuse the checkpoint for them: none of them changes a parameter."""
     save_llama(tmp_path / "hf", dtype=torch.bfloat16, **VARIANTS["gqa"])
     convert.import_hf(tmp_path / "hf", tmp_path / "ckpt")
     shutil.rmtree(tmp_path / "ckpt/hf")
     recorded = yaml.safe_load((tmp_path / "ckpt/config.yaml").read_text())
     recorded["model"]["fusions"] = {"cross_entropy": "liger", "rope": "triton"}
+    # Transformer Engine's layers keep the same checkpoint keys (Megatron-Core's local spec maps its norms to
+    # TE's names), so export builds the local spec whatever the run used, with or without TE installed.
+    recorded["model"]["transformer_impl"] = "te"
     (tmp_path / "ckpt/config.yaml").write_text(yaml.safe_dump(recorded))
     checksums.write_manifest(tmp_path / "ckpt")
     convert.export_hf(tmp_path / "ckpt", tmp_path / "out")
