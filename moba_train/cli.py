@@ -42,6 +42,13 @@ def _first_on_its_node() -> bool:
     return os.environ.get("LOCAL_RANK", "0") == "0"
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number of processes")
+    return value
+
+
 def parse_recipe(argv: Sequence[str] | None, description: str, dry_run: bool = False):
     """The validated Config of `--config PATH` plus `section.key=value` overrides (ConfigError if wrong);
     with `dry_run`, (config, arguments) where the arguments hold --dry-run and --world-size."""
@@ -50,8 +57,8 @@ def parse_recipe(argv: Sequence[str] | None, description: str, dry_run: bool = F
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.lr=1e-5 attention.topk=8")
     if dry_run:
         parser.add_argument("--dry-run", action="store_true", help="print the layout and memory per GPU; build nothing")
-        parser.add_argument("--world-size", type=int, help="processes of the launch the dry run describes")
-    args = parser.parse_args(argv)
+        parser.add_argument("--world-size", type=_positive, help="processes of the launch the dry run describes")
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the options
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:

@@ -532,7 +532,12 @@ def _repeated_key(node: yaml.Node, prefix: str = "", seen: set[int] | None = Non
 
 def read_yaml(path: Path) -> Any:
     """The YAML document of `path`; ConfigError when a mapping repeats a key (PyYAML keeps the last silently)."""
-    loader = yaml.SafeLoader(path.read_text())
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+                          "save it as UTF-8") from None
+    loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:

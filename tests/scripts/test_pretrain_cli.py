@@ -51,6 +51,25 @@ def test_unknown_key_in_the_recipe_file_names_the_file(tmp_path):
     assert result.stderr.strip() == f"error: {recipe}: unknown key 'attention.top_k'; did you mean 'attention.topk'?"
 
 
+def test_a_recipe_that_is_not_utf8_text_is_one_line(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_bytes(TINY.read_bytes() + b"# caf\xe9 (Latin-1)\n")
+    result = _pretrain("--config", str(recipe), "--dry-run")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: {recipe}: not UTF-8 text (byte 0xe9 at offset "
+                                      f"{len(TINY.read_bytes()) + 5}); save it as UTF-8")
+
+
+def test_overrides_may_follow_the_options():
+    from moba_train.cli import parse_recipe
+
+    cfg, args = parse_recipe(["--config", str(TINY), "train.steps=50", "--dry-run", "train.lr=1e-4"], "pretrain",
+                             dry_run=True)
+    assert (cfg.train.steps, cfg.train.lr, args.dry_run) == (50, 1e-4, True)
+    with pytest.raises(SystemExit):  # argparse's usage line and exit code 2
+        parse_recipe(["--config", str(TINY), "--dry-run", "--world-size", "-2"], "pretrain", dry_run=True)
+
+
 def test_demo_command_trains_two_processes_with_falling_loss_and_final_checkpoint(tmp_path):
     # `make demo`, shortened: build the embedded corpus as `make data` does, then torchrun the recipe on it.
     corpus = tmp_path / "corpus"
