@@ -428,7 +428,8 @@ class MetricLogger:
         self.sinks.append(jsonl)
         if cfg.logging.wandb.mode != "disabled":
             config = {**cfg.model_dump(mode="json"), **(run_info or {})}
-            skip = jsonl.previous_last_step if start_step else 0
+            # Continuing a run: the steps after the checkpoint that the crashed attempt already sent stay in it.
+            skip = jsonl.previous_last_step if start_step and wandb_run_id else 0
             self.sinks.append(WandbSink(cfg, self.wandb_run_id, config, skip, self.print))
         if cfg.logging.tensorboard:
             self.sinks.append(TensorBoardSink(output_dir / "tensorboard", start_step))

@@ -257,6 +257,20 @@ def test_resume_after_a_crash_continues_the_wandb_run_with_each_step_once(run_di
     assert all(math.isfinite(e.value) for e in events.Scalars("train/loss"))
 
 
+def test_wandb_turned_on_at_a_resume_starts_a_new_run_that_gets_every_step_from_there(tmp_path, monkeypatch):
+    # The first attempt logged steps 1-6 with W&B off, so its checkpoint (step 3) holds no W&B run: the new run
+    # must get steps 4 on, not only those after the first attempt's last line.
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 1.0}) + "\n"
+                                                    for s in range(1, 7)))
+    logger = MetricLogger(_cfg(tmp_path), start_step=3, enabled=True, wandb_run_id=None)
+    for step in (4, 5, 6, 7):
+        logger.log(step, {"train/loss": 0.5})
+    logger.close()
+    runs = wandb_offline.offline_runs(tmp_path / "wandb")
+    assert [row["_step"] for path in runs for row in wandb_offline.history(path)] == [4, 5, 6, 7]
+
+
 def test_a_killed_wandb_service_stops_the_wandb_sink_with_one_line_and_training_goes_on(tmp_path, capsys):
     # SLURM signals every process of a job step, W&B's own service process included: the next log call
     # then failed with ConnectionResetError inside the trainer. The sink must say so once and step aside.
