@@ -21,7 +21,9 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    # coerce_numbers_to_str: a text key given a number-like value (run.name=2024, data.split=100) keeps its text.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True,
+                              coerce_numbers_to_str=True)
 
 
 class RunConfig(_Section):

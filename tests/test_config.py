@@ -91,6 +91,13 @@ def test_each_mistake_is_one_sentence_naming_the_key(overrides, fragments):
         assert fragment in message
 
 
+@pytest.mark.parametrize("override, section, key", [("run.name=2024", "run", "name"),
+                                                     ("data.split=100", "data", "split")])
+def test_a_text_key_takes_a_value_that_yaml_would_read_as_a_number(override, section, key):
+    cfg = load_config(CONFIGS / "tiny_moba.yaml", [override])
+    assert getattr(getattr(cfg, section), key) == override.split("=")[1]
+
+
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
