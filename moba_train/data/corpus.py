@@ -46,7 +46,6 @@ import multiprocessing
 import os
 import platform
 import re
-import shutil
 import sys
 import sysconfig
 import time
@@ -58,6 +57,7 @@ from typing import Iterator
 import numpy as np
 
 from moba_train.data.preprocess import DataError, write_indexed_dataset
+from moba_train.staging import replace_dir, staging_dir
 
 EOS = "<|endoftext|>"
 PREFIX_NAME = "python"
@@ -336,6 +336,9 @@ def build_corpus(
     out_dir = Path(out_dir)
     if (out_dir / "tokenizer").is_dir() and Path(f"{out_dir / PREFIX_NAME}.idx").is_file() and not overwrite:
         return None
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file() and not overwrite:
+        raise DataError(f"'{out_dir}' holds files that are not a corpus; choose a new or empty directory, or pass "
+                        "--overwrite to replace everything in it")
     if vocab_size < 257:
         raise DataError(f"vocab_size {vocab_size} is too small for a byte-level tokenizer; use at least 257")
     if not 0 <= valid_fraction < 1:
@@ -358,9 +361,7 @@ def build_corpus(
         sample.append(selection.texts[i])
         sample_bytes += selection.sizes[i]
 
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staging_dir(out_dir) as tmp:  # published whole; a killed build's staging is removed by the next
         tokenizer_dir = train_tokenizer(sample, vocab_size, tmp / "tokenizer")
         trained = time.perf_counter()
         records = {}
@@ -390,10 +391,7 @@ def build_corpus(
                         "total": round(tokenized - start, 2)},
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        replace_dir(tmp, out_dir)
     return manifest
 
 

@@ -9,6 +9,7 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from moba_train.data.corpus import (
+    MANIFEST_NAME,
     NEAR_DUPLICATE_JACCARD,
     PREFIX_NAME,
     SHINGLE_WORDS,
@@ -187,6 +188,19 @@ def test_a_split_that_whole_packages_cannot_make_is_one_clear_error(tmp_path):
     with pytest.raises(DataError, match="cannot be split to hold out 10% of the bytes by whole packages"):
         build_corpus(tmp_path / "out", vocab_size=300, valid_fraction=0.1, files=files, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_directory_holding_other_files_is_refused_and_kept_unless_overwrite(tmp_path):
+    files = write_tree(tmp_path / "src", {f"pkg/mod{m}.py": module_text(m, lines=10) for m in range(4)})
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "mydata.bin").write_bytes(b"a dataset of the user's")
+    with pytest.raises(DataError, match=f"^'{out}' holds files that are not a corpus; choose a new or empty"):
+        build_corpus(out, vocab_size=300, files=files, progress=False)
+    assert [p.name for p in out.iterdir()] == ["mydata.bin"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+    build_corpus(out, vocab_size=300, files=files, progress=False, overwrite=True)  # asked for: replaced
+    assert not (out / "mydata.bin").exists() and (out / MANIFEST_NAME).is_file()
 
 
 def test_site_directories_are_where_installed_packages_import_from():
