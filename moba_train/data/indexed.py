@@ -16,7 +16,8 @@ shares of the training samples retrieval documents (moba_train.data.mix); valida
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ def parse_blend(blend: list[str]) -> tuple[list[str], list[float] | None]:
             continue
         try:
             weight = float(parts[0])
-        except ValueError:
+        except (ValueError, IndexError):  # not a number, or an empty entry
             weight = None
         if len(parts) != 2 or weight is None or not weight > 0 or not np.isfinite(weight):
             raise DataError(f"data.blend entry '{entry}' is not 'WEIGHT PREFIX' with a positive weight; "
@@ -113,10 +114,22 @@ class TokenizerInfo:
         return {"eod": self.eod, "vocab_size": self.vocab_size}
 
 
+def prefix_fingerprint(prefix: str) -> str:
+    """What the index caches of an indexed dataset depend on besides the recipe: a digest of its .idx file (the
+    documents' lengths and offsets) and its .bin file's size. A dataset rebuilt under the same prefix gets new
+    caches; an identical rebuild keeps them."""
+    with open(f"{prefix}.idx", "rb") as index:
+        digest = hashlib.file_digest(index, "sha256")  # streamed: an index may hold many millions of documents
+    digest.update(str(Path(f"{prefix}.bin").stat().st_size).encode())
+    return digest.hexdigest()[:16]
+
+
 @dataclass
 class LongContextGPTDatasetConfig(GPTDatasetConfig):
     min_doc_length: int = 0
     """Keep only documents with at least this many tokens (0 keeps all)."""
+    prefix_fingerprints: dict = field(default_factory=dict)
+    """prefix_fingerprint of every prefix of the blends: part of each cache's key."""
 
 
 class LongContextGPTDataset(GPTDataset):
@@ -138,7 +151,7 @@ class LongContextGPTDataset(GPTDataset):
 
     @staticmethod
     def _key_config_attributes() -> list[str]:
-        return GPTDataset._key_config_attributes() + ["min_doc_length"]
+        return GPTDataset._key_config_attributes() + ["min_doc_length", "prefix_fingerprints"]
 
     def __getitem__(self, idx):
         sample = super().__getitem__(idx)
@@ -191,6 +204,7 @@ def build_indexed_datasets(cfg, env):
         eod_mask_loss=data.eod_mask_loss,
         create_attention_mask=False,
         min_doc_length=data.min_doc_length,
+        prefix_fingerprints={prefix: prefix_fingerprint(prefix) for prefix in prefixes + valid_prefixes},
     )
     evals = train.steps // train.eval_interval + 1 if train.eval_interval else 1
     sizes = [train.steps * train.global_batch_size, evals * train.eval_steps * train.global_batch_size,

@@ -74,6 +74,17 @@ def test_sample_order_is_identical_when_rebuilt_from_the_index_cache(tmp_path, t
     assert all(torch.equal(x, y) for x, y in zip(first, again))
 
 
+def test_a_dataset_rebuilt_under_the_same_prefix_is_read_through_new_index_caches(tmp_path, tokenizer_dir):
+    # preprocess_data.py --overwrite rewrites a prefix; the caches of the old one must not index the new one.
+    a = write_ids(tmp_path / "a", [[11] * 30 for _ in range(100)])
+    cfg = recipe(tmp_path, tokenizer_dir, [a], split="100,0,0")
+    build_datasets(cfg, None)
+    write_ids(tmp_path / "a", [[i + 10] * 20 for i in range(250)])  # document i holds only token i + 10
+    train, _ = build_datasets(cfg, None)
+    seen = set(torch.cat([train[i]["tokens"] for i in range(len(train))]).tolist()) - {EOD}
+    assert seen == {i + 10 for i in range(250)}
+
+
 def test_min_doc_length_keeps_only_long_documents(tmp_path, tokenizer_dir):
     rng = np.random.default_rng(3)
     docs = docs_in_range(rng, 10, 20, 100, length=(3, 10)) + docs_in_range(rng, 100, 110, 100, length=(100, 120))
@@ -88,6 +99,7 @@ def test_min_doc_length_keeps_only_long_documents(tmp_path, tokenizer_dir):
 
 @pytest.mark.parametrize("blend,match", [
     (["abc data/x"], "not 'WEIGHT PREFIX'"),
+    ([" "], "not 'WEIGHT PREFIX'"),
     (["-1 data/x"], "positive weight"),
     (["0.5 data/x extra"], "not 'WEIGHT PREFIX'"),
     (["0.5 data/x", "data/y"], "mixes weighted and bare"),
