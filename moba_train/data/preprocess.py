@@ -169,7 +169,9 @@ def _init_worker(tokenizer_path: str) -> None:
 
 
 def _encode(texts: list[str]) -> list[list[int]]:
-    return _worker_tokenizer(texts, add_special_tokens=False)["input_ids"]
+    # split_special_tokens: a document's own text "<|endoftext|>" (e.g. in a tokenizer's source) is text, not
+    # the end-of-document token that preprocessing appends to mark the boundary.
+    return _worker_tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 def _batches(texts: Iterable[str | None], stats: DocumentStats) -> Iterator[list[str]]:

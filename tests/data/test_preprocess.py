@@ -46,6 +46,18 @@ def test_documents_round_trip_to_the_same_token_ids(tmp_path, tokenizer_dir, fmt
     assert "4 documents" in stats.summary() and ">=8K: 0" in stats.summary()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_end_of_document_text_inside_a_document_is_text_not_a_boundary(tmp_path, tokenizer_dir, workers):
+    # e.g. transformers' GPT-NeoX tokenizer source, which build_corpus --site-packages reads.
+    text = 'EOS = "<|endoftext|>"\nprint(EOS)\n'
+    write_indexed_dataset([text], tokenizer_dir, tmp_path / "out", workers=workers, progress=False)
+    tok = load_tokenizer(tokenizer_dir)
+    dataset = IndexedDataset(str(tmp_path / "out"))  # held: its documents are views of its memory map
+    doc = dataset[0].tolist()
+    assert doc.index(tok.eos_token_id) == len(doc) - 1  # only the boundary that preprocessing appends
+    assert tok.decode(doc[:-1]) == text
+
+
 def test_completed_output_is_skipped_unless_overwrite(tmp_path, tokenizer_dir):
     source = write_input(tmp_path, "jsonl")
     prefix = str(tmp_path / "out")
