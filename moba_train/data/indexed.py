@@ -62,6 +62,15 @@ def check_split(split: str) -> None:
         raise DataError(f"data.split '{split}' is not train,valid,test shares; write e.g. '98,2,0'")
 
 
+def token_count(prefix: str) -> int:
+    """Tokens of the indexed dataset at `prefix` (read from its index)."""
+    index = _IndexReader(f"{prefix}.idx", multimodal=False)
+    try:
+        return int(index.sequence_lengths.sum())
+    finally:
+        del index
+
+
 def check_indexed_dataset(prefix: str, vocab_size: int | None = None, tokenizer: str | None = None) -> None:
     """Raise DataError unless `<prefix>.idx` reads, `<prefix>.bin` has exactly the bytes it indexes and, given
     the `vocab_size` of `tokenizer`, every token id is in [0, vocab_size): one pass over the memory-mapped
@@ -85,6 +94,9 @@ def check_indexed_dataset(prefix: str, vocab_size: int | None = None, tokenizer:
     if bin_.stat().st_size != expected:
         raise DataError(f"'{bin_}' has {bin_.stat().st_size} bytes but its index expects {expected}; "
                         "the .bin/.idx pair is truncated or mismatched, rebuild it with --overwrite")
+    if expected == 0:
+        raise DataError(f"indexed dataset '{prefix}' holds {count} documents and no tokens; rebuild it from "
+                        "non-empty text or drop it")
     if vocab_size is None:
         return
     tokens = np.memmap(bin_, dtype=dtype, mode="r")
@@ -188,6 +200,12 @@ def build_indexed_datasets(cfg, env):
     valid_prefixes, valid_weights = parse_blend(data.valid_blend) if data.valid_blend else ([], None)
     for prefix in prefixes + valid_prefixes:
         check_indexed_dataset(prefix, info.vocab_size, data.tokenizer)
+    # Bare prefixes weigh by size. Given as weights, Megatron draws the samples a run needs (several epochs, each
+    # shuffled anew) instead of one epoch of each, and a prefix smaller than one sample is repeated, not dropped.
+    if weights is None and len(prefixes) > 1:
+        weights = [token_count(prefix) for prefix in prefixes]
+    if valid_weights is None and len(valid_prefixes) > 1:
+        valid_weights = [token_count(prefix) for prefix in valid_prefixes]
     if valid_prefixes:  # every document of data.blend trains; validation is its own blend (Megatron's per-split)
         splits = dict(blend_per_split=[(prefixes, weights), (valid_prefixes, valid_weights), None])
     else:

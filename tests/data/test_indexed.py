@@ -74,6 +74,17 @@ def test_sample_order_is_identical_when_rebuilt_from_the_index_cache(tmp_path, t
     assert all(torch.equal(x, y) for x, y in zip(first, again))
 
 
+def test_a_blend_of_bare_prefixes_weighs_by_size_and_holds_every_sample_the_run_needs(tmp_path, tokenizer_dir):
+    rng = np.random.default_rng(0)
+    big = write_ids(tmp_path / "big", docs_in_range(rng, 10, 20, 100, length=(30, 31)))  # 3,100 tokens
+    small = write_ids(tmp_path / "small", [[21, 22, 23, 24]] * 3)  # 15 tokens: less than one 64-token sample
+    cfg = recipe(tmp_path, tokenizer_dir, [big, small], split="100,0,0")
+    train, _ = build_datasets(cfg, None)
+    assert len(train) >= cfg.train.steps * cfg.train.global_batch_size  # several epochs, not one of each
+    tokens = torch.cat([train[i]["tokens"] for i in range(len(train))])
+    assert 0 < ((tokens >= 21) & (tokens <= 24)).float().mean() < 0.02  # about 15 / 3,115 of the samples
+
+
 def test_a_dataset_rebuilt_under_the_same_prefix_is_read_through_new_index_caches(tmp_path, tokenizer_dir):
     # preprocess_data.py --overwrite rewrites a prefix; the caches of the old one must not index the new one.
     a = write_ids(tmp_path / "a", [[11] * 30 for _ in range(100)])
@@ -135,6 +146,15 @@ def test_damaged_indexed_dataset_is_one_clear_error(tmp_path, tokenizer_dir, dam
         check_indexed_dataset(a)
     with pytest.raises(DataError, match=match):
         build_datasets(recipe(tmp_path, tokenizer_dir, [a]), None)
+
+
+def test_a_dataset_of_empty_documents_is_one_clear_error(tmp_path):
+    builder = IndexedDatasetBuilder(str(tmp_path / "empty.bin"), dtype=np.uint16)
+    for _ in range(3):
+        builder.add_document(torch.tensor([], dtype=torch.int64), [0])
+    builder.finalize(str(tmp_path / "empty.idx"))
+    with pytest.raises(DataError, match="holds 3 documents and no tokens; rebuild it from non-empty text"):
+        check_indexed_dataset(str(tmp_path / "empty"), vocab_size=300)
 
 
 @pytest.mark.parametrize("dtype, bad_id", [(np.uint16, 300), (np.uint16, 65535), (np.int32, -1)])
