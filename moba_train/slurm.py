@@ -130,6 +130,7 @@ def _profile_error(err: ValidationError, source: str, as_flag: bool = False) -> 
     return f"{source}: invalid value for '{key}' ({first.get('input')!r}): {first['msg']}"
 
 
+NO_TIME_LIMIT = ("0", "unlimited", "infinite")  # SLURM's spellings of no time limit (the partition's own applies)
 _TIME = re.compile(r"^(?:(\d+)-(\d+)(?::(\d+)(?::(\d+))?)?|(\d+)(?::(\d+)(?::(\d+))?)?)$")
 
 
@@ -216,7 +217,7 @@ def plan_job(recipe: str | Path, overrides: Sequence[str], nodes: int, profile: 
             f"does not divide nodes x processes per node = {nodes} x {profile.procs_per_node} = {world}; "
             f"change --nodes, --gpus-per-node or the parallel sizes"
         )
-    if profile.time is not None:
+    if profile.time is not None and profile.time.strip().lower() not in NO_TIME_LIMIT:
         limit = time_limit_seconds(profile.time)
         if profile.signal_seconds >= limit:
             raise ConfigError(
@@ -242,6 +243,14 @@ def _check_writable(path: Path, key: str) -> None:
         raise ConfigError(f"{key} '{path}' is not writable ('{existing}' is read-only for you); choose another {key}")
 
 
+def _directive_value(value) -> str:
+    """A value for an #SBATCH line: sbatch splits those lines at spaces unless the value is in double quotes."""
+    text = str(value)
+    if '"' in text:
+        raise ConfigError(f"'{text}' holds a double quote, which an #SBATCH line cannot carry; rename it")
+    return f'"{text}"' if any(c.isspace() for c in text) else text
+
+
 def render_script(job: SlurmJob, recipe_snapshot: Path, script_path: Path) -> str:
     """The sbatch script of `job`; it reads the recipe from `recipe_snapshot` (a copy made at submission,
     so editing the recipe later never changes a queued or requeued job) and names itself `script_path`."""
@@ -249,13 +258,14 @@ def render_script(job: SlurmJob, recipe_snapshot: Path, script_path: Path) -> st
     q = shlex.quote
     recipe_args = " ".join(q(a) for a in ["--config", str(recipe_snapshot), *job.overrides])
     gpus = p.gpus_per_node
-    options = [f"--job-name={job.cfg.run.name}", f"--nodes={job.nodes}", "--ntasks-per-node=1"]
+    options = [f"--job-name={_directive_value(job.cfg.run.name)}", f"--nodes={job.nodes}", "--ntasks-per-node=1"]
     options += [f"--gpus-per-node={gpus}"] if gpus else []
     options += [f"--cpus-per-task={p.cpus_per_node}"] if p.cpus_per_node else []
     options += [f"--{key}={value}" for key, value in (("time", p.time), ("partition", p.partition),
                                                       ("account", p.account), ("qos", p.qos)) if value]
     options += [f"--signal=B:USR1@{p.signal_seconds}", "--requeue", "--open-mode=append",
-                f"--output={job.slurm_dir / 'job-%j.out'}", f"--chdir={job.workdir}", *p.sbatch]
+                f"--output={_directive_value(job.slurm_dir / 'job-%j.out')}",
+                f"--chdir={_directive_value(job.workdir)}", *p.sbatch]
     srun = ["srun", '--nodes="$SLURM_JOB_NUM_NODES"', "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
     srun += [f"--cpus-per-task={p.cpus_per_node}"] if p.cpus_per_node else []  # srun 22.05 does not inherit it
     srun += [q(a) for a in p.srun]

@@ -72,6 +72,29 @@ def test_malformed_time_limit_is_a_config_error(text):
         time_limit_seconds(text)
 
 
+@pytest.mark.parametrize("text", ["0", "UNLIMITED", "infinite"])
+def test_slurms_no_limit_times_are_submitted_as_given(tmp_path, text):
+    result = _submit("--config", str(TINY), f"run.output_dir={tmp_path / 'run'}", *CPU_JOB, "--time", text,
+                     "--dry-run", env={"PATH": "/nonexistent"})
+    assert result.returncode == 0, result.stderr
+    assert f"#SBATCH --time={text}\n" in result.stdout
+
+
+@pytest.mark.skipif(not Path("/usr/bin/sbatch").is_file(), reason="sbatch reads the script's directives")
+def test_sbatch_reads_the_directives_of_a_run_whose_paths_and_name_hold_spaces(tmp_path):
+    # No daemon: a throwaway slurm.conf lets sbatch parse the script and then fail to reach a controller.
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=t\nSlurmctldHost=localhost\nSlurmctldPort=6999\n"
+                    "NodeName=localhost CPUs=2 State=UNKNOWN\nPartitionName=p Nodes=localhost Default=YES\n")
+    dry = _submit("--config", str(TINY), f"run.output_dir={tmp_path / 'my runs' / 'tiny'}", "run.name=my run",
+                  *CPU_JOB, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    (tmp_path / "job.sbatch").write_text(dry.stdout)
+    result = subprocess.run(["sbatch", "--test-only", str(tmp_path / "job.sbatch")], capture_output=True, text=True,
+                            env={**os.environ, "SLURM_CONF": str(conf)}, timeout=60)
+    assert "Invalid directive" not in result.stderr and "unrecognized option" not in result.stderr, result.stderr
+
+
 def _attempt(n: int, started: int | None, ended: int | None) -> Attempt:
     name = lambda step: None if step is None else f"step_{step:08d}"  # noqa: E731
     return Attempt(attempt=n, started_from=name(started), ended_at=name(ended), signal=None, exit_code=1)
