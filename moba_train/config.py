@@ -9,15 +9,21 @@ sentence naming the file and key; entry points print it and exit with code 2.
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
     """A recipe or override is wrong; the message is one sentence for the user."""
+
+
+# A directory the run writes: `~` expanded once, so that every process reading the recipe (the trainer, a SLURM
+# job's submission and its steps) means the same one.
+Directory = Annotated[str, AfterValidator(os.path.expanduser)]
 
 
 class _Section(BaseModel):
@@ -29,7 +35,7 @@ class _Section(BaseModel):
 class RunConfig(_Section):
     name: str = "moba"
     """Run name: used in log lines and as the W&B run name."""
-    output_dir: str = "runs/moba"
+    output_dir: Directory = "runs/moba"
     """Directory for checkpoints (`<output_dir>/checkpoints` unless checkpoint.dir is set) and logs."""
     seed: int = 1234
     """Seeds model init, data order and dropout; the same seed gives the same run."""
@@ -258,7 +264,7 @@ class DataConfig(_Section):
     validation no share (e.g. "100,0,0")."""
     tokenizer: Optional[str] = None
     """Hugging Face tokenizer (directory or tokenizer.json); its EOD id and vocabulary size are used."""
-    cache_dir: Optional[str] = None
+    cache_dir: Optional[Directory] = None
     """Where Megatron-Core caches the sample indices; default <output_dir>/data_cache."""
     reset_position_ids: bool = False
     """Restart positions at every document inside a packed sequence."""
@@ -283,7 +289,7 @@ class DataConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    dir: Optional[str] = None
+    dir: Optional[Directory] = None
     """Default <run.output_dir>/checkpoints."""
     interval: int = Field(100, ge=1)
     """Save every N steps (and always at the end and on SIGTERM/SIGUSR1)."""

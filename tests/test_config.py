@@ -98,6 +98,15 @@ def test_a_text_key_takes_a_value_that_yaml_would_read_as_a_number(override, sec
     assert getattr(getattr(cfg, section), key) == override.split("=")[1]
 
 
+def test_a_home_relative_output_directory_is_expanded_once_for_every_reader(tmp_path, monkeypatch):
+    # The trainer, the SLURM submission and its after-attempt step must all mean the same directory.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(CONFIGS / "tiny_moba.yaml", ["run.output_dir=~/runs/x", "checkpoint.dir=~/ckpt",
+                                                   "data.cache_dir=~/cache"])
+    assert (cfg.run.output_dir, cfg.checkpoint.dir, cfg.data.cache_dir) == (
+        f"{tmp_path}/runs/x", f"{tmp_path}/ckpt", f"{tmp_path}/cache")
+
+
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
