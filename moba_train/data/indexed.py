@@ -64,7 +64,7 @@ def check_split(split: str) -> None:
 
 def token_count(prefix: str) -> int:
     """Tokens of the indexed dataset at `prefix` (read from its index)."""
-    index = _IndexReader(f"{prefix}.idx", multimodal=False)
+    index = _IndexReader(f"{prefix}.idx", multimodal=False)  # its arrays view a map that deleting it closes
     try:
         return int(index.sequence_lengths.sum())
     finally:
