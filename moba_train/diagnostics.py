@@ -16,9 +16,10 @@ per MoBA layer, on sampled KV heads (every query head of each one's group) and s
     popularity             per key block c: picks of c / (query, head) pairs (`moba/popularity/layer_NN`,
                            a histogram over blocks that sums to topk - 1); `first_block_share` is
                            popularity[0] / (topk - 1): the attention-sink effect MoBA's authors describe
+                           (absent at top-1, which picks no earlier block)
     head_overlap           mean over pairs of heads of one KV group of |picks_i & picks_j| / (topk - 1):
                            1 when the group's heads agree (shared_gqa_selection would then cost nothing);
-                           absent without GQA groups of two or more heads
+                           absent without GQA groups of two or more heads, and at top-1
     heatmap                [query block, key block]: share of the queries of a block (every query of
                            the micro-batch, the first sampled head) that attend the key block, as
                            `<output_dir>/diagnostics/heatmap_step_NNNNNNNN.png` (one panel per layer,
@@ -190,7 +191,7 @@ def layer_routing(q, k, cu_seqlens, *, block_size: int, topk: int, softmax_scale
     picked = _past_picks(picks, past, num_blocks)  # [n, H, num_blocks]
     group = heads // k.shape[1]
     overlap = None
-    if group > 1:
+    if group > 1 and topk > 1:  # top-1 picks nothing past: no overlap to measure
         grouped = picked.view(len(queries), k.shape[1], group, num_blocks).double()
         shared = torch.einsum("ngib,ngjb->ngij", grouped, grouped)  # |picks_i & picks_j|
         off_diagonal = ~torch.eye(group, dtype=torch.bool, device=q.device)
@@ -228,8 +229,9 @@ def routing_metrics(results: dict[int, LayerRouting], topk: int) -> dict[str, Va
             "gate_recall": result.gate_recall,
             "previous_block_share": result.previous_block_share,
             "distance_mean": float((counts * distances).sum() / max(counts.sum(), 1)),
-            "first_block_share": float(result.popularity[0] / (topk - 1)),
         }
+        if topk > 1:  # top-1 picks no earlier block
+            scalars["first_block_share"] = float(result.popularity[0] / (topk - 1))
         if result.head_overlap is not None:
             scalars["head_overlap"] = result.head_overlap
         for name, value in scalars.items():

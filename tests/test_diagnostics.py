@@ -119,6 +119,21 @@ def test_sampled_queries_have_a_choice_and_are_reproducible():
         sample_kv_heads(8, 2, torch.Generator().manual_seed(0))))
 
 
+def test_top_1_has_no_past_picks_and_logs_no_share_of_them():
+    # MoBA with top-1 attends its own block only: the shares of past picks are undefined, not NaN or infinite.
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 40], dtype=torch.int32)
+    q, k = torch.randn(40, 4, 16), torch.randn(40, 2, 16)
+    queries = sample_queries(cu.tolist(), BLOCK, 1, 16, torch.Generator().manual_seed(3))
+    got = layer_routing(q, k, cu, block_size=BLOCK, topk=1, softmax_scale=0.3, queries=queries,
+                        num_blocks=math.ceil(40 / BLOCK))
+    assert got.head_overlap is None and got.popularity.sum() == 0 and 0 < got.gate_recall < 1
+    metrics = routing_metrics({0: got}, topk=1)
+    scalars = {name: value for name, value in metrics.items() if isinstance(value, float)}
+    assert scalars and all(math.isfinite(value) for value in scalars.values())
+    assert not any(name.startswith("moba/first_block_share") for name in metrics)
+
+
 def test_routing_metrics_names_layers_and_averages_them():
     def result(recall, popularity):
         from moba_train.diagnostics import LayerRouting
