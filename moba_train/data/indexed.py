@@ -62,19 +62,11 @@ def check_split(split: str) -> None:
         raise DataError(f"data.split '{split}' is not train,valid,test shares; write e.g. '98,2,0'")
 
 
-def token_count(prefix: str) -> int:
-    """Tokens of the indexed dataset at `prefix` (read from its index)."""
-    index = _IndexReader(f"{prefix}.idx", multimodal=False)  # its arrays view a map that deleting it closes
-    try:
-        return int(index.sequence_lengths.sum())
-    finally:
-        del index
-
-
-def check_indexed_dataset(prefix: str, vocab_size: int | None = None, tokenizer: str | None = None) -> None:
-    """Raise DataError unless `<prefix>.idx` reads, `<prefix>.bin` has exactly the bytes it indexes and, given
-    the `vocab_size` of `tokenizer`, every token id is in [0, vocab_size): one pass over the memory-mapped
-    tokens at disk speed, so that data built with another tokenizer fails here and not steps into training."""
+def check_indexed_dataset(prefix: str, vocab_size: int | None = None, tokenizer: str | None = None) -> int:
+    """The dataset's token count. Raise DataError unless `<prefix>.idx` reads, `<prefix>.bin` has exactly the bytes
+    it indexes and, given the `vocab_size` of `tokenizer`, every token id is in [0, vocab_size): one pass over the
+    memory-mapped tokens at disk speed, so that data built with another tokenizer fails here and not steps into
+    training."""
     idx, bin_ = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
     if not idx.is_file() or not bin_.is_file():
         raise DataError(f"indexed dataset '{prefix}' is missing ({idx.name} and {bin_.name} must both exist); "
@@ -85,6 +77,7 @@ def check_indexed_dataset(prefix: str, vocab_size: int | None = None, tokenizer:
         lengths, pointers = index.sequence_lengths, index.sequence_pointers
         ok = len(lengths) == count and len(pointers) == count and count > 0
         expected = int(pointers[-1]) + int(lengths[-1]) * index.dtype_size if ok else -1
+        tokens = int(lengths.sum()) if ok else 0  # before `del index`, which closes the map its arrays view
         dtype = index.dtype
         del index
     except Exception:  # a truncated or foreign .idx fails in numpy/struct with various errors
@@ -98,12 +91,12 @@ def check_indexed_dataset(prefix: str, vocab_size: int | None = None, tokenizer:
         raise DataError(f"indexed dataset '{prefix}' holds {count} documents and no tokens; rebuild it from "
                         "non-empty text or drop it")
     if vocab_size is None:
-        return
-    tokens = np.memmap(bin_, dtype=dtype, mode="r")
-    bad = int(tokens.max())
+        return tokens
+    ids = np.memmap(bin_, dtype=dtype, mode="r")
+    bad = int(ids.max())
     if bad < vocab_size and np.issubdtype(dtype, np.signedinteger):
-        bad = int(tokens.min())
-    del tokens
+        bad = int(ids.min())
+    del ids
     if not 0 <= bad < vocab_size and tokenizer is None:
         raise DataError(f"'{bin_}' holds token id {bad} but the model has {vocab_size} tokens "
                         f"(ids 0-{vocab_size - 1}); the dataset was built with another tokenizer than the model's")
@@ -112,6 +105,7 @@ def check_indexed_dataset(prefix: str, vocab_size: int | None = None, tokenizer:
                         f"(ids 0-{vocab_size - 1}); the dataset was built with another tokenizer: set data.tokenizer "
                         "to that one, or rebuild the dataset with scripts/preprocess_data.py --tokenizer "
                         f"{tokenizer}")
+    return tokens
 
 
 @dataclass(frozen=True)
@@ -198,14 +192,14 @@ def build_indexed_datasets(cfg, env):
         raise DataError(f"tokenizer '{data.tokenizer}' has {info.vocab_size} tokens but model.vocab_size is "
                         f"{cfg.model.vocab_size}; set model.vocab_size to at least {info.vocab_size}")
     valid_prefixes, valid_weights = parse_blend(data.valid_blend) if data.valid_blend else ([], None)
-    for prefix in prefixes + valid_prefixes:
-        check_indexed_dataset(prefix, info.vocab_size, data.tokenizer)
+    tokens = {prefix: check_indexed_dataset(prefix, info.vocab_size, data.tokenizer)
+              for prefix in prefixes + valid_prefixes}
     # Bare prefixes weigh by size. Given as weights, Megatron draws the samples a run needs (several epochs, each
     # shuffled anew) instead of one epoch of each, and a prefix smaller than one sample is repeated, not dropped.
     if weights is None and len(prefixes) > 1:
-        weights = [token_count(prefix) for prefix in prefixes]
+        weights = [tokens[prefix] for prefix in prefixes]
     if valid_weights is None and len(valid_prefixes) > 1:
-        valid_weights = [token_count(prefix) for prefix in valid_prefixes]
+        valid_weights = [tokens[prefix] for prefix in valid_prefixes]
     if valid_prefixes:  # every document of data.blend trains; validation is its own blend (Megatron's per-split)
         splits = dict(blend_per_split=[(prefixes, weights), (valid_prefixes, valid_weights), None])
     else:
