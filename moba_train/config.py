@@ -57,8 +57,9 @@ class FusionsConfig(_Section):
     H200 (PyTorch's RMSNorm, Liger-Kernel's SwiGLU and cross-entropy, our Triton RoPE, weight gradients
     accumulated into the fp32 main gradients), on CPU the plain paths."""
 
-    rmsnorm: Literal["auto", "torch", "liger", "compile"] = "auto"
-    """torch (PyTorch's RMSNorm, auto), liger (Liger-Kernel, CUDA) or compile (torch.compile)."""
+    rmsnorm: Literal["auto", "torch", "liger", "compile", "triton"] = "auto"
+    """torch (PyTorch's RMSNorm, auto), liger (Liger-Kernel, CUDA), compile (torch.compile) or triton (our kernels,
+    with each layer's residual adds folded in; CUDA)."""
     swiglu: Literal["auto", "torch", "megatron", "liger"] = "auto"
     """torch (unfused), megatron (Megatron's fused SwiGLU) or liger (Liger-Kernel, CUDA; auto on CUDA)."""
     rope: Literal["auto", "torch", "compile", "triton"] = "auto"

@@ -7,6 +7,10 @@ Four operations, each with its plain path and the fused ones measured against it
                    liger    Liger-Kernel's Triton RMSNorm (LigerMegatronRMSNorm: one kernel each way,
                             keeps only the input and the inverse RMS)
                    compile  the Llama RMSNorm through torch.compile
+                   triton   our kernels (moba_train.kernels.rmsnorm: one pass each way, the weight's
+                            gradient in the same pass), with each layer's residual adds folded in
+                            (FusedNormTransformerLayer: the attention's residual add is the second norm's
+                            forward, and both gradient sums of the residual stream are the norms' backward)
     swiglu         torch    Megatron's unfused chunk, SiLU, multiply (keeps both halves and SiLU's output)
                    megatron Megatron's own fused SwiGLU (bias_activation_fusion: torch.compile'd
                             forward and backward, keeps the fc1 output only)
@@ -120,6 +124,8 @@ def transformer_config_kwargs(chosen: dict[str, str]) -> dict:
 
 def norm_module(chosen: dict[str, str], default: type) -> type:
     """The RMSNorm module class for Megatron's layer specs (and the final norm)."""
+    if chosen["rmsnorm"] == "triton":
+        return TritonRMSNorm
     if chosen["rmsnorm"] == "liger":
         from liger_kernel.megatron import LigerMegatronRMSNorm
 
@@ -162,17 +168,105 @@ class CompiledRMSNorm(torch.nn.Module):
     """RMSNorm with Megatron's norm-module signature, computed by `_rms_norm` through torch.compile.
     Its parameter is `weight`, as torch.nn.RMSNorm's: checkpoints and conversions are unchanged."""
 
+    choice = "compile"
+
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, persist_layer_norm: bool = False,
                  zero_centered_gamma: bool = False, normalization: str = "RMSNorm"):
         super().__init__()
         if normalization != "RMSNorm" or zero_centered_gamma:
-            raise ConfigError("model.fusions.rmsnorm=compile implements Llama's RMSNorm only")
+            raise ConfigError(f"model.fusions.rmsnorm={self.choice} implements Llama's RMSNorm only")
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(hidden_size))
         setattr(self.weight, "sequence_parallel", bool(getattr(config, "sequence_parallel", False)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _compiled_rms_norm()(x, self.weight, self.eps)
+
+
+# --- RMSNorm and the residual adds through our Triton kernels --------------------------------------
+
+
+class TritonRMSNorm(CompiledRMSNorm):
+    """RMSNorm by moba_train.kernels.rmsnorm (same parameter and signature as CompiledRMSNorm). On its own it is
+    the final norm; inside FusedNormTransformerLayer the layer calls the residual forms with its weight."""
+
+    choice = "triton"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from moba_train.kernels.rmsnorm import rms_norm
+
+        return rms_norm(x, self.weight, self.eps)
+
+
+def _fused_norm_layer_class() -> type:
+    """FusedNormTransformerLayer, defined on first use (Megatron's TransformerLayer is imported lazily here)."""
+    from megatron.core import tensor_parallel
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+    from megatron.core.utils import make_viewless_tensor
+
+    class FusedNormTransformerLayer(TransformerLayer):
+        """Megatron's pre-norm layer with its norms and residual adds as moba_train.kernels.rmsnorm's kernels:
+
+            x, a = rms_norm_with_residual(x)          the residual use of x; its gradient is summed in the norm's
+            h, b = add_rms_norm(x, attention(a))      h = x + attention, one kernel; the gradient of h likewise
+            out  = h + mlp(b)
+
+        The same function as TransformerLayer's; two add kernels and two gradient sums fewer per layer, and each
+        norm's backward one pass. Anything this form does not cover (dropout in training, linear biases, norm
+        recomputation or offloading, cross-attention, MoE, inference contexts, positional calls) runs
+        Megatron's forward."""
+
+        def _fusable(self, kwargs: dict) -> bool:
+            return (
+                isinstance(self.input_layernorm, TritonRMSNorm) and isinstance(self.pre_mlp_layernorm, TritonRMSNorm)
+                and isinstance(self.pre_cross_attn_layernorm, IdentityOp)
+                and "hidden_states" in kwargs and kwargs.get("context") is None
+                and kwargs.get("inference_context") is None and kwargs.get("inference_params") is None
+                and not (self.training and self.hidden_dropout > 0.0) and not self.config.add_bias_linear
+                and not (self.recompute_input_layernorm or self.recompute_pre_mlp_layernorm)
+                and not (getattr(self, "offload_attn_norm", False) or getattr(self, "offload_mlp_norm", False))
+                and not self.is_moe_layer
+            )
+
+        def forward(self, *args, **kwargs):
+            if args or not self._fusable(kwargs):
+                return super().forward(*args, **kwargs)
+            from moba_train.kernels.rmsnorm import add_rms_norm, rms_norm_with_residual
+
+            norm1, norm2 = self.input_layernorm, self.pre_mlp_layernorm
+            x, normed = rms_norm_with_residual(kwargs["hidden_states"], norm1.weight, norm1.eps)
+            attention, _ = self.self_attention(
+                normed,
+                attention_mask=kwargs.get("attention_mask"),
+                rotary_pos_emb=kwargs.get("rotary_pos_emb"),
+                rotary_pos_cos=kwargs.get("rotary_pos_cos"),
+                rotary_pos_sin=kwargs.get("rotary_pos_sin"),
+                rotary_pos_cos_sin=kwargs.get("rotary_pos_cos_sin"),
+                attention_bias=kwargs.get("attention_bias"),
+                packed_seq_params=kwargs.get("packed_seq_params"),
+                sequence_len_offset=kwargs.get("sequence_len_offset"),
+            )
+            h, normed = add_rms_norm(x, attention, norm2.weight, norm2.eps)
+            mlp = functools.partial(self.mlp, padding_mask=kwargs.get("padding_mask"))
+            if self.recompute_mlp:
+                mlp_output, _ = tensor_parallel.checkpoint(mlp, False, normed)
+            else:
+                mlp_output, _ = mlp(normed)
+            out = h + mlp_output
+            return make_viewless_tensor(inp=out, requires_grad=out.requires_grad, keep_graph=True), None
+
+    return FusedNormTransformerLayer
+
+
+@functools.cache
+def fused_norm_layer_class() -> type:
+    return _fused_norm_layer_class()
+
+
+def layer_module(chosen: dict[str, str], default: type) -> type:
+    """The transformer layer class for Megatron's layer specs: FusedNormTransformerLayer with rmsnorm=triton."""
+    return fused_norm_layer_class() if chosen["rmsnorm"] == "triton" else default
 
 
 # --- SwiGLU through Liger-Kernel ----------------------------------------------------------------------

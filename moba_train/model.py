@@ -105,6 +105,7 @@ def _base_layer_spec(cfg: Config) -> tuple[ModuleSpec, type]:
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")
         norm = fusions.norm_module(chosen, WrappedTorchNorm)
         spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = norm
+        spec.module = fusions.layer_module(chosen, spec.module)
         spec.submodules.mlp.submodules.activation_func = fusions.activation_module(chosen)
         return spec, norm
     try:

@@ -11,6 +11,7 @@ against an fp32 computation of the same function, relative to that reference's l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -46,13 +47,41 @@ def cases(cfg: Config, device) -> dict:
         module = module_type(config=config, hidden_size=h, eps=m.norm_epsilon).to(device, bf16)
         return lambda x: module(x)
 
-    choices = {"torch": norm(WrappedTorchNorm), "compile": norm(fusions.CompiledRMSNorm)}
+    choices = {"torch": norm(WrappedTorchNorm), "compile": norm(fusions.CompiledRMSNorm),
+               "triton": norm(fusions.TritonRMSNorm)}
     if fusions.liger_available():
         from liger_kernel.megatron import LigerMegatronRMSNorm
 
         choices["liger"] = norm(LigerMegatronRMSNorm)
     out["rmsnorm"] = (lambda: (torch.randn(s, 1, h, device=device, dtype=bf16),),
                       choices, lambda x: fusions._rms_norm(x.float(), torch.ones(h, device=device), m.norm_epsilon))
+
+    # A layer's residual stream around its two norms: n1 = norm(x) (to the attention), h = x + a (a: the attention's
+    # output), n2 = norm(h) (to the MLP); x, n1, h and n2 all carry gradients, as in a layer. torch: two norms and
+    # an add, with autograd's sums of x's and h's two gradients; triton: FusedNormTransformerLayer's two calls.
+    from moba_train.kernels.rmsnorm import add_rms_norm, rms_norm_with_residual
+
+    w1, w2 = (torch.ones(h, device=device, dtype=bf16) for _ in range(2))
+    eps = m.norm_epsilon
+    torch_norm = norm(WrappedTorchNorm)
+
+    def residual_torch(x, a):
+        hh = x + a
+        return x, torch_norm(x), hh, torch_norm(hh)
+
+    def residual_triton(x, a):
+        x, n1 = rms_norm_with_residual(x, w1, eps)
+        hh, n2 = add_rms_norm(x, a, w2, eps)
+        return x, n1, hh, n2
+
+    def residual_reference(x, a):
+        hh = x + a
+        return (x, fusions._rms_norm(x, torch.ones(h, device=device), eps), hh,
+                fusions._rms_norm(hh, torch.ones(h, device=device), eps))
+
+    out["residual_rmsnorm"] = (lambda: (torch.randn(s, 1, h, device=device, dtype=bf16),
+                                        torch.randn(s, 1, h, device=device, dtype=bf16)),
+                               {"torch": residual_torch, "triton": residual_triton}, residual_reference)
 
     def swiglu_plain(x):
         gate, up = torch.chunk(x, 2, dim=-1)
@@ -105,16 +134,38 @@ def cases(cfg: Config, device) -> dict:
     return out
 
 
+RMSNORM_TILES = [(4096, 4), (16384, 4), (8192, 2), (8192, 8)]
+"""(TILE_ELEMENTS, PROGRAMS_PER_SM) of kernels/rmsnorm.py timed beside its defaults."""
+
+
+@contextlib.contextmanager
+def rmsnorm_tiles(tiles):
+    from moba_train.kernels import rmsnorm
+
+    if tiles is None:
+        yield
+        return
+    saved = rmsnorm.TILE_ELEMENTS, rmsnorm.PROGRAMS_PER_SM
+    rmsnorm.TILE_ELEMENTS, rmsnorm.PROGRAMS_PER_SM = tiles
+    try:
+        yield
+    finally:
+        rmsnorm.TILE_ELEMENTS, rmsnorm.PROGRAMS_PER_SM = saved
+
+
 def measure(make_inputs, fn, reference) -> dict:
     from triton.testing import do_bench
 
+    def outputs(result) -> tuple:
+        return result if isinstance(result, tuple) else (result,)
+
     inputs = [x.requires_grad_() for x in make_inputs()]
     with torch.no_grad():
-        sample = fn(*inputs)
-    grad_out = torch.randn_like(sample)
+        samples = outputs(fn(*inputs))
+    grad_out = [torch.randn_like(sample) for sample in samples]
 
     def step():
-        fn(*inputs).backward(grad_out)
+        torch.autograd.backward(outputs(fn(*inputs)), grad_out)
         for x in inputs:
             x.grad = None
 
@@ -126,17 +177,20 @@ def measure(make_inputs, fn, reference) -> dict:
     leaves = [x.float().requires_grad_() for x in fresh]
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    result = fn(*inputs)
-    kept = torch.cuda.memory_allocated() - before - result.numel() * result.element_size()
-    result.backward(grad_out)
-    want = reference(*leaves)
-    want.backward(grad_out.float())
+    result = outputs(fn(*inputs))
+    # outputs that are inputs (the residual form's x) are not new memory
+    fresh_outputs = [r for r in result if not any(r.data_ptr() == x.data_ptr() for x in inputs)]
+    kept = torch.cuda.memory_allocated() - before - sum(r.numel() * r.element_size() for r in fresh_outputs)
+    torch.autograd.backward(result, grad_out)
+    want = outputs(reference(*leaves))
+    torch.autograd.backward(want, [g.float() for g in grad_out])
 
     def rel(a, b):
         return ((a.float() - b).abs().max() / b.abs().max()).item()
 
-    return {"ms": ms, "kept_gib": kept / 2**30, "out_rel_err": rel(result.detach(), want.detach()),
-            "grad_rel_err": rel(inputs[0].grad, leaves[0].grad)}
+    return {"ms": ms, "kept_gib": kept / 2**30,
+            "out_rel_err": max(rel(r.detach(), w.detach()) for r, w in zip(result, want)),
+            "grad_rel_err": max(rel(x.grad, leaf.grad) for x, leaf in zip(inputs, leaves))}
 
 
 def main(argv=None) -> None:
@@ -155,9 +209,14 @@ def main(argv=None) -> None:
     results = {}
     for op, (make_inputs, choices, reference) in cases(cfg, device).items():
         results[op] = {}
-        for choice, fn in choices.items():
-            results[op][choice] = record = measure(make_inputs, fn, reference)
-            print(f"{op:14} {choice:15} {record['ms']:8.3f} ms  kept {record['kept_gib']:6.2f} GiB  "
+        runs = [(choice, fn, None) for choice, fn in choices.items()]
+        if op == "residual_rmsnorm":  # other tiles of our kernels (kernels/rmsnorm.py), forward and backward
+            runs += [(f"triton_t{elements}_p{per_sm}", choices["triton"], (elements, per_sm))
+                     for elements, per_sm in RMSNORM_TILES]
+        for choice, fn, tiles in runs:
+            with rmsnorm_tiles(tiles):
+                results[op][choice] = record = measure(make_inputs, fn, reference)
+            print(f"{op:16} {choice:18} {record['ms']:8.3f} ms  kept {record['kept_gib']:6.2f} GiB  "
                   f"err out {record['out_rel_err']:.1e} grad {record['grad_rel_err']:.1e}", flush=True)
             torch.cuda.empty_cache()
     commit = os.environ.get("GIT_COMMIT", "unknown")

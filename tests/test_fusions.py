@@ -60,21 +60,28 @@ def test_what_this_machine_cannot_run_is_one_clear_error():
         fusions.resolve(te, torch.device("cuda"))
 
 
-@pytest.mark.parametrize("op,choice", [("rmsnorm", "compile"), ("swiglu", "megatron"), ("rope", "compile"),
+@pytest.mark.parametrize("op,choice", [("rmsnorm", "compile"), ("rmsnorm", "triton"), ("swiglu", "megatron"),
+                                       ("rope", "compile"),
                                        ("rope", "triton"), ("cross_entropy", "megatron_fused"),
                                        ("cross_entropy", "fused_linear")])
 def test_each_fusion_computes_the_plain_models_loss_and_gradients(op, choice, monkeypatch):
-    from moba_train.kernels import rope
+    from moba_train.kernels import rmsnorm, rope
 
-    calls, chunked = [], []
+    calls, chunked, norms = [], [], []
     monkeypatch.setattr(rope, "rope_triton", lambda *a: calls.append(1) or rope._RoPE.apply(a[0], a[1][:, 0, 0]))
+    for name in ("rms_norm", "rms_norm_with_residual", "add_rms_norm"):
+        kernel = getattr(rmsnorm, name)
+        monkeypatch.setattr(rmsnorm, name, lambda *a, kernel=kernel, name=name: norms.append(name) or kernel(*a))
     linear_cross_entropy = fusions.linear_cross_entropy
     monkeypatch.setattr(fusions, "linear_cross_entropy", lambda *a: chunked.append(1) or linear_cross_entropy(*a))
     data = batch()
     reference_loss, reference_grads, plain = loss_and_grads(tiny(), data)
     loss, grads, fused = loss_and_grads(tiny({op: choice}), data)
-    assert len(calls) == (4 if choice == "triton" else 0)  # queries and keys of both layers, no fallback
+    assert len(calls) == (4 if (op, choice) == ("rope", "triton") else 0)  # q and k of both layers, no fallback
     assert len(chunked) == (1 if choice == "fused_linear" else 0)
+    # the layers' residual forms (two layers) and the final norm, no fallback to Megatron's forward
+    assert sorted(norms) == (["add_rms_norm"] * 2 + ["rms_norm"] + ["rms_norm_with_residual"] * 2
+                             if choice == "triton" and op == "rmsnorm" else [])
     assert fused.state_dict().keys() == plain.state_dict().keys()  # checkpoints and conversions unchanged
     torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
     assert grads.keys() == reference_grads.keys()
@@ -87,8 +94,9 @@ def test_each_fusion_computes_the_plain_models_loss_and_gradients(op, choice, mo
     # The choice took effect where it should (a fusion that silently fell back would pass the above).
     layer = fused.decoder.layers[0]
     if op == "rmsnorm":
-        assert isinstance(layer.input_layernorm, fusions.CompiledRMSNorm)
-        assert isinstance(fused.decoder.final_layernorm, fusions.CompiledRMSNorm)
+        norm = fusions.TritonRMSNorm if choice == "triton" else fusions.CompiledRMSNorm
+        assert type(layer.input_layernorm) is norm and type(fused.decoder.final_layernorm) is norm
+        assert (type(layer) is fusions.fused_norm_layer_class()) == (choice == "triton")
     elif op == "swiglu":
         assert layer.config.bias_activation_fusion
     elif op == "rope":
@@ -126,6 +134,21 @@ def test_selective_recomputation_recomputes_the_mlp_only():
         torch.testing.assert_close(grad, reference_grads[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_the_fused_norm_layers_under_recomputation_and_packed_documents(recompute):
+    """rmsnorm=triton's layers inside Megatron's checkpointing (the MLP's, or whole layers') and on the thd path of
+    packed documents: the plain model's loss and gradients."""
+    data = batch()
+    data["cu_seqlens"] = torch.tensor([0, 20, 64, 100, 128], dtype=torch.int32)
+    data["position_ids"] = torch.cat([torch.arange(n) for n in (20, 44, 36, 28)]).view(2, SEQ)
+    reference_loss, reference_grads, _ = loss_and_grads(tiny(), data)
+    loss, grads, model = loss_and_grads(tiny({"rmsnorm": "triton"}, train={"recompute": recompute}), data)
+    assert type(model.decoder.layers[0]) is fusions.fused_norm_layer_class()
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger-Kernel's kernels run on CUDA only")
 def test_liger_fusions_compute_the_plain_models_loss_and_gradients_on_cuda():
     pytest.importorskip("liger_kernel")
@@ -142,14 +165,15 @@ def test_liger_fusions_compute_the_plain_models_loss_and_gradients_on_cuda():
         torch.testing.assert_close(grad, reference_grads[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
-def test_every_fused_module_takes_part_in_checkpoints(monkeypatch):
+@pytest.mark.parametrize("rmsnorm", ["liger", "triton"])
+def test_every_fused_module_takes_part_in_checkpoints(rmsnorm, monkeypatch):
     """Megatron's checkpoints walk the modules' sharded_state_dict: a fused module must answer it, with the
     plain model's keys (Liger's modules are built here, on CPU, with the choice forced: building runs no
     kernel, and on CUDA `auto` picks them)."""
     pytest.importorskip("liger_kernel")
     distributed.set_seed(7)
     plain = build_model(tiny()).sharded_state_dict()
-    fused = {"rmsnorm": "liger", "swiglu": "liger", "rope": "triton", "grad_accumulation": "fused",
+    fused = {"rmsnorm": rmsnorm, "swiglu": "liger", "rope": "triton", "grad_accumulation": "fused",
              "cross_entropy": "liger"}
     monkeypatch.setattr(fusions, "resolve", lambda cfg, device: dict(fused))
     model = build_model(tiny())
