@@ -53,13 +53,13 @@ class RopeScalingConfig(_Section):
 
 
 class FusionsConfig(_Section):
-    """Fused kernels for the dense parts (moba_train/fusions.py). auto: on CUDA the fastest measured on an
-    H200 (PyTorch's RMSNorm, Liger-Kernel's SwiGLU and cross-entropy, our Triton RoPE, weight gradients
+    """Fused kernels for the dense parts (moba_train/fusions.py). auto: on CUDA the fastest measured (our Triton
+    RMSNorm with the residual adds, Liger-Kernel's SwiGLU and cross-entropy, our Triton RoPE, weight gradients
     accumulated into the fp32 main gradients), on CPU the plain paths."""
 
     rmsnorm: Literal["auto", "torch", "liger", "compile", "triton"] = "auto"
-    """torch (PyTorch's RMSNorm, auto), liger (Liger-Kernel, CUDA), compile (torch.compile) or triton (our kernels,
-    with each layer's residual adds folded in; CUDA)."""
+    """triton (our kernels with each layer's residual adds folded in; auto on CUDA), torch (PyTorch's RMSNorm, auto
+    on CPU), liger (Liger-Kernel, CUDA) or compile (torch.compile)."""
     swiglu: Literal["auto", "torch", "megatron", "liger"] = "auto"
     """torch (unfused), megatron (Megatron's fused SwiGLU) or liger (Liger-Kernel, CUDA; auto on CUDA)."""
     rope: Literal["auto", "torch", "compile", "triton"] = "auto"

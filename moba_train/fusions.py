@@ -37,8 +37,9 @@ Four operations, each with its plain path and the fused ones measured against it
                             for the price of the output layer's product once more in the backward; a
                             memory choice for long contexts and large vocabularies (tensor parallel 1)
 
-`auto` (the default) takes FUSED_DEFAULTS on CUDA, the fastest alternative measured on an H200 at the
-1.1B recipe's shapes (Liger's RMSNorm lost to PyTorch's own), and the plain path on CPU. Liger-Kernel's
+`auto` (the default) takes FUSED_DEFAULTS on CUDA, the fastest alternative measured at the 1.1B recipe's
+shapes (Liger's RMSNorm lost to PyTorch's own, which lost to ours with the residual adds), and the plain path on
+CPU. Liger-Kernel's
 kernels run on CUDA only (its Triton kernels do not run in Triton's CPU interpreter); asking for one on
 CPU, or without the package, is one clear error. Every choice computes the same function:
 tests/test_fusions.py compares the fused model's loss and gradients with the plain one's (CPU: the
@@ -59,15 +60,18 @@ from moba_train.config import Config, ConfigError
 OPS = ("rmsnorm", "swiglu", "rope", "grad_accumulation", "cross_entropy")
 PLAIN = {"rmsnorm": "torch", "swiglu": "torch", "rope": "torch", "grad_accumulation": "torch",
          "cross_entropy": "megatron"}
-FUSED_DEFAULTS = {"rmsnorm": "torch", "swiglu": "liger", "rope": "triton", "grad_accumulation": "fused",
+FUSED_DEFAULTS = {"rmsnorm": "triton", "swiglu": "liger", "rope": "triton", "grad_accumulation": "fused",
                   "cross_entropy": "liger"}
 """`auto` on CUDA: the fastest per operation, forward + backward at the 1.1B recipe's shapes on an H200
 (bench/results/fusions-NVIDIA_H200-cce91e3.json, ms): RMSNorm torch 0.32 / compile 0.38 / Liger 0.55 (PyTorch's
-own RMSNorm is a fused kernel now); SwiGLU Liger 1.00 / Megatron 1.31 / torch 3.79; RoPE (queries) triton 0.16 /
-compile 0.40 / torch 1.85; cross-entropy Liger 6.2 / Megatron fused 11.5 / Megatron 17.9. The gradient
-accumulation is measured end to end (train-h200-10a78b1-32k.json): with the Triton RoPE, full attention at 32K
+own RMSNorm is a fused kernel; alone, ours is slower: 0.46 against 0.39 on an H100); a layer's two norms with the
+residual add between them (fusions-h100-57291f5.json, an H100) torch 1.29 / triton 0.86, and in the 32K recipe's
+step (train-h100-*-32k-norms*.json) triton is 0.0-0.7% faster with full attention and 1.3-1.7% with MoBA;
+SwiGLU Liger 1.00 / Megatron 1.31 / torch 3.79; RoPE (queries) triton 0.16 / compile 0.40 / torch 1.85;
+cross-entropy Liger 6.2 / Megatron fused 11.5 / Megatron 17.9. The gradient accumulation is measured end to end
+(train-h200-10a78b1-32k.json): with the Triton RoPE, full attention at 32K
 1.878 -> 1.860 s per step (the fp32 adds, 8.7 ms, are gone; RoPE 18.2 -> 6.4 ms)."""
-WITHOUT_LIGER = {"rmsnorm": "torch", "swiglu": "megatron", "cross_entropy": "megatron_fused"}
+WITHOUT_LIGER = {"swiglu": "megatron", "cross_entropy": "megatron_fused"}
 """`auto` on CUDA where Liger-Kernel is not installed."""
 
 
