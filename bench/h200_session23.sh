@@ -11,11 +11,29 @@
 #                                                        # throttle reasons every 50 ms (~2 min): is the step
 #                                                        # power-bound, which would explain why 14 ms less of
 #                                                        # memory-bound kernels left it unchanged (the norms call)?
+#   GIT_COMMIT=<sha> bash bench/h200_session23.sh qkv     # after the fused QKV split + RoPE (FusedQKVRoPESelfAttention)
+#                                                        # and our norms became `auto`: the compiled RoPE and RMSNorm
+#                                                        # tests and the sync-free training step, bench_fusions' QKV
+#                                                        # and residual cases, then the 32K step: full attention with
+#                                                        # the defaults and with PyTorch's norms, and MoBA b512 top-3
+#                                                        # (~3.5 min)
 case "${1:-}" in
-norms|power) ;;
-*) echo "usage: bash bench/h200_session23.sh norms|power" >&2; exit 2 ;;
+norms|power|qkv) ;;
+*) echo "usage: bash bench/h200_session23.sh norms|power|qkv" >&2; exit 2 ;;
 esac
 source bench/gpu_env.sh
+if [ "$1" = qkv ]; then
+  timeout 100 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_rope.py tests/kernels/test_rmsnorm.py \
+    tests/test_optimizer.py -k "rope or qkv or rms or norm or host_sync" > "$OUT/gpu-tests.log" 2>&1
+  tail -2 "$OUT/gpu-tests.log"
+  timeout 60 python3 scripts/bench_fusions.py --config $RECIPE --ops qkv_rope,residual_rmsnorm \
+    --out "$OUT/fusions-qkv-${GIT_COMMIT:0:7}.json" 2>&1 | grep -v -i warn | grep "ms "
+  timeout 200 python3 scripts/bench_train.py --config $RECIPE $COMMON train.recompute=none --warmup 2 --steps 8 \
+    --profile --arm full:attention.mode=full --arm full_torchnorm:attention.mode=full,model.fusions.rmsnorm=torch \
+    --arm "moba512:attention.block_size=512,attention.topk=3" \
+    --out "$OUT/train-${GIT_COMMIT:0:7}-32k-qkv.json" 2>&1 | grep -v -i warn | grep "tokens/s\|/ full"
+  exit
+fi
 if [ "$1" = power ]; then
   nvidia-smi --query-gpu=name,power.limit,power.max_limit,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/gpu.csv"
   nvidia-smi --query-gpu=timestamp,power.draw,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu,clocks_throttle_reasons.active \

@@ -14,6 +14,13 @@ Why our own: one program covers a tile of positions for every head, so each angl
 computed once per position and used for all h heads (of queries or keys), and both directions are a
 single read and a single write of the tensor. Transformer Engine's fused RoPE does the same; without it,
 Megatron's unfused form makes four passes and torch.compile's kernel recomputes the angles per head.
+
+`qkv_rope_triton(mixed, q_freqs, k_freqs, q_per_group)`: the same rotation straight from the fused QKV projection's
+output `[s, b, g, (r + 2) * d]` (per query group: r query heads, one key head, one value head; Megatron's layout)
+to contiguous q `[s, b, g * r, d]`, k and v `[s, b, g, d]` (v copied unrotated), and in the backward from their
+gradients straight into the projection's gradient. Unfused, Megatron copies the queries out of the projection (a
+strided reshape) before rotating them, and its backward concatenates the three gradients after rotating two: a
+pass each way that this form does not make.
 """
 
 from __future__ import annotations
@@ -118,3 +125,141 @@ def rope_triton(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     if freqs.dtype != torch.float32 or freqs.stride(-1) != 1:
         freqs = freqs.float().contiguous()
     return _RoPE.apply(t, freqs)
+
+
+@triton.jit
+def _qkv_rope_kernel(
+    x_ptr, q_ptr, k_ptr, v_ptr, fq_ptr, fk_ptr,
+    seqlen,
+    stride_xs, stride_xb, stride_xg,
+    stride_qs, stride_qb, stride_qh,
+    stride_ks, stride_kb, stride_kh,
+    stride_vs, stride_vb, stride_vh,
+    stride_fq, stride_fk,
+    GROUPS: tl.constexpr, R: tl.constexpr, HALF: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
+    BACKWARD: tl.constexpr,
+):
+    """Forward: x (the projection) -> q, k (rotated), v (copied). Backward: the gradients q, k, v -> x (q and k
+    rotated back by the transposed map)."""
+    pid_s = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HALF)
+    offs_g = tl.arange(0, BLOCK_G)
+    mask_s = offs_s < seqlen
+    for g0 in tl.static_range(0, GROUPS, BLOCK_G):
+        gg = g0 + offs_g
+        mask = mask_s[:, None, None] & (gg < GROUPS)[None, :, None]
+        x_base = x_ptr + pid_b * stride_xb + offs_s[:, None, None] * stride_xs + gg[None, :, None] * stride_xg \
+            + offs_d[None, None, :]
+        for j in tl.static_range(R + 2):
+            if j < R:  # query head g * R + j
+                o_base = q_ptr + pid_b * stride_qb + offs_s[:, None, None] * stride_qs \
+                    + (gg * R + j)[None, :, None] * stride_qh + offs_d[None, None, :]
+                f_ptrs = fq_ptr + offs_s[:, None] * stride_fq + offs_d[None, :]
+            elif j == R:  # key head g
+                o_base = k_ptr + pid_b * stride_kb + offs_s[:, None, None] * stride_ks + gg[None, :, None] * stride_kh \
+                    + offs_d[None, None, :]
+                f_ptrs = fk_ptr + offs_s[:, None] * stride_fk + offs_d[None, :]
+            else:  # value head g
+                o_base = v_ptr + pid_b * stride_vb + offs_s[:, None, None] * stride_vs + gg[None, :, None] * stride_vh \
+                    + offs_d[None, None, :]
+                f_ptrs = fk_ptr  # unused
+            if BACKWARD:
+                src, dst = o_base, x_base + j * 2 * HALF
+            else:
+                src, dst = x_base + j * 2 * HALF, o_base
+            x1 = tl.load(src, mask=mask, other=0.0)
+            x2 = tl.load(src + HALF, mask=mask, other=0.0)
+            if j <= R:
+                f1 = tl.load(f_ptrs, mask=mask_s[:, None], other=0.0).to(tl.float32)
+                f2 = tl.load(f_ptrs + HALF, mask=mask_s[:, None], other=0.0).to(tl.float32)
+                cos1 = tl.cos(f1)[:, None, :]
+                sin1 = tl.sin(f1)[:, None, :]
+                cos2 = tl.cos(f2)[:, None, :]
+                sin2 = tl.sin(f2)[:, None, :]
+                a = x1.to(tl.float32)
+                c = x2.to(tl.float32)
+                if BACKWARD:
+                    y1 = a * cos1 + c * sin2
+                    y2 = c * cos2 - a * sin1
+                else:
+                    y1 = a * cos1 - c * sin1
+                    y2 = c * cos2 + a * sin2
+                tl.store(dst, y1.to(dst.dtype.element_ty), mask=mask)
+                tl.store(dst + HALF, y2.to(dst.dtype.element_ty), mask=mask)
+            else:
+                tl.store(dst, x1.to(dst.dtype.element_ty), mask=mask)
+                tl.store(dst + HALF, x2.to(dst.dtype.element_ty), mask=mask)
+
+
+def _qkv_launch(x, q, k, v, fq, fk, r: int, backward: bool) -> None:
+    s, b, g, _ = x.shape
+    d = q.shape[-1]
+    block_s = 16
+    block_g = min(triton.next_power_of_2(g), max(1, 4096 // (block_s * d)))
+    _qkv_rope_kernel[(triton.cdiv(s, block_s), b)](
+        x, q, k, v, fq, fk,
+        s,
+        x.stride(0), x.stride(1), x.stride(2),
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        fq.stride(0), fk.stride(0),
+        GROUPS=g, R=r, HALF=d // 2, BLOCK_S=block_s, BLOCK_G=block_g, BACKWARD=backward,
+        num_warps=4,
+    )
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _QKVRoPE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor, r: int):
+        x = _last_dim_contiguous(x)
+        s, b, g, width = x.shape
+        d = width // (r + 2)
+        q = torch.empty((s, b, g * r, d), dtype=x.dtype, device=x.device)
+        k = torch.empty((s, b, g, d), dtype=x.dtype, device=x.device)
+        v = torch.empty((s, b, g, d), dtype=x.dtype, device=x.device)
+        _qkv_launch(x, q, k, v, fq, fk, r, backward=False)
+        ctx.save_for_backward(fq, fk)
+        ctx.r, ctx.shape = r, x.shape
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        fq, fk = ctx.saved_tensors
+        # an output left unused gets zeros (autograd materialises them), which the kernel copies like any gradient
+        dq, dk, dv = (_last_dim_contiguous(t) for t in (dq, dk, dv))
+        dx = torch.empty(ctx.shape, dtype=dq.dtype, device=dq.device)
+        _qkv_launch(dx, dq, dk, dv, fq, fk, ctx.r, backward=True)
+        return dx, None, None, None
+
+
+def qkv_rope_supported(mixed: torch.Tensor, q_freqs: torch.Tensor, k_freqs: torch.Tensor, q_per_group: int) -> bool:
+    """Whether `qkv_rope_triton` takes these inputs (as `rope_supported`, per head of the projection)."""
+    if mixed.dim() != 4 or q_per_group < 1 or mixed.shape[-1] % (q_per_group + 2):
+        return False
+    d = mixed.shape[-1] // (q_per_group + 2)
+    return all(
+        f.dim() == 4 and f.shape[-1] == d and f.shape[0] == mixed.shape[0] and f.shape[1] == f.shape[2] == 1
+        for f in (q_freqs, k_freqs)
+    ) and d % 2 == 0 and triton.next_power_of_2(d // 2) == d // 2
+
+
+def qkv_rope_triton(mixed: torch.Tensor, q_freqs: torch.Tensor, k_freqs: torch.Tensor,
+                    q_per_group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, k, v) from the fused QKV projection `[s, b, g, (r + 2) * d]` (module docstring), q and k rotated by
+    freqs `[s, 1, 1, d]`; differentiable in `mixed`."""
+    if not qkv_rope_supported(mixed, q_freqs, k_freqs, q_per_group):
+        raise ValueError(
+            f"qkv_rope_triton splits [s, b, g, (r + 2) * d] with r={q_per_group} query heads per group and rotates by "
+            f"freqs [s, 1, 1, d], d/2 a power of two; got {tuple(mixed.shape)}, freqs {tuple(q_freqs.shape)} and "
+            f"{tuple(k_freqs.shape)}"
+        )
+    fq, fk = (f.reshape(f.shape[0], f.shape[-1]) for f in (q_freqs, k_freqs))
+    fq, fk = (f if f.dtype == torch.float32 and f.stride(-1) == 1 else f.float().contiguous() for f in (fq, fk))
+    return _QKVRoPE.apply(mixed, fq, fk, q_per_group)

@@ -18,7 +18,11 @@ Four operations, each with its plain path and the fused ones measured against it
     rope           torch    Megatron's unfused rotation (cos and sin recomputed, four passes over q/k)
                    compile  the same function through torch.compile (one kernel each way)
                    triton   our kernel (moba_train.kernels.rope: one read and one write each way, the
-                            angles' cosines and sines computed once per position for all heads)
+                            angles' cosines and sines computed once per position for all heads); where
+                            Megatron allows (one sequence per sample, no inference context), one kernel
+                            splits and rotates the fused QKV projection's output and one writes its gradient
+                            (FusedQKVRoPESelfAttention: Megatron's fused_single_qkv_rope without Transformer
+                            Engine)
                    (compile and triton are installed where Megatron looks for Transformer Engine's
                    fused RoPE)
     grad_accumulation
@@ -48,6 +52,7 @@ torch.compile and Megatron paths; CUDA: all).
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 import os
@@ -335,6 +340,62 @@ def _fused_rope_thd(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tens
     return rope_utils._apply_rotary_pos_emb_thd(t, cu_seqlens, freqs, cp_group=group)
 
 
+def _fused_qkv_rope(mixed_qkv: torch.Tensor, q_freqs: torch.Tensor, k_freqs: torch.Tensor,
+                    split_arg_list: list[int], **_) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Transformer Engine's apply_fused_qkv_rotary_pos_emb signature: the projection [s, b, g, (r + 2) d] and the
+    split [r d, d, d] -> q [s, b, g r, d], k and v [s, b, g, d]."""
+    from moba_train.kernels.rope import qkv_rope_supported, qkv_rope_triton
+
+    r = split_arg_list[0] // split_arg_list[1]
+    if qkv_rope_supported(mixed_qkv, q_freqs, k_freqs, r):
+        return qkv_rope_triton(mixed_qkv, q_freqs, k_freqs, r)
+    query, key, value = torch.split(mixed_qkv, split_arg_list, dim=3)
+    query = query.reshape(query.shape[0], query.shape[1], -1, split_arg_list[1])
+    return _fused_rope(query, q_freqs), _fused_rope(key, k_freqs), value
+
+
+def _fused_qkv_rope_attention_class() -> type:
+    """FusedQKVRoPESelfAttention, defined on first use (Megatron imported lazily here)."""
+    from megatron.core.transformer import attention as attention_module
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    class FusedQKVRoPESelfAttention(attention_module.SelfAttention):
+        """Megatron's SelfAttention that takes its fused_single_qkv_rope path (one kernel splits and rotates the QKV
+        projection, `_fused_qkv_rope`) on every call that path covers: one sequence per sample (no packed
+        documents, hence no context parallelism here), no inference context, RoPE given, no q/k norms, query groups
+        not split by tensor parallelism. Megatron asserts when the flag is on for a call it does not cover, so the
+        flag is set per call on this module's own copy of the config; other calls take the split path."""
+
+        def __init__(self, config, *args, **kwargs):
+            super().__init__(config, *args, **kwargs)
+            self.config = copy.copy(self.config)  # the flag below is this module's alone
+
+        def forward(self, hidden_states, *args, **kwargs):
+            rotary = kwargs.get("rotary_pos_emb")
+            self.config.fused_single_qkv_rope = (
+                not args and attention_module.HAVE_FUSED_QKV_ROPE and rotary is not None
+                and kwargs.get("packed_seq_params") is None and kwargs.get("inference_context") is None
+                and kwargs.get("inference_params") is None and kwargs.get("key_value_states") is None
+                and not self.config.test_mode and not self.config.flash_decode
+                and not self.config.attention_output_gate and not hasattr(self.config, "yarn_rotary_scaling_factor")
+                and self.config.num_query_groups >= self.world_size
+                and all(norm is None or isinstance(norm, IdentityOp) for norm in (self.q_layernorm, self.k_layernorm))
+            )
+            return super().forward(hidden_states, *args, **kwargs)
+
+    return FusedQKVRoPESelfAttention
+
+
+@functools.cache
+def fused_qkv_rope_attention_class() -> type:
+    return _fused_qkv_rope_attention_class()
+
+
+def attention_module(chosen: dict[str, str], default: type) -> type:
+    """The self-attention class for Megatron's layer specs: FusedQKVRoPESelfAttention with rope=triton."""
+    return fused_qkv_rope_attention_class() if chosen["rope"] == "triton" else default
+
+
 def install_rope(chosen: dict[str, str]) -> None:
     """For rope=compile or triton, fill Megatron's hooks for a fused RoPE (left None without Transformer
     Engine, and checked by TransformerConfig) with ours. Process-wide, like the hooks themselves (the last
@@ -350,6 +411,12 @@ def install_rope(chosen: dict[str, str]) -> None:
         rope_utils.fused_apply_rotary_pos_emb = _fused_rope
     if rope_utils.fused_apply_rotary_pos_emb_thd is None:
         rope_utils.fused_apply_rotary_pos_emb_thd = _fused_rope_thd
+    if chosen["rope"] == "triton":
+        from megatron.core.transformer import attention as attention_module
+
+        if not attention_module.HAVE_FUSED_QKV_ROPE:  # Transformer Engine's, where installed, stays
+            attention_module.apply_fused_qkv_rotary_pos_emb = _fused_qkv_rope
+            attention_module.HAVE_FUSED_QKV_ROPE = True
 
 
 # --- Weight gradients accumulated into the fp32 main gradients ----------------------------------------

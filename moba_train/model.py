@@ -106,6 +106,8 @@ def _base_layer_spec(cfg: Config) -> tuple[ModuleSpec, type]:
         norm = fusions.norm_module(chosen, WrappedTorchNorm)
         spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = norm
         spec.module = fusions.layer_module(chosen, spec.module)
+        attention = spec.submodules.self_attention
+        attention.module = fusions.attention_module(chosen, attention.module)
         spec.submodules.mlp.submodules.activation_func = fusions.activation_module(chosen)
         return spec, norm
     try:

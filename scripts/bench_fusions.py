@@ -103,6 +103,28 @@ def cases(cfg: Config, device) -> dict:
                     "triton": lambda t: rope_triton(t, freqs)},
                    lambda t: rope_utils._apply_rotary_pos_emb_bshd(t.float(), freqs))
 
+    # The fused QKV projection's output to rotated q, k and v (Megatron's layout: per query group r query heads, a
+    # key head, a value head): split, the strided query reshape (a copy) and RoPE of q and k, against one kernel
+    # each way (kernels/rope.py's qkv_rope_triton, FusedQKVRoPESelfAttention's path).
+    from moba_train.kernels.rope import qkv_rope_triton
+
+    g = m.num_query_groups
+    r = m.num_attention_heads // g
+    split = [r * d, d, d]
+
+    def qkv_split(x, rotate):
+        q, k, v = torch.split(x, split, dim=3)
+        return rotate(q.reshape(s, 1, g * r, d)), rotate(k), v
+
+    def megatron_rope(t):
+        return rope_utils._apply_rotary_pos_emb_bshd(t, freqs)
+
+    out["qkv_rope"] = (lambda: (torch.randn(s, 1, g, (r + 2) * d, device=device, dtype=bf16),),
+                       {"split+torch": lambda x: qkv_split(x, megatron_rope),
+                        "split+triton": lambda x: qkv_split(x, lambda t: rope_triton(t, freqs)),
+                        "fused": lambda x: qkv_rope_triton(x, freqs, freqs, r)},
+                       lambda x: qkv_split(x, megatron_rope))
+
     vocab = m.vocab_size
     labels = torch.randint(0, vocab, (s, 1), device=device)
     choices = {"megatron": lambda z: vocab_parallel_cross_entropy(z, labels),
@@ -179,7 +201,8 @@ def measure(make_inputs, fn, reference) -> dict:
     before = torch.cuda.memory_allocated()
     result = outputs(fn(*inputs))
     # outputs that are inputs (the residual form's x) are not new memory
-    fresh_outputs = [r for r in result if not any(r.data_ptr() == x.data_ptr() for x in inputs)]
+    fresh_outputs = [r for r in result
+                     if not any(r.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for x in inputs)]
     kept = torch.cuda.memory_allocated() - before - sum(r.numel() * r.element_size() for r in fresh_outputs)
     torch.autograd.backward(result, grad_out)
     want = outputs(reference(*leaves))
@@ -198,6 +221,7 @@ def main(argv=None) -> None:
     parser.add_argument("--config", required=True, help="recipe YAML (its model and train.seq_length set the shapes)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     parser.add_argument("--out", help="JSON path (default bench/results/fusions-<gpu>-<commit>.json)")
+    parser.add_argument("--ops", help="comma-separated operations to time (default: all)")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, [*args.overrides, "run.device=cuda"])
     if not torch.cuda.is_available():
@@ -207,7 +231,13 @@ def main(argv=None) -> None:
     distributed.init_distributed(cfg)
     device = torch.device("cuda")
     results = {}
-    for op, (make_inputs, choices, reference) in cases(cfg, device).items():
+    all_cases = cases(cfg, device)
+    wanted = args.ops.split(",") if args.ops else list(all_cases)
+    unknown = sorted(set(wanted) - set(all_cases))
+    if unknown:
+        parser.error(f"unknown --ops {', '.join(unknown)}; choose from {', '.join(all_cases)}")
+    for op in wanted:
+        make_inputs, choices, reference = all_cases[op]
         results[op] = {}
         runs = [(choice, fn, None) for choice, fn in choices.items()]
         if op == "residual_rmsnorm":  # other tiles of our kernels (kernels/rmsnorm.py), forward and backward

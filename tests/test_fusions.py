@@ -67,8 +67,10 @@ def test_what_this_machine_cannot_run_is_one_clear_error():
 def test_each_fusion_computes_the_plain_models_loss_and_gradients(op, choice, monkeypatch):
     from moba_train.kernels import rmsnorm, rope
 
-    calls, chunked, norms = [], [], []
+    calls, chunked, norms, fused_qkv = [], [], [], []
     monkeypatch.setattr(rope, "rope_triton", lambda *a: calls.append(1) or rope._RoPE.apply(a[0], a[1][:, 0, 0]))
+    qkv_rope_triton = rope.qkv_rope_triton
+    monkeypatch.setattr(rope, "qkv_rope_triton", lambda *a: fused_qkv.append(1) or qkv_rope_triton(*a))
     for name in ("rms_norm", "rms_norm_with_residual", "add_rms_norm"):
         kernel = getattr(rmsnorm, name)
         monkeypatch.setattr(rmsnorm, name, lambda *a, kernel=kernel, name=name: norms.append(name) or kernel(*a))
@@ -77,7 +79,8 @@ def test_each_fusion_computes_the_plain_models_loss_and_gradients(op, choice, mo
     data = batch()
     reference_loss, reference_grads, plain = loss_and_grads(tiny(), data)
     loss, grads, fused = loss_and_grads(tiny({op: choice}), data)
-    assert len(calls) == (4 if (op, choice) == ("rope", "triton") else 0)  # q and k of both layers, no fallback
+    # rope=triton: the QKV projection split and rotated by one kernel in each of the two layers, no fallback
+    assert (len(fused_qkv), len(calls)) == ((2, 0) if (op, choice) == ("rope", "triton") else (0, 0))
     assert len(chunked) == (1 if choice == "fused_linear" else 0)
     # the layers' residual forms (two layers) and the final norm, no fallback to Megatron's forward
     assert sorted(norms) == (["add_rms_norm"] * 2 + ["rms_norm"] + ["rms_norm_with_residual"] * 2
@@ -104,20 +107,31 @@ def test_each_fusion_computes_the_plain_models_loss_and_gradients(op, choice, mo
 
         assert layer.config.apply_rope_fusion and rope_utils.fused_apply_rotary_pos_emb is fusions._fused_rope
         assert fusions._ROPE["impl"] == choice
+        fused_attention = type(layer.self_attention) is fusions.fused_qkv_rope_attention_class()
+        assert fused_attention == (choice == "triton")
+        assert (layer.self_attention.config is not layer.config) == fused_attention  # the flag's own copy
     elif choice == "fused_linear":
         assert fused.fused_linear_loss and not plain.fused_linear_loss
     else:
         assert layer.config.cross_entropy_loss_fusion and layer.config.cross_entropy_fusion_impl == "native"
 
 
-def test_the_compiled_rope_keeps_packed_documents_exact():
-    """Packed documents (thd) take Megatron's per-sequence RoPE through the hook."""
+@pytest.mark.parametrize("choice", ["compile", "triton"])
+def test_the_fused_rope_keeps_packed_documents_exact(choice, monkeypatch):
+    """Packed documents (thd) take Megatron's per-sequence RoPE through the hook; with rope=triton the attention
+    leaves its fused QKV path for them (Megatron asserts on the flag there)."""
+    from moba_train.kernels import rope
+
+    fused_qkv = []
+    qkv_rope_triton = rope.qkv_rope_triton
+    monkeypatch.setattr(rope, "qkv_rope_triton", lambda *a: fused_qkv.append(1) or qkv_rope_triton(*a))
     data = batch()
     data["cu_seqlens"] = torch.tensor([0, 20, 64, 100, 128], dtype=torch.int32)
     positions = torch.cat([torch.arange(n) for n in (20, 44, 36, 28)]).view(2, SEQ)
     data["position_ids"] = positions
     reference_loss, reference_grads, _ = loss_and_grads(tiny(), data)
-    loss, grads, _ = loss_and_grads(tiny({"rope": "compile"}), data)
+    loss, grads, _ = loss_and_grads(tiny({"rope": choice}), data)
+    assert not fused_qkv
     torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
@@ -134,6 +148,23 @@ def test_selective_recomputation_recomputes_the_mlp_only():
         torch.testing.assert_close(grad, reference_grads[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_the_fused_layers_under_full_recomputation(monkeypatch):
+    """rmsnorm=triton and rope=triton together with whole layers recomputed (Megatron's checkpointing runs each
+    layer's forward again in the backward, the fused QKV path included): the plain model's loss and gradients."""
+    from moba_train.kernels import rope
+
+    fused_qkv = []
+    qkv_rope_triton = rope.qkv_rope_triton
+    monkeypatch.setattr(rope, "qkv_rope_triton", lambda *a: fused_qkv.append(1) or qkv_rope_triton(*a))
+    data = batch()
+    reference_loss, reference_grads, _ = loss_and_grads(tiny(), data)
+    loss, grads, _ = loss_and_grads(tiny({"rmsnorm": "triton", "rope": "triton"}, train={"recompute": "full"}), data)
+    assert len(fused_qkv) == 4  # two layers, each run twice
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("recompute", ["selective", "full"])
 def test_the_fused_norm_layers_under_recomputation_and_packed_documents(recompute):
     """rmsnorm=triton's layers inside Megatron's checkpointing (the MLP's, or whole layers') and on the thd path of
@@ -147,6 +178,32 @@ def test_the_fused_norm_layers_under_recomputation_and_packed_documents(recomput
     torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_fused_norm_layer_leaves_what_it_does_not_cover_to_megatron(monkeypatch):
+    """Dropout on the residual branch in training is outside the fused form: that layer runs Megatron's forward
+    (its norms through TritonRMSNorm alone), the other layer stays fused, and the loss is the plain model's."""
+    from moba_train.kernels import rmsnorm
+
+    calls = []
+    for name in ("rms_norm", "rms_norm_with_residual", "add_rms_norm"):
+        kernel = getattr(rmsnorm, name)
+        monkeypatch.setattr(rmsnorm, name, lambda *a, kernel=kernel, name=name: calls.append(name) or kernel(*a))
+    data = batch()
+    distributed.set_seed(7)
+    model = build_model(tiny({"rmsnorm": "triton"}))
+    model.decoder.layers[0].hidden_dropout = 0.5
+    assert not model.decoder.layers[0]._fusable({"hidden_states": None})
+    model.eval()  # dropout off again: the fallback must compute the same function
+    assert model.decoder.layers[0]._fusable({"hidden_states": None})
+    model.train()
+    model.decoder.layers[0].hidden_dropout = 0.0
+    reference, _ = forward_step(model, data)
+    calls.clear()
+    model.decoder.layers[0].hidden_dropout = 1e-12  # outside the fused form, and numerically no dropout
+    loss, _ = forward_step(model, data)
+    assert sorted(calls) == ["add_rms_norm", "rms_norm", "rms_norm", "rms_norm", "rms_norm_with_residual"]
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger-Kernel's kernels run on CUDA only")

@@ -4,7 +4,7 @@ rotation for angles that differ between the halves; gradients against autograd t
 
 import pytest
 import torch
-from moba_train.kernels.rope import rope_supported, rope_triton
+from moba_train.kernels.rope import qkv_rope_supported, qkv_rope_triton, rope_supported, rope_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on a GPU, interpreted on CPU (conftest)
 
@@ -83,3 +83,39 @@ def test_shapes_it_does_not_take_are_refused():
     with pytest.raises(ValueError, match="rope_triton rotates"):
         rope_triton(t, angles(4, 12).to(DEVICE))
     assert not rope_supported(torch.randn(4, 1, 2, 16), angles(4, 8))  # partial rotation
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_the_fused_qkv_split_and_rotation_and_its_gradient(dtype, tol):
+    """qkv_rope_triton against Megatron's layout split by hand (per group: r query heads, a key head, a value head)
+    and the complex-number rotation; the projection's gradient against autograd through that reference. The
+    projection is read through a transposed view ([b, s] stored, [s, b] seen), as strides may come."""
+    torch.manual_seed(2)
+    s, b, g, r, d = 21, 2, 3, 4, 16
+    stored = torch.randn(b, s, g, (r + 2) * d, dtype=dtype)
+    freqs = angles(s, d, offset=5_000)
+    leaf = stored.to(DEVICE).clone().requires_grad_(True)
+    x = leaf.transpose(0, 1)
+    assert not x.is_contiguous()
+    q, k, v = qkv_rope_triton(x, freqs.to(DEVICE), freqs.to(DEVICE), r)
+    assert q.shape == (s, b, g * r, d) and k.shape == v.shape == (s, b, g, d) and q.dtype == dtype
+    ref_leaf = stored.double().clone().requires_grad_(True)
+    grouped = ref_leaf.transpose(0, 1).reshape(s, b, g, r + 2, d)
+    q_ref = complex_rope(grouped[:, :, :, :r].reshape(s, b, g * r, d), freqs)
+    k_ref = complex_rope(grouped[:, :, :, r], freqs)
+    v_ref = grouped[:, :, :, r + 1]
+    for got, want in ((q, q_ref), (k, k_ref), (v, v_ref)):
+        torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=tol, atol=tol)
+    grads = [torch.randn_like(t) for t in (q_ref, k_ref, v_ref)]
+    torch.autograd.backward((q, k, v), [gr.to(DEVICE, dtype) for gr in grads])
+    torch.autograd.backward((q_ref, k_ref, v_ref), grads)
+    torch.testing.assert_close(leaf.grad.double().cpu(), ref_leaf.grad, rtol=tol, atol=tol)
+
+
+def test_the_fused_qkv_form_takes_only_what_it_can_split():
+    freqs = angles(8, 16)
+    assert qkv_rope_supported(torch.empty(8, 1, 2, 6 * 16), freqs, freqs, 4)
+    assert not qkv_rope_supported(torch.empty(8, 1, 2, 6 * 16 + 2), freqs, freqs, 4)  # not (r + 2) heads
+    assert not qkv_rope_supported(torch.empty(8, 1, 2, 6 * 12), angles(8, 12), angles(8, 12), 4)  # d/2 = 6
+    with pytest.raises(ValueError, match=r"qkv_rope_triton splits \[s, b, g, \(r \+ 2\) \* d\]"):
+        qkv_rope_triton(torch.empty(8, 1, 2, 6 * 16 + 2, device=DEVICE), freqs.to(DEVICE), freqs.to(DEVICE), 4)
