@@ -137,16 +137,29 @@ def _qkv_rope_kernel(
     stride_vs, stride_vb, stride_vh,
     stride_fq, stride_fk,
     GROUPS: tl.constexpr, R: tl.constexpr, HALF: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_G: tl.constexpr,
-    BACKWARD: tl.constexpr,
+    SAME_FREQS: tl.constexpr, BACKWARD: tl.constexpr,
 ):
     """Forward: x (the projection) -> q, k (rotated), v (copied). Backward: the gradients q, k, v -> x (q and k
-    rotated back by the transposed map)."""
+    rotated back by the transposed map). Each angle's cosine and sine are computed once per program."""
     pid_s = tl.program_id(0)
     pid_b = tl.program_id(1)
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HALF)
     offs_g = tl.arange(0, BLOCK_G)
     mask_s = offs_s < seqlen
+    f_ptrs = fq_ptr + offs_s[:, None] * stride_fq + offs_d[None, :]
+    f1 = tl.load(f_ptrs, mask=mask_s[:, None], other=0.0).to(tl.float32)
+    f2 = tl.load(f_ptrs + HALF, mask=mask_s[:, None], other=0.0).to(tl.float32)
+    qc1, qs1 = tl.cos(f1)[:, None, :], tl.sin(f1)[:, None, :]
+    qc2, qs2 = tl.cos(f2)[:, None, :], tl.sin(f2)[:, None, :]
+    if SAME_FREQS:
+        kc1, ks1, kc2, ks2 = qc1, qs1, qc2, qs2
+    else:
+        f_ptrs = fk_ptr + offs_s[:, None] * stride_fk + offs_d[None, :]
+        f1 = tl.load(f_ptrs, mask=mask_s[:, None], other=0.0).to(tl.float32)
+        f2 = tl.load(f_ptrs + HALF, mask=mask_s[:, None], other=0.0).to(tl.float32)
+        kc1, ks1 = tl.cos(f1)[:, None, :], tl.sin(f1)[:, None, :]
+        kc2, ks2 = tl.cos(f2)[:, None, :], tl.sin(f2)[:, None, :]
     for g0 in tl.static_range(0, GROUPS, BLOCK_G):
         gg = g0 + offs_g
         mask = mask_s[:, None, None] & (gg < GROUPS)[None, :, None]
@@ -156,15 +169,14 @@ def _qkv_rope_kernel(
             if j < R:  # query head g * R + j
                 o_base = q_ptr + pid_b * stride_qb + offs_s[:, None, None] * stride_qs \
                     + (gg * R + j)[None, :, None] * stride_qh + offs_d[None, None, :]
-                f_ptrs = fq_ptr + offs_s[:, None] * stride_fq + offs_d[None, :]
+                cos1, sin1, cos2, sin2 = qc1, qs1, qc2, qs2
             elif j == R:  # key head g
                 o_base = k_ptr + pid_b * stride_kb + offs_s[:, None, None] * stride_ks + gg[None, :, None] * stride_kh \
                     + offs_d[None, None, :]
-                f_ptrs = fk_ptr + offs_s[:, None] * stride_fk + offs_d[None, :]
+                cos1, sin1, cos2, sin2 = kc1, ks1, kc2, ks2
             else:  # value head g
                 o_base = v_ptr + pid_b * stride_vb + offs_s[:, None, None] * stride_vs + gg[None, :, None] * stride_vh \
                     + offs_d[None, None, :]
-                f_ptrs = fk_ptr  # unused
             if BACKWARD:
                 src, dst = o_base, x_base + j * 2 * HALF
             else:
@@ -172,12 +184,6 @@ def _qkv_rope_kernel(
             x1 = tl.load(src, mask=mask, other=0.0)
             x2 = tl.load(src + HALF, mask=mask, other=0.0)
             if j <= R:
-                f1 = tl.load(f_ptrs, mask=mask_s[:, None], other=0.0).to(tl.float32)
-                f2 = tl.load(f_ptrs + HALF, mask=mask_s[:, None], other=0.0).to(tl.float32)
-                cos1 = tl.cos(f1)[:, None, :]
-                sin1 = tl.sin(f1)[:, None, :]
-                cos2 = tl.cos(f2)[:, None, :]
-                sin2 = tl.sin(f2)[:, None, :]
                 a = x1.to(tl.float32)
                 c = x2.to(tl.float32)
                 if BACKWARD:
@@ -206,7 +212,8 @@ def _qkv_launch(x, q, k, v, fq, fk, r: int, backward: bool) -> None:
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         fq.stride(0), fk.stride(0),
-        GROUPS=g, R=r, HALF=d // 2, BLOCK_S=block_s, BLOCK_G=block_g, BACKWARD=backward,
+        GROUPS=g, R=r, HALF=d // 2, BLOCK_S=block_s, BLOCK_G=block_g,
+        SAME_FREQS=fq.data_ptr() == fk.data_ptr() and fq.stride() == fk.stride(), BACKWARD=backward,
         num_warps=4,
     )
 

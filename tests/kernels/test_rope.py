@@ -93,16 +93,16 @@ def test_the_fused_qkv_split_and_rotation_and_its_gradient(dtype, tol):
     torch.manual_seed(2)
     s, b, g, r, d = 21, 2, 3, 4, 16
     stored = torch.randn(b, s, g, (r + 2) * d, dtype=dtype)
-    freqs = angles(s, d, offset=5_000)
+    freqs, k_freqs = angles(s, d, offset=5_000), angles(s, d, offset=7_000)  # keys at other angles: kept apart
     leaf = stored.to(DEVICE).clone().requires_grad_(True)
     x = leaf.transpose(0, 1)
     assert not x.is_contiguous()
-    q, k, v = qkv_rope_triton(x, freqs.to(DEVICE), freqs.to(DEVICE), r)
+    q, k, v = qkv_rope_triton(x, freqs.to(DEVICE), k_freqs.to(DEVICE), r)
     assert q.shape == (s, b, g * r, d) and k.shape == v.shape == (s, b, g, d) and q.dtype == dtype
     ref_leaf = stored.double().clone().requires_grad_(True)
     grouped = ref_leaf.transpose(0, 1).reshape(s, b, g, r + 2, d)
     q_ref = complex_rope(grouped[:, :, :, :r].reshape(s, b, g * r, d), freqs)
-    k_ref = complex_rope(grouped[:, :, :, r], freqs)
+    k_ref = complex_rope(grouped[:, :, :, r], k_freqs)
     v_ref = grouped[:, :, :, r + 1]
     for got, want in ((q, q_ref), (k, k_ref), (v, v_ref)):
         torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=tol, atol=tol)
