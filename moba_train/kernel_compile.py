@@ -229,13 +229,13 @@ def gpu_kernels(names) -> list[dict]:
     recorded signatures and specialisations against the launcher's."""
     import triton
 
-    from moba_train.kernels import backward, forward, gating, layout, rope, routing
+    from moba_train.kernels import backward, forward, gating, layout, rmsnorm, rope, routing
 
     for name in names:
         WORKLOADS[name](device="cuda")
     torch.cuda.synchronize()
     built = []
-    for module in (forward, backward, gating, layout, rope, routing):
+    for module in (forward, backward, gating, layout, rmsnorm, rope, routing):
         for fn in vars(module).values():
             if not isinstance(fn, triton.runtime.JITFunction):
                 continue
@@ -282,11 +282,27 @@ def _attention(total, hq, hkv, dim, block, topk, lengths_q=None, skew=False, sha
 
 
 def _rope(device="cpu"):
-    from moba_train.kernels.rope import rope_triton
+    """RoPE of one tensor, and the fused QKV split and rotation at the 1.1B recipe's grouping (8 groups of 4 query
+    heads, head dim 64)."""
+    from moba_train.kernels.rope import qkv_rope_triton, rope_triton
 
     t = torch.randn(64, 1, 4, 64).to(device, torch.bfloat16).requires_grad_()
     angles = torch.randn(64, 1, 1, 64).to(device)
     rope_triton(t, angles).float().sum().backward()
+    mixed = torch.randn(64, 1, 8, 6 * 64).to(device, torch.bfloat16).requires_grad_()
+    q, k, v = qkv_rope_triton(mixed, angles, angles, 4)
+    (q.float().sum() + k.float().sum() + v.float().sum()).backward()
+
+
+def _rmsnorm(device="cpu"):
+    """The norms of kernels/rmsnorm.py at the 1.1B recipe's width (2,048): the residual forms, and alone."""
+    from moba_train.kernels.rmsnorm import add_rms_norm, rms_norm, rms_norm_with_residual
+
+    x, branch = (torch.randn(64, 1, 2048).to(device, torch.bfloat16).requires_grad_() for _ in range(2))
+    w = torch.ones(2048).to(device, torch.bfloat16).requires_grad_()
+    x1, n1 = rms_norm_with_residual(x, w, 1e-5)
+    h, n2 = add_rms_norm(x1, branch, w, 1e-5)
+    (n1.float().sum() + h.float().sum() + n2.float().sum() + rms_norm(h, w, 1e-5).float().sum()).backward()
 
 
 # What the recipes and the benchmark's standard shapes launch, at the smallest lengths that still take each
@@ -295,7 +311,8 @@ def _rope(device="cpu"):
 # group of 3 (block 512, and block 256 top-6: one 256-key tile), a block of one key tile (the dK/dV programs
 # write the current block's dQ), the standard shapes' head dim 128, suffix queries (context parallelism),
 # training's skewed routing (split programs), slot passes (the backward's plan where the workspace does not
-# fit), and RoPE. Each takes `device` (default the CPU, where the interpreter runs them).
+# fit), RoPE (and the fused QKV split) and RMSNorm. Each takes `device` (default the CPU, where the interpreter
+# runs them).
 WORKLOADS = {
     "d64_b512_gqa4": partial(_attention, 1152, 4, 1, 64, 512, 3),
     "d64_b512_slot_passes": partial(_attention, 1152, 4, 1, 64, 512, 3, workspace=False),
@@ -309,6 +326,7 @@ WORKLOADS = {
     "d128_b512": partial(_attention, 1152, 2, 1, 128, 512, 3),
     "d64_b512_suffix": partial(_attention, 1152, 4, 1, 64, 512, 3, lengths_q=[640]),
     "rope": _rope,
+    "rmsnorm": _rmsnorm,
 }
 
 
