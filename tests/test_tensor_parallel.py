@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -15,11 +16,13 @@ from moba_train.model import build_model, forward_step
 SEQ = 64
 
 
-def recipe(tp: int) -> dict:
-    """A GQA model with one MoBA and one full layer, padded vocabulary, untied output layer."""
+def recipe(tp: int, fusions: dict | None = None) -> dict:
+    """A GQA model with one MoBA and one full layer, padded vocabulary, untied output layer; `fusions`: model.fusions
+    choices (default the plain paths, as `auto` on CPU)."""
     return {
         "model": {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 96, "num_attention_heads": 4,
-                  "num_query_groups": 2, "vocab_size": 250, "make_vocab_size_divisible_by": 64},
+                  "num_query_groups": 2, "vocab_size": 250, "make_vocab_size_divisible_by": 64,
+                  "fusions": fusions or {}},
         "attention": {"block_size": 16, "topk": 2, "full_layers": 1},
         "train": {"seq_length": SEQ},
         "parallel": {"tensor": tp},
@@ -61,10 +64,11 @@ def shard(param: torch.nn.Parameter, full: torch.Tensor, rank: int, tp: int, nam
     return full.chunk(tp, param.partition_dim)[rank]
 
 
-def _tp2_worker(rank: int, port: int, state: dict, expected_losses: list, expected_grads: dict) -> None:
+def _tp2_worker(rank: int, port: int, state: dict, expected_losses: list, expected_grads: dict,
+                fusions: dict | None) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    cfg = Config.model_validate(recipe(tp=2))
+    cfg = Config.model_validate(recipe(tp=2, fusions=fusions))
     env = distributed.init_distributed(cfg)
     try:
         assert (env.tp, env.dp, env.world_size) == (2, 1, 2)
@@ -74,7 +78,13 @@ def _tp2_worker(rank: int, port: int, state: dict, expected_losses: list, expect
         with torch.no_grad():
             for name, param in params.items():
                 param.copy_(shard(param, state[name], rank, 2, name))
+        from moba_train.kernels import rope
+
+        fused_qkv, qkv_rope_triton = [], rope.qkv_rope_triton
+        rope.qkv_rope_triton = lambda *a: fused_qkv.append(1) or qkv_rope_triton(*a)
         losses, grads = losses_and_grads(model)
+        # the unpacked batch through both layers' fused QKV split; the packed one through Megatron's split
+        assert len(fused_qkv) == (2 if fusions else 0)
         for loss, expected in zip(losses, expected_losses):
             torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
         for name, grad in grads.items():
@@ -90,7 +100,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_tensor_parallel_2_matches_single_process_losses_and_gradients():
+@pytest.mark.parametrize("fusions", [None, {"rmsnorm": "triton", "rope": "triton"}], ids=["plain", "triton"])
+def test_tensor_parallel_2_matches_single_process_losses_and_gradients(fusions):
+    """The plain model's single process against tensor parallel 2; with our norm and RoPE kernels on the ranks
+    (Triton's interpreter on CPU) too: each rank keeps one query group, so the fused QKV split runs there."""
     cfg = Config.model_validate(recipe(tp=1))
     distributed.init_distributed(cfg)
     try:
@@ -101,4 +114,4 @@ def test_tensor_parallel_2_matches_single_process_losses_and_gradients():
     finally:
         distributed.destroy_distributed()
     assert all(g.abs().sum() > 0 for g in grads.values())
-    mp.spawn(_tp2_worker, args=(_free_port(), state, losses, grads), nprocs=2, join=True)
+    mp.spawn(_tp2_worker, args=(_free_port(), state, losses, grads, fusions), nprocs=2, join=True)
