@@ -142,21 +142,6 @@ def _backward(normed_input: torch.Tensor, rstd: torch.Tensor, weight: torch.Tens
     return dx, dw.sum(0).to(weight.dtype)
 
 
-class _RMSNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        x2, y, rstd = _forward(x, None, weight, eps)
-        ctx.save_for_backward(x2, weight, rstd)
-        ctx.shape = x.shape
-        return y.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2, weight, rstd = ctx.saved_tensors
-        dx, dw = _backward(x2, rstd, weight, dy, None)
-        return dx.view(ctx.shape), dw, None
-
-
 class _RMSNormWithResidual(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -204,9 +189,10 @@ def _check(x: torch.Tensor, weight: torch.Tensor, branch: torch.Tensor | None = 
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) * weight over the last dimension; differentiable in x and weight."""
+    """x / sqrt(mean(x^2) + eps) * weight over the last dimension; differentiable in x and weight. (The residual
+    form with its first output unused: that output's gradient stays None and adds nothing.)"""
     _check(x, weight)
-    return _RMSNorm.apply(x, weight, eps)
+    return _RMSNormWithResidual.apply(x, weight, eps)[1]
 
 
 def rms_norm_with_residual(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,6 +31,14 @@ import triton.language as tl
 
 
 @triton.jit
+def _rotate(x1, x2, cos1, sin1, cos2, sin2, BACKWARD: tl.constexpr):
+    """The rotation of the pairs (x1, x2) in fp32, or its transpose for the backward (rows become columns)."""
+    if BACKWARD:
+        return x1 * cos1 + x2 * sin2, x2 * cos2 - x1 * sin1
+    return x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2
+
+
+@triton.jit
 def _rope_kernel(
     x_ptr, out_ptr, freqs_ptr,
     seqlen,
@@ -61,12 +69,7 @@ def _rope_kernel(
         o_ptrs = o_base + hh[None, :, None] * stride_oh
         x1 = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(x_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
-        if BACKWARD:  # the transpose: rows of the forward map become columns
-            y1 = x1 * cos1 + x2 * sin2
-            y2 = x2 * cos2 - x1 * sin1
-        else:
-            y1 = x1 * cos1 - x2 * sin1
-            y2 = x2 * cos2 + x1 * sin2
+        y1, y2 = _rotate(x1, x2, cos1, sin1, cos2, sin2, BACKWARD)
         tl.store(o_ptrs, y1.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(o_ptrs + HALF, y2.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -184,14 +187,7 @@ def _qkv_rope_kernel(
             x1 = tl.load(src, mask=mask, other=0.0)
             x2 = tl.load(src + HALF, mask=mask, other=0.0)
             if j <= R:
-                a = x1.to(tl.float32)
-                c = x2.to(tl.float32)
-                if BACKWARD:
-                    y1 = a * cos1 + c * sin2
-                    y2 = c * cos2 - a * sin1
-                else:
-                    y1 = a * cos1 - c * sin1
-                    y2 = c * cos2 + a * sin2
+                y1, y2 = _rotate(x1.to(tl.float32), x2.to(tl.float32), cos1, sin1, cos2, sin2, BACKWARD)
                 tl.store(dst, y1.to(dst.dtype.element_ty), mask=mask)
                 tl.store(dst + HALF, y2.to(dst.dtype.element_ty), mask=mask)
             else:
