@@ -91,17 +91,24 @@ class RunLock:
 @contextlib.contextmanager
 def hold_run_directory(output_dir: str | os.PathLike, is_main: bool) -> Iterator[None]:
     """Rank 0 holds `output_dir`'s RunLock for the block and prints its note; when it cannot, every rank
-    raises the same RunDirectoryInUse. Collective: every rank calls it once torch.distributed is up."""
+    raises the same error: RunDirectoryInUse, or a SharedConfigError where the directory cannot be created or
+    locked at all (an OSError on rank 0, which the others must not wait for). Collective: every rank calls it
+    once torch.distributed is up."""
     lock = RunLock(output_dir) if is_main else None
-    refusal = [None]
+    refusal = [None, None]
     if lock is not None:
         try:
             lock.__enter__()
         except RunDirectoryInUse as err:
-            refusal = [str(err)]
+            refusal = ["in_use", str(err)]
+        except OSError as err:
+            refusal = ["unusable", f"cannot create or lock run directory '{output_dir}': {err}; set run.output_dir "
+                                   "to a directory this process can create and write"]
     dist.broadcast_object_list(refusal, src=0)
+    if refusal[0] == "in_use":
+        raise RunDirectoryInUse(refusal[1])
     if refusal[0] is not None:
-        raise RunDirectoryInUse(refusal[0])
+        raise SharedConfigError(refusal[1])
     if lock is not None and lock.note:
         print(lock.note, flush=True)
     try:

@@ -15,7 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from moba_train.run_lock import LOCK_FILE, RunDirectoryInUse, RunLock
+from moba_train.cli import SharedConfigError
+from moba_train.run_lock import LOCK_FILE, RunDirectoryInUse, RunLock, hold_run_directory
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLD = ("import sys, time; from moba_train.run_lock import RunLock; RunLock(sys.argv[1]).__enter__(); "
@@ -109,3 +110,37 @@ def test_second_launch_is_refused_and_kill_9_leaves_nothing_behind_and_relaunch_
     assert not list((out / "checkpoints").glob(".tmp*"))
     assert (out / "checkpoints" / f"step_{steps:08d}" / "COMPLETE").is_file()
     assert (out / LOCK_FILE).read_text() == ""
+
+
+def _unusable_directory_worker(rank: int, port: int, run_dir: str, errors) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        with hold_run_directory(run_dir, is_main=rank == 0):
+            errors.put((rank, "entered"))
+    except SharedConfigError as err:
+        errors.put((rank, str(err)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_run_directory_rank_0_cannot_create_is_one_error_on_every_rank(tmp_path):
+    """Rank 0 takes the lock; when it cannot even create the directory (an OSError, here a path below a file), the
+    other ranks must not wait for it in the broadcast: every rank raises the same one-line error."""
+    import multiprocessing
+    import socket as sockets
+
+    import torch.multiprocessing as mp
+
+    (tmp_path / "file").write_text("")
+    run_dir = tmp_path / "file" / "run"
+    with sockets.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    errors = multiprocessing.get_context("spawn").Queue()
+    mp.spawn(_unusable_directory_worker, args=(port, str(run_dir), errors), nprocs=2, join=True)
+    got = dict(errors.get(timeout=5) for _ in range(2))
+    assert got[0] == got[1]
+    assert got[0].startswith(f"cannot create or lock run directory '{run_dir}': ")
+    assert got[0].endswith("set run.output_dir to a directory this process can create and write")
