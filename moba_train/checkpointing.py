@@ -8,6 +8,8 @@ Layout of `checkpoint.dir`:
         config.yaml         the resolved recipe of the run that wrote it
         ...                 dist_checkpointing files (model, optimizer, scheduler, RNG, trainer state)
     .tmp_step_00000200/     a save in progress (or one a stopped run left: removed at the next start)
+    .replaced_step_00000100/  a checkpoint put aside while a new save of its step takes its place (put back
+                            at the next start if a stopped run left it there)
 
 A save writes everything into the temporary directory, checksums it, writes COMPLETE, renames the
 directory into place (an atomic rename on POSIX file systems) and only then prunes old checkpoints,
@@ -99,14 +101,32 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def remove_unfinished_saves(root: Path) -> list[Path]:
+REPLACED_PREFIX = ".replaced_"
+"""A complete checkpoint put aside while a new save of the same step is published in its place."""
+
+
+def remove_unfinished_saves(root: Path) -> tuple[list[Path], list[Path]]:
     """Delete the `.tmp_step_*` directories under `root`: saves that a stopped run never published (they
-    are never a checkpoint). Only while holding the run directory's lock (no live run is writing them)."""
+    are never a checkpoint). Put back a checkpoint that a stopped run had put aside to publish a save of the same
+    step in its place, where that save never got there (else delete it). Only while holding the run
+    directory's lock (no live run is writing them). Returns (the deleted saves, the checkpoints put back)."""
     root = Path(root)
-    doomed = sorted(root.glob(".tmp_step_*")) if root.is_dir() else []
+    if not root.is_dir():
+        return [], []
+    doomed = sorted(root.glob(".tmp_step_*"))
     for path in doomed:
         shutil.rmtree(path)
-    return doomed
+    restored = []
+    for aside in sorted(root.glob(f"{REPLACED_PREFIX}step_*")):
+        target = root / aside.name[len(REPLACED_PREFIX):]
+        if is_complete(target):
+            shutil.rmtree(aside)
+        else:
+            if target.exists():
+                shutil.rmtree(target)
+            os.rename(aside, target)
+            restored.append(target)
+    return doomed, restored
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -185,12 +205,19 @@ def _mark_complete_and_rename(tmp: Path, target: Path, manifest: dict) -> None:
         marker.write("complete\n")
         marker.flush()
         os.fsync(marker.fileno())
+    # A checkpoint of the same step is put aside, not deleted, until the new one is in place: a crash in between
+    # leaves it to remove_unfinished_saves to put back.
+    replaced = target.parent / f"{REPLACED_PREFIX}{target.name}"
     if target.exists():
-        shutil.rmtree(target)
+        if replaced.exists():
+            shutil.rmtree(replaced)
+        os.rename(target, replaced)
     os.rename(tmp, target)
     dir_fd = os.open(target.parent, os.O_RDONLY)
     os.fsync(dir_fd)
     os.close(dir_fd)
+    if replaced.exists():
+        shutil.rmtree(replaced)
 
 
 def _publish(state_dict: dict, target: Path, cfg: Config) -> None:

@@ -201,8 +201,11 @@ def _train(cfg: Config, env: DistEnv, stop: StopSignal) -> None:
     # Where to continue from: the newest intact checkpoint that the recipe can resume (moba_train.resume).
     ckpt_root = checkpointing.checkpoint_dir(cfg)
     if env.is_main:
-        for unfinished in checkpointing.remove_unfinished_saves(ckpt_root):
+        unfinished_saves, restored = checkpointing.remove_unfinished_saves(ckpt_root)
+        for unfinished in unfinished_saves:
             print(f"removed {unfinished}: a save that a stopped run never finished", flush=True)
+        for checkpoint in restored:
+            print(f"put back {checkpoint}: a stopped run had set it aside to save its step again", flush=True)
     bf16, distributed = compute_dtype(cfg, env.device) == torch.bfloat16, use_distributed_optimizer(cfg, env.device)
     layout = checkpointing.optimizer_layout(distributed, bf16)
     resume = find_resume_point(cfg, ckpt_root, layout, env.is_main) if cfg.checkpoint.resume else None

@@ -131,6 +131,39 @@ def test_crash_between_write_and_publish_keeps_the_previous_checkpoint(cfg, env,
     assert not (root / ".tmp_step_00000002").exists()
 
 
+def test_crash_while_replacing_a_checkpoint_of_the_same_step_keeps_one(cfg, env, monkeypatch):
+    """A save of a step that already has a checkpoint (e.g. saved again after a resume from it) replaces the old one.
+    A crash between putting the old one aside and publishing the new one must not lose both: the next start
+    (`remove_unfinished_saves`, under the run lock) puts the old one back."""
+    model, optimizer, scheduler = _build(cfg, env, seed=1)
+    _train_one_step(cfg, env, model, optimizer, scheduler)
+    root = checkpointing.checkpoint_dir(cfg)
+    checkpointing.save_checkpoint(cfg, model, optimizer, scheduler, TrainState(step=1))
+    good = _params(model)
+    rename = checkpointing.os.rename
+
+    def crash(src, dst):
+        if Path(src).name == ".tmp_step_00000001":
+            raise OSError("simulated crash while publishing")
+        rename(src, dst)
+
+    monkeypatch.setattr(checkpointing.os, "rename", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        checkpointing.save_checkpoint(cfg, model, optimizer, scheduler, TrainState(step=1))
+    monkeypatch.undo()
+    removed, restored = checkpointing.remove_unfinished_saves(root)
+    assert removed == [root / ".tmp_step_00000001"] and restored == [root / "step_00000001"]
+    assert checkpointing.latest_checkpoint(root) == root / "step_00000001"
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000001"]
+    fresh, fresh_opt, fresh_sched = _build(cfg, env, seed=3)
+    assert checkpointing.load_checkpoint(root / "step_00000001", fresh, fresh_opt, fresh_sched).step == 1
+    _assert_same(_params(fresh), good)
+    # an uninterrupted replacement leaves the new checkpoint only
+    checkpointing.save_checkpoint(cfg, model, optimizer, scheduler, TrainState(step=1))
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000001"]
+    assert checkpointing.remove_unfinished_saves(root) == ([], [])
+
+
 def test_model_only_checkpoint_loads_weights_into_a_fresh_model(cfg, env, tmp_path):
     model, optimizer, scheduler = _build(cfg, env, seed=1)
     _train_one_step(cfg, env, model, optimizer, scheduler)
