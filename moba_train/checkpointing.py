@@ -129,6 +129,20 @@ def remove_unfinished_saves(root: Path) -> tuple[list[Path], list[Path]]:
     return doomed, restored
 
 
+def clean_up_saves(root: Path) -> tuple[list[Path], list[Path]]:
+    """`remove_unfinished_saves` on rank 0, collectively: every rank waits for it before it lists checkpoints (what
+    rank 0 puts back must be seen by all) and raises its OSError if any. Returns rank 0's lists (empty on the
+    others)."""
+    done = ([], [])
+
+    def run():
+        nonlocal done
+        done = remove_unfinished_saves(root)
+
+    _on_rank0(run)
+    return done
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A complete checkpoint directory, or the newest one under a checkpoint root; ConfigError if neither."""
     path = Path(path)

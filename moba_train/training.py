@@ -200,8 +200,8 @@ def _train(cfg: Config, env: DistEnv, stop: StopSignal) -> None:
 
     # Where to continue from: the newest intact checkpoint that the recipe can resume (moba_train.resume).
     ckpt_root = checkpointing.checkpoint_dir(cfg)
+    unfinished_saves, restored = checkpointing.clean_up_saves(ckpt_root)  # collective: before any rank lists them
     if env.is_main:
-        unfinished_saves, restored = checkpointing.remove_unfinished_saves(ckpt_root)
         for unfinished in unfinished_saves:
             print(f"removed {unfinished}: a save that a stopped run never finished", flush=True)
         for checkpoint in restored:

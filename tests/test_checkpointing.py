@@ -173,3 +173,40 @@ def test_model_only_checkpoint_loads_weights_into_a_fresh_model(cfg, env, tmp_pa
     _assert_same(_params(fresh), _params(model))
     with pytest.raises(ConfigError, match="neither a complete checkpoint"):
         checkpointing.load_model_weights(tmp_path / "nothing_here", fresh)
+
+
+def _clean_up_worker(rank: int, port: int, root: str, seen) -> None:
+    import time
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        if rank == 0:  # rank 0 slow to put the checkpoint back (a large unfinished save to delete first)
+            remove = checkpointing.remove_unfinished_saves
+            checkpointing.remove_unfinished_saves = lambda path: time.sleep(1.0) or remove(path)
+        removed, restored = checkpointing.clean_up_saves(Path(root))
+        seen.put((rank, [p.name for p in checkpointing.complete_checkpoints(Path(root))], len(removed), len(restored)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_lists_checkpoints_only_after_rank_0_cleaned_up(tmp_path):
+    """What rank 0 puts back at the start (a checkpoint set aside by a crash) every rank must see when it looks for
+    the resume point: the clean-up is collective, and only rank 0 reports what it did."""
+    import multiprocessing
+    import socket
+
+    import torch.multiprocessing as mp
+
+    root = tmp_path / "checkpoints"
+    (root / ".replaced_step_00000001").mkdir(parents=True)
+    (root / ".replaced_step_00000001" / checkpointing.COMPLETE).write_text("complete\n")
+    (root / ".tmp_step_00000001").mkdir()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    seen = multiprocessing.get_context("spawn").Queue()
+    mp.spawn(_clean_up_worker, args=(port, str(root), seen), nprocs=2, join=True)
+    got = {rank: rest for rank, *rest in (seen.get(timeout=5) for _ in range(2))}
+    assert got == {0: [["step_00000001"], 1, 1], 1: [["step_00000001"], 0, 0]}
