@@ -49,7 +49,7 @@ def _rope_kernel(
 ):
     pid_s = tl.program_id(0)
     pid_b = tl.program_id(1)
-    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_s = (pid_s * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)  # offsets past 2^31 elements at long contexts
     offs_d = tl.arange(0, HALF)
     mask_s = offs_s < seqlen
     f_ptrs = freqs_ptr + offs_s[:, None] * stride_fs + offs_d[None, :]
@@ -146,7 +146,7 @@ def _qkv_rope_kernel(
     rotated back by the transposed map). Each angle's cosine and sine are computed once per program."""
     pid_s = tl.program_id(0)
     pid_b = tl.program_id(1)
-    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_s = (pid_s * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)  # offsets past 2^31 elements at long contexts
     offs_d = tl.arange(0, HALF)
     offs_g = tl.arange(0, BLOCK_G)
     mask_s = offs_s < seqlen

@@ -224,7 +224,7 @@ def _fused_norm_layer_class() -> type:
         The same function as TransformerLayer's; two add kernels and two gradient sums fewer per layer, and each
         norm's backward one pass. Anything this form does not cover (dropout in training, linear biases, norm
         recomputation or offloading, cross-attention, MoE, inference contexts, positional calls) runs
-        Megatron's forward."""
+        Megatron's forward, and so does an fp32 residual stream (Megatron casts it to the branch's dtype)."""
 
         def _fusable(self, kwargs: dict) -> bool:
             return (
@@ -233,6 +233,7 @@ def _fused_norm_layer_class() -> type:
                 and "hidden_states" in kwargs and kwargs.get("context") is None
                 and kwargs.get("inference_context") is None and kwargs.get("inference_params") is None
                 and not (self.training and self.hidden_dropout > 0.0) and not self.config.add_bias_linear
+                and not self.config.fp32_residual_connection
                 and not (self.recompute_input_layernorm or self.recompute_pre_mlp_layernorm)
                 and not (getattr(self, "offload_attn_norm", False) or getattr(self, "offload_mlp_norm", False))
                 and not self.is_moe_layer
@@ -372,8 +373,10 @@ def _fused_qkv_rope_attention_class() -> type:
 
         def forward(self, hidden_states, *args, **kwargs):
             rotary = kwargs.get("rotary_pos_emb")
+            no_rope = self.config.no_rope_freq  # layers Megatron runs without RoPE (its forward drops the angles)
             self.config.fused_single_qkv_rope = (
                 not args and attention_module.HAVE_FUSED_QKV_ROPE and rotary is not None
+                and not (no_rope and no_rope[self.layer_number - 1])
                 and kwargs.get("packed_seq_params") is None and kwargs.get("inference_context") is None
                 and kwargs.get("inference_params") is None and kwargs.get("key_value_states") is None
                 and not self.config.test_mode and not self.config.flash_decode
