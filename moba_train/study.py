@@ -71,6 +71,7 @@ from moba_train.evaluation import (
 )
 from moba_train.metrics import attention_backends
 from moba_train.model import compute_dtype
+from moba_train.signals import StopSignal
 from moba_train.staging import write_json, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -434,10 +435,12 @@ class Study:
         from moba_train.metrics import read_jsonl
         from moba_train.training import train
 
-        train(cfg)
+        received = train(cfg)
         latest = latest_checkpoint(checkpoint_dir(cfg))
         if latest is None or int(latest.name.removeprefix("step_")) < cfg.train.steps:
             raise StudyInterrupted(f"training of {cfg.run.output_dir} stopped before step {cfg.train.steps}")
+        if received is not None:  # during the last step or the final save: trained, but stop here
+            raise StudyInterrupted(f"signal {received.name} during the training of {cfg.run.output_dir}")
         return read_jsonl(Path(cfg.run.output_dir) / "metrics.jsonl")
 
     def train_arm(self, arm: Arm) -> dict:
@@ -449,14 +452,16 @@ class Study:
                 f"checkpoint.init_from={_yaml(self.arm_dir(FULL.name) / 'checkpoints')}", "checkpoint.keep_last=1",
                 f"checkpoint.interval={plan['recall_steps']}"))
         else:  # arm 1 keeps its checkpoint at S/2 for arm 4; the others save only at the end
-            interval, keep = (plan["steps"] // 2, 2) if arm is FULL else (plan["steps"], 1)
+            saving = arm1_checkpointing(plan["steps"]) if arm is FULL else (
+                f"checkpoint.interval={plan['steps']}", "checkpoint.keep_last=1")
             start = (f"checkpoint.init_from={_yaml(self.arm_dir(SHORT.name) / 'checkpoints')}",) \
                 if self.starts_from_short(arm) else ()
-            cfg = self.config(arm, plan["steps"], (f"checkpoint.interval={interval}", f"checkpoint.keep_last={keep}",
-                                                   *start, *self.tracking(plan["steps"])))
+            cfg = self.config(arm, plan["steps"], (*saving, *start, *self.tracking(plan["steps"])))
         if arm is CPT:
             self.start_from_half_of_full(cfg)
         records = self.train(cfg)
+        if arm is FULL:
+            keep_half_and_last(cfg, plan["steps"])
         device = resolve_device(cfg)
         steady = records[2:] or records
         tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length  # the shared start's may differ
@@ -521,7 +526,8 @@ class Study:
 
     def run(self) -> list[str]:
         """Run what is left; the names of the stages that failed (their errors are in the state)."""
-        previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+        # the trainer's stop signals (SLURM's time-limit warning SIGUSR1 too), outside the trainings as well
+        previous = {sig: signal.signal(sig, _interrupt) for sig in StopSignal.SIGNALS}
         try:
             self._run()
         except StudyInterrupted as stop:
@@ -579,6 +585,24 @@ class Study:
         steps = {"cpt": plan["steps"] // 2, "short": plan.get("short_steps", 0)}.get(
             arm.name, plan["recall_steps"] if arm in RECALL else plan["steps"])
         return overhead + steps * kind_s[kind]
+
+
+def arm1_checkpointing(steps: int) -> tuple[str, ...]:
+    """Arm 1's checkpoint overrides: a save at S/2 (arm 4 starts there) and nothing pruned while it trains, so
+    that the saves of a stop signal in its second half cannot push S/2 out (`keep_half_and_last` after)."""
+    return f"checkpoint.interval={steps // 2}", f"checkpoint.keep_last={steps}"
+
+
+def keep_half_and_last(cfg: Config, steps: int) -> list[Path]:
+    """After arm 1 finished: delete its checkpoints other than S/2 and S (those a stop signal added)."""
+    from moba_train.checkpointing import checkpoint_dir, complete_checkpoints, step_path
+
+    root = checkpoint_dir(cfg)
+    keep = {step_path(root, steps // 2), step_path(root, steps)}
+    extra = [path for path in complete_checkpoints(root) if path not in keep]
+    for path in extra:
+        shutil.rmtree(path)
+    return extra
 
 
 def _interrupt(signum, frame) -> None:

@@ -253,6 +253,9 @@ def pool(runs: dict[str, dict], mixed_corpora: bool = False) -> dict:
     values: dict[str, dict] = {}
     for name in names:
         for target, (value, limit, unit) in _samples(runs[name]).items():
+            if not math.isfinite(value):
+                raise ConfigError(f"{name}: its {target} is not a finite number ({value}; a diverged arm?); leave "
+                                  "that run out of the pool")
             entry = values.setdefault(target, {"unit": unit, "limit": limit, "runs": {}})
             entry["runs"][name] = value
     out = {"level": LEVEL, "runs": {name: {"commit": runs[name].get("commit"),

@@ -17,6 +17,7 @@ checkpoint.
 from __future__ import annotations
 
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -173,8 +174,10 @@ def passkey_check(model, dataset, cfg: Config, env: DistEnv) -> dict[str, float]
     return {"val/passkey_loss": float(totals[0] / totals[1]), "val/passkey_found": float(totals[2] / len(dataset))}
 
 
-def train(cfg: Config) -> None:
-    """Run (or resume) the training described by `cfg`; torchrun or a single process."""
+def train(cfg: Config) -> signal.Signals | None:
+    """Run (or resume) the training described by `cfg`; torchrun or a single process. Returns the stop signal
+    that arrived while it ran, if any: one during the last step or the final save ends the run as finishing
+    does, and a caller that goes on to other work (the quality study) must stop all the same."""
     with StopSignal() as stop:  # from the start: a signal during set-up stops after the first step
         preflight.check(cfg)
         try:
@@ -186,6 +189,7 @@ def train(cfg: Config) -> None:
                 _train(cfg, env, stop)
         finally:
             destroy_distributed()
+    return stop.received
 
 
 def _train(cfg: Config, env: DistEnv, stop: StopSignal) -> None:

@@ -350,3 +350,75 @@ def test_the_report_says_which_arms_learned_no_retrieval():
     assert "| moba | 0.6000 | 0.9880 | yes |" in report
     state["arms"]["full"] = arm(0.05)  # full attention itself cannot do the task: no verdict, no table
     assert "learned retrieval" not in study_module.summary_markdown(state)
+
+
+def _signalling_trainer(monkeypatch, at_step: int, sig=None):
+    """training.train_step that sends this process `sig` (SIGTERM) during call `at_step`, as a scheduler would."""
+    import signal
+
+    import moba_train.training as training
+
+    real_step, count = training.train_step, [0]
+
+    def train_step(*args, **kwargs):
+        count[0] += 1
+        if count[0] == at_step:
+            os.kill(os.getpid(), sig or signal.SIGTERM)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_step", train_step)
+
+
+def _tiny_train_config(out: Path, steps: int, *more: str):
+    return load_config(ROOT / "configs/tiny_moba.yaml", [
+        f"run.output_dir={out}", f"train.steps={steps}", "train.warmup_steps=1", "train.seq_length=128",
+        "train.micro_batch_size=1", "train.global_batch_size=1", "data.kind=synthetic", "logging.progress_bar=off",
+        "logging.moba_diag_interval=0", "model.num_layers=1", *more])
+
+
+def test_a_signal_during_an_arms_last_step_stops_the_study(tmp_path, monkeypatch):
+    """The trainer saves the last step and returns as if it had finished; the study must still stop (the
+    scheduler's SIGKILL follows), not start its next stage."""
+    _signalling_trainer(monkeypatch, at_step=3)
+    study = Study(StudySettings(work_dir=tmp_path / "work", results_dir=tmp_path / "results", budget_s=600))
+    cfg = _tiny_train_config(tmp_path / "full", 3)
+    with pytest.raises(StudyInterrupted, match="SIGTERM"):
+        study.train(cfg)
+    assert (tmp_path / "full/checkpoints/step_00000003/COMPLETE").is_file()  # the step was saved all the same
+
+
+def test_sigusr1_between_trainings_stops_the_study_and_saves_its_state(tmp_path):
+    """SLURM's time-limit warning (SIGUSR1) during an evaluation or other stage outside training: the study
+    records the stage as interrupted and writes its results, as for SIGTERM."""
+    import signal
+    import time
+
+    study = Study(StudySettings(work_dir=tmp_path / "work", results_dir=tmp_path / "results", budget_s=600))
+
+    def evaluating():
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(2)
+        return {}
+
+    study._run = lambda: study.stage("full_eval", 0.0, evaluating)
+    study.run()
+    stages = json.loads((tmp_path / "results/study.json").read_text())["stages"]
+    assert stages["full_eval"]["status"] == "interrupted: rerun with the same --work-dir to continue"
+
+
+def test_arm_1_keeps_its_half_way_checkpoint_through_a_stop_in_its_second_half(tmp_path, monkeypatch):
+    """Arm 4 starts from arm 1's checkpoint at S/2. A stop in arm 1's second half saves that step too; the
+    rerun's final save must not prune S/2 away, and the finished arm keeps S/2 and S only."""
+    from moba_train.checkpointing import complete_checkpoints
+
+    study = Study(StudySettings(work_dir=tmp_path / "work", results_dir=tmp_path / "results", budget_s=600))
+    steps = 6
+    cfg = _tiny_train_config(tmp_path / "full", steps, *study_module.arm1_checkpointing(steps))
+    _signalling_trainer(monkeypatch, at_step=5)
+    with pytest.raises(StudyInterrupted):
+        study.train(cfg)
+    monkeypatch.undo()
+    study.train(cfg)
+    study_module.keep_half_and_last(cfg, steps)
+    assert [p.name for p in complete_checkpoints(tmp_path / "full/checkpoints")] == ["step_00000003",
+                                                                                     "step_00000006"]

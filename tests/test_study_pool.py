@@ -395,3 +395,12 @@ def test_the_readme_quality_table_states_the_pools():
         decimals = len(m[1].split(".")[1]) if "." in m[1] else 0
         assert float(m[1]) == pytest.approx(stats["mean"], abs=0.51 * 10 ** -decimals) and int(m[2]) == stats["n"], arm
     assert seen == set(README_ROWS)
+
+
+def test_a_run_with_a_non_finite_loss_is_one_clear_error():
+    """A diverged arm (NaN validation loss; the JSON writer accepts NaN) must name the run, not end in a
+    traceback from the statistics."""
+    runs = {f"s{i}": _state(2.72 + 0.01 * i, hybrid=2.73 + 0.01 * i) for i in range(3)}
+    runs["s1"]["arms"]["hybrid"]["eval"]["validation"]["loss"] = float("nan")
+    with pytest.raises(ConfigError, match=r"s1: .*not a finite number .*leave that run out"):
+        pool(runs)
