@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 import os
 import weakref
 
@@ -138,6 +139,8 @@ def _check_tensors(q, k, v) -> None:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}.")
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"q and k must have the same head dim, got {q.shape[2]} and {k.shape[2]}.")
+    if q.shape[1] == 0 or k.shape[1] == 0:
+        raise ValueError(f"q and k/v need at least one head each, got {q.shape[1]} and {k.shape[1]}.")
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k/v heads ({k.shape[1]}) (Hq % Hkv == 0).")
     for name, x in (("k", k), ("v", v)):
@@ -212,7 +215,7 @@ def _check_blocks(block_size, topk) -> None:
 def _scale(softmax_scale, head_dim: int) -> float:
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) or not (
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real) or not (
         math.isfinite(softmax_scale) and softmax_scale > 0
     ):
         raise ValueError(f"softmax_scale must be a finite positive number or None (1/sqrt(head_dim)), "

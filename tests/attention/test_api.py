@@ -162,7 +162,17 @@ BAD_INPUTS = [
     ("softmax_scale must be a finite positive number", dict(softmax_scale=float("nan"))),
     ("softmax_scale must be a finite positive number", dict(softmax_scale=0.0)),
     ("softmax_scale must be a finite positive number", dict(softmax_scale=-1.0)),
+    ("at least one head", dict(k=torch.randn(32, 0, 8), v=torch.randn(32, 0, 8))),
 ]
+
+
+def test_a_numpy_softmax_scale_is_a_number_like_any_other():
+    import numpy as np
+
+    args = _good()
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    expected = moba_attention(q, k, v, softmax_scale=0.25, **args)
+    torch.testing.assert_close(moba_attention(q, k, v, softmax_scale=np.float32(0.25), **args), expected)
 
 
 @pytest.mark.parametrize("match,change", BAD_INPUTS, ids=[m for m, _ in BAD_INPUTS])
