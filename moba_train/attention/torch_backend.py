@@ -271,7 +271,7 @@ class MobaAttentionFunction(torch.autograd.Function):
     def forward(ctx, q_thd, k_thd, v_thd, selection, layout: BlockLayout, scale: float):
         total, hq, dim = q_thd.shape
         hkv = k_thd.shape[1]
-        topk = selection.shape[-1]
+        topk = min(selection.shape[-1], max(1, layout.max_blocks_per_seq))  # the slots any query can fill
         bsz = layout.block_size
         kv_head = torch.arange(hq, device=q_thd.device) // (hq // hkv)
         keys, values = _keys_matrix(k_thd, layout), _keys_matrix(v_thd, layout)
@@ -309,7 +309,7 @@ class MobaAttentionFunction(torch.autograd.Function):
         layout, scale = ctx.layout, ctx.scale
         total, hq, dim = q_thd.shape
         hkv = k_thd.shape[1]
-        topk = selection.shape[-1]
+        topk = min(selection.shape[-1], max(1, layout.max_blocks_per_seq))  # the slots any query can fill
         bsz = layout.block_size
         kv_head = torch.arange(hq, device=q_thd.device) // (hq // hkv)
         keys, values = _keys_matrix(k_thd, layout), _keys_matrix(v_thd, layout)
