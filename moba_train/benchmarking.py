@@ -26,15 +26,17 @@ import torch
 from moba_train.config import Config
 
 CATEGORIES = {  # first match wins, on the lower-cased kernel name
+    # the routing's sort (kernels/routing.py) is the step's radix sort; the embedding's backward sorts its few
+    # thousand token ids, a fraction of a millisecond
     "moba_attention": ("_gate_topk", "_block_mean", "_pick_keys", "_slot_tiles", "_current_block", "_past_run",
-                       "_past_slot", "_dkdv", "_dq_merge", "_delta_kernel"),
-    "full_attention": ("flash", "fmha", "attention", "sdpa", "efficient_attention"),
-    "loss": ("cross_entropy", "log_softmax", "nll_loss", "softmax"),
-    "optimizer": ("adam", "multi_tensor", "l2norm", "foreach", "lerp", "sqrt"),
+                       "_past_slot", "_dkdv", "_dq_merge", "_delta_kernel", "_pack_picks", "radix_sort"),
+    "full_attention": ("flash", "fmha", "attention", "sdpa", "efficient_attention", "cudnn::fusion"),
+    "loss": ("cross_entropy", "log_softmax", "nll_loss", "softmax", "vocab_parallel_ce"),
+    "optimizer": ("adam", "multi_tensor", "l2norm", "foreach", "lerp"),
     "communication": ("nccl",),
     "matmul": ("gemm", "nvjet", "sm90_xmma", "cutlass", "cublas", "xmma", "ampere", "hopper", "matmul", "_mm_"),
     "norm_activation_rope": ("norm", "silu", "swiglu", "rotary", "rope", "elementwise", "vectorized", "mul",
-                             "add", "copy", "cat", "index", "reduce", "fill"),
+                             "add", "copy", "cat", "index", "reduce", "fill", "gammabeta", "rsqrt"),
 }
 
 

@@ -105,3 +105,35 @@ def test_gpu_idle_is_the_unprofiled_step_minus_the_union_of_kernel_intervals():
     assert abs(gpu_idle(kernels_us, 1.6) - 0.2) < 1e-12  # 1.6 s minus 1.4 s busy
     assert gpu_idle(kernels_us, 1.3) == 0.0  # never negative
     assert abs(gpu_idle([], 0.5) - 0.5) < 1e-12  # no kernels (CPU): the whole step
+
+
+# Kernel names from the committed H100 and H200 profiles (bench/results/train-*.json's top_kernels) and the kind of
+# work each one is: the breakdown and the Amdahl bound read these categories.
+PROFILED_KERNELS = [
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64_1x4x1_cga1x1x1_kernel0_0",
+     "full_attention"),
+    ("void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*, void const*, void*, void*, u",
+     "full_attention"),
+    ("void cudnn::fusion::convert_dq_to_16bits<true>(void const*, void*, unsigned int, unsigned int, unsig",
+     "full_attention"),
+    ("_dkdv_kernel", "moba_attention"),
+    ("_pack_picks_kernel", "moba_attention"),
+    ("void at_cuda_detail::cub::detail::radix_sort::DeviceRadixSortOnesweepKernel<at_cuda_detail::cub::det",
+     "moba_attention"),
+    ("liger_vocab_parallel_ce_backward_kernel", "loss"),
+    ("liger_vocab_parallel_ce_forward_kernel", "loss"),
+    ("void at::native::(anonymous namespace)::GammaBetaBackwardCUDAKernelTemplate<c10::BFloat16, float, 32",
+     "norm_activation_rope"),
+    ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0", "norm_activation_rope"),
+    ("_rmsnorm_bwd_kernel", "norm_activation_rope"),
+    ("_qkv_rope_kernel", "norm_activation_rope"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::Fused",
+     "optimizer"),
+    ("nvjet_sm90_tss_128x256_64x4_2x1_v_badd_coopA_NTN", "matmul"),
+]
+
+
+def test_profiled_kernels_are_filed_under_the_work_they_do():
+    from moba_train.benchmarking import kernel_category
+
+    assert {name: kernel_category(name) for name, _ in PROFILED_KERNELS} == dict(PROFILED_KERNELS)
