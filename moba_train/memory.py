@@ -18,7 +18,8 @@ DDP and optimizer, bf16 training, gradients reduced in fp32):
                   with full recomputation only every layer's input (h) plus one layer's activations;
                   selective recomputation (the MLP, from its input) drops the SwiGLU's 3 F / t.
                   Under context parallelism (all_gather) each layer also keeps the gathered K and V
-                  prefixes: 2 (1 + 1 / 2c) s Hkv D / t elements.
+                  prefixes, 2 (1 + 1 / 2c) s Hkv D / t elements (with full recomputation only the layer
+                  being recomputed holds them).
     logits        the output layer's logits and the cross-entropy's fp32 copy: 6 bytes per vocabulary
                   entry (/ t) per token of the micro-batch; 2 with Liger's cross-entropy (it writes the
                   gradient into the bf16 logits in the forward); with fused_linear 8 bytes per token (its
@@ -98,8 +99,9 @@ def estimate(cfg: Config, world_size: int, bf16: bool, distributed_optimizer: bo
     else:
         kept = m.num_layers * layer
     gathered = 0
-    if cp > 1 and par.context_comm == "all_gather":
-        gathered = m.num_layers * 2 * (train.micro_batch_size * train.seq_length) * (2 * cp + 1) // (2 * cp) * hkv * d
+    if cp > 1 and par.context_comm == "all_gather":  # inside each layer's attention: with full recomputation, one
+        holding = 1 if train.recompute == "full" else m.num_layers  # layer (the one recomputed) holds them
+        gathered = holding * 2 * (train.micro_batch_size * train.seq_length) * (2 * cp + 1) // (2 * cp) * hkv * d
     return MemoryEstimate(
         weights=params * element,
         gradients=params * 4,

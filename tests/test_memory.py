@@ -37,7 +37,9 @@ def test_the_8b_recipe_estimate_follows_its_formulas():
     tokens = 131072 // 4  # one 128K sequence over context parallel 4
     per_layer = 4 * 4096 + (4 * 4 + 3 * 1) * 128 + 3 * 14336 // 8  # TP 8: 4 query / 1 KV heads
     kept = 32 * 4096 + per_layer  # full recompute: every layer's input and one layer's activations
-    gathered = 32 * 2 * 131072 * 9 // 8 * 1 * 128  # all_gather: K and V prefixes of 1 + 1/8 sequences
+    # all_gather: K and V prefixes of 1 + 1/8 sequences, inside the attention: under full recomputation only the
+    # layer being recomputed holds them
+    gathered = 1 * 2 * 131072 * 9 // 8 * 1 * 128
     assert (e.weights, e.gradients, e.optimizer) == (2 * params, 4 * params, 12 * params // 8)
     assert e.activations == 2 * (tokens * kept + gathered)
     assert e.logits == tokens * (128256 // 8) * 6
