@@ -566,6 +566,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if path is not None:
         path = Path(path)
         source = str(path)
+        if path.is_dir():
+            raise ConfigError(f"'{path}' is a directory, not a recipe; pass a recipe file such as "
+                              "configs/tiny_moba.yaml")
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist; pass a recipe such as configs/tiny_moba.yaml")
         try:
@@ -576,6 +579,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{path}: not valid YAML{where}; fix the syntax") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping of sections (run, model, attention, ...)")
+        if not raw:  # the defaults alone would start a 32K-token run into runs/moba
+            raise ConfigError(f"{path}: the recipe is empty; write its sections, or start from a recipe such as "
+                              "configs/tiny_moba.yaml")
     for override in overrides:
         apply_override(raw, override)
     if overrides:

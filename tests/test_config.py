@@ -112,6 +112,16 @@ def test_missing_file_is_a_config_error(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+def test_a_directory_or_an_empty_recipe_is_a_config_error(tmp_path):
+    """An empty recipe would train the defaults (32K tokens, runs/moba) as if they had been asked for."""
+    with pytest.raises(ConfigError, match=f"'{tmp_path}' is a directory, not a recipe"):
+        load_config(tmp_path)
+    for text in ("", "# nothing yet\n"):
+        (tmp_path / "empty.yaml").write_text(text)
+        with pytest.raises(ConfigError, match="empty.yaml: the recipe is empty; .*configs/tiny_moba.yaml"):
+            load_config(tmp_path / "empty.yaml")
+
+
 def test_progress_bar_accepts_yaml_on_off_words():
     assert load_config(CONFIGS / "tiny_moba.yaml", ["logging.progress_bar=off"]).logging.progress_bar == "off"
     assert load_config(CONFIGS / "tiny_moba.yaml", ["logging.progress_bar=on"]).logging.progress_bar == "on"
