@@ -334,6 +334,8 @@ def build_corpus(
     manifest, or None when `out_dir` is already complete and kept. `files` replaces the installation's
     files (python_source_files), e.g. for a tree of your own."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"'{out_dir}' is a file, not a directory; choose a directory for the corpus")
     if (out_dir / "tokenizer").is_dir() and Path(f"{out_dir / PREFIX_NAME}.idx").is_file() and not overwrite:
         return None
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file() and not overwrite:
@@ -391,6 +393,9 @@ def build_corpus(
                         "total": round(tokenized - start, 2)},
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # the staging directory was private (mkdtemp); the corpus is not
         replace_dir(tmp, out_dir)
     return manifest
 

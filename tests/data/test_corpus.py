@@ -1,4 +1,5 @@
 import json
+import os
 import re
 import subprocess
 import sys
@@ -203,9 +204,36 @@ def test_a_directory_holding_other_files_is_refused_and_kept_unless_overwrite(tm
     assert not (out / "mydata.bin").exists() and (out / MANIFEST_NAME).is_file()
 
 
+def test_a_file_where_the_corpus_directory_should_be_is_refused_and_kept(tmp_path):
+    """Even with --overwrite (which replaces a directory's contents): a file is not a corpus directory."""
+    files = write_tree(tmp_path / "src", {f"pkg/mod{m}.py": module_text(m, lines=10) for m in range(4)})
+    out = tmp_path / "notes.txt"
+    out.write_text("the user's notes")
+    for overwrite in (False, True):
+        with pytest.raises(DataError, match=f"^'{out}' is a file, not a directory; choose a directory for the corpus"):
+            build_corpus(out, vocab_size=300, files=files, progress=False, overwrite=overwrite)
+        assert out.read_text() == "the user's notes"
+
+
+def test_a_published_corpus_is_readable_by_others(tmp_path):
+    """The staging directory (mkdtemp: mode 0700) is renamed into place: the corpus gets the usual mode."""
+    files = write_tree(tmp_path / "src", {f"pkg/mod{m}.py": module_text(m, lines=10) for m in range(4)})
+    build_corpus(tmp_path / "out", vocab_size=300, files=files, progress=False)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
 def test_site_directories_are_where_installed_packages_import_from():
     import numpy
     import torch
 
     dirs = {d.resolve() for d in site_dirs()}
     assert Path(numpy.__file__).resolve().parents[1] in dirs and Path(torch.__file__).resolve().parents[1] in dirs
+
+
+def test_a_size_of_zero_is_refused_by_the_script(tmp_path):
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[2] / "scripts/build_corpus.py"),
+                          "--out-dir", str(tmp_path / "c"), "--max-mb", "0"], capture_output=True, text=True)
+    assert out.returncode == 2 and "argument --max-mb: 0 is not a positive size in MiB" in out.stderr
+    assert not (tmp_path / "c").exists()
