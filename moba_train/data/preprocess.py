@@ -261,12 +261,21 @@ def _write_staged(
     return stats
 
 
+def _check_prefix(prefix: str | os.PathLike) -> None:
+    """A prefix names files (<prefix>.bin, .idx), not a directory: "data/out/" would write data/out.bin."""
+    text = os.fspath(prefix)
+    if text.endswith(("/", os.sep)) or Path(text).is_dir():
+        raise DataError(f"output prefix '{text}' names a directory; give a file prefix such as "
+                        f"'{Path(text) / 'data'}' (it writes <prefix>.bin and <prefix>.idx)")
+
+
 def write_indexed_dataset(
     texts: Iterable[str | None], tokenizer_path: str | os.PathLike, prefix: str | os.PathLike,
     *, workers: int = 1, total: int | None = None, progress: bool = True,
 ) -> DocumentStats:
     """Tokenize `texts` (EOS appended, null and empty texts skipped and counted) into `<prefix>.bin/.idx`,
     atomically."""
+    _check_prefix(prefix)
     prefix = Path(prefix)
     with _output_staging(prefix) as stage:
         return _write_staged(texts, tokenizer_path, prefix, stage, workers, total, progress)
@@ -277,6 +286,7 @@ def preprocess(
     overwrite: bool = False, progress: bool = True,
 ) -> DocumentStats | None:
     """Tokenize a text collection into an indexed dataset; None when `prefix` is complete and kept."""
+    _check_prefix(prefix)
     remove_stale_staging(prefix)
     if is_complete(prefix) and not overwrite:
         return None

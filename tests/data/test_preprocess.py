@@ -109,6 +109,8 @@ def test_interrupted_overwrite_keeps_the_previous_complete_dataset(tmp_path, tok
     ("latin-1 jsonl", "input .* is not UTF-8 text \\(document 2: "),
     ("latin-1 txt", "input .* is not UTF-8 text"),
     ("output under a file", "output prefix .* cannot be written"),
+    ("output prefix is a directory", "output prefix .* names a directory; give a file prefix such as"),
+    ("output prefix ends with a slash", "output prefix .* names a directory; give a file prefix such as"),
 ])
 def test_bad_input_is_one_clear_error_and_nothing_is_written(tmp_path, tokenizer_dir, case, match):
     source, tok, field, prefix = write_input(tmp_path, "jsonl"), str(tokenizer_dir), "body", tmp_path / "out"
@@ -124,6 +126,11 @@ def test_bad_input_is_one_clear_error_and_nothing_is_written(tmp_path, tokenizer
     elif case == "output under a file":
         (tmp_path / "file").write_text("not a directory")
         prefix = tmp_path / "file" / "out"
+    elif case == "output prefix is a directory":
+        prefix = tmp_path / "outdir"
+        prefix.mkdir()
+    elif case == "output prefix ends with a slash":
+        prefix = f"{tmp_path / 'outdir'}/"
     elif case == "missing input":
         source = tmp_path / "nope.jsonl"
     elif case == "empty file":
@@ -142,7 +149,8 @@ def test_bad_input_is_one_clear_error_and_nothing_is_written(tmp_path, tokenizer
     with pytest.raises(DataError, match=match) as err:
         preprocess(str(source), str(tok), str(prefix), text_field=field, progress=False)
     assert "\n" not in str(err.value)
-    assert not list(tmp_path.glob("out*")) and not list(tmp_path.glob(".out*"))
+    assert not list(tmp_path.glob("out*.*")) and not list(tmp_path.glob(".out*"))
+    assert not list(tmp_path.glob("outdir/*"))
 
 
 def test_script_reports_an_error_in_one_line_with_a_nonzero_exit(tmp_path, tokenizer_dir):
