@@ -67,7 +67,8 @@ def parse_recipe(argv: Sequence[str] | None, description: str, dry_run: bool = F
 
 
 def run_entry(main: Callable[[], None]) -> None:
-    """Call `main()`; turn user errors and aborts into one stderr line and an exit code."""
+    """Call `main()`; turn user errors, aborts and file-system errors (OSError) into one stderr line and an exit
+    code."""
     try:
         main()
     except ConfigError as err:
@@ -77,6 +78,10 @@ def run_entry(main: Callable[[], None]) -> None:
         if _first_on_its_node():
             print(f"error: {err}", file=sys.stderr, flush=True)
         _exit_after_the_first(2)
+    except OSError as err:  # a path the user gave that cannot be written or read: one line, not a traceback
+        where = f" '{err.filename}'" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}; check the path and its permissions", file=sys.stderr, flush=True)
+        _exit_after_the_first(1)
     except Exception as err:
         from moba_train.training import TrainingAborted
 

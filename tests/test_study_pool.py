@@ -256,6 +256,13 @@ def test_cli_writes_the_pooled_files_and_rejects_a_directory_without_a_run(tmp_p
     assert capsys.readouterr().err.splitlines() == [
         f"error: {empty} holds no study.json: give the results directories of study runs"]
     assert not (empty / "pooled.json").exists()
+    # an output directory that cannot be made (a file is in the way): one line, not a traceback
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        _pool_cli([*dirs, "--out-dir", str(tmp_path / "a_file" / "out")], monkeypatch)
+    assert exit_info.value.code == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: ") and f"'{tmp_path / 'a_file'}" in line and "check the path" in line
 
 
 def test_runs_where_an_arm_learned_no_retrieval_are_counted_and_named():
