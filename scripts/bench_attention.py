@@ -392,6 +392,9 @@ def main(argv=None) -> int:
         global BASELINE
         sys.path.insert(0, str(Path(args.baseline).resolve()))
         BASELINE = importlib.import_module("kernels")
+    unknown_passes = sorted(set(args.passes.split(",")) - {"fwd", "fwdbwd"}) if args.passes else []
+    if unknown_passes:
+        parser.error(f"unknown pass(es) {', '.join(unknown_passes)}; choose from fwd, fwdbwd.")
     catalog = SETS[args.set or ("tiny" if args.tiny else "standard")]
     shapes = catalog
     if args.shapes:

@@ -31,3 +31,16 @@ def test_bench_attention_tiny_smoke_run_writes_consistent_json(tmp_path, monkeyp
         if moba:
             assert r["max_rel_err"] < 1e-5
     assert "moba-torch" in capsys.readouterr().out
+
+
+def test_unknown_passes_are_one_clear_error_and_nothing_is_written(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    out = tmp_path / "bench.json"
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--tiny", "--passes", "nope,fwd", "--out", str(out)])
+    bench = runpy.run_path(str(SCRIPT), run_name="bench")
+    with pytest.raises(SystemExit) as exit_info:
+        bench["main"]()
+    assert exit_info.value.code == 2
+    assert "unknown pass(es) nope; choose from fwd, fwdbwd" in capsys.readouterr().err
+    assert not out.exists()
