@@ -210,6 +210,9 @@ def _routing(runs: dict[str, list[dict]], out_dir: Path, run_dirs: list[Path]) -
 def plot_runs(run_dirs: list[Path], out_dir: Path) -> list[Path]:
     """Draw the figures (see the module docstring) of the runs in `run_dirs` into `out_dir`; returns the files."""
     runs = load_runs(run_dirs)
+    for run_dir, records in zip(run_dirs, runs.values()):
+        if not any("train/loss" in r for r in records):
+            raise ConfigError(f"'{run_dir}' has logged no training step yet; plot it once it has")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     drawn = [draw(runs, out_dir) for draw in (_loss, _validation, _throughput)]

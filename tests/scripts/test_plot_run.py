@@ -61,3 +61,15 @@ def test_a_directory_without_metrics_is_one_line_and_exit_2(tmp_path):
     result = _plot(str(tmp_path))
     assert result.returncode == 2
     assert result.stderr == f"error: '{tmp_path}' has no metrics.jsonl; pass the output_dir of a training run\n"
+
+
+def test_a_run_that_logged_no_step_yet_is_one_line_and_leaves_no_folder(tmp_path):
+    """A run killed in its first step leaves an empty (or cut-off) metrics.jsonl: nothing to draw is an error,
+    not an empty plots folder and exit 0."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "train/lo')  # cut off mid-line
+    result = _plot(str(run), "--out", str(tmp_path / "plots"))
+    assert result.returncode == 2
+    assert result.stderr == f"error: '{run}' has logged no training step yet; plot it once it has\n"
+    assert not (tmp_path / "plots").exists()
