@@ -110,4 +110,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from moba_train.cli import run_entry
+
+    run_entry(main)  # a recipe too large for this machine is one line, as in pretrain.py

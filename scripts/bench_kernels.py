@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -470,6 +471,10 @@ def main():
     )
     parser.add_argument("--shapes", default="s32k-b128,s64k-b128,s32k-b512,s128k-b128,s1m-b4096")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("error: bench_kernels.py times the Triton kernels on a CUDA device; run it on a GPU machine",
+              file=sys.stderr)
+        sys.exit(2)
     t0 = time.time()
     meta = {
         "gpu": torch.cuda.get_device_name(),

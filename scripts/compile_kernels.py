@@ -96,4 +96,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from moba_train.cli import run_entry
+
+    run_entry(lambda: sys.exit(main()))  # a --json path that cannot be written is one line

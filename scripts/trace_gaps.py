@@ -10,7 +10,13 @@ import sys
 import time
 
 import torch
-from moba_train.kernels import moba_attention_triton
+
+if not torch.cuda.is_available():
+    print("error: trace_gaps.py profiles the Triton kernels on a CUDA device; run it on a GPU machine",
+          file=sys.stderr)
+    sys.exit(2)
+
+from moba_train.kernels import moba_attention_triton  # noqa: E402
 
 out_dir = os.environ.get("OUT", ".")
 for name, seq, block, topk in [("s32k-b128", 32768, 128, 8), ("s32k-b512", 32768, 512, 3)]:

@@ -43,3 +43,23 @@ def test_the_prepared_device_calls_name_only_variants_and_shapes_that_exist():
             for shape in shapes.split(","):
                 assert shape in bench.VARIANT_SHAPES, f"{script.name} names shape {shape!r}"
     assert named >= 6  # bench/h200_session19.sh kernel alone names six
+
+
+def test_the_gpu_only_scripts_say_so_in_one_line_on_a_machine_without_cuda(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OUT": str(tmp_path)}
+    for script in ("bench_kernels.py", "trace_gaps.py"):
+        done = subprocess.run([sys.executable, str(root / "scripts" / script)], capture_output=True, text=True,
+                              env=env, timeout=300)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, (script, done.stderr[-2000:])
+        assert done.stderr.strip().splitlines()[-1].startswith(f"error: {script} ")
+        assert "CUDA" in done.stderr.strip().splitlines()[-1]
