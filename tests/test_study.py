@@ -272,6 +272,14 @@ def test_a_bad_short_mix_is_one_clear_error(mix, message, capsys):
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("minutes", ["0", "-1"])
+def test_a_budget_of_no_time_is_one_clear_error(minutes, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_study_main(["--work-dir", str(tmp_path / "w"), "--budget-minutes", minutes])
+    assert exit_info.value.code == 2 and f"{minutes} is not a positive number of minutes" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
 def test_the_short_mix_names_every_share():
     assert _script._mix("copy=0.6") == (("copy_mix", 0.6), ("passkey_mix", 0.0), ("recall_mix", 0.0))
 
