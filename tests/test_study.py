@@ -275,9 +275,10 @@ def test_a_bad_short_mix_is_one_clear_error(mix, message, capsys):
 @pytest.mark.parametrize("minutes", ["0", "-1"])
 def test_a_budget_of_no_time_is_one_clear_error(minutes, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        run_study_main(["--work-dir", str(tmp_path / "w"), "--budget-minutes", minutes])
+        run_study_main(["--work-dir", str(tmp_path / "w"), "--results-dir", str(tmp_path / "r"),
+                        "--budget-minutes", minutes])
     assert exit_info.value.code == 2 and f"{minutes} is not a positive number of minutes" in capsys.readouterr().err
-    assert not (tmp_path / "w").exists()
+    assert not (tmp_path / "w").exists() and not (tmp_path / "r").exists()
 
 
 def test_the_short_mix_names_every_share():
