@@ -149,7 +149,7 @@ class StudySettings:
 
 
 class StudyInterrupted(Exception):
-    """SIGTERM/SIGINT arrived, or a training stopped before its last step: save and stop."""
+    """A stop signal (SIGTERM, SIGUSR1, SIGINT) arrived, or a training stopped before its last step: save and stop."""
 
 
 def _yaml(path: Path) -> str:
