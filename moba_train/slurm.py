@@ -358,6 +358,7 @@ def submit(job: SlurmJob, dry_run: bool = False, env: dict | None = None) -> str
     sbatch = shutil.which("sbatch", path=(env or os.environ).get("PATH"))
     if sbatch is None:
         raise ConfigError("sbatch is not on PATH: submit from a SLURM login node (or pass --dry-run to see the script)")
+    made = [d for d in (job.slurm_dir, *job.slurm_dir.parents) if not d.exists()]  # removed again if refused
     job.slurm_dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(recipe_copy, job.recipe.read_text())
     _write_atomic(script_path, script)
@@ -365,6 +366,11 @@ def submit(job: SlurmJob, dry_run: bool = False, env: dict | None = None) -> str
     if result.returncode != 0:
         recipe_copy.unlink()
         script_path.unlink()
+        for directory in made:  # innermost first; only if still empty
+            try:
+                directory.rmdir()
+            except OSError:
+                break
         reason = ((result.stderr or result.stdout).strip().splitlines() or ["no reason given"])[0]
         reason = reason.removeprefix("sbatch: error: ")  # the first line names the cause, a second repeats it
         raise ConfigError(f"sbatch refused the job: {reason}")
