@@ -74,9 +74,18 @@ def _rope_kernel(
         tl.store(o_ptrs + HALF, y2.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _angle_rows(freqs: torch.Tensor) -> torch.Tensor:
+    """freqs [s, 1, 1, d] as the kernels read them: fp32 [s, d] with a contiguous last dimension."""
+    freqs = freqs.reshape(freqs.shape[0], freqs.shape[-1])
+    return freqs if freqs.dtype == torch.float32 and freqs.stride(-1) == 1 else freqs.float().contiguous()
+
+
 def _launch(x: torch.Tensor, freqs: torch.Tensor, backward: bool) -> torch.Tensor:
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x = _last_dim_contiguous(x)
     s, b, h, d = x.shape
     out = torch.empty((s, b, h, d), dtype=x.dtype, device=x.device)
     block_s = 16
@@ -124,10 +133,7 @@ def rope_triton(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
             f"rope_triton rotates [s, b, h, d] by freqs [s, 1, 1, d] with d/2 a power of two; got t "
             f"{tuple(t.shape)} and freqs {tuple(freqs.shape)}"
         )
-    freqs = freqs.reshape(freqs.shape[0], freqs.shape[-1])
-    if freqs.dtype != torch.float32 or freqs.stride(-1) != 1:
-        freqs = freqs.float().contiguous()
-    return _RoPE.apply(t, freqs)
+    return _RoPE.apply(t, _angle_rows(freqs))
 
 
 @triton.jit
@@ -214,10 +220,6 @@ def _qkv_launch(x, q, k, v, fq, fk, r: int, backward: bool) -> None:
     )
 
 
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 class _QKVRoPE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, fq: torch.Tensor, fk: torch.Tensor, r: int):
@@ -263,6 +265,4 @@ def qkv_rope_triton(mixed: torch.Tensor, q_freqs: torch.Tensor, k_freqs: torch.T
             f"freqs [s, 1, 1, d], d/2 a power of two; got {tuple(mixed.shape)}, freqs {tuple(q_freqs.shape)} and "
             f"{tuple(k_freqs.shape)}"
         )
-    fq, fk = (f.reshape(f.shape[0], f.shape[-1]) for f in (q_freqs, k_freqs))
-    fq, fk = (f if f.dtype == torch.float32 and f.stride(-1) == 1 else f.float().contiguous() for f in (fq, fk))
-    return _QKVRoPE.apply(mixed, fq, fk, q_per_group)
+    return _QKVRoPE.apply(mixed, _angle_rows(q_freqs), _angle_rows(k_freqs), q_per_group)

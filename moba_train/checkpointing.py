@@ -133,14 +133,7 @@ def clean_up_saves(root: Path) -> tuple[list[Path], list[Path]]:
     """`remove_unfinished_saves` on rank 0, collectively: every rank waits for it before it lists checkpoints (what
     rank 0 puts back must be seen by all) and raises its OSError if any. Returns rank 0's lists (empty on the
     others)."""
-    done = ([], [])
-
-    def run():
-        nonlocal done
-        done = remove_unfinished_saves(root)
-
-    _on_rank0(run)
-    return done
+    return _on_rank0(lambda: remove_unfinished_saves(root)) or ([], [])
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -195,17 +188,19 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _on_rank0(action) -> None:
-    """Run `action()` on rank 0; every rank raises the OSError it raised, if any (collective)."""
-    failed = [None]
+def _on_rank0(action):
+    """Run `action()` on rank 0; every rank raises the OSError it raised, if any (collective). Returns what it
+    returned on rank 0, None on the others."""
+    failed, result = [None], None
     if dist.get_rank() == 0:
         try:
-            action()
+            result = action()
         except OSError as err:
             failed = [err]
     dist.broadcast_object_list(failed, src=0)
     if failed[0] is not None:
         raise failed[0]
+    return result
 
 
 def _fresh_dir(path: Path) -> None:

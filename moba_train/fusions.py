@@ -207,7 +207,8 @@ class TritonRMSNorm(CompiledRMSNorm):
         return rms_norm(x, self.weight, self.eps)
 
 
-def _fused_norm_layer_class() -> type:
+@functools.cache
+def fused_norm_layer_class() -> type:
     """FusedNormTransformerLayer, defined on first use (Megatron's TransformerLayer is imported lazily here)."""
     from megatron.core import tensor_parallel
     from megatron.core.transformer.identity_op import IdentityOp
@@ -267,11 +268,6 @@ def _fused_norm_layer_class() -> type:
             return make_viewless_tensor(inp=out, requires_grad=out.requires_grad, keep_graph=True), None
 
     return FusedNormTransformerLayer
-
-
-@functools.cache
-def fused_norm_layer_class() -> type:
-    return _fused_norm_layer_class()
 
 
 def layer_module(chosen: dict[str, str], default: type) -> type:
@@ -355,7 +351,8 @@ def _fused_qkv_rope(mixed_qkv: torch.Tensor, q_freqs: torch.Tensor, k_freqs: tor
     return _fused_rope(query, q_freqs), _fused_rope(key, k_freqs), value
 
 
-def _fused_qkv_rope_attention_class() -> type:
+@functools.cache
+def fused_qkv_rope_attention_class() -> type:
     """FusedQKVRoPESelfAttention, defined on first use (Megatron imported lazily here)."""
     from megatron.core.transformer import attention as attention_module
     from megatron.core.transformer.identity_op import IdentityOp
@@ -370,28 +367,23 @@ def _fused_qkv_rope_attention_class() -> type:
         def __init__(self, config, *args, **kwargs):
             super().__init__(config, *args, **kwargs)
             self.config = copy.copy(self.config)  # the flag below is this module's alone
+            c, no_rope = self.config, self.config.no_rope_freq  # no_rope: layers Megatron runs without RoPE
+            self.fused_layer = (  # what the layer's build decides; each call adds its own conditions
+                attention_module.HAVE_FUSED_QKV_ROPE and not (no_rope and no_rope[self.layer_number - 1])
+                and not c.test_mode and not c.flash_decode and not c.attention_output_gate
+                and not hasattr(c, "yarn_rotary_scaling_factor") and c.num_query_groups >= self.world_size
+                and all(norm is None or isinstance(norm, IdentityOp) for norm in (self.q_layernorm, self.k_layernorm))
+            )
 
         def forward(self, hidden_states, *args, **kwargs):
-            rotary = kwargs.get("rotary_pos_emb")
-            no_rope = self.config.no_rope_freq  # layers Megatron runs without RoPE (its forward drops the angles)
             self.config.fused_single_qkv_rope = (
-                not args and attention_module.HAVE_FUSED_QKV_ROPE and rotary is not None
-                and not (no_rope and no_rope[self.layer_number - 1])
+                self.fused_layer and not args and kwargs.get("rotary_pos_emb") is not None
                 and kwargs.get("packed_seq_params") is None and kwargs.get("inference_context") is None
                 and kwargs.get("inference_params") is None and kwargs.get("key_value_states") is None
-                and not self.config.test_mode and not self.config.flash_decode
-                and not self.config.attention_output_gate and not hasattr(self.config, "yarn_rotary_scaling_factor")
-                and self.config.num_query_groups >= self.world_size
-                and all(norm is None or isinstance(norm, IdentityOp) for norm in (self.q_layernorm, self.k_layernorm))
             )
             return super().forward(hidden_states, *args, **kwargs)
 
     return FusedQKVRoPESelfAttention
-
-
-@functools.cache
-def fused_qkv_rope_attention_class() -> type:
-    return _fused_qkv_rope_attention_class()
 
 
 def attention_module(chosen: dict[str, str], default: type) -> type:
