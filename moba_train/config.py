@@ -276,7 +276,7 @@ class DataConfig(_Section):
     min_doc_length: int = Field(0, ge=0)
     """Keep only documents of at least this many tokens (0 keeps all); kept documents are packed into sequences."""
     num_workers: int = Field(0, ge=0)
-    """DataLoader worker processes per rank (0 loads in the training process)."""
+    """DataLoader worker processes per rank (0 loads in the training process), not forks of the trainer."""
     passkey_mix: float = Field(0.0, ge=0.0, le=1.0)
     """Indexed kind: the share of training samples made passkey-retrieval documents (moba_train.data.passkey:
     the sample's text as haystack, a key at a random depth asked for at the end); 0 trains on the text as is."""

@@ -16,6 +16,7 @@ timeout. SLURM signals every process of the job step directly.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -69,10 +70,23 @@ class StopSignal:
         return bool(flag.item())
 
 
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """Meanwhile this thread holds the stop signals back (a process-directed one goes to another thread,
+    or waits until the block ends: none is lost). A process started from here inherits the block, so it
+    cannot die of one before it has said what to do with them."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, StopSignal.SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def leave_stopping_to_the_trainer(worker_id: int) -> None:
-    """A data-loader worker's `worker_init_fn`: ignore the stop signals. The workers are forked into their
+    """A data-loader worker's `worker_init_fn`: ignore the stop signals. The workers are in their
     training process's group, so a signal to the group (torchrun's forwarding, Ctrl-C, SLURM's signal to
     every process) reaches them too; one that died of it made torch raise in the trainer mid-step, with
-    nothing saved. The trainer ends them when it stops, and torch's workers exit when their parent dies."""
+    nothing saved. They start with the signals blocked (`stop_signals_blocked`), so one arriving earlier
+    waits until here and is dropped. The trainer ends them when it stops, and they exit when the trainer dies."""
     for sig in StopSignal.SIGNALS:
         signal.signal(sig, signal.SIG_IGN)

@@ -123,9 +123,10 @@ def test_group_signals_stop_after_a_saved_step_and_relaunches_resume_exactly(ref
 
 @pytest.mark.skipif(STRACE is None, reason="strace reads the workers' exit codes")
 def test_a_group_signal_also_reaching_the_data_loader_workers_still_stops_after_a_saved_step(tmp_path):
-    """The data loader's worker processes (data.num_workers > 0) are forked into each training process's
-    group, so torchrun's forwarded signal, SLURM's and Ctrl-C reach them too. They must leave stopping to
-    the trainer: a worker that died of the signal made torch raise in the trainer mid-step, with no save."""
+    """The data loader's worker processes (data.num_workers > 0) are in each training process's group, so
+    torchrun's forwarded signal, SLURM's and Ctrl-C reach them too. They must leave stopping to the
+    trainer: a worker that died of the signal made torch raise in the trainer mid-step, with no save.
+    (Under strace, forked workers hung in about one launch of 20: see tests/data/test_sampler.py.)"""
     out = tmp_path / "run"
     stdout = _stop_with_group_signal(out, tmp_path / "strace.log", signal.SIGTERM, 3, "data.num_workers=1")
     steps = len(_metrics(out))

@@ -9,12 +9,13 @@ continues at the exact sample a stopped run would have read next. Indices wrap a
 from __future__ import annotations
 
 import functools
+import multiprocessing.resource_tracker
 from typing import Iterator
 
 import torch
 
 from moba_train.data.batches import collate
-from moba_train.signals import leave_stopping_to_the_trainer
+from moba_train.signals import leave_stopping_to_the_trainer, stop_signals_blocked
 
 
 class PretrainingSampler:
@@ -37,7 +38,14 @@ class PretrainingSampler:
 
 
 def build_dataloader(dataset, cfg, env, consumed_samples: int) -> Iterator[dict[str, torch.Tensor]]:
-    """This data-parallel rank's micro-batches (see `collate`), starting after `consumed_samples`."""
+    """This data-parallel rank's micro-batches (see `collate`), starting after `consumed_samples`.
+
+    With data.num_workers > 0 the workers are fresh interpreters (spawn), not forks of the trainer: by
+    now it runs dozens of threads (gloo, OpenMP, CUDA), and a fork copies the locks they hold. CPython
+    3.11's child can hang inside os.fork itself (PyOS_AfterFork_Child waiting for the interpreter's
+    thread-state lock), and the trainer then waits for its batch forever. A worker imports torch and the
+    dataset's modules once (seconds, at the first batch) and, as a fork would, exits when the trainer dies.
+    It starts with the stop signals blocked, so one that reaches its group meanwhile cannot kill it."""
     sampler = PretrainingSampler(
         len(dataset), consumed_samples, cfg.train.micro_batch_size, env.dp_rank, env.dp
     )
@@ -47,6 +55,11 @@ def build_dataloader(dataset, cfg, env, consumed_samples: int) -> Iterator[dict[
         collate_fn=functools.partial(collate, reset_attention_mask=cfg.data.reset_attention_mask),
         num_workers=cfg.data.num_workers,
         persistent_workers=cfg.data.num_workers > 0,
+        multiprocessing_context="spawn" if cfg.data.num_workers > 0 else None,
         worker_init_fn=leave_stopping_to_the_trainer,
     )
-    return iter(loader)
+    if cfg.data.num_workers == 0:
+        return iter(loader)
+    multiprocessing.resource_tracker.ensure_running()  # its first start unblocks SIGINT and SIGTERM here
+    with stop_signals_blocked():
+        return iter(loader)  # the persistent workers start here and inherit the block

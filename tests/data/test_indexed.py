@@ -1,6 +1,8 @@
+import itertools
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 from pydantic import ValidationError
 
 from moba_train.config import Config, ConfigError, load_config
-from moba_train.data import build_datasets
+from moba_train.data import build_dataloader, build_datasets
 from moba_train.data.indexed import check_indexed_dataset, parse_blend
 from moba_train.data.preprocess import DataError
 
@@ -63,6 +65,22 @@ def test_samples_carry_per_document_boundaries_and_reset_positions(tmp_path, tok
         assert all(x["tokens"][c - 1] == EOD for c in cu[1:-1]) and (x["tokens"][:-1] == EOD).sum() == len(cu) - 2
         assert torch.equal(x["position_ids"], positions) and torch.equal(x["loss_mask"], loss_mask)
 
+
+def test_worker_processes_read_a_blend_as_the_training_process_does(tmp_path, tokenizer_dir):
+    """Workers are fresh interpreters (moba_train.data.sampler), so the blended Megatron datasets travel to
+    them pickled: they must read the same packed samples, document boundaries included."""
+    rng = np.random.default_rng(3)
+    a = write_ids(tmp_path / "a", docs_in_range(rng, 10, 200, 200))
+    b = write_ids(tmp_path / "b", docs_in_range(rng, 10, 200, 200))
+    cfg = recipe(tmp_path, tokenizer_dir, [f"0.6 {a}", f"0.4 {b}"], reset_position_ids=True,
+                 reset_attention_mask=True)
+    train, _ = build_datasets(cfg, None)
+    rank = SimpleNamespace(rank=1, dp_rank=1, dp=2)
+    inline = list(itertools.islice(build_dataloader(train, cfg, rank, 16), 4))
+    cfg.data.num_workers = 2
+    spawned = list(itertools.islice(build_dataloader(train, cfg, rank, 16), 4))
+    assert inline[0].keys() == spawned[0].keys()
+    assert all(torch.equal(x[key], y[key]) for x, y in zip(inline, spawned) for key in x)
 
 def test_sample_order_is_identical_when_rebuilt_from_the_index_cache(tmp_path, tokenizer_dir):
     rng = np.random.default_rng(2)

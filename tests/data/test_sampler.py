@@ -1,6 +1,13 @@
 import itertools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from types import SimpleNamespace
 
+import psutil
 import torch
 
 from moba_train.config import Config
@@ -58,3 +65,99 @@ def test_worker_processes_give_the_same_batches():
     a = list(itertools.islice(build_dataloader(train, c, env(0, 1), 5), 3))
     b = list(itertools.islice(build_dataloader(train, c2, env(0, 1), 5), 3))
     assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+
+
+
+def _new_workers(before: set[int]) -> list[psutil.Process]:
+    """This process's children started since `before`, but for multiprocessing's resource tracker."""
+    return [p for p in psutil.Process().children() if p.pid not in before
+            and "multiprocessing.resource_tracker" not in " ".join(p.cmdline())]
+
+
+def _children() -> set[int]:
+    return {p.pid for p in psutil.Process().children()}
+
+
+def test_workers_are_fresh_interpreters_not_forks_of_the_multithreaded_trainer():
+    """The trainer runs dozens of threads (gloo, OpenMP, CUDA) when it starts its data-loader workers. A
+    fork from there copies the locks those threads hold: CPython 3.11's child can hang in os.fork itself
+    (PyOS_AfterFork_Child waiting for the interpreter's thread-state lock), and the trainer then waits
+    for its batch forever (a hung 2-process run, the worker's stack in _PyThreadState_DeleteExcept)."""
+    stop = threading.Event()
+    threads = [threading.Thread(target=stop.wait) for _ in range(4)]  # this process is multi-threaded
+    for t in threads:
+        t.start()
+    try:
+        c = cfg()
+        c.data.num_workers = 1
+        train, _ = build_datasets(c, None)
+        before = _children()
+        batches = build_dataloader(train, c, env(0, 1), 0)
+        assert torch.equal(next(batches)["tokens"], torch.stack([train[0]["tokens"], train[1]["tokens"]]))
+        workers = _new_workers(before)
+        assert len(workers) == 1
+        assert workers[0].cmdline() != psutil.Process().cmdline()  # a fork would run this command
+        assert "from multiprocessing.spawn import spawn_main" in " ".join(workers[0].cmdline())
+    finally:
+        stop.set()
+
+
+class SlowToUnpickle(torch.utils.data.Dataset):
+    """A dataset whose copy in a worker takes a second to arrive (as a large index or slow imports would)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return self.dataset[index]
+
+    def __setstate__(self, state):
+        time.sleep(1.0)
+        self.__dict__.update(state)
+
+
+def test_a_stop_signal_while_a_worker_starts_up_does_not_kill_it():
+    """A group signal (torchrun's forwarding, SLURM's, Ctrl-C) reaches the workers too; they leave stopping
+    to the trainer from their first instruction on, not only once their init function has run."""
+    c = cfg()
+    c.data.num_workers = 1
+    train, _ = build_datasets(c, None)
+    before = _children()
+    batches = build_dataloader(SlowToUnpickle(train), c, env(0, 1), 0)
+    workers = _new_workers(before)
+    assert len(workers) == 1
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        os.kill(workers[0].pid, sig)  # during its second of unpickling
+    assert torch.equal(next(batches)["tokens"], torch.stack([train[0]["tokens"], train[1]["tokens"]]))
+
+
+TRAINER = """
+import sys, time
+import psutil
+from types import SimpleNamespace
+from moba_train.config import Config
+from moba_train.data import build_dataloader, build_datasets
+c = Config.model_validate({"train": {"seq_length": 64, "micro_batch_size": 2, "global_batch_size": 2},
+                           "attention": {"block_size": 16}, "data": {"num_workers": 1}})
+train, _ = build_datasets(c, None)
+batches = build_dataloader(train, c, SimpleNamespace(rank=0, dp_rank=0, dp=1), 0)
+next(batches)
+print(*[p.pid for p in psutil.Process().children()], flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_workers_exit_when_the_trainer_is_killed():
+    """kill -9 of a training process (an OOM kill, a node's cleanup) must leave no worker behind."""
+    trainer = subprocess.Popen([sys.executable, "-c", TRAINER], stdout=subprocess.PIPE, text=True)
+    try:
+        children = [psutil.Process(int(pid)) for pid in trainer.stdout.readline().split()]
+        assert children, "the trainer started no worker"
+    finally:
+        trainer.kill()
+        trainer.wait()
+    gone, alive = psutil.wait_procs(children, timeout=30)  # torch's workers check on their parent every 5 s
+    assert alive == [], [p.cmdline() for p in alive]
