@@ -390,6 +390,9 @@ def main(argv=None) -> int:
     dtype = torch.float32 if args.tiny else torch.bfloat16
     if args.baseline:
         global BASELINE
+        if not (Path(args.baseline) / "kernels" / "__init__.py").is_file():  # else this checkout's would load
+            parser.error(f"--baseline {args.baseline} holds no kernels package (kernels/__init__.py); make one "
+                         f"with: mkdir -p DIR && git archive <commit> kernels | tar -x -C DIR")
         sys.path.insert(0, str(Path(args.baseline).resolve()))
         BASELINE = importlib.import_module("kernels")
     unknown_passes = sorted(set(args.passes.split(",")) - {"fwd", "fwdbwd"}) if args.passes else []

@@ -44,3 +44,18 @@ def test_unknown_passes_are_one_clear_error_and_nothing_is_written(tmp_path, mon
     assert exit_info.value.code == 2
     assert "unknown pass(es) nope; choose from fwd, fwdbwd" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_baseline_directory_without_a_kernels_package_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    """Python would import this checkout's `kernels` from such a directory and time it against itself."""
+    import pytest
+
+    out = tmp_path / "bench.json"
+    for baseline in (tmp_path / "missing", tmp_path):
+        monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--tiny", "--baseline", str(baseline), "--out", str(out)])
+        bench = runpy.run_path(str(SCRIPT), run_name="bench")
+        with pytest.raises(SystemExit) as exit_info:
+            bench["main"]()
+        assert exit_info.value.code == 2
+        assert f"--baseline {baseline} holds no kernels package" in capsys.readouterr().err
+        assert not out.exists()
