@@ -214,6 +214,8 @@ class Study:
             "study": "moba-train quality study (docs/quality.md)", "stages": {}, "arms": {}}
         recipes = recipe_hashes()
         self._check_resume(recipes)
+        for arm in (SHORT, *(arm for arm in ARMS if arm.name in settings.arms)):
+            self.config(arm, MIN_STEPS)  # an override that does not fit a recipe: one error now, not a failed stage
         self.state["commit"] = git_commit()
         self.state["machine"] = machine()
         self.state["recipes"] = recipes

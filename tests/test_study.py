@@ -431,3 +431,14 @@ def test_arm_1_keeps_its_half_way_checkpoint_through_a_stop_in_its_second_half(t
     study_module.keep_half_and_last(cfg, steps)
     assert [p.name for p in complete_checkpoints(tmp_path / "full/checkpoints")] == ["step_00000003",
                                                                                      "step_00000006"]
+
+
+def test_a_bad_override_is_one_clear_error_before_anything_runs(tmp_path):
+    """Overrides apply to every arm's recipe; one that does not fit fails at once, not as a failed
+    calibration stage once the study has started."""
+    work, results = tmp_path / "w", tmp_path / "r"
+    with pytest.raises(ConfigError, match="train.nope"):
+        run_study_main(["--work-dir", str(work), "--results-dir", str(results), "train.nope=1"])
+    with pytest.raises(ConfigError, match="attention.topk"):
+        run_study_main(["--work-dir", str(work), "--results-dir", str(results), "attention.topk=0"])
+    assert not work.exists() and not results.exists()
