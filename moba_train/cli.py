@@ -18,6 +18,7 @@ import time
 from typing import Callable, Sequence
 
 from moba_train.config import ConfigError, load_config
+from moba_train.implementations import quiet_megatron_fallbacks
 
 
 class SharedConfigError(ConfigError):
@@ -68,7 +69,9 @@ def parse_recipe(argv: Sequence[str] | None, description: str, dry_run: bool = F
 
 def run_entry(main: Callable[[], None]) -> None:
     """Call `main()`; turn user errors, aborts and file-system errors (OSError) into one stderr line and an exit
-    code."""
+    code. Megatron-Core's warnings that Transformer Engine and Apex are absent are off (a training run says
+    which implementations it uses in one line), so an error is the only line a user sees."""
+    quiet_megatron_fallbacks()
     try:
         main()
     except ConfigError as err:

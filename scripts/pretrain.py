@@ -12,7 +12,6 @@ import os
 import sys
 
 from moba_train.cli import parse_recipe, run_entry
-from moba_train.implementations import quiet_megatron_fallbacks
 from moba_train.signals import stop_with_the_launcher
 
 
@@ -25,7 +24,6 @@ def main(argv=None) -> None:
         world = args.world_size or int(os.environ.get("WORLD_SIZE", 0)) or par.tensor * par.pipeline * par.context
         print(dry_run(cfg, world))
         return
-    quiet_megatron_fallbacks()  # the run says in one line which implementations it uses
     from moba_train.training import train  # after the recipe is valid: importing Megatron takes seconds
 
     train(cfg)
