@@ -127,7 +127,8 @@ def evaluate(model, dataset, cfg: Config, env: DistEnv, passkey=None) -> dict[st
     `val/passkey_found` (`passkey_check`)."""
     result = passkey_check(model, passkey, cfg, env) if passkey is not None else {}
     model.eval()
-    batches = data.build_dataloader(dataset, cfg, env, consumed_samples=0)
+    # A few batches, read in this process: workers (fresh interpreters) would take longer to start.
+    batches = data.build_dataloader(dataset, cfg, env, consumed_samples=0, num_workers=0)
     length = cfg.train.seq_length
     edges = [length * i // POSITION_BUCKETS for i in range(POSITION_BUCKETS + 1)]
     boundaries = torch.tensor(edges[1:-1], device=env.device)
@@ -159,7 +160,7 @@ def passkey_check(model, dataset, cfg: Config, env: DistEnv) -> dict[str, float]
     mask on its key only); `val/passkey_found`: the share of documents whose every key token has a loss below
     ln 2. A document's tokens may lie on several context-parallel ranks: its sums meet over that group first."""
     model.eval()
-    batches = data.build_dataloader(dataset, cfg, env, consumed_samples=0)
+    batches = data.build_dataloader(dataset, cfg, env, consumed_samples=0, num_workers=0)  # as `evaluate`'s
     totals = torch.zeros(3, device=env.device, dtype=torch.float64)  # loss sum, key tokens, documents found
     for _ in range(len(dataset) // (cfg.train.micro_batch_size * env.dp)):
         batch = local_batch(next(batches))

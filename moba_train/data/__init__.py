@@ -2,7 +2,7 @@
 
     build_datasets(cfg, env) -> (train, valid or None)   map-style; ds[i] -> dict of [s] tensors
     build_passkey_validation(cfg, env, valid) -> the in-training passkey check's documents, or None
-    build_dataloader(dataset, cfg, env, consumed_samples) -> iterator of micro-batches [b, s]
+    build_dataloader(dataset, cfg, env, consumed_samples[, num_workers]) -> iterator of micro-batches [b, s]
     collate(samples, reset_attention_mask) -> micro-batch with cu_seqlens
 """
 

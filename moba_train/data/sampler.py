@@ -37,15 +37,18 @@ class PretrainingSampler:
             start += step
 
 
-def build_dataloader(dataset, cfg, env, consumed_samples: int) -> Iterator[dict[str, torch.Tensor]]:
-    """This data-parallel rank's micro-batches (see `collate`), starting after `consumed_samples`.
+def build_dataloader(dataset, cfg, env, consumed_samples: int,
+                     num_workers: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """This data-parallel rank's micro-batches (see `collate`), starting after `consumed_samples`, read by
+    `num_workers` worker processes (default data.num_workers; 0 reads them in this process).
 
-    With data.num_workers > 0 the workers are fresh interpreters (spawn), not forks of the trainer: by
-    now it runs dozens of threads (gloo, OpenMP, CUDA), and a fork copies the locks they hold. CPython
-    3.11's child can hang inside os.fork itself (PyOS_AfterFork_Child waiting for the interpreter's
-    thread-state lock), and the trainer then waits for its batch forever. A worker imports torch and the
-    dataset's modules once (seconds, at the first batch) and, as a fork would, exits when the trainer dies.
-    It starts with the stop signals blocked, so one that reaches its group meanwhile cannot kill it."""
+    The workers are fresh interpreters (spawn), not forks of the trainer: by now it runs dozens of threads
+    (gloo, OpenMP, CUDA), and a fork copies the locks they hold. CPython 3.11's child can hang inside
+    os.fork itself (PyOS_AfterFork_Child waiting for the interpreter's thread-state lock), and the trainer
+    then waits for its batch forever. A worker imports torch and the dataset's modules once (seconds, at
+    the first batch) and, as a fork would, exits when the trainer dies. It starts with the stop signals
+    blocked, so one that reaches its group meanwhile cannot kill it."""
+    workers = cfg.data.num_workers if num_workers is None else num_workers
     sampler = PretrainingSampler(
         len(dataset), consumed_samples, cfg.train.micro_batch_size, env.dp_rank, env.dp
     )
@@ -53,12 +56,12 @@ def build_dataloader(dataset, cfg, env, consumed_samples: int) -> Iterator[dict[
         dataset,
         batch_sampler=sampler,
         collate_fn=functools.partial(collate, reset_attention_mask=cfg.data.reset_attention_mask),
-        num_workers=cfg.data.num_workers,
-        persistent_workers=cfg.data.num_workers > 0,
-        multiprocessing_context="spawn" if cfg.data.num_workers > 0 else None,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        multiprocessing_context="spawn" if workers > 0 else None,
         worker_init_fn=leave_stopping_to_the_trainer,
     )
-    if cfg.data.num_workers == 0:
+    if workers == 0:
         return iter(loader)
     multiprocessing.resource_tracker.ensure_running()  # its first start unblocks SIGINT and SIGTERM here
     with stop_signals_blocked():

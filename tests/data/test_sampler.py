@@ -74,6 +74,18 @@ def _new_workers(before: set[int]) -> list[psutil.Process]:
             and "multiprocessing.resource_tracker" not in " ".join(p.cmdline())]
 
 
+def test_num_workers_0_reads_in_this_process_whatever_the_recipe_says():
+    """Evaluation reads its few batches in the training process (moba_train.training.evaluate): workers would
+    take longer to start than the reading takes."""
+    c = cfg()
+    c.data.num_workers = 2
+    train, _ = build_datasets(c, None)
+    before = _children()
+    batches = build_dataloader(train, c, env(0, 1), 0, num_workers=0)
+    assert torch.equal(next(batches)["tokens"], torch.stack([train[0]["tokens"], train[1]["tokens"]]))
+    assert _new_workers(before) == []
+
+
 def _children() -> set[int]:
     return {p.pid for p in psutil.Process().children()}
 
