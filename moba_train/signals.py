@@ -21,6 +21,7 @@ import ctypes
 import os
 import signal
 import sys
+import threading
 
 _PR_SET_PDEATHSIG = 1
 
@@ -83,10 +84,22 @@ def stop_signals_blocked():
 
 
 def leave_stopping_to_the_trainer(worker_id: int) -> None:
-    """A data-loader worker's `worker_init_fn`: ignore the stop signals. The workers are in their
-    training process's group, so a signal to the group (torchrun's forwarding, Ctrl-C, SLURM's signal to
-    every process) reaches them too; one that died of it made torch raise in the trainer mid-step, with
-    nothing saved. They start with the signals blocked (`stop_signals_blocked`), so one arriving earlier
-    waits until here and is dropped. The trainer ends them when it stops, and they exit when the trainer dies."""
-    for sig in StopSignal.SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    """A data-loader worker's `worker_init_fn`: stop signals from anyone but its trainer are dropped.
+
+    The workers are in their training process's group, so a signal to the group (torchrun's forwarding,
+    Ctrl-C, SLURM's signal to every process) reaches them too; one that died of it made torch raise in the
+    trainer mid-step, with nothing saved. The trainer's own SIGTERM still ends a worker: multiprocessing
+    sends it to the workers of a process that exits with them running (after an error nothing caught) and
+    then waits for them, forever if they ignored it. The workers start with the signals blocked
+    (`stop_signals_blocked`, inherited by every thread they start), so each one, whenever it came, waits
+    for a thread here that reads who sent it."""
+    trainer = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, StopSignal.SIGNALS)
+
+    def sort_out() -> None:
+        while True:
+            received = signal.sigwaitinfo(StopSignal.SIGNALS)
+            if received.si_pid == trainer:
+                os._exit(128 + received.si_signo)
+
+    threading.Thread(target=sort_out, name="stop-signals", daemon=True).start()

@@ -1,5 +1,4 @@
 import itertools
-import os
 import signal
 import subprocess
 import sys
@@ -141,8 +140,8 @@ def test_a_stop_signal_while_a_worker_starts_up_does_not_kill_it():
     batches = build_dataloader(SlowToUnpickle(train), c, env(0, 1), 0)
     workers = _new_workers(before)
     assert len(workers) == 1
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        os.kill(workers[0].pid, sig)  # during its second of unpickling
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):  # from another process, as torchrun's or SLURM's
+        subprocess.run(["kill", f"-{sig.name[3:]}", str(workers[0].pid)], check=True)  # during its unpickling
     assert torch.equal(next(batches)["tokens"], torch.stack([train[0]["tokens"], train[1]["tokens"]]))
 
 
@@ -158,13 +157,12 @@ train, _ = build_datasets(c, None)
 batches = build_dataloader(train, c, SimpleNamespace(rank=0, dp_rank=0, dp=1), 0)
 next(batches)
 print(*[p.pid for p in psutil.Process().children()], flush=True)
-time.sleep(600)
 """
 
 
 def test_the_workers_exit_when_the_trainer_is_killed():
     """kill -9 of a training process (an OOM kill, a node's cleanup) must leave no worker behind."""
-    trainer = subprocess.Popen([sys.executable, "-c", TRAINER], stdout=subprocess.PIPE, text=True)
+    trainer = subprocess.Popen([sys.executable, "-c", TRAINER + "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
     try:
         children = [psutil.Process(int(pid)) for pid in trainer.stdout.readline().split()]
         assert children, "the trainer started no worker"
@@ -173,3 +171,18 @@ def test_the_workers_exit_when_the_trainer_is_killed():
         trainer.wait()
     gone, alive = psutil.wait_procs(children, timeout=30)  # torch's workers check on their parent every 5 s
     assert alive == [], [p.cmdline() for p in alive]
+
+
+def test_a_trainer_that_fails_with_its_workers_running_exits():
+    """An error that nothing catches (a bug, an out-of-memory error) leaves the workers running while Python
+    exits, and multiprocessing ends them with SIGTERM then waits for them: the workers must not ignore
+    their own trainer's signal, or the failed process never exits (and its job holds its GPUs until the
+    time limit)."""
+    trainer = subprocess.run([sys.executable, "-c", TRAINER + "raise RuntimeError('a bug mid-run')"],
+                             capture_output=True, text=True, timeout=120)
+    assert trainer.returncode == 1 and trainer.stderr.strip().endswith("RuntimeError: a bug mid-run")
+    children = [int(pid) for pid in trainer.stdout.split()]  # the worker and multiprocessing's resource tracker
+    deadline = time.monotonic() + 10
+    while any(psutil.pid_exists(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.1)  # an orphan's exit is reaped by init
+    assert children and not any(psutil.pid_exists(pid) for pid in children)
