@@ -93,6 +93,10 @@ def leave_stopping_to_the_trainer(worker_id: int) -> None:
     then waits for them, forever if they ignored it. The workers start with the signals blocked
     (`stop_signals_blocked`, inherited by every thread they start), so each one, whenever it came, waits
     for a thread here that reads who sent it."""
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: no way to tell the sender; ignore them all
+        for sig in StopSignal.SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        return
     trainer = os.getppid()
     signal.pthread_sigmask(signal.SIG_BLOCK, StopSignal.SIGNALS)
 
