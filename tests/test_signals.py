@@ -84,6 +84,11 @@ def _stop_with_group_signal(out: Path, trace: Path, sig: signal.Signals, after_s
     deadline = time.monotonic() + 240
     while len(_metrics(out)) < after_steps and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    if len(_metrics(out)) < after_steps:  # a run that hung or failed first, not one that a signal stopped badly
+        proc.kill()
+        stdout, stderr = proc.communicate(timeout=60)
+        pytest.fail(f"{sig.name}: the run logged {len(_metrics(out))} of {after_steps} steps before the signal "
+                    f"(launcher exit {proc.returncode}); its stderr ends:\n{stderr[-3000:]}")
     launcher = psutil.Process(proc.pid).children()[0]
     # The training processes are the launcher's children; their data-loader workers (forked) are theirs.
     workers = [p.pid for p in launcher.children() if "pretrain.py" in " ".join(p.cmdline())]
