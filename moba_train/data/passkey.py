@@ -75,9 +75,13 @@ class PasskeyTask:
         self.haystack = np.asarray(haystack, dtype=np.int64)
         self.seed = seed
         self.digits = digits
-        self._encode = lambda text: np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+        self.tokenizer = tokenizer
         self.before, self.after = self._encode(self.NEEDLE[0]), self._encode(self.NEEDLE[2])
         self.question = self._encode(self.QUESTION)
+
+    def _encode(self, text: str) -> np.ndarray:
+        """A method, not a closure: a data-loader worker receives the task pickled (moba_train.data.sampler)."""
+        return np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
 
     def shortest_context(self) -> int:
         """The fewest tokens a context of any key needs: the needle, the question and the answer, with the key

@@ -8,13 +8,16 @@ key's tokens follow it as labels, in one document. Recall documents are parsed b
 values are the values its key was planted with. Copy documents are checked for their smallest period,
 found from the tokens. Unmixed samples are the plain samples."""
 
+import itertools
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 from test_indexed import EOD, docs_in_range, recipe, write_ids
 
 from moba_train.config import ConfigError, load_config
-from moba_train.data import build_datasets, build_passkey_validation
+from moba_train.data import build_dataloader, build_datasets, build_passkey_validation
 from moba_train.data.mix import PASSKEY_EVAL_DEPTHS, PasskeyValidationDataset, TaskMixDataset
 from moba_train.data.passkey import PasskeyTask, filler_length
 from moba_train.data.preprocess import DataError, load_tokenizer
@@ -253,6 +256,18 @@ def test_copy_documents_take_their_share_after_the_other_tasks_which_stay_as_the
         assert torch.equal(copies[i]["tokens"], tasks[i]["tokens"]), i
         assert torch.equal(copies[i]["loss_mask"], tasks[i]["loss_mask"]), i
 
+
+
+def test_worker_processes_read_the_mixed_documents_the_training_process_reads(with_copy, tmp_path, tokenizer_dir,
+                                                                               text_prefix):
+    """data.num_workers > 0 starts fresh interpreters (moba_train.data.sampler): the mix of all three tasks
+    travels to them pickled and must give them the batches read in this process."""
+    _, copies = with_copy
+    cfg = recipe(tmp_path, tokenizer_dir, [text_prefix], eod_mask_loss=True)
+    rank = SimpleNamespace(rank=0, dp_rank=0, dp=1)
+    inline = list(itertools.islice(build_dataloader(copies, cfg, rank, 0, num_workers=0), 12))
+    spawned = list(itertools.islice(build_dataloader(copies, cfg, rank, 0, num_workers=2), 12))
+    assert all(torch.equal(x[key], y[key]) for x, y in zip(inline, spawned) for key in x)
 
 def test_a_copy_document_repeats_the_start_of_its_text_and_carries_the_loss_on_the_repeats(with_copy):
     tasks, copies = with_copy
