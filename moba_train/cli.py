@@ -43,11 +43,16 @@ def _first_on_its_node() -> bool:
     return os.environ.get("LOCAL_RANK", "0") == "0"
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive number of processes")
-    return value
+def positive(kind: type, what: str) -> Callable[[str], float]:
+    """An argparse type: `kind(text)` if it is above zero, else the error "<text> is not a positive <what>"."""
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} is not a positive {what}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value: 'x'"
+    return parse
 
 
 def parse_recipe(argv: Sequence[str] | None, description: str, dry_run: bool = False):
@@ -58,7 +63,8 @@ def parse_recipe(argv: Sequence[str] | None, description: str, dry_run: bool = F
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.lr=1e-5 attention.topk=8")
     if dry_run:
         parser.add_argument("--dry-run", action="store_true", help="print the layout and memory per GPU; build nothing")
-        parser.add_argument("--world-size", type=_positive, help="processes of the launch the dry run describes")
+        parser.add_argument("--world-size", type=positive(int, "number of processes"),
+                            help="processes of the launch the dry run describes")
     args = parser.parse_intermixed_args(argv)  # overrides may follow the options
     try:
         cfg = load_config(args.config, args.overrides)

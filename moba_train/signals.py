@@ -76,6 +76,11 @@ def stop_signals_blocked():
     """Meanwhile this thread holds the stop signals back (a process-directed one goes to another thread,
     or waits until the block ends: none is lost). A process started from here inherits the block, so it
     cannot die of one before it has said what to do with them."""
+    import multiprocessing.resource_tracker
+
+    # multiprocessing starts its resource tracker with the first process it starts, and that start unblocks
+    # SIGINT and SIGTERM in the calling thread: start it before the block.
+    multiprocessing.resource_tracker.ensure_running()
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, StopSignal.SIGNALS)
     try:
         yield

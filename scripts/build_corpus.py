@@ -9,15 +9,8 @@ import argparse
 import os
 import sys
 
-from moba_train.cli import run_entry
+from moba_train.cli import positive, run_entry
 from moba_train.data.corpus import DEFAULT_MAX_BYTES, DEFAULT_VOCAB_SIZE, build_corpus, summary
-
-
-def _positive_mb(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive size in MiB")
-    return value
 
 
 def main() -> None:
@@ -25,12 +18,12 @@ def main() -> None:
     parser.add_argument("--out-dir", default="data/corpus", help="output directory (default: data/corpus)")
     parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
                         help=f"BPE vocabulary, EOS included (default: {DEFAULT_VOCAB_SIZE})")
-    parser.add_argument("--max-mb", type=_positive_mb, default=DEFAULT_MAX_BYTES / 2**20,
+    parser.add_argument("--max-mb", type=positive(float, "size in MiB"), default=DEFAULT_MAX_BYTES / 2**20,
                         help=f"source text to use, in MiB (default: {DEFAULT_MAX_BYTES / 2**20:g})")
     parser.add_argument("--site-packages", action="store_true", help="also use installed packages' sources")
     parser.add_argument("--valid-fraction", type=float, default=0.0,
                         help="share of the bytes held out by whole packages into python_valid (default: 0)")
-    parser.add_argument("--tokenizer-mb", type=_positive_mb, default=None,
+    parser.add_argument("--tokenizer-mb", type=positive(float, "size in MiB"), default=None,
                         help="train the tokenizer on at most this much of the training split (default: all)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
     parser.add_argument("--overwrite", action="store_true", help="rebuild even if the corpus is complete")

@@ -27,16 +27,10 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from moba_train import kernel_compile  # noqa: E402
+from moba_train.cli import positive  # noqa: E402
 from moba_train.staging import write_json  # noqa: E402
 
 BENCH_KERNELS = Path(__file__).resolve().parent / "bench_kernels.py"
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive number of compiler processes")
-    return value
 
 
 def main(argv=None) -> int:
@@ -45,7 +39,8 @@ def main(argv=None) -> int:
                         help=f"comma-separated, of: {', '.join(kernel_compile.WORKLOADS)} (default all)")
     parser.add_argument("--variant", default="", help="a variant name of scripts/bench_kernels.py's VARIANTS")
     parser.add_argument("--capability", type=int, default=90, help="compute capability x 10 (default 90: sm_90)")
-    parser.add_argument("--jobs", type=_positive, default=min(4, os.cpu_count() or 1), help="compiler processes")
+    parser.add_argument("--jobs", type=positive(int, "number of compiler processes"),
+                        default=min(4, os.cpu_count() or 1), help="compiler processes")
     parser.add_argument("--json", default="", help="also write the results here")
     parser.add_argument("--against-gpu", action="store_true",
                         help="on a CUDA machine: also run the workloads compiled and check that each kernel Triton's "

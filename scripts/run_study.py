@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from moba_train.cli import run_entry
+from moba_train.cli import positive, run_entry
 
 SITE, STDLIB = "site-packages", "stdlib"
 
@@ -33,20 +33,13 @@ def _mix(text):
     return tuple(shares.items())
 
 
-def _minutes(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number of minutes")
-    return value
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", type=Path, default=Path("runs/study"),
                         help="corpus, checkpoints and the study state (default: runs/study)")
     parser.add_argument("--results-dir", type=Path, default=Path("bench/results/quality"),
                         help="study.json, study.md and the plots, rewritten after every stage")
-    parser.add_argument("--budget-minutes", type=_minutes, default=8.5,
+    parser.add_argument("--budget-minutes", type=positive(float, "number of minutes"), default=8.5,
                         help="wall-clock budget of this run; stages that would end later are not started")
     parser.add_argument("--tokens-per-arm", type=int, default=None,
                         help="training tokens of each pretraining arm (default: sized to the budget by calibration)")

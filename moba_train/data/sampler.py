@@ -9,7 +9,6 @@ continues at the exact sample a stopped run would have read next. Indices wrap a
 from __future__ import annotations
 
 import functools
-import multiprocessing.resource_tracker
 from typing import Iterator
 
 import torch
@@ -63,6 +62,5 @@ def build_dataloader(dataset, cfg, env, consumed_samples: int,
     )
     if workers == 0:
         return iter(loader)
-    multiprocessing.resource_tracker.ensure_running()  # its first start unblocks SIGINT and SIGTERM here
     with stop_signals_blocked():
         return iter(loader)  # the persistent workers start here and inherit the block
