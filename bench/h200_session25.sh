@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Session 25's first call, from the repository root of a device call; .whl carried:
+#   GIT_COMMIT=<sha> bash bench/h200_session25.sh speed   # session 23's `qkv` call (the compiled RoPE and RMSNorm
+#                                                        # tests, bench_fusions' QKV and residual cases, the 32K step:
+#                                                        # full attention with the defaults and with PyTorch's norms,
+#                                                        # MoBA b512 top-3) to time the fused QKV RoPE kernel after
+#                                                        # d70e384 (the angles once per program); then, on an H200
+#                                                        # only (it does not fit in 80 GB), the 128K recipe: full
+#                                                        # attention, the recipe, all-MoBA (~6.5 min)
+case "${1:-}" in
+speed) ;;
+*) echo "usage: bash bench/h200_session25.sh speed" >&2; exit 2 ;;
+esac
+: "${GIT_COMMIT:?pass GIT_COMMIT=<sha>}"
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+case "$GPU" in *H200*) TAG=h200 ;; *) TAG=h100 ;; esac
+echo "device: $GPU"
+OUT=${OUT:-/tmp/out}
+# session 23's `qkv` writes its step as train-<sha>-32k-qkv.json; name the device as bench/results does
+bash bench/h200_session23.sh qkv
+for f in "$OUT"/train-"${GIT_COMMIT:0:7}"-32k-qkv.json "$OUT"/fusions-qkv-"${GIT_COMMIT:0:7}".json; do
+  [ -f "$f" ] && mv "$f" "$(dirname "$f")/$TAG-$(basename "$f")"
+done
+[ -f "$OUT/gpu-tests.log" ] && mv "$OUT/gpu-tests.log" "$OUT/gpu-tests-$TAG-${GIT_COMMIT:0:7}-qkv.log"
+if [ "$TAG" = h200 ]; then
+  bash bench/h200_session17.sh train128k
+else
+  echo "not an H200: the 128K recipe does not fit in 80 GB (session 23, call 5); skipped"
+fi
