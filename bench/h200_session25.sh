@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Session 25's first call, from the repository root of a device call; .whl carried:
+# Session 25's first call, from the repository root of a device call; .whl carried (the run at e767dc4 named its
+# files h100-train-... and h100-fusions-...; renamed by hand to the names below):
 #   GIT_COMMIT=<sha> bash bench/h200_session25.sh speed   # session 23's `qkv` call (the compiled RoPE and RMSNorm
 #                                                        # tests, bench_fusions' QKV and residual cases, the 32K step:
 #                                                        # full attention with the defaults and with PyTorch's norms,
@@ -18,10 +19,10 @@ echo "device: $GPU"
 OUT=${OUT:-/tmp/out}
 # session 23's `qkv` writes its step as train-<sha>-32k-qkv.json; name the device as bench/results does
 bash bench/h200_session23.sh qkv
-for f in "$OUT"/train-"${GIT_COMMIT:0:7}"-32k-qkv.json "$OUT"/fusions-qkv-"${GIT_COMMIT:0:7}".json; do
-  [ -f "$f" ] && mv "$f" "$(dirname "$f")/$TAG-$(basename "$f")"
-done
-[ -f "$OUT/gpu-tests.log" ] && mv "$OUT/gpu-tests.log" "$OUT/gpu-tests-$TAG-${GIT_COMMIT:0:7}-qkv.log"
+S=${GIT_COMMIT:0:7}
+[ -f "$OUT/train-$S-32k-qkv.json" ] && mv "$OUT/train-$S-32k-qkv.json" "$OUT/train-$TAG-$S-32k-qkv.json"
+[ -f "$OUT/fusions-qkv-$S.json" ] && mv "$OUT/fusions-qkv-$S.json" "$OUT/fusions-$TAG-$S-qkv.json"
+[ -f "$OUT/gpu-tests.log" ] && mv "$OUT/gpu-tests.log" "$OUT/gpu-tests-$TAG-$S-qkv.log"
 if [ "$TAG" = h200 ]; then
   bash bench/h200_session17.sh train128k
 else
