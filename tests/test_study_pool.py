@@ -295,11 +295,12 @@ def committed_pool(name: str) -> dict:
     ("pooled-session17", 12, ["h200-3f48023-seed7890", "h200-daeb3a0-seed1357"]),
     ("pooled-session18-full3", 3, []),
     ("pooled-session23-full3", 4, ["h100-adf8139-seed6802-full3pair"]),
+    ("pooled-session25-full3", 7, ["h100-adf8139-seed6802-full3pair"]),
 ])
 def test_a_committed_pool_is_what_its_runs_give(name, runs, failed_hybrids):
     """A committed pool of bench/results/quality against pooling its committed runs again: the same verdicts and
     the same retrieval failures (the hybrids of seeds 7890 and 1357, docs/quality.md, sessions 16 and 17; none of
-    session 18's three hybrids with 3 full layers; session 23's, seed 6802)."""
+    session 18's three hybrids with 3 full layers; session 23's, seed 6802, also in session 25's pool)."""
     committed = committed_pool(name)
     assert len(committed["runs"]) == runs
     again = pool(load_runs([ROOT / "bench/results/quality" / run for run in committed["runs"]]), mixed_corpora=True)
@@ -371,7 +372,7 @@ def _gap(printed: str) -> float:
 README_ROWS = {  # the README quality table's arm column -> (pool, loss target, passkey target)
     "MoBA, block 512, top-3": ("pooled-session17", "moba_validation_loss_vs_full", "moba_passkey_vs_full"),
     "hybrid, last 2 layers full": ("pooled-session17", "hybrid_validation_loss_vs_full", "hybrid_passkey_vs_full"),
-    "hybrid, last 3 layers full": ("pooled-session23-full3", "hybrid_validation_loss_vs_full",
+    "hybrid, last 3 layers full": ("pooled-session25-full3", "hybrid_validation_loss_vs_full",
                                    "hybrid_passkey_vs_full"),
     "full for half, then MoBA": ("pooled-session17", "cpt_validation_loss_vs_full", "cpt_passkey_vs_full"),
 }
