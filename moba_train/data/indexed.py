@@ -222,8 +222,14 @@ def build_indexed_datasets(cfg, env):
     sizes = [train.steps * train.global_batch_size, evals * train.eval_steps * train.global_batch_size,
              train.eval_steps * train.global_batch_size]
     with _single_process_group():
-        builder = BlendedMegatronDatasetBuilder(LongContextGPTDataset, sizes, lambda: True, config)
-        train_ds, valid_ds, _ = builder.build()
+        train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(LongContextGPTDataset, sizes, lambda: True,
+                                                              config).build()
+        if data.num_workers:
+            # The rank that built an index cache holds its arrays in memory, and spawned workers would get copies
+            # (data.sampler). Built again, every rank maps the cache files read-only, which travel as their names.
+            # All ranks take this branch or none: the build is collective.
+            train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(LongContextGPTDataset, sizes, lambda: True,
+                                                                  config).build()
     if train_ds is None or len(train_ds) == 0:
         raise DataError(f"data.split '{data.split}' leaves no training documents; give the train split a share")
     if data.passkey_mix or data.recall_mix or data.copy_mix:

@@ -68,19 +68,27 @@ def test_samples_carry_per_document_boundaries_and_reset_positions(tmp_path, tok
 
 def test_worker_processes_read_a_blend_as_the_training_process_does(tmp_path, tokenizer_dir):
     """Workers are fresh interpreters (moba_train.data.sampler), so the blended Megatron datasets travel to
-    them pickled: they must read the same packed samples, document boundaries included."""
+    them pickled: they must read the same packed samples, document boundaries included. The index caches
+    travel as file names, not bytes, also from the process that built them (a cold cache, as here): the
+    pickle stays a small fraction of the index arrays, which would otherwise be copied into every worker."""
+    from multiprocessing.reduction import ForkingPickler
+
     rng = np.random.default_rng(3)
     a = write_ids(tmp_path / "a", docs_in_range(rng, 10, 200, 200))
     b = write_ids(tmp_path / "b", docs_in_range(rng, 10, 200, 200))
     cfg = recipe(tmp_path, tokenizer_dir, [f"0.6 {a}", f"0.4 {b}"], reset_position_ids=True,
-                 reset_attention_mask=True)
+                 reset_attention_mask=True, num_workers=2)
+    cfg.train.steps = 20_000  # indices of 160,000 samples, several MB
+    assert not (tmp_path / "run" / "data_cache").exists()
     train, _ = build_datasets(cfg, None)
     rank = SimpleNamespace(rank=1, dp_rank=1, dp=2)
-    inline = list(itertools.islice(build_dataloader(train, cfg, rank, 16), 4))
-    cfg.data.num_workers = 2
+    inline = list(itertools.islice(build_dataloader(train, cfg, rank, 16, num_workers=0), 4))
     spawned = list(itertools.islice(build_dataloader(train, cfg, rank, 16), 4))
     assert inline[0].keys() == spawned[0].keys()
     assert all(torch.equal(x[key], y[key]) for x, y in zip(inline, spawned) for key in x)
+    index_bytes = sum(f.stat().st_size for f in (tmp_path / "run" / "data_cache").rglob("*.npy"))
+    assert index_bytes > 3_000_000
+    assert len(ForkingPickler.dumps(train)) < index_bytes / 20
 
 def test_sample_order_is_identical_when_rebuilt_from_the_index_cache(tmp_path, tokenizer_dir):
     rng = np.random.default_rng(2)

@@ -6,12 +6,13 @@ import threading
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import psutil
 import torch
 
 from moba_train.config import Config
 from moba_train.data import build_dataloader, build_datasets
-from moba_train.data.sampler import PretrainingSampler
+from moba_train.data.sampler import PretrainingSampler, share_read_only_maps
 
 
 def cfg(mbs=2):
@@ -186,3 +187,26 @@ def test_a_trainer_that_fails_with_its_workers_running_exits():
     while any(psutil.pid_exists(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.1)  # an orphan's exit is reaped by init
     assert children and not any(psutil.pid_exists(pid) for pid in children)
+
+
+
+def test_read_only_maps_travel_by_name_and_everything_else_by_value(tmp_path):
+    """Through the pickler that sends the dataset to spawned workers: a read-only map of a .npy file (C or
+    Fortran order) comes back as a map of the same file; a view into one, a writable map and a copy-on-write
+    map come back as copies with the same values."""
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    share_read_only_maps()
+    for name, values in (("c", np.arange(6000, dtype=np.int32).reshape(50, 120)),
+                         ("f", np.asfortranarray(np.arange(6000.0).reshape(50, 120)))):
+        np.save(tmp_path / f"{name}.npy", values)
+        mapped = np.load(tmp_path / f"{name}.npy", mmap_mode="r")
+        sent = ForkingPickler.dumps(mapped)
+        again = pickle.loads(sent)
+        assert len(sent) < 1000 and isinstance(again, np.memmap) and again.filename == mapped.filename
+        assert np.array_equal(again, values) and again.flags.f_contiguous == values.flags.f_contiguous
+        for other in (mapped[1:3, 2:], np.load(tmp_path / f"{name}.npy", mmap_mode="r+"),
+                      np.load(tmp_path / f"{name}.npy", mmap_mode="c")):
+            again = pickle.loads(ForkingPickler.dumps(other))
+            assert not isinstance(again, np.memmap) and np.array_equal(again, other)
