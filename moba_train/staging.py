@@ -19,10 +19,11 @@ import fcntl
 import glob
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Callable, Iterator
 
 
 def _stage_prefix(target: Path) -> str:
@@ -106,14 +107,30 @@ def replace_dir(new: Path, target: Path) -> None:
         shutil.rmtree(previous)
 
 
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` atomically: to a temporary sibling, renamed into place."""
+def write_file(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """Write one file atomically and durably: `write(f)` fills a hidden temporary sibling (a name no other
+    writer, on this host or another sharing the filesystem, picks), which is flushed to the disk and renamed
+    over `path`. A reader sees the previous file or the whole new one, never a part; a writer that dies midway
+    leaves only its temporary, under another name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:  # created with the umask's mode, as a plain open would create `path`
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
     return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` (UTF-8) atomically (write_file)."""
+    return write_file(path, lambda f: f.write(text.encode()))
 
 
 def write_json(path: str | os.PathLike, data) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from moba_train.staging import remove_stale_staging, replace_dir, staging_dir
+from moba_train.staging import remove_stale_staging, replace_dir, staging_dir, write_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,3 +67,24 @@ def test_a_published_directory_replaces_the_previous_one_whole(tmp_path):
         replace_dir(stage / "new", target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert [p.name for p in target.iterdir()] == ["model-00001-of-00002.safetensors"]
+
+
+def test_a_file_is_published_whole_or_not_at_all(tmp_path):
+    """While write_file writes, the name holds the previous file; a writer that fails midway leaves it so and
+    no temporary behind; one that finishes replaces it whole, with the umask's mode, as open() would."""
+    target = tmp_path / "index.npy"
+    target.write_bytes(b"old")
+
+    def write_then_fail(f):
+        f.write(b"new, half")
+        assert target.read_bytes() == b"old"
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        write_file(target, write_then_fail)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["index.npy"]
+    write_file(target, lambda f: f.write(b"new, whole"))
+    assert target.read_bytes() == b"new, whole" and [p.name for p in tmp_path.iterdir()] == ["index.npy"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -22,12 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from megatron.core.datasets import blended_dataset, gpt_dataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import _IndexReader
 
 from moba_train.data.batches import document_cu_seqlens
 from moba_train.data.preprocess import DataError, eod_id, load_tokenizer
+from moba_train.staging import write_file
 
 
 def parse_blend(blend: list[str]) -> tuple[list[str], list[float] | None]:
@@ -179,6 +181,67 @@ def _single_process_group():
         torch.distributed.destroy_process_group()
 
 
+class _NumpySavingAtomically:
+    """numpy as Megatron-Core's dataset modules see it while we build: `save` publishes each index cache file
+    whole (staging.write_file). Megatron saves them in place, and its cache test is only that the files
+    exist: a run killed while writing one left a truncated file that every later run with the recipe took
+    for a hit and failed on, and a run reading a shared cache meanwhile could read part of a file."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def save(file, arr, allow_pickle=True):
+        write_file(file, lambda f: np.save(f, arr, allow_pickle=allow_pickle))
+
+
+@contextlib.contextmanager
+def _index_caches_written_whole():
+    modules = (gpt_dataset, blended_dataset)
+    for module in modules:
+        module.numpy = _NumpySavingAtomically()
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.numpy = np
+
+
+def truncated_npy_files(directory: Path) -> list[tuple[Path, int, int]]:
+    """(file, bytes, bytes its header promises) of each .npy file in `directory` shorter than its header says."""
+    short = []
+    for path in sorted(directory.glob("*.npy")):
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as f:
+                major, _ = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read_header(f)
+                expected = f.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        except (ValueError, EOFError, OSError):  # cut inside the header
+            short.append((path, size, -1))
+            continue
+        if size < expected:
+            short.append((path, size, expected))
+    return short
+
+
+def _build(builder_args, cache_dir: Path):
+    """BlendedMegatronDatasetBuilder(...).build() with the index caches written whole, and a truncated cache
+    file (written before this version, or cut by a full disk or a crash) named instead of numpy's error."""
+    try:
+        with _index_caches_written_whole():
+            return BlendedMegatronDatasetBuilder(*builder_args).build()
+    except (ValueError, EOFError, OSError) as error:
+        short = truncated_npy_files(cache_dir) if cache_dir.is_dir() else []
+        if not short:
+            raise
+        path, size, expected = short[0]
+        whole = f"of {expected} bytes" if expected >= 0 else "bytes, cut inside its header"
+        raise DataError(f"index cache file '{path}' is truncated ({size} {whole}: a run was killed or the disk "
+                        "filled while it was written); delete it, and the next run rebuilds it") from error
+
+
 def build_indexed_datasets(cfg, env):
     """(train, valid or None) over `cfg.data.blend`; call on every rank (rank 0 builds the index caches)."""
     data, train = cfg.data, cfg.train
@@ -221,15 +284,14 @@ def build_indexed_datasets(cfg, env):
     evals = train.steps // train.eval_interval + 1 if train.eval_interval else 1
     sizes = [train.steps * train.global_batch_size, evals * train.eval_steps * train.global_batch_size,
              train.eval_steps * train.global_batch_size]
+    builder_args = (LongContextGPTDataset, sizes, lambda: True, config)
     with _single_process_group():
-        train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(LongContextGPTDataset, sizes, lambda: True,
-                                                              config).build()
+        train_ds, valid_ds, _ = _build(builder_args, Path(config.path_to_cache))
         if data.num_workers:
             # The rank that built an index cache holds its arrays in memory, and spawned workers would get copies
             # (data.sampler). Built again, every rank maps the cache files read-only, which travel as their names.
             # All ranks take this branch or none: the build is collective.
-            train_ds, valid_ds, _ = BlendedMegatronDatasetBuilder(LongContextGPTDataset, sizes, lambda: True,
-                                                                  config).build()
+            train_ds, valid_ds, _ = _build(builder_args, Path(config.path_to_cache))
     if train_ds is None or len(train_ds) == 0:
         raise DataError(f"data.split '{data.split}' leaves no training documents; give the train split a share")
     if data.passkey_mix or data.recall_mix or data.copy_mix:

@@ -174,6 +174,58 @@ def test_damaged_indexed_dataset_is_one_clear_error(tmp_path, tokenizer_dir, dam
         build_datasets(recipe(tmp_path, tokenizer_dir, [a]), None)
 
 
+def _samples(dataset, count=20):
+    return [dataset[i]["tokens"] for i in range(count)]
+
+
+def test_a_build_killed_while_writing_the_index_cache_leaves_nothing_that_the_next_run_reads(
+    tmp_path, tokenizer_dir, monkeypatch
+):
+    """Megatron-Core saves its index caches with numpy.save in place. A writer that dies in the last of a
+    dataset's three files (its other files and description already there) must not leave a file under its
+    name: the next run would take it for a cache hit and fail in numpy ("mmap length is greater than file
+    size"), and a run reading the cache meanwhile (a shared data.cache_dir) would read part of it. The next
+    build must produce the samples of an untouched build."""
+    rng = np.random.default_rng(4)
+    a = write_ids(tmp_path / "a", docs_in_range(rng, 10, 200, 300))
+    reference = _samples(build_datasets(recipe(tmp_path / "clean", tokenizer_dir, [a]), None)[0])
+    cfg = recipe(tmp_path, tokenizer_dir, [a])
+    real_write, calls = np.lib.format.write_array, []
+
+    def dies_in_the_third_file(fp, array, *args, **kwargs):  # train's document, sample, shuffle index
+        calls.append(array.nbytes)
+        if len(calls) == 3:
+            fp.write(b"\x93NUMPY" + b"\0" * 100)  # a header's worth, then the process is gone
+            raise SystemExit("killed while writing the shuffle index")
+        return real_write(fp, array, *args, **kwargs)
+
+    monkeypatch.setattr(np.lib.format, "write_array", dies_in_the_third_file)
+    with pytest.raises(SystemExit):
+        build_datasets(cfg, None)
+    monkeypatch.setattr(np.lib.format, "write_array", real_write)
+    cache = Path(cfg.run.output_dir) / "data_cache"
+    assert not list(cache.glob("*shuffle_index.npy")) and list(cache.glob("*document_index.npy"))
+    assert all(torch.equal(x, y) for x, y in zip(_samples(build_datasets(cfg, None)[0]), reference))
+
+
+def test_an_index_cache_truncated_by_an_earlier_crash_is_one_clear_error(tmp_path, tokenizer_dir):
+    """A cache file cut short outside our writes (an older version's kill, a full disk, a crash before the page
+    cache reached the disk) is named with what to do, not numpy's "mmap length is greater than file size"."""
+    rng = np.random.default_rng(5)
+    a = write_ids(tmp_path / "a", docs_in_range(rng, 10, 200, 300))
+    cfg = recipe(tmp_path, tokenizer_dir, [a])
+    build_datasets(cfg, None)
+    (shuffle,) = (Path(cfg.run.output_dir) / "data_cache").glob("*train-shuffle_index.npy")
+    whole = shuffle.read_bytes()
+    shuffle.write_bytes(whole[: len(whole) - 40])
+    with pytest.raises(DataError, match=re.escape(
+            f"index cache file '{shuffle}' is truncated ({len(whole) - 40} of {len(whole)} bytes"
+            ) + r".*delete it, and the next run rebuilds it"):
+        build_datasets(cfg, None)
+    shuffle.unlink()
+    assert len(build_datasets(cfg, None)[0]) > 0
+
+
 def test_a_dataset_of_empty_documents_is_one_clear_error(tmp_path):
     builder = IndexedDatasetBuilder(str(tmp_path / "empty.bin"), dtype=np.uint16)
     for _ in range(3):
