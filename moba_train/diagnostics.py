@@ -41,7 +41,6 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -56,6 +55,7 @@ from moba_train.config import Config
 from moba_train.core_attention import MoBACoreAttention, host_offsets, to_thd
 from moba_train.metrics import Histogram, Image, Value
 from moba_train.model import forward_step
+from moba_train.staging import write_file
 
 RECALL_CHUNK = 16
 """Sampled queries per dense-attention chunk in gate recall (bounds its [chunk, heads, keys] buffers)."""
@@ -247,15 +247,14 @@ def routing_metrics(results: dict[int, LayerRouting], topk: int) -> dict[str, Va
 
 def save_heatmaps(heatmaps: dict[int, np.ndarray], step: int, out_dir: Path) -> Path:
     """One PNG (a panel per layer) and one .npz (`layer_NN` arrays) of step `step`; returns the PNG path.
-    Both are written to temporary siblings and renamed into place."""
+    Both are written atomically (staging.write_file)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"heatmap_step_{step:08d}"
-    tmp_npz = stem.with_name(f".{stem.name}.tmp.npz")
-    np.savez(tmp_npz, **{f"layer_{layer:02d}": heat for layer, heat in heatmaps.items()})
-    os.replace(tmp_npz, stem.with_suffix(".npz"))
+    write_file(stem.with_suffix(".npz"),
+               lambda f: np.savez(f, **{f"layer_{layer:02d}": heat for layer, heat in heatmaps.items()}))
 
     cols = min(4, len(heatmaps))
     rows = math.ceil(len(heatmaps) / cols)
@@ -269,10 +268,7 @@ def save_heatmaps(heatmaps: dict[int, np.ndarray], step: int, out_dir: Path) -> 
         ax.set_ylabel("query block", fontsize=8)
     fig.colorbar(image, ax=fig.axes, shrink=0.8, label="share of the block's queries attending")
     fig.suptitle(f"MoBA selection, step {step} (first sampled head)")
-    tmp_png = stem.with_name(f".{stem.name}.tmp.png")
-    fig.savefig(tmp_png, dpi=80)
-    os.replace(tmp_png, stem.with_suffix(".png"))
-    return stem.with_suffix(".png")
+    return write_file(stem.with_suffix(".png"), lambda f: fig.savefig(f, format="png", dpi=80))
 
 
 def attention_inputs(module: MoBACoreAttention, args, kwargs):

@@ -58,7 +58,7 @@ from moba_train.data.mix import COPY_MIN_PERIOD, copy_document
 from moba_train.data.passkey import PasskeySample, PasskeyTask
 from moba_train.data.preprocess import DataError
 from moba_train.data.synthetic import SyntheticRecallDataset
-from moba_train.staging import write_json
+from moba_train.staging import write_file, write_json
 
 WEIGHT_SHAPE_FIELDS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "head_dim",
@@ -592,12 +592,7 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
 
     try:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-        return path
+        return write_file(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
     finally:
         plt.close(fig)
 

@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 
 from moba_train.config import Config
+from moba_train.staging import write_text
 
 PEAK_BF16_TFLOPS = 989.0
 """H100/H200 SXM dense bf16 peak (datasheet), the MFU denominator."""
@@ -195,15 +196,6 @@ def read_jsonl(path: Path) -> list[dict]:
     return records
 
 
-def _replace_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class JsonlSink(Sink):
     """<output_dir>/metrics.jsonl: one JSON object per step, `{"step": N, "<name>": value, ...}`.
 
@@ -226,7 +218,7 @@ class JsonlSink(Sink):
         elif self.path.exists():
             kept = [r for r in records if r["step"] <= start_step]
             if len(kept) != len(self.path.read_text().splitlines()):
-                _replace_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+                write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
                 write(f"metrics.jsonl: dropped the steps after {start_step} (logged by the interrupted attempt); "
                       "they are logged again as they run")
         self.file = open(self.path, "a")

@@ -15,13 +15,13 @@ A figure whose metrics no run has is not drawn. Files are written to a temporary
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
 from moba_train.config import ConfigError
 from moba_train.metrics import read_jsonl
+from moba_train.staging import write_file
 
 ROUTING = (
     ("moba/gate_recall", "gate recall (dense attention mass kept)"),
@@ -73,10 +73,7 @@ def _figure(rows: int, cols: int, title: str):
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
-    return path
+    return write_file(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
 def _loss(runs: dict[str, list[dict]], out_dir: Path) -> Path | None:

@@ -48,6 +48,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moba_train.config import Config, ConfigError, load_config, read_yaml
+from moba_train.staging import write_text
 
 EXIT_COMPLETE = 0
 """after-attempt's exit code when training is complete (the job ends)."""
@@ -330,12 +331,6 @@ def render_script(job: SlurmJob, recipe_snapshot: Path, script_path: Path) -> st
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp_{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _submission_stem(slurm_dir: Path) -> str:
     """`submit-<UTC time>` (with a counter when taken): the name of one submission's script and recipe copy."""
     stem = "submit-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -360,8 +355,8 @@ def submit(job: SlurmJob, dry_run: bool = False, env: dict | None = None) -> str
         raise ConfigError("sbatch is not on PATH: submit from a SLURM login node (or pass --dry-run to see the script)")
     made = [d for d in (job.slurm_dir, *job.slurm_dir.parents) if not d.exists()]  # removed again if refused
     job.slurm_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(recipe_copy, job.recipe.read_text())
-    _write_atomic(script_path, script)
+    write_text(recipe_copy, job.recipe.read_text())
+    write_text(script_path, script)
     result = subprocess.run([sbatch, "--parsable", str(script_path)], capture_output=True, text=True, env=env)
     if result.returncode != 0:
         recipe_copy.unlink()
@@ -460,7 +455,7 @@ def after_attempt(cfg: Config, job_id: str, attempt: Attempt, max_requeues: int)
     decision, stalled = decide([*earlier, attempt], _training_complete(cfg), _job_running(job_id), max_requeues)
     attempt = dataclasses.replace(attempt, decision=decision)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, "".join(json.dumps(dataclasses.asdict(a)) + "\n" for a in [*earlier, attempt]))
+    write_text(path, "".join(json.dumps(dataclasses.asdict(a)) + "\n" for a in [*earlier, attempt]))
     at = attempt.ended_at or "no checkpoint yet"
     prefix = f"[slurm] attempt {attempt.attempt}"
     if decision == "complete":
