@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from moba_train import flops
 from moba_train.attention import backend_available, full_attention, moba_attention, varlen
 from moba_train.attention.naive import moba_attention_naive
+from moba_train.staging import write_text
 
 K = 1024
 
@@ -417,7 +418,7 @@ def main(argv=None) -> int:
                   flush=True)
         out = Path(args.out or f"bench/results/cp-shaped-{meta['gpu'].replace(' ', '_')}-{meta['commit'][:7]}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(dict(meta=meta, dtype=str(dtype), results=rows), indent=1))
+        write_text(out, json.dumps(dict(meta=meta, dtype=str(dtype), results=rows), indent=1))
         print(f"wrote {out}")
         return 0
     backends = available_backends(device, dtype) + (["moba-triton-baseline"] if BASELINE else [])
@@ -445,7 +446,7 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else Path("bench/results") / (
         f"attention-{meta['gpu'].replace(' ', '_')}-{meta['date'].replace(':', '')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(meta=meta, dtype=str(dtype), results=rows), indent=1))
+    write_text(out, json.dumps(dict(meta=meta, dtype=str(dtype), results=rows), indent=1))
     print(f"wrote {out}")
     return 1 if any(r["status"] in ("fail", "error") for r in rows) else 0
 

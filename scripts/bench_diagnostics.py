@@ -28,6 +28,7 @@ import torch
 
 from moba_train.config import LoggingConfig, load_config
 from moba_train.metrics import read_jsonl
+from moba_train.staging import write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,7 +104,7 @@ def main(argv=None) -> None:
     }
     name = f"diagnostics-{'tiny' if args.tiny else result['device'].split()[-1].lower()}-{result['commit']}.json"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / name).write_text(json.dumps(result, indent=2) + "\n")
+    write_text(args.out / name, json.dumps(result, indent=2) + "\n")
     print(f"step time (median) without diagnostics {step_without:.3f} s, with {step_with:.3f} s; one diagnostic "
           f"{diag:.3f} s = {100 * diag / step_without:.1f}% of a step; every {default_interval} steps: "
           f"{100 * result['overhead_at_default_interval']:.3f}% of wall time -> {args.out / name}")

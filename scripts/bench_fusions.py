@@ -21,6 +21,7 @@ import torch
 
 from moba_train.cli import run_entry
 from moba_train.config import Config, load_config
+from moba_train.staging import write_text
 
 
 def cases(cfg: Config, device) -> dict:
@@ -256,7 +257,7 @@ def main(argv=None) -> None:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     out = Path(args.out or f"bench/results/fusions-{meta['gpu'].replace(' ', '_')}-{commit[:7]}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    write_text(out, json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     print(f"wrote {out}")
     distributed.destroy_distributed()
 

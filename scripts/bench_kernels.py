@@ -35,6 +35,8 @@ from moba_train.kernels.backward import DkdvTiles
 from moba_train.kernels.forward import SlotTiles
 from triton.testing import do_bench
 
+from moba_train.staging import write_text
+
 
 def load_naive():
     """moba_train/attention/naive.py by path: it needs torch only, the package needs the whole framework."""
@@ -487,7 +489,7 @@ def main():
     out_file.parent.mkdir(parents=True, exist_ok=True)
 
     def save():  # after every stage, so a run cut short still leaves its numbers
-        out_file.write_text(json.dumps(result, indent=1))
+        write_text(out_file, json.dumps(result, indent=1))
 
     if args.variants:
         if args.gating_probe:

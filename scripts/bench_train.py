@@ -28,6 +28,7 @@ from pathlib import Path
 
 from moba_train.cli import run_entry
 from moba_train.config import ConfigError, load_config
+from moba_train.staging import write_text
 
 
 def _commit() -> str:
@@ -160,9 +161,7 @@ def _records(results: list) -> list[dict]:
 
 
 def _write(out: Path, meta: dict, records: list[dict]) -> None:
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(dict(meta=meta, arms=records), indent=1))
-    tmp.replace(out)
+    write_text(out, json.dumps(dict(meta=meta, arms=records), indent=1))
 
 
 if __name__ == "__main__":
