@@ -15,6 +15,7 @@ removed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
 import json
@@ -84,9 +85,14 @@ def staging_dir(target: str | os.PathLike) -> Iterator[Path]:
 
 
 def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable; a filesystem that cannot sync directories (EINVAL, ENOTSUP: some FUSE
+    and network mounts) keeps the rename without the guarantee."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
     finally:
         os.close(fd)
 

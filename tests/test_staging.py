@@ -1,8 +1,10 @@
 """Staging directories: removed however the writer's block ends, removed by the next writer when their writer
 was killed, kept while their writer lives; a published directory replaces the previous one whole."""
 
+import errno
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -88,3 +90,24 @@ def test_a_file_is_published_whole_or_not_at_all(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("code, published", [(errno.EINVAL, True), (errno.ENOTSUP, True), (errno.EIO, False)])
+def test_a_filesystem_that_cannot_sync_directories_still_publishes(tmp_path, monkeypatch, code, published):
+    """Some FUSE and network mounts refuse fsync on a directory (EINVAL, ENOTSUP): the file is written and
+    renamed all the same. A real I/O error on the directory is still an error."""
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(code, os.strerror(code))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    target = tmp_path / "result.json"
+    if published:
+        write_file(target, lambda f: f.write(b"{}"))
+    else:
+        with pytest.raises(OSError, match=os.strerror(code)):
+            write_file(target, lambda f: f.write(b"{}"))
+    assert target.read_bytes() == b"{}"  # renamed before the directory's sync either way

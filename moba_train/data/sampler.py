@@ -69,8 +69,8 @@ def build_dataloader(dataset, cfg, env, consumed_samples: int,
     os.fork itself (PyOS_AfterFork_Child waiting for the interpreter's thread-state lock), and the trainer
     then waits for its batch forever. A worker imports torch and the dataset's modules once (seconds, at
     the first batch) and, as a fork would, exits when the trainer dies. Read-only file maps in the dataset
-    (the index caches) reach it as file names, so it shares their pages as a fork would. It starts with the stop signals
-    blocked, so one that reaches its group meanwhile cannot kill it."""
+    (the index caches) reach it as file names, so it shares their pages as a fork would. It starts with the
+    stop signals blocked, so one that reaches its group meanwhile cannot kill it."""
     workers = cfg.data.num_workers if num_workers is None else num_workers
     sampler = PretrainingSampler(
         len(dataset), consumed_samples, cfg.train.micro_batch_size, env.dp_rank, env.dp
