@@ -226,13 +226,14 @@ def truncated_npy_files(directory: Path) -> list[tuple[Path, int, int]]:
     return short
 
 
-def _build(builder_args, cache_dir: Path):
+def _build(config: LongContextGPTDatasetConfig, sizes: list[int]):
     """BlendedMegatronDatasetBuilder(...).build() with the index caches written whole, and a truncated cache
     file (written before this version, or cut by a full disk or a crash) named instead of numpy's error."""
     try:
         with _index_caches_written_whole():
-            return BlendedMegatronDatasetBuilder(*builder_args).build()
+            return BlendedMegatronDatasetBuilder(LongContextGPTDataset, sizes, lambda: True, config).build()
     except (ValueError, EOFError, OSError) as error:
+        cache_dir = Path(config.path_to_cache)
         short = truncated_npy_files(cache_dir) if cache_dir.is_dir() else []
         if not short:
             raise
@@ -284,14 +285,13 @@ def build_indexed_datasets(cfg, env):
     evals = train.steps // train.eval_interval + 1 if train.eval_interval else 1
     sizes = [train.steps * train.global_batch_size, evals * train.eval_steps * train.global_batch_size,
              train.eval_steps * train.global_batch_size]
-    builder_args = (LongContextGPTDataset, sizes, lambda: True, config)
     with _single_process_group():
-        train_ds, valid_ds, _ = _build(builder_args, Path(config.path_to_cache))
+        train_ds, valid_ds, _ = _build(config, sizes)
         if data.num_workers:
             # The rank that built an index cache holds its arrays in memory, and spawned workers would get copies
             # (data.sampler). Built again, every rank maps the cache files read-only, which travel as their names.
             # All ranks take this branch or none: the build is collective.
-            train_ds, valid_ds, _ = _build(builder_args, Path(config.path_to_cache))
+            train_ds, valid_ds, _ = _build(config, sizes)
     if train_ds is None or len(train_ds) == 0:
         raise DataError(f"data.split '{data.split}' leaves no training documents; give the train split a share")
     if data.passkey_mix or data.recall_mix or data.copy_mix:
