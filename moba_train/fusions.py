@@ -22,7 +22,8 @@ Four operations, each with its plain path and the fused ones measured against it
                             Megatron allows (one sequence per sample, no inference context), one kernel
                             splits and rotates the fused QKV projection's output and one writes its gradient
                             (FusedQKVRoPESelfAttention: Megatron's fused_single_qkv_rope without Transformer
-                            Engine)
+                            Engine); packed documents (indexed data, context parallelism) are one call over
+                            all tokens by the angles of their positions in their documents
                    (compile and triton are installed where Megatron looks for Transformer Engine's
                    fused RoPE)
     grad_accumulation
@@ -325,8 +326,11 @@ def _fused_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False,
 
 def _fused_rope_thd(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor, cp_size: int = 1,
                     cp_rank: int = 0, **_) -> torch.Tensor:
-    """Packed sequences (thd) stay on Megatron's own per-sequence path: the compiled kernel would be
-    recompiled for every document length."""
+    """Packed sequences (thd: t `[tokens, h, d]`, documents delimited by cu_seqlens). With rope=triton, our
+    kernel over every token at once, by the angles of each token's position in its document (`_packed_freqs`:
+    built once per forward and shared by the layers, so no layer keeps its own for the backward). Otherwise,
+    and for shapes the kernel does not take, Megatron's own path (the compiled kernel would be recompiled for
+    every document length), which builds the same angles in every call and rotates in four unfused passes."""
     from megatron.core import parallel_state
     from megatron.core.models.common.embeddings import rope_utils
 
@@ -334,7 +338,38 @@ def _fused_rope_thd(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tens
     if (group.size(), group.rank()) != (cp_size, cp_rank):
         raise RuntimeError(f"RoPE was asked for context-parallel rank {cp_rank} of {cp_size}, but this process is "
                            f"rank {group.rank()} of {group.size()}")
+    if _ROPE["impl"] == "triton" and t.dim() == 3:
+        from moba_train.kernels.rope import rope_supported, rope_triton
+
+        angles = _packed_freqs(t, cu_seqlens, freqs, cp_size, cp_rank)
+        if rope_supported(t[:, None], angles):
+            return rope_triton(t[:, None], angles)[:, 0]
     return rope_utils._apply_rotary_pos_emb_thd(t, cu_seqlens, freqs, cp_group=group)
+
+
+_PACKED_FREQS: dict = {}  # the last call's angles: its inputs (held, so that identity means the same values) and result
+
+
+def _packed_freqs(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor, cp_size: int,
+                  cp_rank: int) -> torch.Tensor:
+    """The angles `[tokens, 1, 1, d]` of each token of this context-parallel rank's packed documents, chosen from
+    freqs as Megatron's `_apply_rotary_pos_emb_thd` chooses them (each document from position 0, or at its
+    offset when freqs covers every packed position). Every layer of a forward passes the same freqs and
+    boundaries, so the last result is reused while both are unchanged."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    bounds = tuple(cu_seqlens.tolist())  # on the host (model.packed_seq_params): no device sync
+    key = (bounds, cp_size, cp_rank, t.shape[0], t.device)
+    cached = _PACKED_FREQS.get("entry")
+    if cached is not None and cached[0] is freqs and cached[1] == key and freqs._version == cached[2]:
+        return cached[3]
+    seqlens = [(b - a) // cp_size for a, b in zip(bounds[:-1], bounds[1:])]
+    exact = freqs.dim() >= 1 and freqs.size(0) == bounds[-1]
+    parts = [rope_utils._get_thd_freqs_on_this_cp_rank(cp_rank, cp_size, x, freqs, bounds[i] if exact else 0)
+             for i, x in enumerate(torch.split(t, seqlens))]
+    angles = torch.cat(parts).float().contiguous()
+    _PACKED_FREQS["entry"] = (freqs, key, freqs._version, angles)
+    return angles
 
 
 def _fused_qkv_rope(mixed_qkv: torch.Tensor, q_freqs: torch.Tensor, k_freqs: torch.Tensor,

@@ -118,13 +118,15 @@ def test_each_fusion_computes_the_plain_models_loss_and_gradients(op, choice, mo
 
 @pytest.mark.parametrize("choice", ["compile", "triton"])
 def test_the_fused_rope_keeps_packed_documents_exact(choice, monkeypatch):
-    """Packed documents (thd) take Megatron's per-sequence RoPE through the hook; with rope=triton the attention
-    leaves its fused QKV path for them (Megatron asserts on the flag there)."""
+    """Packed documents (thd) take the hook: with rope=triton our kernel over all tokens at once (the attention
+    leaves its fused QKV path for them: Megatron asserts on the flag there), with compile Megatron's
+    per-sequence RoPE."""
     from moba_train.kernels import rope
 
-    fused_qkv = []
-    qkv_rope_triton = rope.qkv_rope_triton
+    fused_qkv, rotations = [], []
+    qkv_rope_triton, rope_triton = rope.qkv_rope_triton, rope.rope_triton
     monkeypatch.setattr(rope, "qkv_rope_triton", lambda *a: fused_qkv.append(1) or qkv_rope_triton(*a))
+    monkeypatch.setattr(rope, "rope_triton", lambda *a: rotations.append(a[0].shape) or rope_triton(*a))
     data = batch()
     data["cu_seqlens"] = torch.tensor([0, 20, 64, 100, 128], dtype=torch.int32)
     positions = torch.cat([torch.arange(n) for n in (20, 44, 36, 28)]).view(2, SEQ)
@@ -132,9 +134,42 @@ def test_the_fused_rope_keeps_packed_documents_exact(choice, monkeypatch):
     reference_loss, reference_grads, _ = loss_and_grads(tiny(), data)
     loss, grads, _ = loss_and_grads(tiny({"rope": choice}), data)
     assert not fused_qkv
+    # triton: queries and keys of both layers, each one call over the 128 packed tokens
+    assert rotations == ([(128, 1, 4, 16), (128, 1, 2, 16)] * 2 if choice == "triton" else [])
     torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("cp_size,cp_rank,exact", [(1, 0, False), (1, 0, True), (2, 1, False), (2, 0, True)])
+def test_packed_angles_are_megatrons_per_document_choice(cp_size, cp_rank, exact):
+    """`_packed_freqs` against Megatron's `_apply_rotary_pos_emb_thd` (which rotates by the angles it chooses):
+    each document from position 0, or at its offset when freqs covers every packed position; under context
+    parallelism this rank's two chunks of every document. Rotating by our angles gives Megatron's result."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    bounds = [0, 24, 64, 96, 128]  # whole documents, each split into 2 x cp_size chunks under CP
+    cu_seqlens = torch.tensor(bounds, dtype=torch.int32)
+    gen = torch.Generator().manual_seed(3)
+    freqs = torch.rand(128 if exact else 80, 1, 1, 16, generator=gen) * 6
+    t = torch.randn(128 // cp_size, 3, 16, generator=gen)
+
+    class Group:  # Megatron's thd path reads only the group's size and rank
+        def size(self):
+            return cp_size
+
+        def rank(self):
+            return cp_rank
+
+    reference = rope_utils._apply_rotary_pos_emb_thd(t, cu_seqlens, freqs, cp_group=Group())
+    fusions._PACKED_FREQS.clear()
+    angles = fusions._packed_freqs(t, cu_seqlens, freqs, cp_size, cp_rank)
+    assert angles.shape == (128 // cp_size, 1, 1, 16)
+    rotated = rope_utils._apply_rotary_pos_emb_bshd(t[:, None], angles)[:, 0]
+    torch.testing.assert_close(rotated, reference, rtol=0, atol=0)
+    assert fusions._packed_freqs(t, cu_seqlens, freqs, cp_size, cp_rank) is angles  # the next layer's call
+    freqs.mul_(2)  # new values in the same tensor are not the cached ones
+    assert fusions._packed_freqs(t, cu_seqlens, freqs, cp_size, cp_rank) is not angles
 
 
 def test_selective_recomputation_recomputes_the_mlp_only():
