@@ -221,3 +221,94 @@ def amdahl_bound(full: StepBenchmark | dict, moba_layers: int) -> float | None:
     saved = attention * moba_layers / len(record["layer_kinds"])
     step = record["median_step_s"]
     return step / max(step - saved, 1e-12)
+
+
+@dataclass
+class LayerMemory:
+    """What one transformer layer keeps for its backward, measured (`layer_memory`): bytes per token of the
+    micro-batch, the kept tensors (one entry per storage: shape, dtype, bytes) and, on CUDA, the allocator's
+    view of one forward and backward of the 1-layer and 2-layer models."""
+
+    attention: str
+    packed: bool
+    tokens: int
+    bytes_per_token: float
+    tensors: list[dict]
+    cuda: dict = field(default_factory=dict)
+
+
+def _one_micro_batch(cfg: Config, packed: bool, seed: int = 0) -> dict:
+    """Random tokens in the shape of one micro-batch of `cfg`; `packed`: two documents per sample."""
+    b, s = cfg.train.micro_batch_size, cfg.train.seq_length
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, cfg.model.vocab_size, (b, s + 1), generator=gen)
+    bounds = [0, s // 2, s] if packed else [0, s]
+    position_ids = torch.cat([torch.arange(hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])]).repeat(b, 1)
+    cu_seqlens = torch.tensor(sorted({row * s + x for row in range(b) for x in bounds}), dtype=torch.int32)
+    return {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
+            "loss_mask": torch.ones(b, s), "position_ids": position_ids, "cu_seqlens": cu_seqlens}
+
+
+def layer_memory(cfg: Config, packed: bool) -> LayerMemory:
+    """What autograd keeps for the backward of one layer of `cfg`'s attention kind (`attention.mode`, every
+    layer that kind), measured: the model built with 1 and then 2 layers, one micro-batch forward each under
+    `torch.autograd.graph.saved_tensors_hooks`, each saved storage counted once (parameters excluded), and
+    the difference taken. Tensors a function keeps outside `save_for_backward` are not seen; on CUDA the
+    allocator's bytes after the forward and its peak through the backward are recorded too."""
+    from moba_train.distributed import destroy_distributed, init_distributed, set_seed
+    from moba_train.model import build_model, forward_step
+
+    batch = _one_micro_batch(cfg, packed)
+    kept, cuda = {}, {}
+    for layers in (1, 2):
+        one = Config.model_validate(
+            {**cfg.model_dump(), "model": {**cfg.model.model_dump(), "num_layers": layers},
+             "attention": {**cfg.attention.model_dump(), "full_layers": 0, "layer_kinds": None}})
+        env = init_distributed(one)
+        try:
+            set_seed(one.run.seed)
+            model = build_model(one)
+            params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+            storages: dict[int, dict] = {}
+
+            def pack(tensor, storages=storages, params=params):
+                storage = tensor.untyped_storage()
+                if storage.data_ptr() not in params and storage.nbytes():
+                    storages[storage.data_ptr()] = dict(shape=list(tensor.shape), dtype=str(tensor.dtype),
+                                                        bytes=storage.nbytes())
+                return tensor
+
+            if env.device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                loss, count = forward_step(model, batch)
+            if env.device.type == "cuda":
+                after_forward = torch.cuda.memory_allocated() - before
+                (loss / count).backward()
+                torch.cuda.synchronize()
+                cuda[layers] = dict(after_forward=after_forward, peak=torch.cuda.max_memory_allocated() - before)
+            kept[layers] = list(storages.values())
+            del model, loss, count
+        finally:
+            destroy_distributed()
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    one_layer = _multiset_difference(kept[2], kept[1])
+    tokens = cfg.train.micro_batch_size * cfg.train.seq_length
+    return LayerMemory(attention=cfg.attention.mode, packed=packed, tokens=tokens,
+                       bytes_per_token=sum(t["bytes"] for t in one_layer) / tokens,
+                       tensors=sorted(one_layer, key=lambda t: -t["bytes"]),
+                       cuda={str(k): v for k, v in cuda.items()})
+
+
+def _multiset_difference(more: list[dict], fewer: list[dict]) -> list[dict]:
+    """The entries of `more` left after removing one equal entry for each of `fewer`'s (the tensors the
+    second layer adds: both models keep the embedding's and the loss's)."""
+    left = list(more)
+    for entry in fewer:
+        if entry in left:
+            left.remove(entry)
+    return left

@@ -8,15 +8,26 @@ DDP and optimizer, bf16 training, gradients reduced in fp32):
     gradients     4 bytes per parameter (the fp32 gradient buffer)
     optimizer     12 bytes per parameter (fp32 main weights in bf16 training, Adam's two moments;
                   8 in fp32 training), divided by d x c with the distributed optimizer
-    activations   what autograd keeps for the backward of one micro-batch of s / c tokens per layer:
-                  without recomputation, per token and layer (elements, 2 bytes in bf16)
-                      4 h                 the layer input, both norms' outputs, the residual
-                      (4 Hq + 3 Hkv) D / t  the fused QKV output, roped q and k, the attention output
-                                          and its layout copy for the output projection
-                      3 F / t             the SwiGLU input (2 F) and output (F); 2 F / t fused (its
-                                          input only: model.fusions.swiglu megatron or liger)
-                  with full recomputation only every layer's input (h) plus one layer's activations;
-                  selective recomputation (the MLP, from its input) drops the SwiGLU's 3 F / t.
+    activations   what autograd keeps for the backward of one micro-batch of s / c tokens, per token and layer
+                  (elements, 2 bytes in bf16; `layer_activation_bytes`):
+                      4 h                 the layer input, the attention residual (the norms' inputs) and
+                                          both norms' outputs (the QKV and fc1 products' inputs)
+                      (2 Hq + 2 Hkv) D / t  q, k, v and the attention output (also the output projection's
+                                          input), when one kernel splits and rotates the QKV projection
+                                          (model.fusions.rope triton, one document per sample);
+                      (3 Hq + 3 Hkv) D / t  otherwise with one row: the QKV projection's output (v is a view
+                                          of it), the rotated q and k and the attention output (packed
+                                          documents run as one row: data.kind indexed, or context parallel);
+                      (3 Hq + 2 Hkv) D / t  with several one-document rows: q, k, v and the output in the
+                                          attention's layout, and the output again in the projection's
+                      3 F / t             the fc1 output (2 F) and the SwiGLU output (F, the fc2 input) with
+                                          a fused SwiGLU (megatron or liger); 5 F / t with PyTorch's (Megatron's
+                                          glu keeps SiLU's output and the up half plus its offset)
+                  plus the attention's log-sum-exp (Hq / t floats) and the norms' inverse RMS (2 floats);
+                  4 D more for the cosines and sines of Megatron's unfused RoPE (model.fusions.rope torch, or
+                  compile on packed documents).
+                  Selective recomputation (the MLP, from its input) drops the MLP's; full recomputation keeps
+                  every layer's input (h) plus one layer's activations while it is recomputed.
                   Under context parallelism (all_gather) each layer also keeps the gathered K and V
                   prefixes, 2 (1 + 1 / 2c) s Hkv D / t elements (with full recomputation only the layer
                   being recomputed holds them).
@@ -73,6 +84,35 @@ def parameters_per_rank(cfg: Config) -> int:
     return m.num_layers * per_layer + vocab * (1 if m.tie_embeddings else 2) + h
 
 
+def packs_documents(cfg: Config) -> bool:
+    """Whether the recipe's micro-batches run as one row of packed documents (`model.packed_seq_params`):
+    indexed data (documents concatenated into samples) or context parallelism."""
+    return cfg.data.kind == "indexed" or cfg.parallel.context > 1
+
+
+def layer_activation_bytes(cfg: Config, fused: dict[str, str], element: int,
+                           packed: bool | None = None) -> tuple[int, int]:
+    """Bytes per token of the micro-batch that one layer keeps for its backward (the module docstring):
+    (its norms' and attention's, its MLP's). `element`: 2 in bf16, 4 in fp32; `packed`: default
+    `packs_documents(cfg)`."""
+    m, tp = cfg.model, cfg.parallel.tensor
+    h, d = m.hidden_size, m.head_dim
+    hq, hkv, ffn = m.num_attention_heads // tp, m.num_query_groups // tp, m.ffn_hidden_size // tp
+    packed = packs_documents(cfg) if packed is None else packed
+    one_row = packed or cfg.train.micro_batch_size == 1
+    fused_qkv = fused["rope"] == "triton" and not packed and m.num_query_groups >= tp  # FusedQKVRoPESelfAttention
+    if one_row:
+        attention = (2 * hq + 2 * hkv) * d if fused_qkv else (3 * hq + 3 * hkv) * d
+    else:  # the rows' layout copies: the attention's q, k, v, and its output in the projection's layout
+        attention = (3 * hq + 2 * hkv) * d
+    # Megatron's unfused rotation keeps the cosines and sines of q's and k's angles (rope torch, and compile
+    # on packed documents, which take Megatron's thd path); the kernels keep the angles, shared by the layers
+    if fused["rope"] == "torch" or (fused["rope"] == "compile" and packed):
+        attention += 4 * d
+    mlp = (5 if fused["swiglu"] == "torch" else 3) * ffn
+    return (4 * h + attention) * element + 4 * (hq + 2), mlp * element
+
+
 def estimate(cfg: Config, world_size: int, bf16: bool, distributed_optimizer: bool,
              fused: dict[str, str] | None = None) -> MemoryEstimate:
     """The estimate of the module docstring for `cfg` launched on `world_size` processes; `fused` is
@@ -87,26 +127,24 @@ def estimate(cfg: Config, world_size: int, bf16: bool, distributed_optimizer: bo
     element = 2 if bf16 else 4
     shard = dp * cp if distributed_optimizer else 1
     tokens = train.micro_batch_size * train.seq_length // cp
-    h, d = m.hidden_size, m.head_dim
-    hq, hkv, ffn = m.num_attention_heads // tp, m.num_query_groups // tp, m.ffn_hidden_size // tp
-    attention = (4 * hq + 3 * hkv) * d
-    swiglu = 3 * ffn if fused["swiglu"] == "torch" else 2 * ffn  # fused: the fc1 output only
-    layer = 4 * h + attention + swiglu
+    core, mlp = layer_activation_bytes(cfg, fused, element)
     if train.recompute == "full":
-        kept = m.num_layers * h + layer
-    elif train.recompute == "selective":  # the MLP recomputed from its input (a norm output, kept in 4 h)
-        kept = m.num_layers * (4 * h + attention)
+        kept = m.num_layers * m.hidden_size * element + core + mlp
+    elif train.recompute == "selective":  # the MLP recomputed from its input (a norm output, kept in core)
+        kept = m.num_layers * core
     else:
-        kept = m.num_layers * layer
+        kept = m.num_layers * (core + mlp)
     gathered = 0
     if cp > 1 and par.context_comm == "all_gather":  # inside each layer's attention: with full recomputation, one
         holding = 1 if train.recompute == "full" else m.num_layers  # layer (the one recomputed) holds them
-        gathered = holding * 2 * (train.micro_batch_size * train.seq_length) * (2 * cp + 1) // (2 * cp) * hkv * d
+        hkv = m.num_query_groups // tp
+        gathered = holding * 2 * (train.micro_batch_size * train.seq_length) * (2 * cp + 1) // (2 * cp) * hkv \
+            * m.head_dim * element
     return MemoryEstimate(
         weights=params * element,
         gradients=params * 4,
         optimizer=params * (12 if bf16 else 8) // shard,
-        activations=(tokens * kept + gathered) * element,
+        activations=tokens * kept + gathered,
         logits=8 * tokens + 2 * LINEAR_LOSS_CHUNK_BYTES if fused["cross_entropy"] == "fused_linear"
         else tokens * (m.vocab_size // tp) * (2 if fused["cross_entropy"] == "liger" else 6),
     )

@@ -1,6 +1,7 @@
 """The memory estimate behind `pretrain.py --dry-run` and the launch check: its parameter count is the
-built model's, its parts follow the formulas of moba_train/memory.py, and a recipe far too large for the
-machine is one line before anything is built."""
+built model's, its parts follow the formulas of moba_train/memory.py, the activations it counts per layer are
+what the built layer keeps for its backward, and a recipe far too large for the machine is one line before
+anything is built."""
 
 import os
 import re
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from moba_train import distributed
-from moba_train.config import load_config
+from moba_train import distributed, fusions
+from moba_train.config import Config, load_config
 from moba_train.memory import estimate, parameters_per_rank
 from moba_train.model import build_model
 
@@ -35,13 +36,16 @@ def test_the_8b_recipe_estimate_follows_its_formulas():
     params = parameters_per_rank(cfg)
     e = estimate(cfg, world_size=64, bf16=True, distributed_optimizer=True)  # data parallel 2
     tokens = 131072 // 4  # one 128K sequence over context parallel 4
-    per_layer = 4 * 4096 + (4 * 4 + 3 * 1) * 128 + 3 * 14336 // 8  # TP 8: 4 query / 1 KV heads
-    kept = 32 * 4096 + per_layer  # full recompute: every layer's input and one layer's activations
+    # TP 8: 4 query / 1 KV heads of 128; packed documents (context parallel), the plain paths: the QKV output,
+    # rotated q and k, the output, Megatron's RoPE cosines and sines; PyTorch's SwiGLU; the log-sum-exp and
+    # the norms' inverse RMS in fp32
+    per_layer = 2 * (4 * 4096 + (3 * 4 + 3 * 1) * 128 + 4 * 128 + 5 * 14336 // 8) + 4 * (4 + 2)
+    kept = 2 * 32 * 4096 + per_layer  # full recompute: every layer's input and one layer's activations
     # all_gather: K and V prefixes of 1 + 1/8 sequences, inside the attention: under full recomputation only the
     # layer being recomputed holds them
     gathered = 1 * 2 * 131072 * 9 // 8 * 1 * 128
     assert (e.weights, e.gradients, e.optimizer) == (2 * params, 4 * params, 12 * params // 8)
-    assert e.activations == 2 * (tokens * kept + gathered)
+    assert e.activations == tokens * kept + 2 * gathered
     assert e.logits == tokens * (128256 // 8) * 6
     assert 15 * 2**30 < e.total < 40 * 2**30  # fits an 80 GB GPU
 
@@ -91,3 +95,43 @@ def test_a_recipe_too_large_for_the_machine_is_one_line_before_anything_is_built
     # One error line and no traceback (torch may log its own import-time notes, e.g. about CUDA_HOME, above it).
     lines = [line for line in result.stderr.strip().splitlines() if not _TORCH_LOG.match(line)]
     assert len(lines) == 1 and lines[0].startswith("error: this recipe needs about ") and "GiB per process" in lines[0]
+
+
+def _layer_cfg(fused: dict, attention: str, recompute: str, micro_batch: int):
+    """A small layer whose terms differ: h 96, 4 query heads / 2 KV heads of 32 (Hq D = 128), ffn 224."""
+    return Config.model_validate({
+        "run": {"device": "cpu"},
+        "model": {"num_layers": 1, "hidden_size": 96, "kv_channels": 32, "ffn_hidden_size": 224,
+                  "num_attention_heads": 4, "num_query_groups": 2, "vocab_size": 128,
+                  "make_vocab_size_divisible_by": 64, "fusions": dict(fusions.PLAIN, **fused)},
+        "attention": {"mode": attention, "block_size": 64, "topk": 2, "backend": "torch"},
+        "train": {"seq_length": 256, "micro_batch_size": micro_batch, "global_batch_size": micro_batch,
+                  "recompute": recompute},
+    })
+
+
+FUSED = {"rmsnorm": "triton", "rope": "triton", "swiglu": "megatron"}
+
+
+@pytest.mark.parametrize("fused,attention,packed,micro_batch,recompute", [
+    (FUSED, "full", False, 1, "none"),  # the QKV split and rotated by one kernel: q, k, v, out
+    (FUSED, "full", True, 1, "none"),  # packed documents: the QKV output, rotated q and k, out
+    (FUSED, "moba", False, 2, "none"),  # two rows: the attention's layout copies
+    (FUSED, "moba", True, 2, "selective"),  # the MLP recomputed
+    ({"rmsnorm": "triton", "swiglu": "torch"}, "full", False, 1, "none"),  # PyTorch's SwiGLU, Megatron's RoPE
+    ({"rmsnorm": "triton", "rope": "compile"}, "full", True, 1, "none"),  # packed: Megatron's thd RoPE
+])
+def test_the_estimate_counts_what_autograd_keeps_for_each_layer(fused, attention, packed, micro_batch, recompute):
+    """The formula of moba_train/memory.py against what one layer of the built model saves for its backward
+    (benchmarking.layer_memory: the storages autograd keeps, a 2-layer model against a 1-layer one)."""
+    from moba_train.benchmarking import layer_memory
+    from moba_train.memory import layer_activation_bytes
+
+    cfg = _layer_cfg(fused, attention, recompute, micro_batch)
+    measured = layer_memory(cfg, packed)
+    core, mlp = layer_activation_bytes(cfg, dict(fusions.PLAIN, **fused), element=4, packed=packed)
+    expected = core + (0 if recompute == "selective" else mlp)
+    # MoBA's reference backend also keeps its block selection (int64, top-k blocks per query head: 8 bytes x
+    # 4 heads x 2 = 64 bytes per token here, about 2% of the layer), which the formula leaves out
+    selection = 8 * 4 * 2 if attention == "moba" else 0
+    assert measured.bytes_per_token == expected + selection, measured.tensors
