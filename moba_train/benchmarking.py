@@ -253,10 +253,12 @@ def layer_memory(cfg: Config, packed: bool) -> LayerMemory:
     """What autograd keeps for the backward of one layer of `cfg`'s attention kind (`attention.mode`, every
     layer that kind), measured: the model built with 1 and then 2 layers, one micro-batch forward each under
     `torch.autograd.graph.saved_tensors_hooks`, each saved storage counted once (parameters excluded), and
-    the difference taken. Tensors a function keeps outside `save_for_backward` are not seen; on CUDA the
+    the difference taken. The model is wrapped as the trainer wraps it (bf16 compute where the recipe's
+    precision resolves to it). Tensors a function keeps outside `save_for_backward` are not seen; on CUDA the
     allocator's bytes after the forward and its peak through the backward are recorded too."""
     from moba_train.distributed import destroy_distributed, init_distributed, set_seed
     from moba_train.model import build_model, forward_step
+    from moba_train.training import wrap_model
 
     batch = _one_micro_batch(cfg, packed)
     kept, cuda = {}, {}
@@ -267,7 +269,7 @@ def layer_memory(cfg: Config, packed: bool) -> LayerMemory:
         env = init_distributed(one)
         try:
             set_seed(one.run.seed)
-            model = build_model(one)
+            model = wrap_model(one, build_model(one), env)  # as the trainer runs it: bf16 compute where chosen
             params = {p.untyped_storage().data_ptr() for p in model.parameters()}
             storages: dict[int, dict] = {}
 

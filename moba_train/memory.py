@@ -17,7 +17,8 @@ DDP and optimizer, bf16 training, gradients reduced in fp32):
                                           (model.fusions.rope triton, one document per sample);
                       (3 Hq + 3 Hkv) D / t  otherwise with one row: the QKV projection's output (v is a view
                                           of it), the rotated q and k and the attention output (packed
-                                          documents run as one row: data.kind indexed, or context parallel);
+                                          documents run as one row: data.reset_attention_mask, or context
+                                          parallelism);
                       (3 Hq + 2 Hkv) D / t  with several one-document rows: q, k, v and the output in the
                                           attention's layout, and the output again in the projection's
                       3 F / t             the fc1 output (2 F) and the SwiGLU output (F, the fc2 input) with
@@ -86,8 +87,8 @@ def parameters_per_rank(cfg: Config) -> int:
 
 def packs_documents(cfg: Config) -> bool:
     """Whether the recipe's micro-batches run as one row of packed documents (`model.packed_seq_params`):
-    indexed data (documents concatenated into samples) or context parallelism."""
-    return cfg.data.kind == "indexed" or cfg.parallel.context > 1
+    indexed data attended per document (data.reset_attention_mask), or context parallelism."""
+    return (cfg.data.kind == "indexed" and cfg.data.reset_attention_mask) or cfg.parallel.context > 1
 
 
 def layer_activation_bytes(cfg: Config, fused: dict[str, str], element: int,
