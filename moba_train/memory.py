@@ -33,15 +33,22 @@ DDP and optimizer, bf16 training, gradients reduced in fp32):
                   prefixes, 2 (1 + 1 / 2c) s Hkv D / t elements (with full recomputation only the layer
                   being recomputed holds them).
     logits        the output layer's logits and the cross-entropy's fp32 copy: 6 bytes per vocabulary
-                  entry (/ t) per token of the micro-batch; 2 with Liger's cross-entropy (it writes the
-                  gradient into the bf16 logits in the forward); with fused_linear 8 bytes per token (its
-                  losses and log-sum-exps) and one chunk's fp32 logits and probabilities
-The estimate ignores the allocator's fragmentation, the CUDA context (about 0.5-1 GiB) and transient
-buffers. Measured against it (the 1.1B recipe, 32K tokens, one H200, bench/results/train-h200-647beb5-32k.json
-and the recipe's earlier runs): with full recomputation the estimate (29.2 GiB) was 8% above the measured
-peak (26.9 GiB); without recomputation it (66.1 GiB) was 18% below full attention's peak (80.7 GiB) and 26%
-below MoBA's (89.2 GiB): the activations kept per layer are larger than the formula's (not yet itemized).
-Read it as a lower bound without recomputation.
+                  entry (/ t) per token of the micro-batch; also 6 with Liger's cross-entropy (measured: 4 bytes
+                  per entry held from the forward, the logits and their gradient, and 2 more at the start of the
+                  backward); with fused_linear 8 bytes per token (its losses and log-sum-exps) and one chunk's
+                  fp32 logits and probabilities
+The estimate ignores the allocator's fragmentation, the CUDA context (about 0.5-1 GiB) and the other layers'
+transient buffers. Measured (scripts/bench_memory.py, the 1.1B recipes on one H200 at 99f2efd,
+bench/results/memory-h200-99f2efd-*.json): what one layer keeps is the formula's to the byte with full
+attention on one document per sample, 0.9% (32K) and 2.4% (128K) more with MoBA (its routing), 1.3% and 3.2% more
+with full attention on packed documents, and 5.5% and 14% less with MoBA on packed documents (its kernel takes
+a contiguous copy of v, so the QKV projection's output is not kept); the allocator's bytes after one forward
+grow by the same amount per layer, so nothing is kept outside autograd's saved tensors. Whole steps (the
+bench_train results): without recomputation at 32K the estimate (61.6 GiB) is 0.6% below full attention's peak
+(62.0 GiB) and 0.9% below MoBA block 512's (62.2 GiB; train-h200-99f2efd-32k.json); at 128K with the MLP
+recomputed (94.8 GiB) 1.1% below full attention's 95.9 GiB and 2.3% below MoBA's 97.1 GiB
+(train-h200-99f2efd-128k.json);
+with full recomputation at 32K (28.9 GiB) 7% above the measured 26.9 GiB (train-h100-5377e38-32k-b512-recipe.json).
 """
 
 from __future__ import annotations
@@ -147,5 +154,5 @@ def estimate(cfg: Config, world_size: int, bf16: bool, distributed_optimizer: bo
         optimizer=params * (12 if bf16 else 8) // shard,
         activations=tokens * kept + gathered,
         logits=8 * tokens + 2 * LINEAR_LOSS_CHUNK_BYTES if fused["cross_entropy"] == "fused_linear"
-        else tokens * (m.vocab_size // tp) * (2 if fused["cross_entropy"] == "liger" else 6),
+        else tokens * (m.vocab_size // tp) * 6,
     )

@@ -82,8 +82,9 @@ def _size(n: float) -> str:
 
 MEMORY_MARGIN = 0.8
 """Refuse a launch whose estimated memory per process is more than available / MEMORY_MARGIN. The estimate
-(moba_train/memory.py) was at most 8% above a measured peak (and up to 26% below one), so a refused run would
-not have fit; runs somewhat too large still start and meet the allocator's out-of-memory error."""
+(moba_train/memory.py) was at most 7% above a measured peak (and up to 2.3% below one, at 99f2efd on an H200), so
+a refused run would not have fit; runs somewhat too large still start and meet the allocator's out-of-memory
+error."""
 
 
 def memory_estimate(cfg: Config, world_size: int):

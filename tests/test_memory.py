@@ -51,16 +51,16 @@ def test_the_8b_recipe_estimate_follows_its_formulas():
 
 
 def test_the_chunked_loss_keeps_no_logits_at_128k():
-    """The 1.1B recipe at 128K: the logits and the loss's fp32 copy are 24 GiB per micro-batch (8 GiB with
-    Liger's cross-entropy); with the output layer and the loss in chunks (fused_linear) 8 bytes per token and
-    one chunk's fp32 logits and probabilities remain. Nothing else changes."""
+    """The 1.1B recipe at 128K: the logits and the loss's fp32 copy are 24 GiB per micro-batch (as much with
+    Liger's cross-entropy, measured); with the output layer and the loss in chunks (fused_linear) 8 bytes per
+    token and one chunk's fp32 logits and probabilities remain. Nothing else changes."""
     from moba_train import fusions
 
     cfg = load_config(ROOT / "configs" / "llama1b_moba_128k.yaml")
     plain, liger, chunked = (estimate(cfg, world_size=1, bf16=True, distributed_optimizer=True,
                                       fused=dict(fusions.PLAIN, cross_entropy=choice))
                              for choice in ("megatron", "liger", "fused_linear"))
-    assert plain.logits == 131072 * 32768 * 6 == 3 * liger.logits
+    assert plain.logits == 131072 * 32768 * 6 == liger.logits
     assert chunked.logits == 8 * 131072 + 2 * fusions.LINEAR_LOSS_CHUNK_BYTES < 2**30 + 2**21
     assert chunked.total - chunked.logits == plain.total - plain.logits
 
