@@ -16,8 +16,9 @@ def test_each_layout_is_measured_and_matches_the_formula(tmp_path):
                  "model.fusions.rmsnorm=triton", "model.fusions.rope=triton", "model.fusions.swiglu=megatron"]
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_memory.py"), "--config", str(ROOT / "configs" / "tiny_moba.yaml"),
-         *overrides, "--out", str(out)], capture_output=True, text=True, timeout=600, env=env)
+        [sys.executable, str(ROOT / "scripts" / "bench_memory.py"), "--config",
+         str(ROOT / "configs" / "tiny_moba.yaml"), *overrides, "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     run = json.loads(out.read_text())
     assert run["meta"]["element_bytes"] == 4 and run["meta"]["fusions"]["rope"] == "triton"
