@@ -22,8 +22,8 @@ Four operations, each with its plain path and the fused ones measured against it
                             Megatron allows (one sequence per sample, no inference context), one kernel
                             splits and rotates the fused QKV projection's output and one writes its gradient
                             (FusedQKVRoPESelfAttention: Megatron's fused_single_qkv_rope without Transformer
-                            Engine); packed documents (indexed data, context parallelism) are one call over
-                            all tokens by the angles of their positions in their documents
+                            Engine); packed documents (data.reset_attention_mask, context parallelism) are
+                            one call over all tokens by the angles of their positions in their documents
                    (compile and triton are installed where Megatron looks for Transformer Engine's
                    fused RoPE)
     grad_accumulation

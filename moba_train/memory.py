@@ -47,8 +47,8 @@ grow by the same amount per layer, so nothing is kept outside autograd's saved t
 bench_train results): without recomputation at 32K the estimate (61.6 GiB) is 0.6% below full attention's peak
 (62.0 GiB) and 0.9% below MoBA block 512's (62.2 GiB; train-h200-99f2efd-32k.json); at 128K with the MLP
 recomputed (94.8 GiB) 1.1% below full attention's 95.9 GiB and 2.3% below MoBA's 97.1 GiB
-(train-h200-99f2efd-128k.json);
-with full recomputation at 32K (28.9 GiB) 7% above the measured 26.9 GiB (train-h100-5377e38-32k-b512-recipe.json).
+(train-h200-99f2efd-128k.json); with full recomputation at 32K (28.9 GiB) 7% above the measured 26.9 GiB
+(train-h100-5377e38-32k-b512-recipe.json).
 """
 
 from __future__ import annotations

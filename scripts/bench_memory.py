@@ -3,8 +3,8 @@
     python scripts/bench_memory.py --config configs/llama1b_moba_32k.yaml [section.key=value ...] \
         [--out bench/results/memory.json]
 
-For MoBA and full attention, with one document per sample and with packed documents (the layouts of synthetic
-and of indexed data), `benchmarking.layer_memory` builds the recipe's model with 1 and 2 layers on this
+For MoBA and full attention, with one document per sample and with packed documents (one row of documents, as
+with data.reset_attention_mask or context parallelism), `benchmarking.layer_memory` builds the recipe's model with 1 and 2 layers on this
 device, runs one micro-batch forward under autograd's saved-tensor hooks and takes the difference: the
 tensors one layer keeps, each storage once. Printed and written (JSON): bytes per token measured and by the
 formula (`memory.layer_activation_bytes`, the fusions this device resolves), and the kept tensors; on CUDA
