@@ -4,11 +4,12 @@
         [--out bench/results/memory.json]
 
 For MoBA and full attention, with one document per sample and with packed documents (one row of documents, as
-with data.reset_attention_mask or context parallelism), `benchmarking.layer_memory` builds the recipe's model with 1 and 2 layers on this
-device, runs one micro-batch forward under autograd's saved-tensor hooks and takes the difference: the
-tensors one layer keeps, each storage once. Printed and written (JSON): bytes per token measured and by the
-formula (`memory.layer_activation_bytes`, the fusions this device resolves), and the kept tensors; on CUDA
-also the allocator's bytes after one forward and its peak through the backward, for 1 and 2 layers.
+with data.reset_attention_mask or context parallelism), `benchmarking.layer_memory` builds the recipe's model
+with 1 and 2 layers on this device, runs one micro-batch forward under autograd's saved-tensor hooks and takes
+the difference: the tensors one layer keeps, each storage once. Printed and written (JSON): bytes per token
+measured and by the formula (`memory.layer_activation_bytes`, the fusions this device resolves), and the kept
+tensors; on CUDA also the allocator's bytes after one forward and its peak through the backward, for 1 and 2
+layers.
 """
 
 from __future__ import annotations
