@@ -72,11 +72,13 @@ def test_the_shards_of_all_ranks_hold_every_token_once_with_its_label_mask_and_p
     assert torch.equal(seen, torch.ones_like(seen))
 
 
-def recipe(tp: int, cp: int, design: str = "all_gather") -> dict:
-    """The hybrid model (MoBA then a full layer), 8 query / 4 KV heads so both designs run at CP 4 and TP 2 x CP 2."""
+def recipe(tp: int, cp: int, design: str = "all_gather", rope: str = "auto") -> dict:
+    """The hybrid model (MoBA then a full layer), 8 query / 4 KV heads so both designs run at CP 4 and TP 2 x CP 2;
+    `rope`: model.fusions.rope (auto: Megatron's unfused rotation on CPU)."""
     return {
         "model": {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 96, "num_attention_heads": 8,
-                  "num_query_groups": 4, "vocab_size": 250, "make_vocab_size_divisible_by": 64},
+                  "num_query_groups": 4, "vocab_size": 250, "make_vocab_size_divisible_by": 64,
+                  "fusions": {"rope": rope}},
         "attention": {"block_size": 16, "topk": 3, "full_layers": 1, "backend": "torch"},
         "train": {"seq_length": SEQ},
         "parallel": {"tensor": tp, "context": cp, "context_comm": design},
@@ -94,7 +96,7 @@ def _diagnostics(cfg: Config, model, enabled: bool, out_dir: str) -> dict:
     return _scalars(RoutingDiagnostics(cfg, model, enabled).run(1, _batch(BATCHES["unpacked"], seed=5)))
 
 
-def _model_worker(rank: int, world: int, port: int, tp: int, cp: int, state: dict, reference: dict) -> None:
+def _model_worker(rank: int, world: int, port: int, tp: int, cp: int, rope: str, state: dict, reference: dict) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     env = distributed.init_distributed(Config.model_validate(recipe(tp, cp)))  # the designs share the groups
@@ -103,7 +105,7 @@ def _model_worker(rank: int, world: int, port: int, tp: int, cp: int, state: dic
         group = parallel_state.get_context_parallel_group()
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         for design in context_parallel.COMM_DESIGNS:
-            cfg = Config.model_validate(recipe(tp, cp, design))
+            cfg = Config.model_validate(recipe(tp, cp, design, rope))
             distributed.set_seed(cfg.run.seed)
             model = build_model(cfg)
             params = dict(model.named_parameters())
@@ -156,10 +158,14 @@ def _reference(out_dir) -> tuple[dict, dict]:
     return state, reference
 
 
-@pytest.mark.parametrize("tp, cp", [(1, 2), (1, 4), (2, 2)], ids=["cp2", "cp4", "tp2xcp2"])
-def test_hybrid_model_under_cp_equals_one_process_loss_gradients_and_routing_diagnostics(tp, cp, tmp_path):
+@pytest.mark.parametrize("tp, cp, rope", [(1, 2, "auto"), (1, 4, "auto"), (2, 2, "auto"), (1, 2, "triton")],
+                         ids=["cp2", "cp4", "tp2xcp2", "cp2-triton-rope"])
+def test_hybrid_model_under_cp_equals_one_process_loss_gradients_and_routing_diagnostics(tp, cp, rope, tmp_path):
+    """Under CP every batch is one row of packed documents; with rope=triton RoPE is our kernel over each rank's
+    shard by the angles Megatron's thd path would choose (`fusions._packed_freqs`), against Megatron's rotation in
+    one process."""
     state, reference = _reference(tmp_path)
-    mp.spawn(_model_worker, args=(tp * cp, _free_port(), tp, cp, state, reference), nprocs=tp * cp, join=True)
+    mp.spawn(_model_worker, args=(tp * cp, _free_port(), tp, cp, rope, state, reference), nprocs=tp * cp, join=True)
 
 
 @pytest.mark.parametrize(
