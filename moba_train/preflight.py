@@ -87,13 +87,14 @@ a refused run would not have fit; runs somewhat too large still start and meet t
 error."""
 
 
-def memory_estimate(cfg: Config, world_size: int):
-    """moba_train.memory's estimate for `cfg` on `world_size` processes of the device the recipe asks for."""
+def memory_estimate(cfg: Config, world_size: int, device: torch.device | None = None):
+    """moba_train.memory's estimate for `cfg` on `world_size` processes of `device` (default: the device the recipe
+    asks for on this machine)."""
     from moba_train.fusions import resolve
     from moba_train.memory import estimate
     from moba_train.optimizer import use_distributed_optimizer
 
-    device = resolve_device(cfg, int(os.environ.get("LOCAL_RANK", 0)))
+    device = device or resolve_device(cfg, int(os.environ.get("LOCAL_RANK", 0)))
     return estimate(cfg, world_size, compute_dtype(cfg, device) == torch.bfloat16,
                     use_distributed_optimizer(cfg, device), resolve(cfg, device))
 
@@ -143,7 +144,10 @@ def check(cfg: Config) -> None:
 
 def dry_run(cfg: Config, world_size: int) -> str:
     """What `scripts/pretrain.py --dry-run` prints: the parallel layout of `world_size` processes and the
-    memory estimate per process, without building anything (ConfigError if the launch cannot work)."""
+    memory estimate per process, without building anything (ConfigError if the launch cannot work). On a
+    machine without a GPU (a login node), a recipe with `run.device: auto` is described as on the GPU nodes
+    it would take one on: bf16 under `train.precision: auto` and the fused kernels `auto` picks on CUDA
+    (`run.device=cpu` describes a CPU run)."""
     check_world_size(cfg, world_size)
     m, par, train, att = cfg.model, cfg.parallel, cfg.train, cfg.attention
     dp = world_size // (par.tensor * par.pipeline * par.context)
@@ -152,10 +156,12 @@ def dry_run(cfg: Config, world_size: int) -> str:
     except ConfigError as err:
         batches = f"  the launch would be refused: {err}"
     kinds = cfg.layer_kinds()
-    device = resolve_device(cfg)
-    estimate = memory_estimate(cfg, world_size)
+    device, where = resolve_device(cfg), ""
+    if device.type == "cpu" and cfg.run.device == "auto":
+        device, where = torch.device("cuda"), " (as on a GPU node: none here, and run.device auto takes one there)"
+    estimate = memory_estimate(cfg, world_size, device)
     lines = [
-        f"dry run: {world_size} process(es) on {device.type}; nothing is built",
+        f"dry run: {world_size} process(es) on {device.type}{where}; nothing is built",
         f"layout: tensor {par.tensor} x context {par.context} x pipeline {par.pipeline} x data {dp} = {world_size}",
         f"  per tensor rank: {m.num_attention_heads // par.tensor} query / {m.num_query_groups // par.tensor} KV "
         f"heads, {m.ffn_hidden_size // par.tensor} FFN columns, "

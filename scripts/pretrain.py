@@ -5,7 +5,8 @@
 
 Relaunching the same command resumes from the newest complete checkpoint. --dry-run prints the parallel
 layout and the memory per GPU, building nothing (world size: --world-size, else torchrun's, else the
-smallest the recipe's parallel sizes allow).
+smallest the recipe's parallel sizes allow); on a machine without a GPU, a recipe with run.device auto is
+described as on the GPU nodes (run.device=cpu describes a CPU run).
 """
 
 import os

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from moba_train import distributed, fusions
 from moba_train.config import Config, load_config
@@ -83,9 +84,32 @@ def test_dry_run_prints_the_layout_and_the_estimate_without_building_anything(tm
     assert "layout: tensor 8 x context 4 x pipeline 1 x data 1 = 32" in out
     assert "8 chunks of 16384, 32768 tokens per context rank (all_gather)" in out
     assert "layers: 29 MoBA (block 4096, top-12), 3 full" in out
-    total = estimate(load_config(ROOT / "configs" / "llama8b_moba.yaml"), 32, True, True).total
-    assert f"total {total / 2**30:12.1f} GiB".replace("total ", "total").split()[-2] in out
+    cfg = load_config(ROOT / "configs" / "llama8b_moba.yaml")  # run.device auto: described as on the GPU nodes
+    expected = estimate(cfg, 32, True, True, fused=fusions.resolve(cfg, torch.device("cuda")))
+    assert expected.lines()[-1] in out.splitlines()
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu"])
+def test_a_dry_run_without_a_gpu_describes_the_gpu_nodes_unless_told_cpu(device):
+    """On a machine without a GPU (a login node), run.device auto is described as the launch on the GPU nodes
+    (bf16 and the fused kernels `auto` picks on CUDA: for the 128K recipe the estimate within 2.3% of its
+    measured peaks), and run.device=cpu as a CPU run (fp32, the plain paths)."""
+    from moba_train.optimizer import use_distributed_optimizer
+
+    recipe = ROOT / "configs" / "llama1b_moba_128k.yaml"
+    result = _pretrain("--config", str(recipe), f"run.device={device}", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    cfg = load_config(recipe, [f"run.device={device}"])
+    gpu = torch.device("cuda" if device == "auto" else "cpu")
+    expected = estimate(cfg, 1, bf16=gpu.type == "cuda", distributed_optimizer=use_distributed_optimizer(cfg, gpu),
+                        fused=fusions.resolve(cfg, gpu))
+    lines = result.stdout.splitlines()
+    assert expected.lines()[-1] in lines and expected.lines()[3] in lines  # the total and the activations
+    assert f"estimate; {'bf16' if gpu.type == 'cuda' else 'fp32'}, recompute selective" in result.stdout
+    first = lines[0] if lines[0].startswith("dry run:") else next(line for line in lines if line.startswith("dry run"))
+    assert first.startswith(f"dry run: 1 process(es) on {gpu.type}")
+    assert ("as on a GPU node" in first) == (device == "auto" and not torch.cuda.is_available())
 
 
 def test_a_recipe_too_large_for_the_machine_is_one_line_before_anything_is_built(tmp_path):
