@@ -347,7 +347,7 @@ def _fused_rope_thd(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tens
     return rope_utils._apply_rotary_pos_emb_thd(t, cu_seqlens, freqs, cp_group=group)
 
 
-_PACKED_FREQS: dict = {}  # the last call's angles: its inputs (held, so that identity means the same values) and result
+_PACKED_FREQS: dict = {}  # the last call's freqs (held, so that identity means the same tensor), version, key, angles
 
 
 def _packed_freqs(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor, cp_size: int,
@@ -360,15 +360,15 @@ def _packed_freqs(t: torch.Tensor, cu_seqlens: torch.Tensor, freqs: torch.Tensor
 
     bounds = tuple(cu_seqlens.tolist())  # on the host (model.packed_seq_params): no device sync
     key = (bounds, cp_size, cp_rank, t.shape[0], t.device)
-    cached = _PACKED_FREQS.get("entry")
-    if cached is not None and cached[0] is freqs and cached[1] == key and freqs._version == cached[2]:
-        return cached[3]
+    last = _PACKED_FREQS
+    if last and last["freqs"] is freqs and last["version"] == freqs._version and last["key"] == key:
+        return last["angles"]
     seqlens = [(b - a) // cp_size for a, b in zip(bounds[:-1], bounds[1:])]
     exact = freqs.dim() >= 1 and freqs.size(0) == bounds[-1]
     parts = [rope_utils._get_thd_freqs_on_this_cp_rank(cp_rank, cp_size, x, freqs, bounds[i] if exact else 0)
              for i, x in enumerate(torch.split(t, seqlens))]
     angles = torch.cat(parts).float().contiguous()
-    _PACKED_FREQS["entry"] = (freqs, key, freqs._version, angles)
+    _PACKED_FREQS.update(freqs=freqs, version=freqs._version, key=key, angles=angles)
     return angles
 
 

@@ -417,7 +417,6 @@ def main(argv=None) -> int:
                   f"slowest / even share {r['slowest_over_even_share']:.3f}, max rel err {r['max_rel_err']:.1e}",
                   flush=True)
         out = Path(args.out or f"bench/results/cp-shaped-{meta['gpu'].replace(' ', '_')}-{meta['commit'][:7]}.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
         write_text(out, json.dumps(dict(meta=meta, dtype=str(dtype), results=rows), indent=1))
         print(f"wrote {out}")
         return 0
@@ -445,7 +444,6 @@ def main(argv=None) -> int:
     print("\n".join(format_row(r) for r in rows))
     out = Path(args.out) if args.out else Path("bench/results") / (
         f"attention-{meta['gpu'].replace(' ', '_')}-{meta['date'].replace(':', '')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_text(out, json.dumps(dict(meta=meta, dtype=str(dtype), results=rows), indent=1))
     print(f"wrote {out}")
     return 1 if any(r["status"] in ("fail", "error") for r in rows) else 0

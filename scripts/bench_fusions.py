@@ -256,7 +256,6 @@ def main(argv=None) -> None:
             "tokens": cfg.train.seq_length * cfg.train.micro_batch_size,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     out = Path(args.out or f"bench/results/fusions-{meta['gpu'].replace(' ', '_')}-{commit[:7]}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_text(out, json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     print(f"wrote {out}")
     distributed.destroy_distributed()

@@ -65,7 +65,6 @@ def main(argv=None) -> None:
             "overrides": args.overrides, "fusions": fused, "element_bytes": element,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     out = Path(args.out or f"bench/results/memory-{gpu.replace(' ', '_')}-{commit[:7]}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_text(out, json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     print(f"wrote {out}")
 
