@@ -17,7 +17,6 @@ The kernels are PyTorch's own FA2 (`torch.ops.aten._flash_attention_forward/_bac
 from __future__ import annotations
 
 import bisect
-import inspect
 
 import torch
 
@@ -41,14 +40,29 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def causal_varlen_attn(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float) -> torch.Tensor:
-    """Causal attention per sequence with `varlen_attn` (differentiable): [Tq, Hq, D]; queries fewer than
-    keys are aligned to the bottom right (FA2's causal convention)."""
-    if q.shape[1] != k.shape[1]:
-        if "enable_gqa" in inspect.signature(varlen_attn).parameters:
-            return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0), enable_gqa=True)
-        group = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0))
+    """Causal attention per sequence on FA2's varlen kernels (differentiable): [Tq, Hq, D] from k and v of
+    Hkv heads; queries fewer than keys are aligned to the bottom right (FA2's causal convention). GQA is
+    native: `varlen_attn` in torch 2.11 takes no `enable_gqa`, and repeating K and V to the query heads kept
+    the repeats for the backward, 4 Hq D elements per token instead of (2 Hq + 2 Hkv) D (bench/NOTES.md,
+    session 26), so the FA2 pair is called here directly, as `MobaVarlenFunction` calls it."""
+    return _CausalVarlen.apply(q, k, v, cu_q, cu_k, max_q, max_k, scale)
+
+
+class _CausalVarlen(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, scale):
+        out, lse, rng = _flash_forward(q, k, v, cu_q, cu_k, max_q, max_k, True, scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.args = max_q, max_k, scale, rng
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        max_q, max_k, scale, rng = ctx.args
+        grad_q, grad_k, grad_v = _flash_backward(grad_out.contiguous(), q, k, v, out, lse, cu_q, cu_k, max_q,
+                                                 max_k, True, scale, rng)
+        return grad_q, grad_k, grad_v, None, None, None, None, None
 
 
 def _flash_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
