@@ -7,7 +7,8 @@
 #     1. tests/attention/test_varlen.py (FA2 runs on CUDA only);
 #     2. scripts/bench_memory.py at the 32K recipe: what one layer keeps, packed full attention against session 26's
 #        82,056 B/token (memory-h200-99f2efd-32k.json);
-#     3. the 32K step with attention per document (data.reset_attention_mask), MoBA and full attention, then full
+#     3. the new tests with .baseline/varlen.py in place (the memory test must fail there);
+#     4. the 32K step with attention per document (data.reset_attention_mask), MoBA and full attention, then full
 #        attention again in a second process with .baseline/varlen.py in place (the K/V repeats), the same batches
 case "${1:-}" in
 varlen) ;;
@@ -31,6 +32,10 @@ PACKED="--config configs/llama1b_moba_32k_b512.yaml logging.progress_bar=off tra
 timeout 150 python3 scripts/bench_train.py $PACKED --arm packed: --arm packed_full:attention.mode=full \
   --out "$OUT/train-$TAG-$S-32k-packed-gqa.json" 2>&1 | grep -v -i warn | grep "tokens/s\|breakdown\|rror"
 cp moba_train/attention/varlen.py /tmp/varlen_new.py && cp .baseline/varlen.py moba_train/attention/varlen.py
+echo "the new tests on the version before (the memory test should fail):"
+timeout 60 python3 -m pytest -q -p no:cacheprovider tests/attention/test_varlen.py -k "full_attention" \
+  > "$OUT/gpu-tests-$TAG-$S-varlen-before.log" 2>&1
+tail -3 "$OUT/gpu-tests-$TAG-$S-varlen-before.log"
 timeout 150 python3 scripts/bench_train.py $PACKED --arm packed_full_repeated_kv:attention.mode=full \
   --out "$OUT/train-$TAG-$S-32k-packed-repeated-kv.json" 2>&1 | grep -v -i warn | grep "tokens/s\|breakdown\|rror"
 cp /tmp/varlen_new.py moba_train/attention/varlen.py
