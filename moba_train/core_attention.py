@@ -48,6 +48,15 @@ def to_thd(query, key, value, packed_seq_params: Optional[PackedSeqParams]):
     return q, k, v, sbhd_cu_seqlens(b, sq, query.device)
 
 
+def own_storage(x: torch.Tensor) -> torch.Tensor:
+    """`x`, copied if it is a view of a larger tensor. Megatron splits v off the QKV projection's output (q
+    and k are rotated into tensors of their own): the attention's backward keeps v, and through the view the
+    whole output, (Hq + 2 Hkv) D elements per token instead of Hkv D (moba_train/memory.py)."""
+    if x.untyped_storage().nbytes() == x.numel() * x.element_size():
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
 def host_offsets(query: torch.Tensor, packed_seq_params: Optional[PackedSeqParams]) -> list[int]:
     """The offsets of `to_thd` as ints, without reading a device tensor."""
     if packed_seq_params is not None:
@@ -133,6 +142,7 @@ class _CoreAttention(MegatronModule):
         """Causal attention within each sequence; masks come from cu_seqlens, attention_mask is unused."""
         assert attention_bias is None, "attention bias is not supported"
         q, k, v, cu_seqlens = to_thd(query, key, value, packed_seq_params)
+        v = own_storage(v)
         host = host_offsets(query, packed_seq_params)
         if self.cp_group is None:
             out = self.attend(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, host_cu_seqlens=(host, host))

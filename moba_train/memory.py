@@ -12,13 +12,12 @@ DDP and optimizer, bf16 training, gradients reduced in fp32):
                   (elements, 2 bytes in bf16; `layer_activation_bytes`):
                       4 h                 the layer input, the attention residual (the norms' inputs) and
                                           both norms' outputs (the QKV and fc1 products' inputs)
-                      (2 Hq + 2 Hkv) D / t  q, k, v and the attention output (also the output projection's
-                                          input), when one kernel splits and rotates the QKV projection
-                                          (model.fusions.rope triton, one document per sample);
-                      (3 Hq + 3 Hkv) D / t  otherwise with one row: the QKV projection's output (v is a view
-                                          of it), the rotated q and k and the attention output (packed
-                                          documents run as one row: data.reset_attention_mask, or context
-                                          parallelism);
+                      (2 Hq + 2 Hkv) D / t  with one row (one document per sample, or packed documents:
+                                          data.reset_attention_mask, or context parallelism): q, k, v and
+                                          the attention output (also the output projection's input); v is
+                                          its own tensor (the fused QKV RoPE kernel writes it, or the core
+                                          attention copies it off the QKV projection's output, which its
+                                          view would keep whole: (Hq + 2 Hkv) D more);
                       (3 Hq + 2 Hkv) D / t  with several one-document rows: q, k, v and the output in the
                                           attention's layout, and the output again in the projection's
                       3 F / t             the fc1 output (2 F) and the SwiGLU output (F, the fc2 input) with
@@ -108,9 +107,8 @@ def layer_activation_bytes(cfg: Config, fused: dict[str, str], element: int,
     hq, hkv, ffn = m.num_attention_heads // tp, m.num_query_groups // tp, m.ffn_hidden_size // tp
     packed = packs_documents(cfg) if packed is None else packed
     one_row = packed or cfg.train.micro_batch_size == 1
-    fused_qkv = fused["rope"] == "triton" and not packed and m.num_query_groups >= tp  # FusedQKVRoPESelfAttention
     if one_row:
-        attention = (2 * hq + 2 * hkv) * d if fused_qkv else (3 * hq + 3 * hkv) * d
+        attention = (2 * hq + 2 * hkv) * d
     else:  # the rows' layout copies: the attention's q, k, v, and its output in the projection's layout
         attention = (3 * hq + 2 * hkv) * d
     # Megatron's unfused rotation keeps the cosines and sines of q's and k's angles (rope torch, and compile

@@ -37,10 +37,10 @@ def test_the_8b_recipe_estimate_follows_its_formulas():
     params = parameters_per_rank(cfg)
     e = estimate(cfg, world_size=64, bf16=True, distributed_optimizer=True)  # data parallel 2
     tokens = 131072 // 4  # one 128K sequence over context parallel 4
-    # TP 8: 4 query / 1 KV heads of 128; packed documents (context parallel), the plain paths: the QKV output,
-    # rotated q and k, the output, Megatron's RoPE cosines and sines; PyTorch's SwiGLU; the log-sum-exp and
-    # the norms' inverse RMS in fp32
-    per_layer = 2 * (4 * 4096 + (3 * 4 + 3 * 1) * 128 + 4 * 128 + 5 * 14336 // 8) + 4 * (4 + 2)
+    # TP 8: 4 query / 1 KV heads of 128; packed documents (context parallel), the plain paths: the rotated q
+    # and k, v copied off the QKV output, the output, Megatron's RoPE cosines and sines; PyTorch's SwiGLU; the
+    # log-sum-exp and the norms' inverse RMS in fp32
+    per_layer = 2 * (4 * 4096 + (2 * 4 + 2 * 1) * 128 + 4 * 128 + 5 * 14336 // 8) + 4 * (4 + 2)
     kept = 2 * 32 * 4096 + per_layer  # full recompute: every layer's input and one layer's activations
     # all_gather: K and V prefixes of 1 + 1/8 sequences, inside the attention: under full recomputation only the
     # layer being recomputed holds them
@@ -139,7 +139,7 @@ FUSED = {"rmsnorm": "triton", "rope": "triton", "swiglu": "megatron"}
 
 @pytest.mark.parametrize("fused,attention,packed,micro_batch,recompute", [
     (FUSED, "full", False, 1, "none"),  # the QKV split and rotated by one kernel: q, k, v, out
-    (FUSED, "full", True, 1, "none"),  # packed documents: the QKV output, rotated q and k, out
+    (FUSED, "full", True, 1, "none"),  # packed documents: rotated q and k, v copied off the QKV output, out
     (FUSED, "moba", False, 2, "none"),  # two rows: the attention's layout copies
     (FUSED, "moba", True, 2, "selective"),  # the MLP recomputed
     ({"rmsnorm": "triton", "swiglu": "torch"}, "full", False, 1, "none"),  # PyTorch's SwiGLU, Megatron's RoPE
