@@ -19,3 +19,8 @@ ln -sfn "$PWD/moba_train" /tmp/site/moba_train
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 RECIPE=configs/llama1b_moba_32k.yaml
 COMMON="data.kind=synthetic logging.progress_bar=off train.global_batch_size=2"
+# The device, and the parts of bench/results names: TAG (h200 or h100) and S (the short commit)
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+case "$GPU" in *H200*) TAG=h200 ;; *) TAG=h100 ;; esac
+S=${GIT_COMMIT:0:7}
+echo "device: $GPU"

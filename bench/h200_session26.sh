@@ -16,12 +16,8 @@ recipes) ;;
 *) echo "usage: bash bench/h200_session26.sh recipes" >&2; exit 2 ;;
 esac
 : "${GIT_COMMIT:?pass GIT_COMMIT=<sha>}"
-GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-case "$GPU" in *H200*) TAG=h200 ;; *) TAG=h100 ;; esac
-echo "device: $GPU"
 [ -f data/corpus/python.idx ] || { echo "data/corpus is missing: run make data here and carry data/corpus" >&2; exit 1; }
-source bench/gpu_env.sh
-S=${GIT_COMMIT:0:7}
+source bench/gpu_env.sh  # also GPU, TAG and S
 timeout 150 python3 scripts/bench_memory.py --config configs/llama1b_moba_32k_b512.yaml data.kind=synthetic \
   --out "$OUT/memory-$TAG-$S-32k.json" 2>&1 | grep -v -i warn | grep "B/token\|rror"
 timeout 150 python3 scripts/bench_memory.py --config configs/llama1b_moba_128k.yaml data.kind=synthetic \

@@ -15,13 +15,9 @@ varlen) ;;
 *) echo "usage: bash bench/h200_session27.sh varlen" >&2; exit 2 ;;
 esac
 : "${GIT_COMMIT:?pass GIT_COMMIT=<sha>}"
-GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
-case "$GPU" in *H200*) TAG=h200 ;; *) TAG=h100 ;; esac
-echo "device: $GPU"
 [ -f data/corpus/python.idx ] || { echo "data/corpus is missing: run make data here and carry data/corpus" >&2; exit 1; }
 [ -f .baseline/varlen.py ] || { echo ".baseline/varlen.py is missing: see this script's header" >&2; exit 1; }
-source bench/gpu_env.sh
-S=${GIT_COMMIT:0:7}
+source bench/gpu_env.sh  # also GPU, TAG and S
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/attention/test_varlen.py > "$OUT/gpu-tests-$TAG-$S-varlen.log" 2>&1
 tail -3 "$OUT/gpu-tests-$TAG-$S-varlen.log"
 timeout 150 python3 scripts/bench_memory.py --config configs/llama1b_moba_32k_b512.yaml data.kind=synthetic \
