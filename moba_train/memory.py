@@ -39,8 +39,9 @@ DDP and optimizer, bf16 training, gradients reduced in fp32):
 The estimate ignores the allocator's fragmentation, the CUDA context (about 0.5-1 GiB) and the other layers'
 transient buffers. Measured (scripts/bench_memory.py, the 1.1B recipes): what one layer keeps is the formula's to
 the byte with full attention, on one document per sample and on packed documents, and 0.9% (32K) and 2.4% (128K)
-more with MoBA, on either (its routing) (one H100 at 777e163 for 32K, memory-h100-777e163-32k.json; one H200 at
-99f2efd for 128K, memory-h200-99f2efd-128k.json, whose packed rows predate the copy of v and FA2's GQA); the
+more with MoBA, on either (its routing) (one H100 at 777e163 for 32K, memory-h100-777e163-32k.json; one H100 at
+3f7cb3a for 128K, memory-h100-3f7cb3a-128k.json, where packed full attention keeps 26,760 B/token, 32,904 at 99f2efd
+before the copy of v and FA2's GQA); the
 allocator's bytes after one forward grow by the same amount per layer, so nothing is kept outside autograd's saved
 tensors. Whole steps (the bench_train results): without recomputation at 32K the estimate (61.6 GiB) is 0.6% below
 full attention's peak (62.0 GiB) and 0.9% below MoBA block 512's (62.2 GiB; train-h200-99f2efd-32k.json); at 128K
