@@ -40,14 +40,13 @@ The estimate ignores the allocator's fragmentation, the CUDA context (about 0.5-
 transient buffers. Measured (scripts/bench_memory.py, the 1.1B recipes): what one layer keeps is the formula's to
 the byte with full attention, on one document per sample and on packed documents, and 0.9% (32K) and 2.4% (128K)
 more with MoBA, on either (its routing) (one H100 at 777e163 for 32K, memory-h100-777e163-32k.json; one H100 at
-3f7cb3a for 128K, memory-h100-3f7cb3a-128k.json, where packed full attention keeps 26,760 B/token, 32,904 at 99f2efd
-before the copy of v and FA2's GQA); the
-allocator's bytes after one forward grow by the same amount per layer, so nothing is kept outside autograd's saved
-tensors. Whole steps (the bench_train results): without recomputation at 32K the estimate (61.6 GiB) is 0.6% below
-full attention's peak (62.0 GiB) and 0.9% below MoBA block 512's (62.2 GiB; train-h200-99f2efd-32k.json); at 128K
-with the MLP recomputed (94.8 GiB) 1.1% below full attention's 95.9 GiB and 2.3% below MoBA's 97.1 GiB
-(train-h200-99f2efd-128k.json); with full recomputation at 32K (28.9 GiB) 7% above the measured 26.9 GiB
-(train-h100-5377e38-32k-b512-recipe.json).
+3f7cb3a for 128K, memory-h100-3f7cb3a-128k.json, where packed full attention keeps 26,760 B/token, 32,904 at
+99f2efd before the copy of v and FA2's GQA); the allocator's bytes after one forward grow by the same amount per
+layer, so nothing is kept outside autograd's saved tensors. Whole steps (the bench_train results): without
+recomputation at 32K the estimate (61.6 GiB) is 0.6% below full attention's peak (62.0 GiB) and 0.9% below MoBA
+block 512's (62.2 GiB; train-h200-99f2efd-32k.json); at 128K with the MLP recomputed (94.8 GiB) 1.1% below full
+attention's 95.9 GiB and 2.3% below MoBA's 97.1 GiB (train-h200-99f2efd-128k.json); with full recomputation at 32K
+(28.9 GiB) 7% above the measured 26.9 GiB (train-h100-5377e38-32k-b512-recipe.json).
 """
 
 from __future__ import annotations
