@@ -300,6 +300,7 @@ def committed_pool(name: str) -> dict:
     ("pooled-session27-full3", 11, ["h100-adf8139-seed6802-full3pair", "h200-99f2efd-seed2581-full3pair",
                                     "h100-777e163-seed3691-full3pair", "h100-777e163-seed4802-full3pair"]),
     ("pooled-session28", 14, ["h200-3f48023-seed7890", "h200-daeb3a0-seed1357"]),
+    ("pooled-session29", 15, ["h200-3f48023-seed7890", "h200-daeb3a0-seed1357"]),
 ])
 def test_a_committed_pool_is_what_its_runs_give(name, runs, failed_hybrids):
     """A committed pool of bench/results/quality against pooling its committed runs again: the same verdicts and
@@ -374,11 +375,11 @@ def _gap(printed: str) -> float:
 
 
 README_ROWS = {  # the README quality table's arm column -> (pool, loss target, passkey target)
-    "MoBA, block 512, top-3": ("pooled-session28", "moba_validation_loss_vs_full", "moba_passkey_vs_full"),
-    "hybrid, last 2 layers full": ("pooled-session28", "hybrid_validation_loss_vs_full", "hybrid_passkey_vs_full"),
+    "MoBA, block 512, top-3": ("pooled-session29", "moba_validation_loss_vs_full", "moba_passkey_vs_full"),
+    "hybrid, last 2 layers full": ("pooled-session29", "hybrid_validation_loss_vs_full", "hybrid_passkey_vs_full"),
     "hybrid, last 3 layers full": ("pooled-session27-full3", "hybrid_validation_loss_vs_full",
                                    "hybrid_passkey_vs_full"),
-    "full for half, then MoBA": ("pooled-session28", "cpt_validation_loss_vs_full", "cpt_passkey_vs_full"),
+    "full for half, then MoBA": ("pooled-session29", "cpt_validation_loss_vs_full", "cpt_passkey_vs_full"),
 }
 
 
