@@ -7,8 +7,8 @@
 #                                                                   # (about 6 min); `moba` runs arm 2 the same way
 # A paired run at 68M tokens per arm: does the 2-layer hybrid's loss gap (+1.37% over 12 pooled runs at 34M,
 # docs/quality.md) shrink with twice the tokens? Session 23 ran the hybrid alone at 68M (seed 1357) with no full
-# arm to pair it with. Both calls share runs/study-seed<n>-long2, so the second resumes the first's start and keeps its arm 1;
-# on a fresh machine the second call would have no arm 1 and would run the start again.
+# arm to pair it with. Both calls share runs/study-seed<n>-long2, so the second resumes the first's start and keeps
+# its arm 1; on a fresh machine the second call would have no arm 1 and would run the start again.
 case "${1:-}" in
 full|hybrid|moba) ;;
 *) echo "usage: SEED=<n> bash bench/h200_session29.sh full|hybrid|moba" >&2; exit 2 ;;
