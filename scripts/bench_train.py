@@ -108,9 +108,10 @@ def main(argv=None) -> None:
 
 
 def markdown_table(runs: list[dict]) -> str:
-    """One row per arm of the given result files (bench_train's JSON): the README's training table. A file
-    without a `full` arm takes the one of another file of the same commit and sequence length."""
-    lines = ["| run (commit) | arm | seq | attention | recompute | tokens/s | MFU | peak GiB | vs full "
+    """One row per arm of the given result files (bench_train's JSON): the README's training table, the tokens of
+    a step as sequences x length. A file without a `full` arm takes the one of another file of the same commit and
+    sequence length."""
+    lines = ["| run (commit) | arm | tokens / step | attention | recompute | tokens/s | MFU | peak GiB | vs full "
              "| Amdahl bound |", "|---|---|---|---|---|---|---|---|---|---|"]
     from moba_train.benchmarking import amdahl_bound
 
@@ -139,7 +140,8 @@ def markdown_table(runs: list[dict]) -> str:
             mfu = "" if arm.get("mfu") is None else f"{100 * arm['mfu']:.1f}%"
             peak = "" if arm.get("peak_allocated_gib") is None else f"{arm['peak_allocated_gib']:.1f}"
             lines.append(
-                f"| {run['meta']['commit'][:7]} | {arm['name']} | {arm['seq_length'] // 1024}K | {attention} | "
+                f"| {run['meta']['commit'][:7]} | {arm['name']} | {arm['tokens_per_step'] // arm['seq_length']} x "
+                f"{arm['seq_length'] // 1024}K | {attention} | "
                 f"{arm['recompute']} | {arm['tokens_per_s']:,.0f} | {mfu} | {peak} | "
                 f"{'' if speedup is None else f'{speedup:.2f}x'} | {'' if not bound else f'{bound:.2f}x'} |")
     return "\n".join(lines)

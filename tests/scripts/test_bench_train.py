@@ -137,3 +137,17 @@ def test_profiled_kernels_are_filed_under_the_work_they_do():
     from moba_train.benchmarking import kernel_category
 
     assert {name: kernel_category(name) for name, _ in PROFILED_KERNELS} == dict(PROFILED_KERNELS)
+
+
+def test_the_table_tells_runs_of_one_commit_apart_by_their_tokens_per_step():
+    """Session 30 ran the same recipe at 2 x 32K and at 8 x 32K tokens per step at one commit: the table's rows must
+    say which is which, read from each arm's tokens_per_step."""
+    import runpy
+
+    table = runpy.run_path(str(ROOT / "scripts/bench_train.py"))["markdown_table"]
+    for name, sequences in (("train-h200-c28849c-32k.json", 2), ("train-h200-c28849c-32k-gbs8.json", 8)):
+        run = json.loads((ROOT / "bench/results" / name).read_text())
+        full = next(a for a in run["arms"] if a["name"] == "full")
+        row = next(line for line in table([run]).splitlines() if line.startswith("| c28849c | full |"))
+        assert row.split(" | ")[2] == f"{sequences} x 32K", row
+        assert f"{full['tokens_per_s']:,.0f}" in row
