@@ -30,6 +30,12 @@ Whether more training would close it: per arm, the training-loss gap paired step
 same batches in the same order as full attention), averaged over eighths of the steps and pooled the same way
 (`training_gaps_pooled`). A gap that stays flat over the eighths is not one that more tokens make up.
 
+Which runs are failing, before the end: where a run tracked passkeys in training (`--track-passkey`), the pool lists
+per arm and run the key loss on those prompts minus full attention's at each logged step (`key_loss_gaps`). Over
+the 18 committed hybrid runs that logged it, that gap at the fifth eighth of the steps was 1.02 nats or more in
+each of the 6 that learned no retrieval and 0.79 or less in each of the 12 that learned it (docs/quality.md,
+session 30).
+
 Runs pool only if they share the plan (steps, tokens, lengths, the shared start), the recipe overrides other
 than run.seed and, where both recorded them, the study recipes (`recipes` in study.json: a SHA-256 of each
 configs/study file) and the corpus (its training and held-out token counts). The corpus is built from a
@@ -193,6 +199,20 @@ def training_gaps(state: dict, parts: int = TRAINING_PARTS) -> dict[str, list[fl
     return out
 
 
+def key_loss_gaps(state: dict) -> dict[str, list[list[float]]]:
+    """One run's in-training retrieval check against full attention's: per arm of RETRIEVAL_ARMS that logged a
+    `retrieval_curve` (`--track-passkey`: the key loss on held-out passkey prompts at each eighth of the steps),
+    [step, the arm's key loss minus full attention's] at each step both logged, in nats."""
+    full = {step: loss for step, loss, *_ in _metric(state, "full", "retrieval_curve", key="train") or []}
+    out = {}
+    for arm in RETRIEVAL_ARMS:
+        gaps = [[step, loss - full[step]] for step, loss, *_ in _metric(state, arm, "retrieval_curve", key="train")
+                or [] if step in full]
+        if gaps:
+            out[arm] = gaps
+    return out
+
+
 def training_gaps_pooled(runs: dict[str, dict], parts: int = TRAINING_PARTS) -> dict[str, dict]:
     """Per arm: {runs: {name: [gap per span]}, pooled: [mean, sd, interval per span, None where no run trained]}
     (`training_gaps` of each run). Does more training close an arm's gap? A gap that stays flat over the spans
@@ -265,7 +285,10 @@ def pool(runs: dict[str, dict], mixed_corpora: bool = False) -> dict:
                                     for name in names},
            "plan": first.get("plan"), "corpora": max(1, len(set(known.values()))), "targets": {},
            "retrieval_failures": retrieval_failures(runs), "by_position": gaps_by_position(runs),
-           "by_training_span": training_gaps_pooled(runs)}
+           "by_training_span": training_gaps_pooled(runs), "key_loss_gaps": {}}
+    for name, state in runs.items():
+        for arm, gaps in key_loss_gaps(state).items():
+            out["key_loss_gaps"].setdefault(arm, {})[name] = gaps
     for target, entry in sorted(values.items()):
         record = {**entry, **_interval(list(entry["runs"].values()))}
         record["verdict"] = _verdict(record)
@@ -347,6 +370,17 @@ def pooled_markdown(pooled: dict) -> str:
                   "(95% interval) over the runs.", ""]
         lines += _pooled_table(spans, "+.3f", f"steps (span of {TRAINING_PARTS})",
                                [str(i + 1) for i in range(TRAINING_PARTS)])
+    key_gaps = pooled.get("key_loss_gaps") or {}
+    if key_gaps:
+        failed = {arm: set(record["failed"]) for arm, record in failures.items()}
+        lines += ["", "Key loss on the passkeys tracked in training minus full attention's at the same step, in nats "
+                  "(each run; `no retrieval`: the run's recall of the mixed task's facts is below half of full "
+                  "attention's).", "", "| arm | run | gap at each logged step (step: nats) |", "| --- | --- | --- |"]
+        for arm, by_run in key_gaps.items():
+            for name, gaps in by_run.items():
+                mark = " (no retrieval)" if name in failed.get(arm, ()) else ""
+                each = ", ".join(f"{step}: {gap:+.2f}" for step, gap in gaps)
+                lines.append(f"| {arm} | {name}{mark} | {each} |")
     return "\n".join(lines) + "\n"
 
 

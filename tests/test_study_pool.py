@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from moba_train.config import ConfigError
-from moba_train.study import RECIPES, recipe_hashes
-from moba_train.study_pool import load_runs, pool, pooled_markdown, t_quantile, t_two_sided
+from moba_train.study import RECIPES, learned_no_retrieval, recipe_hashes, retrieval_pairs
+from moba_train.study_pool import key_loss_gaps, load_runs, pool, pooled_markdown, t_quantile, t_two_sided
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAN = {"steps": 1040, "tokens_per_step": 32768, "seq_length": 8192}
@@ -170,6 +170,57 @@ def test_training_gaps_pair_each_step_and_pool_each_span():
     assert "| 1 | +0.060 (+0.035 to +0.085) | - |" in text
 
 
+def test_key_loss_gaps_pair_the_logged_steps_and_name_the_runs_that_learned_no_retrieval():
+    """The in-training key loss of an arm minus full attention's at each step both logged (a step the arm did not log
+    is left out), per run; the table marks the runs whose recall of the mixed task is below half of full's."""
+    runs = {}
+    for i, (offset, recall) in enumerate(((0.5, 0.1), (-0.2, 0.97))):
+        state = _state(2.7, hybrid=2.75)
+        full = [[step, 5.0 - step / 300, 0.0] for step in range(130, 1041, 130)]
+        hybrid = [[step, loss + offset + 0.01 * step / 130, 0.0] for step, loss, _ in full if step != 390]
+        state["arms"]["full"]["train"] = {"retrieval_curve": full}
+        state["arms"]["full"]["eval"]["recall"] = {"fact_accuracy": 0.98}
+        state["arms"]["hybrid"]["train"] = {"retrieval_curve": hybrid}
+        state["arms"]["hybrid"]["eval"]["recall"] = {"fact_accuracy": recall}
+        runs[f"r{i}"] = state
+        assert key_loss_gaps(state) == {"hybrid": [[step, pytest.approx(offset + 0.01 * step / 130)]
+                                                   for step, *_ in hybrid]}
+    pooled = pool(runs)
+    assert set(pooled["key_loss_gaps"]) == {"hybrid"}
+    assert [step for step, _ in pooled["key_loss_gaps"]["hybrid"]["r0"]] == [130, 260, 520, 650, 780, 910, 1040]
+    text = pooled_markdown(pooled)
+    assert "| hybrid | r0 (no retrieval) | 130: +0.51, 260: +0.52, 520: +0.54," in text
+    assert "| hybrid | r1 | 130: -0.19, 260: -0.18," in text
+
+
+def test_the_key_loss_gap_tells_the_committed_hybrids_that_learned_no_retrieval():
+    """docs/quality.md (session 30) and the README: over every committed run with a hybrid and a full arm that both
+    tracked passkeys in training, the key-loss gap at the fifth eighth of the steps, and at each later one, separates
+    the hybrids that learned no retrieval from those that learned it, with the ranges the page prints."""
+    failed, learned = [], []
+    for path in sorted((ROOT / "bench/results/quality").glob("*/study.json")):
+        state = json.loads(path.read_text())
+        gaps, pairs = key_loss_gaps(state).get("hybrid"), retrieval_pairs(state).get("hybrid")
+        if gaps and pairs:
+            assert len(gaps) == 8, path
+            (failed if learned_no_retrieval(*pairs) else learned).append([gap for _, gap in gaps])
+    assert (len(failed), len(learned)) == (6, 12)
+    fifth_failed = [run[4] for run in failed]
+    fifth_learned = [run[4] for run in learned]
+    assert min(fifth_failed) > max(fifth_learned)
+    later_failed = min(run[i] for run in failed for i in (5, 6, 7))
+    later_learned = max(run[i] for run in learned for i in (5, 6, 7))
+    assert later_failed > later_learned
+    quality = (ROOT / "docs/quality.md").read_text().replace("\n  ", " ")
+    low = f"{min(fifth_learned):.2f}".replace("-", "−")  # the page's minus sign
+    assert (f"at the fifth, {min(fifth_failed):.2f}-{max(fifth_failed):.2f} nats for the runs that failed and "
+            f"{low} to {max(fifth_learned):.2f} for those") in quality
+    assert f"at each later eighth, {later_failed:.2f} or more against {later_learned:.2f} or less" in quality
+    readme = (ROOT / "README.md").read_text().replace("\n", " ")
+    assert (f"{min(fifth_failed):.2f} nats or more at the fifth eighth of the steps in every run that failed and "
+            f"{max(fifth_learned):.2f} or less") in readme
+
+
 def test_verdicts_need_an_interval_clear_of_the_limit():
     # Session 12 and 13's hybrid pair: +0.26% and +0.86% against a 0.5% floor: the interval holds the limit.
     runs = {"a": _state(2.7275, hybrid=2.7275 * 1.0026), "b": _state(2.7147, hybrid=2.7147 * 1.0086)}
@@ -301,6 +352,7 @@ def committed_pool(name: str) -> dict:
                                     "h100-777e163-seed3691-full3pair", "h100-777e163-seed4802-full3pair"]),
     ("pooled-session28", 14, ["h200-3f48023-seed7890", "h200-daeb3a0-seed1357"]),
     ("pooled-session29", 15, ["h200-3f48023-seed7890", "h200-daeb3a0-seed1357"]),
+    ("pooled-session30-long2", 2, ["h200-c28849c-seed5024-long2"]),  # twice the tokens (68M per arm)
 ])
 def test_a_committed_pool_is_what_its_runs_give(name, runs, failed_hybrids):
     """A committed pool of bench/results/quality against pooling its committed runs again: the same verdicts and
