@@ -109,20 +109,20 @@ def main(argv=None) -> None:
 
 def markdown_table(runs: list[dict]) -> str:
     """One row per arm of the given result files (bench_train's JSON): the README's training table, the tokens of
-    a step as sequences x length. A file without a `full` arm takes the one of another file of the same commit and
-    sequence length."""
+    a step as sequences x length. A file without a `full` arm takes the one of another file of the same commit,
+    sequence length and tokens per step."""
     lines = ["| run (commit) | arm | tokens / step | attention | recompute | tokens/s | MFU | peak GiB | vs full "
              "| Amdahl bound |", "|---|---|---|---|---|---|---|---|---|---|"]
     from moba_train.benchmarking import amdahl_bound
 
-    fulls = {(run["meta"]["commit"], a["seq_length"]): a for run in runs for a in run["arms"]
+    fulls = {(run["meta"]["commit"], a["seq_length"], a["tokens_per_step"]): a for run in runs for a in run["arms"]
              if a["name"] == "full" and "error" not in a}
     for run in runs:
         own = next((a for a in run["arms"] if a["name"] == "full" and "error" not in a), None)
         for arm in run["arms"]:
             full = own
-            if own is None and "error" not in arm:  # a file of MoBA arms only: the full arm of the same
-                full = fulls.get((run["meta"]["commit"], arm["seq_length"]))  # commit and length (one device call)
+            if own is None and "error" not in arm:  # a file of MoBA arms only: the full arm of the same commit,
+                full = fulls.get((run["meta"]["commit"], arm["seq_length"], arm["tokens_per_step"]))  # length, batch
                 if full is not None and "speedup_vs_full" not in arm:
                     arm = dict(arm, speedup_vs_full=arm["tokens_per_s"] / full["tokens_per_s"])
             if "error" in arm:

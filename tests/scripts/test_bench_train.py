@@ -151,3 +151,20 @@ def test_the_table_tells_runs_of_one_commit_apart_by_their_tokens_per_step():
         row = next(line for line in table([run]).splitlines() if line.startswith("| c28849c | full |"))
         assert row.split(" | ")[2] == f"{sequences} x 32K", row
         assert f"{full['tokens_per_s']:,.0f}" in row
+
+
+def test_a_file_of_moba_arms_takes_the_full_arm_of_its_own_batch():
+    """A result file without a `full` arm is compared with the full arm of another file of the same commit and
+    length, and of the same tokens per step: session 30's 2 x 32K and 8 x 32K files share a commit and a length."""
+    import runpy
+
+    table = runpy.run_path(str(ROOT / "scripts/bench_train.py"))["markdown_table"]
+    small, big = (json.loads((ROOT / "bench/results" / name).read_text())
+                  for name in ("train-h200-c28849c-32k.json", "train-h200-c28849c-32k-gbs8.json"))
+    full = next(a for a in small["arms"] if a["name"] == "full")
+    moba = {k: v for k, v in next(a for a in small["arms"] if a["name"] == "moba512").items()
+            if k != "speedup_vs_full"}
+    alone = {"meta": small["meta"], "arms": [moba]}
+    row = table([small, big, alone]).splitlines()[-1]
+    assert row.startswith("| c28849c | moba512 | 2 x 32K |"), row
+    assert row.split(" | ")[8] == f"{moba['tokens_per_s'] / full['tokens_per_s']:.2f}x", row
