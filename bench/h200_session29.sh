@@ -9,6 +9,8 @@
 # docs/quality.md) shrink with twice the tokens? Session 23 ran the hybrid alone at 68M (seed 1357) with no full
 # arm to pair it with. Both calls share runs/study-seed<n>-long2, so the second resumes the first's start and keeps
 # its arm 1; on a fresh machine the second call would have no arm 1 and would run the start again.
+# Session 30 ran seeds 5024 and 6024 (docs/quality.md, "Session 30"; pooled-session30-long2): a further pair at a
+# new seed pools with those two.
 case "${1:-}" in
 full|hybrid|moba) ;;
 *) echo "usage: SEED=<n> bash bench/h200_session29.sh full|hybrid|moba" >&2; exit 2 ;;
