@@ -206,8 +206,8 @@ def key_loss_gaps(state: dict) -> dict[str, list[list[float]]]:
     full = {step: loss for step, loss, *_ in _metric(state, "full", "retrieval_curve", key="train") or []}
     out = {}
     for arm in RETRIEVAL_ARMS:
-        gaps = [[step, loss - full[step]] for step, loss, *_ in _metric(state, arm, "retrieval_curve", key="train")
-                or [] if step in full]
+        own = _metric(state, arm, "retrieval_curve", key="train") or []
+        gaps = [[step, loss - full[step]] for step, loss, *_ in own if step in full]
         if gaps:
             out[arm] = gaps
     return out
