@@ -115,14 +115,16 @@ def markdown_table(runs: list[dict]) -> str:
              "| Amdahl bound |", "|---|---|---|---|---|---|---|---|---|---|"]
     from moba_train.benchmarking import amdahl_bound
 
-    fulls = {(run["meta"]["commit"], a["seq_length"], a["tokens_per_step"]): a for run in runs for a in run["arms"]
-             if a["name"] == "full" and "error" not in a}
+    def same(run, arm):  # the arms one full arm serves: one commit, length and batch (tokens per step)
+        return run["meta"]["commit"], arm["seq_length"], arm["tokens_per_step"]
+
+    fulls = {same(run, a): a for run in runs for a in run["arms"] if a["name"] == "full" and "error" not in a}
     for run in runs:
         own = next((a for a in run["arms"] if a["name"] == "full" and "error" not in a), None)
         for arm in run["arms"]:
             full = own
-            if own is None and "error" not in arm:  # a file of MoBA arms only: the full arm of the same commit,
-                full = fulls.get((run["meta"]["commit"], arm["seq_length"], arm["tokens_per_step"]))  # length, batch
+            if own is None and "error" not in arm:  # a file of MoBA arms only: the full arm of another file
+                full = fulls.get(same(run, arm))
                 if full is not None and "speedup_vs_full" not in arm:
                     arm = dict(arm, speedup_vs_full=arm["tokens_per_s"] / full["tokens_per_s"])
             if "error" in arm:

@@ -2,6 +2,7 @@
 quantiles against published tables, a Monte Carlo sample and the normal limit; the pooled gaps against direct
 computation; the verdicts; runs that must not pool."""
 
+import functools
 import hashlib
 import json
 import math
@@ -170,6 +171,12 @@ def test_training_gaps_pair_each_step_and_pool_each_span():
     assert "| 1 | +0.060 (+0.035 to +0.085) | - |" in text
 
 
+@functools.cache
+def committed_runs() -> dict[str, dict]:
+    """Every committed study run of bench/results/quality (the pools' own directories hold no study.json)."""
+    return load_runs(sorted(path.parent for path in (ROOT / "bench/results/quality").glob("*/study.json")))
+
+
 def test_key_loss_gaps_pair_the_logged_steps_and_name_the_runs_that_learned_no_retrieval():
     """The in-training key loss of an arm minus full attention's at each step both logged (a step the arm did not log
     is left out), per run; the table marks the runs whose recall of the mixed task is below half of full's."""
@@ -198,11 +205,10 @@ def test_the_key_loss_gap_tells_the_committed_hybrids_that_learned_no_retrieval(
     tracked passkeys in training, the key-loss gap at the fifth eighth of the steps, and at each later one, separates
     the hybrids that learned no retrieval from those that learned it, with the ranges the page prints."""
     failed, learned = [], []
-    for path in sorted((ROOT / "bench/results/quality").glob("*/study.json")):
-        state = json.loads(path.read_text())
+    for name, state in committed_runs().items():
         gaps, pairs = key_loss_gaps(state).get("hybrid"), retrieval_pairs(state).get("hybrid")
         if gaps and pairs:
-            assert len(gaps) == 8, path
+            assert len(gaps) == 8, name
             (failed if learned_no_retrieval(*pairs) else learned).append([gap for _, gap in gaps])
     assert (len(failed), len(learned)) == (6, 12)
     fifth_failed = [run[4] for run in failed]
@@ -226,12 +232,11 @@ def test_the_shared_start_does_not_tell_the_committed_hybrids_apart():
     committed runs whose hybrid's recall was measured, in overlapping ranges for the hybrids that failed and those
     that learned retrieval."""
     failed, learned = [], []
-    for path in sorted((ROOT / "bench/results/quality").glob("*/study.json")):
-        state = json.loads(path.read_text())
+    for name, state in committed_runs().items():
         pairs = retrieval_pairs(state).get("hybrid")
         if pairs:
             passkey = state["arms"]["short"]["eval"]["passkey"]
-            assert passkey["lengths"][0] == 512, path
+            assert passkey["lengths"][0] == 512, name
             (failed if learned_no_retrieval(*pairs) else learned).append(100 * passkey["mean_by_length"][0])
     assert (len(failed), len(learned)) == (7, 18)
     assert min(failed) < max(learned) and min(learned) < max(failed)  # overlapping

@@ -139,12 +139,17 @@ def test_profiled_kernels_are_filed_under_the_work_they_do():
     assert {name: kernel_category(name) for name, _ in PROFILED_KERNELS} == dict(PROFILED_KERNELS)
 
 
+def _markdown_table():
+    """scripts/bench_train.py's table function (a script, not a module of the package)."""
+    import runpy
+
+    return runpy.run_path(str(ROOT / "scripts/bench_train.py"))["markdown_table"]
+
+
 def test_the_table_tells_runs_of_one_commit_apart_by_their_tokens_per_step():
     """Session 30 ran the same recipe at 2 x 32K and at 8 x 32K tokens per step at one commit: the table's rows must
     say which is which, read from each arm's tokens_per_step."""
-    import runpy
-
-    table = runpy.run_path(str(ROOT / "scripts/bench_train.py"))["markdown_table"]
+    table = _markdown_table()
     for name, sequences in (("train-h200-c28849c-32k.json", 2), ("train-h200-c28849c-32k-gbs8.json", 8)):
         run = json.loads((ROOT / "bench/results" / name).read_text())
         full = next(a for a in run["arms"] if a["name"] == "full")
@@ -156,9 +161,7 @@ def test_the_table_tells_runs_of_one_commit_apart_by_their_tokens_per_step():
 def test_a_file_of_moba_arms_takes_the_full_arm_of_its_own_batch():
     """A result file without a `full` arm is compared with the full arm of another file of the same commit and
     length, and of the same tokens per step: session 30's 2 x 32K and 8 x 32K files share a commit and a length."""
-    import runpy
-
-    table = runpy.run_path(str(ROOT / "scripts/bench_train.py"))["markdown_table"]
+    table = _markdown_table()
     small, big = (json.loads((ROOT / "bench/results" / name).read_text())
                   for name in ("train-h200-c28849c-32k.json", "train-h200-c28849c-32k-gbs8.json"))
     full = next(a for a in small["arms"] if a["name"] == "full")
