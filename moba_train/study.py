@@ -95,16 +95,21 @@ class Arm:
 FULL = Arm("full", "pretrain.yaml", ("attention.mode=full",), "1 full attention")
 MOBA = Arm("moba", "pretrain.yaml", ("attention.mode=moba", "attention.full_layers=0"), "2 MoBA")
 HYBRID = Arm("hybrid", "pretrain.yaml", ("attention.mode=moba", "attention.full_layers=2"), "3 hybrid (last 2 full)")
+PROBED = Arm("hybrid_probed", "pretrain.yaml", HYBRID.overrides, "3 hybrid (probed full layers)")
+"""The hybrid with as many full layers, placed where the shared start copies most (stage short_probe,
+moba_train.induction) instead of last: the layer kinds are set once that stage has run."""
 CPT = Arm("cpt", "pretrain.yaml", ("attention.mode=moba", "attention.full_layers=0"),
           "4 full, then MoBA for the second half")
 RECALL = tuple(Arm(f"recall_{arm.name}", "recall.yaml", arm.overrides, f"5 sparse-loss recall, {arm.name}")
                for arm in (FULL, MOBA, HYBRID))
-PRETRAIN_ARMS = (FULL, MOBA, HYBRID, CPT)
+PRETRAIN_ARMS = (FULL, MOBA, HYBRID, PROBED, CPT)
 ARMS = PRETRAIN_ARMS + RECALL
+DEFAULT_ARMS = tuple(arm.name for arm in ARMS if arm is not PROBED)
+"""The issue's arms 1-5, what a run without --arms trains; the probed hybrid is asked for by name."""
 SHORT = Arm("short", "pretrain.yaml", ("attention.mode=full", "attention.full_layers=0"),
             "0 shared start (short sequences)")
 """The shared start (--short-tokens): not an arm of its own, the first part of arms 1-3."""
-FROM_SHORT = (FULL, MOBA, HYBRID)
+FROM_SHORT = (FULL, MOBA, HYBRID, PROBED)
 
 
 @dataclass(frozen=True)
@@ -117,7 +122,7 @@ class StudySettings:
     tokens_per_arm: int | None = None
     """None: sized from the calibration to fill the budget."""
     recall_fraction: float = 0.25
-    arms: tuple[str, ...] = tuple(arm.name for arm in ARMS)
+    arms: tuple[str, ...] = DEFAULT_ARMS
     overrides: tuple[str, ...] = ()
     """Applied to every arm's recipe (e.g. a smaller model for a CPU smoke run)."""
     corpus_mb: float = 96.0
@@ -140,6 +145,8 @@ class StudySettings:
     short_tokens: int = 0
     """Tokens of the shared start on short sequences (0: none; the arms start from random weights)."""
     short_seq_length: int = 512
+    probe_sequences: int = 16
+    """Sequences of repeated random tokens the shared start's induction probe (stage short_probe) averages over."""
     short_mix: tuple[tuple[str, float], ...] = (("copy_mix", 0.5), ("passkey_mix", 0.25), ("recall_mix", 0.0))
     """The shared start's training mix (data.* shares; the rest is text)."""
     track_passkey: int = 0
@@ -193,7 +200,7 @@ def plan_steps(remaining_s: float, step_s: dict[str, float], overhead_s: float, 
     hybrid = pretrain_step_seconds(step_s, num_layers, 2)
     per_step = (step_s["full"] + step_s["moba"] + hybrid + 0.5 * step_s["moba"]
                 + recall_fraction * (step_s["full"] + step_s["moba"] + hybrid))
-    fixed = len(ARMS) * (overhead_s + eval_s)
+    fixed = len(DEFAULT_ARMS) * (overhead_s + eval_s)
     steps = int((SAFETY * remaining_s - fixed) / per_step) // 2 * 2
     if steps < MIN_STEPS:
         raise ConfigError(f"the budget leaves {remaining_s:.0f} s after calibration, too little for {MIN_STEPS} "
@@ -313,6 +320,8 @@ class Study:
             f"train.steps={steps}",
             f"train.warmup_steps={max(1, steps // 10)}",
         )
+        if arm is PROBED and "probe" in self.state:
+            extra = (f"attention.layer_kinds=[{','.join(self.state['probe']['layer_kinds'])}]", *extra)
         return load_config(RECIPES / arm.recipe, [*arm.overrides, *common, *self.s.overrides, *extra])
 
     def tracking(self, steps: int) -> tuple[str, ...]:
@@ -430,6 +439,24 @@ class Study:
             * s.passkey_samples
         per_token = cal["full"]["step_s"] / (cfg.train.global_batch_size * cfg.train.seq_length) / 3
         return cal["full"]["overhead_s"] / 2 + tokens * per_token
+
+    def probe_short(self) -> dict:
+        """Where the shared start copies: the induction scores of its layers on repeated random tokens within its
+        own sequence length, and the hybrid's full layers placed at the best ones (`induction.probed_layer_kinds`)."""
+        from moba_train.distributed import destroy_distributed
+        from moba_train.evaluation import load_model
+        from moba_train.induction import induction_scores, probed_layer_kinds
+
+        try:
+            loaded = load_model(self.arm_dir(SHORT.name) / "checkpoints")
+            scores = induction_scores(loaded, segment_length=loaded.config.train.seq_length // 2,
+                                      sequences=self.s.probe_sequences, batch_size=self.s.eval_batch_size)
+        finally:
+            destroy_distributed()
+        full_layers = self.config(HYBRID, MIN_STEPS).attention.full_layers
+        self.state["probe"] = {**scores, "full_layers": full_layers,
+                               "layer_kinds": probed_layer_kinds(scores, full_layers)}
+        return {}
 
     def train(self, cfg: Config) -> list[dict]:
         """Train `cfg` in this process; its metrics.jsonl records. StudyInterrupted if it stopped early."""
@@ -557,10 +584,14 @@ class Study:
                        needs=("corpus",))
             self.stage(f"{SHORT.name}_eval", self.eval_estimate(), lambda: self.evaluate_arm(SHORT),
                        needs=(SHORT.name,))
+            if {HYBRID.name, PROBED.name} & set(self.s.arms):
+                self.stage(f"{SHORT.name}_probe", 0.0, self.probe_short, needs=(SHORT.name,))
         for arm in wanted:
             needs = ("corpus",) + ((FULL.name,) if arm is CPT or arm in RECALL else ())
             if self.starts_from_short(arm):
                 needs += (SHORT.name,)
+            if arm is PROBED:
+                needs += (f"{SHORT.name}_probe",)
             estimate = self.train_estimate(arm, plan, cal)
             self.stage(arm.name, estimate, lambda arm=arm: self.train_arm(arm), needs=needs)
             self.stage(f"{arm.name}_eval", self.eval_estimate(), lambda arm=arm: self.evaluate_arm(arm),
@@ -583,7 +614,7 @@ class Study:
         num_layers = self.config(FULL, MIN_STEPS).model.num_layers
         kind_s = {"full": step_s["full"], "moba": step_s["moba"], "cpt": step_s["moba"], "short": step_s["full"],
                   "hybrid": pretrain_step_seconds(step_s, num_layers, 2)}
-        kind = arm.name.removeprefix("recall_")
+        kind = arm.name.removeprefix("recall_").removesuffix("_probed")
         steps = {"cpt": plan["steps"] // 2, "short": plan.get("short_steps", 0)}.get(
             arm.name, plan["recall_steps"] if arm in RECALL else plan["steps"])
         return overhead + steps * kind_s[kind]
@@ -645,11 +676,11 @@ def targets(state: dict) -> dict:
         return _metric(state, arm, "recall", "fact_accuracy")
 
     out = {}
-    for arm, limit in (("moba", 0.01), ("hybrid", 0.005), ("cpt", 0.01)):
+    for arm, limit in (("moba", 0.01), ("hybrid", 0.005), ("hybrid_probed", 0.005), ("cpt", 0.01)):
         if loss(arm) is not None and loss("full") is not None:
             gap = loss(arm) / loss("full") - 1
             out[f"{arm}_validation_loss_vs_full"] = {"relative_gap": gap, "limit": limit, "met": gap <= limit}
-    for arm in ("moba", "hybrid", "cpt"):
+    for arm in ("moba", "hybrid", "hybrid_probed", "cpt"):
         if passkey_at_trained_length(arm) is not None and passkey_at_trained_length("full") is not None:
             out[f"{arm}_passkey_vs_full"] = _accuracy_target(passkey_at_trained_length("full"),
                                                              passkey_at_trained_length(arm), 0.05)
@@ -664,7 +695,7 @@ INFORMATIVE_ACCURACY = 0.10
 """Full attention's accuracy below which an accuracy target gives no verdict: when the reference itself
 cannot do the task, "within 5 points of it" (0 against 0) says nothing about MoBA."""
 
-RETRIEVAL_ARMS = ("moba", "hybrid", "cpt")
+RETRIEVAL_ARMS = ("moba", "hybrid", "hybrid_probed", "cpt")
 """Arms whose recall of the mixed task (`data.recall_mix` in their training) is compared with full attention's."""
 
 
@@ -713,6 +744,9 @@ def arm_title(state: dict, arm: Arm) -> str:
     kinds = state["arms"].get(arm.name, {}).get("train", {}).get("layer_kinds")
     if not kinds or "moba" not in kinds:
         return arm.title
+    if arm is PROBED:
+        full = ", ".join(str(i + 1) for i, kind in enumerate(kinds) if kind == "full")
+        return f"3 hybrid (layers {full} of {len(kinds)} full, probed)"
     return re.sub(r"last \d+ full", f"last {kinds.count('full')} full", arm.title)
 
 
@@ -725,6 +759,8 @@ def summary_markdown(state: dict) -> str:
              "task (facts / tokens) | copy, repeated tokens (by period) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for arm in PRETRAIN_ARMS:
+        if arm is PROBED and arm.name not in state["arms"]:
+            continue  # not one of the issue's arms: a row only where it ran
         train = state["arms"].get(arm.name, {}).get("train", {})
         grid = _metric(state, arm.name, "passkey")
         long = _metric(state, arm.name, "long_documents") or _metric(state, arm.name, "validation")
@@ -764,6 +800,15 @@ def summary_markdown(state: dict) -> str:
                   f"{_fmt(train.get('tokens_per_s'), 0)} | {_fmt(_metric(state, SHORT.name, 'validation', 'loss'))} | "
                   f"{by_length} | {_copy_cell(state, SHORT.name)} | "
                   f"{_fmt(_metric(state, SHORT.name, 'copy', 'first_period_token_accuracy'))} |"]
+    if "probe" in state:
+        probe = state["probe"]
+        probed = arm_title(state, PROBED) if "train" in state["arms"].get(PROBED.name, {}) else "the probed hybrid"
+        lines += ["", f"Where the shared start copies (stage short_probe): induction score of each layer's heads on "
+                  f"{probe['sequences']} sequences of {probe['segment_length']} random tokens repeated once (best head "
+                  f"/ mean of heads); {probed} keeps the best layers full:", "",
+                  "| layer | best head | mean | kind in the probed hybrid |", "| --- | --- | --- | --- |"]
+        lines += [f"| {int(name.removeprefix('layer_')) + 1} | {rec['max']:.3f} | {rec['mean']:.3f} | {kind} |"
+                  for (name, rec), kind in zip(probe["layers"].items(), probe["layer_kinds"])]
     lines += ["", "| arm 5 | tokens | tokens/s | recall (facts) | recall (tokens) | answer loss |",
               "| --- | --- | --- | --- | --- | --- |"]
     for arm in RECALL:

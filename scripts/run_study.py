@@ -46,7 +46,9 @@ def main(argv=None) -> None:
     parser.add_argument("--recall-fraction", type=float, default=0.25,
                         help="arm 5's steps as a share of a pretraining arm's (default: 0.25)")
     parser.add_argument("--arms", type=_list(str), default=None,
-                        help="comma-separated arms to run (default: all): full,moba,hybrid,cpt,recall_full,...")
+                        help="comma-separated arms to run (default: arms 1-5, full,moba,hybrid,cpt,recall_full,"
+                             "recall_moba,recall_hybrid; hybrid_probed also runs the hybrid with its full layers "
+                             "where the shared start copies most)")
     parser.add_argument("--corpus-mb", type=float, default=96.0, help="corpus source text in MiB (default: 96)")
     parser.add_argument("--corpus-source", choices=[SITE, STDLIB], default=SITE,
                         help="every installed package (default) or the standard library only")
@@ -76,8 +78,9 @@ def main(argv=None) -> None:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every arm's recipe")
     args = parser.parse_args(argv)
 
+    # after argument parsing: imports take seconds
     from moba_train.config import ConfigError
-    from moba_train.study import ARMS, Study, StudySettings  # after argument parsing: imports take seconds
+    from moba_train.study import ARMS, DEFAULT_ARMS, Study, StudySettings
 
     names = [arm.name for arm in ARMS]
     unknown = [name for name in args.arms or () if name not in names]
@@ -86,7 +89,7 @@ def main(argv=None) -> None:
     settings = StudySettings(
         work_dir=args.work_dir, results_dir=args.results_dir, budget_s=60 * args.budget_minutes,
         tokens_per_arm=args.tokens_per_arm, recall_fraction=args.recall_fraction,
-        arms=tuple(args.arms or names), overrides=tuple(args.overrides), corpus_mb=args.corpus_mb,
+        arms=tuple(args.arms or DEFAULT_ARMS), overrides=tuple(args.overrides), corpus_mb=args.corpus_mb,
         corpus_site_packages=args.corpus_source == SITE, vocab_size=args.vocab_size,
         valid_fraction=args.valid_fraction, tokenizer_mb=args.tokenizer_mb, workers=max(1, args.workers),
         eval_windows=args.eval_windows, bucket_size=args.bucket, passkey_lengths=args.passkey_lengths,

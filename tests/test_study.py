@@ -14,11 +14,16 @@ from pathlib import Path
 import pytest
 
 import moba_train.study as study_module
+from moba_train import distributed
 from moba_train.config import ConfigError, load_config
+from moba_train.evaluation import load_model
+from moba_train.induction import induction_scores, probed_layer_kinds
 from moba_train.metrics import read_jsonl
 from moba_train.model import matrix_params, padded_vocab_size
 from moba_train.study import (
+    DEFAULT_ARMS,
     MIN_STEPS,
+    PROBED,
     RECIPES,
     SAFETY,
     Study,
@@ -157,7 +162,8 @@ def tiny_study(tmp_path_factory):
                                      "--arms", "full,moba", "--track-passkey", "2", *TINY])
     finally:
         capture.undo()
-    second = run_study_script(root, "--track-passkey", "2")  # the in-training retrieval check, in both
+    second = run_study_script(root, "--track-passkey", "2",  # the in-training retrieval check, in both
+                              "--arms", ",".join((*DEFAULT_ARMS, PROBED.name)))
     return root, first_code, second.stdout
 
 
@@ -182,12 +188,12 @@ def test_a_tiny_study_runs_every_arm_on_cpu_resumes_and_reports(tiny_study):
     short_cfg = load_config(root / "work/arms/short/checkpoints/step_00000002/config.yaml")
     assert (short_cfg.train.global_batch_size, short_cfg.data.copy_mix, short_cfg.data.recall_mix) == (2, 0.5, 0.0)
     assert arms["short"]["eval"]["passkey"]["lengths"] == [96, 128] and arms["short"]["eval"]["copy"]["documents"] == 3
-    for name in ("full", "moba", "hybrid"):
+    for name in ("full", "moba", "hybrid", "hybrid_probed"):
         assert arms[name]["train"]["init_from"] == str(root / "work/arms/short/checkpoints")
     assert arms["cpt"]["train"]["init_from"] is None  # it resumes arm 1 (which started from the shared start)
     short_line = f"initialised model weights from {root / 'work/arms/short/checkpoints/step_00000002'}"
-    assert second.count(short_line) == 1  # the hybrid arm (arms 1-2 ran in the first invocation)
-    for name in ("full", "moba", "hybrid", "cpt"):
+    assert second.count(short_line) == 2  # the two hybrids (arms 1-2 ran in the first invocation)
+    for name in ("full", "moba", "hybrid", "hybrid_probed", "cpt"):
         assert arms[name]["train"]["tokens"] == 1024  # equal tokens for every pretraining arm
         assert arms[name]["eval"]["validation"]["windows"] == 3
         assert len(arms[name]["eval"]["passkey"]["accuracy"]) == 2
@@ -196,6 +202,22 @@ def test_a_tiny_study_runs_every_arm_on_cpu_resumes_and_reports(tiny_study):
     assert arms["full"]["train"]["layer_kinds"] == ["full"] * 3
     assert arms["moba"]["train"]["layer_kinds"] == ["moba"] * 3
     assert arms["hybrid"]["train"]["layer_kinds"] == ["moba", "full", "full"]
+    # The probed hybrid: as many full layers, where the shared start's heads copy most on repeated random tokens
+    # within its own length (the probe recomputed here from the start's checkpoint).
+    probe = state["probe"]
+    expected = induction_scores(load_model(root / "work/arms/short/checkpoints"), segment_length=48,
+                                sequences=16, batch_size=2)
+    distributed.destroy_distributed()
+    for name, layer in expected["layers"].items():
+        assert probe["layers"][name]["heads"] == pytest.approx(layer["heads"], rel=1e-6), name
+    assert probe["ranking"] == expected["ranking"]
+    assert probe["layer_kinds"] == probed_layer_kinds(expected, 2) == arms["hybrid_probed"]["train"]["layer_kinds"]
+    assert state["stages"]["short_probe"]["status"] == "done"
+    full_numbers = ", ".join(str(i + 1) for i, kind in enumerate(probe["layer_kinds"]) if kind == "full")
+    report = (root / "results/study.md").read_text()
+    assert f"| 3 hybrid (layers {full_numbers} of 3 full, probed) | 1024 |" in report
+    best = probe["layers"]["layer_00"]["max"]
+    assert f"| 1 | {best:.3f} | {probe['layers']['layer_00']['mean']:.3f} | {probe['layer_kinds'][0]} |" in report
     # --track-passkey: the check at every eighth of the 4 steps, i.e. every step, over the held-out packages;
     # arm 4 from its resumed step on; not in the calibration (synthetic data) nor in the shared start.
     for name, steps in (("full", [1, 2, 3, 4]), ("moba", [1, 2, 3, 4]), ("hybrid", [1, 2, 3, 4]), ("cpt", [3, 4])):
@@ -222,7 +244,8 @@ def test_a_tiny_study_runs_every_arm_on_cpu_resumes_and_reports(tiny_study):
     assert arms["full"]["eval_moba"]["attention"]["mode"] == "moba"
     assert arms["moba"]["eval_full"]["attention"]["mode"] == "full"
     assert arms["moba"]["eval_topk4"]["attention"] == {**arms["moba"]["eval"]["attention"], "topk": 4}  # 2 x 2
-    assert {"moba_validation_loss_vs_full", "cpt_passkey_vs_full", "recall_moba_vs_full"} <= set(state["targets"])
+    assert {"moba_validation_loss_vs_full", "cpt_passkey_vs_full", "recall_moba_vs_full",
+            "hybrid_probed_validation_loss_vs_full"} <= set(state["targets"])
     assert state["corpus"]["splits"]["valid"]["documents"] > 0
 
     results = sorted(p.name for p in (root / "results").iterdir())
