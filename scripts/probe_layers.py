@@ -1,0 +1,59 @@
+"""Where a model copies from far context: each layer's induction scores on repeated random tokens, and the
+attention.layer_kinds that keeps full attention in the layers that copy most (see moba_train/induction.py).
+
+    python scripts/probe_layers.py runs/study/arms/short/checkpoints --full-layers 2 [--segment-length 256] \\
+        [--json probe.json] [section.key=value ...]
+
+Prints one line per layer (best head, mean of heads) and the override to train the hybrid with, e.g.
+attention.layer_kinds=[moba,...,full]. Works on a moba-train checkpoint or a Hugging Face Llama directory.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from moba_train.cli import positive, run_entry
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="checkpoint (step_* or a checkpoint root) or Hugging Face model directory")
+    parser.add_argument("--full-layers", type=int, default=2, help="layers to keep full attention (default: 2)")
+    parser.add_argument("--segment-length", type=positive(int, "number of tokens"), default=256,
+                        help="random tokens before the repeat; twice this must fit the model (default: 256)")
+    parser.add_argument("--sequences", type=positive(int, "number of sequences"), default=16,
+                        help="repeated sequences averaged over (default: 16)")
+    parser.add_argument("--queries", type=positive(int, "number of queries"), default=64,
+                        help="query positions of the second copy per sequence (default: 64)")
+    parser.add_argument("--batch-size", type=positive(int, "batch size"), default=4,
+                        help="sequences per forward pass (default: 4)")
+    parser.add_argument("--json", type=Path, help="also write the scores and the layer kinds to this file")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. run.device=cpu")
+    args = parser.parse_intermixed_args(argv)
+
+    from moba_train import evaluation, induction  # after argument parsing: importing Megatron takes seconds
+    from moba_train.distributed import destroy_distributed
+    from moba_train.staging import write_json
+
+    loaded = evaluation.load_model(args.model, args.overrides)
+    try:
+        scores = induction.induction_scores(loaded, segment_length=args.segment_length, sequences=args.sequences,
+                                            queries=args.queries, batch_size=args.batch_size,
+                                            progress=sys.stderr.isatty())
+    finally:
+        destroy_distributed()
+    kinds = induction.probed_layer_kinds(scores, args.full_layers)
+    print(f"induction scores on {scores['sequences']} x {scores['segment_length']} random tokens repeated once "
+          f"({scores['queries']} queries each): best head / mean of heads")
+    for (name, record), kind in zip(scores["layers"].items(), kinds):
+        print(f"  layer {int(name.removeprefix('layer_')) + 1:3d}  {record['max']:.3f} / {record['mean']:.3f}"
+              f"{'  full' if kind == 'full' else ''}")
+    override = f"attention.layer_kinds=[{','.join(kinds)}]"
+    print(override)
+    if args.json:
+        write_json(args.json, {**scores, "full_layers": args.full_layers, "layer_kinds": kinds, "override": override})
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    run_entry(lambda: main(sys.argv[1:]))
