@@ -4,6 +4,8 @@
 #                                                                   # the hybrid (last 2 of 12 full) and the probed
 #                                                                   # hybrid (2 full layers where the start copies
 #                                                                   # most), 34M tokens per arm (about 8-9 min)
+#   SEED=<n> GIT_COMMIT=<sha> bash bench/h200_session31.sh hybrids  # the same without arm 1 (about 6 min): the
+#                                                                   # retrieval test alone, when device time is short
 # About a quarter of the 2-layer hybrids learn no retrieval, and neither a third full layer nor twice the tokens
 # made that rarer (docs/quality.md, sessions 23-30). Hypothesis: the shared start already copies, and a hybrid whose
 # full layers are not the ones that copy must grow new induction heads there, which some runs never do. The probe
@@ -11,14 +13,16 @@
 # last ones. Seeds whose last-2 hybrid failed before (5024 at 68M on this corpus; 7890 and 1357 at 34M) are the
 # sharpest test: does their hybrid fail again, and does the probed one learn?
 case "${1:-}" in
-probed) ;;
-*) echo "usage: SEED=<n> bash bench/h200_session31.sh probed" >&2; exit 2 ;;
+probed|hybrids) ;;
+*) echo "usage: SEED=<n> bash bench/h200_session31.sh probed|hybrids" >&2; exit 2 ;;
 esac
 : "${SEED:?set SEED=<n>}"
 source bench/gpu_env.sh
 source bench/study_call.sh
 WORK_DIR=runs/study-seed$SEED-probed
-study full,hybrid,hybrid_probed 9.5 --track-passkey 16 "run.seed=$SEED"
+ARMS=full,hybrid,hybrid_probed
+[ "$1" = hybrids ] && ARMS=hybrid,hybrid_probed
+study $ARMS 9.5 --track-passkey 16 "run.seed=$SEED"
 python3 - "$OUT/quality/study.json" <<'EOF'
 import json, sys
 state = json.load(open(sys.argv[1]))
