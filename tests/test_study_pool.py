@@ -493,3 +493,23 @@ def test_a_run_with_a_non_finite_loss_is_one_clear_error():
     runs["s1"]["arms"]["hybrid"]["eval"]["validation"]["loss"] = float("nan")
     with pytest.raises(ConfigError, match=r"s1: .*not a finite number .*leave that run out"):
         pool(runs)
+
+
+def test_the_probed_hybrid_pools_beside_the_hybrid_against_the_same_floor():
+    """The probed hybrid (full layers where the shared start copies) is judged as arm 3 is: its loss gap against
+    the 0.5% floor, and its recall of the mixed task against half of full attention's."""
+    fulls, hybrids, probed = [2.72, 2.75, 2.71], [2.80, 2.76, 2.72], [2.725, 2.752, 2.712]
+    recalls = [(0.02, 0.97, 0.99), (0.96, 0.98, 0.99), (0.97, 0.95, 0.98)]  # hybrid, probed, full
+    runs = {}
+    for i, (f, h, p, (rh, rp, rf)) in enumerate(zip(fulls, hybrids, probed, recalls)):
+        state = _state(f, hybrid=h)
+        state["arms"]["hybrid_probed"] = {"eval": {"validation": {"loss": p}, "recall": {"fact_accuracy": rp}}}
+        state["arms"]["hybrid"]["eval"]["recall"] = {"fact_accuracy": rh}
+        state["arms"]["full"]["eval"]["recall"] = {"fact_accuracy": rf}
+        runs[f"r{i}"] = state
+    out = pool(runs)
+    record = out["targets"]["hybrid_probed_validation_loss_vs_full"]
+    assert list(record["runs"].values()) == pytest.approx([100 * (p / f - 1) for p, f in zip(probed, fulls)])
+    assert record["limit"] == pytest.approx(0.5)
+    assert out["retrieval_failures"]["hybrid"]["failed"] == ["r0"]
+    assert out["retrieval_failures"]["hybrid_probed"]["failed"] == []
