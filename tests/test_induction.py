@@ -1,13 +1,16 @@
 """The induction probe (moba_train/induction.py) on tiny CPU models: its scores equal the attention weights that
-Hugging Face's eager Llama returns for the same weights and tokens; the ranking keeps the layers whose best head
-copies most; bad sizes are one clear error."""
+Hugging Face's eager Llama returns for the same weights and tokens; in a hand-built model whose middle layer
+completes an induction circuit, that layer scores near 1, the others near 0, and it is the one kept full; the
+ranking keeps the layers whose best head copies most; bad sizes are one clear error."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from moba_train import convert, distributed
 from moba_train.checkpointing import save_model_checkpoint
@@ -83,6 +86,67 @@ def test_scores_equal_the_attention_weights_of_hugging_faces_eager_llama(checkpo
         assert result["layers"][f"layer_{layer:02d}"]["max"] == pytest.approx(expected.max().item(), rel=1e-4)
     best = [result["layers"][f"layer_{layer:02d}"]["max"] for layer in range(3)]
     assert result["ranking"] == sorted(range(3), key=lambda layer: -best[layer])
+
+
+@pytest.fixture(scope="module")
+def copier(tmp_path_factory):
+    """A 3-layer Llama (Hugging Face directory) with hand-set weights whose layers 0 and 1 form an induction
+    circuit and whose layer 2 attends uniformly (zero q and k). Residual stream: the token one-hot (dims 0-63),
+    the previous token's one-hot (64-127, written by layer 0), a constant (128).
+    - Layer 0, head 0, attends to the token before the query by position: q and k come from the constant, in the
+      six fastest RoPE pairs, k turned one step ahead, so q.k peaks at a distance of 1.
+    - Layer 1, head 0, attends by content: q is a random unit code of the current token, k the code of the
+      previous token, in the slowest RoPE pairs (a turn below 0.01 rad over these lengths): the query finds the
+      token after its token's earlier occurrence."""
+    vocab, hidden, head_dim, theta = 64, 192, 64, 1e7
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=16, num_hidden_layers=3,
+                         num_attention_heads=3, num_key_value_heads=3, head_dim=head_dim, max_position_embeddings=256,
+                         rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": theta},
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    state = {name: torch.zeros_like(t) for name, t in model.state_dict().items()}
+    const, half = 128, head_dim // 2
+    state["model.embed_tokens.weight"][torch.arange(vocab), torch.arange(vocab)] = 1
+    state["model.embed_tokens.weight"][:, const] = 1
+    first, second = "model.layers.0.self_attn.", "model.layers.1.self_attn."
+    for i in range(6):  # RoPE pair (i, i + 32) turns omega_i = theta^(-2i / head_dim) per position
+        omega = theta ** (-2 * i / head_dim)
+        state[first + "q_proj.weight"][i, const] = 2.0
+        state[first + "k_proj.weight"][i, const] = 2.0 * math.cos(omega)
+        state[first + "k_proj.weight"][i + half, const] = 2.0 * math.sin(omega)
+    norm = math.sqrt(hidden / 2)  # RMSNorm of an embedding (two ones): each one becomes sqrt(hidden / 2)
+    for token in range(vocab):
+        state[first + "v_proj.weight"][token, token] = 1
+        state[first + "o_proj.weight"][vocab + token, token] = 1 / norm
+    slow = [*range(16, half), *range(half + 16, head_dim)]
+    codes = torch.nn.functional.normalize(torch.randn(vocab, len(slow), generator=torch.Generator().manual_seed(0)),
+                                          dim=1)
+    for m, dim in enumerate(slow):
+        state[second + "q_proj.weight"][dim, :vocab] = 4.0 * codes[:, m]
+        state[second + "k_proj.weight"][dim, vocab:2 * vocab] = codes[:, m]
+    for name in state:
+        if name.endswith("layernorm.weight") or name == "model.norm.weight":
+            state[name] += 1  # MLPs stay zero: they add nothing
+    model.load_state_dict(state)
+    path = tmp_path_factory.mktemp("copier")
+    model.save_pretrained(path)
+    return path
+
+
+def test_a_hand_built_induction_circuit_is_found_in_its_layer_and_kept_full(copier):
+    result = induction_scores(load_model(copier), segment_length=20, sequences=4, queries=20, seed=1)
+    best = [result["layers"][f"layer_{layer:02d}"]["max"] for layer in range(3)]
+    # Closed form of the circuit: at query t the head spreads its weight evenly over the keys s <= t whose previous
+    # token is the query's (key 0 reads itself as its previous token); the earlier copy's is one of them.
+    tokens = repeated_random_tokens(4, 20, 64, seed=1)
+    previous = np.concatenate([tokens[:, :1], tokens[:, :-1]], axis=1)
+    shares = [1 / np.sum(previous[b, :t + 1] == tokens[b, t]) for b in range(4) for t in range(20, 40)]
+    assert 0.5 < np.mean(shares) < 0.95  # the random tokens repeat inside a copy, and the test says so
+    assert best[1] == pytest.approx(np.mean(shares), abs=0.02)
+    uniform = np.mean([1 / (t + 1) for t in range(20, 40)])  # a head with zero q and k: every earlier key alike
+    assert result["layers"]["layer_00"]["heads"][0] < 0.01  # the previous-token head
+    assert best[0] == pytest.approx(uniform, rel=1e-4) and best[2] == pytest.approx(uniform, rel=1e-4)
+    assert result["ranking"][0] == 1 and probed_layer_kinds(result, 1) == ["moba", "full", "moba"]
 
 
 def test_the_ranking_keeps_the_layers_whose_best_head_copies_most():
