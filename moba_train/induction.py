@@ -4,8 +4,8 @@ A head copies from context when, at a token it has seen before, it attends to th
 earlier occurrence: an induction head (Olsson et al., 2022), the circuit behind passkey retrieval and the
 study's copy task. On L random tokens repeated once, a head's induction score is its attention weight, at a
 query t of the second copy (t >= L), on key t - L + 1, averaged over the sampled queries and sequences. Random
-tokens carry no other structure, so a high score is copying and nothing else (RazorAttention, Tang et al. 2024,
-finds the heads that need full context the same way).
+tokens carry no other structure, so a high score is copying and nothing else. (RazorAttention, Tang et al. 2024,
+picks the heads that keep a full KV cache by scores of this kind.)
 
 The weights are those of exact dense causal attention from each layer's own q and k (after RoPE, as the core
 attention receives them), in fp32, whatever attention the layer runs: for a MoBA layer the score says what it

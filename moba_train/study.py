@@ -108,7 +108,7 @@ DEFAULT_ARMS = tuple(arm.name for arm in ARMS if arm is not PROBED)
 """The issue's arms 1-5, what a run without --arms trains; the probed hybrid is asked for by name."""
 SHORT = Arm("short", "pretrain.yaml", ("attention.mode=full", "attention.full_layers=0"),
             "0 shared start (short sequences)")
-"""The shared start (--short-tokens): not an arm of its own, the first part of arms 1-3."""
+"""The shared start (--short-tokens): not an arm of its own, the first part of arms 1-3 (and the probed hybrid)."""
 FROM_SHORT = (FULL, MOBA, HYBRID, PROBED)
 
 
@@ -422,7 +422,8 @@ class Study:
         return max(1, self.s.short_tokens // tokens_per_step)
 
     def starts_from_short(self, arm: Arm) -> bool:
-        """Whether `arm` starts from the shared start's weights (the plan has one and the arm is 1-3)."""
+        """Whether `arm` starts from the shared start's weights (the plan has one and the arm is 1-3 or the probed
+        hybrid)."""
         return arm in FROM_SHORT and bool(self.state["plan"].get("short_steps"))
 
     def eval_estimate(self) -> float:
