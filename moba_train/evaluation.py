@@ -257,6 +257,28 @@ def loss_by_position(loaded: LoadedModel, windows: np.ndarray, *, bucket_size: i
 
 
 @torch.no_grad()
+def forward_capturing(loaded: LoadedModel, windows: np.ndarray, modules: dict[int, torch.nn.Module],
+                      capture: Callable, *, batch_size: int, desc: str, progress: bool = False) -> None:
+    """Forward `windows` (int64 [n, s + 1]) through the model in batches, calling `capture(layer, module, q, k,
+    cu_seqlens)` with what each of `modules` ({layer: core attention}) receives (`diagnostics.attention_inputs`)."""
+    from moba_train.diagnostics import attention_inputs
+    from moba_train.model import token_losses
+
+    def hook(layer: int, module, args, kwargs) -> None:
+        q, k, cu_seqlens, _ = attention_inputs(module, args, kwargs)
+        capture(layer, module, q, k, cu_seqlens)
+
+    handles = [module.register_forward_pre_hook(functools.partial(hook, layer), with_kwargs=True)
+               for layer, module in modules.items()]
+    try:
+        for batch in tqdm(_batches(len(windows), batch_size), desc=desc, disable=not progress):
+            token_losses(loaded.model, windows_batch(torch.from_numpy(windows[batch])))  # no [b, s, vocab] logits
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
 def gate_recall_by_position(loaded: LoadedModel, windows: np.ndarray, *, bucket_size: int = 1024,
                             queries_per_bucket: int = 16, batch_size: int = 4, seed: int = 0,
                             progress: bool = False) -> dict | None:
@@ -266,8 +288,7 @@ def gate_recall_by_position(loaded: LoadedModel, windows: np.ndarray, *, bucket_
     keys MoBA attends, averaged over heads, windows and the bucket's positions (`diagnostics.query_gate_recall`).
     1 where a query has no more earlier blocks than topk - 1. None for a model without MoBA layers."""
     from moba_train.core_attention import MoBACoreAttention
-    from moba_train.diagnostics import attention_inputs, layer_index, query_gate_recall
-    from moba_train.model import token_losses
+    from moba_train.diagnostics import layer_index, query_gate_recall
 
     if queries_per_bucket < 1:
         raise ConfigError(f"gate recall needs at least 1 position per bucket, not {queries_per_bucket}; pass a "
@@ -285,8 +306,7 @@ def gate_recall_by_position(loaded: LoadedModel, windows: np.ndarray, *, bucket_
     bucket_of = np.searchsorted([b for _, b in edges], positions, side="right")
     sums = {layer: np.zeros(len(edges)) for layer in modules}
 
-    def capture(layer: int, module: MoBACoreAttention, args, kwargs) -> None:
-        q, k, cu_seqlens, _ = attention_inputs(module, args, kwargs)
+    def capture(layer: int, module: MoBACoreAttention, q, k, cu_seqlens) -> None:
         starts = cu_seqlens[:-1].long()
         queries = (starts[:, None] + torch.from_numpy(positions).to(starts.device)[None, :]).reshape(-1)
         recall = query_gate_recall(q, k, cu_seqlens, block_size=module.block_size, topk=module.topk,
@@ -294,14 +314,7 @@ def gate_recall_by_position(loaded: LoadedModel, windows: np.ndarray, *, bucket_
                                    shared_gqa_selection=module.shared_gqa_selection)
         np.add.at(sums[layer], bucket_of, recall.view(len(starts), -1).sum(0).cpu().numpy())
 
-    handles = [module.register_forward_pre_hook(functools.partial(capture, layer), with_kwargs=True)
-               for layer, module in modules.items()]
-    try:
-        for batch in tqdm(_batches(len(windows), batch_size), desc="gate recall", disable=not progress):
-            token_losses(loaded.model, windows_batch(torch.from_numpy(windows[batch])))  # no [b, s, vocab] logits
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_capturing(loaded, windows, modules, capture, batch_size=batch_size, desc="gate recall", progress=progress)
     counts = len(windows) * np.bincount(bucket_of, minlength=len(edges))  # recalls summed into each bucket
     per_layer = {layer: sums[layer] / counts for layer in sorted(modules)}
     mean = np.mean(list(per_layer.values()), axis=0)

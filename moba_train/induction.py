@@ -16,11 +16,11 @@ most; the quality study's arm `hybrid_probed` tests that placement against the l
 
 from __future__ import annotations
 
-import functools
+import os
+from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from moba_train.config import ConfigError
 
@@ -72,9 +72,8 @@ def induction_scores(loaded, *, segment_length: int = 256, sequences: int = 8, q
     model (moba_train.evaluation.load_model), its best head's and their mean, and the layers ranked by their
     best head (highest first)."""
     from moba_train.core_attention import _CoreAttention
-    from moba_train.diagnostics import attention_inputs, layer_index
-    from moba_train.evaluation import _batches, windows_batch
-    from moba_train.model import token_losses
+    from moba_train.diagnostics import layer_index
+    from moba_train.evaluation import forward_capturing
 
     if segment_length < 2 or sequences < 1 or queries < 1:
         raise ConfigError(f"the induction probe needs a segment of at least 2 tokens and at least 1 sequence and "
@@ -90,20 +89,13 @@ def induction_scores(loaded, *, segment_length: int = 256, sequences: int = 8, q
     positions = query_positions(segment_length, queries, seed)
     sums = {layer: 0.0 for layer in modules}
 
-    def capture(layer: int, module, args, kwargs) -> None:
-        q, k, cu_seqlens, _ = attention_inputs(module, args, kwargs)
+    def capture(layer: int, module, q, k, cu_seqlens) -> None:
         scores = head_induction_scores(q, k, cu_seqlens[:-1].long(), torch.from_numpy(positions).to(q.device),
                                        segment_length, module.softmax_scale)
         sums[layer] = sums[layer] + scores.sum(0).cpu()
 
-    handles = [module.register_forward_pre_hook(functools.partial(capture, layer), with_kwargs=True)
-               for layer, module in modules.items()]
-    try:
-        for batch in tqdm(_batches(sequences, batch_size), desc="induction probe", disable=not progress):
-            token_losses(loaded.model, windows_batch(torch.from_numpy(windows[batch])))
-    finally:
-        for handle in handles:
-            handle.remove()
+    forward_capturing(loaded, windows, modules, capture, batch_size=batch_size, desc="induction probe",
+                      progress=progress)
     layers = {}
     for layer in sorted(modules):
         heads = (sums[layer] / sequences).tolist()
@@ -121,3 +113,21 @@ def probed_layer_kinds(scores: dict, full_layers: int) -> list[str]:
         raise ConfigError(f"cannot keep {full_layers} full layers of a model of {len(ranking)}")
     full = set(ranking[:full_layers])
     return ["full" if layer in full else "moba" for layer in range(len(ranking))]
+
+
+def probe_model(path: str | os.PathLike, full_layers: int, overrides: Sequence[str] = (), *,
+                segment_length: int | None = None, **settings) -> dict:
+    """`induction_scores` of the model at `path` (a checkpoint or Hugging Face directory, loaded by
+    moba_train.evaluation.load_model with `overrides`; segment_length None: half the recipe's train.seq_length),
+    with `full_layers` and the layer kinds that keep them full (`probed_layer_kinds`)."""
+    from moba_train.distributed import destroy_distributed
+    from moba_train.evaluation import load_model
+
+    try:
+        loaded = load_model(path, overrides)
+        if segment_length is None:
+            segment_length = loaded.config.train.seq_length // 2
+        scores = induction_scores(loaded, segment_length=segment_length, **settings)
+    finally:
+        destroy_distributed()
+    return {**scores, "full_layers": full_layers, "layer_kinds": probed_layer_kinds(scores, full_layers)}

@@ -444,19 +444,11 @@ class Study:
     def probe_short(self) -> dict:
         """Where the shared start copies: the induction scores of its layers on repeated random tokens within its
         own sequence length, and the hybrid's full layers placed at the best ones (`induction.probed_layer_kinds`)."""
-        from moba_train.distributed import destroy_distributed
-        from moba_train.evaluation import load_model
-        from moba_train.induction import induction_scores, probed_layer_kinds
+        from moba_train.induction import probe_model
 
-        try:
-            loaded = load_model(self.arm_dir(SHORT.name) / "checkpoints")
-            scores = induction_scores(loaded, segment_length=loaded.config.train.seq_length // 2,
-                                      sequences=self.s.probe_sequences, batch_size=self.s.eval_batch_size)
-        finally:
-            destroy_distributed()
-        full_layers = self.config(HYBRID, MIN_STEPS).attention.full_layers
-        self.state["probe"] = {**scores, "full_layers": full_layers,
-                               "layer_kinds": probed_layer_kinds(scores, full_layers)}
+        self.state["probe"] = probe_model(self.arm_dir(SHORT.name) / "checkpoints",
+                                          self.config(HYBRID, MIN_STEPS).attention.full_layers,
+                                          sequences=self.s.probe_sequences, batch_size=self.s.eval_batch_size)
         return {}
 
     def train(self, cfg: Config) -> list[dict]:

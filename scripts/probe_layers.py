@@ -31,18 +31,13 @@ def main(argv=None) -> None:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. run.device=cpu")
     args = parser.parse_intermixed_args(argv)
 
-    from moba_train import evaluation, induction  # after argument parsing: importing Megatron takes seconds
-    from moba_train.distributed import destroy_distributed
+    from moba_train.induction import probe_model  # after argument parsing: importing Megatron takes seconds
     from moba_train.staging import write_json
 
-    loaded = evaluation.load_model(args.model, args.overrides)
-    try:
-        scores = induction.induction_scores(loaded, segment_length=args.segment_length, sequences=args.sequences,
-                                            queries=args.queries, batch_size=args.batch_size,
-                                            progress=sys.stderr.isatty())
-    finally:
-        destroy_distributed()
-    kinds = induction.probed_layer_kinds(scores, args.full_layers)
+    scores = probe_model(args.model, args.full_layers, args.overrides, segment_length=args.segment_length,
+                         sequences=args.sequences, queries=args.queries, batch_size=args.batch_size,
+                         progress=sys.stderr.isatty())
+    kinds = scores["layer_kinds"]
     print(f"induction scores on {scores['sequences']} x {scores['segment_length']} random tokens repeated once "
           f"({scores['queries']} queries each): best head / mean of heads")
     for (name, record), kind in zip(scores["layers"].items(), kinds):
@@ -51,7 +46,7 @@ def main(argv=None) -> None:
     override = f"attention.layer_kinds=[{','.join(kinds)}]"
     print(override)
     if args.json:
-        write_json(args.json, {**scores, "full_layers": args.full_layers, "layer_kinds": kinds, "override": override})
+        write_json(args.json, {**scores, "override": override})
         print(f"wrote {args.json}")
 
 
