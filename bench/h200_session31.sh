@@ -8,6 +8,8 @@
 #                                                                   # retrieval test alone, when device time is short
 #   SEED=<n> GIT_COMMIT=<sha> bash bench/h200_session31.sh alone    # the start, its probe and the probed hybrid only
 #                                                                   # (about 4 min)
+#   SEED=<n> GIT_COMMIT=<sha> bash bench/h200_session31.sh full     # arm 1 only: after `hybrids` on the same warm
+#                                                                   # machine it reuses that call's start (about 3 min)
 # About a quarter of the 2-layer hybrids learn no retrieval, and neither a third full layer nor twice the tokens
 # made that rarer (docs/quality.md, sessions 23-30). Hypothesis: the shared start already copies, and a hybrid whose
 # full layers are not the ones that copy must grow new induction heads there, which some runs never do. The probe
@@ -15,8 +17,8 @@
 # last ones. Seeds whose last-2 hybrid failed before (5024 at 68M on this corpus; 7890 and 1357 at 34M) are the
 # sharpest test: does their hybrid fail again, and does the probed one learn?
 case "${1:-}" in
-probed|hybrids|alone) ;;
-*) echo "usage: SEED=<n> bash bench/h200_session31.sh probed|hybrids|alone" >&2; exit 2 ;;
+probed|hybrids|alone|full) ;;
+*) echo "usage: SEED=<n> bash bench/h200_session31.sh probed|hybrids|alone|full" >&2; exit 2 ;;
 esac
 : "${SEED:?set SEED=<n>}"
 source bench/gpu_env.sh
@@ -25,6 +27,7 @@ WORK_DIR=runs/study-seed$SEED-probed
 ARMS=full,hybrid,hybrid_probed
 [ "$1" = hybrids ] && ARMS=hybrid,hybrid_probed
 [ "$1" = alone ] && ARMS=hybrid_probed
+[ "$1" = full ] && ARMS=full
 study $ARMS 9.5 --track-passkey 16 "run.seed=$SEED"
 python3 - "$OUT/quality/study.json" <<'EOF'
 import json, sys
