@@ -210,7 +210,7 @@ def test_the_key_loss_gap_tells_the_committed_hybrids_that_learned_no_retrieval(
         if gaps and pairs:
             assert len(gaps) == 8, name
             (failed if learned_no_retrieval(*pairs) else learned).append([gap for _, gap in gaps])
-    assert (len(failed), len(learned)) == (6, 12)
+    assert (len(failed), len(learned)) == (6, 13)
     fifth_failed = [run[4] for run in failed]
     fifth_learned = [run[4] for run in learned]
     assert min(fifth_failed) > max(fifth_learned)
@@ -238,7 +238,7 @@ def test_the_shared_start_does_not_tell_the_committed_hybrids_apart():
             passkey = state["arms"]["short"]["eval"]["passkey"]
             assert passkey["lengths"][0] == 512, name
             (failed if learned_no_retrieval(*pairs) else learned).append(100 * passkey["mean_by_length"][0])
-    assert (len(failed), len(learned)) == (7, 18)
+    assert (len(failed), len(learned)) == (7, 19)
     assert min(failed) < max(learned) and min(learned) < max(failed)  # overlapping
     quality = (ROOT / "docs/quality.md").read_text().replace("\n  ", " ")
     assert (f"the start found {min(failed):.0f}-{max(failed):.0f}% of the passkeys at 512 tokens where the hybrid "
@@ -377,6 +377,7 @@ def committed_pool(name: str) -> dict:
     ("pooled-session28", 14, ["h200-3f48023-seed7890", "h200-daeb3a0-seed1357"]),
     ("pooled-session29", 15, ["h200-3f48023-seed7890", "h200-daeb3a0-seed1357"]),
     ("pooled-session30-long2", 2, ["h200-c28849c-seed5024-long2"]),  # twice the tokens (68M per arm)
+    ("pooled-session32", 16, ["h200-3f48023-seed7890", "h200-daeb3a0-seed1357"]),  # with the probed hybrid's pair
 ])
 def test_a_committed_pool_is_what_its_runs_give(name, runs, failed_hybrids):
     """A committed pool of bench/results/quality against pooling its committed runs again: the same verdicts and
@@ -422,16 +423,19 @@ STANDING_TARGETS = {  # the first words of a row of docs/quality.md's "Where it 
     "hybrid loss": "hybrid_validation_loss_vs_full", "hybrid passkey": "hybrid_passkey_vs_full",
     "arm 4 loss": "cpt_validation_loss_vs_full", "arm 4 passkey": "cpt_passkey_vs_full",
     "arm 5 hybrid recall": "recall_hybrid_vs_full", "arm 5 MoBA recall": "recall_moba_vs_full",
+    "probed hybrid loss": "hybrid_probed_validation_loss_vs_full",
+    "probed hybrid passkey": "hybrid_probed_passkey_vs_full",
 }
 
 
 def test_the_quality_page_states_its_pools_verdicts():
     """docs/quality.md's summary table against the committed pools it names: each row's run count, mean gap
-    (as printed, "below"/"above" for the sign of a points gap), interval and verdict."""
+    (as printed, "below"/"above" for the sign of a points gap), interval ("one run" where there is none) and
+    verdict."""
     text = (ROOT / "docs/quality.md").read_text()
     table = text.split("**Where it stands")[1].split("\n\n")[1]
     rows = [line.split(" | ") for line in table.splitlines()[2:]]
-    assert len(rows) == 10
+    assert len(rows) == 12
     for target, _recipe, pool_name, runs, gap, verdict in rows:
         key = STANDING_TARGETS[target.strip("| ").split(" (")[0]]
         stats = committed_pool(pool_name.strip("`"))["targets"][key]
@@ -439,6 +443,9 @@ def test_the_quality_page_states_its_pools_verdicts():
         assert verdict.strip(" |") == stats["verdict"], (target, pool_name)
         printed, shown = gap.split(" (")
         assert _gap(printed) == pytest.approx(stats["mean"], abs=0.051), (target, pool_name)
+        if stats["n"] == 1:
+            assert shown == "one run)" and "interval" not in stats, (target, pool_name)
+            continue
         interval = tuple(_gap(part) for part in shown.rstrip(")").split(" to "))
         assert interval == pytest.approx(tuple(stats["interval"]), abs=0.051), (target, pool_name)
 
@@ -452,16 +459,19 @@ def _gap(printed: str) -> float:
 
 README_ROWS = {  # the README quality table's arm column -> (pool, loss target, passkey target)
     "MoBA, block 512, top-3": ("pooled-session29", "moba_validation_loss_vs_full", "moba_passkey_vs_full"),
-    "hybrid, last 2 layers full": ("pooled-session29", "hybrid_validation_loss_vs_full", "hybrid_passkey_vs_full"),
+    "hybrid, last 2 layers full": ("pooled-session32", "hybrid_validation_loss_vs_full", "hybrid_passkey_vs_full"),
     "hybrid, last 3 layers full": ("pooled-session27-full3", "hybrid_validation_loss_vs_full",
                                    "hybrid_passkey_vs_full"),
     "full for half, then MoBA": ("pooled-session29", "cpt_validation_loss_vs_full", "cpt_passkey_vs_full"),
+    "hybrid, 2 probed layers full": ("pooled-session32", "hybrid_probed_validation_loss_vs_full",
+                                     "hybrid_probed_passkey_vs_full"),
 }
 
 
 def test_the_readme_quality_table_states_the_pools():
     """The README's quality table against the committed pools: each arm's loss gap, its run count and interval,
-    and its passkey gap (points below full attention, rounded as printed)."""
+    and its passkey gap (points below full attention, rounded as printed, and its interval where printed); "1 run"
+    and no interval for a single run."""
     import re
     text = (ROOT / "README.md").read_text()
     table = text.split("| arm (against full attention) |")[1].split("\n\n")[0]
@@ -473,16 +483,24 @@ def test_the_readme_quality_table_states_the_pools():
         seen.add(arm)
         name, loss_key, passkey_key = README_ROWS[arm]
         targets = committed_pool(name)["targets"]
-        m = re.fullmatch(r"\+([\d.]+)% \((\d+) runs, interval (-?[\d.]+)(?:-| to )([\d.]+)%\)", loss)
-        assert m, loss
         stats = targets[loss_key]
-        assert float(m[1]) == pytest.approx(stats["mean"], abs=0.0051) and int(m[2]) == stats["n"], arm
-        assert (float(m[3]), float(m[4])) == pytest.approx(tuple(stats["interval"]), abs=0.0051), arm
-        m = re.match(r"([\d.]+) points below \((\d+) runs", passkey)
+        if stats["n"] == 1:
+            m = re.fullmatch(r"\+([\d.]+)% \(1 run\)", loss)
+            assert m and "interval" not in stats, loss
+            assert float(m[1]) == pytest.approx(stats["mean"], abs=0.0051), arm
+        else:
+            m = re.fullmatch(r"\+([\d.]+)% \((\d+) runs, interval (-?[\d.]+)(?:-| to )([\d.]+)%\)", loss)
+            assert m, loss
+            assert float(m[1]) == pytest.approx(stats["mean"], abs=0.0051) and int(m[2]) == stats["n"], arm
+            assert (float(m[3]), float(m[4])) == pytest.approx(tuple(stats["interval"]), abs=0.0051), arm
+        m = re.match(r"([\d.]+) points below \((\d+) runs?(?:, interval ([\d.]+)( above)? to ([\d.]+) below)?", passkey)
         assert m, passkey
         stats = targets[passkey_key]
         decimals = len(m[1].split(".")[1]) if "." in m[1] else 0
         assert float(m[1]) == pytest.approx(stats["mean"], abs=0.51 * 10 ** -decimals) and int(m[2]) == stats["n"], arm
+        if m[3]:  # the printed interval, in points below full attention
+            low = -float(m[3]) if m[4] else float(m[3])
+            assert (low, float(m[5])) == pytest.approx(tuple(stats["interval"]), abs=0.051), arm
     assert seen == set(README_ROWS)
 
 
