@@ -673,6 +673,11 @@ def targets(state: dict) -> dict:
         if loss(arm) is not None and loss("full") is not None:
             gap = loss(arm) / loss("full") - 1
             out[f"{arm}_validation_loss_vs_full"] = {"relative_gap": gap, "limit": limit, "met": gap <= limit}
+    if loss("hybrid_probed") is not None and loss("hybrid") is not None:
+        # The two hybrids of one run start from one start and train on the same batches: their own paired gap
+        # (reported, no floor; no arm 1 needed) says whether placing the full layers by the probe helps.
+        gap = loss("hybrid_probed") / loss("hybrid") - 1
+        out["hybrid_probed_validation_loss_vs_hybrid"] = {"relative_gap": gap, "limit": None, "met": None}
     for arm in ("moba", "hybrid", "hybrid_probed", "cpt"):
         if passkey_at_trained_length(arm) is not None and passkey_at_trained_length("full") is not None:
             out[f"{arm}_passkey_vs_full"] = _accuracy_target(passkey_at_trained_length("full"),

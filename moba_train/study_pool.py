@@ -32,9 +32,13 @@ same batches in the same order as full attention), averaged over eighths of the 
 
 Which runs are failing, before the end: where a run tracked passkeys in training (`--track-passkey`), the pool lists
 per arm and run the key loss on those prompts minus full attention's at each logged step (`key_loss_gaps`). Over
-the 18 committed hybrid runs that logged it, that gap at the fifth eighth of the steps was 1.02 nats or more in
-each of the 6 that learned no retrieval and 0.79 or less in each of the 12 that learned it (docs/quality.md,
-session 30).
+the 19 committed hybrid runs that logged it, that gap at the fifth eighth of the steps was 1.02 nats or more in
+each of the 6 that learned no retrieval and 1.01 or less in each of the 13 that learned it (docs/quality.md,
+session 32).
+
+Whether the probe's placement helps: where a run trained both hybrids (the last 2 layers full, and the probed
+hybrid's layers), `hybrid_probed_validation_loss_vs_hybrid` is their own paired gap, reported without a floor. It
+needs no arm 1, so the cheaper calls that train only the two hybrids from one start count too.
 
 Runs pool only if they share the plan (steps, tokens, lengths, the shared start), the recipe overrides other
 than run.seed and, where both recorded them, the study recipes (`recipes` in study.json: a SHA-256 of each
@@ -100,7 +104,8 @@ def _samples(state: dict) -> dict[str, tuple[float, float | None, str]]:
     out = {}
     for name, record in targets(state).items():
         if "relative_gap" in record:
-            out[name] = (100 * record["relative_gap"], 100 * record["limit"], "percent")
+            limit = None if record["limit"] is None else 100 * record["limit"]
+            out[name] = (100 * record["relative_gap"], limit, "percent")
         elif "uninformative" not in record:
             out[name] = (record["points_below_full"], record["limit"], "points")
     return out

@@ -100,6 +100,12 @@ def test_targets_compare_each_arm_with_full_attention():
     assert got["recall_hybrid_vs_full"]["met"] is True
     assert recall_moba["points_below_full"] == pytest.approx(75) and recall_moba["met"] is None  # reported only
     assert "cpt_validation_loss_vs_full" not in got  # arm 4 missing: no verdict
+    assert "hybrid_probed_validation_loss_vs_hybrid" not in got
+    # the probed hybrid against the last-2 hybrid of the same run: reported, no floor, arm 1 not needed
+    state["arms"]["hybrid_probed"] = arm(1.99)
+    del state["arms"]["full"]
+    got = targets(state)["hybrid_probed_validation_loss_vs_hybrid"]
+    assert got["relative_gap"] == pytest.approx(1.99 / 2.009 - 1) and got["limit"] is None and got["met"] is None
 
 
 def test_stages_record_failures_interruptions_and_what_could_not_run(tmp_path):

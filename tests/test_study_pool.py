@@ -531,3 +531,22 @@ def test_the_probed_hybrid_pools_beside_the_hybrid_against_the_same_floor():
     assert record["limit"] == pytest.approx(0.5)
     assert out["retrieval_failures"]["hybrid"]["failed"] == ["r0"]
     assert out["retrieval_failures"]["hybrid_probed"]["failed"] == []
+
+
+def test_the_probed_hybrid_against_the_last_2_hybrid_of_the_same_run_is_reported_with_or_without_full_attention():
+    """The two hybrids of one run start from one start and train on the same batches: their paired loss gap is
+    reported (no floor), also for runs that trained no arm 1 (`bench/h200_session31.sh hybrids`)."""
+    hybrids, probed = [2.80, 2.76, 2.72], [2.725, 2.752, 2.712]
+    runs = {}
+    for i, (h, p) in enumerate(zip(hybrids, probed)):
+        state = _state(2.7 + 0.01 * i, hybrid=h)
+        state["arms"]["hybrid_probed"] = {"eval": {"validation": {"loss": p}}}
+        runs[f"r{i}"] = state
+    del runs["r2"]["arms"]["full"]
+    record = pool(runs)["targets"]["hybrid_probed_validation_loss_vs_hybrid"]
+    gaps = [100 * (p / h - 1) for p, h in zip(probed, hybrids)]
+    assert list(record["runs"].values()) == pytest.approx(gaps)
+    assert record["mean"] == pytest.approx(statistics.mean(gaps))
+    assert record["limit"] is None and record["verdict"] == "reported" and record["unit"] == "percent"
+    assert "hybrid_probed_validation_loss_vs_full" in pool({"r0": runs["r0"]})["targets"]
+    assert "| hybrid_probed_validation_loss_vs_hybrid | percent | 3 |" in pooled_markdown(pool(runs))
