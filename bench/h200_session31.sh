@@ -17,17 +17,16 @@
 # last ones. Seeds whose last-2 hybrid failed before (5024 at 68M on this corpus; 7890 and 1357 at 34M) are the
 # sharpest test: does their hybrid fail again, and does the probed one learn?
 case "${1:-}" in
-probed|hybrids|alone|full) ;;
+probed) ARMS=full,hybrid,hybrid_probed ;;
+hybrids) ARMS=hybrid,hybrid_probed ;;
+alone) ARMS=hybrid_probed ;;
+full) ARMS=full ;;
 *) echo "usage: SEED=<n> bash bench/h200_session31.sh probed|hybrids|alone|full" >&2; exit 2 ;;
 esac
 : "${SEED:?set SEED=<n>}"
 source bench/gpu_env.sh
 source bench/study_call.sh
 WORK_DIR=runs/study-seed$SEED-probed
-ARMS=full,hybrid,hybrid_probed
-[ "$1" = hybrids ] && ARMS=hybrid,hybrid_probed
-[ "$1" = alone ] && ARMS=hybrid_probed
-[ "$1" = full ] && ARMS=full
 study $ARMS 9.5 --track-passkey 16 "run.seed=$SEED"
 python3 - "$OUT/quality/study.json" <<'EOF'
 import json, sys
