@@ -32,9 +32,9 @@ same batches in the same order as full attention), averaged over eighths of the 
 
 Which runs are failing, before the end: where a run tracked passkeys in training (`--track-passkey`), the pool lists
 per arm and run the key loss on those prompts minus full attention's at each logged step (`key_loss_gaps`). Over
-the 19 committed hybrid runs that logged it, that gap at the fifth eighth of the steps was 1.02 nats or more in
-each of the 6 that learned no retrieval and 1.01 or less in each of the 13 that learned it (docs/quality.md,
-session 32).
+the 20 committed hybrid runs that logged it, that gap at each eighth of the steps from the sixth on was 1.26 nats
+or more in each of the 7 that learned no retrieval and 1.12 or less in each of the 13 that learned it; at the
+fifth the two ranges overlap (docs/quality.md, session 33).
 
 Whether the probe's placement helps: where a run trained both hybrids (the last 2 layers full, and the probed
 hybrid's layers), `hybrid_probed_validation_loss_vs_hybrid` is their own paired gap, reported without a floor. It

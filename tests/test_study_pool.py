@@ -201,19 +201,20 @@ def test_key_loss_gaps_pair_the_logged_steps_and_name_the_runs_that_learned_no_r
 
 
 def test_the_key_loss_gap_tells_the_committed_hybrids_that_learned_no_retrieval():
-    """docs/quality.md (session 30) and the README: over every committed run with a hybrid and a full arm that both
-    tracked passkeys in training, the key-loss gap at the fifth eighth of the steps, and at each later one, separates
-    the hybrids that learned no retrieval from those that learned it, with the ranges the page prints."""
+    """docs/quality.md (sessions 30 and 33) and the README: over every committed run with a hybrid and a full arm
+    that both tracked passkeys in training, the key-loss gap at each eighth of the steps from the sixth on separates
+    the hybrids that learned no retrieval from those that learned it; at the fifth the ranges overlap since session
+    33's failed run (0.95 nats, under seed 5024's learned 1.01). The page and the README print these ranges."""
     failed, learned = [], []
     for name, state in committed_runs().items():
         gaps, pairs = key_loss_gaps(state).get("hybrid"), retrieval_pairs(state).get("hybrid")
         if gaps and pairs:
             assert len(gaps) == 8, name
             (failed if learned_no_retrieval(*pairs) else learned).append([gap for _, gap in gaps])
-    assert (len(failed), len(learned)) == (6, 13)
+    assert (len(failed), len(learned)) == (7, 13)
     fifth_failed = [run[4] for run in failed]
     fifth_learned = [run[4] for run in learned]
-    assert min(fifth_failed) > max(fifth_learned)
+    assert min(fifth_failed) < max(fifth_learned)  # overlapping
     later_failed = min(run[i] for run in failed for i in (5, 6, 7))
     later_learned = max(run[i] for run in learned for i in (5, 6, 7))
     assert later_failed > later_learned
@@ -223,8 +224,8 @@ def test_the_key_loss_gap_tells_the_committed_hybrids_that_learned_no_retrieval(
             f"{low} to {max(fifth_learned):.2f} for those") in quality
     assert f"at each later eighth, {later_failed:.2f} or more against {later_learned:.2f} or less" in quality
     readme = (ROOT / "README.md").read_text().replace("\n", " ")
-    assert (f"{min(fifth_failed):.2f} nats or more at the fifth eighth of the steps in every run that failed and "
-            f"{max(fifth_learned):.2f} or less") in readme
+    assert (f"{later_failed:.2f} nats or more at each eighth of the steps from the sixth on in every run that failed "
+            f"and {later_learned:.2f} or less") in readme
 
 
 def test_the_shared_start_does_not_tell_the_committed_hybrids_apart():
@@ -238,11 +239,11 @@ def test_the_shared_start_does_not_tell_the_committed_hybrids_apart():
             passkey = state["arms"]["short"]["eval"]["passkey"]
             assert passkey["lengths"][0] == 512, name
             (failed if learned_no_retrieval(*pairs) else learned).append(100 * passkey["mean_by_length"][0])
-    assert (len(failed), len(learned)) == (7, 19)
+    assert (len(failed), len(learned)) == (8, 19)
     assert min(failed) < max(learned) and min(learned) < max(failed)  # overlapping
     quality = (ROOT / "docs/quality.md").read_text().replace("\n  ", " ")
     assert (f"the start found {min(failed):.0f}-{max(failed):.0f}% of the passkeys at 512 tokens where the hybrid "
-            f"failed (7 runs) and {min(learned):.0f}-{max(learned):.0f}% where it learned") in quality
+            f"failed (8 runs) and {min(learned):.0f}-{max(learned):.0f}% where it learned") in quality
 
 
 def test_verdicts_need_an_interval_clear_of_the_limit():
@@ -378,6 +379,7 @@ def committed_pool(name: str) -> dict:
     ("pooled-session29", 15, ["h200-3f48023-seed7890", "h200-daeb3a0-seed1357"]),
     ("pooled-session30-long2", 2, ["h200-c28849c-seed5024-long2"]),  # twice the tokens (68M per arm)
     ("pooled-session32", 16, ["h200-3f48023-seed7890", "h200-daeb3a0-seed1357"]),  # with the probed hybrid's pair
+    ("pooled-session33", 17, ["h200-3f48023-seed7890", "h200-daeb3a0-seed1357", "h100-fa9991c-seed1357-probed"]),
 ])
 def test_a_committed_pool_is_what_its_runs_give(name, runs, failed_hybrids):
     """A committed pool of bench/results/quality against pooling its committed runs again: the same verdicts and
@@ -459,11 +461,11 @@ def _gap(printed: str) -> float:
 
 README_ROWS = {  # the README quality table's arm column -> (pool, loss target, passkey target)
     "MoBA, block 512, top-3": ("pooled-session29", "moba_validation_loss_vs_full", "moba_passkey_vs_full"),
-    "hybrid, last 2 layers full": ("pooled-session32", "hybrid_validation_loss_vs_full", "hybrid_passkey_vs_full"),
+    "hybrid, last 2 layers full": ("pooled-session33", "hybrid_validation_loss_vs_full", "hybrid_passkey_vs_full"),
     "hybrid, last 3 layers full": ("pooled-session27-full3", "hybrid_validation_loss_vs_full",
                                    "hybrid_passkey_vs_full"),
     "full for half, then MoBA": ("pooled-session29", "cpt_validation_loss_vs_full", "cpt_passkey_vs_full"),
-    "hybrid, 2 probed layers full": ("pooled-session32", "hybrid_probed_validation_loss_vs_full",
+    "hybrid, 2 probed layers full": ("pooled-session33", "hybrid_probed_validation_loss_vs_full",
                                      "hybrid_probed_passkey_vs_full"),
 }
 
