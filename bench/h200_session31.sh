@@ -6,10 +6,15 @@
 #                                                                   # most), 34M tokens per arm (about 8-9 min)
 #   SEED=<n> GIT_COMMIT=<sha> bash bench/h200_session31.sh hybrids  # the same without arm 1 (about 6 min): the
 #                                                                   # retrieval test alone, when device time is short
+#   SEED=<n> GIT_COMMIT=<sha> bash bench/h200_session31.sh pair     # the start, its probe, arm 1 and the probed
+#                                                                   # hybrid (about 7.5 min on an H100 or H200): the
+#                                                                   # probed hybrid's paired gaps in one call
 #   SEED=<n> GIT_COMMIT=<sha> bash bench/h200_session31.sh alone    # the start, its probe and the probed hybrid only
-#                                                                   # (about 4 min)
-#   SEED=<n> GIT_COMMIT=<sha> bash bench/h200_session31.sh full     # arm 1 only: after `hybrids` on the same warm
-#                                                                   # machine it reuses that call's start (about 3 min)
+#                                                                   # (about 4.5 min)
+#   SEED=<n> GIT_COMMIT=<sha> bash bench/h200_session31.sh full     # arm 1 only: after `hybrids` or `alone` on the
+#                                                                   # same warm machine it reuses that call's start
+#                                                                   # (about 3 min; a machine idle for 30 s is given
+#                                                                   # back, so call it at once)
 # About a quarter of the 2-layer hybrids learn no retrieval, and neither a third full layer nor twice the tokens
 # made that rarer (docs/quality.md, sessions 23-30). Hypothesis: the shared start already copies, and a hybrid whose
 # full layers are not the ones that copy must grow new induction heads there, which some runs never do. The probe
@@ -19,9 +24,10 @@
 case "${1:-}" in
 probed) ARMS=full,hybrid,hybrid_probed ;;
 hybrids) ARMS=hybrid,hybrid_probed ;;
+pair) ARMS=full,hybrid_probed ;;
 alone) ARMS=hybrid_probed ;;
 full) ARMS=full ;;
-*) echo "usage: SEED=<n> bash bench/h200_session31.sh probed|hybrids|alone|full" >&2; exit 2 ;;
+*) echo "usage: SEED=<n> bash bench/h200_session31.sh probed|hybrids|pair|alone|full" >&2; exit 2 ;;
 esac
 : "${SEED:?set SEED=<n>}"
 source bench/gpu_env.sh
