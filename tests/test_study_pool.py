@@ -380,6 +380,7 @@ def committed_pool(name: str) -> dict:
     ("pooled-session30-long2", 2, ["h200-c28849c-seed5024-long2"]),  # twice the tokens (68M per arm)
     ("pooled-session32", 16, ["h200-3f48023-seed7890", "h200-daeb3a0-seed1357"]),  # with the probed hybrid's pair
     ("pooled-session33", 17, ["h200-3f48023-seed7890", "h200-daeb3a0-seed1357", "h100-fa9991c-seed1357-probed"]),
+    ("pooled-session34", 21, ["h200-3f48023-seed7890", "h200-daeb3a0-seed1357", "h100-fa9991c-seed1357-probed"]),
 ])
 def test_a_committed_pool_is_what_its_runs_give(name, runs, failed_hybrids):
     """A committed pool of bench/results/quality against pooling its committed runs again: the same verdicts and
@@ -461,11 +462,11 @@ def _gap(printed: str) -> float:
 
 README_ROWS = {  # the README quality table's arm column -> (pool, loss target, passkey target)
     "MoBA, block 512, top-3": ("pooled-session29", "moba_validation_loss_vs_full", "moba_passkey_vs_full"),
-    "hybrid, last 2 layers full": ("pooled-session33", "hybrid_validation_loss_vs_full", "hybrid_passkey_vs_full"),
+    "hybrid, last 2 layers full": ("pooled-session34", "hybrid_validation_loss_vs_full", "hybrid_passkey_vs_full"),
     "hybrid, last 3 layers full": ("pooled-session27-full3", "hybrid_validation_loss_vs_full",
                                    "hybrid_passkey_vs_full"),
     "full for half, then MoBA": ("pooled-session29", "cpt_validation_loss_vs_full", "cpt_passkey_vs_full"),
-    "hybrid, 2 probed layers full": ("pooled-session33", "hybrid_probed_validation_loss_vs_full",
+    "hybrid, 2 probed layers full": ("pooled-session34", "hybrid_probed_validation_loss_vs_full",
                                      "hybrid_probed_passkey_vs_full"),
 }
 
@@ -504,6 +505,20 @@ def test_the_readme_quality_table_states_the_pools():
             low = -float(m[3]) if m[4] else float(m[3])
             assert (low, float(m[5])) == pytest.approx(tuple(stats["interval"]), abs=0.051), arm
     assert seen == set(README_ROWS)
+
+
+def test_the_readme_states_the_probed_hybrids_runs():
+    """README, "Evaluation" (session 34): the probed hybrid's paired runs' loss gaps span the printed range, and
+    the printed 7-8K bound is the largest of its runs' gaps in the last 1K bucket, from the committed pool."""
+    pooled = committed_pool("pooled-session34")
+    gaps = pooled["targets"]["hybrid_probed_validation_loss_vs_full"]["runs"].values()
+    last_bucket = [run[-1] for run in pooled["by_position"]["hybrid_probed"]["runs"].values()]
+    assert pooled["by_position"]["hybrid_probed"]["buckets"][-1] == [7168, 8192]
+    low, high = (f"{x:+.2f}".replace("-", "−") for x in (min(gaps), max(gaps)))
+    readme = (ROOT / "README.md").read_text().replace("\n", " ")
+    assert "over six paired runs (sessions 32-34)" in readme and len(gaps) == 6
+    assert f"each run between {low}% and {high}%" in readme
+    assert f"is at most {max(last_bucket):.2f}% at 7-8K in every run" in readme
 
 
 def test_a_run_with_a_non_finite_loss_is_one_clear_error():
