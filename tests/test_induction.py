@@ -149,6 +149,26 @@ def test_a_hand_built_induction_circuit_is_found_in_its_layer_and_kept_full(copi
     assert result["ranking"][0] == 1 and probed_layer_kinds(result, 1) == ["moba", "full", "moba"]
 
 
+def test_the_probed_override_trains_the_hugging_face_model_as_a_hybrid(copier):
+    """README, "Evaluation": the override the probe prints for a Hugging Face directory, passed with MoBA on, builds
+    that model with full attention in the layer that copies and MoBA elsewhere, its weights the directory's."""
+    from moba_train.core_attention import FullCoreAttention, MoBACoreAttention
+
+    try:
+        kinds = probed_layer_kinds(induction_scores(load_model(copier), segment_length=20, sequences=2, queries=8), 1)
+        loaded = load_model(copier, ["attention.mode=moba", "attention.block_size=16", "attention.topk=2",
+                                     f"attention.layer_kinds=[{','.join(kinds)}]"])
+    finally:
+        distributed.destroy_distributed()
+    assert kinds == ["moba", "full", "moba"]
+    built = [type(m) for m in loaded.model.modules() if isinstance(m, (FullCoreAttention, MoBACoreAttention))]
+    assert built == [MoBACoreAttention, FullCoreAttention, MoBACoreAttention]
+    hf = LlamaForCausalLM.from_pretrained(copier).state_dict()
+    weights = dict(loaded.model.named_parameters())
+    embedding = next(w for name, w in weights.items() if name.endswith("word_embeddings.weight"))
+    assert torch.equal(embedding[:64].float(), hf["model.embed_tokens.weight"].float())
+
+
 def test_the_ranking_keeps_the_layers_whose_best_head_copies_most():
     scores = {"ranking": [4, 1, 5, 0, 2, 3]}
     assert probed_layer_kinds(scores, 2) == ["moba", "full", "moba", "moba", "full", "moba"]
