@@ -149,7 +149,7 @@ def test_a_hand_built_induction_circuit_is_found_in_its_layer_and_kept_full(copi
     assert result["ranking"][0] == 1 and probed_layer_kinds(result, 1) == ["moba", "full", "moba"]
 
 
-def test_the_probed_override_trains_the_hugging_face_model_as_a_hybrid(copier):
+def test_the_probed_override_builds_the_hugging_face_model_as_the_hybrid_it_names(copier):
     """README, "Evaluation": the override the probe prints for a Hugging Face directory, passed with MoBA on, builds
     that model with full attention in the layer that copies and MoBA elsewhere, its weights the directory's."""
     from moba_train.core_attention import FullCoreAttention, MoBACoreAttention
