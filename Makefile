@@ -13,8 +13,12 @@ install:  ## torch first (a plain `torch` requirement would pull the multi-GB CU
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! dpkg -s slurm-wlm munge strace >/dev/null 2>&1; then \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge strace; fi
 
-test:
-	$(PYTHON) -m pytest -q --durations=15 tests
+test:  ## the suite; tests/kernels runs beside the rest in a second process (see README, "Tests")
+	@log=$$(mktemp); \
+	$(PYTHON) -m pytest -q -p no:cacheprovider --durations=5 tests/kernels > $$log 2>&1 & kernels=$$!; trap 'kill $$kernels 2>/dev/null' INT TERM; \
+	$(PYTHON) -m pytest -q --durations=15 --ignore=tests/kernels tests; rest=$$?; \
+	wait $$kernels; status=$$?; echo "--- tests/kernels (run beside the rest):"; cat $$log; rm -f $$log; \
+	[ $$rest = 0 ] && [ $$status = 0 ]
 
 data:  ## the embedded default corpus from this machine's Python sources (skipped when already complete)
 	$(PYTHON) scripts/build_corpus.py --out-dir data/corpus
