@@ -164,8 +164,7 @@ def test_the_probed_override_builds_the_hugging_face_model_as_the_hybrid_it_name
     built = [type(m) for m in loaded.model.modules() if isinstance(m, (FullCoreAttention, MoBACoreAttention))]
     assert built == [MoBACoreAttention, FullCoreAttention, MoBACoreAttention]
     hf = LlamaForCausalLM.from_pretrained(copier).state_dict()
-    weights = dict(loaded.model.named_parameters())
-    embedding = next(w for name, w in weights.items() if name.endswith("word_embeddings.weight"))
+    embedding = next(w for name, w in loaded.model.named_parameters() if name.endswith("word_embeddings.weight"))
     assert torch.equal(embedding[:64].float(), hf["model.embed_tokens.weight"].float())
 
 
