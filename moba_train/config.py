@@ -144,7 +144,12 @@ class AttentionConfig(_Section):
     topk: int = Field(12, ge=1)
     """Blocks each query attends, counting its own (current) block."""
     full_layers: int = Field(0, ge=0)
-    """The last N layers keep full attention (helps sparse-gradient tasks such as SFT)."""
+    """N layers keep full attention (helps sparse-gradient tasks such as SFT): the last N, or see full_layers_at."""
+    full_layers_at: Literal["last", "probe"] = "last"
+    """Where the full_layers sit. last: the last N layers. probe: the N layers where the model training starts
+    from copies most (its induction probe before the first step, moba_train/induction.py; needs
+    model.init_from_hf or checkpoint.init_from). The trainer writes the probed layers to attention.layer_kinds
+    of the run's saved config and run.output_dir/probe.json, and a resumed run keeps them."""
     layer_kinds: Optional[list[Literal["moba", "full"]]] = None
     """Explicit per-layer kinds (length num_layers); overrides full_layers when set."""
     backend: Literal["auto", "naive", "torch", "varlen", "triton"] = "auto"
@@ -366,6 +371,19 @@ class Config(_Section):
             )
         if att.full_layers > model.num_layers:
             raise ValueError(f"attention.full_layers ({att.full_layers}) exceeds model.num_layers ({model.num_layers})")
+        if att.mode == "moba" and att.full_layers_at == "probe" and att.full_layers:
+            if att.layer_kinds is not None and att.layer_kinds.count("full") != att.full_layers:
+                raise ValueError(
+                    f"attention.layer_kinds keeps {att.layer_kinds.count('full')} layers full but attention.full_layers "
+                    f"is {att.full_layers}; with attention.full_layers_at=probe leave layer_kinds unset (the probe "
+                    "sets it) or make the two agree"
+                )
+            if not (model.init_from_hf or self.checkpoint.init_from):
+                raise ValueError(
+                    "attention.full_layers_at=probe keeps full attention where the model training starts from copies, "
+                    "but no such model is set; set model.init_from_hf or checkpoint.init_from, or use "
+                    "attention.full_layers_at=last"
+                )
         if att.mode == "moba" and train.seq_length < att.block_size:
             raise ValueError(
                 f"train.seq_length ({train.seq_length}) is shorter than one MoBA block "

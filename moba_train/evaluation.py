@@ -260,9 +260,11 @@ def loss_by_position(loaded: LoadedModel, windows: np.ndarray, *, bucket_size: i
 def forward_capturing(loaded: LoadedModel, windows: np.ndarray, modules: dict[int, torch.nn.Module],
                       capture: Callable, *, batch_size: int, desc: str, progress: bool = False) -> None:
     """Forward `windows` (int64 [n, s + 1]) through the model in batches, calling `capture(layer, module, q, k,
-    cu_seqlens)` with what each of `modules` ({layer: core attention}) receives (`diagnostics.attention_inputs`)."""
+    cu_seqlens)` with what each of `modules` ({layer: core attention}) receives (`diagnostics.attention_inputs`).
+    Under context parallelism (the trainer's probe, `induction.probe_start`) each rank forwards its shard of every
+    batch, and q, k are that shard's."""
     from moba_train.diagnostics import attention_inputs
-    from moba_train.model import token_losses
+    from moba_train.model import local_batch, token_losses
 
     def hook(layer: int, module, args, kwargs) -> None:
         q, k, cu_seqlens, _ = attention_inputs(module, args, kwargs)
@@ -272,7 +274,8 @@ def forward_capturing(loaded: LoadedModel, windows: np.ndarray, modules: dict[in
                for layer, module in modules.items()]
     try:
         for batch in tqdm(_batches(len(windows), batch_size), desc=desc, disable=not progress):
-            token_losses(loaded.model, windows_batch(torch.from_numpy(windows[batch])))  # no [b, s, vocab] logits
+            # No [b, s, vocab] logits kept; under context parallelism this rank's shard.
+            token_losses(loaded.model, local_batch(windows_batch(torch.from_numpy(windows[batch]))))
     finally:
         for handle in handles:
             handle.remove()

@@ -16,13 +16,19 @@ most; the quality study's arm `hybrid_probed` tests that placement against the l
 
 from __future__ import annotations
 
+import gc
 import os
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import yaml
+from megatron.core import parallel_state
 
-from moba_train.config import ConfigError
+from moba_train import context_parallel
+from moba_train.config import Config, ConfigError
 
 FIRST_TOKEN = 16
 """Random tokens are drawn from ids FIRST_TOKEN.. so that no special token (end of document, padding) is one."""
@@ -69,8 +75,9 @@ def head_induction_scores(q: torch.Tensor, k: torch.Tensor, starts: torch.Tensor
 def induction_scores(loaded, *, segment_length: int = 256, sequences: int = 8, queries: int = 64,
                      batch_size: int = 4, seed: int = 0, progress: bool = False) -> dict:
     """Every layer's heads' induction scores (`head_induction_scores`, averaged over the sequences) of a loaded
-    model (moba_train.evaluation.load_model), its best head's and their mean, and the layers ranked by their
-    best head (highest first)."""
+    model (moba_train.evaluation.load_model, or the trainer's `probe_start`), its best head's and their mean,
+    and the layers ranked by their best head (highest first). Under tensor and context parallelism (the
+    trainer's) every rank scores all heads of whole sequences: the same numbers as one process."""
     from moba_train.core_attention import _CoreAttention
     from moba_train.diagnostics import layer_index
     from moba_train.evaluation import forward_capturing
@@ -89,9 +96,20 @@ def induction_scores(loaded, *, segment_length: int = 256, sequences: int = 8, q
     positions = query_positions(segment_length, queries, seed)
     sums = {layer: 0.0 for layer in modules}
 
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+
     def capture(layer: int, module, q, k, cu_seqlens) -> None:
+        if module.cp_group is not None:  # this rank's shard of each sequence: every rank scores whole sequences
+            bounds = cu_seqlens.tolist()
+            lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+            q, k = (context_parallel.gather_sequences(x, lengths, module.cp_group) for x in (q, k))
         scores = head_induction_scores(q, k, cu_seqlens[:-1].long(), torch.from_numpy(positions).to(q.device),
                                        segment_length, module.softmax_scale)
+        if tp > 1:  # this rank's heads: Megatron gives rank r the r-th contiguous slice of them
+            parts = [torch.empty_like(scores) for _ in range(tp)]
+            dist.all_gather(parts, scores.contiguous(), group=tp_group)
+            scores = torch.cat(parts, dim=1)
         sums[layer] = sums[layer] + scores.sum(0).cpu()
 
     forward_capturing(loaded, windows, modules, capture, batch_size=batch_size, desc="induction probe",
@@ -131,3 +149,98 @@ def probe_model(path: str | os.PathLike, full_layers: int, overrides: Sequence[s
     finally:
         destroy_distributed()
     return {**scores, "full_layers": full_layers, "layer_kinds": probed_layer_kinds(scores, full_layers)}
+
+
+PROBE_SEQUENCES, PROBE_QUERIES = 16, 64
+"""The trainer's probe (`attention.full_layers_at: probe`): the quality study's settings (docs/quality.md)."""
+PROBE_SEGMENT = 4096
+"""Its repeated segments: half the training length, at most this (the study probed 4K of 8K)."""
+
+
+def probe_start(cfg: Config, source: str | os.PathLike, *, hugging_face: bool, seed: int = 0) -> dict:
+    """`induction_scores` of the weights at `source` (a checkpoint, or with `hugging_face` a Hugging Face
+    directory) in a model built from `cfg` under its parallel layout (collective: every rank of the run calls
+    it), in the run's compute precision, with full attention in every layer: each layer's q and k are then
+    those of the model as a Hugging Face Llama was trained (and as the quality study probed its shared start,
+    trained with full attention). The model is freed before returning. Every rank returns rank 0's scores, so
+    that a tie cannot place the full layers differently on two ranks."""
+    from megatron.core.transformer.module import Float16Module
+
+    from moba_train.checkpointing import load_model_weights
+    from moba_train.distributed import resolve_device
+    from moba_train.evaluation import LoadedModel
+    from moba_train.model import build_model, compute_dtype
+
+    raw = cfg.model_dump()
+    raw["attention"]["mode"] = "full"
+    cfg = Config.model_validate(raw)
+    model = build_model(cfg)
+    if hugging_face:
+        from moba_train.convert import load_hf_weights
+
+        load_hf_weights(model, source, cfg)
+    else:
+        load_model_weights(source, model)
+    model.eval()
+    device = resolve_device(cfg)
+    if compute_dtype(cfg, device) == torch.bfloat16:
+        model = Float16Module(model.config, model)
+    try:
+        scores = induction_scores(LoadedModel(model, cfg, Path(source)),
+                                  segment_length=min(cfg.train.seq_length // 2, PROBE_SEGMENT),
+                                  sequences=PROBE_SEQUENCES, queries=PROBE_QUERIES, batch_size=1, seed=seed)
+    finally:
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [scores]
+        dist.broadcast_object_list(box, src=0)
+        scores = box[0]
+    return scores
+
+
+def with_layer_kinds(cfg: Config, kinds: list[str]) -> Config:
+    """`cfg` with attention.layer_kinds set (validated again)."""
+    raw = cfg.model_dump()
+    raw["attention"]["layer_kinds"] = list(kinds)
+    return Config.model_validate(raw)
+
+
+def place_full_layers(cfg: Config, *, resume: Path | None, init_from: Path | None, is_main: bool) -> Config:
+    """The trainer's `attention.full_layers_at: probe`: `cfg` with attention.layer_kinds keeping the
+    `full_layers` layers full where the model training continues from copies most (`probe_start`,
+    `probed_layer_kinds`); `cfg` itself for any other recipe. That model is the resumed checkpoint `resume`,
+    else `init_from` (checkpoint.init_from), else model.init_from_hf. A resumed run whose checkpoint was
+    trained with probed layers keeps them (its config.yaml's layer_kinds) and probes nothing. Rank 0 prints
+    the scores and writes them to run.output_dir/probe.json."""
+    att = cfg.attention
+    if att.mode != "moba" or att.full_layers_at != "probe" or att.layer_kinds is not None or not att.full_layers:
+        return cfg
+    if resume is not None:
+        saved = (yaml.safe_load((resume / "config.yaml").read_text()) or {}).get("attention") or {}
+        kinds = saved.get("layer_kinds")
+        if (saved.get("full_layers_at") == "probe" and isinstance(kinds, list)
+                and len(kinds) == cfg.model.num_layers and kinds.count("full") == att.full_layers):
+            if is_main:
+                print(f"full attention in layers {_numbers(kinds)}, as probed when this run started "
+                      f"({resume / 'config.yaml'})", flush=True)
+            return with_layer_kinds(cfg, kinds)
+    source = resume or init_from or cfg.model.init_from_hf
+    scores = probe_start(cfg, source, hugging_face=resume is None and init_from is None)
+    kinds = probed_layer_kinds(scores, att.full_layers)
+    if is_main:
+        from moba_train.staging import write_json
+
+        best = ", ".join(f"{record['max']:.3f}" for record in scores["layers"].values())
+        print(f"induction probe of {source} ({scores['sequences']} x {scores['segment_length']} random tokens "
+              f"repeated once): best head per layer {best}; full attention in layers {_numbers(kinds)}", flush=True)
+        write_json(Path(cfg.run.output_dir) / "probe.json",
+                   {**scores, "source": str(source), "full_layers": att.full_layers, "layer_kinds": kinds})
+    return with_layer_kinds(cfg, kinds)
+
+
+def _numbers(kinds: list[str]) -> str:
+    """The full layers, counted from 1 as the README and the probe script count them."""
+    return ", ".join(str(i + 1) for i, kind in enumerate(kinds) if kind == "full")

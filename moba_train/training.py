@@ -35,6 +35,7 @@ from moba_train.config import Config, ConfigError
 from moba_train.diagnostics import RoutingDiagnostics
 from moba_train.distributed import DistEnv, destroy_distributed, init_distributed, set_seed
 from moba_train.flops import training_step_flops
+from moba_train.induction import place_full_layers
 from moba_train.metrics import MetricLogger, attention_backends, perf_metrics
 from moba_train.model import (
     build_model,
@@ -220,6 +221,9 @@ def _train(cfg: Config, env: DistEnv, stop: StopSignal) -> None:
                   f"train.steps={cfg.train.steps}; raise train.steps to train further", flush=True)
         return
     init_from = check_init_from(cfg) if resume is None and cfg.checkpoint.init_from else None
+    # attention.full_layers_at=probe: the full layers go where the weights training continues from copy.
+    cfg = place_full_layers(cfg, resume=resume.path if resume else None, init_from=init_from, is_main=env.is_main)
+    set_seed(cfg.run.seed)  # the probe's model drew from the generators: start as a recipe naming the layers would
 
     # Build: the fp32 model, its initial weights, then bf16/DDP wrapping, optimizer and schedule.
     model = build_model(cfg)
