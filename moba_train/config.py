@@ -373,10 +373,11 @@ class Config(_Section):
             raise ValueError(f"attention.full_layers ({att.full_layers}) exceeds model.num_layers ({model.num_layers})")
         if att.mode == "moba" and att.full_layers_at == "probe" and att.full_layers:
             if att.layer_kinds is not None and att.layer_kinds.count("full") != att.full_layers:
+                kept = att.layer_kinds.count("full")
                 raise ValueError(
-                    f"attention.layer_kinds keeps {att.layer_kinds.count('full')} layers full but attention.full_layers "
-                    f"is {att.full_layers}; with attention.full_layers_at=probe leave layer_kinds unset (the probe "
-                    "sets it) or make the two agree"
+                    f"attention.layer_kinds keeps {kept} layers full but attention.full_layers is {att.full_layers}; "
+                    "with attention.full_layers_at=probe leave layer_kinds unset (the probe sets it) or make the two "
+                    "agree"
                 )
             if not (model.init_from_hf or self.checkpoint.init_from):
                 raise ValueError(
