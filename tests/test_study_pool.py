@@ -381,6 +381,7 @@ def committed_pool(name: str) -> dict:
     ("pooled-session32", 16, ["h200-3f48023-seed7890", "h200-daeb3a0-seed1357"]),  # with the probed hybrid's pair
     ("pooled-session33", 17, ["h200-3f48023-seed7890", "h200-daeb3a0-seed1357", "h100-fa9991c-seed1357-probed"]),
     ("pooled-session34", 21, ["h200-3f48023-seed7890", "h200-daeb3a0-seed1357", "h100-fa9991c-seed1357-probed"]),
+    ("pooled-session35-probed-long2", 2, []),  # the probed hybrid alone at 68M per arm: no last-2 hybrid
 ])
 def test_a_committed_pool_is_what_its_runs_give(name, runs, failed_hybrids):
     """A committed pool of bench/results/quality against pooling its committed runs again: the same verdicts and
@@ -395,7 +396,7 @@ def test_a_committed_pool_is_what_its_runs_give(name, runs, failed_hybrids):
         {k: v["mean"] for k, v in committed["targets"].items()})
     failed = {arm: record["failed"] for arm, record in again["retrieval_failures"].items()}
     assert failed == {arm: record["failed"] for arm, record in committed["retrieval_failures"].items()}
-    assert failed["hybrid"] == failed_hybrids
+    assert failed.get("hybrid", []) == failed_hybrids
     if "by_position" in committed:  # pools written before session 20 have none
         assert set(again["by_position"]) == set(committed["by_position"])
         for arm, entry in committed["by_position"].items():
@@ -438,7 +439,7 @@ def test_the_quality_page_states_its_pools_verdicts():
     text = (ROOT / "docs/quality.md").read_text()
     table = text.split("**Where it stands")[1].split("\n\n")[1]
     rows = [line.split(" | ") for line in table.splitlines()[2:]]
-    assert len(rows) == 12
+    assert len(rows) == 14
     for target, _recipe, pool_name, runs, gap, verdict in rows:
         key = STANDING_TARGETS[target.strip("| ").split(" (")[0]]
         stats = committed_pool(pool_name.strip("`"))["targets"][key]
