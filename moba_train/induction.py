@@ -136,15 +136,16 @@ def probed_layer_kinds(scores: dict, full_layers: int) -> list[str]:
 def probe_model(path: str | os.PathLike, full_layers: int, overrides: Sequence[str] = (), *,
                 segment_length: int | None = None, **settings) -> dict:
     """`induction_scores` of the model at `path` (a checkpoint or Hugging Face directory, loaded by
-    moba_train.evaluation.load_model with `overrides`; segment_length None: half the recipe's train.seq_length),
-    with `full_layers` and the layer kinds that keep them full (`probed_layer_kinds`)."""
+    moba_train.evaluation.load_model with `overrides`, then full attention in every layer, as `probe_start`
+    runs it; segment_length None: half the recipe's train.seq_length, at most PROBE_SEGMENT, as the trainer's
+    probe), with `full_layers` and the layer kinds that keep them full (`probed_layer_kinds`)."""
     from moba_train.distributed import destroy_distributed
     from moba_train.evaluation import load_model
 
     try:
-        loaded = load_model(path, overrides)
+        loaded = load_model(path, [*overrides, "attention.mode=full"])
         if segment_length is None:
-            segment_length = loaded.config.train.seq_length // 2
+            segment_length = min(loaded.config.train.seq_length // 2, PROBE_SEGMENT)
         scores = induction_scores(loaded, segment_length=segment_length, **settings)
     finally:
         destroy_distributed()

@@ -5,7 +5,9 @@ attention.layer_kinds that keeps full attention in the layers that copy most (se
         [--json probe.json] [section.key=value ...]
 
 Prints one line per layer (best head, mean of heads) and the override to train the hybrid with, e.g.
-attention.layer_kinds=[moba,...,full]. Works on a moba-train checkpoint or a Hugging Face Llama directory.
+attention.layer_kinds=[moba,...,full]. Works on a moba-train checkpoint or a Hugging Face Llama directory, run
+with full attention in every layer. Its defaults are those of the trainer's probe (attention.full_layers_at=probe):
+given the training's train.seq_length=N as an override, it scores what the trainer would and chooses the same layers.
 """
 
 import argparse
@@ -19,8 +21,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="checkpoint (step_* or a checkpoint root) or Hugging Face model directory")
     parser.add_argument("--full-layers", type=int, default=2, help="layers to keep full attention (default: 2)")
-    parser.add_argument("--segment-length", type=positive(int, "number of tokens"), default=256,
-                        help="random tokens before the repeat; twice this must fit the model (default: 256)")
+    parser.add_argument("--segment-length", type=positive(int, "number of tokens"),
+                        help="random tokens before the repeat; twice this must fit the model (default: half the "
+                             "recipe's train.seq_length, at most 4096)")
     parser.add_argument("--sequences", type=positive(int, "number of sequences"), default=16,
                         help="repeated sequences averaged over (default: 16)")
     parser.add_argument("--queries", type=positive(int, "number of queries"), default=64,

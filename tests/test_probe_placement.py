@@ -21,7 +21,7 @@ from moba_train import convert, distributed
 from moba_train.checkpointing import latest_checkpoint
 from moba_train.config import Config, ConfigError, load_config
 from moba_train.evaluation import load_model
-from moba_train.induction import PROBE_QUERIES, PROBE_SEQUENCES, induction_scores, probe_start
+from moba_train.induction import PROBE_QUERIES, PROBE_SEQUENCES, induction_scores, probe_model, probe_start
 from moba_train.training import train
 
 SEQ = 64
@@ -114,6 +114,15 @@ def test_the_trainer_keeps_the_copying_layer_full_and_trains_as_a_recipe_naming_
     record = json.loads((probed / "probe.json").read_text())
     assert record["layer_kinds"] == ["moba", "full", "moba"] and record["ranking"][0] == 1  # the circuit's layer
     assert _saved_attention(probed)["layer_kinds"] == ["moba", "full", "moba"]
+    # The one-process probe of scripts/probe_layers.py, given the training length, scores what the trainer did.
+    try:
+        alone = probe_model(copier, 1, [f"train.seq_length={SEQ}"], sequences=PROBE_SEQUENCES, queries=PROBE_QUERIES)
+    finally:
+        distributed.destroy_distributed()
+    assert alone["segment_length"] == record["segment_length"] == SEQ // 2
+    assert alone["layer_kinds"] == record["layer_kinds"]
+    for name, layer in alone["layers"].items():
+        assert record["layers"][name]["heads"] == pytest.approx(layer["heads"], rel=1e-5, abs=1e-7), name
 
     # The same hybrid named by hand: the same steps, loss for loss (the probe's model leaves no trace in the run).
     train(Config.model_validate(_recipe(copier, run={"output_dir": str(named)}, attention={
