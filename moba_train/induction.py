@@ -11,7 +11,10 @@ The weights are those of exact dense causal attention from each layer's own q an
 attention receives them), in fp32, whatever attention the layer runs: for a MoBA layer the score says what it
 would read with full attention. `probed_layer_kinds` keeps full attention in the layers whose best head copies
 most; the quality study's arm `hybrid_probed` tests that placement against the last layers (docs/quality.md).
-`scripts/probe_layers.py` prints the scores of a checkpoint or a Hugging Face model.
+`scripts/probe_layers.py` prints the scores of a checkpoint or a Hugging Face model (`probe_model`, one process);
+the trainer's `attention.full_layers_at: probe` runs the same probe on the model training starts from, under the
+run's own tensor and context parallelism (`place_full_layers`, `probe_start`). Both run that model with full
+attention in every layer.
 """
 
 from __future__ import annotations
