@@ -460,6 +460,12 @@ class Config(_Section):
             )
         return self.train.global_batch_size // per_pass
 
+    def probes_full_layers(self) -> bool:
+        """Whether the trainer places the full layers by probing the starting model (attention.full_layers_at),
+        i.e. they are not yet named in attention.layer_kinds."""
+        att = self.attention
+        return att.mode == "moba" and att.full_layers_at == "probe" and att.layer_kinds is None and att.full_layers > 0
+
     def layer_kinds(self) -> list[str]:
         """The attention kind of every layer, first to last: the hybrid plan in one place."""
         n = self.model.num_layers

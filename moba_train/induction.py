@@ -220,7 +220,7 @@ def place_full_layers(cfg: Config, *, resume: Path | None, init_from: Path | Non
     trained with probed layers keeps them (its config.yaml's layer_kinds) and probes nothing. Rank 0 prints
     the scores and writes them to run.output_dir/probe.json."""
     att = cfg.attention
-    if att.mode != "moba" or att.full_layers_at != "probe" or att.layer_kinds is not None or not att.full_layers:
+    if not cfg.probes_full_layers():
         return cfg
     if resume is not None:
         saved = (yaml.safe_load((resume / "config.yaml").read_text()) or {}).get("attention") or {}

@@ -170,7 +170,8 @@ def dry_run(cfg: Config, world_size: int) -> str:
         + (f"{2 * par.context} chunks of {train.seq_length // (2 * par.context)}, {train.seq_length // par.context} "
            f"tokens per context rank ({par.context_comm})" if par.context > 1 else "whole on every rank"),
         batches,
-        f"layers: {kinds.count('moba')} MoBA (block {att.block_size}, top-{att.topk}), {kinds.count('full')} full",
+        f"layers: {kinds.count('moba')} MoBA (block {att.block_size}, top-{att.topk}), {kinds.count('full')} full"
+        + (" (where the starting model copies: the trainer probes it first)" if cfg.probes_full_layers() else ""),
         f"memory per process (estimate; {'bf16' if compute_dtype(cfg, device) == torch.bfloat16 else 'fp32'}, "
         f"recompute {train.recompute}; moba_train/memory.py):",
         *estimate.lines(),

@@ -154,3 +154,15 @@ def test_the_trainer_keeps_the_copying_layer_full_and_trains_as_a_recipe_naming_
 def test_a_probe_without_a_start_or_with_other_layer_kinds_is_one_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["model.num_layers=3", *overrides])
+
+
+def test_the_dry_run_says_the_trainer_will_place_the_full_layers_by_the_probe():
+    from pathlib import Path
+
+    from moba_train.preflight import dry_run
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "llama8b_moba.yaml"
+    probed = dry_run(load_config(recipe, ["model.init_from_hf=/hf/llama", "attention.full_layers_at=probe"]), 32)
+    last = dry_run(load_config(recipe, ["model.init_from_hf=/hf/llama"]), 32)
+    assert "3 full (where the starting model copies: the trainer probes it first)" in probed
+    assert "3 full\n" in last and "probes" not in last
