@@ -166,3 +166,25 @@ def test_the_dry_run_says_the_trainer_will_place_the_full_layers_by_the_probe():
     last = dry_run(load_config(recipe, ["model.init_from_hf=/hf/llama"]), 32)
     assert "3 full (where the starting model copies: the trainer probes it first)" in probed
     assert "3 full\n" in last and "probes" not in last
+
+
+def test_a_run_relaunched_with_the_probe_places_the_full_layers_where_its_checkpoint_copies(copier, tmp_path, capsys):  # noqa: F811
+    """A run trained with the last layer full, continued with attention.full_layers_at=probe: the probe reads the
+    checkpoint it resumes (not the Hugging Face start), and the continued steps train the probed layout."""
+    train(Config.model_validate(_recipe(copier, run={"output_dir": str(tmp_path)},
+                                        attention={"full_layers_at": "last"})))
+    assert _saved_attention(tmp_path)["layer_kinds"] is None  # the last layer full, by attention.full_layers
+    resumed = latest_checkpoint(tmp_path / "checkpoints")
+    capsys.readouterr()
+    train(Config.model_validate(_recipe(copier, run={"output_dir": str(tmp_path)}, train={"steps": 3})))
+    out = capsys.readouterr().out
+    record = json.loads((tmp_path / "probe.json").read_text())
+    assert record["source"] == str(resumed) and f"induction probe of {resumed}" in out
+    try:  # the one-process probe of that checkpoint, as scripts/probe_layers.py runs it
+        alone = probe_model(resumed, 1, sequences=PROBE_SEQUENCES, queries=PROBE_QUERIES)
+    finally:
+        distributed.destroy_distributed()
+    assert record["layer_kinds"] == alone["layer_kinds"] == ["moba", "full", "moba"]
+    for name, layer in alone["layers"].items():
+        assert record["layers"][name]["heads"] == pytest.approx(layer["heads"], rel=1e-5, abs=1e-7), name
+    assert _saved_attention(tmp_path)["layer_kinds"] == ["moba", "full", "moba"] and len(_losses(tmp_path)) == 3
