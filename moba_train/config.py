@@ -138,7 +138,8 @@ class AttentionConfig(_Section):
     """Which layers use MoBA and how it routes."""
 
     mode: Literal["moba", "full"] = "moba"
-    """moba: MoBA everywhere except the last `full_layers`; full: every layer full causal attention."""
+    """moba: MoBA everywhere except the `full_layers` (full_layers_at, layer_kinds); full: every layer full causal
+    attention."""
     block_size: int = Field(4096, ge=16)
     """Tokens per key block."""
     topk: int = Field(12, ge=1)
