@@ -120,10 +120,7 @@ def load_model(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Loaded
 
     ConfigError (one sentence) when `path` holds neither, or the overrides disagree with the weights.
     """
-    from megatron.core.transformer.module import Float16Module
-
-    from moba_train.distributed import resolve_device, set_seed
-    from moba_train.model import build_model, compute_dtype
+    from moba_train.distributed import set_seed
 
     path = Path(path)
     checkpoint = path if is_complete(path) else latest_checkpoint(path)
@@ -142,18 +139,32 @@ def load_model(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Loaded
     _check_weight_shapes(trained, cfg, source)
     _start_single_process(cfg)
     set_seed(cfg.run.seed)
+    # Hugging Face weights are checked and mapped against their own recipe: an override may change the RoPE, not them.
+    model = model_with_weights(cfg, source, hugging_face=checkpoint is None,
+                               weights_recipe=cfg.model_copy(update={"model": trained.model}))
+    return LoadedModel(model, cfg, source)
+
+
+def model_with_weights(cfg: Config, source: Path, *, hugging_face: bool, weights_recipe: Config | None = None):
+    """`cfg`'s model (under the current parallel layout; collective) with the weights at `source`, a checkpoint or
+    with `hugging_face` a Hugging Face directory (read by `weights_recipe`, default `cfg`), in eval mode and in the
+    recipe's compute precision (bf16 on CUDA)."""
+    from megatron.core.transformer.module import Float16Module
+
+    from moba_train.distributed import resolve_device
+    from moba_train.model import build_model, compute_dtype
+
     model = build_model(cfg)
-    if checkpoint is not None:
-        load_model_weights(checkpoint, model)
-    else:
+    if hugging_face:
         from moba_train.convert import load_hf_weights
 
-        # Checked and mapped against the weights' own recipe: an override may change the RoPE, not them.
-        load_hf_weights(model, source, cfg.model_copy(update={"model": trained.model}))
+        load_hf_weights(model, source, weights_recipe or cfg)
+    else:
+        load_model_weights(source, model)
     model.eval()
     if compute_dtype(cfg, resolve_device(cfg)) == torch.bfloat16:
         model = Float16Module(model.config, model)
-    return LoadedModel(model, cfg, source)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------

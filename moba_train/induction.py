@@ -27,11 +27,11 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from megatron.core import parallel_state
 
 from moba_train import context_parallel
 from moba_train.config import Config, ConfigError
+from moba_train.resume import saved_recipe
 
 FIRST_TOKEN = 16
 """Random tokens are drawn from ids FIRST_TOKEN.. so that no special token (end of document, padding) is one."""
@@ -148,7 +148,7 @@ def probe_model(path: str | os.PathLike, full_layers: int, overrides: Sequence[s
     try:
         loaded = load_model(path, [*overrides, "attention.mode=full"])
         if segment_length is None:
-            segment_length = min(loaded.config.train.seq_length // 2, PROBE_SEGMENT)
+            segment_length = probe_segment(loaded.config)
         scores = induction_scores(loaded, segment_length=segment_length, **settings)
     finally:
         destroy_distributed()
@@ -161,6 +161,11 @@ PROBE_SEGMENT = 4096
 """Its repeated segments: half the training length, at most this (the study probed 4K of 8K)."""
 
 
+def probe_segment(cfg: Config) -> int:
+    """The probe's repeated segment for a recipe: half its train.seq_length, at most PROBE_SEGMENT."""
+    return min(cfg.train.seq_length // 2, PROBE_SEGMENT)
+
+
 def probe_start(cfg: Config, source: str | os.PathLike, *, hugging_face: bool, seed: int = 0) -> dict:
     """`induction_scores` of the weights at `source` (a checkpoint, or with `hugging_face` a Hugging Face
     directory) in a model built from `cfg` under its parallel layout (collective: every rank of the run calls
@@ -168,35 +173,17 @@ def probe_start(cfg: Config, source: str | os.PathLike, *, hugging_face: bool, s
     those of the model as a Hugging Face Llama was trained (and as the quality study probed its shared start,
     trained with full attention). The model is freed before returning. Every rank returns rank 0's scores, so
     that a tie cannot place the full layers differently on two ranks."""
-    from megatron.core.transformer.module import Float16Module
+    from moba_train.evaluation import LoadedModel, model_with_weights
 
-    from moba_train.checkpointing import load_model_weights
-    from moba_train.distributed import resolve_device
-    from moba_train.evaluation import LoadedModel
-    from moba_train.model import build_model, compute_dtype
-
-    raw = cfg.model_dump()
-    raw["attention"]["mode"] = "full"
-    cfg = Config.model_validate(raw)
-    model = build_model(cfg)
-    if hugging_face:
-        from moba_train.convert import load_hf_weights
-
-        load_hf_weights(model, source, cfg)
-    else:
-        load_model_weights(source, model)
-    model.eval()
-    device = resolve_device(cfg)
-    if compute_dtype(cfg, device) == torch.bfloat16:
-        model = Float16Module(model.config, model)
+    cfg = _with_attention(cfg, mode="full")
+    model = model_with_weights(cfg, Path(source), hugging_face=hugging_face)
     try:
-        scores = induction_scores(LoadedModel(model, cfg, Path(source)),
-                                  segment_length=min(cfg.train.seq_length // 2, PROBE_SEGMENT),
+        scores = induction_scores(LoadedModel(model, cfg, Path(source)), segment_length=probe_segment(cfg),
                                   sequences=PROBE_SEQUENCES, queries=PROBE_QUERIES, batch_size=1, seed=seed)
     finally:
         del model
         gc.collect()
-        if device.type == "cuda":
+        if torch.cuda.is_initialized():
             torch.cuda.empty_cache()
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [scores]
@@ -205,10 +192,10 @@ def probe_start(cfg: Config, source: str | os.PathLike, *, hugging_face: bool, s
     return scores
 
 
-def with_layer_kinds(cfg: Config, kinds: list[str]) -> Config:
-    """`cfg` with attention.layer_kinds set (validated again)."""
+def _with_attention(cfg: Config, **changes) -> Config:
+    """`cfg` with these attention settings (validated again)."""
     raw = cfg.model_dump()
-    raw["attention"]["layer_kinds"] = list(kinds)
+    raw["attention"].update(changes)
     return Config.model_validate(raw)
 
 
@@ -223,14 +210,14 @@ def place_full_layers(cfg: Config, *, resume: Path | None, init_from: Path | Non
     if not cfg.probes_full_layers():
         return cfg
     if resume is not None:
-        saved = (yaml.safe_load((resume / "config.yaml").read_text()) or {}).get("attention") or {}
-        kinds = saved.get("layer_kinds")
-        if (saved.get("full_layers_at") == "probe" and isinstance(kinds, list)
+        saved = saved_recipe(resume) or {}
+        kinds = saved.get("attention.layer_kinds")
+        if (saved.get("attention.full_layers_at") == "probe" and isinstance(kinds, list)
                 and len(kinds) == cfg.model.num_layers and kinds.count("full") == att.full_layers):
             if is_main:
                 print(f"full attention in layers {_numbers(kinds)}, as probed when this run started "
                       f"({resume / 'config.yaml'})", flush=True)
-            return with_layer_kinds(cfg, kinds)
+            return _with_attention(cfg, layer_kinds=kinds)
     source = resume or init_from or cfg.model.init_from_hf
     scores = probe_start(cfg, source, hugging_face=resume is None and init_from is None)
     kinds = probed_layer_kinds(scores, att.full_layers)
@@ -242,7 +229,7 @@ def place_full_layers(cfg: Config, *, resume: Path | None, init_from: Path | Non
               f"repeated once): best head per layer {best}; full attention in layers {_numbers(kinds)}", flush=True)
         write_json(Path(cfg.run.output_dir) / "probe.json",
                    {**scores, "source": str(source), "full_layers": att.full_layers, "layer_kinds": kinds})
-    return with_layer_kinds(cfg, kinds)
+    return _with_attention(cfg, layer_kinds=kinds)
 
 
 def _numbers(kinds: list[str]) -> str:

@@ -60,7 +60,8 @@ def _flat(recipe: dict) -> dict[str, Any]:
     return flat
 
 
-def _saved_recipe(checkpoint: Path) -> dict[str, Any] | None:
+def saved_recipe(checkpoint: Path) -> dict[str, Any] | None:
+    """`section.key` -> value of the config.yaml a checkpoint was saved with, as written (None without one)."""
     path = checkpoint / "config.yaml"
     return _flat(yaml.safe_load(path.read_text()) or {}) if path.is_file() else None
 
@@ -91,7 +92,7 @@ def _describe(layout: dict) -> str:
 
 def _check_resumable(cfg: Config, checkpoint: Path, layout: dict) -> list[tuple[str, Any, Any]]:
     """The allowed recipe changes since `checkpoint`; SharedConfigError for a structure or layout change."""
-    ours, theirs = _flat(cfg.model_dump(mode="json")), _saved_recipe(checkpoint)
+    ours, theirs = _flat(cfg.model_dump(mode="json")), saved_recipe(checkpoint)
     if theirs is None:
         return []
     changed = _structure_differences(ours, theirs)
@@ -150,7 +151,7 @@ def check_init_from(cfg: Config) -> Path:
         checkpoint = resolve_checkpoint(cfg.checkpoint.init_from)
     except ConfigError as err:
         raise SharedConfigError(f"checkpoint.init_from: {err}") from None
-    theirs = _saved_recipe(checkpoint)
+    theirs = saved_recipe(checkpoint)
     changed = _structure_differences(_flat(cfg.model_dump(mode="json")), theirs) if theirs else []
     if changed:
         mismatches = " and ".join(f"{key} is {new!r}" for key, _, new in changed)
