@@ -6,7 +6,7 @@
 # (configs/llama1b_moba_32k.yaml, 32K tokens, so a 4,096-token segment repeated once). A random Hugging Face Llama
 # of that shape is saved; then (1) induction.probe_start alone, timed, with the GPU's peak memory; (2) the trainer,
 # two steps with the probe, and the same two steps naming the probed layers in attention.layer_kinds (no probe):
-# their wall times, peak memory (metrics.jsonl) and losses, which must be identical. Writes
+# their wall times, peak memory (metrics.jsonl) and losses, which must agree (the first exactly). Writes
 # $OUT/probe1b-<tag>-<sha>.json. PROBE_DEVICE=cpu runs it here on the tiny recipe (SHAPE=tiny), to test the script.
 set -u
 case "${1:-}" in
@@ -76,16 +76,17 @@ EOF
 TRAIN="run.device=$DEVICE model.init_from_hf=$WORK/hf data.kind=synthetic train.steps=2 train.warmup_steps=1 \
   train.micro_batch_size=1 train.global_batch_size=2 train.log_interval=1 train.eval_interval=0 \
   logging.progress_bar=off $SETTINGS"
-start=$(date +%s.%N)
+now() { python3 -c "import time; print(time.time())"; }   # the GPU machine has no bc
+start=$(now)
 python3 scripts/pretrain.py --config $RECIPE run.output_dir=$WORK/probed attention.full_layers_at=probe $TRAIN \
   > "$OUT/probe1b-probed.log" 2>&1 || { tail -20 "$OUT/probe1b-probed.log"; exit 1; }
-probed=$(echo "$(date +%s.%N) - $start" | bc)
+probed=$(python3 -c "print($(now) - $start)")
 KINDS=$(python3 -c "import json, sys; print('[' + ','.join(json.load(open(sys.argv[1]))['layer_kinds']) + ']')" \
   "$WORK/probed/probe.json")
-start=$(date +%s.%N)
+start=$(now)
 python3 scripts/pretrain.py --config $RECIPE run.output_dir=$WORK/named "attention.layer_kinds=$KINDS" $TRAIN \
   > "$OUT/probe1b-named.log" 2>&1 || { tail -20 "$OUT/probe1b-named.log"; exit 1; }
-named=$(echo "$(date +%s.%N) - $start" | bc)
+named=$(python3 -c "print($(now) - $start)")
 grep "induction probe" "$OUT/probe1b-probed.log"
 python3 -P - "$WORK" "$OUT" "$probed" "$named" "$TAG" "$S" <<'EOF'
 import json, os, sys
@@ -100,9 +101,13 @@ record = {"commit": os.environ.get("GIT_COMMIT", "unknown"), "device": tag,
           "trainer": {"probed_wall_s": float(probed), "named_wall_s": float(named),
                       "probe_overhead_s": float(probed) - float(named),
                       "peak_allocated_gib": {name: last(name, "perf/memory_allocated_gib") for name in steps},
-                      "losses": losses, "same_losses": losses["probed"] == losses["named"] and bool(losses["named"]),
+                      "losses": losses, "largest_relative_loss_difference": max(
+                          abs(a - b) / abs(b) for a, b in zip(losses["probed"], losses["named"])),
                       "layer_kinds": json.load(open(f"{work}/probed/probe.json"))["layer_kinds"]}}
 json.dump(record, open(f"{out}/probe1b-{tag}-{short}.json", "w"), indent=2)
 print(json.dumps(record["trainer"], indent=1))
-sys.exit(0 if record["trainer"]["same_losses"] else 1)
+# The first step's loss must agree exactly (the same weights, layers and batch); later ones within 1e-4 relative on a
+# GPU, whose bf16 reductions are not deterministic (session 36 on an H100: 9.6399 and 9.6398 at step 2).
+exact = losses["probed"][:1] == losses["named"][:1] and len(losses["probed"]) == len(losses["named"]) > 0
+sys.exit(0 if exact and record["trainer"]["largest_relative_loss_difference"] < 1e-4 else 1)
 EOF
