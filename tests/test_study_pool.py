@@ -382,6 +382,7 @@ def committed_pool(name: str) -> dict:
     ("pooled-session33", 17, ["h200-3f48023-seed7890", "h200-daeb3a0-seed1357", "h100-fa9991c-seed1357-probed"]),
     ("pooled-session34", 21, ["h200-3f48023-seed7890", "h200-daeb3a0-seed1357", "h100-fa9991c-seed1357-probed"]),
     ("pooled-session35-probed-long2", 2, []),  # the probed hybrid alone at 68M per arm: no last-2 hybrid
+    ("pooled-session36-probed-long2", 3, []),  # with session 36's seed 5555
 ])
 def test_a_committed_pool_is_what_its_runs_give(name, runs, failed_hybrids):
     """A committed pool of bench/results/quality against pooling its committed runs again: the same verdicts and
