@@ -126,14 +126,50 @@ def induction_scores(loaded, *, segment_length: int = 256, sequences: int = 8, q
             "layers": layers, "ranking": ranking}
 
 
+COPYING = 10.0
+"""A layer copies when its best head's induction score is at least this many times the weight that uniform causal
+attention puts on one key (`uniform_score`). Random weights score about 1x; in the quality study's ten probed starts
+(bench/results/quality) the layers chosen scored 21-297x, and every start had at least three layers above 15x."""
+
+
+def uniform_score(scores: dict) -> float:
+    """The induction score of a head that attends uniformly: the mean over the probe's query positions t of 1/(t+1)
+    (the positions are those `induction_scores` drew, from its segment length, query count and seed)."""
+    positions = query_positions(scores["segment_length"], scores["queries"], scores["seed"])
+    return float(np.mean(1.0 / (positions + 1)))
+
+
+def copying_layers(scores: dict) -> list[int]:
+    """The layers that copy (best head at least COPYING x `uniform_score`), in `ranking` order."""
+    floor = COPYING * uniform_score(scores)
+    return [layer for layer in scores["ranking"] if scores["layers"][f"layer_{layer:02d}"]["max"] >= floor]
+
+
 def probed_layer_kinds(scores: dict, full_layers: int) -> list[str]:
     """Per layer, first to last: "full" for the `full_layers` layers whose best head scores highest (`ranking`;
-    at a tie the later layer), "moba" for the rest."""
+    at a tie the later layer), "moba" for the rest. Only layers that copy (`copying_layers`) are placed so; where
+    fewer than `full_layers` do, the rest of the full layers are the last ones not yet full (the layout of
+    `attention.full_layers_at: last`): the probe found nothing to place them by."""
     ranking = scores["ranking"]
     if not 0 <= full_layers <= len(ranking):
         raise ConfigError(f"cannot keep {full_layers} full layers of a model of {len(ranking)}")
-    full = set(ranking[:full_layers])
+    full = set(copying_layers(scores)[:full_layers])
+    for layer in reversed(range(len(ranking))):
+        if len(full) == full_layers:
+            break
+        full.add(layer)
     return ["full" if layer in full else "moba" for layer in range(len(ranking))]
+
+
+def placement_note(scores: dict, full_layers: int) -> str:
+    """"" where every full layer was placed by the probe, else one sentence saying how many layers copy and that the
+    rest of the full layers are the last ones."""
+    copying = len(copying_layers(scores))
+    if copying >= full_layers:
+        return ""
+    return (f"only {copying} layer(s) copy (best head at least {COPYING:g} x the uniform weight "
+            f"{uniform_score(scores):.2g}), so {full_layers - copying} full layer(s) stay last; is this the trained "
+            f"model you meant to start from?")
 
 
 def probe_model(path: str | os.PathLike, full_layers: int, overrides: Sequence[str] = (), *,
@@ -152,7 +188,8 @@ def probe_model(path: str | os.PathLike, full_layers: int, overrides: Sequence[s
         scores = induction_scores(loaded, segment_length=segment_length, **settings)
     finally:
         destroy_distributed()
-    return {**scores, "full_layers": full_layers, "layer_kinds": probed_layer_kinds(scores, full_layers)}
+    return {**scores, "full_layers": full_layers, "copying_layers": copying_layers(scores),
+            "layer_kinds": probed_layer_kinds(scores, full_layers), "note": placement_note(scores, full_layers)}
 
 
 PROBE_SEQUENCES, PROBE_QUERIES = 16, 64
@@ -221,14 +258,18 @@ def place_full_layers(cfg: Config, *, resume: Path | None, init_from: Path | Non
     source = resume or init_from or cfg.model.init_from_hf
     scores = probe_start(cfg, source, hugging_face=resume is None and init_from is None)
     kinds = probed_layer_kinds(scores, att.full_layers)
+    note = placement_note(scores, att.full_layers)
     if is_main:
         from moba_train.staging import write_json
 
         best = ", ".join(f"{record['max']:.3f}" for record in scores["layers"].values())
         print(f"induction probe of {source} ({scores['sequences']} x {scores['segment_length']} random tokens "
               f"repeated once): best head per layer {best}; full attention in layers {_numbers(kinds)}", flush=True)
+        if note:
+            print(f"warning: {note}", flush=True)
         write_json(Path(cfg.run.output_dir) / "probe.json",
-                   {**scores, "source": str(source), "full_layers": att.full_layers, "layer_kinds": kinds})
+                   {**scores, "source": str(source), "full_layers": att.full_layers,
+                    "copying_layers": copying_layers(scores), "layer_kinds": kinds, "note": note})
     return _with_attention(cfg, layer_kinds=kinds)
 
 

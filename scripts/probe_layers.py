@@ -47,6 +47,8 @@ def main(argv=None) -> None:
         print(f"  layer {int(name.removeprefix('layer_')) + 1:3d}  {record['max']:.3f} / {record['mean']:.3f}"
               f"{'  full' if kind == 'full' else ''}")
     override = f"attention.layer_kinds=[{','.join(kinds)}]"
+    if scores["note"]:
+        print(f"warning: {scores['note']}")
     print(override)
     if args.json:
         write_json(args.json, {**scores, "override": override})

@@ -1,7 +1,8 @@
 """The induction probe (moba_train/induction.py) on tiny CPU models: its scores equal the attention weights that
 Hugging Face's eager Llama returns for the same weights and tokens; in a hand-built model whose middle layer
 completes an induction circuit, that layer scores near 1, the others near 0, and it is the one kept full; the
-ranking keeps the layers whose best head copies most; bad sizes are one clear error."""
+ranking keeps the layers whose best head copies most, and only layers that copy at all; bad sizes are one clear
+error."""
 
 from __future__ import annotations
 
@@ -17,11 +18,15 @@ from moba_train.checkpointing import save_model_checkpoint
 from moba_train.config import Config, ConfigError
 from moba_train.evaluation import load_model
 from moba_train.induction import (
+    COPYING,
     FIRST_TOKEN,
+    copying_layers,
     induction_scores,
+    placement_note,
     probed_layer_kinds,
     query_positions,
     repeated_random_tokens,
+    uniform_score,
 )
 from moba_train.model import build_model
 
@@ -168,13 +173,63 @@ def test_the_probed_override_builds_the_hugging_face_model_as_the_hybrid_it_name
     assert torch.equal(embedding[:64].float(), hf["model.embed_tokens.weight"].float())
 
 
+def _scores(best: list[float], segment: int = 256, queries: int = 64, seed: int = 0) -> dict:
+    """A probe's record with these best-head scores, ranked as induction_scores ranks them."""
+    ranking = sorted(range(len(best)), key=lambda layer: (-best[layer], -layer))
+    return {"segment_length": segment, "queries": queries, "seed": seed, "ranking": ranking,
+            "layers": {f"layer_{layer:02d}": {"heads": [b], "max": b, "mean": b} for layer, b in enumerate(best)}}
+
+
 def test_the_ranking_keeps_the_layers_whose_best_head_copies_most():
-    scores = {"ranking": [4, 1, 5, 0, 2, 3]}
+    scores = _scores([0.3, 0.6, 0.1, 0.05, 0.7, 0.5])  # all far above the uniform weight (about 0.0027)
+    assert scores["ranking"] == [4, 1, 5, 0, 2, 3]
     assert probed_layer_kinds(scores, 2) == ["moba", "full", "moba", "moba", "full", "moba"]
     assert probed_layer_kinds(scores, 0) == ["moba"] * 6
     assert probed_layer_kinds(scores, 6) == ["full"] * 6
+    assert placement_note(scores, 6) == ""
     with pytest.raises(ConfigError, match="cannot keep 7 full layers of a model of 6"):
         probed_layer_kinds(scores, 7)
+
+
+def test_layers_that_do_not_copy_are_not_placed_by_the_probe_and_the_run_is_told():
+    """A layer whose best head is within COPYING x of uniform attention's weight does not copy: where fewer layers
+    copy than are kept full, the rest are the last layers (the layout without the probe), and the note says so."""
+    positions = query_positions(256, 64, seed=0)
+    uniform = float(np.mean(1 / (positions + 1)))  # the definition, from the positions the probe draws
+    assert uniform_score(_scores([0.0] * 4)) == pytest.approx(uniform, rel=1e-12)
+    assert 1 / 512 < uniform < 1 / 257
+    at = COPYING * uniform
+    # layer 1 copies; layers 0 and 2 score just below the threshold (above uniform, so the ranking alone would
+    # place layer 2 next); the rest is noise around the uniform weight, as random weights give
+    scores = _scores([0.999 * at, 0.4, 0.99 * at, 1.1 * uniform, 0.9 * uniform])
+    assert copying_layers(scores) == [1]
+    assert probed_layer_kinds(scores, 1) == ["moba", "full", "moba", "moba", "moba"]
+    assert placement_note(scores, 1) == ""
+    assert probed_layer_kinds(scores, 2) == ["moba", "full", "moba", "moba", "full"]
+    assert probed_layer_kinds(scores, 3) == ["moba", "full", "moba", "full", "full"]
+    note = placement_note(scores, 2)
+    assert note.startswith("only 1 layer(s) copy") and "so 1 full layer(s) stay last" in note
+    at_threshold = _scores([at, 0.4, 0.99 * at, uniform, uniform])
+    assert copying_layers(at_threshold) == [1, 0]
+    assert probed_layer_kinds(at_threshold, 2) == ["full", "full", "moba", "moba", "moba"]
+    noise = _scores([1.2 * uniform, 0.8 * uniform, 1.5 * uniform])  # a random model: nothing to place by
+    assert copying_layers(noise) == [] and probed_layer_kinds(noise, 1) == ["moba", "moba", "full"]
+    assert placement_note(noise, 1).startswith("only 0 layer(s) copy")
+
+
+def test_the_threshold_keeps_every_committed_probe_of_the_quality_study():
+    """Each probed start of bench/results/quality chose its layers before COPYING existed: the rule must choose them
+    again (a threshold above 21x would move seed 5555's second full layer)."""
+    import json
+    from pathlib import Path
+
+    probes = [json.loads(path.read_text()).get("probe")
+              for path in sorted((Path(__file__).parents[1] / "bench/results/quality").glob("*/study.json"))]
+    probes = [probe for probe in probes if probe]
+    assert len(probes) >= 10
+    for probe in probes:
+        assert probed_layer_kinds(probe, probe["full_layers"]) == probe["layer_kinds"]
+        assert len(copying_layers(probe)) >= probe["full_layers"] and placement_note(probe, probe["full_layers"]) == ""
 
 
 def test_bad_sizes_are_one_clear_error(checkpoint):

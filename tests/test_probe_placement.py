@@ -139,6 +139,19 @@ def test_the_trainer_keeps_the_copying_layer_full_and_trains_as_a_recipe_naming_
     assert _saved_attention(probed)["layer_kinds"] == ["moba", "full", "moba"] and len(_losses(probed)) == 3
 
 
+def test_full_layers_beyond_the_copying_ones_stay_last_and_the_run_says_so(copier, tmp_path, capsys):  # noqa: F811
+    """The circuit copies in layer 2 only (layers 1 and 3 attend uniformly, tests/test_induction.py): with 2 full
+    layers the probe places one there and leaves the other last, warns, and records both in probe.json."""
+    train(Config.model_validate(_recipe(copier, run={"output_dir": str(tmp_path)}, attention={"full_layers": 2})))
+    out = capsys.readouterr().out
+    assert "full attention in layers 2, 3" in out
+    assert "warning: only 1 layer(s) copy" in out and "so 1 full layer(s) stay last" in out
+    record = json.loads((tmp_path / "probe.json").read_text())
+    assert record["copying_layers"] == [1] and record["layer_kinds"] == ["moba", "full", "full"]
+    assert record["note"].startswith("only 1 layer(s) copy")
+    assert _saved_attention(tmp_path)["layer_kinds"] == ["moba", "full", "full"]
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

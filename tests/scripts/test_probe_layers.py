@@ -1,6 +1,6 @@
 """scripts/probe_layers.py as a user runs it: a checkpoint in, one line per layer and the layer_kinds override
-out (and the scores as JSON, the same as the probe computes in this process); a segment too long for the model is
-one stderr line and exit code 2."""
+out (and the scores as JSON, the same as the probe computes in this process; a model that copies nowhere keeps its
+full layer last, with a warning); a segment too long for the model is one stderr line and exit code 2."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from moba_train import distributed
 from moba_train.checkpointing import save_model_checkpoint
 from moba_train.config import Config
 from moba_train.evaluation import load_model
-from moba_train.induction import induction_scores
+from moba_train.induction import COPYING, induction_scores, query_positions
 from moba_train.model import build_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,11 +61,16 @@ def test_the_script_prints_each_layer_and_the_override_and_writes_the_probes_sco
         distributed.destroy_distributed()
     for name, layer in expected["layers"].items():
         assert written["layers"][name]["heads"] == pytest.approx(layer["heads"], rel=1e-6), name
-    best = expected["ranking"][0]
-    kinds = ["full" if layer == best else "moba" for layer in range(3)]
-    assert written["layer_kinds"] == kinds and written["full_layers"] == 1
+    # A random model copies nowhere: no head reaches COPYING x the weight of uniform attention (its definition,
+    # from the query positions drawn), so the full layer stays last and the script says why.
+    uniform = float(np.mean(1 / (query_positions(40, 8, seed=0) + 1)))
+    assert max(layer["max"] for layer in expected["layers"].values()) < COPYING * uniform
+    best = 2
+    kinds = ["moba", "moba", "full"]
+    assert written["layer_kinds"] == kinds and written["full_layers"] == 1 and written["copying_layers"] == []
     lines = result.stdout.splitlines()
     assert f"attention.layer_kinds=[{','.join(kinds)}]" in lines
+    assert any(line.startswith("warning: only 0 layer(s) copy") for line in lines)
     for layer in range(3):
         record = expected["layers"][f"layer_{layer:02d}"]
         line = f"  layer {layer + 1:3d}  {record['max']:.3f} / {record['mean']:.3f}"
