@@ -161,15 +161,17 @@ def probed_layer_kinds(scores: dict, full_layers: int) -> list[str]:
     return ["full" if layer in full else "moba" for layer in range(len(ranking))]
 
 
-def placement_note(scores: dict, full_layers: int) -> str:
-    """"" where every full layer was placed by the probe, else one sentence saying how many layers copy and that the
-    rest of the full layers are the last ones."""
-    copying = len(copying_layers(scores))
-    if copying >= full_layers:
-        return ""
-    return (f"only {copying} layer(s) copy (best head at least {COPYING:g} x the uniform weight "
-            f"{uniform_score(scores):.2g}), so {full_layers - copying} full layer(s) stay last; is this the trained "
-            f"model you meant to start from?")
+def placement(scores: dict, full_layers: int) -> dict:
+    """Where a probe keeps `full_layers` layers full: full_layers, copying_layers, layer_kinds (`probed_layer_kinds`),
+    and note, "" where every full layer was placed by the probe, else one sentence saying how many layers copy and
+    that the rest of the full layers are the last ones."""
+    copying = copying_layers(scores)
+    note = "" if len(copying) >= full_layers else (
+        f"only {len(copying)} layer(s) copy (best head at least {COPYING:g} x the uniform weight "
+        f"{uniform_score(scores):.2g}), so {full_layers - len(copying)} full layer(s) stay last; is this the trained "
+        f"model you meant to start from?")
+    return {"full_layers": full_layers, "copying_layers": copying,
+            "layer_kinds": probed_layer_kinds(scores, full_layers), "note": note}
 
 
 def probe_model(path: str | os.PathLike, full_layers: int, overrides: Sequence[str] = (), *,
@@ -177,7 +179,7 @@ def probe_model(path: str | os.PathLike, full_layers: int, overrides: Sequence[s
     """`induction_scores` of the model at `path` (a checkpoint or Hugging Face directory, loaded by
     moba_train.evaluation.load_model with `overrides`, then full attention in every layer, as `probe_start`
     runs it; segment_length None: half the recipe's train.seq_length, at most PROBE_SEGMENT, as the trainer's
-    probe), with `full_layers` and the layer kinds that keep them full (`probed_layer_kinds`)."""
+    probe), with where it keeps `full_layers` layers full (`placement`)."""
     from moba_train.distributed import destroy_distributed
     from moba_train.evaluation import load_model
 
@@ -188,8 +190,7 @@ def probe_model(path: str | os.PathLike, full_layers: int, overrides: Sequence[s
         scores = induction_scores(loaded, segment_length=segment_length, **settings)
     finally:
         destroy_distributed()
-    return {**scores, "full_layers": full_layers, "copying_layers": copying_layers(scores),
-            "layer_kinds": probed_layer_kinds(scores, full_layers), "note": placement_note(scores, full_layers)}
+    return {**scores, **placement(scores, full_layers)}
 
 
 PROBE_SEQUENCES, PROBE_QUERIES = 16, 64
@@ -257,19 +258,17 @@ def place_full_layers(cfg: Config, *, resume: Path | None, init_from: Path | Non
             return _with_attention(cfg, layer_kinds=kinds)
     source = resume or init_from or cfg.model.init_from_hf
     scores = probe_start(cfg, source, hugging_face=resume is None and init_from is None)
-    kinds = probed_layer_kinds(scores, att.full_layers)
-    note = placement_note(scores, att.full_layers)
+    placed = placement(scores, att.full_layers)
+    kinds = placed["layer_kinds"]
     if is_main:
         from moba_train.staging import write_json
 
         best = ", ".join(f"{record['max']:.3f}" for record in scores["layers"].values())
         print(f"induction probe of {source} ({scores['sequences']} x {scores['segment_length']} random tokens "
               f"repeated once): best head per layer {best}; full attention in layers {_numbers(kinds)}", flush=True)
-        if note:
-            print(f"warning: {note}", flush=True)
-        write_json(Path(cfg.run.output_dir) / "probe.json",
-                   {**scores, "source": str(source), "full_layers": att.full_layers,
-                    "copying_layers": copying_layers(scores), "layer_kinds": kinds, "note": note})
+        if placed["note"]:
+            print(f"warning: {placed['note']}", flush=True)
+        write_json(Path(cfg.run.output_dir) / "probe.json", {**scores, "source": str(source), **placed})
     return _with_attention(cfg, layer_kinds=kinds)
 
 

@@ -22,7 +22,7 @@ from moba_train.induction import (
     FIRST_TOKEN,
     copying_layers,
     induction_scores,
-    placement_note,
+    placement,
     probed_layer_kinds,
     query_positions,
     repeated_random_tokens,
@@ -186,7 +186,7 @@ def test_the_ranking_keeps_the_layers_whose_best_head_copies_most():
     assert probed_layer_kinds(scores, 2) == ["moba", "full", "moba", "moba", "full", "moba"]
     assert probed_layer_kinds(scores, 0) == ["moba"] * 6
     assert probed_layer_kinds(scores, 6) == ["full"] * 6
-    assert placement_note(scores, 6) == ""
+    assert placement(scores, 6)["note"] == ""
     with pytest.raises(ConfigError, match="cannot keep 7 full layers of a model of 6"):
         probed_layer_kinds(scores, 7)
 
@@ -204,17 +204,17 @@ def test_layers_that_do_not_copy_are_not_placed_by_the_probe_and_the_run_is_told
     scores = _scores([0.999 * at, 0.4, 0.99 * at, 1.1 * uniform, 0.9 * uniform])
     assert copying_layers(scores) == [1]
     assert probed_layer_kinds(scores, 1) == ["moba", "full", "moba", "moba", "moba"]
-    assert placement_note(scores, 1) == ""
+    assert placement(scores, 1)["note"] == ""
     assert probed_layer_kinds(scores, 2) == ["moba", "full", "moba", "moba", "full"]
     assert probed_layer_kinds(scores, 3) == ["moba", "full", "moba", "full", "full"]
-    note = placement_note(scores, 2)
+    note = placement(scores, 2)["note"]
     assert note.startswith("only 1 layer(s) copy") and "so 1 full layer(s) stay last" in note
     at_threshold = _scores([at, 0.4, 0.99 * at, uniform, uniform])
     assert copying_layers(at_threshold) == [1, 0]
     assert probed_layer_kinds(at_threshold, 2) == ["full", "full", "moba", "moba", "moba"]
     noise = _scores([1.2 * uniform, 0.8 * uniform, 1.5 * uniform])  # a random model: nothing to place by
     assert copying_layers(noise) == [] and probed_layer_kinds(noise, 1) == ["moba", "moba", "full"]
-    assert placement_note(noise, 1).startswith("only 0 layer(s) copy")
+    assert placement(noise, 1)["note"].startswith("only 0 layer(s) copy")
 
 
 def test_the_threshold_keeps_every_committed_probe_of_the_quality_study():
@@ -228,8 +228,9 @@ def test_the_threshold_keeps_every_committed_probe_of_the_quality_study():
     probes = [probe for probe in probes if probe]
     assert len(probes) >= 10
     for probe in probes:
-        assert probed_layer_kinds(probe, probe["full_layers"]) == probe["layer_kinds"]
-        assert len(copying_layers(probe)) >= probe["full_layers"] and placement_note(probe, probe["full_layers"]) == ""
+        placed = placement(probe, probe["full_layers"])
+        assert placed["layer_kinds"] == probed_layer_kinds(probe, probe["full_layers"]) == probe["layer_kinds"]
+        assert len(copying_layers(probe)) >= probe["full_layers"] and placed["note"] == ""
 
 
 def test_bad_sizes_are_one_clear_error(checkpoint):
