@@ -72,7 +72,8 @@ json.dump({"seconds": seconds, "peak_allocated_gib": peak, "allocated_after_gib"
            "best_head_per_layer": [r["max"] for r in scores["layers"].values()]}, open(out, "w"), indent=2)
 print(f"probe_start: {seconds:.1f} s, peak {peak} GiB, {left} GiB left allocated; layers {kinds}")
 EOF
-# (2) the trainer with the probe, then naming the probed layers
+# (2) the trainer with the probe, then naming the probed layers. The first run also pays Triton's compiles (the
+# second finds them cached), so probe_overhead_s overstates the probe's cost; (1) measures the probe itself.
 TRAIN="run.device=$DEVICE model.init_from_hf=$WORK/hf data.kind=synthetic train.steps=2 train.warmup_steps=1 \
   train.micro_batch_size=1 train.global_batch_size=2 train.log_interval=1 train.eval_interval=0 \
   logging.progress_bar=off $SETTINGS"
