@@ -150,8 +150,8 @@ class AttentionConfig(_Section):
     """Where the full_layers sit. last: the last N layers. probe: the N layers where the model training starts
     from copies most (its induction probe before the first step, moba_train/induction.py; needs
     model.init_from_hf or checkpoint.init_from; where fewer layers copy than N, the rest stay last, with a
-    warning). The trainer writes the probed layers to attention.layer_kinds
-    of the run's saved config and run.output_dir/probe.json, and a resumed run keeps them."""
+    warning). The trainer writes the probed layers to attention.layer_kinds of the run's saved config and
+    run.output_dir/probe.json, and a resumed run keeps them."""
     layer_kinds: Optional[list[Literal["moba", "full"]]] = None
     """Explicit per-layer kinds (length num_layers); overrides full_layers when set."""
     backend: Literal["auto", "naive", "torch", "varlen", "triton"] = "auto"

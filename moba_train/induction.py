@@ -149,29 +149,27 @@ def probed_layer_kinds(scores: dict, full_layers: int) -> list[str]:
     """Per layer, first to last: "full" for the `full_layers` layers whose best head scores highest (`ranking`;
     at a tie the later layer), "moba" for the rest. Only layers that copy (`copying_layers`) are placed so; where
     fewer than `full_layers` do, the rest of the full layers are the last ones not yet full (the layout of
-    `attention.full_layers_at: last`): the probe found nothing to place them by."""
-    ranking = scores["ranking"]
-    if not 0 <= full_layers <= len(ranking):
-        raise ConfigError(f"cannot keep {full_layers} full layers of a model of {len(ranking)}")
-    full = set(copying_layers(scores)[:full_layers])
-    for layer in reversed(range(len(ranking))):
-        if len(full) == full_layers:
-            break
-        full.add(layer)
-    return ["full" if layer in full else "moba" for layer in range(len(ranking))]
+    `attention.full_layers_at: last`): the probe found nothing to place them by. (`placement`'s layer_kinds.)"""
+    return placement(scores, full_layers)["layer_kinds"]
 
 
 def placement(scores: dict, full_layers: int) -> dict:
     """Where a probe keeps `full_layers` layers full: full_layers, copying_layers, layer_kinds (`probed_layer_kinds`),
     and note, "" where every full layer was placed by the probe, else one sentence saying how many layers copy and
     that the rest of the full layers are the last ones."""
+    layers = len(scores["ranking"])
+    if not 0 <= full_layers <= layers:
+        raise ConfigError(f"cannot keep {full_layers} full layers of a model of {layers}")
     copying = copying_layers(scores)
+    full = set(copying[:full_layers])
+    last = (layer for layer in reversed(range(layers)) if layer not in full)
+    full.update(next(last) for _ in range(full_layers - len(full)))
     note = "" if len(copying) >= full_layers else (
         f"only {len(copying)} layer(s) copy (best head at least {COPYING:g} x the uniform weight "
         f"{uniform_score(scores):.2g}), so {full_layers - len(copying)} full layer(s) stay last; is this the trained "
         f"model you meant to start from?")
     return {"full_layers": full_layers, "copying_layers": copying,
-            "layer_kinds": probed_layer_kinds(scores, full_layers), "note": note}
+            "layer_kinds": ["full" if layer in full else "moba" for layer in range(layers)], "note": note}
 
 
 def probe_model(path: str | os.PathLike, full_layers: int, overrides: Sequence[str] = (), *,
