@@ -383,6 +383,8 @@ def committed_pool(name: str) -> dict:
     ("pooled-session34", 21, ["h200-3f48023-seed7890", "h200-daeb3a0-seed1357", "h100-fa9991c-seed1357-probed"]),
     ("pooled-session35-probed-long2", 2, []),  # the probed hybrid alone at 68M per arm: no last-2 hybrid
     ("pooled-session36-probed-long2", 3, []),  # with session 36's seed 5555
+    ("pooled-session37", 22, ["h200-3f48023-seed7890", "h200-daeb3a0-seed1357", "h100-fa9991c-seed1357-probed"]),
+    ("pooled-session37-probed-long2", 4, []),  # with session 37's seed 6666
 ])
 def test_a_committed_pool_is_what_its_runs_give(name, runs, failed_hybrids):
     """A committed pool of bench/results/quality against pooling its committed runs again: the same verdicts and
@@ -464,11 +466,11 @@ def _gap(printed: str) -> float:
 
 README_ROWS = {  # the README quality table's arm column -> (pool, loss target, passkey target)
     "MoBA, block 512, top-3": ("pooled-session29", "moba_validation_loss_vs_full", "moba_passkey_vs_full"),
-    "hybrid, last 2 layers full": ("pooled-session34", "hybrid_validation_loss_vs_full", "hybrid_passkey_vs_full"),
+    "hybrid, last 2 layers full": ("pooled-session37", "hybrid_validation_loss_vs_full", "hybrid_passkey_vs_full"),
     "hybrid, last 3 layers full": ("pooled-session27-full3", "hybrid_validation_loss_vs_full",
                                    "hybrid_passkey_vs_full"),
     "full for half, then MoBA": ("pooled-session29", "cpt_validation_loss_vs_full", "cpt_passkey_vs_full"),
-    "hybrid, 2 probed layers full": ("pooled-session34", "hybrid_probed_validation_loss_vs_full",
+    "hybrid, 2 probed layers full": ("pooled-session37", "hybrid_probed_validation_loss_vs_full",
                                      "hybrid_probed_passkey_vs_full"),
 }
 
@@ -510,15 +512,15 @@ def test_the_readme_quality_table_states_the_pools():
 
 
 def test_the_readme_states_the_probed_hybrids_runs():
-    """README, "Evaluation" (session 34): the probed hybrid's paired runs' loss gaps span the printed range, and
+    """README, "Evaluation" (session 37): the probed hybrid's paired runs' loss gaps span the printed range, and
     the printed 7-8K bound is the largest of its runs' gaps in the last 1K bucket, from the committed pool."""
-    pooled = committed_pool("pooled-session34")
+    pooled = committed_pool("pooled-session37")
     gaps = pooled["targets"]["hybrid_probed_validation_loss_vs_full"]["runs"].values()
     last_bucket = [run[-1] for run in pooled["by_position"]["hybrid_probed"]["runs"].values()]
     assert pooled["by_position"]["hybrid_probed"]["buckets"][-1] == [7168, 8192]
     low, high = (f"{x:+.2f}".replace("-", "−") for x in (min(gaps), max(gaps)))
     readme = (ROOT / "README.md").read_text().replace("\n", " ")
-    assert "over six paired runs (sessions 32-34)" in readme and len(gaps) == 6
+    assert "over seven paired runs (sessions 32-37)" in readme and len(gaps) == 7
     assert f"each run between {low}% and {high}%" in readme
     assert f"is at most {max(last_bucket):.2f}% at 7-8K in every run" in readme
 
