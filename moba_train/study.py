@@ -23,6 +23,9 @@ Stages, in this order; each one's results are saved before the next starts, and 
     recall_full, recall_moba, recall_hybrid
                    arm 5, arm 1's final weights fine-tuned on the synthetic recall task with the loss on
                    the answers only, R = S * recall_fraction steps each
+    recall_hybrid_probed
+                   (by name only) arm 5 with the hybrid's full layers where arm 1's final weights copy:
+                   the trainer's own probe (attention.full_layers_at=probe) of the model it starts from
     swap           arm 1 evaluated with MoBA and arm 2 with full attention (only if time is left)
     moba_eval_topkK
                    arm 2 evaluated with twice its top-k (K = 6 for the recipe's 3), if time is left: how
@@ -100,12 +103,18 @@ PROBED = Arm("hybrid_probed", "pretrain.yaml", HYBRID.overrides, "3 hybrid (prob
 moba_train.induction) instead of last: the layer kinds are set once that stage has run."""
 CPT = Arm("cpt", "pretrain.yaml", ("attention.mode=moba", "attention.full_layers=0"),
           "4 full, then MoBA for the second half")
-RECALL = tuple(Arm(f"recall_{arm.name}", "recall.yaml", arm.overrides, f"5 sparse-loss recall, {arm.name}")
-               for arm in (FULL, MOBA, HYBRID))
+RECALL_PROBED = Arm("recall_hybrid_probed", "recall.yaml", (*HYBRID.overrides, "attention.full_layers_at=probe"),
+                    "5 sparse-loss recall, hybrid_probed")
+"""Arm 5 with the hybrid's full layers placed by the trainer's probe of arm 1's final weights, the model it starts
+from: what `attention.full_layers_at=probe` gives a user who converts a trained model and fine-tunes it with the
+loss on a few tokens. Does the probed layout keep what the last full layers give sparse-loss training?"""
+RECALL = (*(Arm(f"recall_{arm.name}", "recall.yaml", arm.overrides, f"5 sparse-loss recall, {arm.name}")
+            for arm in (FULL, MOBA, HYBRID)), RECALL_PROBED)
 PRETRAIN_ARMS = (FULL, MOBA, HYBRID, PROBED, CPT)
 ARMS = PRETRAIN_ARMS + RECALL
-DEFAULT_ARMS = tuple(arm.name for arm in ARMS if arm is not PROBED)
-"""The issue's arms 1-5, what a run without --arms trains; the probed hybrid is asked for by name."""
+BY_NAME_ONLY = (PROBED, RECALL_PROBED)
+DEFAULT_ARMS = tuple(arm.name for arm in ARMS if arm not in BY_NAME_ONLY)
+"""The issue's arms 1-5, what a run without --arms trains; the probed hybrids are asked for by name."""
 SHORT = Arm("short", "pretrain.yaml", ("attention.mode=full", "attention.full_layers=0"),
             "0 shared start (short sequences)")
 """The shared start (--short-tokens): not an arm of its own, the first part of arms 1-3 (and the probed hybrid)."""
@@ -484,18 +493,21 @@ class Study:
         records = self.train(cfg)
         if arm is FULL:
             keep_half_and_last(cfg, plan["steps"])
+        kinds, probe = trained_layer_kinds(cfg)
         device = resolve_device(cfg)
         steady = records[2:] or records
         tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_length  # the shared start's may differ
         summary = {
             "steps": cfg.train.steps, "tokens": cfg.train.steps * tokens_per_step,
             "seq_length": cfg.train.seq_length, "init_from": cfg.checkpoint.init_from,
-            "steps_this_run": len(records), "layer_kinds": cfg.layer_kinds(),
+            "steps_this_run": len(records), "layer_kinds": kinds,
             "attention_backends": attention_backends(cfg, device, compute_dtype(cfg, device)),
             "tokens_per_s": tokens_per_step * len(steady) / sum(r["perf/step_time_s"] for r in steady),
             "final_train_loss": records[-1]["train/loss"],
             "loss_curve": [[r["step"], round(r["train/loss"], 4)] for r in records],
         }
+        if probe is not None:
+            summary["probe"] = probe
         if any("val/passkey_loss" in r for r in records):  # --track-passkey: [step, key loss, found share]
             summary["retrieval_curve"] = [[r["step"], round(r["val/passkey_loss"], 4), r["val/passkey_found"]]
                                           for r in records if "val/passkey_loss" in r]
@@ -613,6 +625,26 @@ class Study:
         return overhead + steps * kind_s[kind]
 
 
+def trained_layer_kinds(cfg: Config) -> tuple[list[str], dict | None]:
+    """The layer kinds a finished run of `cfg` trained with, and None; where the trainer placed the full layers by
+    its probe of the starting weights (attention.full_layers_at: probe), the kinds its last checkpoint's config.yaml
+    records and a summary of the probe (run.output_dir/probe.json; None for a run relaunched after it, which
+    probed nothing)."""
+    from moba_train.checkpointing import checkpoint_dir, latest_checkpoint
+    from moba_train.resume import saved_recipe
+
+    if not cfg.probes_full_layers():
+        return cfg.layer_kinds(), None
+    kinds = saved_recipe(latest_checkpoint(checkpoint_dir(cfg)))["attention.layer_kinds"]
+    record = Path(cfg.run.output_dir) / "probe.json"
+    if not record.is_file():
+        return kinds, None
+    placed = json.loads(record.read_text())
+    return kinds, {"source": placed["source"], "segment_length": placed["segment_length"],
+                   "best_head_per_layer": [layer["max"] for layer in placed["layers"].values()],
+                   "copying_layers": placed["copying_layers"], "note": placed["note"]}
+
+
 def arm1_checkpointing(steps: int) -> tuple[str, ...]:
     """Arm 1's checkpoint overrides: a save at S/2 (arm 4 starts there) and nothing pruned while it trains, so
     that the saves of a stop signal in its second half cannot push S/2 out (`keep_half_and_last` after)."""
@@ -682,7 +714,7 @@ def targets(state: dict) -> dict:
             out[f"{arm}_passkey_vs_full"] = _accuracy_target(passkey_at_trained_length("full"),
                                                              passkey_at_trained_length(arm), 0.05)
     if recall("recall_full") is not None:
-        for arm, limit in (("recall_hybrid", 0.05), ("recall_moba", None)):
+        for arm, limit in (("recall_hybrid", 0.05), ("recall_hybrid_probed", 0.05), ("recall_moba", None)):
             if recall(arm) is not None:
                 out[f"{arm}_vs_full"] = _accuracy_target(recall("recall_full"), recall(arm), limit)
     return out
@@ -741,9 +773,11 @@ def arm_title(state: dict, arm: Arm) -> str:
     kinds = state["arms"].get(arm.name, {}).get("train", {}).get("layer_kinds")
     if not kinds or "moba" not in kinds:
         return arm.title
+    full = ", ".join(str(i + 1) for i, kind in enumerate(kinds) if kind == "full")
     if arm is PROBED:
-        full = ", ".join(str(i + 1) for i, kind in enumerate(kinds) if kind == "full")
         return f"3 hybrid (layers {full} of {len(kinds)} full, probed)"
+    if arm is RECALL_PROBED:
+        return f"{arm.title} (layers {full} of {len(kinds)} full, probed on arm 1)"
     return re.sub(r"last \d+ full", f"last {kinds.count('full')} full", arm.title)
 
 
@@ -809,11 +843,20 @@ def summary_markdown(state: dict) -> str:
     lines += ["", "| arm 5 | tokens | tokens/s | recall (facts) | recall (tokens) | answer loss |",
               "| --- | --- | --- | --- | --- | --- |"]
     for arm in RECALL:
+        if arm is RECALL_PROBED and arm.name not in state["arms"]:
+            continue  # not one of the issue's arms: a row only where it ran
         train = state["arms"].get(arm.name, {}).get("train", {})
-        lines.append(f"| {arm.title} | {_fmt(train.get('tokens'))} | {_fmt(train.get('tokens_per_s'), 0)} | "
+        lines.append(f"| {arm_title(state, arm)} | {_fmt(train.get('tokens'))} | "
+                     f"{_fmt(train.get('tokens_per_s'), 0)} | "
                      f"{_fmt(_metric(state, arm.name, 'recall', 'fact_accuracy'))} | "
                      f"{_fmt(_metric(state, arm.name, 'recall', 'token_accuracy'))} | "
                      f"{_fmt(_metric(state, arm.name, 'recall', 'answer_loss'))} |")
+    probe = state["arms"].get(RECALL_PROBED.name, {}).get("train", {}).get("probe")
+    if probe:
+        best = ", ".join(f"{x:.3f}" for x in probe["best_head_per_layer"])
+        note = f"; {probe['note']}" if probe["note"] else ""
+        lines += ["", f"{RECALL_PROBED.name}: the trainer's induction probe of {probe['source']} "
+                  f"({probe['segment_length']}-token segments repeated once), best head per layer {best}{note}"]
     lines += ["", "| target | value | limit | met |", "| --- | --- | --- | --- |"]
     for name, t in state.get("targets", {}).items():
         value = t.get("relative_gap", t.get("points_below_full"))

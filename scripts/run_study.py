@@ -48,7 +48,8 @@ def main(argv=None) -> None:
     parser.add_argument("--arms", type=_list(str), default=None,
                         help="comma-separated arms to run (default: arms 1-5, full,moba,hybrid,cpt,recall_full,"
                              "recall_moba,recall_hybrid; hybrid_probed also runs the hybrid with its full layers "
-                             "where the shared start copies most)")
+                             "where the shared start copies most, recall_hybrid_probed arm 5 with them where arm "
+                             "1 copies)")
     parser.add_argument("--corpus-mb", type=float, default=96.0, help="corpus source text in MiB (default: 96)")
     parser.add_argument("--corpus-source", choices=[SITE, STDLIB], default=SITE,
                         help="every installed package (default) or the standard library only")

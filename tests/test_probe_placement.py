@@ -22,6 +22,7 @@ from moba_train.checkpointing import latest_checkpoint
 from moba_train.config import Config, ConfigError, load_config
 from moba_train.evaluation import load_model
 from moba_train.induction import PROBE_QUERIES, PROBE_SEQUENCES, induction_scores, probe_model, probe_start
+from moba_train.study import trained_layer_kinds
 from moba_train.training import train
 
 SEQ = 64
@@ -114,6 +115,12 @@ def test_the_trainer_keeps_the_copying_layer_full_and_trains_as_a_recipe_naming_
     record = json.loads((probed / "probe.json").read_text())
     assert record["layer_kinds"] == ["moba", "full", "moba"] and record["ranking"][0] == 1  # the circuit's layer
     assert _saved_attention(probed)["layer_kinds"] == ["moba", "full", "moba"]
+    # What the quality study records of such a run (its arm recall_hybrid_probed): the probed layers, not the last.
+    cfg = Config.model_validate(_recipe(copier, run={"output_dir": str(probed)}))
+    kinds, summary = trained_layer_kinds(cfg)
+    assert kinds == ["moba", "full", "moba"] != cfg.layer_kinds()
+    assert summary["best_head_per_layer"] == [record["layers"][name]["max"] for name in record["layers"]]
+    assert summary["copying_layers"] == [1] and summary["note"] == "" and summary["source"] == str(copier)
     # The one-process probe of scripts/probe_layers.py, given the training length, scores what the trainer did.
     try:
         alone = probe_model(copier, 1, [f"train.seq_length={SEQ}"], sequences=PROBE_SEQUENCES, queries=PROBE_QUERIES)
@@ -136,6 +143,7 @@ def test_the_trainer_keeps_the_copying_layer_full_and_trains_as_a_recipe_naming_
     out = capsys.readouterr().out
     assert "full attention in layers 2, as probed when this run started" in out and "at step 2" in out
     assert not (probed / "probe.json").exists()
+    assert trained_layer_kinds(cfg) == (["moba", "full", "moba"], None)  # its checkpoint's kinds, no probe of its own
     assert _saved_attention(probed)["layer_kinds"] == ["moba", "full", "moba"] and len(_losses(probed)) == 3
 
 

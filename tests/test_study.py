@@ -17,13 +17,14 @@ import moba_train.study as study_module
 from moba_train import distributed
 from moba_train.config import ConfigError, load_config
 from moba_train.evaluation import load_model
-from moba_train.induction import induction_scores, probed_layer_kinds
+from moba_train.induction import induction_scores, placement, probe_segment, probed_layer_kinds
 from moba_train.metrics import read_jsonl
 from moba_train.model import matrix_params, padded_vocab_size
 from moba_train.study import (
     DEFAULT_ARMS,
     MIN_STEPS,
     PROBED,
+    RECALL_PROBED,
     RECIPES,
     SAFETY,
     Study,
@@ -90,7 +91,7 @@ def test_targets_compare_each_arm_with_full_attention():
 
     state = {"arms": {"full": arm(2.0, 0.9), "moba": arm(2.03, 0.84), "hybrid": arm(2.009, 0.9),
                       "recall_full": arm(recall=0.95), "recall_hybrid": arm(recall=0.93),
-                      "recall_moba": arm(recall=0.2)}}
+                      "recall_hybrid_probed": arm(recall=0.89), "recall_moba": arm(recall=0.2)}}
     got = targets(state)
     assert got["moba_validation_loss_vs_full"]["relative_gap"] == pytest.approx(0.015)
     assert got["moba_validation_loss_vs_full"]["met"] is False
@@ -98,6 +99,8 @@ def test_targets_compare_each_arm_with_full_attention():
     passkey, recall_moba = got["moba_passkey_vs_full"], got["recall_moba_vs_full"]
     assert passkey["points_below_full"] == pytest.approx(6) and passkey["met"] is False
     assert got["recall_hybrid_vs_full"]["met"] is True
+    probed = got["recall_hybrid_probed_vs_full"]  # the hybrid's floor: 5 points
+    assert probed["points_below_full"] == pytest.approx(6) and probed["met"] is False and probed["limit"] == 5
     assert recall_moba["points_below_full"] == pytest.approx(75) and recall_moba["met"] is None  # reported only
     assert "cpt_validation_loss_vs_full" not in got  # arm 4 missing: no verdict
     assert "hybrid_probed_validation_loss_vs_hybrid" not in got
@@ -169,7 +172,7 @@ def tiny_study(tmp_path_factory):
     finally:
         capture.undo()
     second = run_study_script(root, "--track-passkey", "2",  # the in-training retrieval check, in both
-                              "--arms", ",".join((*DEFAULT_ARMS, PROBED.name)))
+                              "--arms", ",".join((*DEFAULT_ARMS, PROBED.name, RECALL_PROBED.name)))
     return root, first_code, second.stdout
 
 
@@ -243,10 +246,26 @@ def test_a_tiny_study_runs_every_arm_on_cpu_resumes_and_reports(tiny_study):
     assert (root / "work/arms/full/checkpoints/step_00000002").is_dir()
     # Arm 5 started from arm 1's final weights, once per attention plan, and was scored on recall.
     init_line = f"initialised model weights from {root / 'work/arms/full/checkpoints/step_00000004'}"
-    assert second.count(init_line) == 3
-    for name in ("recall_full", "recall_moba", "recall_hybrid"):
+    assert second.count(init_line) == 4
+    for name in ("recall_full", "recall_moba", "recall_hybrid", "recall_hybrid_probed"):
         assert arms[name]["train"]["steps"] == plan["recall_steps"] == 2  # at least 2 (a quarter of 4 is 1)
         assert arms[name]["eval"]["recall"]["facts"] == 2 * 3 and "copy" not in arms[name]["eval"]
+    # recall_hybrid_probed: the trainer probed arm 1's final weights (the model it starts from) and kept 2 full
+    # layers where they copy (or, where fewer copy, the last): the probe recomputed here, at the trainer's segment.
+    cfg = load_config(root / "work/arms/recall_hybrid_probed/checkpoints/step_00000002/config.yaml")
+    expected = induction_scores(load_model(root / "work/arms/full/checkpoints"), segment_length=probe_segment(cfg),
+                                sequences=16, queries=64, batch_size=2)
+    distributed.destroy_distributed()
+    kinds = placement(expected, 2)["layer_kinds"]
+    recorded = arms["recall_hybrid_probed"]["train"]
+    assert recorded["layer_kinds"] == kinds == cfg.attention.layer_kinds and kinds.count("full") == 2
+    assert recorded["probe"]["best_head_per_layer"] == pytest.approx(
+        [layer["max"] for layer in expected["layers"].values()], rel=1e-6)
+    assert recorded["probe"]["source"] == str(root / "work/arms/full/checkpoints/step_00000004")
+    assert "recall_hybrid_probed_vs_full" in state["targets"]
+    numbers = ", ".join(str(i + 1) for i, kind in enumerate(kinds) if kind == "full")
+    assert (f"| 5 sparse-loss recall, hybrid_probed (layers {numbers} of 3 full, probed on arm 1) | 512 |"
+            in (root / "results/study.md").read_text())
     assert arms["full"]["eval_moba"]["attention"]["mode"] == "moba"
     assert arms["moba"]["eval_full"]["attention"]["mode"] == "full"
     assert arms["moba"]["eval_topk4"]["attention"] == {**arms["moba"]["eval"]["attention"], "topk": 4}  # 2 x 2
