@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .forward import LOG2E, SlotTiles, block_run, key_tile, load_picks, workspace_rows
+from .forward import LOG2E, SlotTiles, block_queries, block_run, causal_keys, key_tile, load_picks, workspace_rows
 from .layout import BlockLayout
 from .routing import Routing
 from .workspace import Workspace
@@ -194,16 +194,8 @@ def _dkdv_kernel(
         blk = tl.load(order_ptr + pid // (TILES_PER_BLOCK * kv_heads))
         kv_head = kv_head0 + (pid // TILES_PER_BLOCK) % kv_heads
         ktile = pid % TILES_PER_BLOCK
-    start = tl.load(start_ptr + blk)
-    length = tl.load(length_ptr + blk)
-    if SUFFIX:  # queries a suffix of the keys: the block's own query rows
-        q_start = tl.load(q_start_ptr + blk)
-        q_len = tl.load(q_len_ptr + blk)
-        q_offset = tl.load(q_offset_ptr + blk)
-    else:  # self-attention: the block's queries are its keys (the code compiled before suffixes existed)
-        q_start = start
-        q_len = length
-        q_offset = 0
+    start, length, q_start, q_len, q_offset = block_queries(blk, start_ptr, length_ptr, q_start_ptr, q_len_ptr,
+                                                            q_offset_ptr, SUFFIX)
     if SLOTS > 0:
         first, count = block_run(seg_start_ptr, seg_count_ptr, kv_head, blk, num_blocks, SEGS, SEGS_P2)
         num_splits = block_splits(count, split_rows, SPLITS)
@@ -408,16 +400,8 @@ def _current_block_dq_kernel(
     tile = tl.program_id(0) % TILES_PER_BLOCK
     head = head0 + tl.program_id(1)
     kv_head = head // GROUP
-    start = tl.load(start_ptr + blk)
-    length = tl.load(length_ptr + blk)
-    if SUFFIX:  # queries a suffix of the keys: the block's own query rows
-        q_start = tl.load(q_start_ptr + blk)
-        q_len = tl.load(q_len_ptr + blk)
-        q_offset = tl.load(q_offset_ptr + blk)
-    else:  # self-attention: the block's queries are its keys (the code compiled before suffixes existed)
-        q_start = start
-        q_len = length
-        q_offset = 0
+    start, length, q_start, q_len, q_offset = block_queries(blk, start_ptr, length_ptr, q_start_ptr, q_len_ptr,
+                                                            q_offset_ptr, SUFFIX)
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < q_len
     dims = tl.arange(0, HEAD_DIM)
@@ -428,11 +412,7 @@ def _current_block_dq_kernel(
     delta = tl.load(delta_ptr + (q_start + rows) * num_q_heads + head, mask=row_ok, other=0.0)
     flat = (q_start + rows) * num_q_heads + head
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    if SUFFIX:
-        num_keys = tl.where(tile * BLOCK_M < q_len, tl.minimum(length, q_offset + tile * BLOCK_M + BLOCK_M), 0)
-    else:
-        num_keys = tl.minimum(length, tile * BLOCK_M + BLOCK_M)
-    for n0 in range(0, num_keys, BLOCK_N):
+    for n0 in range(0, causal_keys(tile, length, q_len, q_offset, BLOCK_M, SUFFIX), BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         kv_off = (start + cols)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
         k = tl.load(k_ptr + kv_off, mask=(cols < length)[:, None], other=0.0)

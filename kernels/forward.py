@@ -79,6 +79,28 @@ def attend_block(
 
 
 @triton.jit
+def block_queries(blk, start_ptr, length_ptr, q_start_ptr, q_len_ptr, q_offset_ptr, SUFFIX: tl.constexpr):
+    """(start, length) of block blk's keys and (q_start, q_len, q_offset) of its own query rows: with SUFFIX the
+    queries are a suffix of the keys, the first at position q_offset of the block; else they are the keys."""
+    start = tl.load(start_ptr + blk)
+    length = tl.load(length_ptr + blk)
+    if SUFFIX:
+        return start, length, tl.load(q_start_ptr + blk), tl.load(q_len_ptr + blk), tl.load(q_offset_ptr + blk)
+    else:  # self-attention (the code compiled before suffixes existed)
+        return start, length, start, length, 0
+
+
+@triton.jit
+def causal_keys(tile, length, q_len, q_offset, BLOCK_M: tl.constexpr, SUFFIX: tl.constexpr):
+    """How many of its block's keys query tile `tile` (BLOCK_M rows of block_queries' rows) reaches causally:
+    up to its last query; none for a tile without queries."""
+    if SUFFIX:
+        return tl.where(tile * BLOCK_M < q_len, tl.minimum(length, q_offset + tile * BLOCK_M + BLOCK_M), 0)
+    else:
+        return tl.minimum(length, tile * BLOCK_M + BLOCK_M)
+
+
+@triton.jit
 def column(tile, j: tl.constexpr, SLOTS_P2: tl.constexpr):
     """Column j of a [BLOCK_M, SLOTS_P2] tile of the picks."""
     return tl.sum(tl.where(tl.arange(0, SLOTS_P2)[None, :] == j, tile, 0), 1)
@@ -129,16 +151,8 @@ def _current_block_fwd_kernel(
     tile = tl.program_id(0) % TILES_PER_BLOCK
     head = head0 + tl.program_id(1)
     kv_head = head // GROUP
-    start = tl.load(start_ptr + blk)
-    length = tl.load(length_ptr + blk)
-    if SUFFIX:  # queries a suffix of the keys: the block's own query rows
-        q_start = tl.load(q_start_ptr + blk)
-        q_len = tl.load(q_len_ptr + blk)
-        q_offset = tl.load(q_offset_ptr + blk)
-    else:  # self-attention: the block's queries are its keys (the code compiled before suffixes existed)
-        q_start = start
-        q_len = length
-        q_offset = 0
+    start, length, q_start, q_len, q_offset = block_queries(blk, start_ptr, length_ptr, q_start_ptr, q_len_ptr,
+                                                            q_offset_ptr, SUFFIX)
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < q_len
     dims = tl.arange(0, HEAD_DIM)
@@ -156,12 +170,7 @@ def _current_block_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    # Keys up to the tile's last query; none for a tile without queries.
-    if SUFFIX:
-        num_keys = tl.where(tile * BLOCK_M < q_len, tl.minimum(length, q_offset + tile * BLOCK_M + BLOCK_M), 0)
-    else:
-        num_keys = tl.minimum(length, tile * BLOCK_M + BLOCK_M)
-    for n0 in range(0, num_keys, BLOCK_N):
+    for n0 in range(0, causal_keys(tile, length, q_len, q_offset, BLOCK_M, SUFFIX), BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         kv_off = (start + cols)[:, None] * stride_kt + kv_head * stride_kh + dims[None, :]
         col_ok = (cols < length)[:, None]
