@@ -139,9 +139,10 @@ def uniform_score(scores: dict) -> float:
     return float(np.mean(1.0 / (positions + 1)))
 
 
-def copying_layers(scores: dict) -> list[int]:
-    """The layers that copy (best head at least COPYING x `uniform_score`), in `ranking` order."""
-    floor = COPYING * uniform_score(scores)
+def copying_layers(scores: dict, uniform: float | None = None) -> list[int]:
+    """The layers that copy (best head at least COPYING x `uniform_score`, given as `uniform` where the caller has
+    it), in `ranking` order."""
+    floor = COPYING * (uniform_score(scores) if uniform is None else uniform)
     return [layer for layer in scores["ranking"] if scores["layers"][f"layer_{layer:02d}"]["max"] >= floor]
 
 
@@ -160,13 +161,14 @@ def placement(scores: dict, full_layers: int) -> dict:
     layers = len(scores["ranking"])
     if not 0 <= full_layers <= layers:
         raise ConfigError(f"cannot keep {full_layers} full layers of a model of {layers}")
-    copying = copying_layers(scores)
+    uniform = uniform_score(scores)
+    copying = copying_layers(scores, uniform)
     full = set(copying[:full_layers])
     last = (layer for layer in reversed(range(layers)) if layer not in full)
     full.update(next(last) for _ in range(full_layers - len(full)))
     note = "" if len(copying) >= full_layers else (
         f"only {len(copying)} layer(s) copy (best head at least {COPYING:g} x the uniform weight "
-        f"{uniform_score(scores):.2g}), so {full_layers - len(copying)} full layer(s) stay last; is this the trained "
+        f"{uniform:.2g}), so {full_layers - len(copying)} full layer(s) stay last; is this the trained "
         f"model you meant to start from?")
     return {"full_layers": full_layers, "copying_layers": copying,
             "layer_kinds": ["full" if layer in full else "moba" for layer in range(layers)], "note": note}

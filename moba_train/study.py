@@ -773,11 +773,10 @@ def arm_title(state: dict, arm: Arm) -> str:
     kinds = state["arms"].get(arm.name, {}).get("train", {}).get("layer_kinds")
     if not kinds or "moba" not in kinds:
         return arm.title
-    full = ", ".join(str(i + 1) for i, kind in enumerate(kinds) if kind == "full")
-    if arm is PROBED:
-        return f"3 hybrid (layers {full} of {len(kinds)} full, probed)"
-    if arm is RECALL_PROBED:
-        return f"{arm.title} (layers {full} of {len(kinds)} full, probed on arm 1)"
+    if arm in BY_NAME_ONLY:
+        full = ", ".join(str(i + 1) for i, kind in enumerate(kinds) if kind == "full")
+        return (f"3 hybrid (layers {full} of {len(kinds)} full, probed)" if arm is PROBED
+                else f"{arm.title} (layers {full} of {len(kinds)} full, probed on arm 1)")
     return re.sub(r"last \d+ full", f"last {kinds.count('full')} full", arm.title)
 
 
@@ -790,7 +789,7 @@ def summary_markdown(state: dict) -> str:
              "task (facts / tokens) | copy, repeated tokens (by period) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for arm in PRETRAIN_ARMS:
-        if arm is PROBED and arm.name not in state["arms"]:
+        if arm in BY_NAME_ONLY and arm.name not in state["arms"]:
             continue  # not one of the arms: a row only where it ran
         train = state["arms"].get(arm.name, {}).get("train", {})
         grid = _metric(state, arm.name, "passkey")
@@ -843,7 +842,7 @@ def summary_markdown(state: dict) -> str:
     lines += ["", "| arm 5 | tokens | tokens/s | recall (facts) | recall (tokens) | answer loss |",
               "| --- | --- | --- | --- | --- | --- |"]
     for arm in RECALL:
-        if arm is RECALL_PROBED and arm.name not in state["arms"]:
+        if arm in BY_NAME_ONLY and arm.name not in state["arms"]:
             continue  # not one of the arms: a row only where it ran
         train = state["arms"].get(arm.name, {}).get("train", {})
         lines.append(f"| {arm_title(state, arm)} | {_fmt(train.get('tokens'))} | "
