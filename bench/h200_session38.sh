@@ -15,7 +15,7 @@ esac
 source bench/gpu_env.sh
 [ -d .baseline/kernels ] || { echo ".baseline/kernels is missing: make it with git archive (see the header)" >&2; exit 2; }
 for set in recipes standard; do
-  timeout 240 python3 scripts/bench_attention.py --set $set --backends moba-triton,moba-triton-baseline \
+  timeout 240 python3 scripts/bench_attention.py --set $set --backends moba-triton-direct,moba-triton-baseline \
     --baseline .baseline --out "$OUT/attention-$set-$TAG-$S-vs-aad69b6.json" 2>&1 | grep -v -i warn | tail -14
 done
 timeout "${TEST_SECONDS:-120}" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_moba_triton.py \
