@@ -262,6 +262,16 @@ def _keys_matrix(x_thd, layout: BlockLayout) -> torch.Tensor:
     return layout.pad_blocks(x_thd.float()).reshape(-1, x_thd.shape[-1])
 
 
+def _plan(q_thd, k_thd, v_thd, selection, layout: BlockLayout):
+    """What forward and backward share: (slots any query can fill, each query head's KV head, the padded key and
+    value matrices, query tokens per chunk)."""
+    hq, hkv = q_thd.shape[1], k_thd.shape[1]
+    topk = min(selection.shape[-1], max(1, layout.max_blocks_per_seq))
+    kv_head = torch.arange(hq, device=q_thd.device) // (hq // hkv)
+    chunk = max(1, chunk_elements(q_thd.device) // (hq * layout.block_size))
+    return topk, kv_head, _keys_matrix(k_thd, layout), _keys_matrix(v_thd, layout), chunk
+
+
 class MobaAttentionFunction(torch.autograd.Function):
     """(out, lse) = MoBA(q, k, v) for a given global selection; backward recomputes from (out, lse).
 
@@ -270,14 +280,10 @@ class MobaAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_thd, k_thd, v_thd, selection, layout: BlockLayout, scale: float):
         total, hq, dim = q_thd.shape
-        hkv = k_thd.shape[1]
-        topk = min(selection.shape[-1], max(1, layout.max_blocks_per_seq))  # the slots any query can fill
-        bsz = layout.block_size
-        kv_head = torch.arange(hq, device=q_thd.device) // (hq // hkv)
-        keys, values = _keys_matrix(k_thd, layout), _keys_matrix(v_thd, layout)
+        hkv, bsz = k_thd.shape[1], layout.block_size
+        topk, kv_head, keys, values, chunk = _plan(q_thd, k_thd, v_thd, selection, layout)
         out = torch.empty(total * hq, dim, dtype=torch.float32, device=q_thd.device)
         lse = torch.empty(total * hq, dtype=torch.float32, device=q_thd.device)
-        chunk = max(1, chunk_elements(q_thd.device) // (hq * bsz))
         for start in range(0, total, chunk):
             end = min(start + chunk, total)
             rows = slice(start * hq, end * hq)
@@ -308,15 +314,11 @@ class MobaAttentionFunction(torch.autograd.Function):
         q_thd, k_thd, v_thd, selection, out, lse = ctx.saved_tensors
         layout, scale = ctx.layout, ctx.scale
         total, hq, dim = q_thd.shape
-        hkv = k_thd.shape[1]
-        topk = min(selection.shape[-1], max(1, layout.max_blocks_per_seq))  # the slots any query can fill
-        bsz = layout.block_size
-        kv_head = torch.arange(hq, device=q_thd.device) // (hq // hkv)
-        keys, values = _keys_matrix(k_thd, layout), _keys_matrix(v_thd, layout)
+        hkv, bsz = k_thd.shape[1], layout.block_size
+        topk, kv_head, keys, values, chunk = _plan(q_thd, k_thd, v_thd, selection, layout)
         grad_q = torch.empty(total * hq, dim, dtype=torch.float32, device=q_thd.device)
         grad_keys = torch.zeros_like(keys)
         grad_values = torch.zeros_like(values)
-        chunk = max(1, chunk_elements(q_thd.device) // (hq * bsz))
         for start in range(0, total, chunk):
             end = min(start + chunk, total)
             rows = slice(start * hq, end * hq)
