@@ -10,9 +10,11 @@ bench/results/.
     python scripts/bench_attention.py --shapes s32k-b128 --backends sdpa,moba-varlen --passes fwd
     python scripts/bench_attention.py --tiny               # CPU smoke run (the test suite runs this)
     python scripts/bench_attention.py --set recipes         # the training recipes' shapes (head dim 64, GQA 32/8)
-    python scripts/bench_attention.py --baseline DIR --backends moba-triton,moba-triton-baseline
+    python scripts/bench_attention.py --baseline DIR
         # the kernels against an earlier version of themselves (DIR holds that version's `kernels` package,
-        # e.g. `git archive 1456a3d kernels | tar -x -C DIR`), both in the same run
+        # e.g. `git archive 1456a3d kernels | tar -x -C DIR`), both in the same run and both at the kernels'
+        # own entry (moba-triton-direct against moba-triton-baseline, unless --backends says otherwise), then
+        # each shape's change in time
     python scripts/bench_attention.py --cp-shaped 4         # the queries of each rank at CP 4 against the unsplit call
 
 The `moba-torch` backend is timed only up to 32K tokens per sequence (it gathers each selected key
@@ -107,7 +109,27 @@ def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
     names += [f"moba-{b}" for b in ("varlen", "triton") if backend_available(b, device, dtype)]
     if "moba-triton" in names:
         names.append("moba-triton-direct")
+        if BASELINE is not None:
+            names.append("moba-triton-baseline")
     return names
+
+
+def baseline_changes(rows: list[dict]) -> list[dict]:
+    """Per (shape, pass) timed both by the baseline's kernels and by this checkout's (its kernels' own entry,
+    moba-triton-direct, where timed, else moba-triton through moba_attention): both times in ms and the change
+    of this checkout's time against the baseline's."""
+    ok = {(r["shape"], r["passes"], r["backend"]): r["ms"] for r in rows if r["status"] == "ok"}
+    changes = []
+    for (shape, passes, backend), base_ms in ok.items():
+        if backend != "moba-triton-baseline":
+            continue
+        for ours in ("moba-triton-direct", "moba-triton"):
+            if (shape, passes, ours) in ok:
+                ms = ok[(shape, passes, ours)]
+                changes.append(dict(shape=shape, passes=passes, backend=ours, baseline_ms=base_ms, ms=ms,
+                                    change=ms / base_ms - 1))
+                break
+    return changes
 
 
 def attention_fn(backend: str, shape: Shape):
@@ -373,7 +395,8 @@ def format_row(r: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", help="comma-separated shape names (default: all of the chosen set)")
-    parser.add_argument("--backends", help=f"comma-separated subset of {', '.join(BACKENDS)} (default: all available)")
+    parser.add_argument("--backends", help=f"comma-separated subset of {', '.join(BACKENDS)} (default: all available; "
+                        "with --baseline: moba-triton-direct,moba-triton-baseline)")
     parser.add_argument("--passes", help="comma-separated subset of fwd,fwdbwd (default: each shape's own)")
     parser.add_argument("--tiny", action="store_true", help="tiny fp32 shapes on CPU: a smoke test, not a benchmark")
     parser.add_argument("--set", choices=list(SETS), help="shape set (default: standard, or tiny with --tiny)")
@@ -394,6 +417,9 @@ def main(argv=None) -> int:
         if not (Path(args.baseline) / "kernels" / "__init__.py").is_file():  # else this checkout's would load
             parser.error(f"--baseline {args.baseline} holds no kernels package (kernels/__init__.py); make one "
                          f"with: mkdir -p DIR && git archive <commit> kernels | tar -x -C DIR")
+        if "moba-triton" not in available_backends(device, dtype):
+            parser.error(f"--baseline times Triton kernels, which do not run on {device.type} in {dtype} here; "
+                         "run it on a GPU, without --tiny.")
         sys.path.insert(0, str(Path(args.baseline).resolve()))
         BASELINE = importlib.import_module("kernels")
     unknown_passes = sorted(set(args.passes.split(",")) - {"fwd", "fwdbwd"}) if args.passes else []
@@ -420,12 +446,19 @@ def main(argv=None) -> int:
         write_text(out, json.dumps(dict(meta=meta, dtype=str(dtype), results=rows), indent=1))
         print(f"wrote {out}")
         return 0
-    backends = available_backends(device, dtype) + (["moba-triton-baseline"] if BASELINE else [])
-    if args.backends:
-        wanted = args.backends.split(",")
+    backends = available_backends(device, dtype)
+    wanted = args.backends.split(",") if args.backends else (
+        ["moba-triton-direct", "moba-triton-baseline"] if BASELINE else None)
+    if wanted:
         unknown = [b for b in wanted if b not in BACKENDS]
         if unknown:
             parser.error(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}.")
+        missing = [b for b in wanted if b not in backends]
+        if missing == wanted:
+            parser.error(f"none of the backends {', '.join(wanted)} runs on {device.type} in {dtype} here; "
+                         f"available: {', '.join(backends)}.")
+        if missing:
+            print(f"skipping {', '.join(missing)}: not available on {device.type} in {dtype} here", file=sys.stderr)
         backends = [b for b in wanted if b in backends]
     rows = []
     print(HEADER, flush=True)
@@ -442,9 +475,16 @@ def main(argv=None) -> int:
     print(HEADER)
     print("-" * len(HEADER))
     print("\n".join(format_row(r) for r in rows))
+    changes = baseline_changes(rows)
+    if changes:
+        print("\nagainst the baseline's kernels (--baseline): ms, baseline / this checkout")
+        for c in changes:
+            print(f"{c['shape']:<12} {c['passes']:<7} {c['baseline_ms']:>10.2f} {c['ms']:>10.2f} "
+                  f"{100 * c['change']:+6.1f}%  ({c['backend']})")
     out = Path(args.out) if args.out else Path("bench/results") / (
         f"attention-{meta['gpu'].replace(' ', '_')}-{meta['date'].replace(':', '')}.json")
-    write_text(out, json.dumps(dict(meta=meta, dtype=str(dtype), results=rows), indent=1))
+    write_text(out, json.dumps(dict(meta=meta, dtype=str(dtype), results=rows,
+                                    **(dict(baseline_changes=changes) if changes else {})), indent=1))
     print(f"wrote {out}")
     return 1 if any(r["status"] in ("fail", "error") for r in rows) else 0
 

@@ -59,3 +59,61 @@ def test_a_baseline_directory_without_a_kernels_package_is_one_clear_error(tmp_p
         assert exit_info.value.code == 2
         assert f"--baseline {baseline} holds no kernels package" in capsys.readouterr().err
         assert not out.exists()
+
+
+def test_a_baseline_where_triton_cannot_run_is_one_clear_error_before_anything_is_imported(
+        tmp_path, monkeypatch, capsys):
+    """--tiny runs fp32 on CPU, which the Triton kernels refuse: without this check the run imported the baseline
+    and then dropped both Triton backends and timed the rest, or (with --backends naming the baseline) raised."""
+    import pytest
+
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("raise RuntimeError('the baseline was imported')\n")
+    out = tmp_path / "bench.json"
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--tiny", "--baseline", str(tmp_path), "--out", str(out)])
+    bench = runpy.run_path(str(SCRIPT), run_name="bench")
+    with pytest.raises(SystemExit) as exit_info:
+        bench["main"]()
+    assert exit_info.value.code == 2
+    assert "--baseline times Triton kernels, which do not run on cpu in torch.float32" in capsys.readouterr().err
+    assert not out.exists() and str(tmp_path) not in sys.path
+
+
+def test_requested_backends_that_cannot_run_are_named_not_silently_dropped(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    out = tmp_path / "bench.json"
+    argv = [str(SCRIPT), "--tiny", "--shapes", "tiny-b16", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv + ["--backends", "moba-triton-direct"])
+    bench = runpy.run_path(str(SCRIPT), run_name="bench")
+    with pytest.raises(SystemExit) as exit_info:
+        bench["main"]()
+    assert exit_info.value.code == 2
+    assert "none of the backends moba-triton-direct runs on cpu in torch.float32" in capsys.readouterr().err
+    assert not out.exists()
+
+    monkeypatch.setattr(sys, "argv", argv + ["--backends", "sdpa,moba-triton-direct"])
+    bench = runpy.run_path(str(SCRIPT), run_name="bench")
+    assert bench["main"]() == 0
+    assert "skipping moba-triton-direct: not available on cpu" in capsys.readouterr().err
+    assert [r["backend"] for r in json.loads(out.read_text())["results"]] == ["sdpa"]
+
+
+def test_baseline_changes_compare_the_kernels_own_entry_first_and_only_timed_pairs():
+    bench = runpy.run_path(str(SCRIPT), run_name="bench")
+
+    def row(shape, passes, backend, ms, status="ok"):
+        return dict(shape=shape, passes=passes, backend=backend, ms=ms, status=status)
+
+    rows = [
+        row("a", "fwd", "moba-triton", 5.0), row("a", "fwd", "moba-triton-direct", 4.4),
+        row("a", "fwd", "moba-triton-baseline", 4.0),
+        row("a", "fwdbwd", "moba-triton", 9.0), row("a", "fwdbwd", "moba-triton-baseline", 10.0),
+        row("b", "fwd", "moba-triton-direct", 1.0),  # no baseline row
+        row("c", "fwd", "moba-triton-direct", None, "error"), row("c", "fwd", "moba-triton-baseline", 2.0),
+    ]
+    changes = bench["baseline_changes"](rows)
+    assert [(c["shape"], c["passes"], c["backend"]) for c in changes] == [
+        ("a", "fwd", "moba-triton-direct"), ("a", "fwdbwd", "moba-triton")]
+    assert abs(changes[0]["change"] - 0.1) < 1e-12 and abs(changes[1]["change"] + 0.1) < 1e-12
+    assert (changes[0]["baseline_ms"], changes[0]["ms"]) == (4.0, 4.4)
