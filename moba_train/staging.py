@@ -84,7 +84,7 @@ def staging_dir(target: str | os.PathLike) -> Iterator[Path]:
             os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make a rename in `path` durable; a filesystem that cannot sync directories (EINVAL, ENOTSUP: some FUSE
     and network mounts) keeps the rename without the guarantee."""
     fd = os.open(path, os.O_RDONLY)
@@ -101,14 +101,20 @@ def replace_dir(new: Path, target: Path) -> None:
     """Publish the complete directory `new` as `target`, replacing what `target` held (a directory or nothing).
 
     POSIX cannot rename a directory over a non-empty one, so the previous `target` is first renamed to a
-    hidden `.<name>.previous-*` sibling and deleted once `new` is in place; only a crash between the two
-    renames leaves it there (complete, and never removed automatically)."""
+    hidden `.<name>.previous-*` sibling and deleted once `new` is in place (put back if `new` cannot be); only a
+    crash between the two renames leaves it there (complete, and never removed automatically)."""
     previous = None
     if target.exists() or target.is_symlink():
         previous = Path(tempfile.mkdtemp(prefix=f".{target.name}.previous-", dir=target.parent))
         os.rename(target, previous / target.name)
-    os.rename(new, target)
-    _fsync_dir(target.parent)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        if previous is not None:  # put the previous one back rather than leave it hidden aside
+            os.rename(previous / target.name, target)
+            previous.rmdir()
+        raise
+    fsync_dir(target.parent)
     if previous is not None:
         shutil.rmtree(previous)
 
@@ -130,7 +136,7 @@ def write_file(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 

@@ -71,6 +71,30 @@ def test_a_published_directory_replaces_the_previous_one_whole(tmp_path):
     assert [p.name for p in target.iterdir()] == ["model-00001-of-00002.safetensors"]
 
 
+def test_a_directory_that_cannot_be_published_leaves_the_previous_one_in_place(tmp_path, monkeypatch):
+    """When the new directory cannot be renamed into place (a full or over-quota filesystem refuses the rename), the
+    error is raised and `target` still holds the previous directory: it is not left hidden aside."""
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "model.safetensors").write_text("old")
+    rename = os.rename
+
+    def refuse_publishing(src, dst):
+        if Path(src).name == "new":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        rename(src, dst)
+
+    with staging_dir(target) as stage:
+        (stage / "new").mkdir()
+        (stage / "new/model.safetensors").write_text("new")
+        monkeypatch.setattr(os, "rename", refuse_publishing)
+        with pytest.raises(OSError, match=os.strerror(errno.ENOSPC)):
+            replace_dir(stage / "new", target)
+        monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (target / "model.safetensors").read_text() == "old"
+
+
 def test_a_file_is_published_whole_or_not_at_all(tmp_path):
     """While write_file writes, the name holds the previous file; a writer that fails midway leaves it so and
     no temporary behind; one that finishes replaces it whole, with the umask's mode, as open() would."""
