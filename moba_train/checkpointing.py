@@ -47,6 +47,7 @@ from moba_train.checkpoint_writer import CheckpointWriteError, InProcessSaveStra
 from moba_train.cli import SharedConfigError
 from moba_train.config import Config, ConfigError
 from moba_train.optimizer import place_adam_steps
+from moba_train.staging import fsync_dir
 
 COMPLETE = "COMPLETE"
 _OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -208,12 +209,28 @@ def _fresh_dir(path: Path) -> None:
     path.mkdir(parents=True)
 
 
+def _sync_tree(directory: Path) -> None:
+    """fsync every file and subdirectory under `directory` (its own entries are the caller's): torch syncs the
+    shards it writes, but not Megatron's common.pt and metadata.json nor our config.yaml."""
+    for path in sorted(directory.rglob("*"), reverse=True):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        elif path.is_dir():
+            fsync_dir(path)
+
+
 def _mark_complete_and_rename(tmp: Path, target: Path, manifest: dict) -> None:
     checksums.save_manifest(tmp, manifest)
+    _sync_tree(tmp)
     with open(tmp / COMPLETE, "w") as marker:
         marker.write("complete\n")
         marker.flush()
         os.fsync(marker.fileno())
+    fsync_dir(tmp)  # the names of everything in it, COMPLETE included, before it is published
     # A checkpoint of the same step is put aside, not deleted, until the new one is in place: a crash in between
     # leaves it to remove_unfinished_saves to put back.
     replaced = target.parent / f"{REPLACED_PREFIX}{target.name}"
@@ -222,9 +239,7 @@ def _mark_complete_and_rename(tmp: Path, target: Path, manifest: dict) -> None:
             shutil.rmtree(replaced)
         os.rename(target, replaced)
     os.rename(tmp, target)
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    os.fsync(dir_fd)
-    os.close(dir_fd)
+    fsync_dir(target.parent)
     if replaced.exists():
         shutil.rmtree(replaced)
 

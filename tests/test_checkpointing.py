@@ -3,6 +3,7 @@ model, optimizer, scheduler, RNG and trainer state exactly; keep-last-K; a crash
 and publishing leaves the newest complete checkpoint loadable and discovery ignores the debris;
 model-only checkpoints load weights only."""
 
+import errno
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,55 @@ def test_crash_while_replacing_a_checkpoint_of_the_same_step_keeps_one(cfg, env,
     checkpointing.save_checkpoint(cfg, model, optimizer, scheduler, TrainState(step=1))
     assert sorted(p.name for p in root.iterdir()) == ["step_00000001"]
     assert checkpointing.remove_unfinished_saves(root) == ([], [])
+
+
+def test_every_file_of_a_published_checkpoint_and_its_directory_reach_the_disk(cfg, env, monkeypatch):
+    """A checkpoint marked COMPLETE must survive a power loss whole: every file in it (Megatron's common.pt and
+    metadata.json and our config.yaml included, not only the shards torch syncs) and the directory holding their
+    names are fsynced before it is published."""
+    import os
+
+    synced = set()
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        synced.add((st.st_dev, st.st_ino))
+        real_fsync(fd)
+
+    model, optimizer, scheduler = _build(cfg, env, seed=1)
+    _train_one_step(cfg, env, model, optimizer, scheduler)
+    monkeypatch.setattr(os, "fsync", fsync)
+    path = checkpointing.save_checkpoint(cfg, model, optimizer, scheduler, TrainState(step=1))
+    monkeypatch.undo()
+    entries = [path, *path.rglob("*")]
+    unsynced = sorted(str(p.relative_to(path)) for p in entries if (p.stat().st_dev, p.stat().st_ino) not in synced)
+    assert unsynced == []
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOTSUP])
+def test_a_filesystem_that_cannot_sync_directories_still_publishes_checkpoints(cfg, env, monkeypatch, code):
+    """Some FUSE and network mounts refuse fsync on a directory (EINVAL, ENOTSUP); moba_train.staging publishes
+    there all the same, and so must a checkpoint save: it is published, the run goes on, nothing is left aside."""
+    import os
+    import stat
+
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(code, os.strerror(code))
+        real_fsync(fd)
+
+    model, optimizer, scheduler = _build(cfg, env, seed=1)
+    _train_one_step(cfg, env, model, optimizer, scheduler)
+    root = checkpointing.checkpoint_dir(cfg)
+    monkeypatch.setattr(os, "fsync", fsync)
+    for step in (1, 1, 2):  # a save of a step already saved puts the old one aside: it is removed all the same
+        checkpointing.save_checkpoint(cfg, model, optimizer, scheduler, TrainState(step=step))
+    monkeypatch.undo()
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000001", "step_00000002"]
+    assert checkpointing.latest_checkpoint(root) == root / "step_00000002"
 
 
 def test_model_only_checkpoint_loads_weights_into_a_fresh_model(cfg, env, tmp_path):
