@@ -10,6 +10,8 @@ Layout of `checkpoint.dir`:
     .tmp_step_00000200/     a save in progress (or one a stopped run left: removed at the next start)
     .replaced_step_00000100/  a checkpoint put aside while a new save of its step takes its place (put back
                             at the next start if a stopped run left it there)
+    .pruned_step_00000050/  an old checkpoint being deleted by pruning (renamed first, so a run stopped midway
+                            leaves no half-deleted checkpoint; removed at the next start)
 
 A save writes everything into the temporary directory, checksums it, writes COMPLETE, renames the
 directory into place (an atomic rename on POSIX file systems) and only then prunes old checkpoints,
@@ -104,17 +106,20 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 REPLACED_PREFIX = ".replaced_"
 """A complete checkpoint put aside while a new save of the same step is published in its place."""
+PRUNED_PREFIX = ".pruned_"
+"""A checkpoint that pruning is deleting (renamed first: it is no checkpoint from then on)."""
 
 
 def remove_unfinished_saves(root: Path) -> tuple[list[Path], list[Path]]:
-    """Delete the `.tmp_step_*` directories under `root`: saves that a stopped run never published (they
-    are never a checkpoint). Put back a checkpoint that a stopped run had put aside to publish a save of the same
-    step in its place, where that save never got there (else delete it). Only while holding the run
-    directory's lock (no live run is writing them). Returns (the deleted saves, the checkpoints put back)."""
+    """Delete the `.tmp_step_*` directories under `root`, saves that a stopped run never published, and the
+    `.pruned_step_*` ones, checkpoints it was deleting (neither is a checkpoint). Put back a checkpoint that a
+    stopped run had put aside to publish a save of the same step in its place, where that save never got there
+    (else delete it). Only while holding the run directory's lock (no live run is writing them). Returns (the
+    deleted directories, the checkpoints put back)."""
     root = Path(root)
     if not root.is_dir():
         return [], []
-    doomed = sorted(root.glob(".tmp_step_*"))
+    doomed = sorted(root.glob(".tmp_step_*")) + sorted(root.glob(f"{PRUNED_PREFIX}step_*"))
     for path in doomed:
         shutil.rmtree(path)
     restored = []
@@ -271,7 +276,11 @@ def prune(root: Path, keep_last: int, step: int) -> list[Path]:
     (rank 0's job); returns the deleted."""
     doomed = [p for p in complete_checkpoints(root) if _step_of(p) <= step][:-keep_last]
     for path in doomed:
-        shutil.rmtree(path)
+        # Renamed out of the checkpoints' names first: a run stopped while deleting leaves a directory that is no
+        # checkpoint (remove_unfinished_saves deletes it), never a half-deleted one that still reads COMPLETE.
+        pruned = path.with_name(PRUNED_PREFIX + path.name)
+        os.rename(path, pruned)
+        shutil.rmtree(pruned)
     return doomed
 
 

@@ -209,7 +209,9 @@ def _train(cfg: Config, env: DistEnv, stop: StopSignal) -> None:
     unfinished_saves, restored = checkpointing.clean_up_saves(ckpt_root)  # collective: before any rank lists them
     if env.is_main:
         for unfinished in unfinished_saves:
-            print(f"removed {unfinished}: a save that a stopped run never finished", flush=True)
+            what = ("a checkpoint that a stopped run was deleting" if unfinished.name.startswith(
+                checkpointing.PRUNED_PREFIX) else "a save that a stopped run never finished")
+            print(f"removed {unfinished}: {what}", flush=True)
         for checkpoint in restored:
             print(f"put back {checkpoint}: a stopped run had set it aside to save its step again", flush=True)
     bf16, distributed = compute_dtype(cfg, env.device) == torch.bfloat16, use_distributed_optimizer(cfg, env.device)

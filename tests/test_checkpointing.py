@@ -100,6 +100,36 @@ def test_keep_last_k_prunes_oldest_complete_checkpoints_with_their_config(cfg, e
     assert load_config(root / "step_00000004" / "config.yaml") == cfg
 
 
+def test_a_run_stopped_while_pruning_leaves_no_half_deleted_checkpoint(cfg, env, monkeypatch):
+    """Pruning deletes file by file. A run stopped midway (here: after the manifest went, before COMPLETE did) must
+    not leave an old checkpoint that still reads COMPLETE with files missing and nothing left to check them against;
+    the next start removes what is left of it."""
+    import shutil
+
+    model, optimizer, scheduler = _build(cfg, env, seed=1)
+    _train_one_step(cfg, env, model, optimizer, scheduler)
+    root = checkpointing.checkpoint_dir(cfg)
+    for step in (1, 2):
+        checkpointing.save_checkpoint(cfg, model, optimizer, scheduler, TrainState(step=step))
+
+    rmtree = shutil.rmtree
+
+    def stopped_midway(path, *args, **kwargs):
+        if not Path(path).name.endswith("step_00000001"):  # the save's own clean-ups go on
+            return rmtree(path, *args, **kwargs)
+        (Path(path) / "checksums.json").unlink()
+        raise KeyboardInterrupt("stopped while pruning")
+
+    monkeypatch.setattr(shutil, "rmtree", stopped_midway)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointing.save_checkpoint(cfg, model, optimizer, scheduler, TrainState(step=3))
+    monkeypatch.undo()
+    assert [p.name for p in checkpointing.complete_checkpoints(root)] == ["step_00000002", "step_00000003"]
+    removed, restored = checkpointing.remove_unfinished_saves(root)
+    assert [p.name for p in removed] == [".pruned_step_00000001"] and restored == []
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "step_00000003"]
+
+
 def test_crash_between_write_and_publish_keeps_the_previous_checkpoint(cfg, env, monkeypatch):
     model, optimizer, scheduler = _build(cfg, env, seed=1)
     _train_one_step(cfg, env, model, optimizer, scheduler)
