@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from moba_train.config import Config, ConfigError, load_config, read_yaml
 from moba_train.staging import write_text
@@ -100,6 +100,14 @@ class SlurmProfile(BaseModel):
     srun: list[str] = Field(default_factory=list)
     """Extra srun options of the training step (e.g. --container-image=... with pyxis)."""
 
+    @field_validator("env")
+    @classmethod
+    def _shell_names(cls, env: dict[str, str]) -> dict[str, str]:
+        for name in env:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"'{name}' is not a shell variable name (letters, digits and _, not first a digit)")
+        return env
+
 
 def load_profile(path: str | Path | None) -> SlurmProfile:
     """The profile at `path` (an empty profile for None); ConfigError with one sentence if it is wrong."""
@@ -114,6 +122,9 @@ def load_profile(path: str | Path | None) -> SlurmProfile:
         raise ConfigError(f"{path}: not valid YAML; fix the syntax") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a profile must be a mapping of keys (partition, account, setup, ...)")
+    if isinstance(raw.get("time"), int) and not isinstance(raw["time"], bool):
+        # YAML reads an unquoted 24:00:00 as the number 86400 (base 60): take the time as written
+        raw["time"] = str(yaml.load(path.read_text(encoding="utf-8"), Loader=yaml.BaseLoader)["time"])
     try:
         return SlurmProfile.model_validate(raw)
     except ValidationError as err:

@@ -180,6 +180,32 @@ def test_eight_node_dry_run_is_a_valid_script_with_one_torchrun_per_node_and_the
         assert re.search(rf"^{re.escape(line)}$", script, re.M), line
 
 
+@pytest.mark.parametrize("written", ["24:00:00", "90", "30:00"])
+def test_an_unquoted_profile_time_is_submitted_as_written(tmp_path, written):
+    """A profile's `time: 24:00:00` without quotes (YAML reads it as the number 86400, base 60) is the time the
+    user wrote, as quoted, not a refusal naming a number they never typed."""
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(f"time: {written}\n")
+    result = _submit("--config", str(TINY), f"run.output_dir={tmp_path / 'run'}", *CPU_JOB, "--profile", str(profile),
+                     "--dry-run", env={"PATH": "/nonexistent"})
+    assert result.returncode == 0, result.stderr
+    assert f"#SBATCH --time={written}\n" in result.stdout
+
+
+def test_a_profile_environment_variable_that_is_no_shell_name_is_refused_at_submission(tmp_path):
+    """A profile `env` key bash cannot export (`NCCL-IB-HCA`) is one stderr line and exit code 2 at submission, not a
+    job that starts without the variable and a bash error in its log."""
+    profile = tmp_path / "profile.yaml"
+    profile.write_text("env:\n  NCCL-IB-HCA: mlx5\n")
+    out = tmp_path / "run"
+    result = _submit("--config", str(TINY), f"run.output_dir={out}", *CPU_JOB, "--profile", str(profile), "--dry-run",
+                     env={"PATH": "/nonexistent"})
+    assert result.returncode == 2, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "'NCCL-IB-HCA'" in lines[0], result.stderr
+    assert not out.exists()
+
+
 # --- On a real SLURM cluster. ---
 
 
