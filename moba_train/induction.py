@@ -237,6 +237,11 @@ def _with_attention(cfg: Config, **changes) -> Config:
     return Config.model_validate(raw)
 
 
+def probe_record(cfg: Config) -> Path:
+    """Where the trainer's probe writes its scores and placement: run.output_dir/probe.json."""
+    return Path(cfg.run.output_dir) / "probe.json"
+
+
 def place_full_layers(cfg: Config, *, resume: Path | None, init_from: Path | None, is_main: bool) -> Config:
     """The trainer's `attention.full_layers_at: probe`: `cfg` with attention.layer_kinds keeping the
     `full_layers` layers full where the model training continues from copies most (`probe_start`,
@@ -268,7 +273,7 @@ def place_full_layers(cfg: Config, *, resume: Path | None, init_from: Path | Non
               f"repeated once): best head per layer {best}; full attention in layers {_numbers(kinds)}", flush=True)
         if placed["note"]:
             print(f"warning: {placed['note']}", flush=True)
-        write_json(Path(cfg.run.output_dir) / "probe.json", {**scores, "source": str(source), **placed})
+        write_json(probe_record(cfg), {**scores, "source": str(source), **placed})
     return _with_attention(cfg, layer_kinds=kinds)
 
 

@@ -631,12 +631,13 @@ def trained_layer_kinds(cfg: Config) -> tuple[list[str], dict | None]:
     records and a summary of the probe (run.output_dir/probe.json; None for a run relaunched after it, which
     probed nothing)."""
     from moba_train.checkpointing import checkpoint_dir, latest_checkpoint
+    from moba_train.induction import probe_record
     from moba_train.resume import saved_recipe
 
     if not cfg.probes_full_layers():
         return cfg.layer_kinds(), None
     kinds = saved_recipe(latest_checkpoint(checkpoint_dir(cfg)))["attention.layer_kinds"]
-    record = Path(cfg.run.output_dir) / "probe.json"
+    record = probe_record(cfg)
     if not record.is_file():
         return kinds, None
     placed = json.loads(record.read_text())

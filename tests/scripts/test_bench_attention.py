@@ -6,9 +6,21 @@ import runpy
 import sys
 from pathlib import Path
 
+import pytest
+
 from moba_train import flops
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_attention.py"
+
+
+def _refusal(monkeypatch, capsys, *args: str) -> str:
+    """Run the script with `args`; it must exit with code 2 (argparse's error). Returns its stderr."""
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *args])
+    bench = runpy.run_path(str(SCRIPT), run_name="bench")
+    with pytest.raises(SystemExit) as exit_info:
+        bench["main"]()
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
 
 
 def test_bench_attention_tiny_smoke_run_writes_consistent_json(tmp_path, monkeypatch, capsys):
@@ -34,30 +46,18 @@ def test_bench_attention_tiny_smoke_run_writes_consistent_json(tmp_path, monkeyp
 
 
 def test_unknown_passes_are_one_clear_error_and_nothing_is_written(tmp_path, monkeypatch, capsys):
-    import pytest
-
     out = tmp_path / "bench.json"
-    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--tiny", "--passes", "nope,fwd", "--out", str(out)])
-    bench = runpy.run_path(str(SCRIPT), run_name="bench")
-    with pytest.raises(SystemExit) as exit_info:
-        bench["main"]()
-    assert exit_info.value.code == 2
-    assert "unknown pass(es) nope; choose from fwd, fwdbwd" in capsys.readouterr().err
+    err = _refusal(monkeypatch, capsys, "--tiny", "--passes", "nope,fwd", "--out", str(out))
+    assert "unknown pass(es) nope; choose from fwd, fwdbwd" in err
     assert not out.exists()
 
 
 def test_a_baseline_directory_without_a_kernels_package_is_one_clear_error(tmp_path, monkeypatch, capsys):
     """Python would import this checkout's `kernels` from such a directory and time it against itself."""
-    import pytest
-
     out = tmp_path / "bench.json"
     for baseline in (tmp_path / "missing", tmp_path):
-        monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--tiny", "--baseline", str(baseline), "--out", str(out)])
-        bench = runpy.run_path(str(SCRIPT), run_name="bench")
-        with pytest.raises(SystemExit) as exit_info:
-            bench["main"]()
-        assert exit_info.value.code == 2
-        assert f"--baseline {baseline} holds no kernels package" in capsys.readouterr().err
+        err = _refusal(monkeypatch, capsys, "--tiny", "--baseline", str(baseline), "--out", str(out))
+        assert f"--baseline {baseline} holds no kernels package" in err
         assert not out.exists()
 
 
@@ -65,34 +65,22 @@ def test_a_baseline_where_triton_cannot_run_is_one_clear_error_before_anything_i
         tmp_path, monkeypatch, capsys):
     """--tiny runs fp32 on CPU, which the Triton kernels refuse: without this check the run imported the baseline
     and then dropped both Triton backends and timed the rest, or (with --backends naming the baseline) raised."""
-    import pytest
-
     (tmp_path / "kernels").mkdir()
     (tmp_path / "kernels" / "__init__.py").write_text("raise RuntimeError('the baseline was imported')\n")
     out = tmp_path / "bench.json"
-    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--tiny", "--baseline", str(tmp_path), "--out", str(out)])
-    bench = runpy.run_path(str(SCRIPT), run_name="bench")
-    with pytest.raises(SystemExit) as exit_info:
-        bench["main"]()
-    assert exit_info.value.code == 2
-    assert "--baseline times Triton kernels, which do not run on cpu in torch.float32" in capsys.readouterr().err
+    err = _refusal(monkeypatch, capsys, "--tiny", "--baseline", str(tmp_path), "--out", str(out))
+    assert "--baseline times Triton kernels, which do not run on cpu in torch.float32" in err
     assert not out.exists() and str(tmp_path) not in sys.path
 
 
 def test_requested_backends_that_cannot_run_are_named_not_silently_dropped(tmp_path, monkeypatch, capsys):
-    import pytest
-
     out = tmp_path / "bench.json"
-    argv = [str(SCRIPT), "--tiny", "--shapes", "tiny-b16", "--out", str(out)]
-    monkeypatch.setattr(sys, "argv", argv + ["--backends", "moba-triton-direct"])
-    bench = runpy.run_path(str(SCRIPT), run_name="bench")
-    with pytest.raises(SystemExit) as exit_info:
-        bench["main"]()
-    assert exit_info.value.code == 2
-    assert "none of the backends moba-triton-direct runs on cpu in torch.float32" in capsys.readouterr().err
+    argv = ["--tiny", "--shapes", "tiny-b16", "--out", str(out)]
+    err = _refusal(monkeypatch, capsys, *argv, "--backends", "moba-triton-direct")
+    assert "none of the backends moba-triton-direct runs on cpu in torch.float32" in err
     assert not out.exists()
 
-    monkeypatch.setattr(sys, "argv", argv + ["--backends", "sdpa,moba-triton-direct"])
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), *argv, "--backends", "sdpa,moba-triton-direct"])
     bench = runpy.run_path(str(SCRIPT), run_name="bench")
     assert bench["main"]() == 0
     assert "skipping moba-triton-direct: not available on cpu" in capsys.readouterr().err
