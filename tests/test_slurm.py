@@ -378,6 +378,24 @@ def test_job_past_its_time_limit_gets_the_warning_saves_requeues_and_resumes_and
     assert attempts[-1]["decision"] in ("requeue", "ended"), attempts  # "ended" if it got to decide before SIGKILL
 
 
+def test_preemption_with_wandb_logging_saves_and_the_next_attempt_continues_the_wandb_run(cluster, tmp_path):
+    # SLURM's SIGTERM to every process of the training step reaches W&B's service process too (wandb-core:
+    # a process of its own, which ends on it); the trainer must still save, and the next attempt log on.
+    out = tmp_path / "wandb"
+    job = _submit_job(cluster, out, "train.steps=5000", "checkpoint.interval=5000", "logging.wandb.mode=offline",
+                      "--time", "10")
+    _wait(lambda: len(_metrics(out)) >= 3, 240, "step 3", cluster, job)
+    subprocess.run(["scancel", "--signal=TERM", job], check=True, env=cluster.env)
+    _wait(lambda: ": continuing it;" in _log(out, job), 300, "the next attempt to continue its W&B run", cluster, job)
+    subprocess.run(["scancel", job], check=True, env=cluster.env)
+    _wait_for_end(cluster, job, 120)
+    first, log = _attempts(out, job)[0], _log(out, job)
+    assert first["ended_at"] is not None and first["decision"] == "requeue", (first, log[-5000:])
+    stopped = _step(first["ended_at"])
+    assert f"stopped by signal after step {stopped};" in log, log[-5000:]
+    assert re.search(rf"^W&B run (\w+): continuing it; steps up to {stopped} were already sent", log, re.M), log[-5000:]
+
+
 def test_job_whose_attempts_publish_no_checkpoint_fails_at_the_requeue_limit(cluster, tmp_path):
     # A dataset that does not exist passes the checks before submitting (the recipe is valid; the files are
     # the job's to read) and fails in the trainer every time. max_requeues 0: no second attempt.
