@@ -28,10 +28,12 @@ only (every other rank's MetricLogger has none):
 
 Resume never duplicates a step. A run that starts from a checkpoint at step s rewrites metrics.jsonl
 (atomically) without the steps after s that an interrupted attempt had logged; TensorBoard purges
-them (SummaryWriter's purge_step); the W&B run id travels in the checkpoint (TrainState), the
-resumed run continues that W&B run (resume="allow"), and steps the interrupted attempt already sent
-to it are not sent again (W&B keeps a run's history monotonic in its step; offline run files are
-synced in order into one run). A fresh start (no checkpoint) moves an earlier metrics.jsonl aside.
+them (SummaryWriter's purge_step); the W&B run id travels in the checkpoint (TrainState) and the
+resumed run continues that W&B run (resume="allow"): the steps its transaction logs already hold are
+not sent again, and those up to s that they lack (W&B's service, killed with the job, writes none of
+what it buffered) are sent again from metrics.jsonl first (W&B keeps a run's history monotonic in its
+step; offline run files are synced in order into one run). A fresh start (no checkpoint) moves an
+earlier metrics.jsonl aside.
 """
 
 from __future__ import annotations
@@ -202,7 +204,8 @@ class JsonlSink(Sink):
     Opened for a run that starts after step `start_step` (0 for a fresh run). On a resume the steps after
     `start_step` that an interrupted attempt wrote are dropped by an atomic rewrite; on a fresh start an
     earlier file is renamed to metrics.<UTC time>.jsonl. `previous_last_step` is the newest step the file
-    held before (0 if none): the steps up to it were logged once already.
+    held before (0 if none): the steps up to it were logged once already. `records` are the steps up to
+    `start_step` it keeps, in file order.
     """
 
     def __init__(self, path: Path, start_step: int, write: Callable[[str], None]):
@@ -210,15 +213,15 @@ class JsonlSink(Sink):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         records = read_jsonl(self.path)
         self.previous_last_step = max((r["step"] for r in records), default=0)
+        self.records = [r for r in records if r["step"] <= start_step]
         if start_step == 0 and self.path.exists() and self.path.stat().st_size:
             stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
             aside = self.path.with_name(f"metrics.{stamp}.jsonl")
             os.replace(self.path, aside)
             write(f"{self.path} held an earlier run's steps (this run starts from step 0): moved to {aside}")
         elif self.path.exists():
-            kept = [r for r in records if r["step"] <= start_step]
-            if len(kept) != len(self.path.read_text().splitlines()):
-                write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            if len(self.records) != len(self.path.read_text().splitlines()):
+                write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
                 write(f"metrics.jsonl: dropped the steps after {start_step} (logged by the interrupted attempt); "
                       "they are logged again as they run")
         self.file = open(self.path, "a")
@@ -242,13 +245,19 @@ def wandb_credentials() -> bool:
 class WandbSink(Sink):
     """A W&B run with id `run_id` (created or continued: resume="allow") under <output_dir>/wandb.
 
-    Steps up to `skip_through` were already sent to this run by an interrupted attempt and are not sent
-    again. Histograms become wandb.Histogram, images wandb.Image. W&B's service is a separate process that
-    a scheduler's signal to every process of the job (SLURM preemption, scancel --signal=TERM) ends too:
-    then the sink says so once and stops, and training goes on (metrics.jsonl keeps every step).
+    Histograms become wandb.Histogram, images wandb.Image. W&B's service is a separate process that a
+    scheduler's signal to every process of the job (SLURM preemption, scancel --signal=TERM) ends too: then
+    the sink says so once and stops, and training goes on (metrics.jsonl keeps every step). The service
+    exits on that signal without writing the records it buffered, so a sink that continues the run from a
+    checkpoint gets `logged`, metrics.jsonl's records up to the checkpoint, and `logged_through`, the newest
+    step the interrupted attempt logged, and first reads which steps the run's transaction logs hold
+    (moba_train.wandb_transaction_log): the records of `logged` after the newest of them are sent again
+    (their numbers), and live steps up to it are not sent again. Where there is no such log or it cannot be
+    read, one line says so and steps up to `logged_through` count as sent.
     """
 
-    def __init__(self, cfg: Config, run_id: str, config: dict, skip_through: int, write: Callable[[str], None]):
+    def __init__(self, cfg: Config, run_id: str, config: dict, write: Callable[[str], None],
+                 logged: list[dict] | None = None, logged_through: int = 0):
         import wandb
 
         wb = cfg.logging.wandb
@@ -259,14 +268,40 @@ class WandbSink(Sink):
             mode = "offline"
         self.wandb = wandb
         self.write = write
-        self.skip_through = skip_through
+        self.skip_through, resend = 0, []
+        if logged is not None:
+            held = self._newest_held(Path(cfg.run.output_dir) / "wandb", run_id, logged_through)
+            self.skip_through = logged_through if held is None else held
+            resend = [] if held is None else [record for record in logged if record["step"] > held]
         self.run = wandb.init(
             project=wb.project, entity=wb.entity, name=wb.name or cfg.run.name, group=wb.group, tags=wb.tags or None,
             notes=wb.notes, mode=mode, dir=cfg.run.output_dir, config=config, id=run_id, resume="allow",
         )
-        if skip_through:
-            write(f"W&B run {run_id}: continuing it; steps up to {skip_through} were already sent and are not "
+        for record in resend:
+            self.log(record["step"], {key: value for key, value in record.items()
+                                      if key != "step" and isinstance(value, (int, float))})
+        if resend:
+            holds = f"steps up to {held}" if held else "no step"
+            write(f"W&B run {run_id}: continuing it; its transaction logs hold {holds}: re-sent steps "
+                  f"{resend[0]['step']}-{resend[-1]['step']} ({len(resend)} steps, their numbers) from metrics.jsonl")
+        elif self.skip_through:
+            write(f"W&B run {run_id}: continuing it; steps up to {self.skip_through} were already sent and are not "
                   "sent again")
+
+    def _newest_held(self, wandb_dir: Path, run_id: str, logged_through: int) -> int | None:
+        """The newest step the transaction logs of run `run_id` hold (0: none); None, said in one line, where
+        there is no log of it or one cannot be read."""
+        from moba_train.wandb_transaction_log import newest_step
+
+        fallback = f"steps up to {logged_through} count as sent, as metrics.jsonl says"
+        try:
+            held = newest_step(wandb_dir, run_id)
+        except Exception as err:  # noqa: BLE001 - a format this cannot read must not stop training
+            self.write(f"W&B run {run_id}: cannot read its transaction logs ({type(err).__name__}: {err}); {fallback}")
+            return None
+        if held is None:
+            self.write(f"W&B run {run_id}: no transaction log of it under {wandb_dir}; {fallback}")
+        return held
 
     def _value(self, value: Value):
         if isinstance(value, Histogram):
@@ -420,9 +455,10 @@ class MetricLogger:
         self.sinks.append(jsonl)
         if cfg.logging.wandb.mode != "disabled":
             config = {**cfg.model_dump(mode="json"), **(run_info or {})}
-            # Continuing a run: the steps after the checkpoint that the crashed attempt already sent stay in it.
-            skip = jsonl.previous_last_step if start_step and wandb_run_id else 0
-            self.sinks.append(WandbSink(cfg, self.wandb_run_id, config, skip, self.print))
+            continued = bool(start_step and wandb_run_id)  # the run holds (or should hold) the steps logged so far
+            self.sinks.append(WandbSink(cfg, self.wandb_run_id, config, self.print,
+                                        logged=jsonl.records if continued else None,
+                                        logged_through=jsonl.previous_last_step))
         if cfg.logging.tensorboard:
             self.sinks.append(TensorBoardSink(output_dir / "tensorboard", start_step))
 

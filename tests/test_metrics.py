@@ -5,10 +5,13 @@ simulated crash: the same W&B run, each step exactly once everywhere."""
 
 import json
 import math
+import re
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import wandb_offline
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -271,20 +274,97 @@ def test_wandb_turned_on_at_a_resume_starts_a_new_run_that_gets_every_step_from_
     assert [row["_step"] for path in runs for row in wandb_offline.history(path)] == [4, 5, 6, 7]
 
 
-def test_a_killed_wandb_service_stops_the_wandb_sink_with_one_line_and_training_goes_on(tmp_path, capsys):
-    # SLURM signals every process of a job step, W&B's own service process included: the next log call
-    # then failed with ConnectionResetError inside the trainer. The sink must say so once and step aside.
-    import psutil
-
-    logger = MetricLogger(_cfg(tmp_path, "logging.tensorboard=false"), start_step=0, enabled=True)
-    logger.log(1, {"train/loss": 2.0})
+def _stop_wandb_service(sig: int) -> None:
+    """Signal W&B's service processes (children of this process), as SLURM signals every process of a step."""
     services = [p for p in psutil.Process().children(recursive=True) if "wandb" in " ".join(p.cmdline())]
     assert services, "W&B runs its service in a child process"
     for process in services:
-        process.kill()
+        process.send_signal(sig)
     psutil.wait_procs(services, timeout=30)
+
+
+def test_a_killed_wandb_service_stops_the_wandb_sink_with_one_line_and_training_goes_on(tmp_path, capsys):
+    # SLURM signals every process of a job step, W&B's own service process included: the next log call
+    # then failed with ConnectionResetError inside the trainer. The sink must say so once and step aside.
+    logger = MetricLogger(_cfg(tmp_path, "logging.tensorboard=false"), start_step=0, enabled=True)
+    logger.log(1, {"train/loss": 2.0})
+    _stop_wandb_service(signal.SIGKILL)
     for step in (2, 3):
         logger.log(step, {"train/loss": 1.5})
     logger.close()
     assert capsys.readouterr().out.count("W&B stopped working") == 1
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
+def _numbers(record: dict) -> dict:
+    return {key: value for key, value in record.items() if key != "step" and isinstance(value, (int, float))}
+
+
+def test_a_resume_resends_the_steps_that_a_wandb_service_stopped_by_sigterm_never_wrote(tmp_path, capsys):
+    # wandb-core buffers what it writes and exits on SIGTERM without writing it: the first attempt's file holds
+    # none of steps 1-5 (perhaps a few). The attempt resumed from its checkpoint at step 3 sends steps 1-3 again
+    # from metrics.jsonl and logs 4-6 live: the run files of both attempts, synced in order, hold 1-6 once each.
+    cfg = _cfg(tmp_path, "logging.tensorboard=false")
+    first = MetricLogger(cfg, start_step=0, enabled=True)
+    for step in (1, 2, 3, 4):
+        first.log(step, {"train/loss": 4.0 / step, "train/skipped": 0,
+                         "moba/distance/layer_00": Histogram([1.0], [0, 1])})
+    _stop_wandb_service(signal.SIGTERM)
+    first.log(5, {"train/loss": 0.75, "train/skipped": 0})
+    first.close()
+    resumed = MetricLogger(cfg, start_step=3, enabled=True, wandb_run_id=first.wandb_run_id)
+    for step in (4, 5, 6):
+        resumed.log(step, {"train/loss": 0.5 / step, "train/skipped": 0})
+    resumed.close()
+
+    runs = wandb_offline.offline_runs(tmp_path / "wandb", killed=1)
+    assert [wandb_offline.run_record(path).run_id for path in runs[1:]] == [first.wandb_run_id]
+    rows = [row for path in runs for row in wandb_offline.history(path)]
+    assert [row["_step"] for row in rows] == [1, 2, 3, 4, 5, 6]  # each step exactly once
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    for row, record in zip(rows, records):
+        assert {key: row[key] for key in _numbers(record)} == _numbers(record)
+    out = capsys.readouterr().out
+    assert out.count("W&B stopped working") == 1
+    assert re.search(rf"^W&B run {first.wandb_run_id}: continuing it; its transaction logs hold (no step|steps up to "
+                     r"[12]): re-sent steps [123]-3 \([123] steps, their numbers\) from metrics.jsonl$", out, re.M), out
+
+
+def test_a_resume_after_a_complete_wandb_log_resends_nothing_and_logs_each_step_once(tmp_path, capsys):
+    cfg = _cfg(tmp_path, "logging.tensorboard=false")
+    first = MetricLogger(cfg, start_step=0, enabled=True)
+    for step in range(1, 7):
+        first.log(step, {"train/loss": 6.0 / step})
+    first.close()
+    resumed = MetricLogger(cfg, start_step=3, enabled=True, wandb_run_id=first.wandb_run_id)
+    for step in range(4, 9):
+        resumed.log(step, {"train/loss": 0.5 / step})
+    resumed.close()
+
+    out = capsys.readouterr().out
+    assert f"W&B run {first.wandb_run_id}: continuing it; steps up to 6 were already sent" in out
+    assert "re-sent" not in out
+    rows = [row for path in wandb_offline.offline_runs(tmp_path / "wandb") for row in wandb_offline.history(path)]
+    assert [row["_step"] for row in rows] == list(range(1, 9))
+    assert [row["train/loss"] for row in rows] == [6.0 / s for s in (1, 2, 3, 4, 5, 6)] + [0.5 / s for s in (7, 8)]
+
+
+def test_a_wandb_log_of_a_format_it_cannot_read_is_one_line_and_the_steps_of_metrics_jsonl_count_as_sent(
+        tmp_path, capsys):
+    cfg = _cfg(tmp_path, "logging.tensorboard=false")
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 1.0}) + "\n"
+                                                    for s in (1, 2, 3)))
+    alien = tmp_path / "wandb" / "offline-run-20260101_000000-abcd1234" / "run-abcd1234.wandb"
+    alien.parent.mkdir(parents=True)
+    alien.write_bytes(b":W&B\xe1\xbe\x07" + bytes(100))  # a format version this reader does not know
+    resumed = MetricLogger(cfg, start_step=2, enabled=True, wandb_run_id="abcd1234")
+    for step in (3, 4):
+        resumed.log(step, {"train/loss": 0.5})
+    resumed.close()
+
+    out = capsys.readouterr().out
+    assert out.count("W&B run abcd1234: cannot read its transaction logs (UnreadableLog: ") == 1
+    assert f"{alien} does not start with the header of a W&B transaction log of version 0); steps up to 3 count " \
+           "as sent, as metrics.jsonl says" in out
+    (new,) = wandb_offline.offline_runs(tmp_path / "wandb", killed=1)[1:]
+    assert [row["_step"] for row in wandb_offline.history(new)] == [4]  # as before: no step sent twice

@@ -13,6 +13,8 @@ tests skip, with the reason, where its daemons cannot start), the tiny recipe as
   and ends with the metrics, the weights and the optimizer state of the uninterrupted job;
 - run past its `--time`, gets SLURM's own warning, saves, requeues and resumes (in the same W&B run,
   offline files), and stays cancelled after a plain `scancel`;
+- preempted with W&B logging on (its service process ends with the SIGTERM, its buffered records
+  unwritten), saves, requeues, and the W&B run's offline files of both attempts hold every step once;
 - failing in the trainer before any save, stops at the requeue limit (FAILED).
 """
 
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import wandb_offline
 from slurm_cluster import LocalSlurmCluster, unavailable_reason
 
 from moba_train.config import ConfigError
@@ -378,22 +381,31 @@ def test_job_past_its_time_limit_gets_the_warning_saves_requeues_and_resumes_and
     assert attempts[-1]["decision"] in ("requeue", "ended"), attempts  # "ended" if it got to decide before SIGKILL
 
 
-def test_preemption_with_wandb_logging_saves_and_the_next_attempt_continues_the_wandb_run(cluster, tmp_path):
+def test_preemption_with_wandb_logging_saves_and_the_next_attempt_continues_the_wandb_run_with_each_step_once(
+        cluster, tmp_path):
     # SLURM's SIGTERM to every process of the training step reaches W&B's service process too (wandb-core:
-    # a process of its own, which ends on it); the trainer must still save, and the next attempt log on.
+    # a process of its own, which ends on it without writing the records it buffered); the trainer must
+    # still save, and the next attempt send again what the first one's run file lacks and log on.
     out = tmp_path / "wandb"
-    job = _submit_job(cluster, out, "train.steps=5000", "checkpoint.interval=5000", "logging.wandb.mode=offline",
-                      "--time", "10")
+    job = _submit_job(cluster, out, "checkpoint.interval=5000", "logging.wandb.mode=offline", "--time", "10")
     _wait(lambda: len(_metrics(out)) >= 3, 240, "step 3", cluster, job)
     subprocess.run(["scancel", "--signal=TERM", job], check=True, env=cluster.env)
-    _wait(lambda: ": continuing it;" in _log(out, job), 300, "the next attempt to continue its W&B run", cluster, job)
-    subprocess.run(["scancel", job], check=True, env=cluster.env)
-    _wait_for_end(cluster, job, 120)
-    first, log = _attempts(out, job)[0], _log(out, job)
-    assert first["ended_at"] is not None and first["decision"] == "requeue", (first, log[-5000:])
-    stopped = _step(first["ended_at"])
-    assert f"stopped by signal after step {stopped};" in log, log[-5000:]
-    assert re.search(rf"^W&B run (\w+): continuing it; steps up to {stopped} were already sent", log, re.M), log[-5000:]
+    state = _wait_for_end(cluster, job, 400)
+    attempts, log = _attempts(out, job), _log(out, job)
+    assert (state["JobState"], state["Restarts"]) == ("COMPLETED", "1"), log[-5000:]
+    assert attempts[0]["ended_at"] is not None and attempts[0]["decision"] == "requeue", (attempts, log[-5000:])
+    stopped = _step(attempts[0]["ended_at"])
+    assert 3 <= stopped < STEPS and f"stopped by signal after step {stopped};" in log, log[-5000:]
+    continued = re.search(r"^W&B run (\w+): continuing it; .*$", log, re.M)
+    assert continued, log[-5000:]
+
+    runs = wandb_offline.offline_runs(out / "wandb", killed=1)  # the first attempt's service was killed
+    assert [path.parent.name.endswith(f"-{continued.group(1)}") for path in runs] == [True, True]
+    rows = [row for path in runs for row in wandb_offline.history(path)]
+    assert [row["_step"] for row in rows] == list(range(1, STEPS + 1)), (continued.group(0), "each step exactly once")
+    for row, metrics in zip(rows, _metrics(out)):
+        numbers = {key: value for key, value in metrics.items() if key != "step" and isinstance(value, (int, float))}
+        assert {key: row[key] for key in numbers} == numbers, row["_step"]
 
 
 def test_job_whose_attempts_publish_no_checkpoint_fails_at_the_requeue_limit(cluster, tmp_path):

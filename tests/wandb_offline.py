@@ -1,57 +1,14 @@
-"""Reading W&B offline run files back (test support; wandb 0.31 removed its own Python reader).
-
-`wandb/offline-run-<time>-<id>/run-<id>.wandb` is a LevelDB-style log: a 7-byte file header
-(b":W&B", magic 0xBEE1 little-endian, version 0), then 32 KiB blocks of chunks, each a 7-byte header
-(CRC-32 of the chunk type byte followed by the payload, payload length uint16, type uint8: 1 full,
-2 first, 3 middle, 4 last) and its payload; a block's tail shorter than a chunk header is zero
-padding. Joined payloads are `wandb.proto.wandb_internal_pb2.Record` protobuf messages.
+"""Reading W&B offline run files back (test support): the records through the package's own reader
+(moba_train.wandb_transaction_log, which describes the format), decoded into rows and config.
 """
 
 from __future__ import annotations
 
 import json
-import struct
 import time
-import zlib
 from pathlib import Path
 
-from google.protobuf.message import DecodeError
-from wandb.proto import wandb_internal_pb2
-
-BLOCK = 32 * 1024
-HEADER = struct.Struct("<4sHB")
-CHUNK = struct.Struct("<IHB")
-FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
-
-
-def records(path: Path):
-    """Every Record in a .wandb file, in order; a CRC mismatch or a broken chunk sequence raises."""
-    data = Path(path).read_bytes()
-    ident, magic, version = HEADER.unpack_from(data, 0)
-    assert (ident, magic, version) == (b":W&B", 0xBEE1, 0), f"{path} is not a W&B transaction log"
-    pos, parts = HEADER.size, None
-    while pos + CHUNK.size <= len(data):
-        room = BLOCK - pos % BLOCK
-        if room < CHUNK.size:
-            pos += room
-            continue
-        crc, length, kind = CHUNK.unpack_from(data, pos)
-        if (crc, length, kind) == (0, 0, 0):  # zero padding up to the next block
-            pos += room
-            continue
-        payload = data[pos + CHUNK.size: pos + CHUNK.size + length]
-        assert zlib.crc32(payload, zlib.crc32(bytes([kind]))) == crc, f"{path}: checksum mismatch at byte {pos}"
-        pos += CHUNK.size + length
-        if kind == FULL:
-            yield wandb_internal_pb2.Record.FromString(payload)
-        elif kind == FIRST:
-            parts = [payload]
-        elif kind in (MIDDLE, LAST):
-            assert parts is not None, f"{path}: chunk continuation without a first chunk at byte {pos}"
-            parts.append(payload)
-            if kind == LAST:
-                yield wandb_internal_pb2.Record.FromString(b"".join(parts))
-                parts = None
+from moba_train.wandb_transaction_log import UnreadableLog, records
 
 
 def _items(items) -> dict:
@@ -71,17 +28,18 @@ def _complete(path: Path) -> bool:
     """Whether the file holds the run's exit record (a file still being written may end mid-chunk)."""
     try:
         return any(record.WhichOneof("record_type") == "exit" for record in records(path))
-    except (AssertionError, struct.error, DecodeError):
+    except UnreadableLog:
         return False
 
 
-def offline_runs(wandb_dir: Path, timeout: float = 60.0) -> list[Path]:
+def offline_runs(wandb_dir: Path, timeout: float = 60.0, killed: int = 0) -> list[Path]:
     """The .wandb files under `<dir>/wandb`, oldest run first (directory names start with the start time),
     each once complete: wandb-core writes them asynchronously, and `run.finish()` can return before the
-    file is on disk (seen for the first run of a process with wandb 0.31)."""
+    file is on disk (seen for the first run of a process with wandb 0.31). The first `killed` runs' services
+    were killed, so their files never get an exit record: they are read as they are."""
     paths = sorted(Path(wandb_dir).glob("offline-run-*/run-*.wandb"))
     deadline = time.monotonic() + timeout
-    for path in paths:
+    for path in paths[killed:]:
         while not _complete(path):
             assert time.monotonic() < deadline, f"{path} has no exit record after {timeout} s"
             time.sleep(0.1)
