@@ -18,7 +18,8 @@ trainer finishes its step, saves a checkpoint and exits. The script then asks
 - `max_requeues` attempts in a row published no new checkpoint (a job that fails the same way each
   time): the job fails;
 - SLURM is already ending the job (scancel, the hard time limit, a preemption that cancels or requeues
-  it): the job ends, since requeueing would undo a scancel;
+  it): the job ends, since requeueing would undo a scancel (`scontrol show job` is asked again for a minute
+  while the controller does not answer; if it never does, the job ends too, with scontrol's error);
 - otherwise: `scontrol requeue`, and the next attempt resumes from the newest checkpoint.
 Each attempt appends one line to `<output_dir>/slurm/job-<id>.attempts.jsonl`; all attempts log to
 `<output_dir>/slurm/job-<id>.out`.
@@ -39,6 +40,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -449,10 +451,25 @@ def _training_complete(cfg: Config) -> bool:
     return checkpointing.is_complete(checkpointing.step_path(checkpointing.checkpoint_dir(cfg), cfg.train.steps))
 
 
-def _job_running(job_id: str) -> bool:
-    """Whether SLURM still has job `job_id` RUNNING (not COMPLETING: being cancelled, timed out or preempted)."""
-    shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
-    return re.search(r"\bJobState=RUNNING\b", shown.stdout) is not None
+SCONTROL_WAITS_S = (2, 4, 8, 16, 30)
+"""Seconds between the tries of `scontrol show job` while the controller does not answer (a minute in all): a
+slurmctld restarting or too busy to answer must not read as a job SLURM is ending."""
+
+
+def _job_running(job_id: str) -> tuple[Optional[bool], str]:
+    """Whether SLURM still has job `job_id` RUNNING (not COMPLETING: being cancelled, timed out or preempted), and
+    scontrol's error: (None, error) when the controller answered none of the tries."""
+    for wait in (*SCONTROL_WAITS_S, None):
+        shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+        error = (shown.stderr.strip().splitlines() or [f"exit code {shown.returncode}"])[-1]
+        if shown.returncode == 0 and "JobState=" in shown.stdout:
+            return re.search(r"\bJobState=RUNNING\b", shown.stdout) is not None, ""
+        if "Invalid job id" in error:  # the controller answered: no such job
+            return False, ""
+        if wait is None:
+            return None, error
+        print(f"[slurm] scontrol show job {job_id} failed ({error}); asking again in {wait} s", flush=True)
+        time.sleep(wait)
 
 
 def after_attempt(cfg: Config, job_id: str, attempt: Attempt, max_requeues: int) -> int:
@@ -463,7 +480,9 @@ def after_attempt(cfg: Config, job_id: str, attempt: Attempt, max_requeues: int)
     if attempt.started_from == PREVIOUS:
         attempt = dataclasses.replace(attempt, started_from=earlier[-1].ended_at if earlier else None)
     attempt = dataclasses.replace(attempt, ended_at=_newest_checkpoint(cfg))
-    decision, stalled = decide([*earlier, attempt], _training_complete(cfg), _job_running(job_id), max_requeues)
+    complete = _training_complete(cfg)
+    running, scontrol_error = (True, "") if complete else _job_running(job_id)
+    decision, stalled = decide([*earlier, attempt], complete, bool(running), max_requeues)
     attempt = dataclasses.replace(attempt, decision=decision)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, "".join(json.dumps(dataclasses.asdict(a)) + "\n" for a in [*earlier, attempt]))
@@ -472,6 +491,11 @@ def after_attempt(cfg: Config, job_id: str, attempt: Attempt, max_requeues: int)
     if decision == "complete":
         print(f"{prefix}: training complete ({at}, {cfg.train.steps} steps)", flush=True)
         return EXIT_COMPLETE
+    if decision == "ended" and running is None:
+        print(f"{prefix}: could not ask SLURM whether job {job_id} is still running (scontrol: {scontrol_error}), so "
+              f"it is not requeued; the run stands at {at} of {cfg.train.steps} steps, submit again to continue",
+              flush=True)
+        return EXIT_STOP
     if decision == "ended":
         print(f"{prefix}: SLURM is ending job {job_id} (scancel, its hard time limit or a preemption), so it is not "
               f"requeued; the run stands at {at} of {cfg.train.steps} steps, submit again to continue", flush=True)

@@ -21,6 +21,7 @@ tests skip, with the reason, where its daemons cannot start), the tiny recipe as
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -31,7 +32,8 @@ import torch
 import wandb_offline
 from slurm_cluster import LocalSlurmCluster, unavailable_reason
 
-from moba_train.config import ConfigError
+from moba_train import slurm
+from moba_train.config import ConfigError, load_config
 from moba_train.slurm import Attempt, decide, time_limit_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,6 +119,47 @@ def test_requeue_decision_counts_only_attempts_in_a_row_without_a_new_checkpoint
     # Progress resets the count; no checkpoint at all is no progress either.
     assert decide([*failing[:4], _attempt(5, 10, 15)], False, True, 3) == ("requeue", 0)
     assert decide([_attempt(1, None, None)], False, True, 0) == ("give-up", 1)
+
+
+def _scontrol(tmp_path: Path, failures: int, then: str) -> dict:
+    """An environment whose `scontrol` fails `failures` times as it does while the controller is down (exit 1,
+    SLURM's message), then prints `then`: the fault injected around the real requeue decision."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "scontrol"
+    script.write_text(f"""#!/bin/bash
+n=$(($(cat {tmp_path}/calls 2>/dev/null || echo 0) + 1)); echo $n > {tmp_path}/calls
+if [ $n -le {failures} ]; then
+    echo "slurm_load_jobs error: Unable to contact slurm controller (connect failure)" >&2; exit 1
+fi
+echo {shlex.quote(then)}
+""")
+    script.chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize("failures, then, decision, line", [
+    (2, "JobId=7 JobState=RUNNING Reason=None", "requeue", "[slurm] attempt 1 ended (signal TERM; no new checkpoint, "
+     "1 in a row; 20 steps in all): requeueing job 7"),
+    (0, "JobId=7 JobState=COMPLETING Reason=None", "ended", "[slurm] attempt 1: SLURM is ending job 7"),
+    (99, "", "ended", "[slurm] attempt 1: could not ask SLURM whether job 7 is still running (scontrol: "
+     "slurm_load_jobs error: Unable to contact slurm controller (connect failure)), so it is not requeued"),
+], ids=["controller-back", "job-ending", "controller-gone"])
+def test_requeue_decision_waits_for_a_controller_that_does_not_answer(tmp_path, monkeypatch, capsys, failures, then,
+                                                                        decision, line):
+    # A controller that is restarting or too busy must not read as a job SLURM is ending: that stops the run
+    # for good at a preemption or a time limit.
+    monkeypatch.setattr(slurm, "SCONTROL_WAITS_S", (0, 0, 0))
+    monkeypatch.setenv("PATH", _scontrol(tmp_path, failures, then)["PATH"])
+    cfg = load_config(TINY, [f"run.output_dir={tmp_path / 'run'}", *SMALL])
+    attempt = Attempt(attempt=1, started_from=None, ended_at=None, signal="TERM", exit_code=1)
+    code = slurm.after_attempt(cfg, "7", attempt, max_requeues=3)
+    out = capsys.readouterr().out
+    assert line in out, out
+    assert code == {"requeue": slurm.EXIT_REQUEUE, "ended": slurm.EXIT_STOP}[decision]
+    assert out.count("asking again in 0 s") == min(failures, 3), out
+    (recorded,) = _attempts(tmp_path / "run", "7")
+    assert recorded["decision"] == decision
 
 
 @pytest.mark.parametrize("args, expected", [
