@@ -1,11 +1,12 @@
 """Stop requests: the signals that ask a run to stop, and how every rank agrees to stop together.
 
-SIGTERM (kill, torchrun's shutdown, SLURM's scancel and preemption), SIGUSR1 (SLURM's `--signal`
-warning before the time limit) and SIGINT (Ctrl-C) only set a flag; the trainer reads it once per step,
-finishes that step, saves a checkpoint and exits 0. A worker started by torchrun also asks the kernel
-for SIGTERM when the launcher dies (`stop_with_the_launcher`, PR_SET_PDEATHSIG): torchrun does not
-handle SIGUSR1 unless told to and dies of it, and a launcher killed with kill -9 forwards nothing, so
-without this its workers would train on as orphans.
+SIGTERM (kill, torchrun's shutdown, SLURM's scancel and preemption), SIGUSR1 (SLURM's `--signal` warning
+before the time limit), SIGINT (Ctrl-C) and SIGHUP (the terminal closed; torchrun forwards it) only set a
+flag (a process started with SIGHUP ignored, by `nohup`, keeps ignoring it); the trainer reads it once per
+step, finishes that step, saves a checkpoint and exits 0. A worker started by torchrun also asks the kernel
+for SIGTERM when the launcher dies (`stop_with_the_launcher`, PR_SET_PDEATHSIG): torchrun does not handle
+SIGUSR1 unless told to and dies of it, and a launcher killed with kill -9 forwards nothing, so without this
+its workers would train on as orphans.
 
 Who receives what: torchrun starts every worker in its own session, so a signal to the launcher's
 process group reaches the launcher only; it forwards SIGTERM, SIGINT, SIGHUP and SIGQUIT (its
@@ -43,14 +44,20 @@ class StopSignal:
     """While active (a context manager), remembers that a stop signal arrived; the trainer checks once
     per step. Previous handlers come back on exit."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 
     def __init__(self):
         self.received: signal.Signals | None = None
         self._previous = {}
 
+    @classmethod
+    def handled(cls) -> list[signal.Signals]:
+        """The stop signals to install a handler for: all but a SIGHUP this process was started ignoring
+        (`nohup`: the run is meant to outlive its terminal)."""
+        return [sig for sig in cls.SIGNALS if not (sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN)]
+
     def __enter__(self) -> "StopSignal":
-        for sig in self.SIGNALS:
+        for sig in self.handled():
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

@@ -561,7 +561,7 @@ class Study:
     def run(self) -> list[str]:
         """Run what is left; the names of the stages that failed (their errors are in the state)."""
         # the trainer's stop signals (SLURM's time-limit warning SIGUSR1 too), outside the trainings as well
-        previous = {sig: signal.signal(sig, _interrupt) for sig in StopSignal.SIGNALS}
+        previous = {sig: signal.signal(sig, _interrupt) for sig in StopSignal.handled()}
         try:
             self._run()
         except StudyInterrupted as stop:

@@ -2,8 +2,9 @@
 data, 256 tokens) started in its own process group is signalled as a group mid-run, as `kill` on the
 launcher, `kill -- -PGID`, Ctrl-C and SLURM do, after an earlier periodic save (the save that started
 Megatron-Core's writer helpers, which such a signal used to kill). Every worker must finish its step,
-save, and exit 0 with nothing half-written left. One run is stopped three times (SIGTERM, SIGUSR1,
-SIGINT) and relaunched each time; in the end it must equal an uninterrupted run.
+save, and exit 0 with nothing half-written left. One run is stopped four times (SIGTERM, SIGUSR1,
+SIGINT, SIGHUP) and relaunched each time; in the end it must equal an uninterrupted run. A run started with
+SIGHUP ignored (nohup) keeps ignoring it.
 
 The workers' exit codes are read with strace, which follows the launcher's process tree from outside
 (torchrun reaps its workers and never reports their codes when it is stopped by a signal)."""
@@ -22,7 +23,7 @@ import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 16
+STEPS = 24
 RECIPE = [
     "--config", str(ROOT / "configs" / "tiny_moba.yaml"), f"train.steps={STEPS}", "train.warmup_steps=2",
     "train.seq_length=256", "train.micro_batch_size=1", "train.global_batch_size=2", "checkpoint.interval=2",
@@ -37,6 +38,7 @@ LAUNCHER_EXIT = {
     # and exits 1 whatever the workers returned.
     signal.SIGTERM: 1,
     signal.SIGINT: 1,
+    signal.SIGHUP: 1,  # the terminal closed
     # torchrun does not handle SIGUSR1 unless told (--signals-to-handle): it dies of it at once; the
     # workers get SIGTERM from the kernel as their parent dies (moba_train.signals) and stop cleanly.
     signal.SIGUSR1: -signal.SIGUSR1,
@@ -107,7 +109,7 @@ def _stop_with_group_signal(out: Path, trace: Path, sig: signal.Signals, after_s
 def test_group_signals_stop_after_a_saved_step_and_relaunches_resume_exactly(reference, tmp_path):
     out = tmp_path / "run"
     stopped_at = 0
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP):
         # Step stopped_at + 3 is logged after this launch's first periodic save (every 2 steps).
         stdout = _stop_with_group_signal(out, tmp_path / f"strace-{sig.name}.log", sig, stopped_at + 3)
         steps = [m["step"] for m in _metrics(out)]
@@ -138,3 +140,14 @@ def test_a_group_signal_also_reaching_the_data_loader_workers_still_stops_after_
     assert 3 <= steps < STEPS
     assert f"stopped by signal after step {steps}" in stdout
     assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == f"step_{steps:08d}"
+
+
+@pytest.mark.parametrize("nohup", [False, True], ids=["terminal", "nohup"])
+def test_sighup_asks_a_run_to_stop_unless_it_was_started_under_nohup(nohup):
+    ask = ("import os, signal\nfrom moba_train.signals import StopSignal\nwith StopSignal() as stop:\n"
+           "    os.kill(os.getpid(), signal.SIGHUP)\n    print(stop.received.name if stop.received else 'not asked')")
+    command = [sys.executable, "-c", ask]
+    result = subprocess.run(["nohup", *command] if nohup else command, capture_output=True, text=True, env=_env(),
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ("not asked" if nohup else "SIGHUP")
