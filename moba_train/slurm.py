@@ -20,7 +20,9 @@ trainer finishes its step, saves a checkpoint and exits. The script then asks
 - SLURM is already ending the job (scancel, the hard time limit, a preemption that cancels or requeues
   it): the job ends, since requeueing would undo a scancel (`scontrol show job` is asked again for a minute
   while the controller does not answer; if it never does, the job ends too, with scontrol's error);
-- otherwise: `scontrol requeue`, and the next attempt resumes from the newest checkpoint.
+- otherwise: after-attempt runs `scontrol requeue` (tried again for a minute while the controller does
+  not answer; if it never does, the job ends with scontrol's error), and the next attempt resumes from the
+  newest checkpoint.
 Each attempt appends one line to `<output_dir>/slurm/job-<id>.attempts.jsonl`; all attempts log to
 `<output_dir>/slurm/job-<id>.out`.
 
@@ -55,7 +57,7 @@ from moba_train.staging import write_text
 EXIT_COMPLETE = 0
 """after-attempt's exit code when training is complete (the job ends)."""
 EXIT_REQUEUE = 3
-"""after-attempt's exit code when the job should requeue itself."""
+"""after-attempt's exit code when it has requeued the job (`scontrol requeue`)."""
 EXIT_STOP = 1
 """after-attempt's exit code when the job must end unfinished: the requeue limit is reached, or SLURM is ending it."""
 PREVIOUS = "previous"
@@ -337,7 +339,7 @@ def render_script(job: SlurmJob, recipe_snapshot: Path, script_path: Path) -> st
         f'    --signal="$STOP_SIGNAL" --exit-code="$EXIT_CODE" --max-requeues={p.max_requeues}',
         "case $? in",
         f"    {EXIT_COMPLETE}) exit 0 ;;",
-        f'    {EXIT_REQUEUE}) scontrol requeue "$SLURM_JOB_ID" && exit 0 ;;',
+        f"    {EXIT_REQUEUE}) exit 0 ;;  # after-attempt requeued the job",
         "esac",
         "exit 1",
     ]
@@ -410,7 +412,8 @@ class Attempt:
     exit_code: int
     """Exit code of the training step (srun); torchrun exits 1 whenever a signal stopped it."""
     decision: str = ""
-    """complete, requeue, give-up (the requeue limit) or ended (SLURM was ending the job)."""
+    """complete, requeue, give-up (the requeue limit), ended (SLURM was ending the job, or the controller did not
+    answer whether it was) or requeue-failed (the controller did not requeue it)."""
 
 
 def decide(attempts: Sequence[Attempt], complete: bool, running: bool, max_requeues: int) -> tuple[str, int]:
@@ -452,29 +455,37 @@ def _training_complete(cfg: Config) -> bool:
 
 
 SCONTROL_WAITS_S = (2, 4, 8, 16, 30)
-"""Seconds between the tries of `scontrol show job` while the controller does not answer (a minute in all): a
-slurmctld restarting or too busy to answer must not read as a job SLURM is ending."""
+"""Seconds between the tries of an scontrol command while the controller does not answer (a minute in all): a
+slurmctld restarting or too busy to answer must neither read as a job SLURM is ending nor leave a job that
+should requeue unrequeued."""
+
+
+def _scontrol(*args: str) -> tuple[Optional[subprocess.CompletedProcess], str]:
+    """`scontrol ARGS`, tried again while the controller does not answer: (the run, "") once it answers (a
+    refusal such as "Invalid job id specified" is an answer), (None, its last error) if it never does."""
+    for wait in (*SCONTROL_WAITS_S, None):
+        done = subprocess.run(["scontrol", *args], capture_output=True, text=True)
+        error = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        if done.returncode == 0 or "Invalid job id" in error:
+            return done, ""
+        if wait is None:
+            return None, error
+        print(f"[slurm] scontrol {' '.join(args)} failed ({error}); trying again in {wait} s", flush=True)
+        time.sleep(wait)
 
 
 def _job_running(job_id: str) -> tuple[Optional[bool], str]:
     """Whether SLURM still has job `job_id` RUNNING (not COMPLETING: being cancelled, timed out or preempted), and
     scontrol's error: (None, error) when the controller answered none of the tries."""
-    for wait in (*SCONTROL_WAITS_S, None):
-        shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
-        error = (shown.stderr.strip().splitlines() or [f"exit code {shown.returncode}"])[-1]
-        if shown.returncode == 0 and "JobState=" in shown.stdout:
-            return re.search(r"\bJobState=RUNNING\b", shown.stdout) is not None, ""
-        if "Invalid job id" in error:  # the controller answered: no such job
-            return False, ""
-        if wait is None:
-            return None, error
-        print(f"[slurm] scontrol show job {job_id} failed ({error}); asking again in {wait} s", flush=True)
-        time.sleep(wait)
+    shown, error = _scontrol("show", "job", "-o", job_id)
+    if shown is None:
+        return None, error
+    return re.search(r"\bJobState=RUNNING\b", shown.stdout) is not None, ""
 
 
 def after_attempt(cfg: Config, job_id: str, attempt: Attempt, max_requeues: int) -> int:
     """Record `attempt` (its ended_at is filled in here, and its started_from when it is PREVIOUS), print
-    what happens next; returns EXIT_COMPLETE, EXIT_REQUEUE or EXIT_STOP."""
+    what happens next, and requeue the job where that is next; returns EXIT_COMPLETE, EXIT_REQUEUE or EXIT_STOP."""
     path = _attempts_path(cfg, job_id)
     earlier = [Attempt(**json.loads(line)) for line in path.read_text().splitlines()] if path.exists() else []
     if attempt.started_from == PREVIOUS:
@@ -507,7 +518,15 @@ def after_attempt(cfg: Config, job_id: str, attempt: Attempt, max_requeues: int)
     why = f"signal {attempt.signal}" if attempt.signal else f"training step exit code {attempt.exit_code}"
     progress = f"no new checkpoint, {stalled} in a row" if stalled else f"newest checkpoint {at}"
     print(f"{prefix} ended ({why}; {progress}; {cfg.train.steps} steps in all): requeueing job {job_id}", flush=True)
-    return EXIT_REQUEUE
+    requeued, error = _scontrol("requeue", job_id)
+    if requeued is not None and requeued.returncode == 0:
+        return EXIT_REQUEUE
+    error = error or (requeued.stderr.strip().splitlines() or [f"exit code {requeued.returncode}"])[-1]
+    write_text(path, "".join(json.dumps(dataclasses.asdict(a)) + "\n"
+                             for a in [*earlier, dataclasses.replace(attempt, decision="requeue-failed")]))
+    print(f"{prefix}: could not requeue job {job_id} (scontrol: {error}); the run stands at {at} of "
+          f"{cfg.train.steps} steps, submit again to continue", flush=True)
+    return EXIT_STOP
 
 
 def attempt_main(argv: Sequence[str] | None = None) -> int:

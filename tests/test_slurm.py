@@ -121,43 +121,55 @@ def test_requeue_decision_counts_only_attempts_in_a_row_without_a_new_checkpoint
     assert decide([_attempt(1, None, None)], False, True, 0) == ("give-up", 1)
 
 
-def _scontrol(tmp_path: Path, failures: int, then: str) -> dict:
-    """An environment whose `scontrol` fails `failures` times as it does while the controller is down (exit 1,
-    SLURM's message), then prints `then`: the fault injected around the real requeue decision."""
+def _scontrol(tmp_path: Path, state: str, show_failures: int, requeue_failures: int) -> str:
+    """A PATH whose `scontrol` fails as it does while the controller is down (exit 1, SLURM's message): `show job`
+    its first `show_failures` times and then prints `state`, `requeue` its first `requeue_failures` times and then
+    succeeds; each call is appended to <tmp_path>/calls. The fault injected around the real requeue decision."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     script = bin_dir / "scontrol"
     script.write_text(f"""#!/bin/bash
-n=$(($(cat {tmp_path}/calls 2>/dev/null || echo 0) + 1)); echo $n > {tmp_path}/calls
-if [ $n -le {failures} ]; then
+echo "$*" >> {tmp_path}/calls
+n=$(grep -c "^$1 " {tmp_path}/calls)
+limit={show_failures}; [ "$1" = requeue ] && limit={requeue_failures}
+if [ $n -le $limit ]; then
     echo "slurm_load_jobs error: Unable to contact slurm controller (connect failure)" >&2; exit 1
 fi
-echo {shlex.quote(then)}
+[ "$1" = show ] && echo {shlex.quote(state)}
+exit 0
 """)
     script.chmod(0o755)
-    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    return f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
 
 
-@pytest.mark.parametrize("failures, then, decision, line", [
-    (2, "JobId=7 JobState=RUNNING Reason=None", "requeue", "[slurm] attempt 1 ended (signal TERM; no new checkpoint, "
-     "1 in a row; 20 steps in all): requeueing job 7"),
-    (0, "JobId=7 JobState=COMPLETING Reason=None", "ended", "[slurm] attempt 1: SLURM is ending job 7"),
-    (99, "", "ended", "[slurm] attempt 1: could not ask SLURM whether job 7 is still running (scontrol: "
-     "slurm_load_jobs error: Unable to contact slurm controller (connect failure)), so it is not requeued"),
-], ids=["controller-back", "job-ending", "controller-gone"])
-def test_requeue_decision_waits_for_a_controller_that_does_not_answer(tmp_path, monkeypatch, capsys, failures, then,
-                                                                        decision, line):
-    # A controller that is restarting or too busy must not read as a job SLURM is ending: that stops the run
-    # for good at a preemption or a time limit.
+RUNNING = "JobId=7 JobState=RUNNING Reason=None"
+UNREACHABLE = "(scontrol: slurm_load_jobs error: Unable to contact slurm controller (connect failure))"
+
+
+@pytest.mark.parametrize("state, show_failures, requeue_failures, decision, line, calls, retries", [
+    (RUNNING, 2, 2, "requeue", "[slurm] attempt 1 ended (signal TERM; no new checkpoint, 1 in a row; 20 steps in "
+     "all): requeueing job 7", ["show job -o 7"] * 3 + ["requeue 7"] * 3, 4),
+    ("JobId=7 JobState=COMPLETING Reason=None", 0, 0, "ended", "[slurm] attempt 1: SLURM is ending job 7",
+     ["show job -o 7"], 0),
+    ("", 99, 0, "ended", f"[slurm] attempt 1: could not ask SLURM whether job 7 is still running {UNREACHABLE}, "
+     "so it is not requeued", ["show job -o 7"] * 4, 3),
+    (RUNNING, 0, 99, "requeue-failed", f"[slurm] attempt 1: could not requeue job 7 {UNREACHABLE}; the run stands "
+     "at no checkpoint yet of 20 steps, submit again to continue", ["show job -o 7"] + ["requeue 7"] * 4, 3),
+], ids=["controller-back", "job-ending", "controller-gone", "requeue-refused"])
+def test_requeue_decision_and_requeue_wait_for_a_controller_that_does_not_answer(
+        tmp_path, monkeypatch, capsys, state, show_failures, requeue_failures, decision, line, calls, retries):
+    # A controller that is restarting or too busy must not read as a job SLURM is ending, nor leave a job that
+    # should requeue unrequeued: either stops the run for good at a preemption or a time limit.
     monkeypatch.setattr(slurm, "SCONTROL_WAITS_S", (0, 0, 0))
-    monkeypatch.setenv("PATH", _scontrol(tmp_path, failures, then)["PATH"])
+    monkeypatch.setenv("PATH", _scontrol(tmp_path, state, show_failures, requeue_failures))
     cfg = load_config(TINY, [f"run.output_dir={tmp_path / 'run'}", *SMALL])
     attempt = Attempt(attempt=1, started_from=None, ended_at=None, signal="TERM", exit_code=1)
     code = slurm.after_attempt(cfg, "7", attempt, max_requeues=3)
     out = capsys.readouterr().out
     assert line in out, out
-    assert code == {"requeue": slurm.EXIT_REQUEUE, "ended": slurm.EXIT_STOP}[decision]
-    assert out.count("asking again in 0 s") == min(failures, 3), out
+    assert code == (slurm.EXIT_REQUEUE if decision == "requeue" else slurm.EXIT_STOP)
+    assert (tmp_path / "calls").read_text().splitlines() == calls
+    assert out.count("trying again in 0 s") == retries, out
     (recorded,) = _attempts(tmp_path / "run", "7")
     assert recorded["decision"] == decision
 
