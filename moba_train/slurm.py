@@ -461,13 +461,13 @@ should requeue unrequeued."""
 
 
 def _scontrol(*args: str) -> tuple[Optional[subprocess.CompletedProcess], str]:
-    """`scontrol ARGS`, tried again while the controller does not answer: (the run, "") once it answers (a
-    refusal such as "Invalid job id specified" is an answer), (None, its last error) if it never does."""
+    """`scontrol ARGS`, tried again while the controller does not answer: (the run, its error or "") once it
+    answers (a refusal such as "Invalid job id specified" is an answer), (None, its last error) if it never does."""
     for wait in (*SCONTROL_WAITS_S, None):
         done = subprocess.run(["scontrol", *args], capture_output=True, text=True)
         error = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
         if done.returncode == 0 or "Invalid job id" in error:
-            return done, ""
+            return done, error if done.returncode else ""
         if wait is None:
             return None, error
         print(f"[slurm] scontrol {' '.join(args)} failed ({error}); trying again in {wait} s", flush=True)
@@ -519,9 +519,8 @@ def after_attempt(cfg: Config, job_id: str, attempt: Attempt, max_requeues: int)
     progress = f"no new checkpoint, {stalled} in a row" if stalled else f"newest checkpoint {at}"
     print(f"{prefix} ended ({why}; {progress}; {cfg.train.steps} steps in all): requeueing job {job_id}", flush=True)
     requeued, error = _scontrol("requeue", job_id)
-    if requeued is not None and requeued.returncode == 0:
+    if requeued is not None and not error:
         return EXIT_REQUEUE
-    error = error or (requeued.stderr.strip().splitlines() or [f"exit code {requeued.returncode}"])[-1]
     write_text(path, "".join(json.dumps(dataclasses.asdict(a)) + "\n"
                              for a in [*earlier, dataclasses.replace(attempt, decision="requeue-failed")]))
     print(f"{prefix}: could not requeue job {job_id} (scontrol: {error}); the run stands at {at} of "
