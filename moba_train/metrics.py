@@ -205,7 +205,7 @@ class JsonlSink(Sink):
     `start_step` that an interrupted attempt wrote are dropped by an atomic rewrite; on a fresh start an
     earlier file is renamed to metrics.<UTC time>.jsonl. `previous_last_step` is the newest step the file
     held before (0 if none): the steps up to it were logged once already. `records` are the steps up to
-    `start_step` it keeps, in file order.
+    `start_step` it keeps, in file order (for the W&B sink's start; MetricLogger empties it then).
     """
 
     def __init__(self, path: Path, start_step: int, write: Callable[[str], None]):
@@ -459,6 +459,7 @@ class MetricLogger:
             self.sinks.append(WandbSink(cfg, self.wandb_run_id, config, self.print,
                                         logged=jsonl.records if continued else None,
                                         logged_through=jsonl.previous_last_step))
+        jsonl.records = []  # needed only to start the W&B sink: a long run's steps are not held in memory throughout
         if cfg.logging.tensorboard:
             self.sinks.append(TensorBoardSink(output_dir / "tensorboard", start_step))
 

@@ -483,6 +483,12 @@ def _job_running(job_id: str) -> tuple[Optional[bool], str]:
     return re.search(r"\bJobState=RUNNING\b", shown.stdout) is not None, ""
 
 
+def _record(path: Path, attempts: Sequence[Attempt]) -> None:
+    """Publish the attempts file: one JSON line per attempt (atomically)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, "".join(json.dumps(dataclasses.asdict(a)) + "\n" for a in attempts))
+
+
 def after_attempt(cfg: Config, job_id: str, attempt: Attempt, max_requeues: int) -> int:
     """Record `attempt` (its ended_at is filled in here, and its started_from when it is PREVIOUS), print
     what happens next, and requeue the job where that is next; returns EXIT_COMPLETE, EXIT_REQUEUE or EXIT_STOP."""
@@ -495,21 +501,17 @@ def after_attempt(cfg: Config, job_id: str, attempt: Attempt, max_requeues: int)
     running, scontrol_error = (True, "") if complete else _job_running(job_id)
     decision, stalled = decide([*earlier, attempt], complete, bool(running), max_requeues)
     attempt = dataclasses.replace(attempt, decision=decision)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, "".join(json.dumps(dataclasses.asdict(a)) + "\n" for a in [*earlier, attempt]))
+    _record(path, [*earlier, attempt])
     at = attempt.ended_at or "no checkpoint yet"
     prefix = f"[slurm] attempt {attempt.attempt}"
     if decision == "complete":
         print(f"{prefix}: training complete ({at}, {cfg.train.steps} steps)", flush=True)
         return EXIT_COMPLETE
-    if decision == "ended" and running is None:
-        print(f"{prefix}: could not ask SLURM whether job {job_id} is still running (scontrol: {scontrol_error}), so "
-              f"it is not requeued; the run stands at {at} of {cfg.train.steps} steps, submit again to continue",
-              flush=True)
-        return EXIT_STOP
     if decision == "ended":
-        print(f"{prefix}: SLURM is ending job {job_id} (scancel, its hard time limit or a preemption), so it is not "
-              f"requeued; the run stands at {at} of {cfg.train.steps} steps, submit again to continue", flush=True)
+        cause = (f"could not ask SLURM whether job {job_id} is still running (scontrol: {scontrol_error})"
+                 if running is None else f"SLURM is ending job {job_id} (scancel, its hard time limit or a preemption)")
+        print(f"{prefix}: {cause}, so it is not requeued; the run stands at {at} of {cfg.train.steps} steps, submit "
+              "again to continue", flush=True)
         return EXIT_STOP
     if decision == "give-up":
         print(f"{prefix}: giving up, {stalled} attempt(s) in a row published no new checkpoint (still at {at}, "
@@ -521,8 +523,7 @@ def after_attempt(cfg: Config, job_id: str, attempt: Attempt, max_requeues: int)
     requeued, error = _scontrol("requeue", job_id)
     if requeued is not None and not error:
         return EXIT_REQUEUE
-    write_text(path, "".join(json.dumps(dataclasses.asdict(a)) + "\n"
-                             for a in [*earlier, dataclasses.replace(attempt, decision="requeue-failed")]))
+    _record(path, [*earlier, dataclasses.replace(attempt, decision="requeue-failed")])
     print(f"{prefix}: could not requeue job {job_id} (scontrol: {error}); the run stands at {at} of "
           f"{cfg.train.steps} steps, submit again to continue", flush=True)
     return EXIT_STOP
