@@ -385,6 +385,8 @@ def committed_pool(name: str) -> dict:
     ("pooled-session36-probed-long2", 3, []),  # with session 36's seed 5555
     ("pooled-session37", 22, ["h200-3f48023-seed7890", "h200-daeb3a0-seed1357", "h100-fa9991c-seed1357-probed"]),
     ("pooled-session37-probed-long2", 4, []),  # with session 37's seed 6666
+    ("pooled-session40", 24, ["h200-3f48023-seed7890", "h200-daeb3a0-seed1357", "h100-fa9991c-seed1357-probed"]),
+    ("pooled-session40-probed-long2", 5, []),  # with session 40's seed 9999, on session 39's corpus build
 ])
 def test_a_committed_pool_is_what_its_runs_give(name, runs, failed_hybrids):
     """A committed pool of bench/results/quality against pooling its committed runs again: the same verdicts and
@@ -430,6 +432,7 @@ STANDING_TARGETS = {  # the first words of a row of docs/quality.md's "Where it 
     "hybrid loss": "hybrid_validation_loss_vs_full", "hybrid passkey": "hybrid_passkey_vs_full",
     "arm 4 loss": "cpt_validation_loss_vs_full", "arm 4 passkey": "cpt_passkey_vs_full",
     "arm 5 hybrid recall": "recall_hybrid_vs_full", "arm 5 MoBA recall": "recall_moba_vs_full",
+    "arm 5 probed hybrid recall": "recall_hybrid_probed_vs_full",
     "probed hybrid loss": "hybrid_probed_validation_loss_vs_full",
     "probed hybrid passkey": "hybrid_probed_passkey_vs_full",
 }
@@ -442,7 +445,7 @@ def test_the_quality_page_states_its_pools_verdicts():
     text = (ROOT / "docs/quality.md").read_text()
     table = text.split("**Where it stands")[1].split("\n\n")[1]
     rows = [line.split(" | ") for line in table.splitlines()[2:]]
-    assert len(rows) == 14
+    assert len(rows) == 15
     for target, _recipe, pool_name, runs, gap, verdict in rows:
         key = STANDING_TARGETS[target.strip("| ").split(" (")[0]]
         stats = committed_pool(pool_name.strip("`"))["targets"][key]
@@ -466,11 +469,11 @@ def _gap(printed: str) -> float:
 
 README_ROWS = {  # the README quality table's arm column -> (pool, loss target, passkey target)
     "MoBA, block 512, top-3": ("pooled-session29", "moba_validation_loss_vs_full", "moba_passkey_vs_full"),
-    "hybrid, last 2 layers full": ("pooled-session37", "hybrid_validation_loss_vs_full", "hybrid_passkey_vs_full"),
+    "hybrid, last 2 layers full": ("pooled-session40", "hybrid_validation_loss_vs_full", "hybrid_passkey_vs_full"),
     "hybrid, last 3 layers full": ("pooled-session27-full3", "hybrid_validation_loss_vs_full",
                                    "hybrid_passkey_vs_full"),
     "full for half, then MoBA": ("pooled-session29", "cpt_validation_loss_vs_full", "cpt_passkey_vs_full"),
-    "hybrid, 2 probed layers full": ("pooled-session37", "hybrid_probed_validation_loss_vs_full",
+    "hybrid, 2 probed layers full": ("pooled-session40", "hybrid_probed_validation_loss_vs_full",
                                      "hybrid_probed_passkey_vs_full"),
 }
 
